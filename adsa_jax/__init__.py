@@ -1,0 +1,8 @@
+"""adsa_jax: LlamaGen autoregressive image generation in JAX, with ADSA sparse KV caches."""
+from .config import ConfigError, GPTConfig, named_config
+from .generate import Model, forward, generate, score
+from .checkpoint import load
+from .policies import make_policy, POLICY_NAMES
+
+__all__ = ["ConfigError", "GPTConfig", "named_config", "Model", "forward", "generate", "score", "load",
+           "make_policy", "POLICY_NAMES"]

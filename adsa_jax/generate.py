@@ -1,0 +1,260 @@
+"""Generation: prefill + ``lax.scan`` decode in one jit-compiled call, and the scoring paths.
+
+Batch rows: with CFG every image has two rows, interleaved ``[cond_0, uncond_0, cond_1, ...]``
+so a data-parallel split never separates a pair. Randomness: the key of image i is
+``fold_in(key, example_ids[i])`` and the key of its step s is ``fold_in(that, s)``, so a sample
+does not depend on the batch size, its position in the batch, or the device count.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import model as M
+from .config import ConfigError, GPTConfig
+from .policies import Dense, make_policy
+from .sampling import cfg_combine, check_sampling_args, sample
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A loaded model: static config plus a params pytree (a registered pytree)."""
+
+    config: GPTConfig
+    params: dict
+
+    @property
+    def dtype(self):
+        return self.params["tok_embeddings"].dtype
+
+
+jax.tree_util.register_dataclass(Model, data_fields=["params"], meta_fields=["config"])
+
+
+# ----------------------------------------------------------------------------- conditions
+
+
+def prepare_condition(cfg: GPTConfig, cond, cond_mask=None):
+    """Validate and normalise the condition; returns (cond array, (B, c) bool mask)."""
+    if cfg.model_type == "c2i":
+        if cond_mask is not None:
+            raise ConfigError("class-conditional models take no caption mask")
+        ids = np.asarray(cond) if not isinstance(cond, jax.core.Tracer) else None
+        if ids is not None:
+            if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+                raise ConfigError(f"c2i condition must be a 1-D array of integer class ids, got shape {ids.shape} dtype {ids.dtype}")
+            if ids.size and (ids.min() < 0 or ids.max() >= cfg.num_classes):
+                raise ConfigError(f"class ids must be in [0, {cfg.num_classes - 1}], got {ids.min()}..{ids.max()}")
+        cond = jnp.asarray(cond, jnp.int32)
+        return cond, jnp.ones((cond.shape[0], 1), bool)
+    c, C = cfg.cls_token_num, cfg.caption_dim
+    shape = tuple(np.shape(cond))
+    if len(shape) != 3 or shape[1:] != (c, C):
+        raise ConfigError(f"t2i condition must be caption features of shape (B, {c}, {C}), got {shape}")
+    if cond_mask is None:
+        raise ConfigError("t2i models need the caption mask (B, 120), 1 for valid tokens (left-padded)")
+    if tuple(np.shape(cond_mask)) != shape[:2]:
+        raise ConfigError(f"caption mask shape {tuple(np.shape(cond_mask))} does not match features {shape[:2]}")
+    mask = jnp.asarray(cond_mask).astype(bool)
+    return jnp.asarray(cond, jnp.float32), mask
+
+
+def _embed_rows(params, cfg, cond, cond_mask, use_cfg):
+    """Condition embeddings for all rows: (B2, c, E) and mask (B2, c)."""
+    if cfg.model_type == "c2i":
+        ids = jnp.stack([cond, jnp.full_like(cond, cfg.null_class)], axis=1).reshape(-1) if use_cfg else cond
+        return M.embed_condition(params, cfg, ids, None), (jnp.repeat(cond_mask, 2, axis=0) if use_cfg else cond_mask)
+    feats = cond * cond_mask[..., None]
+    if use_cfg:
+        null = jnp.broadcast_to(params["caption"]["uncond"].astype(jnp.float32), feats.shape)
+        feats = jnp.stack([feats, null], axis=1).reshape((-1,) + feats.shape[1:])  # (2B, c, C) interleaved
+        cond_mask = jnp.repeat(cond_mask, 2, axis=0)  # the null caption uses the prompt's mask
+    return M.embed_condition(params, cfg, feats, cond_mask), cond_mask
+
+
+# ----------------------------------------------------------------------------- the decode loop
+
+
+def _segments(n_steps: int, c: int, num: int):
+    """Split decode steps 0..n_steps-1 into `num` static segments (start, stop, span).
+
+    span = cache slots that can be filled by the segment's end, so dense attention reads
+    only those instead of the whole cache (length-aware decoding with static shapes).
+    """
+    num = max(1, min(num, n_steps))
+    bounds = np.linspace(0, n_steps, num + 1).round().astype(int)
+    segs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b > a:
+            span = c + int(b)  # last step b-1 writes slot c + b - 1
+            segs.append((int(a), int(b), span))
+    return segs
+
+
+def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg, forced, segments):
+    """Shared body of generate and score. forced: (B, N) tokens to feed, or None to sample.
+
+    Returns (tokens (B, N) int32, logits (B, N, V) float32 or None).
+    """
+    cfg_scale, cfg_interval, temperature, top_k, top_p = scalars
+    rows = cond_emb.shape[0]
+    caches = [policy.init(rows, cfg.n_head, cfg.head_dim, params["tok_embeddings"].dtype) for _ in range(cfg.n_layer)]
+    n = cfg.num_image_tokens
+
+    def guide(logits, guided):
+        if not use_cfg:
+            return logits
+        pair = logits.reshape(-1, 2, logits.shape[-1])  # (B, 2, V): cond, uncond
+        return jnp.where(guided, cfg_combine(pair[:, 0], pair[:, 1], cfg_scale), pair[:, 0])
+
+    def row_keys(step):
+        ks = jax.vmap(lambda kk: jax.random.fold_in(kk, step))(ex_keys)
+        if use_cfg:
+            ks = jax.vmap(lambda kk: jnp.stack([jax.random.fold_in(kk, 0), jax.random.fold_in(kk, 1)]))(ks).reshape(-1)
+        return ks
+
+    def pick(step, logits, guided, forced_tok):
+        g = guide(logits, guided)
+        if forced is not None:
+            return forced_tok, (g if forced is not None else None)
+        keys = jax.vmap(lambda kk: jax.random.fold_in(kk, step))(ex_keys)
+        return sample(keys, g, temperature, top_k, top_p), None
+
+    with jax.named_scope("prefill"):
+        logits0, caches = M.prefill(params, cfg, policy, caches, cond_emb, cond_mask)
+    tok0, out0 = pick(0, logits0, True, forced[:, 0] if forced is not None else None)
+
+    def body(carry, i, span):
+        tok, caches = carry
+        fed = jnp.repeat(tok, 2, axis=0) if use_cfg else tok
+        logits, caches = M.decode_step(params, cfg, policy, caches, fed, i, cond_mask, row_keys(i + 1), span)
+        guided = (cfg_interval < 0) | (i <= cfg_interval)  # LlamaGen: off for good once i > cfg_interval
+        nxt = forced[:, i + 1] if forced is not None else None
+        with jax.named_scope("sample"):
+            tok, out = pick(i + 1, logits, guided, nxt)
+        return (tok, caches), (tok, out)
+
+    carry = (tok0, caches)
+    toks, outs = [tok0[:, None]], [out0[:, None]] if forced is not None else []
+    for a, b, span in segments:
+        carry, (t_seg, o_seg) = jax.lax.scan(functools.partial(body, span=span), carry, jnp.arange(a, b))
+        toks.append(t_seg.T)
+        if forced is not None:
+            outs.append(o_seg.transpose(1, 0, 2))
+    tokens = jnp.concatenate(toks, axis=1)
+    return tokens, (jnp.concatenate(outs, axis=1) if forced is not None else None)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "use_cfg", "num_segments"))
+def _generate_jit(params, cond, cond_mask, key, example_ids, scalars, *, cfg, policy, use_cfg, num_segments):
+    ex_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(example_ids)
+    emb, mask = _embed_rows(params, cfg, cond, cond_mask, use_cfg)
+    segs = _segments(cfg.num_image_tokens - 1, cfg.cls_token_num, num_segments if isinstance(policy, Dense) else 1)
+    tokens, _ = _run(params, cfg, policy, emb, mask, ex_keys, scalars, use_cfg=use_cfg, forced=None, segments=segs)
+    return tokens
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "use_cfg"))
+def _score_jit(params, cond, cond_mask, tokens, scalars, *, cfg, policy, use_cfg):
+    emb, mask = _embed_rows(params, cfg, cond, cond_mask, use_cfg)
+    ex_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(tokens.shape[0]))
+    segs = _segments(cfg.num_image_tokens - 1, cfg.cls_token_num, 1)
+    _, logits = _run(params, cfg, policy, emb, mask, ex_keys, scalars, use_cfg=use_cfg, forced=tokens, segments=segs)
+    return logits
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _forward_jit(params, cond, cond_mask, tokens, *, cfg):
+    emb, mask = _embed_rows(params, cfg, cond, cond_mask, False)
+    return M.forward_full(params, cfg, emb, mask, tokens)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def resolve_policy(model: Model, policy=None, **policy_kw):
+    if policy is None or isinstance(policy, str):
+        return make_policy(model.config, policy or "dense", **policy_kw)
+    if policy_kw:
+        raise ConfigError("give either a policy object or a policy name with sizes, not both")
+    return policy
+
+
+def _scalars(cfg_scale, cfg_interval, temperature, top_k, top_p):
+    return (jnp.float32(cfg_scale), jnp.float32(cfg_interval), jnp.float32(temperature),
+            jnp.int32(top_k), jnp.float32(top_p))
+
+
+def generate(model: Model, cond, key, *, cond_mask=None, cfg_scale: float = 4.0, cfg_interval: float = -1,
+             temperature: float = 1.0, top_k: int = 2000, top_p: float = 1.0, policy=None, budget=None,
+             prefix=None, keep=None, local=None, granularity="head", example_ids=None, num_segments: int = 1):
+    """Sample image tokens. Defaults are LlamaGen's ``sample_c2i.py`` (cfg 4.0, top-k 2000).
+
+    cond: class ids (B,) for c2i; caption features (B, 120, C) plus ``cond_mask`` (B, 120) for
+    t2i (left-padded, 1 = valid). key: ``jax.random.key(seed)``. CFG is on iff cfg_scale > 1.
+    policy: 'dense' (default), 'adsa-select', 'adsa-evict', 'window', 'random', with ``budget``
+    (fraction of image tokens) or ``prefix``/``keep``/``local``, or a policy object.
+    example_ids: (B,) global image indices for the per-image keys (default 0..B-1).
+    num_segments: split the decode scan into this many static length buckets (dense/select
+    read only the filled part of the cache; more segments = faster steps, longer compile).
+    Returns int32 tokens (B, N).
+    """
+    cfg = model.config
+    check_sampling_args(temperature, top_k, top_p, cfg_scale)
+    cond, mask = prepare_condition(cfg, cond, cond_mask)
+    pol = resolve_policy(model, policy, **_policy_kw(budget, prefix, keep, local, granularity))
+    b = cond.shape[0]
+    example_ids = jnp.arange(b, dtype=jnp.int32) if example_ids is None else jnp.asarray(example_ids, jnp.int32)
+    if example_ids.shape != (b,):
+        raise ConfigError(f"example_ids must have shape ({b},), got {example_ids.shape}")
+    return _generate_jit(model.params, cond, mask, key, example_ids,
+                         _scalars(cfg_scale, cfg_interval, temperature, top_k, top_p),
+                         cfg=cfg, policy=pol, use_cfg=bool(cfg_scale > 1.0), num_segments=int(num_segments))
+
+
+def _policy_kw(budget, prefix, keep, local, granularity):
+    kw = {k: v for k, v in dict(budget=budget, prefix=prefix, keep=keep, local=local).items() if v is not None}
+    if granularity != "head":
+        kw["granularity"] = granularity
+    return kw
+
+
+def _check_tokens(cfg, tokens, batch):
+    t = np.asarray(tokens) if not isinstance(tokens, jax.core.Tracer) else None
+    shape = tuple(np.shape(tokens))
+    n = cfg.num_image_tokens
+    if len(shape) != 2 or shape[0] != batch or shape[1] not in (n, n - 1):
+        raise ConfigError(f"tokens must have shape ({batch}, {n}) or ({batch}, {n - 1}), got {shape}")
+    if t is not None and t.size and (t.min() < 0 or t.max() >= cfg.vocab_size):
+        raise ConfigError(f"image tokens must be in [0, {cfg.vocab_size - 1}], got {t.min()}..{t.max()}")
+
+
+def forward(model: Model, cond, tokens, *, cond_mask=None):
+    """Teacher-forced next-token logits (B, N, V) float32 from one full causal pass (dense).
+
+    tokens (B, N) or (B, N-1): row j of the result predicts image token j."""
+    cfg = model.config
+    cond, mask = prepare_condition(cfg, cond, cond_mask)
+    _check_tokens(cfg, tokens, cond.shape[0])
+    tokens = jnp.asarray(tokens, jnp.int32)[:, : cfg.num_image_tokens - 1]
+    return _forward_jit(model.params, cond, mask, tokens, cfg=cfg)
+
+
+def score(model: Model, cond, tokens, *, cond_mask=None, policy=None, cfg_scale: float = 1.0,
+          cfg_interval: float = -1, budget=None, prefix=None, keep=None, local=None, granularity="head"):
+    """Teacher-forced logits (B, N, V) through a policy's cache (prefill + scan decode).
+
+    With cfg_scale > 1 the logits are the guided ones LlamaGen samples from."""
+    cfg = model.config
+    cond, mask = prepare_condition(cfg, cond, cond_mask)
+    _check_tokens(cfg, tokens, cond.shape[0])
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.shape[1] == cfg.num_image_tokens - 1:
+        tokens = jnp.pad(tokens, ((0, 0), (0, 1)))
+    pol = resolve_policy(model, policy, **_policy_kw(budget, prefix, keep, local, granularity))
+    return _score_jit(model.params, cond, mask, tokens, _scalars(cfg_scale, cfg_interval, 1.0, 0, 1.0),
+                      cfg=cfg, policy=pol, use_cfg=bool(cfg_scale > 1.0))

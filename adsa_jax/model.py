@@ -1,0 +1,224 @@
+"""The LlamaGen GPT as pure functions over a params pytree.
+
+Params (Flax-style kernels, ``(in, out)``; E = dim, H = heads, D = head_dim, F = FFN hidden):
+
+    tok_embeddings (V, E)          output (E, V)          norm (E,)
+    cls_embedding (classes+1, E)                           # c2i; last row = null class
+    caption: fc1 (C, E), fc2 (E, E), uncond (120, C)       # t2i; uncond = stored null caption
+    layers: list of {attention_norm (E,), wqkv (E, 3, H, D), wo (H, D, E),
+                     ffn_norm (E,), w1 (E, F), w3 (E, F), w2 (F, E)}
+
+No biases anywhere. Storage dtype = compute dtype (bf16 or fp32); norm statistics, RoPE,
+attention logits and softmax run in float32; logits come out in float32.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import GPTConfig
+from .rope import apply_rope, rope_table
+
+NEG_INF = -1e30  # finite mask value: fully masked rows never turn into NaN
+
+
+def param_shapes(cfg: GPTConfig) -> dict:
+    """The params pytree as shapes (tuples); the single source of every weight's shape."""
+    E, H, D, F, V = cfg.dim, cfg.n_head, cfg.head_dim, cfg.ffn_hidden, cfg.vocab_size
+    layer = {"attention_norm": (E,), "wqkv": (E, 3, H, D), "wo": (H, D, E),
+             "ffn_norm": (E,), "w1": (E, F), "w3": (E, F), "w2": (F, E)}
+    shapes = {"tok_embeddings": (V, E), "layers": [dict(layer) for _ in range(cfg.n_layer)],
+              "norm": (E,), "output": (E, V)}
+    if cfg.model_type == "c2i":
+        shapes["cls_embedding"] = (cfg.num_class_rows, E)
+    else:
+        shapes["caption"] = {"fc1": (cfg.caption_dim, E), "fc2": (E, E), "uncond": (cfg.cls_token_num, cfg.caption_dim)}
+    return shapes
+
+
+def _is_shape(x):
+    return isinstance(x, tuple)
+
+
+def abstract_params(cfg: GPTConfig, dtype=jnp.bfloat16) -> dict:
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.dtype(dtype)), param_shapes(cfg), is_leaf=_is_shape)
+
+
+def count_params(cfg: GPTConfig, *, include_buffers: bool = False) -> int:
+    """Parameter count as LlamaGen reports it (the t2i null caption is a buffer, not a parameter)."""
+    shapes = param_shapes(cfg)
+    if not include_buffers and "caption" in shapes:
+        shapes = dict(shapes, caption={k: v for k, v in shapes["caption"].items() if k != "uncond"})
+    return sum(math.prod(s) for s in jax.tree.leaves(shapes, is_leaf=_is_shape))
+
+
+def init_params(cfg: GPTConfig, key, dtype=jnp.bfloat16, std: float = 0.02) -> dict:
+    """Random weights (normal(0, std), norms at 1) for benchmarks and tests."""
+    shapes = param_shapes(cfg)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=_is_shape)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_shape)[0]]
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for k, s, p in zip(keys, leaves, paths):
+        if "norm" in p:
+            out.append(jnp.ones(s, dtype))
+        else:
+            out.append((std * jax.random.normal(k, s, jnp.float32)).astype(dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def rms_norm(x, weight, eps):
+    # LlamaGen/Meta order: normalise in float32, cast back to x's dtype, then scale.
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return y.astype(x.dtype) * weight
+
+
+def ffn(layer, x):
+    h1 = jnp.einsum("BTE,EF->BTF", x, layer["w1"])
+    h3 = jnp.einsum("BTE,EF->BTF", x, layer["w3"])
+    return jnp.einsum("BTF,FE->BTE", jax.nn.silu(h1) * h3, layer["w2"])
+
+
+def qkv_proj(layer, x):
+    qkv = jnp.einsum("BTE,EKHD->KBTHD", x, layer["wqkv"])  # K = 3 (q, k, v)
+    return qkv[0], qkv[1], qkv[2]
+
+
+def out_proj(layer, o):
+    return jnp.einsum("BTHD,HDE->BTE", o, layer["wo"])
+
+
+def attention_dense(q, k, v, mask):
+    """q (B,T,H,D), k/v (B,S,H,D), mask (B|1, T, S) bool -> (B,T,H,D). Logits/softmax in f32."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = jnp.einsum("BTHD,BSHD->BHTS", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask[:, None], logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("BHTS,BSHD->BTHD", probs, v)
+
+
+def causal_cond_mask(cond_mask, total: int):
+    """(B, total, total) bool: causal, condition columns of padded captions hidden, diagonal on."""
+    c = cond_mask.shape[1]
+    i = jnp.arange(total)[:, None]
+    j = jnp.arange(total)[None, :]
+    col_ok = jnp.concatenate([cond_mask, jnp.ones((cond_mask.shape[0], total - c), bool)], axis=1)  # (B, total)
+    return ((j <= i)[None] & col_ok[:, None, :]) | (i == j)[None]
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+def embed_condition(params, cfg: GPTConfig, cond, cond_mask):
+    """c2i: cond = class ids (B,); t2i: caption features (B, 120, C) (padded rows already zero).
+
+    Returns (B, c, E) in the params dtype.
+    """
+    if cfg.model_type == "c2i":
+        return params["cls_embedding"][cond][:, None, :]  # (B, 1, E)
+    cap = params["caption"]
+    x = cond.astype(cap["fc1"].dtype)
+    h = jax.nn.gelu(jnp.einsum("BTC,CE->BTE", x, cap["fc1"]), approximate=True)
+    return jnp.einsum("BTE,EF->BTF", h, cap["fc2"])[:, : cfg.cls_token_num]
+
+
+def head(params, cfg, x):
+    h = rms_norm(x, params["norm"], cfg.norm_eps)
+    return jnp.einsum("BTE,EV->BTV", h, params["output"]).astype(jnp.float32)
+
+
+@functools.lru_cache(maxsize=32)
+def _rope_np(cfg: GPTConfig):
+    return rope_table(cfg.grid, cfg.head_dim, cfg.rope_base, cfg.cls_token_num)
+
+
+def rope_rows(cfg: GPTConfig, positions):
+    return jnp.asarray(_rope_np(cfg))[positions]
+
+
+# ----------------------------------------------------------------------------- forward passes
+
+
+def forward_full(params, cfg: GPTConfig, cond_emb, cond_mask, tokens):
+    """Teacher-forced, cache-free pass over [condition ; tokens] with full causal attention.
+
+    cond_emb (B, c, E), cond_mask (B, c) bool, tokens (B, n) int32 with n <= N-1.
+    Returns float32 logits (B, n + 1, V): row j predicts image token j.
+    """
+    c = cfg.cls_token_num
+    x = jnp.concatenate([cond_emb, params["tok_embeddings"][tokens]], axis=1)  # (B, c + n, E)
+    total = x.shape[1]
+    rot = rope_rows(cfg, jnp.arange(total))
+    mask = causal_cond_mask(cond_mask, total)
+    for layer in params["layers"]:
+        h = rms_norm(x, layer["attention_norm"], cfg.norm_eps)
+        q, k, v = qkv_proj(layer, h)
+        q, k = apply_rope(q, rot), apply_rope(k, rot)
+        x = x + out_proj(layer, attention_dense(q, k, v, mask))
+        x = x + ffn(layer, rms_norm(x, layer["ffn_norm"], cfg.norm_eps))
+    return head(params, cfg, x[:, c - 1:])
+
+
+def prefill(params, cfg: GPTConfig, policy, caches, cond_emb, cond_mask):
+    """Run the c condition positions, write their K/V through the policy.
+
+    Returns (logits of the last condition position (B, V) float32, caches).
+    """
+    c = cfg.cls_token_num
+    x = cond_emb
+    rot = rope_rows(cfg, jnp.arange(c))
+    mask = causal_cond_mask(cond_mask, c)
+    new = []
+    for layer, cache in zip(params["layers"], caches):
+        with jax.named_scope("attention"):
+            h = rms_norm(x, layer["attention_norm"], cfg.norm_eps)
+            q, k, v = qkv_proj(layer, h)
+            q, k = apply_rope(q, rot), apply_rope(k, rot)
+            new.append(policy.prefill(cache, k, v))
+            x = x + out_proj(layer, attention_dense(q, k, v, mask))
+        with jax.named_scope("ffn"):
+            x = x + ffn(layer, rms_norm(x, layer["ffn_norm"], cfg.norm_eps))
+    return head(params, cfg, x[:, -1:])[:, 0], new
+
+
+def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, row_keys, span):
+    """One image token per row through every layer.
+
+    tokens (B,) int32 = image token t; t is a traced scalar (0-based image index);
+    span (static) bounds the cache slots a dense-layout policy needs to read this segment.
+    Returns (logits (B, V) float32 predicting token t+1, caches).
+    """
+    x = params["tok_embeddings"][tokens][:, None, :]  # (B, 1, E)
+    rot = rope_rows(cfg, cfg.cls_token_num + t)[None]  # (1, D/2, 2)
+    new = []
+    for li, (layer, cache) in enumerate(zip(params["layers"], caches)):
+        with jax.named_scope("attention"):
+            h = rms_norm(x, layer["attention_norm"], cfg.norm_eps)
+            q, k, v = qkv_proj(layer, h)
+            q, k = apply_rope(q, rot), apply_rope(k, rot)
+            cache, o = policy.decode(cache, q[:, 0], k[:, 0], v[:, 0], t, cond_mask,
+                                     layer_index=li, row_keys=row_keys, span=span)
+            new.append(cache)
+            x = x + out_proj(layer, o[:, None])
+        with jax.named_scope("ffn"):
+            x = x + ffn(layer, rms_norm(x, layer["ffn_norm"], cfg.norm_eps))
+    return head(params, cfg, x)[:, 0], new
+
+
+def check_params(params, cfg: GPTConfig):
+    """Raise a clear error when a params tree does not fit cfg (names the first mismatches)."""
+    want = param_shapes(cfg)
+    got_paths = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    want_paths = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_flatten_with_path(want, is_leaf=_is_shape)[0]}
+    bad = [f"{k}: {got_paths.get(k)} != {s}" for k, s in want_paths.items() if got_paths.get(k) != s]
+    extra = sorted(set(got_paths) - set(want_paths))
+    if bad or extra:
+        raise ValueError("params do not match the config: " + "; ".join((bad + [f"unexpected {e}" for e in extra])[:6]))

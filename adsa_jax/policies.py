@@ -1,0 +1,317 @@
+"""KV-cache policies: how each layer stores image-token K/V and which entries a query reads.
+
+Every policy is a frozen, hashable dataclass (a static argument of ``jit``) with three
+functions over one layer's cache, a dict pytree:
+
+    init(batch, dtype)                        -> cache       (fixed shapes for the whole call)
+    prefill(cache, k, v)                      -> cache       (k, v: (B, c, H, D) condition K/V)
+    decode(cache, q, k, v, t, cond_mask, ...) -> cache, out  (q, k, v: (B, H, D) of image token t)
+
+Cache arrays use the layout ``k, v: (B, H, S, D)``. Keys are cached after RoPE, so a slot's
+position travels with it and slot order never matters. Policies (spec/adsa.md):
+
+- ``dense``        LlamaGen's full cache (c + N - 1 slots).
+- ``adsa-select``  full cache; attends to condition + prefix P + the K lowest-score tokens of
+                   the previous region + the local M (a gather, so it reads only the budget).
+- ``adsa-evict``   ``C = c + P + K + M`` slots [cond | prefix | pool | ring]; a token leaving the
+                   ring enters the pool, and when the pool is full the highest-score candidate
+                   of pool + newcomer is evicted.
+- ``window``       sinks + recent window: [cond | prefix | ring of K + M], FIFO (no pool).
+- ``random``       the evict layout, the evicted candidate drawn uniformly.
+
+Score (per layer, row and head, or per layer and row with ``granularity='layer'``):
+``v̂_i · Σ_j v̂_j`` over the region, with a running sum ``vsum`` of normalised V kept in the
+cache so that a step costs O(K·d).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from .config import ConfigError, GPTConfig
+
+NEG_INF = -1e30
+EPS = 1e-6
+BIG = 1e30
+
+
+def attend(q, k, v, mask):
+    """q (B,H,D), k/v (B,H,S,D), mask broadcastable to (B,H,S) -> (B,H,D); f32 logits/softmax."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = jnp.einsum("BHD,BHSD->BHS", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask, logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("BHS,BHSD->BHD", probs, v)
+
+
+def normalized_v(v, granularity: str):
+    """v (B,H,S,D) -> v̂ (B,G,S,X) in f32: G=H, X=D per head; G=1, X=H*D per layer."""
+    vf = v.astype(jnp.float32)
+    if granularity == "layer":
+        b, h, s, d = vf.shape
+        vf = vf.transpose(0, 2, 1, 3).reshape(b, 1, s, h * d)  # (B, 1, S, H*D)
+    n = jnp.sqrt(jnp.sum(vf * vf, axis=-1, keepdims=True))
+    return vf / jnp.maximum(n, EPS)
+
+
+def _write(x, val, slot):
+    """Write val (B,H,D) into slot (traced scalar) of x (B,H,S,D)."""
+    return jax.lax.dynamic_update_slice_in_dim(x, val[:, :, None, :].astype(x.dtype), slot, axis=2)
+
+
+def _cond_slot_mask(cond_mask, total: int):
+    """(B, 1, total) bool: condition slots follow the caption mask, later slots are allowed."""
+    b, c = cond_mask.shape
+    return jnp.concatenate([cond_mask, jnp.ones((b, total - c), bool)], axis=1)[:, None, :]
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense:
+    """LlamaGen's cache: slot c + t holds image token t."""
+
+    c: int
+    n: int
+    name: str = "dense"
+
+    @property
+    def slots(self) -> int:
+        return self.c + self.n - 1  # the last image token is never fed back
+
+    def attended(self, t: int) -> int:
+        return self.c + t + 1
+
+    def init(self, batch, heads, head_dim, dtype):
+        z = jnp.zeros((batch, heads, self.slots, head_dim), dtype)
+        return {"k": z, "v": z}
+
+    def prefill(self, cache, k, v):
+        kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, H, c, D)
+        return {**cache, "k": cache["k"].at[:, :, : self.c].set(kt.astype(cache["k"].dtype)),
+                "v": cache["v"].at[:, :, : self.c].set(vt.astype(cache["v"].dtype))}
+
+    def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None):
+        slot = self.c + t
+        kc, vc = _write(cache["k"], k, slot), _write(cache["v"], v, slot)
+        span = self.slots if span is None else min(span, self.slots)
+        # Only the first `span` slots can be filled during this scan segment: read just those.
+        mask = (jnp.arange(span) <= slot)[None, None] & _cond_slot_mask(cond_mask, span)
+        out = attend(q, kc[:, :, :span], vc[:, :, :span], mask)
+        return {**cache, "k": kc, "v": vc}, out
+
+
+@dataclasses.dataclass(frozen=True)
+class Select(Dense):
+    """adsa-select: full cache, attention over cond + prefix + top-K of the previous region + local."""
+
+    prefix: int = 0
+    keep: int = 0
+    local: int = 1
+    granularity: str = "head"
+    name: str = "adsa-select"
+
+    def attended(self, t: int) -> int:
+        return self.c + min(t + 1, self.prefix + self.keep + self.local)
+
+    def init(self, batch, heads, head_dim, dtype):
+        g, x = (heads, head_dim) if self.granularity == "head" else (1, heads * head_dim)
+        return {**super().init(batch, heads, head_dim, dtype), "vsum": jnp.zeros((batch, g, x), jnp.float32)}
+
+    def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None):
+        c, P, K, M = self.c, self.prefix, self.keep, self.local
+        slot = c + t
+        kc, vc = _write(cache["k"], k, slot), _write(cache["v"], v, slot)
+        # Image token t - M leaves the local window and joins the previous region.
+        e = t - M
+        ve = jax.lax.dynamic_slice_in_dim(vc, c + jnp.maximum(e, 0), 1, axis=2)  # (B, H, 1, D)
+        vsum = cache["vsum"] + jnp.where(e >= P, normalized_v(ve, self.granularity)[:, :, 0], 0.0)
+        # Candidates: image slots c + P .. c + span - 1 (static), scored with the running sum.
+        span = self.slots if span is None else min(span, self.slots)
+        lo = c + P
+        hi = max(span, lo + 1)
+        with jax.named_scope("select_topk"):
+            vn = normalized_v(vc[:, :, lo:hi], self.granularity)  # (B, G, S', X)
+            score = jnp.einsum("BGSX,BGX->BGS", vn, vsum)
+            idx_tok = jnp.arange(lo, hi) - c  # image index of each candidate slot
+            in_region = idx_tok <= e  # (S',); >= P holds by construction
+            kk = min(K, hi - lo)
+            _, sel = jax.lax.top_k(jnp.where(in_region, -score, -BIG), kk)  # (B, G, kk) lowest scores
+            sel_ok = jnp.take(in_region, sel)  # fewer than K in the region: drop the padding
+            sel = jnp.broadcast_to(sel, (q.shape[0], q.shape[1], kk)) + lo  # (B, H, kk) slots
+            sel_ok = jnp.broadcast_to(sel_ok, sel.shape)
+            k_sel = jnp.take_along_axis(kc, sel[..., None], axis=2)  # (B, H, kk, D)
+            v_sel = jnp.take_along_axis(vc, sel[..., None], axis=2)
+        # Local window: M slots ending at slot (clamped at the start of the cache).
+        start = jnp.clip(slot - M + 1, 0, self.slots - M)
+        k_loc = jax.lax.dynamic_slice_in_dim(kc, start, M, axis=2)
+        v_loc = jax.lax.dynamic_slice_in_dim(vc, start, M, axis=2)
+        loc_tok = start + jnp.arange(M) - c
+        loc_ok = (loc_tok >= P) & (loc_tok <= t) & (loc_tok > e)
+        # Condition + prefix: static leading slots.
+        head_tok = jnp.arange(c + P) - c
+        head_ok = (head_tok <= t)[None, None] & _cond_slot_mask(cond_mask, c + P)
+        keys = jnp.concatenate([kc[:, :, : c + P], k_sel, k_loc], axis=2)
+        vals = jnp.concatenate([vc[:, :, : c + P], v_sel, v_loc], axis=2)
+        b, h = q.shape[:2]
+        mask = jnp.concatenate([jnp.broadcast_to(head_ok, (b, h, c + P)), sel_ok,
+                                jnp.broadcast_to(loc_ok, (b, h, M))], axis=2)
+        out = attend(q, keys, vals, mask)
+        return {**cache, "k": kc, "v": vc, "vsum": vsum}, out
+
+
+@dataclasses.dataclass(frozen=True)
+class Evict:
+    """adsa-evict / window / random: a fixed [cond | prefix P | pool K | ring M] cache.
+
+    ``chooser``: 'similarity' (ADSA: evict the highest score), 'random' (uniform).
+    ``window`` is this class with K = 0 and a ring of the window's K + M.
+    """
+
+    c: int
+    n: int
+    prefix: int = 0
+    keep: int = 0
+    local: int = 1
+    granularity: str = "head"
+    chooser: str = "similarity"
+    name: str = "adsa-evict"
+
+    @property
+    def slots(self) -> int:
+        return self.c + self.prefix + self.keep + self.local
+
+    def attended(self, t: int) -> int:
+        return self.c + min(t + 1, self.prefix + self.keep + self.local)
+
+    def init(self, batch, heads, head_dim, dtype):
+        g, x = (heads, head_dim) if self.granularity == "head" else (1, heads * head_dim)
+        z = jnp.zeros((batch, heads, self.slots, head_dim), dtype)
+        return {"k": z, "v": z, "pos": jnp.full((batch, g, self.slots), -1, jnp.int32),
+                "vsum": jnp.zeros((batch, g, x), jnp.float32)}
+
+    def prefill(self, cache, k, v):
+        kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, H, c, D)
+        return {**cache, "k": cache["k"].at[:, :, : self.c].set(kt.astype(cache["k"].dtype)),
+                "v": cache["v"].at[:, :, : self.c].set(vt.astype(cache["v"].dtype)),
+                "pos": cache["pos"].at[:, :, : self.c].set(jnp.arange(self.c, dtype=jnp.int32))}
+
+    def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None):
+        c, P, K, M = self.c, self.prefix, self.keep, self.local
+        kc, vc, pos, vsum = cache["k"], cache["v"], cache["pos"], cache["vsum"]
+        ring0 = c + P + K
+        ring = ring0 + jnp.mod(t - P, M)
+        if K > 0:
+            with jax.named_scope("evict"):
+                kc, vc, pos, vsum = self._to_pool(kc, vc, pos, vsum, t, ring, layer_index, row_keys)
+        slot = jnp.where(t < P, c + t, ring)
+        kc, vc = _write(kc, k, slot), _write(vc, v, slot)
+        pos = jax.lax.dynamic_update_slice_in_dim(
+            pos, jnp.full(pos.shape[:2] + (1,), c + t, jnp.int32), slot, axis=2)
+        mask = (pos >= 0) & _cond_slot_mask(cond_mask, self.slots)  # (B, G, C)
+        out = attend(q, kc, vc, mask)
+        return {**cache, "k": kc, "v": vc, "pos": pos, "vsum": vsum}, out
+
+    def _to_pool(self, kc, vc, pos, vsum, t, ring, layer_index, row_keys):
+        """Move the token about to be overwritten in the ring into the pool (or drop it)."""
+        c, P, K, M = self.c, self.prefix, self.keep, self.local
+        moving = t - P >= M  # the ring slot holds an older token o
+        n_moved = t - P - M  # tokens that moved to the pool before o
+        k_o = jax.lax.dynamic_slice_in_dim(kc, ring, 1, axis=2)  # (B, H, 1, D)
+        v_o = jax.lax.dynamic_slice_in_dim(vc, ring, 1, axis=2)
+        p_o = jax.lax.dynamic_slice_in_dim(pos, ring, 1, axis=2)  # (B, G, 1)
+        pool = slice(c + P, c + P + K)
+        k_pool, v_pool, p_pool = kc[:, :, pool], vc[:, :, pool], pos[:, :, pool]
+        # Candidates in order: K pool slots, then o; scored over the K + 1 candidates.
+        vn = normalized_v(jnp.concatenate([v_pool, v_o], axis=2), self.granularity)  # (B, G, K+1, X)
+        vn_o = vn[:, :, K]
+        total = vsum + vn_o
+        if self.chooser == "similarity":
+            victim = jnp.argmax(jnp.einsum("BGSX,BGX->BGS", vn, total), axis=-1)  # (B, G) first max
+        elif self.chooser == "random":
+            keys = jax.vmap(lambda kk: jax.random.fold_in(kk, layer_index))(row_keys)
+            victim = jax.vmap(lambda kk: jax.random.randint(kk, (vsum.shape[1],), 0, K + 1))(keys)
+        else:
+            raise ConfigError(f"unknown chooser {self.chooser!r}")
+        full = n_moved >= K
+        target = jnp.where(full, victim, jnp.clip(n_moved, 0, K - 1))  # pool slot o goes to (K = dropped)
+        onehot = (jnp.arange(K) == target[..., None]) & moving  # (B, G, K)
+        ev_vn = jnp.einsum("BGS,BGSX->BGX", (jnp.arange(K + 1) == victim[..., None]).astype(jnp.float32), vn)
+        vsum = jnp.where(moving, jnp.where(full, total - ev_vn, total), vsum)
+        oh = onehot[..., None]  # (B, G, K, 1) broadcasts over heads when G = 1
+        kc = kc.at[:, :, pool].set(jnp.where(oh, k_o, k_pool))
+        vc = vc.at[:, :, pool].set(jnp.where(oh, v_o, v_pool))
+        pos = pos.at[:, :, pool].set(jnp.where(onehot, p_o, p_pool))
+        return kc, vc, pos, vsum
+
+
+POLICY_NAMES = ("dense", "adsa-select", "adsa-evict", "window", "random")
+
+
+def default_sizes(cfg: GPTConfig, budget: float) -> tuple[int, int, int]:
+    w = cfg.grid
+    total = round(budget * cfg.num_image_tokens)
+    P, M = w, 2 * w
+    K = total - P - M
+    if K < 0:
+        raise ConfigError(
+            f"budget {budget} keeps {total} image tokens, fewer than the default prefix ({P}, one row) + "
+            f"local ({M}, two rows); give explicit sizes (prefix=, keep=, local=) or a larger budget"
+        )
+    return P, K, M
+
+
+def make_policy(cfg: GPTConfig, name: str = "dense", *, budget: float | None = None, prefix: int | None = None,
+                keep: int | None = None, local: int | None = None, granularity: str = "head"):
+    """Build a policy for cfg. ``budget`` is a fraction of the N image tokens (default sizes
+    P = one grid row, M = two rows, K = the rest) and explicit ``prefix``/``keep``/``local``
+    override the defaults. Budget 1.0 (P + K + M = N) makes every ADSA policy equal dense."""
+    c, N = cfg.cls_token_num, cfg.num_image_tokens
+    if name not in POLICY_NAMES:
+        raise ConfigError(f"unknown policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
+    if granularity not in ("head", "layer"):
+        raise ConfigError(f"granularity must be 'head' or 'layer', got {granularity!r}")
+    if name == "dense":
+        if any(x is not None for x in (budget, prefix, keep, local)):
+            raise ConfigError("the dense policy keeps every token: it takes no budget or sizes")
+        return Dense(c, N)
+    if budget is not None and not (0 < budget <= 1):
+        raise ConfigError(f"budget must be a fraction in (0, 1] of the {N} image tokens, got {budget}")
+    if budget is None and None in (prefix, keep, local):
+        if all(x is None for x in (prefix, keep, local)):
+            budget = 0.5
+        else:
+            raise ConfigError("give a budget fraction, or all three of prefix, keep and local")
+    if budget is not None:
+        total = round(budget * N)
+        w = cfg.grid
+        P = w if prefix is None else prefix
+        M = 2 * w if local is None else local
+        K = total - P - M if keep is None else keep
+        if keep is None and K < 0:
+            if prefix is None and local is None:
+                default_sizes(cfg, budget)  # raises the defaults message
+            raise ConfigError(f"prefix {P} + local {M} exceed the budget of {total} image tokens ({budget} of {N})")
+        if keep is not None and P + K + M != total and (prefix is None or local is None):
+            raise ConfigError(f"prefix {P} + keep {K} + local {M} != budget {total}; give sizes or a budget, not both")
+    else:
+        P, K, M = prefix, keep, local
+    for nm, val in (("prefix", P), ("keep", K), ("local", M)):
+        if val < 0:
+            raise ConfigError(f"{nm} must be >= 0, got {val}")
+    if M < 1:
+        raise ConfigError("local must be >= 1: the current token is always attended")
+    if P + K + M > N:
+        raise ConfigError(f"prefix {P} + keep {K} + local {M} = {P + K + M} exceeds the {N} image tokens of the sequence")
+    if name == "adsa-select":
+        return Select(c, N, prefix=P, keep=K, local=M, granularity=granularity)
+    if name == "window":
+        return Evict(c, N, prefix=P, keep=0, local=K + M, granularity=granularity, chooser="similarity", name="window")
+    chooser = "random" if name == "random" else "similarity"
+    return Evict(c, N, prefix=P, keep=K, local=M, granularity=granularity, chooser=chooser, name=name)
+
+
+def kv_bytes(policy, cfg: GPTConfig, rows: int, dtype) -> int:
+    """Exact bytes of K and V over all layers for `rows` batch rows (rows = 2 per image with CFG)."""
+    return 2 * cfg.n_layer * rows * cfg.n_head * policy.slots * cfg.head_dim * jnp.dtype(dtype).itemsize

@@ -1,0 +1,58 @@
+"""LlamaGen's sampling: CFG combine, temperature, top-k (ties kept), top-p, categorical draw.
+
+Everything in float32, with the filter parameters as traced scalars (no recompiles). top-k
+and top-p are applied as thresholds on one descending sort of each row, so there is no
+scatter: top-k keeps every logit >= the k-th largest; top-p keeps the shortest sorted prefix
+whose cumulative probability crosses ``top_p`` (the crossing token kept, the top token always).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30
+
+
+def cfg_combine(cond_logits, uncond_logits, scale):
+    return uncond_logits + (cond_logits - uncond_logits) * scale
+
+
+def filter_logits(logits, temperature, top_k, top_p):
+    """logits (..., V) float32 -> logits with filtered entries at NEG_INF (LlamaGen order)."""
+    logits = logits.astype(jnp.float32) / jnp.maximum(jnp.asarray(temperature, jnp.float32), 1e-5)
+    v = logits.shape[-1]
+    srt = -jnp.sort(-logits, axis=-1)  # (..., V) descending
+    top_k = jnp.asarray(top_k, jnp.int32)
+    k = jnp.where(top_k > 0, jnp.clip(top_k, 1, v), v)
+    kth = jnp.take_along_axis(srt, jnp.broadcast_to(k - 1, srt.shape[:-1])[..., None], axis=-1)  # (..., 1)
+    srt = jnp.where(srt >= kth, srt, NEG_INF)
+    logits = jnp.where(logits >= kth, logits, NEG_INF)
+    top_p = jnp.asarray(top_p, jnp.float32)
+    cum = jnp.cumsum(jax.nn.softmax(srt, axis=-1), axis=-1)
+    # Sorted position i survives iff i == 0 or cum[i-1] <= top_p.
+    n_keep = 1 + jnp.sum(cum[..., :-1] <= top_p, axis=-1, keepdims=True)
+    pth = jnp.take_along_axis(srt, n_keep - 1, axis=-1)
+    return jnp.where((top_p < 1.0) & (logits < pth), NEG_INF, logits)
+
+
+def probs(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """LlamaGen's ``logits_to_probs``: softmax of the filtered logits."""
+    return jax.nn.softmax(filter_logits(logits, temperature, top_k, top_p), axis=-1)
+
+
+def sample(keys, logits, temperature, top_k, top_p):
+    """One token per row: keys (B,) typed keys, logits (B, V) -> (B,) int32."""
+    f = filter_logits(logits, temperature, top_k, top_p)
+    return jax.vmap(lambda kk, row: jax.random.categorical(kk, row))(keys, f).astype(jnp.int32)
+
+
+def check_sampling_args(temperature, top_k, top_p, cfg_scale=1.0):
+    """Host-side validation with clear messages (values are traced inside jit)."""
+    if not float(temperature) >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy-like 1e-5), got {temperature}")
+    if int(top_k) != top_k or int(top_k) < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 turns it off), got {top_k}")
+    if not 0.0 < float(top_p) <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1.0 turns it off), got {top_p}")
+    if not float(cfg_scale) >= 0:
+        raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")

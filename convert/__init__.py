@@ -1,0 +1,1 @@
+"""PyTorch checkpoint converters (LlamaGen GPT and VQ). torch is not required."""
