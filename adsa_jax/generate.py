@@ -95,10 +95,11 @@ def _segments(n_steps: int, c: int, num: int):
     return segs
 
 
-def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg, forced, segments):
+def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg, forced, segments, raw=False):
     """Shared body of generate and score. forced: (B, N) tokens to feed, or None to sample.
 
-    Returns (tokens (B, N) int32, logits (B, N, V) float32 or None).
+    Returns (tokens (B, N) int32, logits (B, N, V) float32 or None); with raw=True the logits
+    are those of every batch row before guidance (B2, N, V).
     """
     cfg_scale, cfg_interval, temperature, top_k, top_p = scalars
     rows = cond_emb.shape[0]
@@ -120,7 +121,7 @@ def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg,
     def pick(step, logits, guided, forced_tok):
         g = guide(logits, guided)
         if forced is not None:
-            return forced_tok, (g if forced is not None else None)
+            return forced_tok, (logits if raw else g)
         keys = jax.vmap(lambda kk: jax.random.fold_in(kk, step))(ex_keys)
         return sample(keys, g, temperature, top_k, top_p), None
 
@@ -158,12 +159,13 @@ def _generate_jit(params, cond, cond_mask, key, example_ids, scalars, *, cfg, po
     return tokens
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "policy", "use_cfg"))
-def _score_jit(params, cond, cond_mask, tokens, scalars, *, cfg, policy, use_cfg):
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "use_cfg", "raw"))
+def _score_jit(params, cond, cond_mask, tokens, key, scalars, *, cfg, policy, use_cfg, raw):
     emb, mask = _embed_rows(params, cfg, cond, cond_mask, use_cfg)
-    ex_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(tokens.shape[0]))
+    ex_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(tokens.shape[0]))
     segs = _segments(cfg.num_image_tokens - 1, cfg.cls_token_num, 1)
-    _, logits = _run(params, cfg, policy, emb, mask, ex_keys, scalars, use_cfg=use_cfg, forced=tokens, segments=segs)
+    _, logits = _run(params, cfg, policy, emb, mask, ex_keys, scalars, use_cfg=use_cfg, forced=tokens,
+                     segments=segs, raw=raw)
     return logits
 
 
@@ -245,10 +247,13 @@ def forward(model: Model, cond, tokens, *, cond_mask=None):
 
 
 def score(model: Model, cond, tokens, *, cond_mask=None, policy=None, cfg_scale: float = 1.0,
-          cfg_interval: float = -1, budget=None, prefix=None, keep=None, local=None, granularity="head"):
+          cfg_interval: float = -1, budget=None, prefix=None, keep=None, local=None, granularity="head",
+          key=None, raw_rows: bool = False):
     """Teacher-forced logits (B, N, V) through a policy's cache (prefill + scan decode).
 
-    With cfg_scale > 1 the logits are the guided ones LlamaGen samples from."""
+    With cfg_scale > 1 the logits are the guided ones LlamaGen samples from; ``raw_rows=True``
+    returns every batch row's own logits instead, (2B, N, V) with rows [cond_0, uncond_0, ...].
+    key seeds the ``random`` policy (default key 0)."""
     cfg = model.config
     cond, mask = prepare_condition(cfg, cond, cond_mask)
     _check_tokens(cfg, tokens, cond.shape[0])
@@ -256,5 +261,6 @@ def score(model: Model, cond, tokens, *, cond_mask=None, policy=None, cfg_scale:
     if tokens.shape[1] == cfg.num_image_tokens - 1:
         tokens = jnp.pad(tokens, ((0, 0), (0, 1)))
     pol = resolve_policy(model, policy, **_policy_kw(budget, prefix, keep, local, granularity))
-    return _score_jit(model.params, cond, mask, tokens, _scalars(cfg_scale, cfg_interval, 1.0, 0, 1.0),
-                      cfg=cfg, policy=pol, use_cfg=bool(cfg_scale > 1.0))
+    key = jax.random.key(0) if key is None else key
+    return _score_jit(model.params, cond, mask, tokens, key, _scalars(cfg_scale, cfg_interval, 1.0, 0, 1.0),
+                      cfg=cfg, policy=pol, use_cfg=bool(cfg_scale > 1.0), raw=bool(raw_rows))

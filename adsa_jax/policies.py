@@ -117,7 +117,10 @@ class Select(Dense):
 
     def init(self, batch, heads, head_dim, dtype):
         g, x = (heads, head_dim) if self.granularity == "head" else (1, heads * head_dim)
-        return {**super().init(batch, heads, head_dim, dtype), "vsum": jnp.zeros((batch, g, x), jnp.float32)}
+        # sel: image indices attended from the previous region at the last step (-1 = none);
+        # kept for inspection and tests, it is K int32 per row and head.
+        return {**super().init(batch, heads, head_dim, dtype), "vsum": jnp.zeros((batch, g, x), jnp.float32),
+                "sel": jnp.full((batch, g, self.keep), -1, jnp.int32)}
 
     def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None):
         c, P, K, M = self.c, self.prefix, self.keep, self.local
@@ -131,15 +134,21 @@ class Select(Dense):
         span = self.slots if span is None else min(span, self.slots)
         lo = c + P
         hi = max(span, lo + 1)
+        b, h = q.shape[:2]
+        kk = min(K, hi - lo)
         with jax.named_scope("select_topk"):
-            vn = normalized_v(vc[:, :, lo:hi], self.granularity)  # (B, G, S', X)
-            score = jnp.einsum("BGSX,BGX->BGS", vn, vsum)
-            idx_tok = jnp.arange(lo, hi) - c  # image index of each candidate slot
-            in_region = idx_tok <= e  # (S',); >= P holds by construction
-            kk = min(K, hi - lo)
-            _, sel = jax.lax.top_k(jnp.where(in_region, -score, -BIG), kk)  # (B, G, kk) lowest scores
-            sel_ok = jnp.take(in_region, sel)  # fewer than K in the region: drop the padding
-            sel = jnp.broadcast_to(sel, (q.shape[0], q.shape[1], kk)) + lo  # (B, H, kk) slots
+            if kk > 0:
+                vn = normalized_v(vc[:, :, lo:hi], self.granularity)  # (B, G, S', X)
+                score = jnp.einsum("BGSX,BGX->BGS", vn, vsum)
+                idx_tok = jnp.arange(lo, hi) - c  # image index of each candidate slot
+                in_region = idx_tok <= e  # (S',); >= P holds by construction
+                _, sel = jax.lax.top_k(jnp.where(in_region, -score, -BIG), kk)  # (B, G, kk) lowest scores
+                sel_ok = jnp.take(in_region, sel)  # fewer than K in the region: drop the padding
+            else:
+                sel = jnp.zeros((b, 1, 0), jnp.int32)
+                sel_ok = jnp.zeros((b, 1, 0), bool)
+            sel_idx = jnp.where(sel_ok, sel + lo - c, -1)  # (B, G, kk) image indices
+            sel = jnp.broadcast_to(sel, (b, h, kk)) + lo  # (B, H, kk) slots
             sel_ok = jnp.broadcast_to(sel_ok, sel.shape)
             k_sel = jnp.take_along_axis(kc, sel[..., None], axis=2)  # (B, H, kk, D)
             v_sel = jnp.take_along_axis(vc, sel[..., None], axis=2)
@@ -154,11 +163,12 @@ class Select(Dense):
         head_ok = (head_tok <= t)[None, None] & _cond_slot_mask(cond_mask, c + P)
         keys = jnp.concatenate([kc[:, :, : c + P], k_sel, k_loc], axis=2)
         vals = jnp.concatenate([vc[:, :, : c + P], v_sel, v_loc], axis=2)
-        b, h = q.shape[:2]
         mask = jnp.concatenate([jnp.broadcast_to(head_ok, (b, h, c + P)), sel_ok,
                                 jnp.broadcast_to(loc_ok, (b, h, M))], axis=2)
         out = attend(q, keys, vals, mask)
-        return {**cache, "k": kc, "v": vc, "vsum": vsum}, out
+        g = cache["sel"].shape[1]
+        sel_idx = jnp.pad(jnp.broadcast_to(sel_idx, (b, g, kk)), ((0, 0), (0, 0), (0, K - kk)), constant_values=-1)
+        return {**cache, "k": kc, "v": vc, "vsum": vsum, "sel": sel_idx}, out
 
 
 @dataclasses.dataclass(frozen=True)

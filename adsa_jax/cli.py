@@ -1,0 +1,304 @@
+"""``adsa-jax`` command line: argument parsing and progress output only; the work is in the library."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .config import ConfigError
+
+DEMO_CLASSES = "207,360,387,974,88,979,417,279"  # LlamaGen sample_c2i.py's labels
+
+
+def _log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- convert
+
+
+def add_convert_args(p: argparse.ArgumentParser):
+    sub = p.add_subparsers(dest="what", required=True)
+    g = sub.add_parser("gpt", help="LlamaGen GPT .pt -> adsa_jax directory")
+    g.add_argument("src", help="LlamaGen checkpoint (.pt / .pth), e.g. c2i_XL_384.pt")
+    g.add_argument("--model", required=True, help="GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-XXXL, GPT-1B, GPT-3B, GPT-7B, "
+                   "or a JSON file of LlamaGen ModelArgs fields")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="resolution the checkpoint was trained at (256, 384, 512): it sets the 2D RoPE grid "
+                        "(image_size // 16) and cannot be read from the weights")
+    g.add_argument("--type", dest="model_type", choices=("c2i", "t2i"), default="c2i")
+    g.add_argument("--dtype", default=None, help="stored dtype: float32, float16 or bfloat16 (default: as in the file)")
+    g.add_argument("--ema", action="store_true", help="use the 'ema' weights of a training checkpoint")
+    g.add_argument("--out", required=True, help="output directory")
+    g.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
+    v = sub.add_parser("vq", help="LlamaGen VQ tokenizer .pt -> adsa_jax directory")
+    v.add_argument("src")
+    v.add_argument("--preset", default="VQ-16", choices=("VQ-16", "VQ-8"))
+    v.add_argument("--ch", type=int, default=None, help="base channels (128 in the released tokenizers)")
+    v.add_argument("--ch-mult", default=None, help="comma-separated channel multipliers, e.g. 1,1,2,2,4")
+    v.add_argument("--z-channels", type=int, default=None)
+    v.add_argument("--codebook-size", type=int, default=None)
+    v.add_argument("--codebook-dim", type=int, default=None)
+    v.add_argument("--dtype", default=None)
+    v.add_argument("--ema", action="store_true")
+    v.add_argument("--out", required=True)
+    v.add_argument("--force", action="store_true")
+
+
+def run_convert(a):
+    if a.what == "gpt":
+        from convert.gpt import convert_gpt
+        from .config import config_from_arg
+
+        cfg = config_from_arg(a.model, image_size=a.image_size, model_type=a.model_type)
+        params = convert_gpt(a.src, cfg, a.out, image_size=a.image_size, dtype=a.dtype, prefer_ema=a.ema,
+                             overwrite=a.force)
+        import jax
+        n = sum(x.size for x in jax.tree.leaves(params))
+        _log(f"wrote {a.out}: {a.model} {cfg.model_type}, grid {cfg.grid}x{cfg.grid}, {n:,} values, "
+             f"dtype {jax.tree.leaves(params)[0].dtype}")
+    else:
+        from convert.vq import convert_vq, vq_arg_config
+
+        ch_mult = tuple(int(x) for x in a.ch_mult.split(",")) if a.ch_mult else None
+        cfg = vq_arg_config(ch=a.ch, ch_mult=ch_mult, z_channels=a.z_channels, codebook_size=a.codebook_size,
+                            codebook_embed_dim=a.codebook_dim, preset=a.preset)
+        convert_vq(a.src, a.out, cfg=cfg, dtype=a.dtype, prefer_ema=a.ema, overwrite=a.force)
+        _log(f"wrote {a.out}: VQ tokenizer, codebook {cfg.codebook_size}x{cfg.codebook_embed_dim}")
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def add_sampling_args(p):
+    p.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale; <= 1 turns CFG off")
+    p.add_argument("--cfg-interval", type=float, default=-1, help="guide only the first cfg_interval+2 tokens (-1: all)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=2000, help="0 turns it off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0 turns it off")
+    p.add_argument("--dtype", default="bfloat16", help="compute dtype: bfloat16 (default) or float32")
+
+
+def add_policy_args(p):
+    p.add_argument("--policy", default="dense", help="dense, adsa-select, adsa-evict, window, random")
+    p.add_argument("--budget", type=float, default=None, help="fraction of image tokens kept (default sizes: "
+                   "prefix = one grid row, local = two rows, keep = the rest)")
+    p.add_argument("--prefix", type=int, default=None)
+    p.add_argument("--keep", type=int, default=None)
+    p.add_argument("--local", type=int, default=None)
+    p.add_argument("--granularity", choices=("head", "layer"), default="head")
+
+
+def _policy_kw(a):
+    return dict(budget=a.budget, prefix=a.prefix, keep=a.keep, local=a.local, granularity=a.granularity)
+
+
+def parse_classes(text, num_classes):
+    try:
+        ids = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--classes must be comma-separated integers, got {text!r}") from None
+    bad = [i for i in ids if not 0 <= i < num_classes]
+    if bad:
+        raise ConfigError(f"class ids {bad} are outside [0, {num_classes - 1}] for this model")
+    return np.asarray(ids, np.int32)
+
+
+def balanced_labels(num_samples, num_classes):
+    """Class-balanced labels: image i gets class i % num_classes (as LlamaGen's FID runs on average)."""
+    return (np.arange(num_samples) % num_classes).astype(np.int32)
+
+
+def load_caption_embs(path):
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"caption embeddings file not found: {path}")
+    z = np.load(path)
+    emb_key = next((k for k in ("caption_embs", "embeddings") if k in z), None)
+    mask_key = next((k for k in ("emb_masks", "masks") if k in z), None)
+    if emb_key is None or mask_key is None:
+        raise ConfigError(f"{path} must hold 'caption_embs' (or 'embeddings') and 'emb_masks' (or 'masks'); "
+                          f"found {list(z.keys())}")
+    return np.asarray(z[emb_key], np.float32), np.asarray(z[mask_key])
+
+
+def run_sample(a):
+    import jax
+
+    from .checkpoint import load
+    from .generate import generate, resolve_policy
+
+    if a.gpt is None:
+        raise ConfigError("--gpt DIR is required (a directory written by `adsa-jax convert gpt`)")
+    model = load(a.gpt, dtype=a.dtype)
+    cfg = model.config
+    vq = None
+    if a.vq:
+        from .vq import load_vq
+        vq = load_vq(a.vq)
+        if vq.config.codebook_size != cfg.vocab_size:
+            raise ConfigError(f"the GPT's vocabulary ({cfg.vocab_size}) does not match the VQ codebook "
+                              f"({vq.config.codebook_size}); use the tokenizer the GPT was trained with")
+    if (a.out or a.out_dir or a.npz) and vq is None:
+        raise ConfigError("image output (--out, --out-dir, --npz) needs the tokenizer: pass --vq DIR")
+    if cfg.model_type == "t2i":
+        if not a.caption_embs:
+            raise ConfigError("t2i models need --caption-embs FILE.npz (caption_embs, emb_masks)")
+        cond_all, mask_all = load_caption_embs(a.caption_embs)
+        n = cond_all.shape[0] if a.num_samples is None else a.num_samples
+        cond_all, mask_all = cond_all[:n], mask_all[:n]
+        labels = None
+    else:
+        if a.num_samples is not None and a.classes is None:
+            cond_all = balanced_labels(a.num_samples, cfg.num_classes)
+        else:
+            cond_all = parse_classes(a.classes or DEMO_CLASSES, cfg.num_classes)
+            if a.num_samples is not None:
+                cond_all = np.resize(cond_all, a.num_samples)
+        mask_all, labels = None, cond_all
+    n = cond_all.shape[0]
+    policy = resolve_policy(model, a.policy, **{k: v for k, v in _policy_kw(a).items() if v is not None and
+                                                 not (k == "granularity" and v == "head")})
+    bs = a.batch_size or n
+    key = jax.random.key(a.seed)
+    kw = dict(cfg_scale=a.cfg_scale, cfg_interval=a.cfg_interval, temperature=a.temperature, top_k=a.top_k,
+              top_p=a.top_p, policy=policy, num_segments=a.segments)
+    tokens, images = [], []
+    _log(f"model {cfg.n_layer} layers x {cfg.dim}, grid {cfg.grid}x{cfg.grid}, {model.dtype}, policy {policy.name}; "
+         f"{n} images in batches of {bs}")
+    t_start = time.perf_counter()
+    for i, s in enumerate(range(0, n, bs)):
+        cond = cond_all[s:s + bs]
+        cmask = None if mask_all is None else mask_all[s:s + bs]
+        t0 = time.perf_counter()
+        if i == 0:
+            _log("compiling and sampling the first batch ...")
+        tok = np.asarray(generate(model, cond, key, cond_mask=cmask, example_ids=np.arange(s, s + len(cond)), **kw))
+        dt = time.perf_counter() - t0
+        tokens.append(tok)
+        msg = f"batch {i + 1}: {len(cond)} images sampled in {dt:.2f} s"
+        if vq is not None:
+            from .vq import decode_codes
+            t1 = time.perf_counter()
+            images.append(np.asarray(decode_codes(vq, tok)))
+            msg += f", decoded in {time.perf_counter() - t1:.2f} s"
+        _log(msg)
+    tokens = np.concatenate(tokens)
+    total = time.perf_counter() - t_start
+    _log(f"done: {n} images in {total:.1f} s ({n / total:.2f} images/s including compilation)")
+    if a.tokens_out:
+        _save_npy(a.tokens_out, tokens)
+        _log(f"tokens -> {a.tokens_out} {tokens.shape} int32")
+    if images:
+        from .images import save_npz, save_png_grid, save_pngs, to_uint8
+        u8 = to_uint8(np.concatenate(images))
+        if a.out:
+            save_png_grid(u8, a.out)
+            _log(f"grid -> {a.out}")
+        if a.out_dir:
+            save_pngs(u8, a.out_dir, [f"{i:06d}.png" for i in range(len(u8))])
+            _log(f"{len(u8)} PNGs -> {a.out_dir}")
+        if a.npz:
+            save_npz(u8, a.npz, labels=labels)
+            _log(f"npz -> {a.npz} {u8.shape}")
+    return tokens
+
+
+def _save_npy(path, arr):
+    path = Path(path)
+    try:
+        np.save(path, arr)
+    except OSError as e:
+        raise ConfigError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+# ----------------------------------------------------------------------------- compare
+
+
+def run_compare(a):
+    import jax
+
+    from .checkpoint import load
+    from .fidelity import compare_policies, format_table
+
+    model = load(a.gpt, dtype=a.dtype)
+    cfg = model.config
+    if a.tokens:
+        tokens = np.load(a.tokens)
+        labels = parse_classes(a.classes, cfg.num_classes) if a.classes else balanced_labels(len(tokens), cfg.num_classes)
+    else:
+        labels = parse_classes(a.classes or DEMO_CLASSES, cfg.num_classes)
+        tokens = None
+    rows = compare_policies(model, labels, tokens=tokens, policies=a.policies.split(","),
+                            budgets=[float(b) for b in a.budgets.split(",")], key=jax.random.key(a.seed),
+                            prefix=a.prefix, local=a.local, granularity=a.granularity, cfg_scale=a.cfg_scale,
+                            top_k=a.top_k)
+    print(format_table(rows))
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+        _log(f"json -> {a.json}")
+    return rows
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="adsa-jax", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    add_convert_args(sub.add_parser("convert", help="convert LlamaGen PyTorch checkpoints"))
+
+    s = sub.add_parser("sample", help="sample images (tokens, PNG grid, PNGs, .npz)")
+    s.add_argument("--gpt", default=None, help="GPT directory from `adsa-jax convert gpt`")
+    s.add_argument("--vq", default=None, help="VQ directory from `adsa-jax convert vq` (for images)")
+    s.add_argument("--classes", default=None, help=f"comma-separated class ids (default {DEMO_CLASSES})")
+    s.add_argument("--caption-embs", default=None, help="t2i: .npz with caption_embs (B,120,C) and emb_masks (B,120)")
+    s.add_argument("--num-samples", type=int, default=None, help="number of images (class-balanced without --classes)")
+    s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--segments", type=int, default=1, help="static length buckets of the decode scan (speed)")
+    add_sampling_args(s)
+    add_policy_args(s)
+    s.add_argument("--tokens-out", default=None, help="write the (N, h*w) int32 tokens as .npy")
+    s.add_argument("--out", default=None, help="PNG grid of the images")
+    s.add_argument("--out-dir", default=None, help="one PNG per image")
+    s.add_argument("--npz", default=None, help="uint8 images as arr_0 (N,H,W,3) for the ImageNet FID evaluator")
+
+    c = sub.add_parser("compare", help="KV memory and fidelity to dense of each policy and budget")
+    c.add_argument("--gpt", required=True)
+    c.add_argument("--policies", default="dense,adsa-evict,adsa-select,window,random")
+    c.add_argument("--budgets", default="0.25,0.5,0.75")
+    c.add_argument("--classes", default=None)
+    c.add_argument("--tokens", default=None, help=".npy of (B, N) tokens to score (default: generate them densely)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--prefix", type=int, default=None, help="override the default prefix (one grid row)")
+    c.add_argument("--local", type=int, default=None, help="override the default local window (two grid rows)")
+    c.add_argument("--granularity", choices=("head", "layer"), default="head")
+    c.add_argument("--cfg-scale", type=float, default=4.0)
+    c.add_argument("--top-k", type=int, default=2000)
+    c.add_argument("--dtype", default="float32")
+    c.add_argument("--json", default=None, help="also write the rows as JSON")
+    return p
+
+
+def main(argv=None):
+    a = build_parser().parse_args(argv)
+    try:
+        if a.cmd == "convert":
+            run_convert(a)
+        elif a.cmd == "sample":
+            run_sample(a)
+        elif a.cmd == "compare":
+            run_compare(a)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"adsa-jax {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

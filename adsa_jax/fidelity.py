@@ -1,0 +1,78 @@
+"""What a policy costs and saves: KV bytes, attended tokens, and fidelity to dense along one
+teacher-forced trajectory (per-step KL of the next-token distribution, top-1 agreement)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ConfigError
+from .generate import Model, generate, score
+from .policies import kv_bytes, make_policy
+
+
+def kl_and_agreement(ref_logits, logits):
+    """Per-step KL(ref || policy) averaged over the batch (N,), and top-1 agreement (N,)."""
+    lp = jax.nn.log_softmax(jnp.asarray(ref_logits, jnp.float32), -1)
+    lq = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), -1)
+    kl = jnp.sum(jnp.exp(lp) * (lp - lq), -1)  # (B, N)
+    agree = jnp.argmax(lp, -1) == jnp.argmax(lq, -1)
+    return np.asarray(kl.mean(0)), np.asarray(agree.mean(0))
+
+
+def compare_policies(model: Model, labels, *, tokens=None, policies=("dense", "adsa-evict"), budgets=(0.5,),
+                     key=None, prefix=None, local=None, granularity="head", cfg_scale=4.0, top_k=2000, cond_mask=None):
+    """Rows of {policy, budget, sizes, kv bytes, attended, kl_mean, kl_max, top1} along one trajectory.
+
+    tokens: (B, N) to score; None samples them with dense generation (seeded by ``key``)."""
+    cfg = model.config
+    if tokens is None:
+        key = jax.random.key(0) if key is None else key
+        tokens = generate(model, labels, key, cond_mask=cond_mask, cfg_scale=cfg_scale, top_k=top_k)
+    tokens = np.asarray(tokens)
+    rows_per_image = 2 if cfg_scale > 1.0 else 1
+    dense_pol = make_policy(cfg, "dense")
+    ref = score(model, labels, tokens, cond_mask=cond_mask, policy=dense_pol, cfg_scale=cfg_scale)
+    dense_bytes = kv_bytes(dense_pol, cfg, rows_per_image, model.dtype)
+    n = cfg.num_image_tokens
+    out = []
+    for name in policies:
+        for budget in ([None] if name == "dense" else budgets):
+            try:
+                pol = make_policy(cfg, name, budget=budget, prefix=prefix, local=local, granularity=granularity) \
+                    if name != "dense" else dense_pol
+            except ConfigError as e:
+                out.append({"policy": name, "budget": budget, "error": str(e)})
+                continue
+            logits = ref if name == "dense" else score(model, labels, tokens, cond_mask=cond_mask, policy=pol,
+                                                       cfg_scale=cfg_scale)
+            kl, agree = kl_and_agreement(ref, logits)
+            b = kv_bytes(pol, cfg, rows_per_image, model.dtype)
+            attended = float(np.mean([pol.attended(t) for t in range(n)]))
+            out.append({
+                "policy": name, "budget": budget,
+                "prefix": getattr(pol, "prefix", None), "keep": getattr(pol, "keep", None),
+                "local": getattr(pol, "local", None), "granularity": getattr(pol, "granularity", None),
+                "kv_bytes_per_image": int(b), "kv_vs_dense": b / dense_bytes,
+                "attended_per_step": attended,
+                "kl_mean": float(kl.mean()), "kl_max_step": float(kl.max()), "top1_agreement": float(agree.mean()),
+            })
+    return out
+
+
+def format_table(rows) -> str:
+    head = f"{'policy':<12} {'budget':>6} {'P/K/M':>11} {'KV/image':>10} {'vs dense':>8} {'attended':>8} " \
+           f"{'KL mean':>9} {'KL worst':>9} {'top-1':>6}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['policy']:<12} {r['budget']!s:>6}  error: {r['error']}")
+            continue
+        sizes = "-" if r["prefix"] is None else f"{r['prefix']}/{r['keep']}/{r['local']}"
+        b = r["budget"] if r["budget"] is not None else 1.0
+        kv = r["kv_bytes_per_image"]
+        kv_s = f"{kv / 2**20:.2f}MiB" if kv >= 2**20 else f"{kv / 2**10:.1f}KiB"
+        lines.append(f"{r['policy']:<12} {b:>6.2f} {sizes:>11} {kv_s:>10} {r['kv_vs_dense']:>8.3f} "
+                     f"{r['attended_per_step']:>8.1f} {r['kl_mean']:>9.4f} {r['kl_max_step']:>9.4f} "
+                     f"{r['top1_agreement']:>6.3f}")
+    return "\n".join(lines)

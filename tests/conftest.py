@@ -1,0 +1,74 @@
+"""Shared fixtures: the original PyTorch LlamaGen outputs in ../shared/fixtures/llamagen/."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "llamagen"
+
+
+def fixture_config(name):
+    return json.loads((FIXTURES / "configs.json").read_text())[name]
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir():
+    assert FIXTURES.is_dir(), f"reference fixtures not found at {FIXTURES}"
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def config_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("configs")
+    out = {}
+    for name in ("gpt_c2i_small", "gpt_t2i_small"):
+        p = d / f"{name}.json"
+        p.write_text(json.dumps(fixture_config(name)))
+        out[name] = p
+    return out
+
+
+@pytest.fixture(scope="session")
+def c2i_dir(tmp_path_factory, config_files):
+    """The c2i fixture converted through the CLI, as a user would."""
+    from adsa_jax.cli import main
+
+    out = tmp_path_factory.mktemp("ckpt") / "c2i"
+    assert main(["convert", "gpt", str(FIXTURES / "gpt_c2i_small.pt"), "--model",
+                 str(config_files["gpt_c2i_small"]), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def t2i_dir(tmp_path_factory, config_files):
+    from adsa_jax.cli import main
+
+    out = tmp_path_factory.mktemp("ckpt") / "t2i"
+    assert main(["convert", "gpt", str(FIXTURES / "gpt_t2i_small.pt"), "--type", "t2i", "--model",
+                 str(config_files["gpt_t2i_small"]), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def c2i(c2i_dir):
+    import adsa_jax
+
+    return adsa_jax.load(c2i_dir, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def t2i(t2i_dir):
+    import adsa_jax
+
+    return adsa_jax.load(t2i_dir, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def c2i_ref():
+    return dict(np.load(FIXTURES / "gpt_c2i_small_ref.npz"))
+
+
+@pytest.fixture(scope="session")
+def t2i_ref():
+    return dict(np.load(FIXTURES / "gpt_t2i_small_ref.npz"))
