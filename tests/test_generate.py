@@ -1,0 +1,110 @@
+"""Generation mechanics: compile once, per-example randomness, cached == full forward, sizes."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import adsa_jax
+from adsa_jax.config import GPTConfig, named_config
+from adsa_jax.generate import Model, _generate_jit
+from adsa_jax.model import abstract_params, count_params, init_params
+
+C2I_COUNTS = {"GPT-B": 110_888_448, "GPT-L": 342_910_976, "GPT-XL": 774_699_520, "GPT-XXL": 1_410_972_672,
+              "GPT-XXXL": 3_893_027_840, "GPT-1B": 1_199_616_000, "GPT-3B": 3_096_659_200, "GPT-7B": 6_614_589_440}
+T2I_COUNTS = {"GPT-B": 112_282_368, "GPT-L": 345_031_680, "GPT-XL": 777_678_080, "GPT-XXL": 1_414_940_160,
+              "GPT-XXXL": 3_902_261_760, "GPT-1B": 1_205_954_560, "GPT-3B": 3_110_249_600, "GPT-7B": 6_635_655_168}
+
+
+@pytest.mark.parametrize("name", list(C2I_COUNTS))
+def test_named_sizes_parameter_counts(name):
+    for kind, table in (("c2i", C2I_COUNTS), ("t2i", T2I_COUNTS)):
+        cfg = named_config(name, image_size=256, model_type=kind)
+        # Counted from jax.eval_shape of the initialiser: nothing is allocated.
+        shapes = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+        buffers = cfg.cls_token_num * cfg.caption_dim if kind == "t2i" else 0  # t2i null caption is a buffer
+        assert n - buffers == table[name] == count_params(cfg), (name, kind)
+
+
+def _tiny(model_type="c2i", **kw):
+    cfg = GPTConfig(dim=64, n_layer=2, n_head=2, vocab_size=64, num_classes=5, block_size=36,
+                    model_type=model_type, cls_token_num=120 if model_type == "t2i" else 1, caption_dim=16, **kw)
+    return Model(cfg, init_params(cfg, jax.random.key(3), jnp.float32, std=0.3))
+
+
+def test_full_forward_equals_prefill_plus_scan():
+    m = _tiny()
+    labels = np.array([0, 4, 2])
+    toks = np.asarray(jax.random.randint(jax.random.key(1), (3, 36), 0, 64))
+    np.testing.assert_allclose(np.asarray(adsa_jax.forward(m, labels, toks)),
+                               np.asarray(adsa_jax.score(m, labels, toks)), atol=1e-4, rtol=1e-4)
+    t = _tiny("t2i")
+    emb = np.asarray(jax.random.normal(jax.random.key(2), (2, 120, 16)))
+    mask = np.zeros((2, 120), np.int32)
+    mask[0, -5:] = 1
+    mask[1, -50:] = 1
+    emb = emb * mask[..., None]
+    np.testing.assert_allclose(np.asarray(adsa_jax.forward(t, emb, toks[:2], cond_mask=mask)),
+                               np.asarray(adsa_jax.score(t, emb, toks[:2], cond_mask=mask)), atol=1e-4, rtol=1e-4)
+
+
+def test_length_buckets_do_not_change_tokens(c2i, c2i_ref):
+    a = adsa_jax.generate(c2i, c2i_ref["labels"], jax.random.key(5), top_k=50)
+    b = adsa_jax.generate(c2i, c2i_ref["labels"], jax.random.key(5), top_k=50, num_segments=4)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_second_call_does_not_recompile(c2i):
+    labels = np.array([1, 2])
+    adsa_jax.generate(c2i, labels, jax.random.key(0), cfg_scale=4.0).block_until_ready()
+    n = _generate_jit._cache_size()
+    # New key, labels, guidance scale, interval, temperature and filters: same shapes, no recompilation.
+    adsa_jax.generate(c2i, np.array([7, 3]), jax.random.key(9), cfg_scale=2.5, cfg_interval=10,
+                      temperature=0.7, top_k=30, top_p=0.9).block_until_ready()
+    assert _generate_jit._cache_size() == n
+
+
+def test_samples_do_not_depend_on_batch_size_or_position(c2i):
+    labels = np.array([3, 1, 4, 1, 5])
+    key = jax.random.key(42)
+    full = np.asarray(adsa_jax.generate(c2i, labels, key, top_k=100, temperature=1.0))
+    assert len({tuple(r) for r in full}) > 1  # really sampling
+    part = np.asarray(adsa_jax.generate(c2i, labels[[4, 2]], key, top_k=100, example_ids=[4, 2]))
+    np.testing.assert_array_equal(part, full[[4, 2]])
+    # Different seeds give different images.
+    other = np.asarray(adsa_jax.generate(c2i, labels, jax.random.key(43), top_k=100))
+    assert (other != full).any()
+
+
+def test_bf16_close_to_fp32(c2i_dir, c2i, c2i_ref):
+    m16 = adsa_jax.load(c2i_dir, dtype="bfloat16")
+    assert m16.params["tok_embeddings"].dtype == jnp.bfloat16
+    ref = np.asarray(adsa_jax.forward(c2i, c2i_ref["labels"], c2i_ref["tokens"]))
+    got = np.asarray(adsa_jax.forward(m16, c2i_ref["labels"], c2i_ref["tokens"]))
+    assert got.dtype == np.float32
+    p = jax.nn.softmax(ref, -1)
+    kl = np.asarray(jnp.sum(p * (jax.nn.log_softmax(ref, -1) - jax.nn.log_softmax(got, -1)), -1))
+    assert kl.mean() < 0.05 and (ref.argmax(-1) == got.argmax(-1)).mean() > 0.9
+
+
+def test_bad_generation_inputs(c2i, t2i, t2i_ref):
+    k = jax.random.key(0)
+    with pytest.raises(ValueError, match="class ids"):
+        adsa_jax.generate(c2i, np.array([0, 10]), k)
+    with pytest.raises(ValueError, match="top_k"):
+        adsa_jax.generate(c2i, np.array([0]), k, top_k=-1)
+    for p in (0.0, 1.5):
+        with pytest.raises(ValueError, match="top_p"):
+            adsa_jax.generate(c2i, np.array([0]), k, top_p=p)
+    with pytest.raises(ValueError, match="temperature"):
+        adsa_jax.generate(c2i, np.array([0]), k, temperature=-0.5)
+    with pytest.raises(ValueError, match="caption features"):
+        adsa_jax.generate(t2i, t2i_ref["caption_embs"][:, :100], k, cond_mask=t2i_ref["emb_masks"][:, :100])
+    with pytest.raises(ValueError, match="caption mask"):
+        adsa_jax.generate(t2i, t2i_ref["caption_embs"], k, cond_mask=t2i_ref["emb_masks"][:1])
+    with pytest.raises(ValueError, match="caption mask"):
+        adsa_jax.generate(t2i, t2i_ref["caption_embs"], k)
+    with pytest.raises(ValueError, match="tokens must have shape"):
+        adsa_jax.forward(c2i, np.array([0]), np.zeros((1, 10), np.int32))
+    with pytest.raises(ValueError, match="image tokens must be in"):
+        adsa_jax.forward(c2i, np.array([0]), np.full((1, 64), 512, np.int32))
