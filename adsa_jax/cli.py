@@ -108,6 +108,11 @@ def parse_classes(text, num_classes):
     return np.asarray(ids, np.int32)
 
 
+def default_classes(num_classes):
+    """LlamaGen's demo labels for ImageNet models; the first 8 classes of smaller label sets."""
+    return DEMO_CLASSES if num_classes >= 1000 else ",".join(str(i) for i in range(min(8, num_classes)))
+
+
 def balanced_labels(num_samples, num_classes):
     """Class-balanced labels: image i gets class i % num_classes (as LlamaGen's FID runs on average)."""
     return (np.arange(num_samples) % num_classes).astype(np.int32)
@@ -156,7 +161,7 @@ def run_sample(a):
         if a.num_samples is not None and a.classes is None:
             cond_all = balanced_labels(a.num_samples, cfg.num_classes)
         else:
-            cond_all = parse_classes(a.classes or DEMO_CLASSES, cfg.num_classes)
+            cond_all = parse_classes(a.classes or default_classes(cfg.num_classes), cfg.num_classes)
             if a.num_samples is not None:
                 cond_all = np.resize(cond_all, a.num_samples)
         mask_all, labels = None, cond_all
@@ -231,7 +236,7 @@ def run_compare(a):
         tokens = np.load(a.tokens)
         labels = parse_classes(a.classes, cfg.num_classes) if a.classes else balanced_labels(len(tokens), cfg.num_classes)
     else:
-        labels = parse_classes(a.classes or DEMO_CLASSES, cfg.num_classes)
+        labels = parse_classes(a.classes or default_classes(cfg.num_classes), cfg.num_classes)
         tokens = None
     rows = compare_policies(model, labels, tokens=tokens, policies=a.policies.split(","),
                             budgets=[float(b) for b in a.budgets.split(",")], key=jax.random.key(a.seed),

@@ -1,0 +1,63 @@
+"""The adsa-jax command line, end to end on the fixture models."""
+import json
+
+import jax
+import numpy as np
+
+import adsa_jax
+from adsa_jax.cli import main
+
+
+def test_sample_tokens_match_python_api(c2i_dir, c2i, tmp_path):
+    out = tmp_path / "tokens.npy"
+    assert main(["sample", "--gpt", str(c2i_dir), "--classes", "7,3", "--seed", "0", "--dtype", "float32",
+                 "--top-k", "100", "--tokens-out", str(out)]) == 0
+    toks = np.load(out)
+    assert toks.shape == (2, 64) and toks.dtype == np.int32
+    ref = adsa_jax.generate(c2i, np.array([7, 3]), jax.random.key(0), top_k=100)
+    np.testing.assert_array_equal(toks, np.asarray(ref))
+
+
+def test_sample_policy_and_batches(c2i_dir, tmp_path):
+    out = tmp_path / "t.npy"
+    assert main(["sample", "--gpt", str(c2i_dir), "--num-samples", "5", "--batch-size", "2", "--policy", "adsa-evict",
+                 "--prefix", "2", "--keep", "6", "--local", "9", "--tokens-out", str(out)]) == 0
+    assert np.load(out).shape == (5, 64)
+
+
+def test_sample_errors(c2i_dir, tmp_path, capsys):
+    assert main(["sample", "--gpt", str(c2i_dir), "--classes", "3,12"]) == 2
+    assert "outside [0, 9]" in capsys.readouterr().err
+    assert main(["sample", "--gpt", str(c2i_dir), "--top-p", "0"]) == 2
+    assert "top_p" in capsys.readouterr().err
+    assert main(["sample", "--gpt", str(tmp_path / "missing")]) == 2
+    assert "not an adsa_jax checkpoint" in capsys.readouterr().err
+    assert main(["sample", "--gpt", str(c2i_dir), "--policy", "adsa-evict", "--budget", "0.1"]) == 2
+    assert "budget" in capsys.readouterr().err
+    assert main(["sample", "--gpt", str(c2i_dir), "--tokens-out", str(tmp_path / "no" / "dir" / "t.npy")]) == 2
+    assert "cannot write" in capsys.readouterr().err
+
+
+def test_compare_table_and_json(c2i_dir, tmp_path, capsys):
+    js = tmp_path / "cmp.json"
+    assert main(["compare", "--gpt", str(c2i_dir), "--classes", "1,2", "--policies", "dense,adsa-evict,window",
+                 "--budgets", "0.5,1.0", "--json", str(js)]) == 0
+    table = capsys.readouterr().out
+    assert "adsa-evict" in table and "KL mean" in table
+    rows = json.loads(js.read_text())
+    by = {(r["policy"], r["budget"]): r for r in rows}
+    assert by[("dense", None)]["kl_mean"] == 0 and by[("dense", None)]["kv_vs_dense"] == 1
+    full = by[("adsa-evict", 1.0)]
+    assert full["kl_mean"] < 1e-6 and full["top1_agreement"] == 1.0
+    half = by[("adsa-evict", 0.5)]
+    # c + P + K + M = 1 + 32 slots of the dense 1 + 63
+    assert abs(half["kv_vs_dense"] - 33 / 64) < 1e-9 and half["kl_mean"] > 0
+
+
+def test_python_m_convert_entry_point(fixtures_dir, config_files, tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "convert", "gpt", str(fixtures_dir / "gpt_c2i_small.pt"), "--model",
+                        str(config_files["gpt_c2i_small"]), "--out", str(tmp_path / "m")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert adsa_jax.load(tmp_path / "m").config.dim == 192
