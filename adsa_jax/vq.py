@@ -381,9 +381,10 @@ def _compute_dtype(vq: VQModel, dtype) -> str:
     if dtype is None:
         # float16 storage (as the converter keeps it) computes in float32, as LlamaGen's VQ does.
         return "bfloat16" if vq.dtype == jnp.bfloat16 else "float32"
-    name = {"bf16": "bfloat16", "fp32": "float32"}.get(str(dtype), str(dtype))
+    if isinstance(dtype, str):
+        dtype = {"bf16": "bfloat16", "fp32": "float32"}.get(dtype, dtype)
     try:
-        name = jnp.dtype(name).name
+        name = jnp.dtype(dtype).name
     except TypeError:
         name = None
     if name not in ("bfloat16", "float32"):

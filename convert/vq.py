@@ -80,10 +80,9 @@ def _hint(cfg: VQConfig, sd: dict) -> str:
     layout_fix = None
     if "ch_mult" in got and tuple(got["ch_mult"]) != cfg.ch_mult:
         named = {(1, 1, 2, 2, 4): "VQ-16", (1, 2, 2, 4): "VQ-8"}.get(tuple(got["ch_mult"]))
-        layout_fix = (f"use the {named} preset" if named else
-                      f"set ch_mult {','.join(map(str, got['ch_mult']))}")
+        layout_fix = (f"--preset {named}" if named else f"--ch-mult {','.join(map(str, got['ch_mult']))}")
     for key, flag in (("ch", "--ch"), ("z_channels", "--z-channels"), ("codebook_size", "--codebook-size"),
-                      ("codebook_embed_dim", "--codebook-embed-dim")):
+                      ("codebook_embed_dim", "--codebook-dim")):
         if key in got:
             parts.append(f"{key} {got[key]}")
             if got[key] != getattr(cfg, key):
@@ -91,9 +90,9 @@ def _hint(cfg: VQConfig, sd: dict) -> str:
     want = (f"ch_mult {cfg.ch_mult}, ch {cfg.ch}, z_channels {cfg.z_channels}, "
             f"codebook_size {cfg.codebook_size}, codebook_embed_dim {cfg.codebook_embed_dim}")
     msg = f"The checkpoint has {', '.join(parts)}; the config asks for {want}."
-    fixes = ([layout_fix] if layout_fix else []) + ([f"pass {' '.join(flags)}"] if flags else [])
-    if fixes:
-        msg += f" To convert it, {' and '.join(fixes)}."
+    flags = ([layout_fix] if layout_fix else []) + flags  # the `adsa-jax convert vq` flags that fix it
+    if flags:
+        msg += f" To convert it, pass {' '.join(flags)}."
     return msg
 
 

@@ -139,7 +139,7 @@ def test_wrong_config_names_the_mismatch(tmp_path):
     with pytest.raises(CheckpointError) as e:
         convert_vq(PT, tmp_path / "out", cfg=VQ8.replace(ch=32, z_channels=32, codebook_size=512))
     msg = str(e.value)
-    assert "unexpected weights" in msg and "VQ-16 layout" in msg and "use the VQ-16 preset" in msg
+    assert "unexpected weights" in msg and "VQ-16 layout" in msg and "--preset VQ-16" in msg
     assert not (tmp_path / "out").exists()
 
 
