@@ -131,6 +131,71 @@ def load_caption_embs(path):
     return np.asarray(z[emb_key], np.float32), np.asarray(z[mask_key])
 
 
+def read_prompts(a):
+    """--prompt values, then the lines of --prompts-file (stripped; blank lines skipped)."""
+    prompts = list(a.prompt or [])
+    if a.prompts_file:
+        path = Path(a.prompts_file)
+        if not path.is_file():
+            raise ConfigError(f"prompts file not found: {path}")
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        file_prompts = [ln for ln in lines if ln]
+        if not file_prompts:
+            raise ConfigError(f"prompts file {path} has no prompts (one per line)")
+        prompts += file_prompts
+    if any(not p.strip() for p in prompts):
+        raise ConfigError("empty --prompt given")
+    return prompts
+
+
+def t2i_condition(a, cfg):
+    """Caption features (B, c, C) float32 and masks (B, c) from --caption-embs or prompts (+ --t5)."""
+    if a.classes is not None:
+        raise ConfigError(f"{a.gpt} is a text-to-image (t2i) model: it takes --prompt / --prompts-file "
+                          "(with --t5) or --caption-embs, not --classes")
+    prompts = read_prompts(a)
+    c, width = cfg.cls_token_num, cfg.caption_dim
+    if a.caption_embs:
+        if prompts:
+            raise ConfigError("give either text prompts (--prompt / --prompts-file) or --caption-embs, not both")
+        emb, masks = load_caption_embs(a.caption_embs)
+        if emb.ndim != 3 or emb.shape[1] != c or emb.shape[2] != width:
+            got = f"width {emb.shape[-1]}" if emb.ndim == 3 and emb.shape[1] == c else f"shape {emb.shape}"
+            raise ConfigError(f"caption embeddings in {a.caption_embs} have {got}, but this model needs "
+                              f"(B, {c}, {width}) (caption_dim {width}); they were made by a different text encoder")
+        if masks.shape != emb.shape[:2]:
+            raise ConfigError(f"emb_masks in {a.caption_embs} has shape {masks.shape}, expected {emb.shape[:2]}")
+        return emb, masks
+    if not prompts:
+        raise ConfigError("t2i models need a caption source: --prompt TEXT (repeatable) or --prompts-file FILE, "
+                          "with --t5 PATH (local flan-t5-xl directory), or --caption-embs FILE.npz "
+                          "(caption_embs, emb_masks)")
+    import warnings
+
+    from .text import T5NotInstalledError, encode_prompts, t5_width
+
+    if not a.t5:
+        raise ConfigError("text prompts need the T5 encoder: pass --t5 PATH (a local Hugging Face flan-t5-xl "
+                          "directory), or precomputed features with --caption-embs FILE.npz")
+    d = t5_width(a.t5)
+    if d != width:
+        raise ConfigError(f"the T5 encoder in {a.t5} produces width {d} (d_model) but this model's caption_dim is "
+                          f"{width}; LlamaGen's t2i models use flan-t5-xl (2048)")
+    _log(f"encoding {len(prompts)} prompt(s) with the T5 encoder in {a.t5} ...")
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            emb, masks = encode_prompts(prompts, a.t5, max_length=c, left_padding=not a.no_left_padding,
+                                        dtype=a.dtype)
+    except T5NotInstalledError as e:
+        raise ConfigError(str(e)) from None
+    for w in caught:
+        _log(f"warning: {w.message}")
+    _log(f"prompts encoded in {time.perf_counter() - t0:.2f} s")
+    return emb, masks
+
+
 def run_sample(a):
     import jax
 
@@ -151,13 +216,15 @@ def run_sample(a):
     if (a.out or a.out_dir or a.npz) and vq is None:
         raise ConfigError("image output (--out, --out-dir, --npz) needs the tokenizer: pass --vq DIR")
     if cfg.model_type == "t2i":
-        if not a.caption_embs:
-            raise ConfigError("t2i models need --caption-embs FILE.npz (caption_embs, emb_masks)")
-        cond_all, mask_all = load_caption_embs(a.caption_embs)
-        n = cond_all.shape[0] if a.num_samples is None else a.num_samples
-        cond_all, mask_all = cond_all[:n], mask_all[:n]
+        cond_all, mask_all = t2i_condition(a, cfg)
+        if a.num_samples is not None:  # cycle through the captions
+            idx = np.arange(a.num_samples) % cond_all.shape[0]
+            cond_all, mask_all = cond_all[idx], mask_all[idx]
         labels = None
     else:
+        if a.prompt or a.prompts_file or a.caption_embs or a.t5:
+            raise ConfigError(f"{a.gpt} is a class-conditional (c2i) model: it takes --classes, not text prompts, "
+                              "--caption-embs or --t5")
         if a.num_samples is not None and a.classes is None:
             cond_all = balanced_labels(a.num_samples, cfg.num_classes)
         else:
@@ -262,6 +329,12 @@ def build_parser():
     s.add_argument("--vq", default=None, help="VQ directory from `adsa-jax convert vq` (for images)")
     s.add_argument("--classes", default=None, help=f"comma-separated class ids (default {DEMO_CLASSES})")
     s.add_argument("--caption-embs", default=None, help="t2i: .npz with caption_embs (B,120,C) and emb_masks (B,120)")
+    s.add_argument("--prompt", action="append", default=None, help="t2i: a text prompt (repeatable); needs --t5")
+    s.add_argument("--prompts-file", default=None, help="t2i: UTF-8 text file, one prompt per line (blank lines skipped)")
+    s.add_argument("--t5", default=None, help="t2i: local Hugging Face T5 model directory (flan-t5-xl) that encodes "
+                   "--prompt / --prompts-file; needs the extra: pip install 'adsa-jax[t5]'")
+    s.add_argument("--no-left-padding", action="store_true", help="t2i prompts: keep T5's right padding "
+                   "(LlamaGen's --no-left-padding; the released models expect left padding)")
     s.add_argument("--num-samples", type=int, default=None, help="number of images (class-balanced without --classes)")
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--seed", type=int, default=0)
@@ -287,7 +360,32 @@ def build_parser():
     c.add_argument("--top-k", type=int, default=2000)
     c.add_argument("--dtype", default="float32")
     c.add_argument("--json", default=None, help="also write the rows as JSON")
+
+    b = sub.add_parser("bench", help="speed, memory and roofline of generate (random weights of named sizes)")
+    b.add_argument("--model", default="GPT-B", help="comma-separated named sizes, e.g. GPT-B,GPT-XL")
+    b.add_argument("--image-size", default="256", help="comma-separated, e.g. 256,384")
+    b.add_argument("--batch", default="1,8", help="comma-separated batch sizes (images; CFG doubles the rows)")
+    b.add_argument("--policies", default="dense")
+    b.add_argument("--budgets", default="0.5")
+    b.add_argument("--dtype", default="bfloat16")
+    b.add_argument("--iters", type=int, default=3)
+    b.add_argument("--segments", type=int, default=4, help="static length buckets of the dense decode scan")
+    b.add_argument("--cfg-scale", type=float, default=4.0)
+    b.add_argument("--top-k", type=int, default=2000)
+    b.add_argument("--no-roofline", action="store_true", help="skip measuring bandwidth and matmul rate")
+    b.add_argument("--json", default=None)
     return p
+
+
+def run_bench(a):
+    from .bench import format_rows, run
+
+    _, rows = run(models=a.model.split(","), image_sizes=[int(x) for x in a.image_size.split(",")],
+                  batches=[int(x) for x in a.batch.split(",")], policies=a.policies.split(","),
+                  budgets=[float(x) for x in a.budgets.split(",")], dtype=a.dtype, iters=a.iters,
+                  segments=a.segments, cfg_scale=a.cfg_scale, top_k=a.top_k, json_path=a.json,
+                  measure=not a.no_roofline, log=_log)
+    print(format_rows(rows))
 
 
 def main(argv=None):
@@ -299,6 +397,8 @@ def main(argv=None):
             run_sample(a)
         elif a.cmd == "compare":
             run_compare(a)
+        elif a.cmd == "bench":
+            run_bench(a)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"adsa-jax {a.cmd}: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,160 @@
+"""Benchmark harness: compile time, seconds per generate call, images/s, ms per step, compiled
+peak memory, KV bytes, and the roofline floor of each configuration (GPU/TPU; CPU works too).
+
+Timing: the jitted generate is lowered and compiled explicitly (compile time measured on its
+own), then called ``warmup`` times and ``iters`` times; the median call is reported.
+Roofline: per decode step the weights (minus the embedding tables, of which only a row is read)
+plus the KV entries the policy actually reads, over the measured copy bandwidth; and the matmul
+FLOPs over the measured bf16 matmul rate. The floor for a call is the larger of the two summed
+over the N steps; ``achieved`` = floor / measured.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import GPTConfig, named_config
+from .generate import Model, _generate_jit, _scalars
+from .model import init_params
+from .policies import Dense, kv_bytes, make_policy
+
+
+def measure_device(size_mb: int = 1024, n: int = 8192):
+    """Measured copy bandwidth (bytes read + written per second) and bf16 matmul FLOP/s."""
+    x = jnp.ones((size_mb * 2**20 // 4,), jnp.float32) + jax.random.uniform(jax.random.key(0), ())
+    copy = jax.jit(lambda a: a * 1.0001)
+    copy(x).block_until_ready()
+    ts = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        copy(x).block_until_ready()
+        ts.append(time.perf_counter() - t0)
+    bw = 2 * x.nbytes / statistics.median(ts)
+    a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(2), (n, n), jnp.bfloat16)
+    mm = jax.jit(lambda p, q: p @ q)
+    mm(a, b).block_until_ready()
+    ts = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        mm(a, b).block_until_ready()
+        ts.append(time.perf_counter() - t0)
+    return {"bandwidth": bw, "matmul_flops": 2 * n**3 / statistics.median(ts), "device": str(jax.devices()[0].device_kind)}
+
+
+def roofline(cfg: GPTConfig, policy, rows: int, batch: int, dtype, device: dict) -> dict:
+    """Floor seconds per generate call for this configuration."""
+    isz = jnp.dtype(dtype).itemsize
+    E, F, V, L = cfg.dim, cfg.ffn_hidden, cfg.vocab_size, cfg.n_layer
+    per_layer = 3 * E * E + E * E + 3 * E * F
+    w_bytes = (L * per_layer + E * V) * isz
+    n = cfg.num_image_tokens
+    kv_entry = 2 * L * cfg.n_head * cfg.head_dim * isz  # K and V of one slot over all layers, one row
+    attended = [policy.attended(t) for t in range(n - 1)]
+    kv_read = rows * kv_entry * float(np.sum(attended))
+    steps = n
+    bytes_total = steps * w_bytes + kv_read
+    flops = steps * 2 * rows * (L * per_layer + E * V) + 4 * rows * cfg.dim * float(np.sum(attended)) * L
+    t_mem = bytes_total / device["bandwidth"]
+    t_flop = flops / device["matmul_flops"]
+    return {"floor_s": max(t_mem, t_flop), "floor_mem_s": t_mem, "floor_flop_s": t_flop,
+            "bytes_per_call": bytes_total, "flops_per_call": flops}
+
+
+def bench_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, iters=3, warmup=1, segments=1,
+              device=None, seed=0):
+    cfg = model.config
+    use_cfg = cfg_scale > 1.0
+    rows = batch * (2 if use_cfg else 1)
+    labels = jnp.asarray(np.arange(batch) % max(cfg.num_classes, 1), jnp.int32)
+    mask = jnp.ones((batch, 1), bool)
+    ids = jnp.arange(batch, dtype=jnp.int32)
+    scalars = _scalars(cfg_scale, -1, 1.0, top_k, 1.0)
+    nseg = segments if isinstance(policy, Dense) else 1
+    t0 = time.perf_counter()
+    lowered = _generate_jit.lower(model.params, labels, mask, jax.random.key(seed), ids, scalars, cfg=cfg,
+                                  policy=policy, use_cfg=use_cfg, num_segments=nseg)
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    peak = None
+    if mem is not None:
+        peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                - getattr(mem, "alias_size_in_bytes", 0))
+    times = []
+    for i in range(warmup + iters):
+        t1 = time.perf_counter()
+        out = compiled(model.params, labels, mask, jax.random.key(seed + i), ids, scalars)
+        out.block_until_ready()
+        if i >= warmup:
+            times.append(time.perf_counter() - t1)
+    sec = statistics.median(times)
+    n = cfg.num_image_tokens
+    res = {
+        "layers": cfg.n_layer, "dim": cfg.dim, "grid": cfg.grid, "batch": batch, "cfg": use_cfg,
+        "policy": policy.name, "prefix": getattr(policy, "prefix", None), "keep": getattr(policy, "keep", None),
+        "local": getattr(policy, "local", None), "segments": nseg, "dtype": str(model.dtype),
+        "compile_s": compile_s, "s_per_call": sec, "images_per_s": batch / sec, "ms_per_step": 1e3 * sec / n,
+        "peak_bytes_compiled": peak, "kv_bytes": kv_bytes(policy, cfg, rows, model.dtype),
+        "times": times,
+    }
+    if device is not None:
+        rf = roofline(cfg, policy, rows, batch, model.dtype, device)
+        res.update(rf)
+        res["achieved_fraction"] = rf["floor_s"] / sec
+    return res
+
+
+def format_rows(rows) -> str:
+    head = (f"{'model':>9} {'grid':>5} {'batch':>5} {'policy':>11} {'budget':>6} {'seg':>3} {'compile s':>9} "
+            f"{'s/call':>7} {'img/s':>8} {'ms/step':>7} {'peak GiB':>8} {'KV GiB':>7} {'floor s':>7} {'of floor':>8}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r.get('name', '?'):>9} {r.get('grid', '?'):>5} {r.get('batch', '?'):>5} "
+                         f"{r.get('policy', '?'):>11}  error: {r['error'][:120]}")
+            continue
+        budget = "-" if r["keep"] is None else f"{r.get('budget', '')}"
+        peak = "-" if r["peak_bytes_compiled"] is None else f"{r['peak_bytes_compiled'] / 2**30:.2f}"
+        floor = r.get("floor_s", float("nan"))
+        lines.append(
+            f"{r.get('name', ''):>9} {r['grid']:>5} {r['batch']:>5} {r['policy']:>11} {budget:>6} {r['segments']:>3} "
+            f"{r['compile_s']:>9.1f} {r['s_per_call']:>7.3f} {r['images_per_s']:>8.2f} {r['ms_per_step']:>7.2f} "
+            f"{peak:>8} {r['kv_bytes'] / 2**30:>7.3f} {floor:>7.3f} {r.get('achieved_fraction', float('nan')):>8.2f}")
+    return "\n".join(lines)
+
+
+def run(models=("GPT-B",), image_sizes=(256,), batches=(1, 8), policies=("dense",), budgets=(0.5,),
+        dtype="bfloat16", iters=3, segments=1, cfg_scale=4.0, top_k=2000, json_path=None, measure=True, log=print):
+    device = measure_device() if measure else None
+    if device:
+        log(f"device {device['device']}: copy {device['bandwidth'] / 1e12:.2f} TB/s, "
+            f"bf16 matmul {device['matmul_flops'] / 1e12:.0f} TFLOP/s")
+    rows = []
+    for name in models:
+        for size in image_sizes:
+            cfg = named_config(name, image_size=size)
+            model = Model(cfg, init_params(cfg, jax.random.key(0), jnp.dtype(dtype)))
+            for pol_name in policies:
+                for budget in ([None] if pol_name == "dense" else budgets):
+                    pol = make_policy(cfg, pol_name, budget=budget)
+                    for b in batches:
+                        try:
+                            r = bench_one(model, b, pol, cfg_scale=cfg_scale, top_k=top_k, iters=iters,
+                                          segments=segments, device=device)
+                        except Exception as e:  # an OOM at one size should not end the sweep
+                            r = {"error": f"{type(e).__name__}: {e}", "grid": cfg.grid, "batch": b, "policy": pol_name}
+                        r.update(name=name, image_size=size, budget=budget)
+                        rows.append(r)
+                        log(format_rows([r]).splitlines()[-1])
+                        if json_path:
+                            with open(json_path, "w") as f:
+                                json.dump({"device": device, "jax": jax.__version__, "rows": rows}, f, indent=1)
+            del model
+    return device, rows
