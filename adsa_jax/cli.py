@@ -172,7 +172,7 @@ def t2i_condition(a, cfg):
                           "(caption_embs, emb_masks)")
     import warnings
 
-    from .text import T5NotInstalledError, encode_prompts, t5_width
+    from .text import T5NotInstalledError, encode_prompts, release_t5, t5_width
 
     if not a.t5:
         raise ConfigError("text prompts need the T5 encoder: pass --t5 PATH (a local Hugging Face flan-t5-xl "
@@ -190,6 +190,8 @@ def t2i_condition(a, cfg):
                                         dtype=a.dtype)
     except T5NotInstalledError as e:
         raise ConfigError(str(e)) from None
+    finally:
+        release_t5()  # the GPU memory goes back to sampling
     for w in caught:
         _log(f"warning: {w.message}")
     _log(f"prompts encoded in {time.perf_counter() - t0:.2f} s")
