@@ -88,8 +88,8 @@ def ffn(layer, x):
 
 
 def qkv_proj(layer, x):
-    qkv = jnp.einsum("BTE,EKHD->KBTHD", x, layer["wqkv"])  # K = 3 (q, k, v)
-    return qkv[0], qkv[1], qkv[2]
+    qkv = jnp.einsum("BTE,EKHD->BTKHD", x, layer["wqkv"])  # K = 3 (q, k, v); GEMM output order, no transpose
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
 
 def out_proj(layer, o):

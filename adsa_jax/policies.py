@@ -224,35 +224,57 @@ class Evict:
         return {**cache, "k": kc, "v": vc, "pos": pos, "vsum": vsum}, out
 
     def _to_pool(self, kc, vc, pos, vsum, t, ring, layer_index, row_keys):
-        """Move the token about to be overwritten in the ring into the pool (or drop it)."""
+        """Move the token about to be overwritten in the ring into the pool (or drop it).
+
+        Scores are read straight from the bf16 pool (no f32 copy of it), and the move is one
+        scattered slot per (row, head): a step costs O(K*d) reads and O(d) writes."""
         c, P, K, M = self.c, self.prefix, self.keep, self.local
+        b, h = kc.shape[:2]
         moving = t - P >= M  # the ring slot holds an older token o
         n_moved = t - P - M  # tokens that moved to the pool before o
-        k_o = jax.lax.dynamic_slice_in_dim(kc, ring, 1, axis=2)  # (B, H, 1, D)
-        v_o = jax.lax.dynamic_slice_in_dim(vc, ring, 1, axis=2)
-        p_o = jax.lax.dynamic_slice_in_dim(pos, ring, 1, axis=2)  # (B, G, 1)
-        pool = slice(c + P, c + P + K)
-        k_pool, v_pool, p_pool = kc[:, :, pool], vc[:, :, pool], pos[:, :, pool]
-        # Candidates in order: K pool slots, then o; scored over the K + 1 candidates.
-        vn = normalized_v(jnp.concatenate([v_pool, v_o], axis=2), self.granularity)  # (B, G, K+1, X)
-        vn_o = vn[:, :, K]
+        k_o = jax.lax.dynamic_slice_in_dim(kc, ring, 1, axis=2)[:, :, 0]  # (B, H, D)
+        v_o = jax.lax.dynamic_slice_in_dim(vc, ring, 1, axis=2)  # (B, H, 1, D)
+        p_o = jax.lax.dynamic_slice_in_dim(pos, ring, 1, axis=2)[:, :, 0]  # (B, G)
+        vn_o = normalized_v(v_o, self.granularity)[:, :, 0]  # (B, G, X)
         total = vsum + vn_o
+        full = n_moved >= K
+        v_pool = vc[:, :, c + P: c + P + K]  # (B, H, K, D)
         if self.chooser == "similarity":
-            victim = jnp.argmax(jnp.einsum("BGSX,BGX->BGS", vn, total), axis=-1)  # (B, G) first max
+            # Candidates in order: K pool slots, then o; each scored v̂_i . sum_j v̂_j over the K + 1,
+            # all by the same reduction (identical V must score identically for the tie rule). The
+            # concatenation feeds a reduction fusion, so it is read once, never written.
+            vf = jnp.concatenate([v_pool, v_o], axis=2).astype(jnp.float32)  # (B, H, K+1, D)
+            if self.granularity == "head":
+                dots = jnp.sum(vf * total[:, :, None, :], axis=-1)  # (B, H, K+1)
+                sq = jnp.sum(vf * vf, axis=-1)
+            else:
+                vf = vf.transpose(0, 2, 1, 3).reshape(b, 1, K + 1, -1)  # (B, 1, K+1, H*D) per candidate
+                dots = jnp.sum(vf * total[:, :, None, :], axis=-1)  # (B, 1, K+1)
+                sq = jnp.sum(vf * vf, axis=-1)
+            victim = jnp.argmax(dots / jnp.maximum(jnp.sqrt(sq), EPS), axis=-1)  # (B, G) first max
         elif self.chooser == "random":
             keys = jax.vmap(lambda kk: jax.random.fold_in(kk, layer_index))(row_keys)
             victim = jax.vmap(lambda kk: jax.random.randint(kk, (vsum.shape[1],), 0, K + 1))(keys)
         else:
             raise ConfigError(f"unknown chooser {self.chooser!r}")
-        full = n_moved >= K
-        target = jnp.where(full, victim, jnp.clip(n_moved, 0, K - 1))  # pool slot o goes to (K = dropped)
-        onehot = (jnp.arange(K) == target[..., None]) & moving  # (B, G, K)
-        ev_vn = jnp.einsum("BGS,BGSX->BGX", (jnp.arange(K + 1) == victim[..., None]).astype(jnp.float32), vn)
-        vsum = jnp.where(moving, jnp.where(full, total - ev_vn, total), vsum)
-        oh = onehot[..., None]  # (B, G, K, 1) broadcasts over heads when G = 1
-        kc = kc.at[:, :, pool].set(jnp.where(oh, k_o, k_pool))
-        vc = vc.at[:, :, pool].set(jnp.where(oh, v_o, v_pool))
-        pos = pos.at[:, :, pool].set(jnp.where(onehot, p_o, p_pool))
+        # v̂ of the evicted candidate (o itself when victim == K), to take out of the running sum.
+        v_ev = jnp.take_along_axis(v_pool, jnp.broadcast_to(jnp.minimum(victim, K - 1)[:, :, None, None],
+                                                            (b, h, 1, 1)) if self.granularity == "head" else
+                                   jnp.broadcast_to(jnp.minimum(victim, K - 1)[:, :, None, None], (b, h, 1, 1)),
+                                   axis=2)  # (B, H, 1, D)
+        vn_ev = jnp.where((victim == K)[..., None], vn_o, normalized_v(v_ev, self.granularity)[:, :, 0])
+        vsum = jnp.where(moving, jnp.where(full, total - vn_ev, total), vsum)
+        # Destination slot: the lowest free pool slot, the victim's slot, or nowhere (o dropped or
+        # nothing moving): then "write o back into its own ring slot", a no-op.
+        target = jnp.where(full, victim, jnp.clip(n_moved, 0, K - 1))  # (B, G)
+        apply = moving & (target < K)
+        dest = jnp.where(apply, c + P + target, ring)  # (B, G)
+        dest_h = jnp.broadcast_to(dest, (b, h)) if dest.shape[1] == 1 else dest  # (B, H)
+        bi, hi = jnp.arange(b)[:, None], jnp.arange(h)[None, :]
+        kc = kc.at[bi, hi, dest_h].set(k_o, unique_indices=True)
+        vc = vc.at[bi, hi, dest_h].set(v_o[:, :, 0], unique_indices=True)
+        pos = pos.at[bi[:, :1] if pos.shape[1] == 1 else bi, jnp.arange(pos.shape[1])[None, :], dest].set(
+            p_o, unique_indices=True)
         return kc, vc, pos, vsum
 
 
