@@ -13,6 +13,12 @@ code, so the tests can check that the two agree. Deliberately simple and slow:
   ``-1`` for empty, condition slots ``0 .. c-1``) so the slot identity can be compared exactly.
 - Scores are computed with the explicit pairwise sum ``score_i = sum_j v̂_i · v̂_j`` over the
   candidate set (``adsa-evict``) or the previous region (``adsa-select``), never with a running sum.
+- Ties follow the spec: the first maximum is evicted, the lower token index is selected first.
+  Bit-identical vectors get bit-identical scores here (the same elementwise expression for every
+  candidate). Where *distinct* vectors score within ``NEAR`` of each other, float32 rounding in an
+  implementation may order them either way: a ``resolver`` callback can then supply the
+  implementation's choice, which is followed only if the rules allow it (else it is recorded in
+  ``rejected`` and the strict rule applies).
 
 Parameters: the tree produced by ``convert.gpt.convert_state_dict`` (layout at the top of
 ``adsa_jax/model.py``); they are cast to float64 here. Only NumPy is imported.
@@ -24,6 +30,10 @@ import math
 import numpy as np
 
 EPS = 1e-6  # spec/adsa.md: v̂ = v / max(||v||, eps)
+# Scores of *distinct* value vectors closer than this are decided by float32 rounding in the
+# implementation (e.g. two different tokens whose mean cosines are equal by symmetry); the
+# reference accepts either order there. Bit-identical vectors must always tie exactly.
+NEAR = 5e-5
 
 
 # ----------------------------------------------------------------------------- numerics (llamagen §2)
@@ -96,6 +106,32 @@ def pairwise_scores(vecs):
     return gram.sum(axis=1)
 
 
+def identity_classes(vecs):
+    """Label per row of vecs: rows with bit-identical values share a label."""
+    seen = {}
+    return np.array([seen.setdefault(np.ascontiguousarray(x).tobytes(), len(seen)) for x in vecs])
+
+
+def valid_selection(region, score, classes, K, chosen):
+    """Whether `chosen` (image indices) is a K-lowest selection that float rounding could produce:
+    every token clearly below the K-th lowest score is in, every token clearly above is out, and
+    within each set of bit-identical vectors the lower indices are taken first. Returns None if
+    valid, else the reason."""
+    chosen = set(int(i) for i in chosen)
+    region = np.asarray(region)
+    if len(chosen) != K or not chosen <= set(region.tolist()):
+        return f"{sorted(chosen)} is not {K} tokens of the region"
+    kth = np.sort(score)[K - 1]
+    inside = np.array([i in chosen for i in region.tolist()])
+    if (~inside & (score < kth - NEAR)).any() or (inside & (score > kth + NEAR)).any():
+        return "a clearly lower score left out or a clearly higher one taken"
+    for cl in set(classes.tolist()):
+        member = inside[classes == cl]  # the class in token order
+        if member.any() and not member[: member.sum()].all():
+            return f"identical vectors {region[classes == cl].tolist()} not taken lower index first"
+    return None
+
+
 def group_vectors(v_img, group, granularity):
     """v_img (n, H, D) -> the vectors one decision is based on: head g's (n, D), or all heads
     concatenated (n, H*D) for granularity 'layer'."""
@@ -125,19 +161,53 @@ class DenseRef:
 
 class SelectRef:
     """adsa-select: prefix 0..P-1, local k-M+1..k, and from the previous region P..k-M the K
-    lowest scores (ties: lower index first), or the whole region if it has <= K tokens."""
+    lowest scores (ties: lower index first), or the whole region if it has <= K tokens.
+
+    resolver(k, layer, row, group, region) -> the K image indices an implementation selected, or
+    None. Used only to follow an implementation through decisions that float rounding may
+    legitimately decide either way (see ``valid_selection``); invalid answers are recorded in
+    ``rejected`` and the strict rule is applied instead."""
 
     name = "adsa-select"
 
-    def __init__(self, P, K, M, granularity="head"):
+    def __init__(self, P, K, M, granularity="head", resolver=None):
         self.P, self.K, self.M, self.granularity = P, K, M, granularity
+        self.resolver = resolver
 
     def start(self, n_layer, rows, n_head):
         self.n_head = n_head
         self.last_selected = {}  # (layer, row, group) -> sorted image indices selected at this step
+        self.cut_ties = {}  # (k, layer, row, group) -> tokens with exactly the K-th lowest score
+        self.ambiguous = {}  # (k, layer, row, group) -> tokens near the cut from distinct V
+        self.rejected = {}  # (k, layer, row, group) -> (resolver's answer, why it breaks the rules)
+        self.decisions = 0
 
     def groups(self):
         return self.n_head if self.granularity == "head" else 1
+
+    def _select(self, k, layer, row, g, region, v_img):
+        K = self.K
+        vecs = group_vectors(v_img[region], g, self.granularity)
+        score = pairwise_scores(vecs)
+        self.decisions += 1
+        order = np.lexsort((region, score))  # by score, then by token index
+        sel = np.sort(region[order[:K]])
+        if K == 0:
+            return sel
+        kth = score[order[K - 1]]
+        if score[order[K]] == kth:  # the cut falls inside a run of equal scores
+            self.cut_ties[(k, layer, row, g)] = region[score == kth].tolist()
+        band = np.abs(score - kth) <= NEAR
+        if len(set(identity_classes(vecs)[band].tolist())) > 1:
+            self.ambiguous[(k, layer, row, g)] = region[band].tolist()
+        if self.resolver is not None:
+            got = self.resolver(k, layer, row, g, region.tolist())
+            if got is not None:
+                why = valid_selection(region, score, identity_classes(vecs), K, got)
+                if why is None:
+                    return np.sort(np.asarray(got, np.int64))
+                self.rejected[(k, layer, row, g)] = (sorted(got), why)
+        return sel
 
     def step(self, layer, row, k, v_img):
         P, K, M = self.P, self.K, self.M
@@ -146,12 +216,7 @@ class SelectRef:
         region = np.arange(P, k - M + 1)  # may be empty
         out = []
         for g in range(self.groups()):
-            if len(region) <= K:
-                sel = region
-            else:
-                score = pairwise_scores(group_vectors(v_img[region], g, self.granularity))
-                order = np.lexsort((region, score))  # by score, then by token index
-                sel = np.sort(region[order[:K]])
+            sel = region if len(region) <= K else self._select(k, layer, row, g, region, v_img)
             self.last_selected[(layer, row, g)] = sel
             out.append(np.array(sorted(prefix | set(sel.tolist()) | local), dtype=np.int64))
         if self.granularity == "layer":
@@ -162,13 +227,17 @@ class SelectRef:
 class EvictRef:
     """adsa-evict (and, with K = 0, window): slots [prefix P | pool K | ring M] per group.
 
-    chooser(k, layer, row, group, cands, scores) -> index into cands of the token to evict;
-    the default is the spec's first maximum of the explicit pairwise score. A test can plug in
-    another chooser (e.g. to replay the decisions of the ``random`` policy)."""
+    chooser(k, layer, row, group, cands, scores) -> index into cands of the token to evict,
+    replacing the spec's rule (used to replay the ``random`` policy's draws).
+    resolver(k, layer, row, group, cands) -> index into cands an implementation evicted, or None:
+    followed only where float rounding may legitimately decide (distinct V vectors whose scores
+    are within NEAR of the maximum); identical vectors must still follow the first-maximum rule.
+    Answers that break the rule are recorded in ``rejected`` and the rule is applied instead."""
 
-    def __init__(self, P, K, M, granularity="head", chooser=None, name="adsa-evict"):
+    def __init__(self, P, K, M, granularity="head", chooser=None, name="adsa-evict", resolver=None):
         self.P, self.K, self.M, self.granularity = P, K, M, granularity
         self.chooser = chooser
+        self.resolver = resolver
         self.name = name
 
     def start(self, n_layer, rows, n_head):
@@ -178,7 +247,9 @@ class EvictRef:
                         for _ in range(G)] for _ in range(rows)] for _ in range(n_layer)]
         self.decisions = 0  # evictions decided by a score (pool full)
         self.tied_max = 0  # ... of which the maximum score was shared by several candidates
-        self.min_gap = np.inf  # smallest nonzero gap between the max and the runner-up score
+        self.ties = {}  # (k, layer, row, group) -> candidates sharing the maximum exactly
+        self.ambiguous = {}  # (k, layer, row, group) -> acceptable victims (distinct V within NEAR of the max)
+        self.rejected = {}  # (k, layer, row, group) -> (resolver's victim, acceptable victims)
 
     def groups(self):
         return self.n_head if self.granularity == "head" else 1
@@ -188,15 +259,25 @@ class EvictRef:
         scores = pairwise_scores(vecs)
         self.decisions += 1
         top = scores.max()
+        strict = int(np.flatnonzero(scores == top)[0])  # first maximum in candidate order
         if np.sum(scores == top) > 1:
             self.tied_max += 1
-        else:
-            rest = scores[scores != top]
-            if rest.size:
-                self.min_gap = min(self.min_gap, float(top - rest.max()))
+            self.ties[(k, layer, row, g)] = [cands[i] for i in np.flatnonzero(scores == top)]
         if self.chooser is not None:
             return int(self.chooser(k, layer, row, g, list(cands), scores))
-        return int(np.flatnonzero(scores == top)[0])  # first maximum in candidate order
+        # acceptable victims: the first candidate of every identity class whose score is within
+        # NEAR of the maximum (identical vectors score identically, so only their first may go)
+        cls = identity_classes(vecs)
+        acceptable = sorted({int(np.flatnonzero(cls == cl)[0]) for cl in cls[scores >= top - NEAR]})
+        if len(acceptable) > 1:
+            self.ambiguous[(k, layer, row, g)] = [cands[i] for i in acceptable]
+        if self.resolver is not None:
+            got = self.resolver(k, layer, row, g, list(cands))
+            if got is not None:
+                if got in acceptable:
+                    return int(got)
+                self.rejected[(k, layer, row, g)] = (cands[got], [cands[i] for i in acceptable])
+        return strict
 
     def step(self, layer, row, k, v_img):
         P, K, M = self.P, self.K, self.M
@@ -245,13 +326,13 @@ def window_ref(P, K, M, granularity="head"):
     return EvictRef(P, 0, K + M, granularity=granularity, name="window")
 
 
-def make_ref_policy(name, P=0, K=0, M=1, granularity="head", chooser=None):
+def make_ref_policy(name, P=0, K=0, M=1, granularity="head", chooser=None, resolver=None):
     if name == "dense":
         return DenseRef()
     if name == "adsa-select":
-        return SelectRef(P, K, M, granularity)
+        return SelectRef(P, K, M, granularity, resolver=resolver)
     if name == "adsa-evict":
-        return EvictRef(P, K, M, granularity)
+        return EvictRef(P, K, M, granularity, resolver=resolver)
     if name == "window":
         return window_ref(P, K, M, granularity)
     if name == "random":
