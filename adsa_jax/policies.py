@@ -139,7 +139,7 @@ class Select(Dense):
         with jax.named_scope("select_topk"):
             if kk > 0:
                 vn = normalized_v(vc[:, :, lo:hi], self.granularity)  # (B, G, S', X)
-                score = jnp.einsum("BGSX,BGX->BGS", vn, vsum)
+                score = jnp.sum(vn * vsum[:, :, None, :], axis=-1)  # multiply-and-sum: equal V, equal score
                 idx_tok = jnp.arange(lo, hi) - c  # image index of each candidate slot
                 in_region = idx_tok <= e  # (S',); >= P holds by construction
                 _, sel = jax.lax.top_k(jnp.where(in_region, -score, -BIG), kk)  # (B, G, kk) lowest scores
@@ -240,18 +240,22 @@ class Evict:
         full = n_moved >= K
         v_pool = vc[:, :, c + P: c + P + K]  # (B, H, K, D)
         if self.chooser == "similarity":
-            # Candidates in order: K pool slots, then o; each scored v̂_i . sum_j v̂_j over the K + 1,
-            # all by the same reduction (identical V must score identically for the tie rule). The
-            # concatenation feeds a reduction fusion, so it is read once, never written.
-            vf = jnp.concatenate([v_pool, v_o], axis=2).astype(jnp.float32)  # (B, H, K+1, D)
+            # Candidates in order: K pool slots, then o; each scored v̂_i . sum_j v̂_j over the K + 1.
+            # Score the contiguous slots [pool | ring] in place (o sits in the ring, after the pool,
+            # so first-max order is pool then o) with one multiply-and-sum: identical V vectors get
+            # bit-identical scores (tie rule), and nothing is concatenated or copied.
+            vf = vc[:, :, c + P:].astype(jnp.float32)  # (B, H, K+M, D)
             if self.granularity == "head":
-                dots = jnp.sum(vf * total[:, :, None, :], axis=-1)  # (B, H, K+1)
+                dots = jnp.sum(vf * total[:, :, None, :], axis=-1)  # (B, H, K+M)
                 sq = jnp.sum(vf * vf, axis=-1)
             else:
-                vf = vf.transpose(0, 2, 1, 3).reshape(b, 1, K + 1, -1)  # (B, 1, K+1, H*D) per candidate
-                dots = jnp.sum(vf * total[:, :, None, :], axis=-1)  # (B, 1, K+1)
-                sq = jnp.sum(vf * vf, axis=-1)
-            victim = jnp.argmax(dots / jnp.maximum(jnp.sqrt(sq), EPS), axis=-1)  # (B, G) first max
+                tot = total.reshape(b, h, 1, -1)  # (B, H, 1, D): the layer vector split into heads
+                dots = jnp.sum(jnp.sum(vf * tot, axis=-1), axis=1)[:, None]  # (B, 1, K+M)
+                sq = jnp.sum(jnp.sum(vf * vf, axis=-1), axis=1)[:, None]
+            score = dots / jnp.maximum(jnp.sqrt(sq), EPS)
+            cand = (jnp.arange(K + M) < K) | (jnp.arange(K + M) == ring - (c + P))
+            victim = jnp.argmax(jnp.where(cand, score, -BIG), axis=-1)  # (B, G) first max
+            victim = jnp.minimum(victim, K)  # o's ring position -> K
         elif self.chooser == "random":
             keys = jax.vmap(lambda kk: jax.random.fold_in(kk, layer_index))(row_keys)
             victim = jax.vmap(lambda kk: jax.random.randint(kk, (vsum.shape[1],), 0, K + 1))(keys)
