@@ -75,7 +75,8 @@ def roofline(cfg: GPTConfig, policy, rows: int, batch: int, dtype, device: dict)
 
 
 def bench_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, iters=3, warmup=1, segments=1,
-              device=None, seed=0):
+              device=None, seed=0, run=True):
+    """One configuration; ``run=False`` only compiles (compile time and compiled memory)."""
     cfg = model.config
     use_cfg = cfg_scale > 1.0
     rows = batch * (2 if use_cfg else 1)
@@ -95,13 +96,13 @@ def bench_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, it
         peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
                 - getattr(mem, "alias_size_in_bytes", 0))
     times = []
-    for i in range(warmup + iters):
+    for i in range(warmup + iters if run else 0):
         t1 = time.perf_counter()
         out = compiled(model.params, labels, mask, jax.random.key(seed + i), ids, scalars)
         out.block_until_ready()
         if i >= warmup:
             times.append(time.perf_counter() - t1)
-    sec = statistics.median(times)
+    sec = statistics.median(times) if times else float("nan")
     n = cfg.num_image_tokens
     res = {
         "layers": cfg.n_layer, "dim": cfg.dim, "grid": cfg.grid, "batch": batch, "cfg": use_cfg,

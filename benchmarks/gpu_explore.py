@@ -9,6 +9,7 @@ from adsa_jax.model import init_params
 from adsa_jax.policies import make_policy
 
 OUT = os.environ.get("OUT", "/tmp/out")
+TAG = os.environ.get("TAG", "explore")
 plan = json.loads(sys.argv[1])
 dev = measure_device()
 print("device", dev, "jax", jax.__version__, flush=True)
@@ -24,13 +25,14 @@ for item in plan:
     m = models[key]
     p = make_policy(m.config, pol, budget=budget)
     try:
-        r = bench_one(m, batch, p, segments=seg, device=dev, iters=item.get("iters", 3))
+        r = bench_one(m, batch, p, segments=seg, device=dev, iters=item.get("iters", 3),
+                      warmup=0 if item.get("compile_only") else 1, run=not item.get("compile_only"))
     except Exception as e:
         r = {"error": repr(e)[:300], "grid": m.config.grid, "batch": batch, "policy": pol}
     r.update(name=name, image_size=size, budget=budget)
     rows.append(r)
     print(format_rows([r]).splitlines()[-1], flush=True)
-    json.dump({"device": dev, "jax": jax.__version__, "rows": rows}, open(f"{OUT}/explore.json", "w"), indent=1)
+    json.dump({"device": dev, "jax": jax.__version__, "rows": rows}, open(f"{OUT}/{TAG}.json", "w"), indent=1)
     if item.get("profile"):
         cfg = m.config
         labels = jnp.arange(batch, dtype=jnp.int32) % 1000
