@@ -3,6 +3,7 @@ from .config import ConfigError, GPTConfig, named_config
 from .generate import Model, forward, generate, score
 from .checkpoint import load
 from .policies import make_policy, POLICY_NAMES
+from . import sharding  # meshes and shardings: adsa_jax.sharding.make_mesh(...)
 
 __all__ = ["ConfigError", "GPTConfig", "named_config", "Model", "forward", "generate", "score", "load",
            "make_policy", "POLICY_NAMES"]

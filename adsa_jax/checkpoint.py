@@ -70,12 +70,15 @@ def save_gpt(directory, params, cfg: GPTConfig, *, image_size: int | None = None
     save_tree(directory, params, meta, overwrite=overwrite)
 
 
-def load(directory, dtype: str | None = "bfloat16", shardings=None):
+def load(directory, dtype: str | None = "bfloat16", shardings=None, *, mesh=None, tensor_parallel: bool | None = None):
     """Load a converted GPT directory as a :class:`adsa_jax.Model`.
 
     dtype: compute/storage dtype ('bfloat16' default for speed, 'float32' for parity, or None
     to keep what is stored). shardings: optional pytree of ``jax.sharding.Sharding`` matching
-    the params (see :mod:`adsa_jax.sharding`) to restore straight onto a mesh.
+    the params (see :mod:`adsa_jax.sharding`) to restore straight onto a mesh. mesh: a
+    ``('data', 'model')`` mesh to restore onto with :func:`adsa_jax.sharding.param_shardings`
+    (tensor parallel over heads and FFN hidden when ``tensor_parallel``, default: when the
+    mesh's model axis is > 1; replicated otherwise). Each device reads only its shard.
     """
     from .generate import Model
     from .model import abstract_params
@@ -87,6 +90,9 @@ def load(directory, dtype: str | None = "bfloat16", shardings=None):
     stored = _dtype(meta["dtype"])
     target = _dtype(dtype) or stored
     abstract = abstract_params(cfg, stored)
+    if mesh is not None and shardings is None:
+        from .sharding import param_shardings
+        shardings = param_shardings(cfg, mesh, tensor_parallel)
     if shardings is not None:
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     params = restore_tree(directory, abstract)

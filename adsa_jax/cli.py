@@ -206,7 +206,11 @@ def run_sample(a):
 
     if a.gpt is None:
         raise ConfigError("--gpt DIR is required (a directory written by `adsa-jax convert gpt`)")
-    model = load(a.gpt, dtype=a.dtype)
+    from .runs import initialize_distributed, mesh_from_args
+    if a.distributed:  # before anything touches a device
+        initialize_distributed(a.coordinator_address, a.num_processes, a.process_id)
+    mesh = mesh_from_args(a.data_parallel, a.tensor_parallel)  # None on one device: the plain path
+    model = load(a.gpt, dtype=a.dtype, mesh=mesh)  # restored straight into the mesh's shardings
     cfg = model.config
     vq = None
     if a.vq:
@@ -215,8 +219,9 @@ def run_sample(a):
         if vq.config.codebook_size != cfg.vocab_size:
             raise ConfigError(f"the GPT's vocabulary ({cfg.vocab_size}) does not match the VQ codebook "
                               f"({vq.config.codebook_size}); use the tokenizer the GPT was trained with")
-    if (a.out or a.out_dir or a.npz) and vq is None:
-        raise ConfigError("image output (--out, --out-dir, --npz) needs the tokenizer: pass --vq DIR")
+    if (a.out or a.out_dir) and vq is None:
+        raise ConfigError("image output (--out, --out-dir) needs the tokenizer: pass --vq DIR "
+                          "(--npz without --vq stores tokens)")
     if cfg.model_type == "t2i":
         cond_all, mask_all = t2i_condition(a, cfg)
         if a.num_samples is not None:  # cycle through the captions
@@ -241,6 +246,10 @@ def run_sample(a):
     key = jax.random.key(a.seed)
     kw = dict(cfg_scale=a.cfg_scale, cfg_interval=a.cfg_interval, temperature=a.temperature, top_k=a.top_k,
               top_p=a.top_p, policy=policy, num_segments=a.segments)
+    if mesh is not None:
+        _log(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices ({jax.process_count()} processes)")
+    if a.npz:  # large runs: resumable batches in NPZ.parts/, merged into NPZ (adsa_jax.runs)
+        return _sample_npz(a, model, cond_all, mask_all, labels, key, kw, vq, mesh)
     tokens, images = [], []
     _log(f"model {cfg.n_layer} layers x {cfg.dim}, grid {cfg.grid}x{cfg.grid}, {model.dtype}, policy {policy.name}; "
          f"{n} images in batches of {bs}")
@@ -251,7 +260,8 @@ def run_sample(a):
         t0 = time.perf_counter()
         if i == 0:
             _log("compiling and sampling the first batch ...")
-        tok = np.asarray(generate(model, cond, key, cond_mask=cmask, example_ids=np.arange(s, s + len(cond)), **kw))
+        tok = np.asarray(generate(model, cond, key, cond_mask=cmask, example_ids=np.arange(s, s + len(cond)),
+                                  mesh=mesh, **kw))
         dt = time.perf_counter() - t0
         tokens.append(tok)
         msg = f"batch {i + 1}: {len(cond)} images sampled in {dt:.2f} s"
@@ -268,7 +278,7 @@ def run_sample(a):
         _save_npy(a.tokens_out, tokens)
         _log(f"tokens -> {a.tokens_out} {tokens.shape} int32")
     if images:
-        from .images import save_npz, save_png_grid, save_pngs, to_uint8
+        from .images import save_png_grid, save_pngs, to_uint8
         u8 = to_uint8(np.concatenate(images))
         if a.out:
             save_png_grid(u8, a.out)
@@ -276,10 +286,43 @@ def run_sample(a):
         if a.out_dir:
             save_pngs(u8, a.out_dir, [f"{i:06d}.png" for i in range(len(u8))])
             _log(f"{len(u8)} PNGs -> {a.out_dir}")
-        if a.npz:
-            save_npz(u8, a.npz, labels=labels)
-            _log(f"npz -> {a.npz} {u8.shape}")
     return tokens
+
+
+def _sample_npz(a, model, cond_all, mask_all, labels, key, kw, vq, mesh):
+    """--npz: batches written to NPZ.parts/ as they finish (resumable), then merged (adsa_jax.runs)."""
+    from .runs import read_parts, sample_to_npz
+
+    n = cond_all.shape[0]
+    bs = a.batch_size or min(n, 64)
+    settings = {"seed": a.seed, "gpt": model.config.to_dict(), "dtype": str(model.dtype), "policy": repr(kw["policy"]),
+                "sampling": {k: kw[k] for k in ("cfg_scale", "cfg_interval", "temperature", "top_k", "top_p")},
+                "vq": None if vq is None else vq.config.to_dict()}
+    path = sample_to_npz(model, cond_all, key, a.npz, batch_size=bs, cond_mask=mask_all, labels=labels, vq=vq,
+                         mesh=mesh, max_batches=a.max_batches, settings=settings, log=_log, **kw)
+    if path is None:
+        return None
+    if a.tokens_out:
+        tokens = read_parts(a.npz, "tokens")
+        _save_npy(a.tokens_out, tokens)
+        _log(f"tokens -> {a.tokens_out} {tokens.shape} int32")
+    if vq is not None and (a.out or a.out_dir):
+        from .images import save_png_grid, save_pngs
+        with np.load(path) as z:
+            u8 = z["arr_0"]
+        if a.out:
+            save_png_grid(u8, a.out)
+            _log(f"grid -> {a.out}")
+        if a.out_dir:
+            save_pngs(u8, a.out_dir, [f"{i:06d}.png" for i in range(len(u8))])
+            _log(f"{len(u8)} PNGs -> {a.out_dir}")
+    return path
+
+
+def run_merge(a):
+    from .runs import merge
+
+    return merge(a.npz, a.parts, log=_log)
 
 
 def _save_npy(path, arr):
@@ -346,7 +389,22 @@ def build_parser():
     s.add_argument("--tokens-out", default=None, help="write the (N, h*w) int32 tokens as .npy")
     s.add_argument("--out", default=None, help="PNG grid of the images")
     s.add_argument("--out-dir", default=None, help="one PNG per image")
-    s.add_argument("--npz", default=None, help="uint8 images as arr_0 (N,H,W,3) for the ImageNet FID evaluator")
+    s.add_argument("--npz", default=None, help="arr_0: uint8 images (N,H,W,3) for the ImageNet FID evaluator (tokens "
+                   "without --vq), arr_1: labels. Resumable: finished batches go to NPZ.parts/ (rerun to resume)")
+    s.add_argument("--max-batches", type=int, default=None, help="with --npz: stop after this many new batches")
+    s.add_argument("--data-parallel", type=int, default=None, help="data axis of the mesh (default: all devices / "
+                   "--tensor-parallel); batches are split over it")
+    s.add_argument("--tensor-parallel", type=int, default=1, help="model axis of the mesh: shard heads and FFN "
+                   "hidden over this many devices (models too large for one device)")
+    s.add_argument("--distributed", action="store_true", help="multi-host: call jax.distributed.initialize() "
+                   "first (auto-detected on TPU pods / SLURM; elsewhere give the three options below)")
+    s.add_argument("--coordinator-address", default=None, help="with --distributed: HOST:PORT of process 0")
+    s.add_argument("--num-processes", type=int, default=None, help="with --distributed: number of hosts")
+    s.add_argument("--process-id", type=int, default=None, help="with --distributed: this host's index")
+
+    m = sub.add_parser("merge", help="merge the part files of a (multi-host) --npz run into the .npz")
+    m.add_argument("npz", help="the run's --npz output; parts are read from NPZ.parts/ (without .npz)")
+    m.add_argument("--parts", default=None, help="parts directory (default: next to the output)")
 
     c = sub.add_parser("compare", help="KV memory and fidelity to dense of each policy and budget")
     c.add_argument("--gpt", required=True)
@@ -401,6 +459,8 @@ def main(argv=None):
             run_compare(a)
         elif a.cmd == "bench":
             run_bench(a)
+        elif a.cmd == "merge":
+            run_merge(a)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"adsa-jax {a.cmd}: error: {e}", file=sys.stderr)
         return 2

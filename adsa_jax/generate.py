@@ -95,15 +95,19 @@ def _segments(n_steps: int, c: int, num: int):
     return segs
 
 
-def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg, forced, segments, raw=False):
+def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg, forced, segments, raw=False,
+         shard=None):
     """Shared body of generate and score. forced: (B, N) tokens to feed, or None to sample.
 
     Returns (tokens (B, N) int32, logits (B, N, V) float32 or None); with raw=True the logits
-    are those of every batch row before guidance (B2, N, V).
+    are those of every batch row before guidance (B2, N, V). shard: None, or a function applied
+    to the caches (``with_sharding_constraint`` when generating on a mesh).
     """
+    shard = shard or (lambda cs: cs)
     cfg_scale, cfg_interval, temperature, top_k, top_p = scalars
     rows = cond_emb.shape[0]
-    caches = [policy.init(rows, cfg.n_head, cfg.head_dim, params["tok_embeddings"].dtype) for _ in range(cfg.n_layer)]
+    caches = shard([policy.init(rows, cfg.n_head, cfg.head_dim, params["tok_embeddings"].dtype)
+                    for _ in range(cfg.n_layer)])
     n = cfg.num_image_tokens
 
     def guide(logits, guided):
@@ -127,12 +131,14 @@ def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg,
 
     with jax.named_scope("prefill"):
         logits0, caches = M.prefill(params, cfg, policy, caches, cond_emb, cond_mask)
+        caches = shard(caches)
     tok0, out0 = pick(0, logits0, True, forced[:, 0] if forced is not None else None)
 
     def body(carry, i, span):
         tok, caches = carry
         fed = jnp.repeat(tok, 2, axis=0) if use_cfg else tok
         logits, caches = M.decode_step(params, cfg, policy, caches, fed, i, cond_mask, row_keys(i + 1), span)
+        caches = shard(caches)
         guided = (cfg_interval < 0) | (i <= cfg_interval)  # LlamaGen: off for good once i > cfg_interval
         nxt = forced[:, i + 1] if forced is not None else None
         with jax.named_scope("sample"):
@@ -150,13 +156,21 @@ def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg,
     return tokens, (jnp.concatenate(outs, axis=1) if forced is not None else None)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "policy", "use_cfg", "num_segments"))
-def _generate_jit(params, cond, cond_mask, key, example_ids, scalars, *, cfg, policy, use_cfg, num_segments):
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "use_cfg", "num_segments", "mesh"))
+def _generate_jit(params, cond, cond_mask, key, example_ids, scalars, *, cfg, policy, use_cfg, num_segments,
+                  mesh=None):
     ex_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(example_ids)
     emb, mask = _embed_rows(params, cfg, cond, cond_mask, use_cfg)
     segs = _segments(cfg.num_image_tokens - 1, cfg.cls_token_num, num_segments if isinstance(policy, Dense) else 1)
-    tokens, _ = _run(params, cfg, policy, emb, mask, ex_keys, scalars, use_cfg=use_cfg, forced=None, segments=segs)
-    return tokens
+    shard = None
+    if mesh is not None:  # rows on data, heads on model (adsa_jax.sharding); no mesh, no constraints
+        from .sharding import ShardedPolicy, constrain_batch, constrain_caches
+        shard = functools.partial(constrain_caches, mesh=mesh, policy=policy)
+        policy = ShardedPolicy(policy, mesh)  # each device decodes its own rows and heads
+        emb, mask = constrain_batch(emb, mesh), constrain_batch(mask, mesh)
+    tokens, _ = _run(params, cfg, policy, emb, mask, ex_keys, scalars, use_cfg=use_cfg, forced=None, segments=segs,
+                     shard=shard)
+    return tokens if mesh is None else constrain_batch(tokens, mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy", "use_cfg", "raw"))
@@ -193,7 +207,8 @@ def _scalars(cfg_scale, cfg_interval, temperature, top_k, top_p):
 
 def generate(model: Model, cond, key, *, cond_mask=None, cfg_scale: float = 4.0, cfg_interval: float = -1,
              temperature: float = 1.0, top_k: int = 2000, top_p: float = 1.0, policy=None, budget=None,
-             prefix=None, keep=None, local=None, granularity="head", example_ids=None, num_segments: int = 1):
+             prefix=None, keep=None, local=None, granularity="head", example_ids=None, num_segments: int = 1,
+             mesh=None):
     """Sample image tokens. Defaults are LlamaGen's ``sample_c2i.py`` (cfg 4.0, top-k 2000).
 
     cond: class ids (B,) for c2i; caption features (B, 120, C) plus ``cond_mask`` (B, 120) for
@@ -203,7 +218,11 @@ def generate(model: Model, cond, key, *, cond_mask=None, cfg_scale: float = 4.0,
     example_ids: (B,) global image indices for the per-image keys (default 0..B-1).
     num_segments: split the decode scan into this many static length buckets (dense/select
     read only the filled part of the cache; more segments = faster steps, longer compile).
-    Returns int32 tokens (B, N).
+    mesh: a ``('data', 'model')`` mesh (:func:`adsa_jax.sharding.make_mesh`) to split the batch
+    over its data axis (and heads / FFN over its model axis); params not yet on the mesh are
+    placed there each call (do it once: ``load(..., mesh=)`` or ``sharding.shard_model``). A batch
+    the data axis does not divide is padded and trimmed (the trimmed result is replicated).
+    Returns int32 tokens (B, N); on a mesh sharded ``P('data')`` (``sharding.tokens_sharding``).
     """
     cfg = model.config
     check_sampling_args(temperature, top_k, top_p, cfg_scale)
@@ -213,8 +232,12 @@ def generate(model: Model, cond, key, *, cond_mask=None, cfg_scale: float = 4.0,
     example_ids = jnp.arange(b, dtype=jnp.int32) if example_ids is None else jnp.asarray(example_ids, jnp.int32)
     if example_ids.shape != (b,):
         raise ConfigError(f"example_ids must have shape ({b},), got {example_ids.shape}")
-    return _generate_jit(model.params, cond, mask, key, example_ids,
-                         _scalars(cfg_scale, cfg_interval, temperature, top_k, top_p),
+    scalars = _scalars(cfg_scale, cfg_interval, temperature, top_k, top_p)
+    if mesh is not None:
+        from .sharding import generate_on_mesh
+        return generate_on_mesh(model, cond, mask, key, example_ids, scalars, policy=pol, use_cfg=bool(cfg_scale > 1.0),
+                                num_segments=int(num_segments), mesh=mesh)
+    return _generate_jit(model.params, cond, mask, key, example_ids, scalars,
                          cfg=cfg, policy=pol, use_cfg=bool(cfg_scale > 1.0), num_segments=int(num_segments))
 
 
