@@ -4,6 +4,7 @@ from .generate import Model, forward, generate, score
 from .checkpoint import load
 from .policies import make_policy, POLICY_NAMES
 from . import sharding  # meshes and shardings: adsa_jax.sharding.make_mesh(...)
+from .vq import VQModel, decode_codes, encode_images, load_vq
 
 __all__ = ["ConfigError", "GPTConfig", "named_config", "Model", "forward", "generate", "score", "load",
-           "make_policy", "POLICY_NAMES"]
+           "make_policy", "POLICY_NAMES", "VQModel", "decode_codes", "encode_images", "load_vq"]

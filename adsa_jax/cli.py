@@ -239,6 +239,8 @@ def run_sample(a):
             if a.num_samples is not None:
                 cond_all = np.resize(cond_all, a.num_samples)
         mask_all, labels = None, cond_all
+    for p in (a.out, a.npz, a.tokens_out):  # fail before a long run, not after it
+        _check_writable(p)
     n = cond_all.shape[0]
     policy = resolve_policy(model, a.policy, **{k: v for k, v in _policy_kw(a).items() if v is not None and
                                                  not (k == "granularity" and v == "head")})
@@ -323,6 +325,17 @@ def run_merge(a):
     from .runs import merge
 
     return merge(a.npz, a.parts, log=_log)
+
+
+def _check_writable(path):
+    if path is None:
+        return
+    parent = Path(path).absolute().parent
+    if not parent.is_dir():
+        raise ConfigError(f"cannot write {path}: directory {parent} does not exist")
+    import os
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"cannot write {path}: directory {parent} is not writable")
 
 
 def _save_npy(path, arr):
