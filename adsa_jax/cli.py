@@ -204,8 +204,11 @@ def run_sample(a):
     from .checkpoint import load
     from .generate import generate, resolve_policy
 
-    if a.gpt is None:
-        raise ConfigError("--gpt DIR is required (a directory written by `adsa-jax convert gpt`)")
+    if a.gpt is None:  # the bundled demo model (sklearn digits) and its gray-level quantiser
+        from .demo import sample_demo
+        return sample_demo(a, log=_log)
+    if a.side_by_side:
+        raise ConfigError("--side-by-side is for the bundled demo model (no --gpt)")
     from .runs import initialize_distributed, mesh_from_args
     if a.distributed:  # before anything touches a device
         initialize_distributed(a.coordinator_address, a.num_processes, a.process_id)
@@ -239,8 +242,9 @@ def run_sample(a):
             if a.num_samples is not None:
                 cond_all = np.resize(cond_all, a.num_samples)
         mask_all, labels = None, cond_all
-    for p in (a.out, a.npz, a.tokens_out):  # fail before a long run, not after it
+    for p in (a.out, a.tokens_out):  # fail before a long run, not after it
         _check_writable(p)
+    _check_writable(a.npz, create=True)  # --npz makes its directories (adsa_jax.runs)
     n = cond_all.shape[0]
     policy = resolve_policy(model, a.policy, **{k: v for k, v in _policy_kw(a).items() if v is not None and
                                                  not (k == "granularity" and v == "head")})
@@ -327,13 +331,18 @@ def run_merge(a):
     return merge(a.npz, a.parts, log=_log)
 
 
-def _check_writable(path):
+def _check_writable(path, create=False):
+    """Raise a clear error now if `path` cannot be written (create: missing directories are made later)."""
+    import os
+
     if path is None:
         return
     parent = Path(path).absolute().parent
+    if create:
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
     if not parent.is_dir():
         raise ConfigError(f"cannot write {path}: directory {parent} does not exist")
-    import os
     if not os.access(parent, os.W_OK):
         raise ConfigError(f"cannot write {path}: directory {parent} is not writable")
 
@@ -383,7 +392,10 @@ def build_parser():
     add_convert_args(sub.add_parser("convert", help="convert LlamaGen PyTorch checkpoints"))
 
     s = sub.add_parser("sample", help="sample images (tokens, PNG grid, PNGs, .npz)")
-    s.add_argument("--gpt", default=None, help="GPT directory from `adsa-jax convert gpt`")
+    s.add_argument("--gpt", default=None, help="GPT directory from `adsa-jax convert gpt` (default: the bundled "
+                   "demo model, sklearn digits 16x16, with its own quantiser; --out defaults to samples.png)")
+    s.add_argument("--side-by-side", action="store_true", help="demo model: dense (left) and --policy (right) "
+                   "images of the same seeds in one grid")
     s.add_argument("--vq", default=None, help="VQ directory from `adsa-jax convert vq` (for images)")
     s.add_argument("--classes", default=None, help=f"comma-separated class ids (default {DEMO_CLASSES})")
     s.add_argument("--caption-embs", default=None, help="t2i: .npz with caption_embs (B,120,C) and emb_masks (B,120)")
@@ -434,6 +446,18 @@ def build_parser():
     c.add_argument("--dtype", default="float32")
     c.add_argument("--json", default=None, help="also write the rows as JSON")
 
+    e = sub.add_parser("eval-demo", help="quality of each policy on the bundled demo model (held-out NLL, KL, "
+                       "top-1, classifier accuracy of samples); needs scikit-learn")
+    e.add_argument("--gpt", default=None, help="demo checkpoint directory (default: the bundled one)")
+    e.add_argument("--policies", default="dense,adsa-select,adsa-evict,window,random")
+    e.add_argument("--budgets", default="0.25,0.5,0.75")
+    e.add_argument("--seeds", default="0,1,2", help="sampling seeds (accuracy: mean and std over them)")
+    e.add_argument("--per-seed", type=int, default=100, help="generated images per seed (class i %% 10)")
+    e.add_argument("--cfg-scale", type=float, default=3.0)
+    e.add_argument("--top-k", type=int, default=0)
+    e.add_argument("--temperature", type=float, default=1.0)
+    e.add_argument("--json", default="demo_quality.json", help="write the rows here ('' to skip)")
+
     b = sub.add_parser("bench", help="speed, memory and roofline of generate (random weights of named sizes)")
     b.add_argument("--model", default="GPT-B", help="comma-separated named sizes, e.g. GPT-B,GPT-XL")
     b.add_argument("--image-size", default="256", help="comma-separated, e.g. 256,384")
@@ -474,6 +498,9 @@ def main(argv=None):
             run_bench(a)
         elif a.cmd == "merge":
             run_merge(a)
+        elif a.cmd == "eval-demo":
+            from .demo import run_eval_demo
+            run_eval_demo(a, log=_log)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"adsa-jax {a.cmd}: error: {e}", file=sys.stderr)
         return 2
