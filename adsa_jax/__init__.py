@@ -5,6 +5,7 @@ from .checkpoint import load
 from .policies import make_policy, POLICY_NAMES
 from . import sharding  # meshes and shardings: adsa_jax.sharding.make_mesh(...)
 from .vq import VQModel, decode_codes, encode_images, load_vq
+from .text import encode_prompts  # needs the optional `t5` extra only when called
 
 __all__ = ["ConfigError", "GPTConfig", "named_config", "Model", "forward", "generate", "score", "load",
-           "make_policy", "POLICY_NAMES", "VQModel", "decode_codes", "encode_images", "load_vq"]
+           "make_policy", "POLICY_NAMES", "VQModel", "decode_codes", "encode_images", "load_vq", "encode_prompts"]
