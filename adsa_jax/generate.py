@@ -116,6 +116,8 @@ def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg,
         pair = logits.reshape(-1, 2, logits.shape[-1])  # (B, 2, V): cond, uncond
         return jnp.where(guided, cfg_combine(pair[:, 0], pair[:, 1], cfg_scale), pair[:, 0])
 
+    needs_keys = getattr(policy, "chooser", None) == "random"
+
     def row_keys(step):
         ks = jax.vmap(lambda kk: jax.random.fold_in(kk, step))(ex_keys)
         if use_cfg:
@@ -137,7 +139,8 @@ def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg,
     def body(carry, i, span):
         tok, caches = carry
         fed = jnp.repeat(tok, 2, axis=0) if use_cfg else tok
-        logits, caches = M.decode_step(params, cfg, policy, caches, fed, i, cond_mask, row_keys(i + 1), span)
+        keys = row_keys(i + 1) if needs_keys else None  # only the random policy draws per step
+        logits, caches = M.decode_step(params, cfg, policy, caches, fed, i, cond_mask, keys, span)
         caches = shard(caches)
         guided = (cfg_interval < 0) | (i <= cfg_interval)  # LlamaGen: off for good once i > cfg_interval
         nxt = forced[:, i + 1] if forced is not None else None
