@@ -222,7 +222,7 @@ def generate(model: Model, cond, key, *, cond_mask=None, cfg_scale: float = 4.0,
     num_segments: split the decode scan into this many static length buckets (dense/select
     read only the filled part of the cache; more segments = faster steps, longer compile).
     mesh: a ``('data', 'model')`` mesh (:func:`adsa_jax.sharding.make_mesh`) to split the batch
-    over its data axis (and heads / FFN over its model axis); params not yet on the mesh are
+    over its data axis (default on a single host with several devices: all of them on 'data') (and heads / FFN over its model axis); params not yet on the mesh are
     placed there each call (do it once: ``load(..., mesh=)`` or ``sharding.shard_model``). A batch
     the data axis does not divide is padded and trimmed (the trimmed result is replicated).
     Returns int32 tokens (B, N); on a mesh sharded ``P('data')`` (``sharding.tokens_sharding``).
@@ -236,6 +236,9 @@ def generate(model: Model, cond, key, *, cond_mask=None, cfg_scale: float = 4.0,
     if example_ids.shape != (b,):
         raise ConfigError(f"example_ids must have shape ({b},), got {example_ids.shape}")
     scalars = _scalars(cfg_scale, cfg_interval, temperature, top_k, top_p)
+    if mesh is None and jax.device_count() > 1 and jax.process_count() == 1:
+        from .sharding import make_mesh
+        mesh = make_mesh()  # default: data parallel over every visible device (pass mesh= to choose)
     if mesh is not None:
         from .sharding import generate_on_mesh
         return generate_on_mesh(model, cond, mask, key, example_ids, scalars, policy=pol, use_cfg=bool(cfg_scale > 1.0),
