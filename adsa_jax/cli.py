@@ -209,6 +209,9 @@ def run_sample(a):
         return sample_demo(a, log=_log)
     if a.side_by_side:
         raise ConfigError("--side-by-side is for the bundled demo model (no --gpt)")
+    for k, v in (("cfg_scale", 4.0), ("temperature", 1.0), ("top_k", 2000)):  # LlamaGen's sample_c2i.py defaults
+        if getattr(a, k) is None:
+            setattr(a, k, v)
     from .runs import initialize_distributed, mesh_from_args
     if a.distributed:  # before anything touches a device
         initialize_distributed(a.coordinator_address, a.num_processes, a.process_id)
@@ -410,6 +413,8 @@ def build_parser():
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--segments", type=int, default=1, help="static length buckets of the decode scan (speed)")
     add_sampling_args(s)
+    # unset: LlamaGen's cfg 4.0 / temperature 1.0 / top-k 2000 with --gpt, the demo model's own (demo.DEMO_SAMPLING) without
+    s.set_defaults(cfg_scale=None, temperature=None, top_k=None)
     add_policy_args(s)
     s.add_argument("--tokens-out", default=None, help="write the (N, h*w) int32 tokens as .npy")
     s.add_argument("--out", default=None, help="PNG grid of the images")
@@ -452,10 +457,13 @@ def build_parser():
     e.add_argument("--policies", default="dense,adsa-select,adsa-evict,window,random")
     e.add_argument("--budgets", default="0.25,0.5,0.75")
     e.add_argument("--seeds", default="0,1,2", help="sampling seeds (accuracy: mean and std over them)")
-    e.add_argument("--per-seed", type=int, default=100, help="generated images per seed (class i %% 10)")
-    e.add_argument("--cfg-scale", type=float, default=3.0)
+    e.add_argument("--per-seed", type=int, default=50, help="generated images per seed (class i %% 10); "
+                   "BENCHMARKS.md used 100")
+    e.add_argument("--heldout", type=int, default=120, help="score the first this many of the 360 held-out "
+                   "images (0: all, as BENCHMARKS.md; adsa-select is slow on CPU)")
+    e.add_argument("--cfg-scale", type=float, default=2.0)
     e.add_argument("--top-k", type=int, default=0)
-    e.add_argument("--temperature", type=float, default=1.0)
+    e.add_argument("--temperature", type=float, default=0.8)
     e.add_argument("--json", default="demo_quality.json", help="write the rows here ('' to skip)")
 
     b = sub.add_parser("bench", help="speed, memory and roofline of generate (random weights of named sizes)")

@@ -1,0 +1,427 @@
+"""The bundled demo: a small class-conditional LlamaGen GPT trained on scikit-learn's digits.
+
+Data: ``sklearn.datasets.load_digits`` (1,797 real 8x8 handwritten digits, 10 classes, shipped
+inside scikit-learn: nothing is downloaded), scaled to [0, 1], upscaled bilinearly to 16x16
+so a sequence has 256 tokens (as LlamaGen at 256 px: a 16x16 token grid), with a fixed,
+seeded, class-stratified 20 % held-out split (:func:`load_data`).
+
+Tokenizer: a **fixed 16-level gray quantiser** (token k <-> gray level k/15; vocab = 16), not a
+trained VQ. Why: the images are 1-channel and tiny, so one token per pixel is the natural
+"patch"; a fixed quantiser needs no training, has no parameters to ship or version, and decodes
+*exactly* (``encode(decode(t)) == t``), so every difference between two policies' images comes
+from the GPT and none from a tokenizer. 16 levels keep the bilinear upscaling's soft edges
+(the original digits have 17 levels, 0..16) while the vocabulary stays small enough that a
+CPU-sized model learns it. Token order is LlamaGen's: row-major over the 16x16 grid.
+
+scikit-learn is needed only to build the data (training, ``eval-demo``, tests): sampling the
+bundled model (:func:`load_demo_model`, :func:`decode`) needs only this package.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .config import ConfigError, GPTConfig
+
+LEVELS = 16  # gray levels = vocabulary size
+SIDE = 16  # image side in pixels = token grid side
+NUM_CLASSES = 10
+HELDOUT_FRACTION = 0.2
+SPLIT_SEED = 0
+NLL_SUBSET = 64  # the test's fixed held-out subset: the first 64 held-out images of the split
+DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo_digits"
+TRAIN_LOG = "train_log.json"
+GOLDEN_TOKENS = "golden_tokens.npy"
+# The golden-token run: fp32, this batch, this key, these sampling settings.
+GOLDEN = {"classes": [0, 3, 7, 9], "seed": 0, "cfg_scale": 3.0, "top_k": 0, "temperature": 1.0}
+DISPLAY_ZOOM = 4  # 16x16 digits are upscaled (nearest) by this factor in PNG grids
+# Sampling defaults for this model (`adsa-jax sample` without --gpt, `eval-demo`): on 300 samples, CFG 2 with
+# temperature 0.8 gave the most recognisable digits (CFG 3-4 at temperature 1, LlamaGen's ImageNet
+# settings, give blotchier ones: a small model's errors compound over 256 steps). top-k 0: no filter.
+DEMO_SAMPLING = {"cfg_scale": 2.0, "temperature": 0.8, "top_k": 0}
+
+
+def demo_config(dim: int = 128, n_layer: int = 4, n_head: int = 2) -> GPTConfig:
+    """The demo GPT: LlamaGen c2i with 2D RoPE on the 16x16 grid, class dropout 0.1 (CFG)."""
+    return GPTConfig(dim=dim, n_layer=n_layer, n_head=n_head, multiple_of=32, num_classes=NUM_CLASSES,
+                     class_dropout_prob=0.1, model_type="c2i", vocab_size=LEVELS, cls_token_num=1,
+                     block_size=SIDE * SIDE)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) linear interpolation, half-pixel centres, edges clamped (PIL / torch
+    ``align_corners=False`` bilinear)."""
+    pos = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
+    pos = np.clip(pos, 0, n_in - 1)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, n_in - 1)
+    w = pos - lo
+    m = np.zeros((n_out, n_in))
+    m[np.arange(n_out), lo] += 1 - w
+    m[np.arange(n_out), hi] += w
+    return m
+
+
+def upscale(images, side: int = SIDE) -> np.ndarray:
+    """(N, h, w) floats -> (N, side, side) float64, bilinear."""
+    x = np.asarray(images, np.float64)
+    rows, cols = _interp_matrix(x.shape[1], side), _interp_matrix(x.shape[2], side)
+    return np.einsum("ih,nhw,jw->nij", rows, x, cols)
+
+
+def quantise(images01) -> np.ndarray:
+    """Gray images in [0, 1], (N, 16, 16) -> int32 tokens (N, 256): level round(x * 15)."""
+    x = np.asarray(images01, np.float64)
+    if x.ndim != 3 or x.shape[1:] != (SIDE, SIDE):
+        raise ConfigError(f"images must have shape (N, {SIDE}, {SIDE}), got {x.shape}")
+    q = np.clip(np.rint(x * (LEVELS - 1)), 0, LEVELS - 1).astype(np.int32)
+    return q.reshape(len(q), SIDE * SIDE)
+
+
+def tokens_to_unit(tokens) -> np.ndarray:
+    """int tokens (N, 256) -> gray images (N, 16, 16) float32 in [0, 1]."""
+    t = np.asarray(tokens)
+    if t.ndim != 2 or t.shape[1] != SIDE * SIDE:
+        raise ConfigError(f"demo tokens must have shape (N, {SIDE * SIDE}), got {t.shape}")
+    if t.size and (t.min() < 0 or t.max() >= LEVELS):
+        raise ConfigError(f"demo tokens must be in [0, {LEVELS - 1}], got {t.min()}..{t.max()}")
+    return (t.astype(np.float32) / (LEVELS - 1)).reshape(len(t), SIDE, SIDE)
+
+
+def decode(tokens) -> np.ndarray:
+    """Tokens (N, 256) -> images (N, 16, 16, 3) float32 in [-1, 1] (gray in all three channels),
+    the decoder-output convention of :func:`adsa_jax.images.to_uint8`."""
+    g = tokens_to_unit(tokens) * 2.0 - 1.0
+    return np.repeat(g[..., None], 3, axis=-1)
+
+
+def encode(images) -> np.ndarray:
+    """Images in [-1, 1], (N, 16, 16) or (N, 16, 16, 3) (first channel used) -> tokens (N, 256).
+    Exact inverse of :func:`decode` on decoded images."""
+    x = np.asarray(images, np.float64)
+    if x.ndim == 4:
+        x = x[..., 0]
+    return quantise((x + 1.0) / 2.0)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _sklearn():
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        raise ConfigError("the demo data (training, eval-demo) needs scikit-learn: pip install 'adsa-jax[demo]' "
+                          "(sampling the bundled model does not)") from None
+
+
+def load_data() -> dict:
+    """Tokenised digits with the fixed held-out split: train/heldout tokens (N, 256) int32 and
+    labels (N,) int32. Stratified by class, seed 0, 20 % held out (360 of 1,797 images)."""
+    _sklearn()
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    tokens = quantise(upscale(d.images / 16.0))
+    labels = d.target.astype(np.int32)
+    idx = np.arange(len(labels))
+    tr, ho = train_test_split(idx, test_size=HELDOUT_FRACTION, random_state=SPLIT_SEED, stratify=labels)
+    tr, ho = np.sort(tr), np.sort(ho)
+    return {"train_tokens": tokens[tr], "train_labels": labels[tr], "heldout_tokens": tokens[ho],
+            "heldout_labels": labels[ho], "train_index": tr, "heldout_index": ho}
+
+
+# ----------------------------------------------------------------------------- the bundled model
+
+
+def load_demo_model(directory=None, dtype: str | None = "float32"):
+    """The bundled checkpoint (or one written by ``examples/train_demo.py --out DIR``)."""
+    from .checkpoint import load
+
+    directory = Path(directory) if directory is not None else DEMO_DIR
+    if not (directory / "adsa_config.json").is_file():
+        raise ConfigError(f"no demo checkpoint in {directory}; train one with `python examples/train_demo.py`")
+    return load(directory, dtype=dtype)
+
+
+def read_train_log(directory=None) -> dict:
+    directory = Path(directory) if directory is not None else DEMO_DIR
+    return json.loads((directory / TRAIN_LOG).read_text())
+
+
+def nll_per_token(logits, tokens) -> float:
+    """Mean negative log-likelihood (nats per token) of tokens (B, N) under logits (B, N, V)."""
+    import jax
+    import jax.numpy as jnp
+
+    lp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), -1)
+    t = jnp.asarray(tokens, jnp.int32)
+    return float(-jnp.take_along_axis(lp, t[..., None], -1).mean())
+
+
+def dense_nll(model, labels, tokens, batch: int = 128) -> float:
+    """Teacher-forced dense NLL per token through ``adsa_jax.forward`` (one causal pass)."""
+    from .generate import forward
+
+    tot, n = 0.0, 0
+    for s in range(0, len(labels), batch):
+        lg = forward(model, labels[s:s + batch], tokens[s:s + batch])
+        tot += nll_per_token(lg, tokens[s:s + batch]) * len(labels[s:s + batch])
+        n += len(labels[s:s + batch])
+    return tot / n
+
+
+def golden_tokens(model) -> np.ndarray:
+    """The fixed run whose tokens are stored in ``golden_tokens.npy`` (use an fp32 model)."""
+    import jax
+
+    from .generate import generate
+
+    g = GOLDEN
+    return np.asarray(generate(model, np.asarray(g["classes"], np.int32), jax.random.key(g["seed"]),
+                               cfg_scale=g["cfg_scale"], top_k=g["top_k"], temperature=g["temperature"]))
+
+
+def display_uint8(tokens, zoom: int = DISPLAY_ZOOM) -> np.ndarray:
+    """Tokens -> uint8 (N, 16*zoom, 16*zoom, 3) for PNG grids (nearest upscaling for visibility)."""
+    from .images import to_uint8
+
+    u8 = to_uint8(decode(tokens))
+    return np.repeat(np.repeat(u8, zoom, axis=1), zoom, axis=2) if zoom > 1 else u8
+
+
+# ----------------------------------------------------------------------------- quality benchmark
+
+
+def digit_classifier(data):
+    """An RBF SVC fitted on the real *held-out* images (quantised, 16x16, in [0, 1]): images the
+    generator never saw. Returns (classifier, ceiling dict): its 5-fold cross-validated accuracy
+    on the held-out images and its accuracy on the 1,437 training-split images (unseen by it)."""
+    _sklearn()
+    from sklearn.model_selection import cross_val_score
+    from sklearn.svm import SVC
+
+    x = tokens_to_unit(data["heldout_tokens"]).reshape(len(data["heldout_tokens"]), -1)
+    y = data["heldout_labels"]
+    make = lambda: SVC(C=10.0, gamma="scale")  # noqa: E731
+    cv = cross_val_score(make(), x, y, cv=5)
+    clf = make().fit(x, y)
+    xt = tokens_to_unit(data["train_tokens"]).reshape(len(data["train_tokens"]), -1)
+    other = float((clf.predict(xt) == data["train_labels"]).mean())
+    return clf, {"classifier": "sklearn SVC(C=10, gamma='scale') on 16x16 quantised held-out images",
+                 "heldout_cv5_accuracy": float(cv.mean()), "heldout_cv5_std": float(cv.std()),
+                 "train_split_accuracy": other}
+
+
+def classify_accuracy(clf, tokens, labels) -> float:
+    x = tokens_to_unit(tokens).reshape(len(tokens), -1)
+    return float((clf.predict(x) == np.asarray(labels)).mean())
+
+
+def quality_benchmark(model=None, *, policies=("dense", "adsa-select", "adsa-evict", "window", "random"),
+                      budgets=(0.25, 0.5, 0.75), seeds=(0, 1, 2), per_seed: int = 100,
+                      cfg_scale: float = DEMO_SAMPLING["cfg_scale"], top_k: int = DEMO_SAMPLING["top_k"],
+                      temperature: float = DEMO_SAMPLING["temperature"], heldout: int | None = None,
+                      log=None) -> dict:
+    """The demo model's quality under each policy and budget.
+
+    Teacher forcing on the held-out images (the first ``heldout`` of them, default all 360; cfg 1,
+    through the policy's cache with
+    :func:`adsa_jax.score`): NLL per token, KL(dense || policy) per step and top-1 agreement with
+    dense. Sampling: for each seed, ``per_seed`` images (class i % 10) from
+    ``generate(key(seed), cfg_scale, top_k, temperature, policy)``, scored by
+    :func:`digit_classifier` against the requested class; mean and std over seeds.
+    """
+    import jax
+
+    from .fidelity import kl_and_agreement
+    from .generate import generate, score
+    from .policies import make_policy
+
+    log = log or (lambda m: None)
+    model = load_demo_model() if model is None else model
+    cfg = model.config
+    data = load_data()
+    ho_t, ho_l = data["heldout_tokens"][:heldout], data["heldout_labels"][:heldout]
+    t0 = time.perf_counter()
+    clf, ceiling = digit_classifier(data)
+    log(f"classifier: held-out 5-fold CV accuracy {ceiling['heldout_cv5_accuracy']:.3f}, "
+        f"train-split accuracy {ceiling['train_split_accuracy']:.3f}")
+    gen_labels = (np.arange(per_seed) % NUM_CLASSES).astype(np.int32)
+    ref = None
+    rows = []
+    for name in policies:
+        for budget in ([None] if name == "dense" else budgets):
+            t1 = time.perf_counter()
+            pol = make_policy(cfg, name, budget=budget)
+            logits = score(model, ho_l, ho_t, policy=pol, cfg_scale=1.0)
+            if ref is None and name == "dense":
+                ref = logits
+            if ref is None:
+                ref = score(model, ho_l, ho_t, policy=make_policy(cfg, "dense"), cfg_scale=1.0)
+            kl, agree = kl_and_agreement(ref, logits)
+            accs = []
+            for s in seeds:
+                toks = generate(model, gen_labels, jax.random.key(s), cfg_scale=cfg_scale, top_k=top_k,
+                                temperature=temperature, policy=pol)
+                accs.append(classify_accuracy(clf, np.asarray(toks), gen_labels))
+            n = cfg.num_image_tokens
+            row = {"policy": name, "budget": budget, "prefix": getattr(pol, "prefix", None),
+                   "keep": getattr(pol, "keep", None), "local": getattr(pol, "local", None),
+                   "cache_slots": pol.slots, "attended_per_step": float(np.mean([pol.attended(t) for t in range(n)])),
+                   "heldout_nll": nll_per_token(logits, ho_t), "kl_mean": float(kl.mean()),
+                   "kl_max_step": float(kl.max()), "top1_agreement": float(agree.mean()),
+                   "class_accuracy_mean": float(np.mean(accs)), "class_accuracy_std": float(np.std(accs)),
+                   "class_accuracy_per_seed": accs}
+            rows.append(row)
+            log(f"{name:<12} {budget!s:>5}: NLL {row['heldout_nll']:.4f} KL {row['kl_mean']:.4f} "
+                f"top-1 {row['top1_agreement']:.3f} acc {row['class_accuracy_mean']:.3f}±{row['class_accuracy_std']:.3f}"
+                f" ({time.perf_counter() - t1:.1f} s)")
+    import jax as _jax
+    dev = _jax.devices()[0]
+    return {"rows": rows, "ceiling": ceiling,
+            "settings": {"heldout_images": int(len(ho_l)), "seeds": list(seeds), "images_per_seed": per_seed,
+                         "cfg_scale": cfg_scale, "top_k": top_k, "temperature": temperature,
+                         "dtype": str(model.dtype), "granularity": "head"},
+            "device": f"{dev.platform} ({dev.device_kind})", "date": time.strftime("%Y-%m-%d"),
+            "versions": _versions(), "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def _versions():
+    import jax
+
+    out = {"jax": jax.__version__, "numpy": np.__version__}
+    try:
+        import sklearn
+        out["scikit-learn"] = sklearn.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def format_quality(result) -> str:
+    """Markdown table of :func:`quality_benchmark`'s rows."""
+    head = ("| policy | budget | P/K/M | attended/step | held-out NLL | KL from dense | top-1 vs dense "
+            "| class accuracy (mean ± std over seeds) |")
+    lines = [head, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in result["rows"]:
+        sizes = "-" if r["prefix"] is None else f"{r['prefix']}/{r['keep']}/{r['local']}"
+        b = "1.00" if r["budget"] is None else f"{r['budget']:.2f}"
+        lines.append(f"| {r['policy']} | {b} | {sizes} | {r['attended_per_step']:.1f} | {r['heldout_nll']:.4f} | "
+                     f"{r['kl_mean']:.4f} | {r['top1_agreement']:.3f} | "
+                     f"{r['class_accuracy_mean']:.3f} ± {r['class_accuracy_std']:.3f} |")
+    c = result["ceiling"]
+    lines.append(f"| real held-out images (classifier ceiling) | | | | | | | {c['heldout_cv5_accuracy']:.3f} ± "
+                 f"{c['heldout_cv5_std']:.3f} (5-fold CV); {c['train_split_accuracy']:.3f} on the train split |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- `adsa-jax sample` without --gpt
+
+
+def _labeled_grid(u8, nrow, title):
+    """make_grid plus a title strip above it (PIL's built-in bitmap font)."""
+    from PIL import Image, ImageDraw
+
+    from .images import make_grid
+
+    g = make_grid(u8, nrow=nrow)
+    strip = Image.new("RGB", (g.shape[1], 14), (0, 0, 0))
+    ImageDraw.Draw(strip).text((3, 1), title, fill=(255, 255, 255))
+    return np.concatenate([np.asarray(strip), g], axis=0)
+
+
+def sample_demo(a, log=print):
+    """``adsa-jax sample`` with no ``--gpt``: the bundled digits model, its quantiser, a PNG grid.
+
+    Default: 4 images per class (one column per digit); ``--side-by-side`` puts dense (left) and
+    ``--policy`` (right) images of the same seeds in one grid."""
+    import jax
+
+    from .cli import balanced_labels, parse_classes
+    from .generate import generate, resolve_policy
+    from .images import _save_png, _writable_file, make_grid
+
+    bad = [f for f, v in (("--vq", a.vq), ("--npz", a.npz), ("--prompt", a.prompt), ("--prompts-file", a.prompts_file),
+                          ("--caption-embs", a.caption_embs), ("--t5", a.t5), ("--distributed", a.distributed))
+           if v]
+    if a.tensor_parallel not in (None, 1) or a.data_parallel not in (None, 1):
+        bad.append("--tensor-parallel/--data-parallel")
+    if bad:
+        raise ConfigError(f"{', '.join(bad)} need(s) --gpt: without it `sample` uses the bundled demo digits model "
+                          "(10 classes, its own 16-level gray quantiser)")
+    out = a.out or ("samples.png" if not a.out_dir else None)
+    if out:
+        _writable_file(out)
+    model = load_demo_model(dtype=a.dtype)
+    cfg = model.config
+    if a.classes is not None:
+        labels = parse_classes(a.classes, cfg.num_classes)
+        if a.num_samples is not None:
+            labels = np.resize(labels, a.num_samples)
+    else:
+        labels = balanced_labels(a.num_samples or 4 * NUM_CLASSES, cfg.num_classes)
+    policy = resolve_policy(model, a.policy, **{k: v for k, v in dict(
+        budget=a.budget, prefix=a.prefix, keep=a.keep, local=a.local).items() if v is not None},
+        **({"granularity": a.granularity} if a.granularity != "head" else {}))
+    if a.side_by_side and policy.name == "dense":
+        raise ConfigError("--side-by-side compares dense with another policy: add e.g. --policy adsa-evict --budget 0.5")
+    samp = {k: (v if getattr(a, k, None) is None else getattr(a, k)) for k, v in DEMO_SAMPLING.items()}
+    kw = dict(cfg_interval=a.cfg_interval, top_p=a.top_p, num_segments=a.segments, **samp)
+    key = jax.random.key(a.seed)
+    log(f"demo model (sklearn digits, {cfg.n_layer} layers x {cfg.dim}, 16x16 tokens, {model.dtype}): "
+        f"{len(labels)} images, policy {policy.name}" + (" beside dense" if a.side_by_side else "") +
+        f"; cfg {samp['cfg_scale']:g}, temperature {samp['temperature']:g}, top-k {samp['top_k']}")
+    t0 = time.perf_counter()
+    tokens = np.asarray(generate(model, labels, key, policy=policy, **kw))
+    dense = np.asarray(generate(model, labels, key, policy="dense", **kw)) if a.side_by_side else None
+    log(f"sampled in {time.perf_counter() - t0:.1f} s (including compilation)")
+    nrow = NUM_CLASSES if (a.classes is None and len(labels) >= NUM_CLASSES) else min(len(labels), NUM_CLASSES)
+    if a.tokens_out:
+        np.save(a.tokens_out, tokens)
+        log(f"tokens -> {a.tokens_out} {tokens.shape} int32")
+    if out:
+        u8 = display_uint8(tokens)
+        if dense is None:
+            grid = make_grid(u8, nrow=nrow)
+        else:
+            left = _labeled_grid(display_uint8(dense), nrow, "dense")
+            b = "" if a.budget is None else f" budget {a.budget:g}"
+            right = _labeled_grid(u8, nrow, f"{policy.name}{b}")
+            gap = np.full((left.shape[0], 8, 3), 255, np.uint8)
+            grid = np.concatenate([left, gap, right], axis=1)
+        _save_png(grid, Path(out))
+        log(f"grid -> {out}" + (" (left: dense, right: " + policy.name + ")" if dense is not None else ""))
+    if a.out_dir:
+        from .images import save_pngs
+        save_pngs(display_uint8(tokens), a.out_dir, [f"{i:06d}.png" for i in range(len(tokens))])
+        log(f"{len(tokens)} PNGs -> {a.out_dir}")
+    return tokens
+
+
+def run_eval_demo(a, log=print):
+    """``adsa-jax eval-demo``: print the quality table (markdown) and write the JSON."""
+    model = load_demo_model(a.gpt)
+    res = quality_benchmark(model, policies=[p for p in a.policies.split(",") if p],
+                            budgets=[float(b) for b in a.budgets.split(",") if b],
+                            seeds=[int(s) for s in a.seeds.split(",") if s], per_seed=a.per_seed,
+                            cfg_scale=a.cfg_scale, top_k=a.top_k, temperature=a.temperature,
+                            heldout=a.heldout or None, log=log)
+    s = res["settings"]
+    print(f"demo model quality ({res['date']}, {res['device']}, {s['heldout_images']} held-out images, "
+          f"{len(s['seeds'])} seeds x {s['images_per_seed']} samples, cfg {s['cfg_scale']}, top-k {s['top_k']}, "
+          f"{res['wall_s']:.0f} s)")
+    print(format_quality(res))
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
+        log(f"json -> {a.json}")
+    return res
