@@ -287,15 +287,21 @@ def run_sample(a):
         _save_npy(a.tokens_out, tokens)
         _log(f"tokens -> {a.tokens_out} {tokens.shape} int32")
     if images:
-        from .images import save_png_grid, save_pngs, to_uint8
-        u8 = to_uint8(np.concatenate(images))
-        if a.out:
-            save_png_grid(u8, a.out)
-            _log(f"grid -> {a.out}")
-        if a.out_dir:
-            save_pngs(u8, a.out_dir, [f"{i:06d}.png" for i in range(len(u8))])
-            _log(f"{len(u8)} PNGs -> {a.out_dir}")
+        from .images import to_uint8
+        _write_images(a, to_uint8(np.concatenate(images)))
     return tokens
+
+
+def _write_images(a, u8):
+    """--out (grid) and --out-dir (one PNG per image) from uint8 images (N, H, W, 3)."""
+    from .images import save_png_grid, save_pngs
+
+    if a.out:
+        save_png_grid(u8, a.out)
+        _log(f"grid -> {a.out}")
+    if a.out_dir:
+        save_pngs(u8, a.out_dir, [f"{i:06d}.png" for i in range(len(u8))])
+        _log(f"{len(u8)} PNGs -> {a.out_dir}")
 
 
 def _sample_npz(a, model, cond_all, mask_all, labels, key, kw, vq, mesh):
@@ -316,15 +322,8 @@ def _sample_npz(a, model, cond_all, mask_all, labels, key, kw, vq, mesh):
         _save_npy(a.tokens_out, tokens)
         _log(f"tokens -> {a.tokens_out} {tokens.shape} int32")
     if vq is not None and (a.out or a.out_dir):
-        from .images import save_png_grid, save_pngs
         with np.load(path) as z:
-            u8 = z["arr_0"]
-        if a.out:
-            save_png_grid(u8, a.out)
-            _log(f"grid -> {a.out}")
-        if a.out_dir:
-            save_pngs(u8, a.out_dir, [f"{i:06d}.png" for i in range(len(u8))])
-            _log(f"{len(u8)} PNGs -> {a.out_dir}")
+            _write_images(a, z["arr_0"])
     return path
 
 

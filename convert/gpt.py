@@ -9,7 +9,7 @@ import numpy as np
 from adsa_jax.config import GPTConfig
 from adsa_jax.model import param_shapes
 
-from .torch_pickle import CheckpointError, extract_state_dict, load_pt
+from .torch_pickle import CheckpointError, check_keys, extract_state_dict, load_pt
 
 _DTYPES = {"float32": np.float32, "fp32": np.float32, "float16": np.float16, "fp16": np.float16,
            "bfloat16": ml_dtypes.bfloat16, "bf16": ml_dtypes.bfloat16}
@@ -57,15 +57,7 @@ def convert_state_dict(sd: dict, cfg: GPTConfig, dtype=None, path="checkpoint") 
 
     dtype None keeps the stored dtype (all tensors must share it)."""
     want = expected_torch_shapes(cfg)
-    missing = sorted(set(want) - set(sd))
-    unexpected = sorted(set(sd) - set(want))
-    if missing or unexpected:
-        msg = []
-        if missing:
-            msg.append(f"{len(missing)} missing weights (e.g. {', '.join(missing[:4])})")
-        if unexpected:
-            msg.append(f"{len(unexpected)} unexpected weights (e.g. {', '.join(unexpected[:4])})")
-        raise CheckpointError(f"{path}: does not match the config: {'; '.join(msg)}. {_hint(cfg, sd)}")
+    check_keys(sd, want, path, "config", _hint(cfg, sd))
     bad = [f"{k} {tuple(sd[k].shape)} != {s}" for k, s in want.items() if tuple(sd[k].shape) != s]
     if bad:
         raise CheckpointError(f"{path}: shape mismatch: {'; '.join(bad[:4])}. {_hint(cfg, sd)}")

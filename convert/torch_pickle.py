@@ -234,3 +234,16 @@ def extract_state_dict(obj, path, *, prefer_ema: bool = False) -> dict[str, Lazy
             "dict, bare or under 'model', 'module', 'state_dict' or 'ema'"
         )
     return out
+
+
+def check_keys(sd: dict, want: dict, path, what: str, hint: str):
+    """Strict key matching: raise one error naming missing and unexpected weights and the likely cause."""
+    missing = sorted(set(want) - set(sd))
+    unexpected = sorted(set(sd) - set(want))
+    if missing or unexpected:
+        msg = []
+        if missing:
+            msg.append(f"{len(missing)} missing weights (e.g. {', '.join(missing[:4])})")
+        if unexpected:
+            msg.append(f"{len(unexpected)} unexpected weights (e.g. {', '.join(unexpected[:4])})")
+        raise CheckpointError(f"{path}: does not match the {what}: {'; '.join(msg)}. {hint}")

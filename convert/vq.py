@@ -18,7 +18,7 @@ import numpy as np
 from adsa_jax.config import ConfigError
 from adsa_jax.vq import VQ16, VQConfig, config_from_json, preset, vq_param_shapes
 
-from .torch_pickle import CheckpointError, extract_state_dict, load_pt
+from .torch_pickle import CheckpointError, check_keys, extract_state_dict, load_pt
 
 _DTYPES = {"float32": np.float32, "fp32": np.float32, "float16": np.float16, "fp16": np.float16,
            "bfloat16": ml_dtypes.bfloat16, "bf16": ml_dtypes.bfloat16}
@@ -103,15 +103,7 @@ def convert_state_dict(sd: dict, cfg: VQConfig, dtype=None, path="checkpoint") -
     to float32 (lossless)."""
     sd = {k: v for k, v in sd.items() if k not in _BUFFERS}
     want = expected_torch_shapes(cfg)
-    missing = sorted(set(want) - set(sd))
-    unexpected = sorted(set(sd) - set(want))
-    if missing or unexpected:
-        msg = []
-        if missing:
-            msg.append(f"{len(missing)} missing weights (e.g. {', '.join(missing[:4])})")
-        if unexpected:
-            msg.append(f"{len(unexpected)} unexpected weights (e.g. {', '.join(unexpected[:4])})")
-        raise CheckpointError(f"{path}: does not match the VQ config: {'; '.join(msg)}. {_hint(cfg, sd)}")
+    check_keys(sd, want, path, "VQ config", _hint(cfg, sd))
     # The weights that pin down the widths come first in the message.
     first = ("encoder.conv_in.weight", "encoder.conv_out.weight", "quantize.embedding.weight")
     order = [k for k in first if k in want] + [k for k in want if k not in first]
