@@ -133,13 +133,19 @@ def save_npz(images_uint8, path, labels=None) -> Path:
             raise ConfigError(f"labels must be {arr.shape[0]} integers (one per image), got shape {lab.shape} "
                               f"dtype {lab.dtype}")
         data["arr_1"] = lab.astype(np.int64)
-    tmp = path.with_name(path.name + ".tmp")
+    atomic_savez(path, **data)
+    return path
+
+
+def atomic_savez(path, **arrays):
+    """np.savez to a temporary file renamed into place: an interrupted write never leaves a partial file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:  # a file object: np.savez would append '.npz' to a bare name
-            np.savez(f, **data)
+            np.savez(f, **arrays)
         os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise ConfigError(f"cannot write {path}: {e.strerror or e}") from None
-    return path

@@ -65,16 +65,7 @@ def digest(x) -> str:
     return h.hexdigest()[:16]
 
 
-def _atomic_savez(path: Path, **arrays):
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:  # a file object: np.savez would append '.npz' to a bare name
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise ConfigError(f"cannot write {path}: {e.strerror or e}") from None
+from .images import atomic_savez as _atomic_savez  # noqa: E402  (one atomic writer)
 
 
 def _part_ok(path: Path) -> bool:
