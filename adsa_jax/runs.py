@@ -23,7 +23,6 @@ Layout, next to the output ``OUT.npz``::
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
