@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import GPTConfig, named_config
-from .generate import Model, _generate_jit, _scalars
+from .generate import Model, _generate_jit, _scalars, resolve_attention
 from .model import init_params
 from .policies import Dense, kv_bytes, make_policy
 
@@ -75,16 +75,21 @@ def roofline(cfg: GPTConfig, policy, rows: int, batch: int, dtype, device: dict)
 
 
 def bench_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, iters=3, warmup=1, segments=1,
-              device=None, seed=0, run=True):
-    """One configuration; ``run=False`` only compiles (compile time and compiled memory)."""
+              device=None, seed=0, run=True, attention="auto"):
+    """One configuration; ``run=False`` only compiles (compile time and compiled memory).
+
+    ``segments`` (length buckets) apply to dense with XLA attention only: the Pallas kernel
+    reads just the filled slots without them."""
     cfg = model.config
+    policy = resolve_attention(policy, cfg, attention)
+    attn = getattr(policy, "attention", "xla")
     use_cfg = cfg_scale > 1.0
     rows = batch * (2 if use_cfg else 1)
     labels = jnp.asarray(np.arange(batch) % max(cfg.num_classes, 1), jnp.int32)
     mask = jnp.ones((batch, 1), bool)
     ids = jnp.arange(batch, dtype=jnp.int32)
     scalars = _scalars(cfg_scale, -1, 1.0, top_k, 1.0)
-    nseg = segments if isinstance(policy, Dense) else 1
+    nseg = segments if isinstance(policy, Dense) and not (type(policy) is Dense and attn != "xla") else 1
     t0 = time.perf_counter()
     lowered = _generate_jit.lower(model.params, labels, mask, jax.random.key(seed), ids, scalars, cfg=cfg,
                                   policy=policy, use_cfg=use_cfg, num_segments=nseg)
@@ -107,7 +112,7 @@ def bench_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, it
     res = {
         "layers": cfg.n_layer, "dim": cfg.dim, "grid": cfg.grid, "batch": batch, "cfg": use_cfg,
         "policy": policy.name, "prefix": getattr(policy, "prefix", None), "keep": getattr(policy, "keep", None),
-        "local": getattr(policy, "local", None), "segments": nseg, "dtype": str(model.dtype),
+        "local": getattr(policy, "local", None), "segments": nseg, "attention": attn, "dtype": str(model.dtype),
         "compile_s": compile_s, "s_per_call": sec, "images_per_s": batch / sec, "ms_per_step": 1e3 * sec / n,
         "peak_bytes_compiled": peak, "kv_bytes": kv_bytes(policy, cfg, rows, model.dtype),
         "times": times,
@@ -120,7 +125,7 @@ def bench_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, it
 
 
 def format_rows(rows) -> str:
-    head = (f"{'model':>9} {'grid':>5} {'batch':>5} {'policy':>11} {'budget':>6} {'seg':>3} {'compile s':>9} "
+    head = (f"{'model':>9} {'grid':>5} {'batch':>5} {'policy':>11} {'budget':>6} {'attn':>6} {'seg':>3} {'compile s':>9} "
             f"{'s/call':>7} {'img/s':>8} {'ms/step':>7} {'peak GiB':>8} {'KV GiB':>7} {'floor s':>7} {'of floor':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -132,14 +137,16 @@ def format_rows(rows) -> str:
         peak = "-" if r["peak_bytes_compiled"] is None else f"{r['peak_bytes_compiled'] / 2**30:.2f}"
         floor = r.get("floor_s", float("nan"))
         lines.append(
-            f"{r.get('name', ''):>9} {r['grid']:>5} {r['batch']:>5} {r['policy']:>11} {budget:>6} {r['segments']:>3} "
+            f"{r.get('name', ''):>9} {r['grid']:>5} {r['batch']:>5} {r['policy']:>11} {budget:>6} "
+            f"{r.get('attention', 'xla'):>6} {r['segments']:>3} "
             f"{r['compile_s']:>9.1f} {r['s_per_call']:>7.3f} {r['images_per_s']:>8.2f} {r['ms_per_step']:>7.2f} "
             f"{peak:>8} {r['kv_bytes'] / 2**30:>7.3f} {floor:>7.3f} {r.get('achieved_fraction', float('nan')):>8.2f}")
     return "\n".join(lines)
 
 
 def run(models=("GPT-B",), image_sizes=(256,), batches=(1, 8), policies=("dense",), budgets=(0.5,),
-        dtype="bfloat16", iters=3, segments=1, cfg_scale=4.0, top_k=2000, json_path=None, measure=True, log=print):
+        dtype="bfloat16", iters=3, segments=1, cfg_scale=4.0, top_k=2000, json_path=None, measure=True, log=print,
+        attention="auto"):
     device = measure_device() if measure else None
     if device:
         log(f"device {device['device']}: copy {device['bandwidth'] / 1e12:.2f} TB/s, "
@@ -155,7 +162,7 @@ def run(models=("GPT-B",), image_sizes=(256,), batches=(1, 8), policies=("dense"
                     for b in batches:
                         try:
                             r = bench_one(model, b, pol, cfg_scale=cfg_scale, top_k=top_k, iters=iters,
-                                          segments=segments, device=device)
+                                          segments=segments, device=device, attention=attention)
                         except Exception as e:  # an OOM at one size should not end the sweep
                             r = {"error": f"{type(e).__name__}: {e}", "grid": cfg.grid, "batch": b, "policy": pol_name}
                         r.update(name=name, image_size=size, budget=budget)

@@ -254,7 +254,7 @@ def run_sample(a):
     bs = a.batch_size or n
     key = jax.random.key(a.seed)
     kw = dict(cfg_scale=a.cfg_scale, cfg_interval=a.cfg_interval, temperature=a.temperature, top_k=a.top_k,
-              top_p=a.top_p, policy=policy, num_segments=a.segments)
+              top_p=a.top_p, policy=policy, num_segments=a.segments, attention=a.attention)
     if mesh is not None:
         _log(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices ({jax.process_count()} processes)")
     if a.npz:  # large runs: resumable batches in NPZ.parts/, merged into NPZ (adsa_jax.runs)
@@ -410,7 +410,10 @@ def build_parser():
     s.add_argument("--num-samples", type=int, default=None, help="number of images (class-balanced without --classes)")
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--segments", type=int, default=1, help="static length buckets of the decode scan (speed)")
+    s.add_argument("--segments", type=int, default=1, help="static length buckets of the decode scan (speed, "
+                   "XLA attention)")
+    s.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas"),
+                   help="decode attention: auto = the Pallas kernel on GPU, XLA elsewhere")
     add_sampling_args(s)
     # unset: LlamaGen's cfg 4.0 / temperature 1.0 / top-k 2000 with --gpt, the demo model's own (demo.DEMO_SAMPLING) without
     s.set_defaults(cfg_scale=None, temperature=None, top_k=None)
@@ -464,6 +467,14 @@ def build_parser():
     e.add_argument("--top-k", type=int, default=0)
     e.add_argument("--temperature", type=float, default=0.8)
     e.add_argument("--json", default="demo_quality.json", help="write the rows here ('' to skip)")
+    e.add_argument("--data", default=None, help="the tokenised digits from an .npz written by `python "
+                   "examples/train_demo.py --save-data FILE.npz` instead of scikit-learn")
+    e.add_argument("--samples", default=None, help="write every generated token array here (.npz, one entry "
+                   "per policy/budget/seed); with --rescore, read them from here")
+    e.add_argument("--no-classify", action="store_true", help="skip the scikit-learn classifier (accuracy "
+                   "left empty; needs --samples): classify later with --rescore")
+    e.add_argument("--rescore", default=None, metavar="RESULT.json", help="generate nothing: fill in the class "
+                   "accuracies of a --no-classify run's JSON from its --samples file, print the table, write --json")
 
     b = sub.add_parser("bench", help="speed, memory and roofline of generate (random weights of named sizes)")
     b.add_argument("--model", default="GPT-B", help="comma-separated named sizes, e.g. GPT-B,GPT-XL")
@@ -476,6 +487,8 @@ def build_parser():
     b.add_argument("--segments", type=int, default=4, help="static length buckets of the dense decode scan")
     b.add_argument("--cfg-scale", type=float, default=4.0)
     b.add_argument("--top-k", type=int, default=2000)
+    b.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas"),
+                   help="decode attention: auto = the Pallas kernel on GPU, XLA elsewhere")
     b.add_argument("--no-roofline", action="store_true", help="skip measuring bandwidth and matmul rate")
     b.add_argument("--json", default=None)
     return p
@@ -488,7 +501,7 @@ def run_bench(a):
                   batches=[int(x) for x in a.batch.split(",")], policies=a.policies.split(","),
                   budgets=[float(x) for x in a.budgets.split(",")], dtype=a.dtype, iters=a.iters,
                   segments=a.segments, cfg_scale=a.cfg_scale, top_k=a.top_k, json_path=a.json,
-                  measure=not a.no_roofline, log=_log)
+                  measure=not a.no_roofline, log=_log, attention=a.attention)
     print(format_rows(rows))
 
 

@@ -203,6 +203,32 @@ def resolve_policy(model: Model, policy=None, **policy_kw):
     return policy
 
 
+def resolve_attention(policy, cfg: GPTConfig, attention: str = "auto"):
+    """Set the policy's decode-attention implementation.
+
+    'auto': the Pallas kernel on a GPU backend when head_dim is a power of two >= 16, XLA
+    elsewhere; 'xla', 'pallas' or 'pallas-interpret' force one. A policy without an
+    ``attention`` field (one defined outside the library) keeps its own attention."""
+    from .policies import ATTENTION_IMPLS
+
+    if attention not in ATTENTION_IMPLS + ("auto",):
+        raise ConfigError(f"attention must be 'auto' or one of {', '.join(ATTENTION_IMPLS)}, got {attention!r}")
+    requested = attention
+    d = cfg.head_dim
+    kernel_ok = d >= 16 and not d & (d - 1)
+    if attention == "auto":
+        attention = "pallas" if jax.default_backend() == "gpu" and kernel_ok else "xla"
+    elif attention != "xla" and not kernel_ok:
+        raise ConfigError(f"the Pallas decode kernel needs a power-of-two head_dim >= 16; this model has {d}: "
+                          "use attention='xla'")
+    has_field = dataclasses.is_dataclass(policy) and any(f.name == "attention" for f in dataclasses.fields(policy))
+    if has_field:
+        return dataclasses.replace(policy, attention=attention)
+    if attention == "xla" or requested == "auto":
+        return policy
+    raise ConfigError(f"policy {type(policy).__name__} has no 'attention' field: it cannot use {attention!r}")
+
+
 def _scalars(cfg_scale, cfg_interval, temperature, top_k, top_p):
     return (jnp.float32(cfg_scale), jnp.float32(cfg_interval), jnp.float32(temperature),
             jnp.int32(top_k), jnp.float32(top_p))
@@ -211,7 +237,7 @@ def _scalars(cfg_scale, cfg_interval, temperature, top_k, top_p):
 def generate(model: Model, cond, key, *, cond_mask=None, cfg_scale: float = 4.0, cfg_interval: float = -1,
              temperature: float = 1.0, top_k: int = 2000, top_p: float = 1.0, policy=None, budget=None,
              prefix=None, keep=None, local=None, granularity="head", example_ids=None, num_segments: int = 1,
-             mesh=None):
+             mesh=None, attention: str = "auto"):
     """Sample image tokens. Defaults are LlamaGen's ``sample_c2i.py`` (cfg 4.0, top-k 2000).
 
     cond: class ids (B,) for c2i; caption features (B, 120, C) plus ``cond_mask`` (B, 120) for
@@ -219,8 +245,11 @@ def generate(model: Model, cond, key, *, cond_mask=None, cfg_scale: float = 4.0,
     policy: 'dense' (default), 'adsa-select', 'adsa-evict', 'window', 'random', with ``budget``
     (fraction of image tokens) or ``prefix``/``keep``/``local``, or a policy object.
     example_ids: (B,) global image indices for the per-image keys (default 0..B-1).
-    num_segments: split the decode scan into this many static length buckets (dense/select
-    read only the filled part of the cache; more segments = faster steps, longer compile).
+    num_segments: split the decode scan into this many static length buckets (with XLA
+    attention, dense/select read only the filled part of the cache; more segments = faster
+    steps, longer compile). The Pallas kernel reads only filled slots without buckets.
+    attention: decode attention, 'auto' (the Pallas kernel on GPU, XLA elsewhere), 'xla' (the
+    reference), 'pallas', or 'pallas-interpret' (the kernel in the Pallas interpreter).
     mesh: a ``('data', 'model')`` mesh (:func:`adsa_jax.sharding.make_mesh`) to split the batch
     over its data axis (default on a single host with several devices: all of them on 'data') (and heads / FFN over its model axis); params not yet on the mesh are
     placed there each call (do it once: ``load(..., mesh=)`` or ``sharding.shard_model``). A batch
@@ -231,6 +260,7 @@ def generate(model: Model, cond, key, *, cond_mask=None, cfg_scale: float = 4.0,
     check_sampling_args(temperature, top_k, top_p, cfg_scale)
     cond, mask = prepare_condition(cfg, cond, cond_mask)
     pol = resolve_policy(model, policy, **_policy_kw(budget, prefix, keep, local, granularity))
+    pol = resolve_attention(pol, cfg, attention)
     b = cond.shape[0]
     example_ids = jnp.arange(b, dtype=jnp.int32) if example_ids is None else jnp.asarray(example_ids, jnp.int32)
     if example_ids.shape != (b,):
@@ -277,19 +307,20 @@ def forward(model: Model, cond, tokens, *, cond_mask=None):
 
 def score(model: Model, cond, tokens, *, cond_mask=None, policy=None, cfg_scale: float = 1.0,
           cfg_interval: float = -1, budget=None, prefix=None, keep=None, local=None, granularity="head",
-          key=None, raw_rows: bool = False):
+          key=None, raw_rows: bool = False, attention: str = "auto"):
     """Teacher-forced logits (B, N, V) through a policy's cache (prefill + scan decode).
 
     With cfg_scale > 1 the logits are the guided ones LlamaGen samples from; ``raw_rows=True``
     returns every batch row's own logits instead, (2B, N, V) with rows [cond_0, uncond_0, ...].
-    key seeds the ``random`` policy (default key 0)."""
+    key seeds the ``random`` policy (default key 0). attention: as in :func:`generate`."""
     cfg = model.config
     cond, mask = prepare_condition(cfg, cond, cond_mask)
     _check_tokens(cfg, tokens, cond.shape[0])
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.shape[1] == cfg.num_image_tokens - 1:
         tokens = jnp.pad(tokens, ((0, 0), (0, 1)))
-    pol = resolve_policy(model, policy, **_policy_kw(budget, prefix, keep, local, granularity))
+    pol = resolve_attention(resolve_policy(model, policy, **_policy_kw(budget, prefix, keep, local, granularity)),
+                            cfg, attention)
     key = jax.random.key(0) if key is None else key
     return _score_jit(model.params, cond, mask, tokens, key, _scalars(cfg_scale, cfg_interval, 1.0, 0, 1.0),
                       cfg=cfg, policy=pol, use_cfg=bool(cfg_scale > 1.0), raw=bool(raw_rows))

@@ -38,8 +38,21 @@ EPS = 1e-6
 BIG = 1e30
 
 
-def attend(q, k, v, mask):
-    """q (B,H,D), k/v (B,H,S,D), mask broadcastable to (B,H,S) -> (B,H,D); f32 logits/softmax."""
+ATTENTION_IMPLS = ("xla", "pallas", "pallas-interpret")
+
+
+def attend(q, k, v, mask, impl: str = "xla", n_valid=None):
+    """q (B,H,D), k/v (B,H,S,D), mask broadcastable to (B,H,S) -> (B,H,D); f32 logits/softmax.
+
+    impl 'xla' is the reference; 'pallas' is the GPU kernel of :mod:`adsa_jax.kernels`, which
+    also skips slots >= n_valid (default: all S), 'pallas-interpret' the same kernel run by
+    the Pallas interpreter (any backend; tests)."""
+    if impl != "xla":
+        from .kernels import decode_attention
+
+        b, h, s = k.shape[:3]
+        m = jnp.broadcast_to(mask, (b, mask.shape[1] if mask.ndim == 3 else 1, s))  # (B, 1|G, S)
+        return decode_attention(q, k, v, m, s if n_valid is None else n_valid, interpret=impl == "pallas-interpret")
     scale = 1.0 / math.sqrt(q.shape[-1])
     logits = jnp.einsum("BHD,BHSD->BHS", q, k, preferred_element_type=jnp.float32) * scale
     logits = jnp.where(mask, logits, NEG_INF)
@@ -75,6 +88,7 @@ class Dense:
     c: int
     n: int
     name: str = "dense"
+    attention: str = "xla"  # decode attention: 'xla' (reference) or 'pallas' (GPU kernel), see attend()
 
     @property
     def slots(self) -> int:
@@ -95,6 +109,9 @@ class Dense:
     def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None):
         slot = self.c + t
         kc, vc = _write(cache["k"], k, slot), _write(cache["v"], v, slot)
+        if self.attention != "xla":  # the kernel reads slots < slot + 1 only, whatever the span
+            out = attend(q, kc, vc, _cond_slot_mask(cond_mask, self.slots), self.attention, slot + 1)
+            return {**cache, "k": kc, "v": vc}, out
         span = self.slots if span is None else min(span, self.slots)
         # Only the first `span` slots can be filled during this scan segment: read just those.
         mask = (jnp.arange(span) <= slot)[None, None] & _cond_slot_mask(cond_mask, span)
@@ -165,7 +182,7 @@ class Select(Dense):
         vals = jnp.concatenate([vc[:, :, : c + P], v_sel, v_loc], axis=2)
         mask = jnp.concatenate([jnp.broadcast_to(head_ok, (b, h, c + P)), sel_ok,
                                 jnp.broadcast_to(loc_ok, (b, h, M))], axis=2)
-        out = attend(q, keys, vals, mask)
+        out = attend(q, keys, vals, mask, self.attention)
         g = cache["sel"].shape[1]
         sel_idx = jnp.pad(jnp.broadcast_to(sel_idx, (b, g, kk)), ((0, 0), (0, 0), (0, K - kk)), constant_values=-1)
         return {**cache, "k": kc, "v": vc, "vsum": vsum, "sel": sel_idx}, out
@@ -187,6 +204,7 @@ class Evict:
     granularity: str = "head"
     chooser: str = "similarity"
     name: str = "adsa-evict"
+    attention: str = "xla"
 
     @property
     def slots(self) -> int:
@@ -220,7 +238,7 @@ class Evict:
         pos = jax.lax.dynamic_update_slice_in_dim(
             pos, jnp.full(pos.shape[:2] + (1,), c + t, jnp.int32), slot, axis=2)
         mask = (pos >= 0) & _cond_slot_mask(cond_mask, self.slots)  # (B, G, C)
-        out = attend(q, kc, vc, mask)
+        out = attend(q, kc, vc, mask, self.attention)
         return {**cache, "k": kc, "v": vc, "pos": pos, "vsum": vsum}, out
 
     def _to_pool(self, kc, vc, pos, vsum, t, ring, layer_index, row_keys):

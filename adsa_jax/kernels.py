@@ -1,0 +1,114 @@
+"""A Pallas (Triton) decode-attention kernel for GPUs: one query per row and head over a cache.
+
+Why: XLA computes decode attention as a logits reduction, a softmax and a PV reduction over
+the cache slice a static shape allows, so a dense cache is read up to its static length (the
+length buckets of ``generate(num_segments=)`` only round that down) and the intermediate
+logits go through memory. This kernel reads K and V once, only up to ``n_valid`` (a traced
+length), with the softmax online in float32 (flash-decoding with a split over the slots when
+there are too few rows and heads to fill the GPU), on the cache's own ``(B, H, S, D)`` layout.
+
+The XLA path (:func:`adsa_jax.policies.attend`) stays the reference: ``interpret=True`` runs
+this kernel on any backend for the tests.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30
+
+
+def _kernel(nv_ref, q_ref, k_ref, v_ref, m_in_ref, o_ref, m_ref, l_ref, *, block_k, split_len, scale):
+    # One program = one (row, head, split); refs: q (D,), k/v (S, D), mask (S,) int8, n_valid ().
+    s = pl.program_id(2)
+    lo = s * split_len
+    hi = jnp.minimum(lo + split_len, nv_ref[()])
+    q = q_ref[...].astype(jnp.float32) * scale  # (D,)
+    d = q.shape[0]
+    lanes = jnp.arange(block_k)
+
+    def body(j, carry):
+        acc, m, l = carry
+        start = lo + j * block_k
+        idx = start + lanes
+        inb = idx < hi
+        k = plgpu.load(k_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0).astype(jnp.float32)
+        ok = inb & (plgpu.load(m_in_ref.at[pl.ds(start, block_k)], mask=inb, other=0) != 0)
+        logit = jnp.where(ok, jnp.sum(k * q[None, :], axis=1), NEG_INF)  # (block_k,)
+        m_new = jnp.maximum(m, jnp.max(logit))
+        corr = jnp.exp(m - m_new)
+        p = jnp.where(ok, jnp.exp(logit - m_new), 0.0)
+        v = plgpu.load(v_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0).astype(jnp.float32)
+        acc = acc * corr + jnp.sum(p[:, None] * v, axis=0)
+        return acc, m_new, l * corr + jnp.sum(p)
+
+    n_blocks = jnp.maximum(hi - lo + block_k - 1, 0) // block_k
+    init = (jnp.zeros((d,), jnp.float32), jnp.float32(NEG_INF), jnp.float32(0.0))
+    acc, m, l = jax.lax.fori_loop(0, n_blocks, body, init)
+    o_ref[...] = acc
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+def _splits(rows: int, slots: int, block_k: int) -> int:
+    # Enough programs to fill ~4 waves of a 132-SM GPU; never a split shorter than one block.
+    want = max(1, -(-528 // rows))
+    return int(min(2 ** math.ceil(math.log2(want)), max(1, -(-slots // block_k))))
+
+
+def decode_attention(q, k, v, mask, n_valid, *, block_k: int = 64, splits: int | None = None,
+                     interpret: bool = False):
+    """Softmax attention of one query per (row, head) over the first ``n_valid`` cache slots.
+
+    q (B, H, D); k, v (B, H, S, D); mask (B, G, S) bool with G = 1 or H (False = not attended);
+    n_valid: int scalar (traced is fine), slots >= n_valid are neither read nor attended.
+    Returns (B, H, D) in v's dtype. Every (row, head) must attend at least one slot.
+    """
+    b, h, d = q.shape
+    s = k.shape[2]
+    if d & (d - 1) or d < 16:
+        raise ValueError(f"the Pallas decode kernel needs a power-of-two head_dim >= 16, got {d}; use attention='xla'")
+    g = mask.shape[1]
+    splits = splits or _splits(b * h, s, block_k)
+    split_len = -(-(-(-s // splits)) // block_k) * block_k  # ceil(S / splits), rounded up to whole blocks
+    kern = functools.partial(_kernel, block_k=block_k, split_len=split_len, scale=1.0 / math.sqrt(d))
+    mask8 = mask.astype(jnp.int8)
+    nv = jnp.asarray(n_valid, jnp.int32)
+    o, m, l = pl.pallas_call(
+        kern,
+        grid=(b, h, splits),
+        in_specs=[
+            pl.BlockSpec((), lambda i, j, t: ()),
+            pl.BlockSpec((None, None, d), lambda i, j, t: (i, j, 0)),
+            pl.BlockSpec((None, None, s, d), lambda i, j, t: (i, j, 0, 0)),
+            pl.BlockSpec((None, None, s, d), lambda i, j, t: (i, j, 0, 0)),
+            pl.BlockSpec((None, None, s), (lambda i, j, t: (i, j, 0)) if g > 1 else (lambda i, j, t: (i, 0, 0))),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, d), lambda i, j, t: (i, j, t, 0)),
+            pl.BlockSpec((None, None, None), lambda i, j, t: (i, j, t)),
+            pl.BlockSpec((None, None, None), lambda i, j, t: (i, j, t)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, h, splits, d), jnp.float32),
+            jax.ShapeDtypeStruct((b, h, splits), jnp.float32),
+            jax.ShapeDtypeStruct((b, h, splits), jnp.float32),
+        ],
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret,
+        name="adsa_decode_attention",
+    )(nv, q, k, v, mask8)
+    # Combine the splits (flash-decoding): weights exp(m_s - max m), empty splits weigh 0.
+    w = jnp.exp(m - jnp.max(m, axis=-1, keepdims=True)) * (l > 0)  # (B, H, splits)
+    out = jnp.einsum("BHs,BHsD->BHD", w, o) / jnp.sum(w * l, axis=-1)[..., None]
+    return out.astype(v.dtype)
+
+
+try:  # Pallas is part of jax; its Triton module imports lazily so a CPU install never needs it
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover - an install without Pallas: attention='xla' still works
+    pl = plgpu = None
