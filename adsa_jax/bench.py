@@ -74,11 +74,13 @@ def roofline(cfg: GPTConfig, policy, rows: int, batch: int, dtype, device: dict)
             "bytes_per_call": bytes_total, "flops_per_call": flops}
 
 
-def bench_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, iters=3, warmup=1, segments=1,
-              device=None, seed=0, run=True, attention="auto"):
-    """One configuration; ``run=False`` only compiles (compile time and compiled memory).
+def compile_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, segments=1, seed=0,
+                attention="auto") -> dict:
+    """Lower and compile one configuration; returns the executable, its arguments and the row
+    so far (compile time, compiled peak memory, KV bytes). Thread-safe: XLA compiles without
+    the GIL, so a sweep can compile many configurations at once (:func:`run`).
 
-    ``segments`` (length buckets) apply to dense with XLA attention only: the Pallas kernel
+    ``segments`` (length buckets) apply to dense/select with XLA attention: the Pallas kernel
     reads just the filled slots without them."""
     cfg = model.config
     policy = resolve_attention(policy, cfg, attention)
@@ -100,28 +102,44 @@ def bench_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, it
     if mem is not None:
         peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
                 - getattr(mem, "alias_size_in_bytes", 0))
-    times = []
-    for i in range(warmup + iters if run else 0):
-        t1 = time.perf_counter()
-        out = compiled(model.params, labels, mask, jax.random.key(seed + i), ids, scalars)
-        out.block_until_ready()
-        if i >= warmup:
-            times.append(time.perf_counter() - t1)
-    sec = statistics.median(times) if times else float("nan")
-    n = cfg.num_image_tokens
-    res = {
+    row = {
         "layers": cfg.n_layer, "dim": cfg.dim, "grid": cfg.grid, "batch": batch, "cfg": use_cfg,
         "policy": policy.name, "prefix": getattr(policy, "prefix", None), "keep": getattr(policy, "keep", None),
         "local": getattr(policy, "local", None), "segments": nseg, "attention": attn, "dtype": str(model.dtype),
-        "compile_s": compile_s, "s_per_call": sec, "images_per_s": batch / sec, "ms_per_step": 1e3 * sec / n,
-        "peak_bytes_compiled": peak, "kv_bytes": kv_bytes(policy, cfg, rows, model.dtype),
-        "times": times,
+        "compile_s": compile_s, "peak_bytes_compiled": peak, "kv_bytes": kv_bytes(policy, cfg, rows, model.dtype),
     }
+    return {"compiled": compiled, "args": (labels, mask, ids, scalars), "policy": policy, "rows": rows, "row": row}
+
+
+def time_one(model: Model, prepared: dict, *, iters=3, warmup=1, device=None, seed=0) -> dict:
+    """Run a compiled configuration ``warmup`` + ``iters`` times; the row with the median call."""
+    labels, mask, ids, scalars = prepared["args"]
+    compiled, res = prepared["compiled"], dict(prepared["row"])
+    times = []
+    for i in range(warmup + iters):
+        t1 = time.perf_counter()
+        compiled(model.params, labels, mask, jax.random.key(seed + i), ids, scalars).block_until_ready()
+        if i >= warmup:
+            times.append(time.perf_counter() - t1)
+    sec = statistics.median(times) if times else float("nan")
+    res.update(s_per_call=sec, images_per_s=res["batch"] / sec, ms_per_step=1e3 * sec / model.config.num_image_tokens,
+               times=times)
     if device is not None:
-        rf = roofline(cfg, policy, rows, batch, model.dtype, device)
+        rf = roofline(model.config, prepared["policy"], prepared["rows"], res["batch"], model.dtype, device)
         res.update(rf)
         res["achieved_fraction"] = rf["floor_s"] / sec
     return res
+
+
+def bench_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, iters=3, warmup=1, segments=1,
+              device=None, seed=0, run=True, attention="auto"):
+    """One configuration; ``run=False`` only compiles (compile time and compiled memory)."""
+    prep = compile_one(model, batch, policy, cfg_scale=cfg_scale, top_k=top_k, segments=segments, seed=seed,
+                       attention=attention)
+    if not run:
+        return dict(prep["row"], s_per_call=float("nan"), images_per_s=float("nan"), ms_per_step=float("nan"),
+                    times=[])
+    return time_one(model, prep, iters=iters, warmup=warmup, device=device, seed=seed)
 
 
 def format_rows(rows) -> str:
@@ -146,30 +164,51 @@ def format_rows(rows) -> str:
 
 def run(models=("GPT-B",), image_sizes=(256,), batches=(1, 8), policies=("dense",), budgets=(0.5,),
         dtype="bfloat16", iters=3, segments=1, cfg_scale=4.0, top_k=2000, json_path=None, measure=True, log=print,
-        attention="auto"):
+        attention="auto", compile_workers=1, warmup=1):
+    """Sweep models x image sizes x policies x budgets x batches. With ``compile_workers`` > 1 the
+    configurations of one model compile in parallel threads (their compile times then overlap:
+    compile_s is wall time under contention), and are timed one after another."""
+    from concurrent.futures import ThreadPoolExecutor
+
     device = measure_device() if measure else None
     if device:
         log(f"device {device['device']}: copy {device['bandwidth'] / 1e12:.2f} TB/s, "
             f"bf16 matmul {device['matmul_flops'] / 1e12:.0f} TFLOP/s")
     rows = []
+
+    def save():
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump({"device": device, "jax": jax.__version__, "compile_workers": compile_workers,
+                           "rows": rows}, f, indent=1)
+
     for name in models:
         for size in image_sizes:
             cfg = named_config(name, image_size=size)
             model = Model(cfg, init_params(cfg, jax.random.key(0), jnp.dtype(dtype)))
-            for pol_name in policies:
-                for budget in ([None] if pol_name == "dense" else budgets):
-                    pol = make_policy(cfg, pol_name, budget=budget)
-                    for b in batches:
-                        try:
-                            r = bench_one(model, b, pol, cfg_scale=cfg_scale, top_k=top_k, iters=iters,
-                                          segments=segments, device=device, attention=attention)
-                        except Exception as e:  # an OOM at one size should not end the sweep
-                            r = {"error": f"{type(e).__name__}: {e}", "grid": cfg.grid, "batch": b, "policy": pol_name}
-                        r.update(name=name, image_size=size, budget=budget)
-                        rows.append(r)
-                        log(format_rows([r]).splitlines()[-1])
-                        if json_path:
-                            with open(json_path, "w") as f:
-                                json.dump({"device": device, "jax": jax.__version__, "rows": rows}, f, indent=1)
+            plan = [(pol_name, budget, b) for pol_name in policies
+                    for budget in ([None] if pol_name == "dense" else budgets) for b in batches]
+
+            def prep(item):
+                pol_name, budget, b = item
+                try:
+                    return compile_one(model, b, make_policy(cfg, pol_name, budget=budget), cfg_scale=cfg_scale,
+                                       top_k=top_k, segments=segments, attention=attention)
+                except Exception as e:  # noqa: BLE001 - one failing configuration should not end the sweep
+                    return e
+
+            with ThreadPoolExecutor(max(1, compile_workers)) as pool:
+                for (pol_name, budget, b), prepared in zip(plan, pool.map(prep, plan)):
+                    try:
+                        if isinstance(prepared, Exception):
+                            raise prepared
+                        r = time_one(model, prepared, iters=iters, warmup=warmup, device=device)
+                    except Exception as e:  # noqa: BLE001 - e.g. an OOM at one size
+                        r = {"error": f"{type(e).__name__}: {e}", "grid": cfg.grid, "batch": b, "policy": pol_name}
+                    prepared = None  # free the executable
+                    r.update(name=name, image_size=size, budget=budget)
+                    rows.append(r)
+                    log(format_rows([r]).splitlines()[-1])
+                    save()
             del model
     return device, rows

@@ -475,6 +475,8 @@ def build_parser():
                    "left empty; needs --samples): classify later with --rescore")
     e.add_argument("--rescore", default=None, metavar="RESULT.json", help="generate nothing: fill in the class "
                    "accuracies of a --no-classify run's JSON from its --samples file, print the table, write --json")
+    e.add_argument("--attention", default="xla", choices=("xla", "auto", "pallas"),
+                   help="decode attention (default xla, the reference, so every device measures the same thing)")
 
     b = sub.add_parser("bench", help="speed, memory and roofline of generate (random weights of named sizes)")
     b.add_argument("--model", default="GPT-B", help="comma-separated named sizes, e.g. GPT-B,GPT-XL")
@@ -489,6 +491,8 @@ def build_parser():
     b.add_argument("--top-k", type=int, default=2000)
     b.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas"),
                    help="decode attention: auto = the Pallas kernel on GPU, XLA elsewhere")
+    b.add_argument("--compile-workers", type=int, default=1, help="compile this many configurations at once "
+                   "(threads; compile times then overlap)")
     b.add_argument("--no-roofline", action="store_true", help="skip measuring bandwidth and matmul rate")
     b.add_argument("--json", default=None)
     return p
@@ -501,7 +505,7 @@ def run_bench(a):
                   batches=[int(x) for x in a.batch.split(",")], policies=a.policies.split(","),
                   budgets=[float(x) for x in a.budgets.split(",")], dtype=a.dtype, iters=a.iters,
                   segments=a.segments, cfg_scale=a.cfg_scale, top_k=a.top_k, json_path=a.json,
-                  measure=not a.no_roofline, log=_log, attention=a.attention)
+                  measure=not a.no_roofline, log=_log, attention=a.attention, compile_workers=a.compile_workers)
     print(format_rows(rows))
 
 

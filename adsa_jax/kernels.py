@@ -21,8 +21,14 @@ import jax.numpy as jnp
 NEG_INF = -1e30
 
 
-def _kernel(nv_ref, q_ref, k_ref, v_ref, m_in_ref, o_ref, m_ref, l_ref, *, block_k, split_len, scale):
-    # One program = one (row, head, split); refs: q (D,), k/v (S, D), mask (S,) int8, n_valid ().
+def _kernel(nv_ref, q_ref, k_ref, v_ref, m_in_ref, *rest, block_k, split_len, scale, with_score):
+    # One program = one (row, head, split); refs: q (D,), k/v (S, D), mask (S,) int8, n_valid (),
+    # with_score: score vector (D,) in, then per-slot dots and squared norms (S,) out.
+    if with_score:
+        t_ref, o_ref, m_ref, l_ref, dots_ref, sq_ref = rest
+        tvec = t_ref[...]
+    else:
+        o_ref, m_ref, l_ref = rest
     s = pl.program_id(2)
     lo = s * split_len
     hi = jnp.minimum(lo + split_len, nv_ref[()])
@@ -42,6 +48,9 @@ def _kernel(nv_ref, q_ref, k_ref, v_ref, m_in_ref, o_ref, m_ref, l_ref, *, block
         corr = jnp.exp(m - m_new)
         p = jnp.where(ok, jnp.exp(logit - m_new), 0.0)
         v = plgpu.load(v_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0).astype(jnp.float32)
+        if with_score:  # ADSA's score terms from the V block already loaded: no second read of the cache
+            plgpu.store(dots_ref.at[pl.ds(start, block_k)], jnp.sum(v * tvec[None, :], axis=1), mask=inb)
+            plgpu.store(sq_ref.at[pl.ds(start, block_k)], jnp.sum(v * v, axis=1), mask=inb)
         acc = acc * corr + jnp.sum(p[:, None] * v, axis=0)
         return acc, m_new, l * corr + jnp.sum(p)
 
@@ -59,52 +68,67 @@ def _splits(rows: int, slots: int, block_k: int) -> int:
     return int(min(2 ** math.ceil(math.log2(want)), max(1, -(-slots // block_k))))
 
 
-def decode_attention(q, k, v, mask, n_valid, *, block_k: int = 64, splits: int | None = None,
+def decode_attention(q, k, v, mask, n_valid, *, score_vec=None, block_k: int = 64, splits: int | None = None,
                      interpret: bool = False):
     """Softmax attention of one query per (row, head) over the first ``n_valid`` cache slots.
 
     q (B, H, D); k, v (B, H, S, D); mask (B, G, S) bool with G = 1 or H (False = not attended);
     n_valid: int scalar (traced is fine), slots >= n_valid are neither read nor attended.
     Returns (B, H, D) in v's dtype. Every (row, head) must attend at least one slot.
+
+    score_vec (B, H, D) float32: also return, from the same read of V, ``dots = v_i . score_vec``
+    and ``sq = v_i . v_i`` (B, H, S) float32 for every slot i < n_valid (0 elsewhere): the
+    terms of ADSA's similarity score, each slot's by one and the same reduction, so identical
+    V vectors get identical values.
     """
     b, h, d = q.shape
     s = k.shape[2]
     if d & (d - 1) or d < 16:
         raise ValueError(f"the Pallas decode kernel needs a power-of-two head_dim >= 16, got {d}; use attention='xla'")
     g = mask.shape[1]
+    with_score = score_vec is not None
     splits = splits or _splits(b * h, s, block_k)
     split_len = -(-(-(-s // splits)) // block_k) * block_k  # ceil(S / splits), rounded up to whole blocks
-    kern = functools.partial(_kernel, block_k=block_k, split_len=split_len, scale=1.0 / math.sqrt(d))
-    mask8 = mask.astype(jnp.int8)
-    nv = jnp.asarray(n_valid, jnp.int32)
-    o, m, l = pl.pallas_call(
-        kern,
-        grid=(b, h, splits),
-        in_specs=[
-            pl.BlockSpec((), lambda i, j, t: ()),
-            pl.BlockSpec((None, None, d), lambda i, j, t: (i, j, 0)),
-            pl.BlockSpec((None, None, s, d), lambda i, j, t: (i, j, 0, 0)),
-            pl.BlockSpec((None, None, s, d), lambda i, j, t: (i, j, 0, 0)),
-            pl.BlockSpec((None, None, s), (lambda i, j, t: (i, j, 0)) if g > 1 else (lambda i, j, t: (i, 0, 0))),
-        ],
-        out_specs=[
-            pl.BlockSpec((None, None, None, d), lambda i, j, t: (i, j, t, 0)),
-            pl.BlockSpec((None, None, None), lambda i, j, t: (i, j, t)),
-            pl.BlockSpec((None, None, None), lambda i, j, t: (i, j, t)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((b, h, splits, d), jnp.float32),
-            jax.ShapeDtypeStruct((b, h, splits), jnp.float32),
-            jax.ShapeDtypeStruct((b, h, splits), jnp.float32),
-        ],
+    kern = functools.partial(_kernel, block_k=block_k, split_len=split_len, scale=1.0 / math.sqrt(d),
+                             with_score=with_score)
+    per_head = lambda i, j, t: (i, j, 0)  # noqa: E731 - one (row, head) block whatever the split
+    in_specs = [
+        pl.BlockSpec((), lambda i, j, t: ()),
+        pl.BlockSpec((None, None, d), per_head),
+        pl.BlockSpec((None, None, s, d), lambda i, j, t: (i, j, 0, 0)),
+        pl.BlockSpec((None, None, s, d), lambda i, j, t: (i, j, 0, 0)),
+        pl.BlockSpec((None, None, s), per_head if g > 1 else (lambda i, j, t: (i, 0, 0))),
+    ]
+    out_specs = [
+        pl.BlockSpec((None, None, None, d), lambda i, j, t: (i, j, t, 0)),
+        pl.BlockSpec((None, None, None), lambda i, j, t: (i, j, t)),
+        pl.BlockSpec((None, None, None), lambda i, j, t: (i, j, t)),
+    ]
+    out_shape = [
+        jax.ShapeDtypeStruct((b, h, splits, d), jnp.float32),
+        jax.ShapeDtypeStruct((b, h, splits), jnp.float32),
+        jax.ShapeDtypeStruct((b, h, splits), jnp.float32),
+    ]
+    args = [jnp.asarray(n_valid, jnp.int32), q, k, v, mask.astype(jnp.int8)]
+    if with_score:
+        in_specs.append(pl.BlockSpec((None, None, d), per_head))
+        args.append(score_vec.astype(jnp.float32))
+        # Every split writes its own slot range of the (row, head)'s score block.
+        out_specs += [pl.BlockSpec((None, None, s), per_head)] * 2
+        out_shape += [jax.ShapeDtypeStruct((b, h, s), jnp.float32)] * 2
+    res = pl.pallas_call(
+        kern, grid=(b, h, splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
-        interpret=interpret,
-        name="adsa_decode_attention",
-    )(nv, q, k, v, mask8)
+        interpret=interpret, name="adsa_decode_attention",
+    )(*args)
+    o, m, l = res[:3]
     # Combine the splits (flash-decoding): weights exp(m_s - max m), empty splits weigh 0.
     w = jnp.exp(m - jnp.max(m, axis=-1, keepdims=True)) * (l > 0)  # (B, H, splits)
-    out = jnp.einsum("BHs,BHsD->BHD", w, o) / jnp.sum(w * l, axis=-1)[..., None]
-    return out.astype(v.dtype)
+    out = (jnp.einsum("BHs,BHsD->BHD", w, o) / jnp.sum(w * l, axis=-1)[..., None]).astype(v.dtype)
+    if with_score:
+        valid = jnp.arange(s) < n_valid  # slots the kernel never read hold garbage: zero them
+        return out, jnp.where(valid, res[3], 0.0), jnp.where(valid, res[4], 0.0)
+    return out
 
 
 try:  # Pallas is part of jax; its Triton module imports lazily so a CPU install never needs it

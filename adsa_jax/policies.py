@@ -213,11 +213,21 @@ class Evict:
     def attended(self, t: int) -> int:
         return self.c + min(t + 1, self.prefix + self.keep + self.local)
 
+    @property
+    def fused_score(self) -> bool:
+        """With the Pallas kernel, step t's attention pass also computes step t+1's score terms
+        (V is read once per step, not twice); the XLA path scores in a separate pass."""
+        return self.attention != "xla" and self.chooser == "similarity" and self.keep > 0
+
     def init(self, batch, heads, head_dim, dtype):
         g, x = (heads, head_dim) if self.granularity == "head" else (1, heads * head_dim)
         z = jnp.zeros((batch, heads, self.slots, head_dim), dtype)
-        return {"k": z, "v": z, "pos": jnp.full((batch, g, self.slots), -1, jnp.int32),
-                "vsum": jnp.zeros((batch, g, x), jnp.float32)}
+        cache = {"k": z, "v": z, "pos": jnp.full((batch, g, self.slots), -1, jnp.int32),
+                 "vsum": jnp.zeros((batch, g, x), jnp.float32)}
+        if self.fused_score:  # v_i . total and v_i . v_i of the pool + ring slots, for the next step
+            zs = jnp.zeros((batch, heads, self.keep + self.local), jnp.float32)
+            cache.update(dots=zs, sq=zs)
+        return cache
 
     def prefill(self, cache, k, v):
         kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, H, c, D)
@@ -232,16 +242,30 @@ class Evict:
         ring = ring0 + jnp.mod(t - P, M)
         if K > 0:
             with jax.named_scope("evict"):
-                kc, vc, pos, vsum = self._to_pool(kc, vc, pos, vsum, t, ring, layer_index, row_keys)
+                terms = (cache["dots"], cache["sq"]) if self.fused_score else None
+                kc, vc, pos, vsum = self._to_pool(kc, vc, pos, vsum, t, ring, layer_index, row_keys, terms)
         slot = jnp.where(t < P, c + t, ring)
         kc, vc = _write(kc, k, slot), _write(vc, v, slot)
         pos = jax.lax.dynamic_update_slice_in_dim(
             pos, jnp.full(pos.shape[:2] + (1,), c + t, jnp.int32), slot, axis=2)
         mask = (pos >= 0) & _cond_slot_mask(cond_mask, self.slots)  # (B, G, C)
-        out = attend(q, kc, vc, mask, self.attention)
-        return {**cache, "k": kc, "v": vc, "pos": pos, "vsum": vsum}, out
+        new = {**cache, "k": kc, "v": vc, "pos": pos, "vsum": vsum}
+        if not self.fused_score:
+            return new, attend(q, kc, vc, mask, self.attention)
+        # Next step's candidates are this cache's pool + ring (nothing changes them before then),
+        # scored against next step's total = vsum + v̂ of the token the ring will then hand over.
+        ring_next = ring0 + jnp.mod(t + 1 - P, M)
+        v_next = jax.lax.dynamic_slice_in_dim(vc, ring_next, 1, axis=2)  # (B, H, 1, D)
+        total = vsum + normalized_v(v_next, self.granularity)[:, :, 0]  # (B, G, X)
+        b, h, _, d = vc.shape
+        from .kernels import decode_attention
 
-    def _to_pool(self, kc, vc, pos, vsum, t, ring, layer_index, row_keys):
+        out, dots, sq = decode_attention(q, kc, vc, jnp.broadcast_to(mask, (b, mask.shape[1], self.slots)), self.slots,
+                                         score_vec=total.reshape(b, h, d),  # 'layer': the vector split into heads
+                                         interpret=self.attention == "pallas-interpret")
+        return {**new, "dots": dots[:, :, c + P:], "sq": sq[:, :, c + P:]}, out
+
+    def _to_pool(self, kc, vc, pos, vsum, t, ring, layer_index, row_keys, terms=None):
         """Move the token about to be overwritten in the ring into the pool (or drop it).
 
         Scores are read straight from the bf16 pool (no f32 copy of it), and the move is one
@@ -262,14 +286,15 @@ class Evict:
             # Score the contiguous slots [pool | ring] in place (o sits in the ring, after the pool,
             # so first-max order is pool then o) with one multiply-and-sum: identical V vectors get
             # bit-identical scores (tie rule), and nothing is concatenated or copied.
-            vf = vc[:, :, c + P:].astype(jnp.float32)  # (B, H, K+M, D)
-            if self.granularity == "head":
-                dots = jnp.sum(vf * total[:, :, None, :], axis=-1)  # (B, H, K+M)
-                sq = jnp.sum(vf * vf, axis=-1)
+            if terms is not None:  # computed by last step's attention kernel (fused_score)
+                dots, sq = terms  # (B, H, K+M)
             else:
-                tot = total.reshape(b, h, 1, -1)  # (B, H, 1, D): the layer vector split into heads
-                dots = jnp.sum(jnp.sum(vf * tot, axis=-1), axis=1)[:, None]  # (B, 1, K+M)
-                sq = jnp.sum(jnp.sum(vf * vf, axis=-1), axis=1)[:, None]
+                vf = vc[:, :, c + P:].astype(jnp.float32)  # (B, H, K+M, D)
+                tot = total.reshape(b, h, 1, -1)  # (B, H, 1, D); 'layer': the vector split into heads
+                dots = jnp.sum(vf * tot, axis=-1)  # (B, H, K+M)
+                sq = jnp.sum(vf * vf, axis=-1)
+            if self.granularity == "layer":
+                dots, sq = jnp.sum(dots, axis=1)[:, None], jnp.sum(sq, axis=1)[:, None]  # (B, 1, K+M)
             score = dots / jnp.maximum(jnp.sqrt(sq), EPS)
             cand = (jnp.arange(K + M) < K) | (jnp.arange(K + M) == ring - (c + P))
             victim = jnp.argmax(jnp.where(cand, score, -BIG), axis=-1)  # (B, G) first max

@@ -78,6 +78,8 @@ CACHE_AXES = {
     "pos": ("batch", "groups", "slots"),
     "vsum": ("batch", "groups", "features"),
     "sel": ("batch", "groups", "keep"),
+    "dots": ("batch", "heads", "slots"),  # ADSA score terms from the Pallas kernel (adsa-evict)
+    "sq": ("batch", "heads", "slots"),
 }
 
 TOKENS_AXES = ("batch", "tokens")

@@ -1,57 +1,127 @@
-"""Exploration run on the GPU: a few XL configs plus a profile of one call (kernel time by name)."""
-import gzip, json, os, sys, time, glob, collections
+"""GPU sweep driver: a JSON plan of configurations, compiled in parallel per model, timed one by one.
+
+    python3 benchmarks/gpu_explore.py '<plan json>'      (run by the device tool; results in $OUT/$TAG.json)
+
+Plan items: {"model": "GPT-XL", "size": 256, "batch": 64, "policy": "dense", "budget": null,
+"attn": "pallas"|"xla", "seg": 4, "iters": 3, "profile": false, "compile_only": false}.
+Env: OUT, TAG, WORKERS (parallel compiles, default 4), CHECK=1 (first compare the Pallas kernel
+with the XLA path on GPT-B in float32: logits and greedy tokens).
+"""
+import collections
+import glob
+import gzip
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 sys.path.insert(0, os.getcwd())
-import jax, jax.numpy as jnp, numpy as np
-from adsa_jax.bench import bench_one, measure_device, format_rows
-from adsa_jax.config import named_config
-from adsa_jax.generate import Model, _generate_jit, _scalars
-from adsa_jax.model import init_params
-from adsa_jax.policies import make_policy
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from adsa_jax.bench import compile_one, format_rows, measure_device, time_one  # noqa: E402
+from adsa_jax.config import named_config  # noqa: E402
+from adsa_jax.generate import Model, generate, score  # noqa: E402
+from adsa_jax.model import init_params  # noqa: E402
+from adsa_jax.policies import make_policy  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp/out")
 TAG = os.environ.get("TAG", "explore")
-plan = json.loads(sys.argv[1])
-dev = measure_device()
-print("device", dev, "jax", jax.__version__, flush=True)
-rows = []
-models = {}
-for item in plan:
-    name, size, batch, pol, budget, seg = item["model"], item["size"], item["batch"], item["policy"], item.get("budget"), item.get("seg", 1)
-    key = (name, size)
-    if key not in models:
-        models.clear()
+WORKERS = int(os.environ.get("WORKERS", "4"))
+
+
+def check_kernel():
+    """float32 GPT-B 256: the kernel's logits and greedy tokens against the XLA path, per policy."""
+    cfg = named_config("GPT-B", image_size=256)
+    m = Model(cfg, init_params(cfg, jax.random.key(0), jnp.float32))
+    labels = np.arange(4, dtype=np.int32)
+    toks = np.asarray(generate(m, labels, jax.random.key(0), attention="xla"))
+    out = {}
+    for name, budget in (("dense", None), ("adsa-evict", 0.5), ("window", 0.5), ("adsa-select", 0.5)):
+        pol = make_policy(cfg, name, budget=budget)
+        a = np.asarray(score(m, labels, toks, cfg_scale=4.0, raw_rows=True, policy=pol, attention="xla"))
+        b = np.asarray(score(m, labels, toks, cfg_scale=4.0, raw_rows=True, policy=pol, attention="pallas"))
+        ga = np.asarray(generate(m, labels, jax.random.key(1), top_k=1, policy=pol, attention="xla"))
+        gb = np.asarray(generate(m, labels, jax.random.key(1), top_k=1, policy=pol, attention="pallas"))
+        out[f"{name} {budget}"] = {"max_abs_logit_diff": float(np.abs(a - b).max()),
+                                   "logit_scale": float(np.abs(a).max()),
+                                   "greedy_tokens_equal": float((ga == gb).mean())}
+        print("check", name, budget, out[f"{name} {budget}"], flush=True)
+    return out
+
+
+def profile(m, prepared, tag):
+    labels, mask, ids, scalars = prepared["args"]
+    comp = prepared["compiled"]
+    comp(m.params, labels, mask, jax.random.key(0), ids, scalars).block_until_ready()
+    d = f"/tmp/trace_{tag}"
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+        comp(m.params, labels, mask, jax.random.key(0), ids, scalars).block_until_ready()
+    f = glob.glob(f"{d}/**/*perfetto_trace.json.gz", recursive=True)
+    if not f:
+        return
+    tr = json.load(gzip.open(f[0]))
+    ev = tr["traceEvents"] if isinstance(tr, dict) else tr
+    pids = {e["pid"]: e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
+    agg, cnt = collections.Counter(), collections.Counter()
+    for e in ev:
+        if e.get("ph") == "X" and "dur" in e and "/device:GPU" in pids.get(e.get("pid"), ""):
+            agg[e["name"][:80]] += e["dur"]
+            cnt[e["name"][:80]] += 1
+    json.dump({"agg": agg, "cnt": cnt}, open(f"{OUT}/prof_{tag}.json", "w"))
+    print(f"profile {tag}: device busy {sum(agg.values()) / 1e3:.1f} ms over {sum(cnt.values())} kernels", flush=True)
+    for n, t in agg.most_common(15):
+        print(f"  {t / 1e3:9.2f} ms {cnt[n]:7d}x  {n}", flush=True)
+
+
+def main():
+    plan = json.loads(sys.argv[1])
+    t_start = time.time()
+    result = {"jax": jax.__version__, "device_kind": jax.devices()[0].device_kind, "workers": WORKERS}
+    if os.environ.get("CHECK"):
+        result["check"] = check_kernel()
+    dev = measure_device()
+    result["device"] = dev
+    print("device", dev, "jax", jax.__version__, flush=True)
+    rows = result["rows"] = []
+    groups = collections.OrderedDict()
+    for item in plan:
+        groups.setdefault((item["model"], item["size"]), []).append(item)
+    for (name, size), items in groups.items():
         cfg = named_config(name, image_size=size)
-        models[key] = Model(cfg, init_params(cfg, jax.random.key(0), jnp.bfloat16))
-    m = models[key]
-    p = make_policy(m.config, pol, budget=budget)
-    try:
-        r = bench_one(m, batch, p, segments=seg, device=dev, iters=item.get("iters", 3),
-                      warmup=0 if item.get("compile_only") else 1, run=not item.get("compile_only"))
-    except Exception as e:
-        r = {"error": repr(e)[:300], "grid": m.config.grid, "batch": batch, "policy": pol}
-    r.update(name=name, image_size=size, budget=budget)
-    rows.append(r)
-    print(format_rows([r]).splitlines()[-1], flush=True)
-    json.dump({"device": dev, "jax": jax.__version__, "rows": rows}, open(f"{OUT}/{TAG}.json", "w"), indent=1)
-    if item.get("profile"):
-        cfg = m.config
-        labels = jnp.arange(batch, dtype=jnp.int32) % 1000
-        args = (m.params, labels, jnp.ones((batch, 1), bool), jax.random.key(0), jnp.arange(batch, dtype=jnp.int32), _scalars(4.0, -1, 1.0, 2000, 1.0))
-        kw = dict(cfg=cfg, policy=p, use_cfg=True, num_segments=seg if pol == "dense" else 1)
-        _generate_jit(*args, **kw).block_until_ready()
-        d = f"/tmp/trace_{len(rows)}"
-        with jax.profiler.trace(d, create_perfetto_trace=True):
-            _generate_jit(*args, **kw).block_until_ready()
-        f = glob.glob(f"{d}/**/*perfetto_trace.json.gz", recursive=True)
-        if f:
-            tr = json.load(gzip.open(f[0]))
-            ev = tr["traceEvents"] if isinstance(tr, dict) else tr
-            pids = {e["pid"]: e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
-            agg = collections.Counter(); cnt = collections.Counter()
-            for e in ev:
-                if e.get("ph") == "X" and "dur" in e and "gpu" in pids.get(e.get("pid"), "").lower() or (e.get("ph") == "X" and "/device:GPU" in pids.get(e.get("pid"), "")):
-                    agg[e["name"][:80]] += e["dur"]; cnt[e["name"][:80]] += 1
-            tot = sum(agg.values())
-            print(f"profile {pol} b{batch} seg{seg}: device busy {tot/1e3:.1f} ms over {sum(cnt.values())} events; procs {set(pids.values())}")
-            for n, t in agg.most_common(25):
-                print(f"  {t/1e3:9.2f} ms {cnt[n]:7d}x  {n}")
+        m = Model(cfg, init_params(cfg, jax.random.key(0), jnp.bfloat16))
+
+        def prep(item, m=m, cfg=cfg):
+            try:
+                return compile_one(m, item["batch"], make_policy(cfg, item["policy"], budget=item.get("budget")),
+                                   segments=item.get("seg", 1), attention=item.get("attn", "auto"))
+            except Exception as e:  # noqa: BLE001
+                return e
+
+        with ThreadPoolExecutor(WORKERS) as pool:
+            for item, prepared in zip(items, pool.map(prep, items)):
+                try:
+                    if isinstance(prepared, Exception):
+                        raise prepared
+                    if item.get("compile_only"):
+                        r = dict(prepared["row"], s_per_call=float("nan"), images_per_s=float("nan"),
+                                 ms_per_step=float("nan"), times=[])
+                    else:
+                        r = time_one(m, prepared, iters=item.get("iters", 3), device=dev)
+                    if item.get("profile"):
+                        profile(m, prepared, f"{item['policy']}_{item.get('attn')}_{name}_{size}_{item['batch']}")
+                except Exception as e:  # noqa: BLE001 - e.g. out of memory at one size
+                    r = {"error": repr(e)[:400], "grid": cfg.grid, "batch": item["batch"], "policy": item["policy"]}
+                prepared = None
+                r.update(name=name, image_size=size, budget=item.get("budget"))
+                rows.append(r)
+                print(format_rows([r]).splitlines()[-1], f"  [{time.time() - t_start:.0f}s]", flush=True)
+                json.dump(result, open(f"{OUT}/{TAG}.json", "w"), indent=1)
+        del m
+    print(format_rows(rows))
+
+
+if __name__ == "__main__":
+    main()
