@@ -19,6 +19,10 @@ import jax
 import jax.numpy as jnp
 
 NEG_INF = -1e30
+# Tuning defaults (measured on an H100 by benchmarks/kernel_tune.py; BENCHMARKS.md).
+BLOCK_K = 64
+NUM_WARPS = 4
+NUM_STAGES = 2
 
 
 def _kernel(nv_ref, q_ref, k_ref, v_ref, m_in_ref, *rest, block_k, split_len, scale, with_score):
@@ -68,7 +72,8 @@ def _splits(rows: int, slots: int, block_k: int) -> int:
     return int(min(2 ** math.ceil(math.log2(want)), max(1, -(-slots // block_k))))
 
 
-def decode_attention(q, k, v, mask, n_valid, *, score_vec=None, block_k: int = 64, splits: int | None = None,
+def decode_attention(q, k, v, mask, n_valid, *, score_vec=None, block_k: int | None = None,
+                     splits: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                      interpret: bool = False):
     """Softmax attention of one query per (row, head) over the first ``n_valid`` cache slots.
 
@@ -87,6 +92,7 @@ def decode_attention(q, k, v, mask, n_valid, *, score_vec=None, block_k: int = 6
         raise ValueError(f"the Pallas decode kernel needs a power-of-two head_dim >= 16, got {d}; use attention='xla'")
     g = mask.shape[1]
     with_score = score_vec is not None
+    block_k = block_k or BLOCK_K
     splits = splits or _splits(b * h, s, block_k)
     split_len = -(-(-(-s // splits)) // block_k) * block_k  # ceil(S / splits), rounded up to whole blocks
     kern = functools.partial(_kernel, block_k=block_k, split_len=split_len, scale=1.0 / math.sqrt(d),
@@ -118,7 +124,7 @@ def decode_attention(q, k, v, mask, n_valid, *, score_vec=None, block_k: int = 6
         out_shape += [jax.ShapeDtypeStruct((b, h, s), jnp.float32)] * 2
     res = pl.pallas_call(
         kern, grid=(b, h, splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES),
         interpret=interpret, name="adsa_decode_attention",
     )(*args)
     o, m, l = res[:3]

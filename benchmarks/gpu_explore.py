@@ -41,6 +41,7 @@ def check_kernel():
     labels = np.arange(4, dtype=np.int32)
     toks = np.asarray(generate(m, labels, jax.random.key(0), attention="xla"))
     out = {}
+    jax.config.update("jax_default_matmul_precision", "highest")  # XLA's f32 dots would use TF32
     for name, budget in (("dense", None), ("adsa-evict", 0.5)):
         pol = make_policy(cfg, name, budget=budget)
         a = np.asarray(score(m, labels, toks, cfg_scale=4.0, raw_rows=True, policy=pol, attention="xla"))
@@ -51,6 +52,7 @@ def check_kernel():
                                    "logit_scale": float(np.abs(a).max()),
                                    "greedy_tokens_equal": float((ga == gb).mean())}
         print("check", name, budget, out[f"{name} {budget}"], flush=True)
+    jax.config.update("jax_default_matmul_precision", None)
     return out
 
 
@@ -85,6 +87,16 @@ def main():
     result = {"jax": jax.__version__, "device_kind": jax.devices()[0].device_kind, "workers": WORKERS}
     if os.environ.get("CHECK"):
         result["check"] = check_kernel()
+    tuned = os.environ.get("TUNED")  # kernel_tune.json: use its fastest dense setting for the sweep
+    if tuned and os.path.exists(tuned):
+        from adsa_jax import kernels
+
+        rows_t = [r for r in json.load(open(tuned))["rows"] if r.get("case", "").startswith("dense") and "block_k" in r
+                  and "us" in r]
+        best = min(rows_t, key=lambda r: r["us"])
+        kernels.BLOCK_K, kernels.NUM_WARPS, kernels.NUM_STAGES = best["block_k"], best["warps"], best["stages"]
+        result["kernel_params"] = best
+        print("kernel params", best, flush=True)
     dev = measure_device()
     result["device"] = dev
     print("device", dev, "jax", jax.__version__, flush=True)
