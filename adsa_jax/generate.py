@@ -203,11 +203,18 @@ def resolve_policy(model: Model, policy=None, **policy_kw):
     return policy
 
 
-def resolve_attention(policy, cfg: GPTConfig, attention: str = "auto"):
+# Row-heads below which the Pallas kernel has too little work to fill an H100 (4 waves of 132 SMs):
+# measured there, dense GPT-XL at batch 1 takes 0.465 s with the kernel and 0.389 s with XLA
+# (4 length buckets), while from batch 8 up the kernel is the faster (BENCHMARKS.md).
+SMALL_ROW_HEADS = 528
+
+
+def resolve_attention(policy, cfg: GPTConfig, attention: str = "auto", rows: int | None = None):
     """Set the policy's decode-attention implementation.
 
-    'auto': the Pallas kernel on a GPU backend when head_dim is a power of two >= 16, XLA
-    elsewhere; 'xla', 'pallas' or 'pallas-interpret' force one. A policy without an
+    'auto': on a GPU backend with a power-of-two head_dim >= 16, the Pallas kernel, except for
+    the dense policy when rows x heads < SMALL_ROW_HEADS (``rows`` = batch rows, CFG included);
+    XLA elsewhere. 'xla', 'pallas' or 'pallas-interpret' force one. A policy without an
     ``attention`` field (one defined outside the library) keeps its own attention."""
     from .policies import ATTENTION_IMPLS
 
@@ -217,7 +224,8 @@ def resolve_attention(policy, cfg: GPTConfig, attention: str = "auto"):
     d = cfg.head_dim
     kernel_ok = d >= 16 and not d & (d - 1)
     if attention == "auto":
-        attention = "pallas" if jax.default_backend() == "gpu" and kernel_ok else "xla"
+        small = type(policy) is Dense and rows is not None and rows * cfg.n_head < SMALL_ROW_HEADS
+        attention = "pallas" if jax.default_backend() == "gpu" and kernel_ok and not small else "xla"
     elif attention != "xla" and not kernel_ok:
         raise ConfigError(f"the Pallas decode kernel needs a power-of-two head_dim >= 16; this model has {d}: "
                           "use attention='xla'")
@@ -248,8 +256,9 @@ def generate(model: Model, cond, key, *, cond_mask=None, cfg_scale: float = 4.0,
     num_segments: split the decode scan into this many static length buckets (with XLA
     attention, dense/select read only the filled part of the cache; more segments = faster
     steps, longer compile). The Pallas kernel reads only filled slots without buckets.
-    attention: decode attention, 'auto' (the Pallas kernel on GPU, XLA elsewhere), 'xla' (the
-    reference), 'pallas', or 'pallas-interpret' (the kernel in the Pallas interpreter).
+    attention: decode attention, 'auto' (the Pallas kernel on GPU except dense at tiny batches,
+    XLA elsewhere: :func:`resolve_attention`), 'xla' (the reference), 'pallas', or
+    'pallas-interpret' (the kernel in the Pallas interpreter).
     mesh: a ``('data', 'model')`` mesh (:func:`adsa_jax.sharding.make_mesh`) to split the batch
     over its data axis (default on a single host with several devices: all of them on 'data') (and heads / FFN over its model axis); params not yet on the mesh are
     placed there each call (do it once: ``load(..., mesh=)`` or ``sharding.shard_model``). A batch
@@ -260,8 +269,8 @@ def generate(model: Model, cond, key, *, cond_mask=None, cfg_scale: float = 4.0,
     check_sampling_args(temperature, top_k, top_p, cfg_scale)
     cond, mask = prepare_condition(cfg, cond, cond_mask)
     pol = resolve_policy(model, policy, **_policy_kw(budget, prefix, keep, local, granularity))
-    pol = resolve_attention(pol, cfg, attention)
     b = cond.shape[0]
+    pol = resolve_attention(pol, cfg, attention, rows=b * (2 if cfg_scale > 1.0 else 1))
     example_ids = jnp.arange(b, dtype=jnp.int32) if example_ids is None else jnp.asarray(example_ids, jnp.int32)
     if example_ids.shape != (b,):
         raise ConfigError(f"example_ids must have shape ({b},), got {example_ids.shape}")
@@ -320,7 +329,7 @@ def score(model: Model, cond, tokens, *, cond_mask=None, policy=None, cfg_scale:
     if tokens.shape[1] == cfg.num_image_tokens - 1:
         tokens = jnp.pad(tokens, ((0, 0), (0, 1)))
     pol = resolve_attention(resolve_policy(model, policy, **_policy_kw(budget, prefix, keep, local, granularity)),
-                            cfg, attention)
+                            cfg, attention, rows=tokens.shape[0] * (2 if cfg_scale > 1.0 else 1))
     key = jax.random.key(0) if key is None else key
     return _score_jit(model.params, cond, mask, tokens, key, _scalars(cfg_scale, cfg_interval, 1.0, 0, 1.0),
                       cfg=cfg, policy=pol, use_cfg=bool(cfg_scale > 1.0), raw=bool(raw_rows))

@@ -20,9 +20,9 @@ import jax.numpy as jnp
 
 NEG_INF = -1e30
 # Tuning defaults (measured on an H100 by benchmarks/kernel_tune.py; BENCHMARKS.md).
-BLOCK_K = 64
-NUM_WARPS = 4
-NUM_STAGES = 2
+BLOCK_K = 128
+NUM_WARPS = 2
+NUM_STAGES = 1
 
 
 def _kernel(nv_ref, q_ref, k_ref, v_ref, m_in_ref, *rest, block_k, split_len, scale, with_score):

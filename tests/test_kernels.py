@@ -71,7 +71,11 @@ def test_kernel_lowers_for_gpu(c2i):
 def test_attention_choice_errors(c2i):
     cfg = c2i.config
     pol = make_policy(cfg, "dense")
-    assert resolve_attention(pol, cfg, "auto").attention == ("pallas" if jax.default_backend() == "gpu" else "xla")
+    gpu = jax.default_backend() == "gpu"
+    assert resolve_attention(pol, cfg, "auto").attention == ("pallas" if gpu else "xla")
+    assert resolve_attention(pol, cfg, "auto", rows=2).attention == "xla"  # dense at batch 1: XLA is faster
+    evict = make_policy(cfg, "adsa-evict", budget=0.5)
+    assert resolve_attention(evict, cfg, "auto", rows=2).attention == ("pallas" if gpu else "xla")
     with pytest.raises(ConfigError, match="attention must be"):
         resolve_attention(pol, cfg, "cudnn")
     import dataclasses
