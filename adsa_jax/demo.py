@@ -123,9 +123,17 @@ def _sklearn():
                           "(sampling the bundled model does not)") from None
 
 
-def load_data() -> dict:
+DATA_KEYS = ("train_tokens", "train_labels", "heldout_tokens", "heldout_labels", "train_index", "heldout_index")
+
+
+def load_data(path=None) -> dict:
     """Tokenised digits with the fixed held-out split: train/heldout tokens (N, 256) int32 and
-    labels (N,) int32. Stratified by class, seed 0, 20 % held out (360 of 1,797 images)."""
+    labels (N,) int32. Stratified by class, seed 0, 20 % held out (360 of 1,797 images).
+
+    ``path``: an ``.npz`` written by :func:`save_data` instead of scikit-learn (the same arrays,
+    for a machine without scikit-learn)."""
+    if path is not None:
+        return _read_data_file(path)
     _sklearn()
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -138,6 +146,34 @@ def load_data() -> dict:
     tr, ho = np.sort(tr), np.sort(ho)
     return {"train_tokens": tokens[tr], "train_labels": labels[tr], "heldout_tokens": tokens[ho],
             "heldout_labels": labels[ho], "train_index": tr, "heldout_index": ho}
+
+
+def save_data(path) -> Path:
+    """Write :func:`load_data`'s arrays to ``path`` (.npz, compressed, ~0.1 MB; needs scikit-learn)."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ConfigError(f"the demo data file must end in .npz, got {path}")
+    np.savez_compressed(path, **load_data())
+    return path
+
+
+def _read_data_file(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"demo data file {path} not found (write one with demo.save_data / "
+                          "`python examples/train_demo.py --save-data FILE.npz`)")
+    with np.load(path) as z:
+        missing = [k for k in DATA_KEYS if k not in z.files]
+        if missing:
+            raise ConfigError(f"{path} is not a demo data file: missing {', '.join(missing)}")
+        d = {k: np.asarray(z[k]).astype(np.int64 if k.endswith("_index") else np.int32) for k in DATA_KEYS}
+    for part in ("train", "heldout"):
+        t, lab = d[f"{part}_tokens"], d[f"{part}_labels"]
+        if t.ndim != 2 or t.shape[1] != SIDE * SIDE or lab.shape != (len(t),) or d[f"{part}_index"].shape != (len(t),):
+            raise ConfigError(f"{path}: {part} arrays have inconsistent shapes {t.shape}, {lab.shape}")
+        if t.size and (t.min() < 0 or t.max() >= LEVELS) or lab.size and (lab.min() < 0 or lab.max() >= NUM_CLASSES):
+            raise ConfigError(f"{path}: {part} tokens or labels out of range")
+    return d
 
 
 # ----------------------------------------------------------------------------- the bundled model
@@ -227,10 +263,16 @@ def classify_accuracy(clf, tokens, labels) -> float:
     return float((clf.predict(x) == np.asarray(labels)).mean())
 
 
+def sample_key(policy: str, budget, seed: int) -> str:
+    """Name of one policy / budget / seed's generated tokens in a ``--samples`` file."""
+    return f"{policy}_{'1.00' if budget is None else f'{budget:.2f}'}_seed{seed}"
+
+
 def quality_benchmark(model=None, *, policies=("dense", "adsa-select", "adsa-evict", "window", "random"),
                       budgets=(0.25, 0.5, 0.75), seeds=(0, 1, 2), per_seed: int = 100,
                       cfg_scale: float = DEMO_SAMPLING["cfg_scale"], top_k: int = DEMO_SAMPLING["top_k"],
                       temperature: float = DEMO_SAMPLING["temperature"], heldout: int | None = None,
+                      data=None, classify: bool = True, samples: dict | None = None, attention: str = "xla",
                       log=None) -> dict:
     """The demo model's quality under each policy and budget.
 
@@ -240,6 +282,12 @@ def quality_benchmark(model=None, *, policies=("dense", "adsa-select", "adsa-evi
     dense. Sampling: for each seed, ``per_seed`` images (class i % 10) from
     ``generate(key(seed), cfg_scale, top_k, temperature, policy)``, scored by
     :func:`digit_classifier` against the requested class; mean and std over seeds.
+
+    ``data``: :func:`load_data`'s dict (default: built with scikit-learn). ``classify=False`` skips
+    the classifier (accuracies None; no scikit-learn needed): keep the generated tokens by passing
+    a dict as ``samples`` (filled with :func:`sample_key` -> tokens) and score them later with
+    :func:`classify_samples`. ``attention``: the decode attention of ``score`` and ``generate``
+    (default ``'xla'``, the reference, on every device).
     """
     import jax
 
@@ -250,12 +298,14 @@ def quality_benchmark(model=None, *, policies=("dense", "adsa-select", "adsa-evi
     log = log or (lambda m: None)
     model = load_demo_model() if model is None else model
     cfg = model.config
-    data = load_data()
+    data = load_data() if data is None else data
     ho_t, ho_l = data["heldout_tokens"][:heldout], data["heldout_labels"][:heldout]
     t0 = time.perf_counter()
-    clf, ceiling = digit_classifier(data)
-    log(f"classifier: held-out 5-fold CV accuracy {ceiling['heldout_cv5_accuracy']:.3f}, "
-        f"train-split accuracy {ceiling['train_split_accuracy']:.3f}")
+    clf, ceiling = None, None
+    if classify:
+        clf, ceiling = digit_classifier(data)
+        log(f"classifier: held-out 5-fold CV accuracy {ceiling['heldout_cv5_accuracy']:.3f}, "
+            f"train-split accuracy {ceiling['train_split_accuracy']:.3f}")
     gen_labels = (np.arange(per_seed) % NUM_CLASSES).astype(np.int32)
     ref = None
     rows = []
@@ -263,37 +313,74 @@ def quality_benchmark(model=None, *, policies=("dense", "adsa-select", "adsa-evi
         for budget in ([None] if name == "dense" else budgets):
             t1 = time.perf_counter()
             pol = make_policy(cfg, name, budget=budget)
-            logits = score(model, ho_l, ho_t, policy=pol, cfg_scale=1.0)
+            logits = score(model, ho_l, ho_t, policy=pol, cfg_scale=1.0, attention=attention)
             if ref is None and name == "dense":
                 ref = logits
             if ref is None:
-                ref = score(model, ho_l, ho_t, policy=make_policy(cfg, "dense"), cfg_scale=1.0)
+                ref = score(model, ho_l, ho_t, policy=make_policy(cfg, "dense"), cfg_scale=1.0, attention=attention)
             kl, agree = kl_and_agreement(ref, logits)
             accs = []
             for s in seeds:
-                toks = generate(model, gen_labels, jax.random.key(s), cfg_scale=cfg_scale, top_k=top_k,
-                                temperature=temperature, policy=pol)
-                accs.append(classify_accuracy(clf, np.asarray(toks), gen_labels))
+                toks = np.asarray(generate(model, gen_labels, jax.random.key(s), cfg_scale=cfg_scale, top_k=top_k,
+                                           temperature=temperature, policy=pol, attention=attention))
+                if samples is not None:
+                    samples[sample_key(name, budget, s)] = toks.astype(np.uint8)
+                if clf is not None:
+                    accs.append(classify_accuracy(clf, toks, gen_labels))
             n = cfg.num_image_tokens
             row = {"policy": name, "budget": budget, "prefix": getattr(pol, "prefix", None),
                    "keep": getattr(pol, "keep", None), "local": getattr(pol, "local", None),
                    "cache_slots": pol.slots, "attended_per_step": float(np.mean([pol.attended(t) for t in range(n)])),
                    "heldout_nll": nll_per_token(logits, ho_t), "kl_mean": float(kl.mean()),
                    "kl_max_step": float(kl.max()), "top1_agreement": float(agree.mean()),
-                   "class_accuracy_mean": float(np.mean(accs)), "class_accuracy_std": float(np.std(accs)),
-                   "class_accuracy_per_seed": accs}
+                   **_accuracy_fields(accs if clf is not None else None)}
             rows.append(row)
+            acc = ("" if clf is None else
+                   f" acc {row['class_accuracy_mean']:.3f}±{row['class_accuracy_std']:.3f}")
             log(f"{name:<12} {budget!s:>5}: NLL {row['heldout_nll']:.4f} KL {row['kl_mean']:.4f} "
-                f"top-1 {row['top1_agreement']:.3f} acc {row['class_accuracy_mean']:.3f}±{row['class_accuracy_std']:.3f}"
-                f" ({time.perf_counter() - t1:.1f} s)")
-    import jax as _jax
-    dev = _jax.devices()[0]
+                f"top-1 {row['top1_agreement']:.3f}{acc} ({time.perf_counter() - t1:.1f} s)")
+    dev = jax.devices()[0]
     return {"rows": rows, "ceiling": ceiling,
             "settings": {"heldout_images": int(len(ho_l)), "seeds": list(seeds), "images_per_seed": per_seed,
                          "cfg_scale": cfg_scale, "top_k": top_k, "temperature": temperature,
-                         "dtype": str(model.dtype), "granularity": "head"},
+                         "dtype": str(model.dtype), "granularity": "head", "attention": attention,
+                         "matmul_precision": str(jax.config.jax_default_matmul_precision or "default")},
             "device": f"{dev.platform} ({dev.device_kind})", "date": time.strftime("%Y-%m-%d"),
             "versions": _versions(), "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def _accuracy_fields(accs):
+    if accs is None:
+        return {"class_accuracy_mean": None, "class_accuracy_std": None, "class_accuracy_per_seed": None}
+    return {"class_accuracy_mean": float(np.mean(accs)), "class_accuracy_std": float(np.std(accs)),
+            "class_accuracy_per_seed": accs}
+
+
+def classify_samples(result: dict, samples, data=None, log=None) -> dict:
+    """Fill in the class accuracies of a :func:`quality_benchmark` result run with ``classify=False``
+    from its saved samples (a dict or an ``.npz`` of :func:`sample_key` -> tokens). Returns a new
+    result; the classifier is fitted here (scikit-learn), as in a one-step run."""
+    log = log or (lambda m: None)
+    if not isinstance(samples, dict):
+        with np.load(samples) as z:
+            samples = {k: z[k] for k in z.files}
+    data = load_data() if data is None else data
+    clf, ceiling = digit_classifier(data)
+    st = result["settings"]
+    labels = (np.arange(st["images_per_seed"]) % NUM_CLASSES).astype(np.int32)
+    rows = []
+    for r in result["rows"]:
+        keys = [sample_key(r["policy"], r["budget"], s) for s in st["seeds"]]
+        missing = [k for k in keys if k not in samples]
+        if missing:
+            raise ConfigError(f"the samples file has no {', '.join(missing)}: was it written by the same run?")
+        accs = [classify_accuracy(clf, np.asarray(samples[k], np.int32), labels) for k in keys]
+        rows.append({**r, **_accuracy_fields(accs)})
+    out = dict(result, rows=rows, ceiling=ceiling)
+    import platform
+    out["classified_on"] = f"{platform.machine()} CPU, scikit-learn {_versions().get('scikit-learn')}"
+    log(f"classified {len(rows)} rows x {len(st['seeds'])} seeds; ceiling {ceiling['heldout_cv5_accuracy']:.3f}")
+    return out
 
 
 def _versions():
@@ -316,10 +403,13 @@ def format_quality(result) -> str:
     for r in result["rows"]:
         sizes = "-" if r["prefix"] is None else f"{r['prefix']}/{r['keep']}/{r['local']}"
         b = "1.00" if r["budget"] is None else f"{r['budget']:.2f}"
+        acc = ("not classified" if r["class_accuracy_mean"] is None else
+               f"{r['class_accuracy_mean']:.3f} ± {r['class_accuracy_std']:.3f}")
         lines.append(f"| {r['policy']} | {b} | {sizes} | {r['attended_per_step']:.1f} | {r['heldout_nll']:.4f} | "
-                     f"{r['kl_mean']:.4f} | {r['top1_agreement']:.3f} | "
-                     f"{r['class_accuracy_mean']:.3f} ± {r['class_accuracy_std']:.3f} |")
+                     f"{r['kl_mean']:.4f} | {r['top1_agreement']:.3f} | {acc} |")
     c = result["ceiling"]
+    if c is None:
+        return "\n".join(lines)
     lines.append(f"| real held-out images (classifier ceiling) | | | | | | | {c['heldout_cv5_accuracy']:.3f} ± "
                  f"{c['heldout_cv5_std']:.3f} (5-fold CV); {c['train_split_accuracy']:.3f} on the train split |")
     return "\n".join(lines)
@@ -409,13 +499,39 @@ def sample_demo(a, log=print):
 
 
 def run_eval_demo(a, log=print):
-    """``adsa-jax eval-demo``: print the quality table (markdown) and write the JSON."""
-    model = load_demo_model(a.gpt)
-    res = quality_benchmark(model, policies=[p for p in a.policies.split(",") if p],
-                            budgets=[float(b) for b in a.budgets.split(",") if b],
-                            seeds=[int(s) for s in a.seeds.split(",") if s], per_seed=a.per_seed,
-                            cfg_scale=a.cfg_scale, top_k=a.top_k, temperature=a.temperature,
-                            heldout=a.heldout or None, log=log)
+    """``adsa-jax eval-demo``: print the quality table (markdown) and write the JSON.
+
+    ``--no-classify --samples S.npz`` runs everything but the scikit-learn classifier (e.g. on a
+    GPU machine without scikit-learn); ``--rescore RESULT.json --samples S.npz`` adds it afterwards."""
+    from .images import atomic_savez
+
+    if a.rescore:
+        if not a.samples:
+            raise ConfigError("--rescore needs --samples: the .npz the --no-classify run wrote")
+        if a.no_classify:
+            raise ConfigError("--rescore is the classifying step: drop --no-classify")
+        try:
+            res = json.loads(Path(a.rescore).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot read the eval-demo result {a.rescore}: {e}") from None
+        if not Path(a.samples).is_file():
+            raise ConfigError(f"samples file {a.samples} not found")
+        res = classify_samples(res, a.samples, data=load_data(a.data) if a.data else None, log=log)
+    else:
+        if a.no_classify and not a.samples:
+            raise ConfigError("--no-classify needs --samples FILE.npz, to classify the samples later with --rescore")
+        data = load_data(a.data)  # before the model: a missing scikit-learn / data file fails fast
+        model = load_demo_model(a.gpt)
+        samples = {} if a.samples else None
+        res = quality_benchmark(model, policies=[p for p in a.policies.split(",") if p],
+                                budgets=[float(b) for b in a.budgets.split(",") if b],
+                                seeds=[int(s) for s in a.seeds.split(",") if s], per_seed=a.per_seed,
+                                cfg_scale=a.cfg_scale, top_k=a.top_k, temperature=a.temperature,
+                                heldout=a.heldout or None, data=data, classify=not a.no_classify,
+                                samples=samples, attention=a.attention, log=log)
+        if samples is not None:
+            atomic_savez(a.samples, **samples)
+            log(f"samples -> {a.samples} ({len(samples)} arrays)")
     s = res["settings"]
     print(f"demo model quality ({res['date']}, {res['device']}, {s['heldout_images']} held-out images, "
           f"{len(s['seeds'])} seeds x {s['images_per_seed']} samples, cfg {s['cfg_scale']}, top-k {s['top_k']}, "

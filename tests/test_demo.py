@@ -77,3 +77,96 @@ def test_sample_side_by_side(tmp_path):
     assert np.load(tmp_path / "t.npy").shape == (2, 256)
     assert main(["sample", "--side-by-side", "--out", str(out)]) == 2  # dense beside dense: refused
     assert main(["sample", "--vq", str(tmp_path), "--out", str(out)]) == 2  # demo has its own tokenizer
+
+
+def test_data_file_round_trips_and_is_checked(tmp_path):
+    pytest.importorskip("sklearn")
+    from adsa_jax.config import ConfigError
+
+    path = demo.save_data(tmp_path / "digits.npz")
+    ref, got = demo.load_data(), demo.load_data(path)
+    for k in demo.DATA_KEYS:
+        np.testing.assert_array_equal(got[k], ref[k])
+    np.savez(tmp_path / "bad.npz", train_tokens=ref["train_tokens"])
+    with pytest.raises(ConfigError, match="missing"):
+        demo.load_data(tmp_path / "bad.npz")
+    np.savez(tmp_path / "range.npz", **dict(ref, heldout_tokens=ref["heldout_tokens"] + demo.LEVELS))
+    with pytest.raises(ConfigError, match="out of range"):
+        demo.load_data(tmp_path / "range.npz")
+
+
+def _train_demo_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_demo.py"
+    spec = importlib.util.spec_from_file_location("train_demo", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_train_demo_shift_and_validation_split():
+    import jax
+
+    td = _train_demo_module()
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, demo.LEVELS, (64, 256)).astype(np.int32)
+    out = np.asarray(td.shift_tokens(jax.numpy.asarray(tokens), jax.random.key(3), 2))
+    seen = set()
+    for t, o in zip(tokens.reshape(-1, 16, 16), out.reshape(-1, 16, 16)):
+        # find the shift: the one reference translation (zero fill) that reproduces the output
+        hits = []
+        for dy in range(-2, 3):
+            for dx in range(-2, 3):
+                ref = np.zeros_like(t)
+                ref[max(dy, 0):16 + min(dy, 0), max(dx, 0):16 + min(dx, 0)] = \
+                    t[max(-dy, 0):16 + min(-dy, 0), max(-dx, 0):16 + min(-dx, 0)]
+                if np.array_equal(ref, o):
+                    hits.append((dy, dx))
+        assert len(hits) == 1
+        seen.add(hits[0])
+    assert len(seen) > 10  # the shifts vary over the batch
+    np.testing.assert_array_equal(np.asarray(td.shift_tokens(jax.numpy.asarray(tokens), jax.random.key(3), 0)), tokens)
+
+    labels = np.repeat(np.arange(10), [50, 51, 49, 50, 52, 48, 50, 50, 50, 50])
+    tr, va = td.validation_split(labels, 0.1)
+    assert len(np.intersect1d(tr, va)) == 0 and len(tr) + len(va) == len(labels)
+    np.testing.assert_array_equal(np.bincount(labels[va], minlength=10), [5] * 10)  # stratified
+    np.testing.assert_array_equal(td.validation_split(labels, 0.1)[1], va)  # fixed seed
+    assert len(td.validation_split(labels, 0.0)[1]) == 0
+
+
+def test_eval_demo_classify_later_equals_one_step(tmp_path):
+    """--no-classify --samples, then --rescore: the same table as one run with the classifier."""
+    pytest.importorskip("sklearn")
+    import json
+
+    import jax
+    import jax.numpy as jnp
+
+    from adsa_jax import model as M
+    from adsa_jax.checkpoint import save_gpt
+    from adsa_jax.cli import main
+
+    cfg = demo.demo_config(dim=32, n_layer=1, n_head=1)
+    save_gpt(tmp_path / "tiny", M.init_params(cfg, jax.random.key(0), jnp.float32, std=0.3), cfg, image_size=256)
+    data = demo.save_data(tmp_path / "digits.npz")
+    common = ["eval-demo", "--gpt", str(tmp_path / "tiny"), "--policies", "dense,window", "--budgets", "0.5",
+              "--seeds", "0,1", "--per-seed", "10", "--heldout", "4", "--data", str(data)]
+    assert main(common + ["--json", str(tmp_path / "one.json")]) == 0
+    assert main(common + ["--no-classify", "--json", str(tmp_path / "a.json")]) == 2  # samples would be lost
+    assert main(common + ["--no-classify", "--samples", str(tmp_path / "s.npz"), "--json", str(tmp_path / "a.json")]) == 0
+    first = json.loads((tmp_path / "a.json").read_text())
+    assert first["ceiling"] is None and all(r["class_accuracy_mean"] is None for r in first["rows"])
+    with np.load(tmp_path / "s.npz") as z:
+        assert sorted(z.files) == ["dense_1.00_seed0", "dense_1.00_seed1", "window_0.50_seed0", "window_0.50_seed1"]
+        assert z["window_0.50_seed1"].shape == (10, 256)
+    assert main(["eval-demo", "--rescore", str(tmp_path / "a.json"), "--samples", str(tmp_path / "s.npz"),
+                 "--json", str(tmp_path / "b.json")]) == 0
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "b.json"))
+    for r1, r2 in zip(one["rows"], two["rows"]):
+        assert r1["class_accuracy_per_seed"] == r2["class_accuracy_per_seed"]
+        assert r1["heldout_nll"] == pytest.approx(r2["heldout_nll"], abs=1e-6)
+    assert one["ceiling"] == two["ceiling"]
+    assert main(["eval-demo", "--rescore", str(tmp_path / "a.json"), "--json", ""]) == 2  # no --samples
