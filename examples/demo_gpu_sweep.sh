@@ -6,12 +6,17 @@
 #
 #   examples/demo_gpu_sweep.sh OUTDIR [TOTAL_SECONDS]     (from the repository root)
 #
-# Candidates: BASE_ARGS (every candidate) plus one entry of CANDIDATES (';'-separated) each. The
-# defaults are the 2026-11-23 H100 run (BENCHMARKS.md, "Demo model quality"): 6 layers x 192,
-# batch 64, 6000 steps, shifts 1/2/3. That run overfitted by step 750-1000 (validation NLL
-# minimum while the learning rate was still near its peak); the model it selected was worse than
-# the bundled CPU one and was not shipped. Next try e.g.
-#   CANDIDATES="--shift 3 --steps 1000 --warmup 100;--shift 3 --steps 1500 --warmup 100;--shift 2 --steps 1000 --warmup 100"
+# Candidates: BASE_ARGS (every candidate) plus one entry of CANDIDATES (';'-separated) each; later
+# arguments override earlier ones. The defaults are the first 2026-11-23 H100 run (BENCHMARKS.md,
+# "Demo model quality"): 6 layers x 192, batch 64, 6000 steps, shifts 1/2/3. That run overfitted by
+# step 750-1000 (validation NLL minimum while the learning rate was still near its peak); the model
+# it selected was worse than the then bundled CPU one and was not shipped. The second H100 run,
+#   CANDIDATES="--shift 3 --steps 1000 --warmup 100;--shift 3 --steps 1500 --warmup 100;--shift 2 --steps 1000 --warmup 100" \
+#   EVAL_RESERVE=125 examples/demo_gpu_sweep.sh OUTDIR 200
+# selected c3 (--shift 2 --steps 1000 --warmup 100; ~50 s of training): that is the bundled model
+# since 2026-11-23 and the defaults of examples/train_demo.py. It was shipped with
+#   python examples/train_demo.py --refresh adsa_jax/data/demo_digits --params-npz OUTDIR/selected_params.npz
+# (after unpacking OUTDIR/selected.tar there) on the CPU that runs the tests.
 #
 # OUTDIR gets: selected.tar (the chosen checkpoint directory), selected_params.npz (its fp32
 # params, for `train_demo.py --refresh DIR --params-npz`), logs.tar (every candidate's
