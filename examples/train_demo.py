@@ -10,8 +10,8 @@
 The defaults are the bundled model's recipe, chosen on an H100 on 2026-11-23 by
 examples/demo_gpu_sweep.sh: 6 layers x 192 (3 heads), 1,000 AdamW steps of 64 images (lr 1e-3, warmup
 100, weight decay 0.1), random shifts of up to 2 px, checkpoint selected by NLL on a 10 % validation
-split (it was the last step). On an H100 it trains in ~50 s; on a 2-core CPU the same run takes hours
-(~21 s/step measured on a loaded shared machine). For bit-equal weights on a GPU set
+split (it was the last step). On an H100 it trains in ~50 s; on a 2-core CPU the same run takes about
+1.5 h (5.6 s/step measured on an idle 2-core AMD EPYC). For bit-equal weights on a GPU set
 ``XLA_FLAGS=--xla_gpu_deterministic_ops=true`` (the sweep does, where XLA accepts it); the bundled
 run was not repeated to check bit-identity.
 
