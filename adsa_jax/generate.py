@@ -212,21 +212,26 @@ SMALL_ROW_HEADS = 528
 def resolve_attention(policy, cfg: GPTConfig, attention: str = "auto", rows: int | None = None):
     """Set the policy's decode-attention implementation.
 
-    'auto': on a GPU backend with a power-of-two head_dim >= 16, the Pallas kernel, except for
+    'auto': on a GPU backend with a power-of-two head_dim >= 16 (and a jax with the Pallas
+    Triton API, :func:`adsa_jax.kernels.available`), the Pallas kernel, except for
     the dense policy when rows x heads < SMALL_ROW_HEADS (``rows`` = batch rows, CFG included);
     XLA elsewhere. 'xla', 'pallas' or 'pallas-interpret' force one. A policy without an
     ``attention`` field (one defined outside the library) keeps its own attention."""
+    from .kernels import available
     from .policies import ATTENTION_IMPLS
 
     if attention not in ATTENTION_IMPLS + ("auto",):
         raise ConfigError(f"attention must be 'auto' or one of {', '.join(ATTENTION_IMPLS)}, got {attention!r}")
     requested = attention
     d = cfg.head_dim
-    kernel_ok = d >= 16 and not d & (d - 1)
+    dim_ok = d >= 16 and not d & (d - 1)
     if attention == "auto":
         small = type(policy) is Dense and rows is not None and rows * cfg.n_head < SMALL_ROW_HEADS
-        attention = "pallas" if jax.default_backend() == "gpu" and kernel_ok and not small else "xla"
-    elif attention != "xla" and not kernel_ok:
+        attention = "pallas" if jax.default_backend() == "gpu" and dim_ok and available() and not small else "xla"
+    elif attention != "xla" and not available():
+        raise ConfigError(f"attention={attention!r} needs the Pallas Triton API of jax >= 0.10 (this is jax "
+                          f"{jax.__version__}): upgrade jax or use attention='xla'")
+    elif attention != "xla" and not dim_ok:
         raise ConfigError(f"the Pallas decode kernel needs a power-of-two head_dim >= 16; this model has {d}: "
                           "use attention='xla'")
     has_field = dataclasses.is_dataclass(policy) and any(f.name == "attention" for f in dataclasses.fields(policy))

@@ -137,8 +137,13 @@ def decode_attention(q, k, v, mask, n_valid, *, score_vec=None, block_k: int | N
     return out
 
 
-try:  # Pallas is part of jax; its Triton module imports lazily so a CPU install never needs it
+try:  # Pallas is part of jax; an older jax without these Triton APIs keeps attention='xla'
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
-except ImportError:  # pragma: no cover - an install without Pallas: attention='xla' still works
+except ImportError:  # pragma: no cover
     pl = plgpu = None
+
+
+def available() -> bool:
+    """Whether this jax has the Pallas Triton API the kernel is written against (jax 0.10/0.11)."""
+    return plgpu is not None and all(hasattr(plgpu, n) for n in ("load", "store", "CompilerParams"))

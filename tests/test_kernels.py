@@ -68,7 +68,7 @@ def test_kernel_lowers_for_gpu(c2i):
     assert "adsa_decode_attention" in low.as_text()
 
 
-def test_attention_choice_errors(c2i):
+def test_attention_choice_errors(c2i, monkeypatch):
     cfg = c2i.config
     pol = make_policy(cfg, "dense")
     gpu = jax.default_backend() == "gpu"
@@ -83,6 +83,15 @@ def test_attention_choice_errors(c2i):
     with pytest.raises(ConfigError, match="power-of-two head_dim"):
         resolve_attention(pol, odd, "pallas")
     assert resolve_attention(pol, odd, "auto").attention == "xla"
+
+    from adsa_jax import kernels
+
+    assert kernels.available()  # the jax this project pins has the Pallas Triton API
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "available", lambda: False)  # an older jax without it
+        with pytest.raises(ConfigError, match="Pallas Triton API"):
+            resolve_attention(pol, cfg, "pallas")
+        assert resolve_attention(make_policy(cfg, "adsa-evict", budget=0.5), cfg, "auto").attention == "xla"
 
     class Mine:  # a policy of the user's own, without the field
         pass
