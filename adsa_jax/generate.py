@@ -203,10 +203,11 @@ def resolve_policy(model: Model, policy=None, **policy_kw):
     return policy
 
 
-# Row-heads below which the Pallas kernel has too little work to fill an H100 (4 waves of 132 SMs):
-# measured there, dense GPT-XL at batch 1 takes 0.465 s with the kernel and 0.389 s with XLA
-# (4 length buckets), while from batch 8 up the kernel is the faster (BENCHMARKS.md).
-SMALL_ROW_HEADS = 528
+# Row-heads (batch rows x heads) below which dense decoding keeps XLA attention: at batch 1
+# (GPT-XL with CFG: 40 row-heads) the kernel's split-combine costs more than it saves, measured on
+# an H100 (0.465 s with the kernel, 0.396 s with XLA); at batch 64 the kernel is faster (0.941 vs
+# 0.998 s). Batch 8 (320 row-heads) was measured with the kernel only (BENCHMARKS.md).
+SMALL_ROW_HEADS = 64
 
 
 def resolve_attention(policy, cfg: GPTConfig, attention: str = "auto", rows: int | None = None):
