@@ -132,6 +132,8 @@ def decode_attention(q, k, v, mask, n_valid, *, score_vec=None, block_k: int | N
     w = jnp.exp(m - jnp.max(m, axis=-1, keepdims=True)) * (l > 0)  # (B, H, splits)
     out = (jnp.einsum("BHs,BHsD->BHD", w, o) / jnp.sum(w * l, axis=-1)[..., None]).astype(v.dtype)
     if with_score:
+        if isinstance(n_valid, int) and n_valid >= s:  # every slot was read (adsa-evict): nothing to clear
+            return out, res[3], res[4]
         valid = jnp.arange(s) < n_valid  # slots the kernel never read hold garbage: zero them
         return out, jnp.where(valid, res[3], 0.0), jnp.where(valid, res[4], 0.0)
     return out

@@ -41,18 +41,20 @@ BIG = 1e30
 ATTENTION_IMPLS = ("xla", "pallas", "pallas-interpret")
 
 
-def attend(q, k, v, mask, impl: str = "xla", n_valid=None):
+def attend(q, k, v, mask, impl: str = "xla", n_valid=None, score_vec=None):
     """q (B,H,D), k/v (B,H,S,D), mask broadcastable to (B,H,S) -> (B,H,D); f32 logits/softmax.
 
     impl 'xla' is the reference; 'pallas' is the GPU kernel of :mod:`adsa_jax.kernels`, which
     also skips slots >= n_valid (default: all S), 'pallas-interpret' the same kernel run by
-    the Pallas interpreter (any backend; tests)."""
+    the Pallas interpreter (any backend; tests). With ``score_vec`` (kernel only) it returns
+    ``(out, dots, sq)``, ADSA's score terms from the same read of V (``decode_attention``)."""
     if impl != "xla":
         from .kernels import decode_attention
 
         b, h, s = k.shape[:3]
         m = jnp.broadcast_to(mask, (b, mask.shape[1] if mask.ndim == 3 else 1, s))  # (B, 1|G, S)
-        return decode_attention(q, k, v, m, s if n_valid is None else n_valid, interpret=impl == "pallas-interpret")
+        return decode_attention(q, k, v, m, s if n_valid is None else n_valid, score_vec=score_vec,
+                                interpret=impl == "pallas-interpret")
     scale = 1.0 / math.sqrt(q.shape[-1])
     logits = jnp.einsum("BHD,BHSD->BHS", q, k, preferred_element_type=jnp.float32) * scale
     logits = jnp.where(mask, logits, NEG_INF)
@@ -224,8 +226,8 @@ class Evict:
         z = jnp.zeros((batch, heads, self.slots, head_dim), dtype)
         cache = {"k": z, "v": z, "pos": jnp.full((batch, g, self.slots), -1, jnp.int32),
                  "vsum": jnp.zeros((batch, g, x), jnp.float32)}
-        if self.fused_score:  # v_i . total and v_i . v_i of the pool + ring slots, for the next step
-            zs = jnp.zeros((batch, heads, self.keep + self.local), jnp.float32)
+        if self.fused_score:  # v_i . total and v_i . v_i of every slot (the kernel's output), next step's
+            zs = jnp.zeros((batch, heads, self.slots), jnp.float32)
             cache.update(dots=zs, sq=zs)
         return cache
 
@@ -258,12 +260,9 @@ class Evict:
         v_next = jax.lax.dynamic_slice_in_dim(vc, ring_next, 1, axis=2)  # (B, H, 1, D)
         total = vsum + normalized_v(v_next, self.granularity)[:, :, 0]  # (B, G, X)
         b, h, _, d = vc.shape
-        from .kernels import decode_attention
-
-        out, dots, sq = decode_attention(q, kc, vc, jnp.broadcast_to(mask, (b, mask.shape[1], self.slots)), self.slots,
-                                         score_vec=total.reshape(b, h, d),  # 'layer': the vector split into heads
-                                         interpret=self.attention == "pallas-interpret")
-        return {**new, "dots": dots[:, :, c + P:], "sq": sq[:, :, c + P:]}, out
+        out, dots, sq = attend(q, kc, vc, mask, self.attention,
+                               score_vec=total.reshape(b, h, d))  # 'layer': the vector split into heads
+        return {**new, "dots": dots, "sq": sq}, out
 
     def _to_pool(self, kc, vc, pos, vsum, t, ring, layer_index, row_keys, terms=None):
         """Move the token about to be overwritten in the ring into the pool (or drop it).
@@ -287,7 +286,7 @@ class Evict:
             # so first-max order is pool then o) with one multiply-and-sum: identical V vectors get
             # bit-identical scores (tie rule), and nothing is concatenated or copied.
             if terms is not None:  # computed by last step's attention kernel (fused_score)
-                dots, sq = terms  # (B, H, K+M)
+                dots, sq = terms[0][:, :, c + P:], terms[1][:, :, c + P:]  # (B, H, K+M)
             else:
                 vf = vc[:, :, c + P:].astype(jnp.float32)  # (B, H, K+M, D)
                 tot = total.reshape(b, h, 1, -1)  # (B, H, 1, D); 'layer': the vector split into heads
