@@ -162,53 +162,64 @@ def format_rows(rows) -> str:
     return "\n".join(lines)
 
 
+def compiled_in_order(model: Model, items, workers: int = 1):
+    """Compile configurations in ``workers`` threads; yield ``(item, prepared)`` in item order as
+    each is ready (``prepared``: :func:`compile_one`'s dict, or the exception it raised). Items are
+    dicts with ``batch``, ``policy`` (an object) and optional ``segments``, ``attention``,
+    ``cfg_scale``, ``top_k``. Time each one (:func:`time_one`) before taking the next, so only
+    the executables still compiling or waiting are held."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def prep(item):
+        try:
+            return compile_one(model, item["batch"], item["policy"], segments=item.get("segments", 1),
+                               attention=item.get("attention", "auto"), cfg_scale=item.get("cfg_scale", 4.0),
+                               top_k=item.get("top_k", 2000))
+        except Exception as e:  # noqa: BLE001 - one failing configuration should not end the sweep
+            return e
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        yield from zip(items, pool.map(prep, items))
+
+
+def error_row(e: Exception, model: Model, item) -> dict:
+    return {"error": f"{type(e).__name__}: {e}"[:400], "grid": model.config.grid, "batch": item["batch"],
+            "policy": item["policy"].name}
+
+
 def run(models=("GPT-B",), image_sizes=(256,), batches=(1, 8), policies=("dense",), budgets=(0.5,),
         dtype="bfloat16", iters=3, segments=1, cfg_scale=4.0, top_k=2000, json_path=None, measure=True, log=print,
         attention="auto", compile_workers=1, warmup=1):
     """Sweep models x image sizes x policies x budgets x batches. With ``compile_workers`` > 1 the
     configurations of one model compile in parallel threads (their compile times then overlap:
     compile_s is wall time under contention), and are timed one after another."""
-    from concurrent.futures import ThreadPoolExecutor
-
     device = measure_device() if measure else None
     if device:
         log(f"device {device['device']}: copy {device['bandwidth'] / 1e12:.2f} TB/s, "
             f"bf16 matmul {device['matmul_flops'] / 1e12:.0f} TFLOP/s")
     rows = []
-
-    def save():
-        if json_path:
-            with open(json_path, "w") as f:
-                json.dump({"device": device, "jax": jax.__version__, "compile_workers": compile_workers,
-                           "rows": rows}, f, indent=1)
-
     for name in models:
         for size in image_sizes:
             cfg = named_config(name, image_size=size)
             model = Model(cfg, init_params(cfg, jax.random.key(0), jnp.dtype(dtype)))
-            plan = [(pol_name, budget, b) for pol_name in policies
-                    for budget in ([None] if pol_name == "dense" else budgets) for b in batches]
-
-            def prep(item):
-                pol_name, budget, b = item
+            items = [{"batch": b, "policy": make_policy(cfg, pol_name, budget=budget), "budget": budget,
+                      "segments": segments, "attention": attention, "cfg_scale": cfg_scale, "top_k": top_k}
+                     for pol_name in policies for budget in ([None] if pol_name == "dense" else budgets)
+                     for b in batches]
+            for item, prepared in compiled_in_order(model, items, compile_workers):
                 try:
-                    return compile_one(model, b, make_policy(cfg, pol_name, budget=budget), cfg_scale=cfg_scale,
-                                       top_k=top_k, segments=segments, attention=attention)
-                except Exception as e:  # noqa: BLE001 - one failing configuration should not end the sweep
-                    return e
-
-            with ThreadPoolExecutor(max(1, compile_workers)) as pool:
-                for (pol_name, budget, b), prepared in zip(plan, pool.map(prep, plan)):
-                    try:
-                        if isinstance(prepared, Exception):
-                            raise prepared
-                        r = time_one(model, prepared, iters=iters, warmup=warmup, device=device)
-                    except Exception as e:  # noqa: BLE001 - e.g. an OOM at one size
-                        r = {"error": f"{type(e).__name__}: {e}", "grid": cfg.grid, "batch": b, "policy": pol_name}
-                    prepared = None  # free the executable
-                    r.update(name=name, image_size=size, budget=budget)
-                    rows.append(r)
-                    log(format_rows([r]).splitlines()[-1])
-                    save()
+                    if isinstance(prepared, Exception):
+                        raise prepared
+                    r = time_one(model, prepared, iters=iters, warmup=warmup, device=device)
+                except Exception as e:  # noqa: BLE001 - e.g. an OOM at one size
+                    r = error_row(e, model, item)
+                prepared = None  # free the executable
+                r.update(name=name, image_size=size, budget=item["budget"])
+                rows.append(r)
+                log(format_rows([r]).splitlines()[-1])
+                if json_path:
+                    with open(json_path, "w") as f:
+                        json.dump({"device": device, "jax": jax.__version__, "compile_workers": compile_workers,
+                                   "rows": rows}, f, indent=1)
             del model
     return device, rows

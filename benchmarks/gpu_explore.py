@@ -16,14 +16,13 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.getcwd())
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from adsa_jax.bench import compile_one, format_rows, measure_device, time_one  # noqa: E402
+from adsa_jax.bench import compiled_in_order, error_row, format_rows, measure_device, time_one  # noqa: E402
 from adsa_jax.config import named_config  # noqa: E402
 from adsa_jax.generate import Model, generate, score  # noqa: E402
 from adsa_jax.model import init_params  # noqa: E402
@@ -107,33 +106,26 @@ def main():
     for (name, size), items in groups.items():
         cfg = named_config(name, image_size=size)
         m = Model(cfg, init_params(cfg, jax.random.key(0), jnp.bfloat16))
-
-        def prep(item, m=m, cfg=cfg):
+        items = [dict(item, policy=make_policy(cfg, item["policy"], budget=item.get("budget")),
+                      segments=item.get("seg", 1), attention=item.get("attn", "auto")) for item in items]
+        for item, prepared in compiled_in_order(m, items, WORKERS):
             try:
-                return compile_one(m, item["batch"], make_policy(cfg, item["policy"], budget=item.get("budget")),
-                                   segments=item.get("seg", 1), attention=item.get("attn", "auto"))
-            except Exception as e:  # noqa: BLE001
-                return e
-
-        with ThreadPoolExecutor(WORKERS) as pool:
-            for item, prepared in zip(items, pool.map(prep, items)):
-                try:
-                    if isinstance(prepared, Exception):
-                        raise prepared
-                    if item.get("compile_only"):
-                        r = dict(prepared["row"], s_per_call=float("nan"), images_per_s=float("nan"),
-                                 ms_per_step=float("nan"), times=[])
-                    else:
-                        r = time_one(m, prepared, iters=item.get("iters", 3), device=dev)
-                    if item.get("profile"):
-                        profile(m, prepared, f"{item['policy']}_{item.get('attn')}_{name}_{size}_{item['batch']}")
-                except Exception as e:  # noqa: BLE001 - e.g. out of memory at one size
-                    r = {"error": repr(e)[:400], "grid": cfg.grid, "batch": item["batch"], "policy": item["policy"]}
-                prepared = None
-                r.update(name=name, image_size=size, budget=item.get("budget"))
-                rows.append(r)
-                print(format_rows([r]).splitlines()[-1], f"  [{time.time() - t_start:.0f}s]", flush=True)
-                json.dump(result, open(f"{OUT}/{TAG}.json", "w"), indent=1)
+                if isinstance(prepared, Exception):
+                    raise prepared
+                if item.get("compile_only"):
+                    r = dict(prepared["row"], s_per_call=float("nan"), images_per_s=float("nan"),
+                             ms_per_step=float("nan"), times=[])
+                else:
+                    r = time_one(m, prepared, iters=item.get("iters", 3), device=dev)
+                if item.get("profile"):
+                    profile(m, prepared, f"{item['policy'].name}_{item['attention']}_{name}_{size}_{item['batch']}")
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory at one size
+                r = error_row(e, m, item)
+            prepared = None
+            r.update(name=name, image_size=size, budget=item.get("budget"))
+            rows.append(r)
+            print(format_rows([r]).splitlines()[-1], f"  [{time.time() - t_start:.0f}s]", flush=True)
+            json.dump(result, open(f"{OUT}/{TAG}.json", "w"), indent=1)
         del m
     print(format_rows(rows))
 

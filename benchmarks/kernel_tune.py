@@ -27,7 +27,7 @@ OUT = os.environ.get("OUT", "/tmp/out")
 
 
 def timeit(f, *args, n=50):
-    f(*args).block_until_ready() if not isinstance(f(*args), tuple) else jax.block_until_ready(f(*args))
+    jax.block_until_ready(f(*args))  # compile and warm up
     ts = []
     for _ in range(5):
         t0 = time.perf_counter()
