@@ -58,6 +58,8 @@ def check_kernel():
 def profile(m, prepared, tag):
     labels, mask, ids, scalars = prepared["args"]
     comp = prepared["compiled"]
+    with gzip.open(f"{OUT}/hlo_{tag}.txt.gz", "wt") as f:  # maps the profile's fusion names to ops
+        f.write(comp.as_text())
     comp(m.params, labels, mask, jax.random.key(0), ids, scalars).block_until_ready()
     d = f"/tmp/trace_{tag}"
     with jax.profiler.trace(d, create_perfetto_trace=True):
