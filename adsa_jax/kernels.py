@@ -25,9 +25,16 @@ NUM_WARPS = 2
 NUM_STAGES = 1
 
 
-def _kernel(nv_ref, q_ref, k_ref, v_ref, m_in_ref, *rest, block_k, split_len, scale, with_score):
+def _kernel(nv_ref, q_ref, k_ref, v_ref, m_in_ref, *rest, block_k, split_len, scale, with_score, write):
     # One program = one (row, head, split); refs: q (D,), k/v (S, D), mask (S,) int8, n_valid (),
     # with_score: score vector (D,) in, then per-slot dots and squared norms (S,) out.
+    # write: the new token's k/v (D,) in; the cache (aliased) gets them at slot n_valid - 1,
+    # stored after the loop by the split that reads that slot (it sees them in registers).
+    rest = list(rest)
+    if write:
+        kn_ref, vn_ref = rest.pop(0), rest.pop(0)
+        ko_ref, vo_ref = rest.pop(-2), rest.pop(-1)
+        k_new, v_new = kn_ref[...], vn_ref[...]
     if with_score:
         t_ref, o_ref, m_ref, l_ref, dots_ref, sq_ref = rest
         tvec = t_ref[...]
@@ -45,13 +52,19 @@ def _kernel(nv_ref, q_ref, k_ref, v_ref, m_in_ref, *rest, block_k, split_len, sc
         start = lo + j * block_k
         idx = start + lanes
         inb = idx < hi
-        k = plgpu.load(k_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0).astype(jnp.float32)
+        k = plgpu.load(k_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0)
+        if write:
+            k = jnp.where((idx == nv_ref[()] - 1)[:, None], k_new[None, :], k)
+        k = k.astype(jnp.float32)
         ok = inb & (plgpu.load(m_in_ref.at[pl.ds(start, block_k)], mask=inb, other=0) != 0)
         logit = jnp.where(ok, jnp.sum(k * q[None, :], axis=1), NEG_INF)  # (block_k,)
         m_new = jnp.maximum(m, jnp.max(logit))
         corr = jnp.exp(m - m_new)
         p = jnp.where(ok, jnp.exp(logit - m_new), 0.0)
-        v = plgpu.load(v_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0).astype(jnp.float32)
+        v = plgpu.load(v_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0)
+        if write:
+            v = jnp.where((idx == nv_ref[()] - 1)[:, None], v_new[None, :], v)
+        v = v.astype(jnp.float32)
         if with_score:  # ADSA's score terms from the V block already loaded: no second read of the cache
             plgpu.store(dots_ref.at[pl.ds(start, block_k)], jnp.sum(v * tvec[None, :], axis=1), mask=inb)
             plgpu.store(sq_ref.at[pl.ds(start, block_k)], jnp.sum(v * v, axis=1), mask=inb)
@@ -64,6 +77,11 @@ def _kernel(nv_ref, q_ref, k_ref, v_ref, m_in_ref, *rest, block_k, split_len, sc
     o_ref[...] = acc
     m_ref[...] = m
     l_ref[...] = l
+    if write:
+        slot = nv_ref[()] - 1
+        mine = (jnp.arange(1) == 0) & (slot >= lo) & (slot < hi)
+        plgpu.store(ko_ref.at[pl.ds(slot, 1), :], k_new[None, :], mask=mine[:, None])
+        plgpu.store(vo_ref.at[pl.ds(slot, 1), :], v_new[None, :], mask=mine[:, None])
 
 
 def _splits(rows: int, slots: int, block_k: int) -> int:
@@ -72,7 +90,7 @@ def _splits(rows: int, slots: int, block_k: int) -> int:
     return int(min(2 ** math.ceil(math.log2(want)), max(1, -(-slots // block_k))))
 
 
-def decode_attention(q, k, v, mask, n_valid, *, score_vec=None, block_k: int | None = None,
+def decode_attention(q, k, v, mask, n_valid, *, score_vec=None, new=None, block_k: int | None = None,
                      splits: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                      interpret: bool = False):
     """Softmax attention of one query per (row, head) over the first ``n_valid`` cache slots.
@@ -85,6 +103,9 @@ def decode_attention(q, k, v, mask, n_valid, *, score_vec=None, block_k: int | N
     and ``sq = v_i . v_i`` (B, H, S) float32 for every slot i < n_valid (0 elsewhere): the
     terms of ADSA's similarity score, each slot's by one and the same reduction, so identical
     V vectors get identical values.
+
+    new = (k_new, v_new) (B, H, D): the token of slot ``n_valid - 1``, written into the cache in
+    place by the kernel (no separate update of the cache); returns ``(out, k, v)`` then.
     """
     b, h, d = q.shape
     s = k.shape[2]
@@ -95,8 +116,9 @@ def decode_attention(q, k, v, mask, n_valid, *, score_vec=None, block_k: int | N
     block_k = block_k or BLOCK_K
     splits = splits or _splits(b * h, s, block_k)
     split_len = -(-(-(-s // splits)) // block_k) * block_k  # ceil(S / splits), rounded up to whole blocks
+    write = new is not None
     kern = functools.partial(_kernel, block_k=block_k, split_len=split_len, scale=1.0 / math.sqrt(d),
-                             with_score=with_score)
+                             with_score=with_score, write=write)
     per_head = lambda i, j, t: (i, j, 0)  # noqa: E731 - one (row, head) block whatever the split
     in_specs = [
         pl.BlockSpec((), lambda i, j, t: ()),
@@ -116,27 +138,191 @@ def decode_attention(q, k, v, mask, n_valid, *, score_vec=None, block_k: int | N
         jax.ShapeDtypeStruct((b, h, splits), jnp.float32),
     ]
     args = [jnp.asarray(n_valid, jnp.int32), q, k, v, mask.astype(jnp.int8)]
+    aliases = {}
+    if write:
+        in_specs += [pl.BlockSpec((None, None, d), per_head)] * 2
+        args += [new[0].astype(k.dtype), new[1].astype(v.dtype)]
     if with_score:
         in_specs.append(pl.BlockSpec((None, None, d), per_head))
         args.append(score_vec.astype(jnp.float32))
         # Every split writes its own slot range of the (row, head)'s score block.
         out_specs += [pl.BlockSpec((None, None, s), per_head)] * 2
         out_shape += [jax.ShapeDtypeStruct((b, h, s), jnp.float32)] * 2
+    if write:  # the cache, updated in place: the last two outputs
+        aliases = {2: len(out_shape), 3: len(out_shape) + 1}
+        out_specs += [pl.BlockSpec((None, None, s, d), lambda i, j, t: (i, j, 0, 0))] * 2
+        out_shape += [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
     res = pl.pallas_call(
         kern, grid=(b, h, splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES),
+        input_output_aliases=aliases, compiler_params=plgpu.CompilerParams(num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES),
         interpret=interpret, name="adsa_decode_attention",
     )(*args)
     o, m, l = res[:3]
     # Combine the splits (flash-decoding): weights exp(m_s - max m), empty splits weigh 0.
     w = jnp.exp(m - jnp.max(m, axis=-1, keepdims=True)) * (l > 0)  # (B, H, splits)
     out = (jnp.einsum("BHs,BHsD->BHD", w, o) / jnp.sum(w * l, axis=-1)[..., None]).astype(v.dtype)
+    if write:
+        assert not with_score, "the in-place write is for the dense cache"
+        return out, res[-2], res[-1]
     if with_score:
         if isinstance(n_valid, int) and n_valid >= s:  # every slot was read (adsa-evict): nothing to clear
             return out, res[3], res[4]
         valid = jnp.arange(s) < n_valid  # slots the kernel never read hold garbage: zero them
         return out, jnp.where(valid, res[3], 0.0), jnp.where(valid, res[4], 0.0)
     return out
+
+
+def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref,
+                  pos_ref, cok_ref, *rest, block_k, slots, c, P, K, scale, eps):
+    # One program = one (row, head): the whole adsa-evict (or window, K = 0) step of a layer.
+    # Scalars: ws = slot of the new token, ring = ring slot of the token o leaving the window,
+    # mv = o moves to the pool this step, full = the pool is full, free = the lowest free pool
+    # position, rn = next step's ring slot, np = the new token's position. Every store comes
+    # after the attention loop, whose cross-warp reductions order it after every load: the
+    # cache is updated in place (aliased) with no read of a slot after its write.
+    if K:
+        vs_ref, dt_ref, sq_ref, o_ref, ko_ref, vo_ref, po_ref, vso_ref, dto_ref, sqo_ref = rest
+    else:
+        o_ref, ko_ref, vo_ref, po_ref = rest
+    ws, ring, new_pos = ws_ref[()], ring_ref[()], np_ref[()]
+    q = q_ref[...].astype(jnp.float32) * scale  # (D,)
+    k_new, v_new = kn_ref[...], vn_ref[...]  # (D,) in the cache dtype
+    d = q.shape[0]
+    lanes = jnp.arange(block_k)
+    n_blocks = -(-slots // block_k)
+
+    def row(ref, slot):  # one cache row (D,) at a traced slot
+        return jnp.sum(plgpu.load(ref.at[pl.ds(slot, 1), :]), axis=0)
+
+    def unit(x):  # v / max(|v|, eps) in f32, as policies.normalized_v
+        x = x.astype(jnp.float32)
+        return x / jnp.maximum(jnp.sqrt(jnp.sum(x * x)), eps)
+
+    if K:
+        moving, full = mv_ref[()] != 0, full_ref[()] != 0
+        k_o, v_o = row(k_ref, ring), row(v_ref, ring)
+        p_o = jnp.sum(plgpu.load(pos_ref.at[pl.ds(ring, 1)]))
+        # Victim: the first maximum of dots / |v| over pool slots (slot order), then o (its ring slot).
+        def best_of(j, carry):
+            best, at = carry
+            idx = j * block_k + lanes
+            inb = idx < slots
+            dt = plgpu.load(dt_ref.at[pl.ds(j * block_k, block_k)], mask=inb, other=0.0)
+            sq = plgpu.load(sq_ref.at[pl.ds(j * block_k, block_k)], mask=inb, other=1.0)
+            cand = inb & (idx >= c + P) & ((idx < c + P + K) | (idx == ring))
+            sc = jnp.where(cand, dt / jnp.maximum(jnp.sqrt(sq), eps), -2e30)
+            bm = jnp.max(sc)
+            first = jnp.min(jnp.where(sc == bm, idx, slots))
+            return jnp.where(bm > best, bm, best), jnp.where(bm > best, first, at)
+
+        _, at = jax.lax.fori_loop(0, n_blocks, best_of, (jnp.float32(-3e38), jnp.int32(0)))
+        victim = jnp.where(at == ring, K, at - (c + P))  # 0..K-1 a pool position, K = o itself
+        vn_o = unit(v_o)
+        vn_ev = jnp.where(victim == K, vn_o, unit(row(v_ref, c + P + jnp.minimum(victim, K - 1))))
+        total = vs_ref[...] + vn_o
+        vsum = jnp.where(moving, jnp.where(full, total - vn_ev, total), vs_ref[...])
+        target = jnp.where(full, victim, free_ref[()])
+        apply = moving & (target < K)
+        dest = jnp.where(apply, c + P + target, -1)  # -1: o is dropped or nothing moves
+        rn = rn_ref[()]
+        v_next = jnp.where(rn == ws, v_new, row(v_ref, rn))
+        tvec = vsum + unit(v_next)  # next step's total: its candidates are this cache's pool + ring
+    else:
+        dest = jnp.int32(-1)
+
+    def body(j, carry):
+        acc, m, l = carry
+        start = j * block_k
+        idx = start + lanes
+        inb = idx < slots
+        at_ws, at_dest = (idx == ws)[:, None], (idx == dest)[:, None]
+        k = plgpu.load(k_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0)
+        v = plgpu.load(v_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0)
+        p = plgpu.load(pos_ref.at[pl.ds(start, block_k)], mask=inb, other=-1)
+        # This step's writes, seen in registers: the new token at ws, o at its pool slot.
+        k = jnp.where(at_ws, k_new[None, :], k)
+        v = jnp.where(at_ws, v_new[None, :], v)
+        p = jnp.where(idx == ws, new_pos, p)
+        if K:
+            k = jnp.where(at_dest, k_o[None, :], k)
+            v = jnp.where(at_dest, v_o[None, :], v)
+            p = jnp.where(idx == dest, p_o, p)
+        k, v = k.astype(jnp.float32), v.astype(jnp.float32)
+        ok = inb & (p >= 0) & (plgpu.load(cok_ref.at[pl.ds(start, block_k)], mask=inb, other=0) != 0)
+        logit = jnp.where(ok, jnp.sum(k * q[None, :], axis=1), NEG_INF)
+        m_new = jnp.maximum(m, jnp.max(logit))
+        corr = jnp.exp(m - m_new)
+        pr = jnp.where(ok, jnp.exp(logit - m_new), 0.0)
+        if K:
+            plgpu.store(dto_ref.at[pl.ds(start, block_k)], jnp.sum(v * tvec[None, :], axis=1), mask=inb)
+            plgpu.store(sqo_ref.at[pl.ds(start, block_k)], jnp.sum(v * v, axis=1), mask=inb)
+        acc = acc * corr + jnp.sum(pr[:, None] * v, axis=0)
+        return acc, m_new, l * corr + jnp.sum(pr)
+
+    init = (jnp.zeros((d,), jnp.float32), jnp.float32(NEG_INF), jnp.float32(0.0))
+    acc, m, l = jax.lax.fori_loop(0, n_blocks, body, init)
+    o_ref[...] = (acc / l).astype(o_ref.dtype)
+    one = jnp.arange(1)
+    plgpu.store(ko_ref.at[pl.ds(ws, 1), :], k_new[None, :])
+    plgpu.store(vo_ref.at[pl.ds(ws, 1), :], v_new[None, :])
+    plgpu.store(po_ref.at[pl.ds(ws, 1)], jnp.full((1,), new_pos, jnp.int32))
+    if K:
+        ok_move = (one == 0) & apply
+        dslot = jnp.maximum(dest, 0)
+        plgpu.store(ko_ref.at[pl.ds(dslot, 1), :], k_o[None, :], mask=ok_move[:, None])
+        plgpu.store(vo_ref.at[pl.ds(dslot, 1), :], v_o[None, :], mask=ok_move[:, None])
+        plgpu.store(po_ref.at[pl.ds(dslot, 1)], jnp.full((1,), p_o, jnp.int32), mask=ok_move)
+        vso_ref[...] = vsum
+
+
+def evict_fusable(rows: int, heads: int, slots: int, block_k: int | None = None) -> bool:
+    """Whether :func:`evict_step` applies: one program per (row, head), i.e. no split over slots
+    (enough rows x heads to fill the GPU without one; smaller batches keep the unfused path)."""
+    return _splits(rows * heads, slots, block_k or BLOCK_K) == 1
+
+
+def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: int, keep: int, vsum=None,
+               dots=None, sq=None, eps: float = 1e-6, block_k: int | None = None, num_warps: int | None = None,
+               num_stages: int | None = None, interpret: bool = False):
+    """One adsa-evict (``keep`` > 0, head granularity) or window (``keep`` = 0) decode step of a
+    layer in one kernel: write the new token, move the token leaving the window into the pool
+    (evicting the highest-score candidate), update the running sum, attend, and compute next
+    step's score terms from the same read of V. The cache is updated in place.
+
+    q, k_new, v_new (B, H, D); k, v (B, H, S, D); pos (B, H, S) int32 (-1 = empty);
+    cond_ok (B, S) bool (condition slots of padded captions off); scalars: int32
+    (ws, ring, moving, full, free, ring_next, new_pos), see :meth:`adsa_jax.policies.Evict.decode`;
+    keep > 0: vsum (B, H, D) f32 and last step's dots, sq (B, H, S) f32.
+    Returns (out (B, H, D), k, v, pos) and, with keep > 0, (vsum, dots, sq) after them.
+    """
+    b, h, d = q.shape
+    s = k.shape[2]
+    block_k = block_k or BLOCK_K
+    K = keep
+    kern = functools.partial(_evict_kernel, block_k=block_k, slots=s, c=c, P=prefix, K=K,
+                             scale=1.0 / math.sqrt(d), eps=eps)
+    sc = pl.BlockSpec((), lambda i, j: ())
+    vec = pl.BlockSpec((None, None, d), lambda i, j: (i, j, 0))
+    cache = pl.BlockSpec((None, None, s, d), lambda i, j: (i, j, 0, 0))
+    per_slot = pl.BlockSpec((None, None, s), lambda i, j: (i, j, 0))
+    in_specs = [sc] * 7 + [vec, vec, vec, cache, cache, per_slot, pl.BlockSpec((None, s), lambda i, j: (i, 0))]
+    args = [jnp.asarray(x, jnp.int32) for x in scalars] + [q, k_new.astype(k.dtype), v_new.astype(v.dtype), k, v,
+                                                          pos, cond_ok.astype(jnp.int8)]
+    out_specs = [vec, cache, cache, per_slot]
+    out_shape = [jax.ShapeDtypeStruct((b, h, d), v.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(pos.shape, jnp.int32)]
+    aliases = {10: 1, 11: 2, 12: 3}  # k, v, pos are updated in place
+    if K:
+        in_specs += [vec, per_slot, per_slot]
+        args += [vsum.astype(jnp.float32), dots, sq]
+        out_specs += [vec, per_slot, per_slot]
+        out_shape += [jax.ShapeDtypeStruct((b, h, d), jnp.float32)] + [jax.ShapeDtypeStruct((b, h, s), jnp.float32)] * 2
+        aliases[14] = 4  # vsum
+    return pl.pallas_call(
+        kern, grid=(b, h), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, input_output_aliases=aliases,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES),
+        interpret=interpret, name="adsa_evict_step",
+    )(*args)
 
 
 try:  # Pallas is part of jax; an older jax without these Triton APIs keeps attention='xla'

@@ -110,10 +110,14 @@ class Dense:
 
     def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None):
         slot = self.c + t
-        kc, vc = _write(cache["k"], k, slot), _write(cache["v"], v, slot)
-        if self.attention != "xla":  # the kernel reads slots < slot + 1 only, whatever the span
-            out = attend(q, kc, vc, _cond_slot_mask(cond_mask, self.slots), self.attention, slot + 1)
+        if self.attention != "xla":  # the kernel reads slots < slot + 1 only, and writes slot itself
+            from .kernels import decode_attention
+
+            m = jnp.broadcast_to(_cond_slot_mask(cond_mask, self.slots), (q.shape[0], 1, self.slots))
+            out, kc, vc = decode_attention(q, cache["k"], cache["v"], m, slot + 1, new=(k, v),
+                                           interpret=self.attention == "pallas-interpret")
             return {**cache, "k": kc, "v": vc}, out
+        kc, vc = _write(cache["k"], k, slot), _write(cache["v"], v, slot)
         span = self.slots if span is None else min(span, self.slots)
         # Only the first `span` slots can be filled during this scan segment: read just those.
         mask = (jnp.arange(span) <= slot)[None, None] & _cond_slot_mask(cond_mask, span)
@@ -237,9 +241,21 @@ class Evict:
                 "v": cache["v"].at[:, :, : self.c].set(vt.astype(cache["v"].dtype)),
                 "pos": cache["pos"].at[:, :, : self.c].set(jnp.arange(self.c, dtype=jnp.int32))}
 
+    def one_kernel(self, rows: int, heads: int) -> bool:
+        """Whether a decode step runs as one Pallas kernel (:func:`adsa_jax.kernels.evict_step`):
+        the kernel path, per-head scores (or none: window), and enough rows x heads for one
+        program per (row, head). Otherwise the bookkeeping runs in XLA around the attention."""
+        if self.attention == "xla" or self.granularity != "head" or self.chooser != "similarity":
+            return False
+        from .kernels import evict_fusable
+
+        return evict_fusable(rows, heads, self.slots)
+
     def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None):
         c, P, K, M = self.c, self.prefix, self.keep, self.local
         kc, vc, pos, vsum = cache["k"], cache["v"], cache["pos"], cache["vsum"]
+        if self.one_kernel(*q.shape[:2]):
+            return self._decode_one_kernel(cache, q, k, v, t, cond_mask)
         ring0 = c + P + K
         ring = ring0 + jnp.mod(t - P, M)
         if K > 0:
@@ -263,6 +279,24 @@ class Evict:
         out, dots, sq = attend(q, kc, vc, mask, self.attention,
                                score_vec=total.reshape(b, h, d))  # 'layer': the vector split into heads
         return {**new, "dots": dots, "sq": sq}, out
+
+    def _decode_one_kernel(self, cache, q, k, v, t, cond_mask):
+        from .kernels import evict_step
+
+        c, P, K, M = self.c, self.prefix, self.keep, self.local
+        ring0 = c + P + K
+        ring = ring0 + jnp.mod(t - P, M)
+        n_moved = t - P - M  # tokens that moved to the pool before the one leaving the window now
+        scalars = (jnp.where(t < P, c + t, ring), ring, t - P >= M, n_moved >= K, jnp.clip(n_moved, 0, max(K - 1, 0)),
+                   ring0 + jnp.mod(t + 1 - P, M), c + t)
+        cond_ok = _cond_slot_mask(cond_mask, self.slots)[:, 0]  # (B, C)
+        res = evict_step(q, k, v, cache["k"], cache["v"], cache["pos"], cond_ok, scalars, c=c, prefix=P, keep=K,
+                         vsum=cache["vsum"] if K else None, dots=cache.get("dots"), sq=cache.get("sq"), eps=EPS,
+                         interpret=self.attention == "pallas-interpret")
+        new = {**cache, "k": res[1], "v": res[2], "pos": res[3]}
+        if K:
+            new.update(vsum=res[4], dots=res[5], sq=res[6])
+        return new, res[0]
 
     def _to_pool(self, kc, vc, pos, vsum, t, ring, layer_index, row_keys, terms=None):
         """Move the token about to be overwritten in the ring into the pool (or drop it).

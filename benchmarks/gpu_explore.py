@@ -37,11 +37,11 @@ def check_kernel():
     """float32 GPT-B 256: the kernel's logits and greedy tokens against the XLA path, per policy."""
     cfg = named_config("GPT-B", image_size=256)
     m = Model(cfg, init_params(cfg, jax.random.key(0), jnp.float32))
-    labels = np.arange(4, dtype=np.int32)
+    labels = np.arange(24, dtype=np.int32)  # 48 rows x 12 heads: adsa-evict and window run as one kernel
     toks = np.asarray(generate(m, labels, jax.random.key(0), attention="xla"))
     out = {}
     jax.config.update("jax_default_matmul_precision", "highest")  # XLA's f32 dots would use TF32
-    for name, budget in (("dense", None), ("adsa-evict", 0.5)):
+    for name, budget in (("dense", None), ("adsa-evict", 0.5), ("window", 0.5)):
         pol = make_policy(cfg, name, budget=budget)
         a = np.asarray(score(m, labels, toks, cfg_scale=4.0, raw_rows=True, policy=pol, attention="xla"))
         b = np.asarray(score(m, labels, toks, cfg_scale=4.0, raw_rows=True, policy=pol, attention="pallas"))

@@ -28,14 +28,35 @@ def test_kernel_matches_xla_attention(b, h, s, d, g, n_valid, splits, block_k):
     ref = attend(q, k, v, mask & (jnp.arange(s) < n_valid))
     out = decode_attention(q, k, v, mask, n_valid, splits=splits, block_k=block_k, interpret=True)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-6, rtol=0)
+    # The dense path's form: the kernel writes the new token into slot n_valid - 1 itself, in place.
+    kn, vn = k[:, :, n_valid - 1] * 0.5, v[:, :, n_valid - 1] - 1.0
+    k2, v2 = k.at[:, :, n_valid - 1].set(7.0), v.at[:, :, n_valid - 1].set(7.0)  # stale values there
+    out2, k3, v3 = decode_attention(q, k2, v2, mask, n_valid, new=(kn, vn), splits=splits, block_k=block_k,
+                                    interpret=True)
+    kw, vw = k.at[:, :, n_valid - 1].set(kn), v.at[:, :, n_valid - 1].set(vn)
+    np.testing.assert_array_equal(np.asarray(k3), np.asarray(kw))
+    np.testing.assert_array_equal(np.asarray(v3), np.asarray(vw))
+    ref2 = attend(q, kw, vw, mask & (jnp.arange(s) < n_valid))
+    np.testing.assert_allclose(np.asarray(out2), np.asarray(ref2), atol=2e-6, rtol=0)
 
 
-@pytest.mark.parametrize("name,kw", [("dense", {}), ("adsa-evict", {"budget": 0.5}), ("window", {"budget": 0.5}),
-                                     ("adsa-select", {"budget": 0.5}),
-                                     ("adsa-evict", {"budget": 0.75, "granularity": "layer"})])
-def test_kernel_in_generation_matches_xla(c2i, c2i_ref, name, kw):
+@pytest.mark.parametrize("name,kw,one_kernel", [
+    ("dense", {}, False), ("adsa-evict", {"budget": 0.5}, True), ("window", {"budget": 0.5}, True),
+    ("adsa-evict", {"budget": 0.5}, False), ("window", {"budget": 0.5}, False), ("adsa-select", {"budget": 0.5}, False),
+    ("adsa-evict", {"budget": 0.75, "granularity": "layer"}, False)])
+def test_kernel_in_generation_matches_xla(c2i, c2i_ref, name, kw, one_kernel, monkeypatch):
+    """Logits within 1e-4 and identical greedy tokens. adsa-evict and window run either as one
+    kernel per layer step (evict_step) or, where it does not apply (a split over slots, layer
+    granularity), as the attention kernel with the bookkeeping in XLA."""
+    from adsa_jax import kernels
+
     labels = c2i_ref["labels"]
     pol = make_policy(c2i.config, name, **kw)
+    rows, heads = 2 * len(labels), c2i.config.n_head
+    if name != "dense" and not one_kernel:
+        monkeypatch.setattr(kernels, "evict_fusable", lambda *a, **k: False)
+    if hasattr(pol, "one_kernel"):
+        assert resolve_attention(pol, c2i.config, "pallas").one_kernel(rows, heads) == one_kernel
     ref = np.asarray(adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"], cfg_scale=4.0, raw_rows=True,
                                     policy=pol, attention="xla"))
     got = np.asarray(adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"], cfg_scale=4.0, raw_rows=True,
@@ -54,6 +75,11 @@ def test_kernel_with_caption_masks(t2i, t2i_ref):
     toks = adsa_jax.generate(t2i, emb, jax.random.key(0), cond_mask=masks, cfg_scale=7.5, top_k=1,
                              attention="pallas-interpret")
     np.testing.assert_array_equal(np.asarray(toks), t2i_ref["greedy_cfg_tokens"])
+    # adsa-evict as one kernel: the caption mask reaches the kernel's condition slots.
+    pol = make_policy(t2i.config, "adsa-evict", budget=0.5)
+    got, want = (adsa_jax.generate(t2i, emb, jax.random.key(0), cond_mask=masks, cfg_scale=7.5, top_k=1, policy=pol,
+                                   attention=a) for a in ("pallas-interpret", "xla"))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_kernel_lowers_for_gpu(c2i):
@@ -65,7 +91,13 @@ def test_kernel_lowers_for_gpu(c2i):
     low = _generate_jit.trace(c2i.params, cond, mask, jax.random.key(0), jnp.arange(2), _scalars(4.0, -1, 1.0, 0, 1.0),
                               cfg=c2i.config, policy=pol, use_cfg=True, num_segments=1).lower(
         lowering_platforms=("cuda",))
-    assert "adsa_decode_attention" in low.as_text()
+    assert "adsa_evict_step" in low.as_text()
+    for name, kw in (("dense", {}), ("adsa-evict", {"budget": 0.5, "granularity": "layer"})):
+        pol = resolve_attention(make_policy(c2i.config, name, **kw), c2i.config, "pallas")
+        low = _generate_jit.trace(c2i.params, cond, mask, jax.random.key(0), jnp.arange(2),
+                                  _scalars(4.0, -1, 1.0, 0, 1.0), cfg=c2i.config, policy=pol, use_cfg=True,
+                                  num_segments=1).lower(lowering_platforms=("cuda",))
+        assert "adsa_decode_attention" in low.as_text()
 
 
 def test_attention_choice_errors(c2i, monkeypatch):
@@ -99,3 +131,23 @@ def test_attention_choice_errors(c2i, monkeypatch):
     assert isinstance(resolve_attention(Mine(), cfg, "auto"), Mine)
     with pytest.raises(ConfigError, match="no 'attention' field"):
         resolve_attention(Mine(), cfg, "pallas")
+
+
+@pytest.mark.parametrize("name", ["dense", "adsa-evict", "window"])
+def test_kernel_small_blocks_match_xla(c2i, c2i_ref, name, monkeypatch):
+    """Blocks of 16 slots: several blocks per program (the victim's first maximum across
+    blocks, the in-register view of this step's writes in any block) and, for dense, splits."""
+    from adsa_jax import kernels
+
+    monkeypatch.setattr(kernels, "BLOCK_K", 16)
+    monkeypatch.setattr(kernels, "evict_fusable", lambda *a, **k: True)  # one kernel even where a split would be chosen
+    labels = c2i_ref["labels"]
+    pol = make_policy(c2i.config, name, **({} if name == "dense" else {"budget": 0.5}))
+    rows, heads = 2 * len(labels), c2i.config.n_head
+    if name == "dense":
+        assert kernels._splits(rows * heads, pol.slots, 16) > 1
+    else:
+        assert resolve_attention(pol, c2i.config, "pallas").one_kernel(rows, heads) and pol.slots > 32
+    got, want = (adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"], cfg_scale=4.0, raw_rows=True,
+                                policy=pol, attention=a) for a in ("pallas-interpret", "xla"))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=0)
