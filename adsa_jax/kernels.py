@@ -23,18 +23,14 @@ NEG_INF = -1e30
 BLOCK_K = 128
 NUM_WARPS = 2
 NUM_STAGES = 1
+# evict_step's own settings (it holds more per program: the moved token, the running sum).
+EVICT_BLOCK_K = 128
+EVICT_NUM_WARPS = 2
 
 
-def _kernel(nv_ref, q_ref, k_ref, v_ref, m_in_ref, *rest, block_k, split_len, scale, with_score, write):
+def _kernel(nv_ref, q_ref, k_ref, v_ref, m_in_ref, *rest, block_k, split_len, scale, with_score):
     # One program = one (row, head, split); refs: q (D,), k/v (S, D), mask (S,) int8, n_valid (),
     # with_score: score vector (D,) in, then per-slot dots and squared norms (S,) out.
-    # write: the new token's k/v (D,) in; the cache (aliased) gets them at slot n_valid - 1,
-    # stored after the loop by the split that reads that slot (it sees them in registers).
-    rest = list(rest)
-    if write:
-        kn_ref, vn_ref = rest.pop(0), rest.pop(0)
-        ko_ref, vo_ref = rest.pop(-2), rest.pop(-1)
-        k_new, v_new = kn_ref[...], vn_ref[...]
     if with_score:
         t_ref, o_ref, m_ref, l_ref, dots_ref, sq_ref = rest
         tvec = t_ref[...]
@@ -52,19 +48,13 @@ def _kernel(nv_ref, q_ref, k_ref, v_ref, m_in_ref, *rest, block_k, split_len, sc
         start = lo + j * block_k
         idx = start + lanes
         inb = idx < hi
-        k = plgpu.load(k_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0)
-        if write:
-            k = jnp.where((idx == nv_ref[()] - 1)[:, None], k_new[None, :], k)
-        k = k.astype(jnp.float32)
+        k = plgpu.load(k_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0).astype(jnp.float32)
         ok = inb & (plgpu.load(m_in_ref.at[pl.ds(start, block_k)], mask=inb, other=0) != 0)
         logit = jnp.where(ok, jnp.sum(k * q[None, :], axis=1), NEG_INF)  # (block_k,)
         m_new = jnp.maximum(m, jnp.max(logit))
         corr = jnp.exp(m - m_new)
         p = jnp.where(ok, jnp.exp(logit - m_new), 0.0)
-        v = plgpu.load(v_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0)
-        if write:
-            v = jnp.where((idx == nv_ref[()] - 1)[:, None], v_new[None, :], v)
-        v = v.astype(jnp.float32)
+        v = plgpu.load(v_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0).astype(jnp.float32)
         if with_score:  # ADSA's score terms from the V block already loaded: no second read of the cache
             plgpu.store(dots_ref.at[pl.ds(start, block_k)], jnp.sum(v * tvec[None, :], axis=1), mask=inb)
             plgpu.store(sq_ref.at[pl.ds(start, block_k)], jnp.sum(v * v, axis=1), mask=inb)
@@ -77,11 +67,6 @@ def _kernel(nv_ref, q_ref, k_ref, v_ref, m_in_ref, *rest, block_k, split_len, sc
     o_ref[...] = acc
     m_ref[...] = m
     l_ref[...] = l
-    if write:
-        slot = nv_ref[()] - 1
-        mine = (jnp.arange(1) == 0) & (slot >= lo) & (slot < hi)
-        plgpu.store(ko_ref.at[pl.ds(slot, 1), :], k_new[None, :], mask=mine[:, None])
-        plgpu.store(vo_ref.at[pl.ds(slot, 1), :], v_new[None, :], mask=mine[:, None])
 
 
 def _splits(rows: int, slots: int, block_k: int) -> int:
@@ -90,7 +75,7 @@ def _splits(rows: int, slots: int, block_k: int) -> int:
     return int(min(2 ** math.ceil(math.log2(want)), max(1, -(-slots // block_k))))
 
 
-def decode_attention(q, k, v, mask, n_valid, *, score_vec=None, new=None, block_k: int | None = None,
+def decode_attention(q, k, v, mask, n_valid, *, score_vec=None, block_k: int | None = None,
                      splits: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                      interpret: bool = False):
     """Softmax attention of one query per (row, head) over the first ``n_valid`` cache slots.
@@ -103,9 +88,6 @@ def decode_attention(q, k, v, mask, n_valid, *, score_vec=None, new=None, block_
     and ``sq = v_i . v_i`` (B, H, S) float32 for every slot i < n_valid (0 elsewhere): the
     terms of ADSA's similarity score, each slot's by one and the same reduction, so identical
     V vectors get identical values.
-
-    new = (k_new, v_new) (B, H, D): the token of slot ``n_valid - 1``, written into the cache in
-    place by the kernel (no separate update of the cache); returns ``(out, k, v)`` then.
     """
     b, h, d = q.shape
     s = k.shape[2]
@@ -116,9 +98,8 @@ def decode_attention(q, k, v, mask, n_valid, *, score_vec=None, new=None, block_
     block_k = block_k or BLOCK_K
     splits = splits or _splits(b * h, s, block_k)
     split_len = -(-(-(-s // splits)) // block_k) * block_k  # ceil(S / splits), rounded up to whole blocks
-    write = new is not None
     kern = functools.partial(_kernel, block_k=block_k, split_len=split_len, scale=1.0 / math.sqrt(d),
-                             with_score=with_score, write=write)
+                             with_score=with_score)
     per_head = lambda i, j, t: (i, j, 0)  # noqa: E731 - one (row, head) block whatever the split
     in_specs = [
         pl.BlockSpec((), lambda i, j, t: ()),
@@ -138,32 +119,21 @@ def decode_attention(q, k, v, mask, n_valid, *, score_vec=None, new=None, block_
         jax.ShapeDtypeStruct((b, h, splits), jnp.float32),
     ]
     args = [jnp.asarray(n_valid, jnp.int32), q, k, v, mask.astype(jnp.int8)]
-    aliases = {}
-    if write:
-        in_specs += [pl.BlockSpec((None, None, d), per_head)] * 2
-        args += [new[0].astype(k.dtype), new[1].astype(v.dtype)]
     if with_score:
         in_specs.append(pl.BlockSpec((None, None, d), per_head))
         args.append(score_vec.astype(jnp.float32))
         # Every split writes its own slot range of the (row, head)'s score block.
         out_specs += [pl.BlockSpec((None, None, s), per_head)] * 2
         out_shape += [jax.ShapeDtypeStruct((b, h, s), jnp.float32)] * 2
-    if write:  # the cache, updated in place: the last two outputs
-        aliases = {2: len(out_shape), 3: len(out_shape) + 1}
-        out_specs += [pl.BlockSpec((None, None, s, d), lambda i, j, t: (i, j, 0, 0))] * 2
-        out_shape += [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
     res = pl.pallas_call(
         kern, grid=(b, h, splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        input_output_aliases=aliases, compiler_params=plgpu.CompilerParams(num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES),
         interpret=interpret, name="adsa_decode_attention",
     )(*args)
     o, m, l = res[:3]
     # Combine the splits (flash-decoding): weights exp(m_s - max m), empty splits weigh 0.
     w = jnp.exp(m - jnp.max(m, axis=-1, keepdims=True)) * (l > 0)  # (B, H, splits)
     out = (jnp.einsum("BHs,BHsD->BHD", w, o) / jnp.sum(w * l, axis=-1)[..., None]).astype(v.dtype)
-    if write:
-        assert not with_score, "the in-place write is for the dense cache"
-        return out, res[-2], res[-1]
     if with_score:
         if isinstance(n_valid, int) and n_valid >= s:  # every slot was read (adsa-evict): nothing to clear
             return out, res[3], res[4]
@@ -177,11 +147,13 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
     # One program = one (row, head): the whole adsa-evict (or window, K = 0) step of a layer.
     # Scalars: ws = slot of the new token, ring = ring slot of the token o leaving the window,
     # mv = o moves to the pool this step, full = the pool is full, free = the lowest free pool
-    # position, rn = next step's ring slot, np = the new token's position. Every store comes
-    # after the attention loop, whose cross-warp reductions order it after every load: the
-    # cache is updated in place (aliased) with no read of a slot after its write.
+    # position, rn = next step's ring slot, np = the new token's position; vic = this step's
+    # victim slot, found by last step's program while it read V (the first maximum of
+    # v_i . total / |v_i| over the pool slots in order, then the ring slot), so no pass over the
+    # scores precedes the attention. Every store comes after the attention loop, whose
+    # cross-warp reductions order it after every load: the cache is updated in place (aliased).
     if K:
-        vs_ref, dt_ref, sq_ref, o_ref, ko_ref, vo_ref, po_ref, vso_ref, dto_ref, sqo_ref = rest
+        vs_ref, vic_ref, o_ref, ko_ref, vo_ref, po_ref, vso_ref, vico_ref = rest
     else:
         o_ref, ko_ref, vo_ref, po_ref = rest
     ws, ring, new_pos = ws_ref[()], ring_ref[()], np_ref[()]
@@ -202,20 +174,7 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         moving, full = mv_ref[()] != 0, full_ref[()] != 0
         k_o, v_o = row(k_ref, ring), row(v_ref, ring)
         p_o = jnp.sum(plgpu.load(pos_ref.at[pl.ds(ring, 1)]))
-        # Victim: the first maximum of dots / |v| over pool slots (slot order), then o (its ring slot).
-        def best_of(j, carry):
-            best, at = carry
-            idx = j * block_k + lanes
-            inb = idx < slots
-            dt = plgpu.load(dt_ref.at[pl.ds(j * block_k, block_k)], mask=inb, other=0.0)
-            sq = plgpu.load(sq_ref.at[pl.ds(j * block_k, block_k)], mask=inb, other=1.0)
-            cand = inb & (idx >= c + P) & ((idx < c + P + K) | (idx == ring))
-            sc = jnp.where(cand, dt / jnp.maximum(jnp.sqrt(sq), eps), -2e30)
-            bm = jnp.max(sc)
-            first = jnp.min(jnp.where(sc == bm, idx, slots))
-            return jnp.where(bm > best, bm, best), jnp.where(bm > best, first, at)
-
-        _, at = jax.lax.fori_loop(0, n_blocks, best_of, (jnp.float32(-3e38), jnp.int32(0)))
+        at = vic_ref[()]
         victim = jnp.where(at == ring, K, at - (c + P))  # 0..K-1 a pool position, K = o itself
         vn_o = unit(v_o)
         vn_ev = jnp.where(victim == K, vn_o, unit(row(v_ref, c + P + jnp.minimum(victim, K - 1))))
@@ -225,13 +184,14 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         apply = moving & (target < K)
         dest = jnp.where(apply, c + P + target, -1)  # -1: o is dropped or nothing moves
         rn = rn_ref[()]
+        nxt = (c + P + K, rn)  # next step's candidates: pool slots below the first bound, and rn
         v_next = jnp.where(rn == ws, v_new, row(v_ref, rn))
         tvec = vsum + unit(v_next)  # next step's total: its candidates are this cache's pool + ring
     else:
         dest = jnp.int32(-1)
 
     def body(j, carry):
-        acc, m, l = carry
+        acc, m, l, best, at = carry
         start = j * block_k
         idx = start + lanes
         inb = idx < slots
@@ -253,14 +213,18 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         m_new = jnp.maximum(m, jnp.max(logit))
         corr = jnp.exp(m - m_new)
         pr = jnp.where(ok, jnp.exp(logit - m_new), 0.0)
-        if K:
-            plgpu.store(dto_ref.at[pl.ds(start, block_k)], jnp.sum(v * tvec[None, :], axis=1), mask=inb)
-            plgpu.store(sqo_ref.at[pl.ds(start, block_k)], jnp.sum(v * v, axis=1), mask=inb)
+        if K:  # next step's victim: a running first maximum over the blocks, in slot order
+            cand = inb & (idx >= c + P) & ((idx < nxt[0]) | (idx == nxt[1]))
+            sc = jnp.sum(v * tvec[None, :], axis=1) / jnp.maximum(jnp.sqrt(jnp.sum(v * v, axis=1)), eps)
+            sc = jnp.where(cand, sc, -2e30)
+            bm = jnp.max(sc)
+            first = jnp.min(jnp.where(sc == bm, idx, slots))
+            best, at = jnp.where(bm > best, bm, best), jnp.where(bm > best, first, at)
         acc = acc * corr + jnp.sum(pr[:, None] * v, axis=0)
-        return acc, m_new, l * corr + jnp.sum(pr)
+        return acc, m_new, l * corr + jnp.sum(pr), best, at
 
-    init = (jnp.zeros((d,), jnp.float32), jnp.float32(NEG_INF), jnp.float32(0.0))
-    acc, m, l = jax.lax.fori_loop(0, n_blocks, body, init)
+    init = (jnp.zeros((d,), jnp.float32), jnp.float32(NEG_INF), jnp.float32(0.0), jnp.float32(-3e38), jnp.int32(0))
+    acc, m, l, _, at_next = jax.lax.fori_loop(0, n_blocks, body, init)
     o_ref[...] = (acc / l).astype(o_ref.dtype)
     one = jnp.arange(1)
     plgpu.store(ko_ref.at[pl.ds(ws, 1), :], k_new[None, :])
@@ -273,6 +237,7 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         plgpu.store(vo_ref.at[pl.ds(dslot, 1), :], v_o[None, :], mask=ok_move[:, None])
         plgpu.store(po_ref.at[pl.ds(dslot, 1)], jnp.full((1,), p_o, jnp.int32), mask=ok_move)
         vso_ref[...] = vsum
+        vico_ref[...] = at_next
 
 
 def evict_fusable(rows: int, heads: int, slots: int, block_k: int | None = None) -> bool:
@@ -282,22 +247,23 @@ def evict_fusable(rows: int, heads: int, slots: int, block_k: int | None = None)
 
 
 def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: int, keep: int, vsum=None,
-               dots=None, sq=None, eps: float = 1e-6, block_k: int | None = None, num_warps: int | None = None,
+               victim=None, eps: float = 1e-6, block_k: int | None = None, num_warps: int | None = None,
                num_stages: int | None = None, interpret: bool = False):
     """One adsa-evict (``keep`` > 0, head granularity) or window (``keep`` = 0) decode step of a
     layer in one kernel: write the new token, move the token leaving the window into the pool
     (evicting the highest-score candidate), update the running sum, attend, and compute next
-    step's score terms from the same read of V. The cache is updated in place.
+    step's victim from the same read of V. The cache is updated in place.
 
     q, k_new, v_new (B, H, D); k, v (B, H, S, D); pos (B, H, S) int32 (-1 = empty);
     cond_ok (B, S) bool (condition slots of padded captions off); scalars: int32
     (ws, ring, moving, full, free, ring_next, new_pos), see :meth:`adsa_jax.policies.Evict.decode`;
-    keep > 0: vsum (B, H, D) f32 and last step's dots, sq (B, H, S) f32.
-    Returns (out (B, H, D), k, v, pos) and, with keep > 0, (vsum, dots, sq) after them.
+    keep > 0: vsum (B, H, D) f32 and victim (B, H) int32, this step's victim slot (from the
+    last step; any value before the pool is full).
+    Returns (out (B, H, D), k, v, pos) and, with keep > 0, (vsum, next step's victim) after them.
     """
     b, h, d = q.shape
     s = k.shape[2]
-    block_k = block_k or BLOCK_K
+    block_k = block_k or EVICT_BLOCK_K
     K = keep
     kern = functools.partial(_evict_kernel, block_k=block_k, slots=s, c=c, P=prefix, K=K,
                              scale=1.0 / math.sqrt(d), eps=eps)
@@ -313,14 +279,16 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
                  jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(pos.shape, jnp.int32)]
     aliases = {10: 1, 11: 2, 12: 3}  # k, v, pos are updated in place
     if K:
-        in_specs += [vec, per_slot, per_slot]
-        args += [vsum.astype(jnp.float32), dots, sq]
-        out_specs += [vec, per_slot, per_slot]
-        out_shape += [jax.ShapeDtypeStruct((b, h, d), jnp.float32)] + [jax.ShapeDtypeStruct((b, h, s), jnp.float32)] * 2
-        aliases[14] = 4  # vsum
+        one = pl.BlockSpec((None, None), lambda i, j: (i, j))
+        in_specs += [vec, one]
+        args += [vsum.astype(jnp.float32), victim.astype(jnp.int32)]
+        out_specs += [vec, one]
+        out_shape += [jax.ShapeDtypeStruct((b, h, d), jnp.float32), jax.ShapeDtypeStruct((b, h), jnp.int32)]
+        aliases.update({14: 4, 15: 5})  # vsum, victim
     return pl.pallas_call(
         kern, grid=(b, h), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, input_output_aliases=aliases,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps or EVICT_NUM_WARPS,
+                                             num_stages=num_stages or NUM_STAGES),
         interpret=interpret, name="adsa_evict_step",
     )(*args)
 

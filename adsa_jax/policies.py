@@ -110,14 +110,10 @@ class Dense:
 
     def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None):
         slot = self.c + t
-        if self.attention != "xla":  # the kernel reads slots < slot + 1 only, and writes slot itself
-            from .kernels import decode_attention
-
-            m = jnp.broadcast_to(_cond_slot_mask(cond_mask, self.slots), (q.shape[0], 1, self.slots))
-            out, kc, vc = decode_attention(q, cache["k"], cache["v"], m, slot + 1, new=(k, v),
-                                           interpret=self.attention == "pallas-interpret")
-            return {**cache, "k": kc, "v": vc}, out
         kc, vc = _write(cache["k"], k, slot), _write(cache["v"], v, slot)
+        if self.attention != "xla":  # the kernel reads slots < slot + 1 only, whatever the span
+            out = attend(q, kc, vc, _cond_slot_mask(cond_mask, self.slots), self.attention, slot + 1)
+            return {**cache, "k": kc, "v": vc}, out
         span = self.slots if span is None else min(span, self.slots)
         # Only the first `span` slots can be filled during this scan segment: read just those.
         mask = (jnp.arange(span) <= slot)[None, None] & _cond_slot_mask(cond_mask, span)
@@ -230,7 +226,9 @@ class Evict:
         z = jnp.zeros((batch, heads, self.slots, head_dim), dtype)
         cache = {"k": z, "v": z, "pos": jnp.full((batch, g, self.slots), -1, jnp.int32),
                  "vsum": jnp.zeros((batch, g, x), jnp.float32)}
-        if self.fused_score:  # v_i . total and v_i . v_i of every slot (the kernel's output), next step's
+        if self.keep and self.one_kernel(batch, heads):  # the victim slot of the next step, from the kernel
+            cache["victim"] = jnp.zeros((batch, heads), jnp.int32)
+        elif self.fused_score:  # v_i . total and v_i . v_i of every slot (the kernel's output), next step's
             zs = jnp.zeros((batch, heads, self.slots), jnp.float32)
             cache.update(dots=zs, sq=zs)
         return cache
@@ -254,7 +252,8 @@ class Evict:
     def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None):
         c, P, K, M = self.c, self.prefix, self.keep, self.local
         kc, vc, pos, vsum = cache["k"], cache["v"], cache["pos"], cache["vsum"]
-        if self.one_kernel(*q.shape[:2]):
+        # init() chose the path for the whole call (a device of a mesh sees fewer rows than init).
+        if ("victim" in cache) if K else self.one_kernel(*q.shape[:2]):
             return self._decode_one_kernel(cache, q, k, v, t, cond_mask)
         ring0 = c + P + K
         ring = ring0 + jnp.mod(t - P, M)
@@ -291,11 +290,11 @@ class Evict:
                    ring0 + jnp.mod(t + 1 - P, M), c + t)
         cond_ok = _cond_slot_mask(cond_mask, self.slots)[:, 0]  # (B, C)
         res = evict_step(q, k, v, cache["k"], cache["v"], cache["pos"], cond_ok, scalars, c=c, prefix=P, keep=K,
-                         vsum=cache["vsum"] if K else None, dots=cache.get("dots"), sq=cache.get("sq"), eps=EPS,
+                         vsum=cache["vsum"] if K else None, victim=cache.get("victim"), eps=EPS,
                          interpret=self.attention == "pallas-interpret")
         new = {**cache, "k": res[1], "v": res[2], "pos": res[3]}
         if K:
-            new.update(vsum=res[4], dots=res[5], sq=res[6])
+            new.update(vsum=res[4], victim=res[5])
         return new, res[0]
 
     def _to_pool(self, kc, vc, pos, vsum, t, ring, layer_index, row_keys, terms=None):

@@ -80,6 +80,7 @@ CACHE_AXES = {
     "sel": ("batch", "groups", "keep"),
     "dots": ("batch", "heads", "slots"),  # ADSA score terms from the Pallas kernel (adsa-evict)
     "sq": ("batch", "heads", "slots"),
+    "victim": ("batch", "heads"),  # next step's victim slot (adsa-evict as one kernel)
 }
 
 TOKENS_AXES = ("batch", "tokens")

@@ -98,6 +98,15 @@ def main():
         kernels.BLOCK_K, kernels.NUM_WARPS, kernels.NUM_STAGES = best["block_k"], best["warps"], best["stages"]
         result["kernel_params"] = best
         print("kernel params", best, flush=True)
+    ev = os.environ.get("EVICT_TUNED")  # evict_kernel_time.json: evict_step's fastest block and warps
+    if ev and os.path.exists(ev):
+        from adsa_jax import kernels
+
+        best = min((r for r in json.load(open(ev))["rows"] if r.get("case") == "evict_step" and "us" in r),
+                   key=lambda r: r["us"])
+        kernels.EVICT_BLOCK_K, kernels.EVICT_NUM_WARPS = best["block_k"], best["warps"]
+        result["evict_kernel_params"] = best
+        print("evict kernel params", best, flush=True)
     dev = measure_device()
     result["device"] = dev
     print("device", dev, "jax", jax.__version__, flush=True)

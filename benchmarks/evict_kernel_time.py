@@ -1,0 +1,86 @@
+"""Time adsa-evict's decode kernels alone on GPT-XL 384 px batch 64 shapes (GPU), kernel time only.
+
+    python3 benchmarks/evict_kernel_time.py     (writes $OUT/evict_kernel_time.json, prints the best)
+
+Compares, per layer and step: the one-kernel step (`evict_step`: write, pool move, running sum,
+attention, next victim) over block sizes and warps, its window form (keep = 0), and the attention
+kernel with score terms that the unfused path runs (`decode_attention(score_vec=)`), whose
+bookkeeping then costs ~10 more small XLA kernels. Kernel durations come from a profiler trace,
+so copies XLA adds around a non-donated aliased call do not count.
+"""
+import collections
+import glob
+import gzip
+import json
+import os
+import sys
+
+sys.path.insert(0, os.getcwd())
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from adsa_jax import kernels  # noqa: E402
+
+OUT = os.environ.get("OUT", "/tmp/out")
+
+
+def kernel_us(f, args, tag, n=20):
+    jax.block_until_ready(f(*args))
+    d = f"/tmp/ek_{tag}"
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+        jax.block_until_ready([f(*args) for _ in range(n)])
+    tr = json.load(gzip.open(glob.glob(f"{d}/**/*perfetto_trace.json.gz", recursive=True)[0]))
+    ev = tr["traceEvents"] if isinstance(tr, dict) else tr
+    pids = {e["pid"]: e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
+    agg = collections.Counter()
+    for e in ev:
+        if e.get("ph") == "X" and "dur" in e and "/device:GPU" in pids.get(e.get("pid"), "") and "adsa" in e["name"]:
+            agg[e["name"]] += e["dur"]
+    return sum(agg.values()) / n
+
+
+def main():
+    b, h, d, c, P, K, M = 128, 20, 64, 1, 24, 216, 48
+    s = c + P + K + M
+    ks = jax.random.split(jax.random.key(0), 8)
+    q, kn, vn = (jax.random.normal(ks[i], (b, h, d), jnp.bfloat16) for i in range(3))
+    k = jax.random.normal(ks[3], (b, h, s, d), jnp.bfloat16)
+    v = jax.random.normal(ks[4], (b, h, s, d), jnp.bfloat16)
+    pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, h, s))
+    cond_ok = jnp.ones((b, s), bool)
+    vsum = jax.random.normal(ks[5], (b, h, d), jnp.float32)
+    victim = jnp.full((b, h), c + P + 3, jnp.int32)
+    t = 400  # a full pool: o moves, a victim leaves
+    ring0 = c + P + K
+    sc = (ring0 + (t - P) % M, ring0 + (t - P) % M, 1, 1, K - 1, ring0 + (t + 1 - P) % M, c + t)
+    res = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "rows": []}
+    bytes_kv = 2 * b * h * s * d * 2
+    for bk in (64, 128):
+        for w in (2, 4, 8):
+            for keep in (K, 0):
+                f = jax.jit(lambda *a, keep=keep, bk=bk, w=w: kernels.evict_step(
+                    *a[:8], c=c, prefix=P, keep=keep, vsum=a[8] if keep else None, victim=a[9] if keep else None,
+                    block_k=bk, num_warps=w))
+                try:
+                    us = kernel_us(f, (q, kn, vn, k, v, pos, cond_ok, sc, vsum, victim), f"{bk}_{w}_{keep}")
+                    row = {"case": "evict_step" if keep else "evict_step window", "block_k": bk, "warps": w, "us": us,
+                           "tb_per_s": bytes_kv / us / 1e6}
+                except Exception as e:  # noqa: BLE001
+                    row = {"case": "evict_step", "block_k": bk, "warps": w, "keep": keep, "error": str(e)[:300]}
+                res["rows"].append(row)
+                print(row, flush=True)
+    mask = jnp.ones((b, h, s), bool)
+    for score in (True, False):
+        f = jax.jit(lambda q, k, v, m, tv, score=score: kernels.decode_attention(
+            q, k, v, m, s, score_vec=tv if score else None))
+        us = kernel_us(f, (q, k, v, mask, vsum), f"att_{score}")
+        row = {"case": "decode_attention" + (" + score" if score else ""), "us": us, "tb_per_s": bytes_kv / us / 1e6}
+        res["rows"].append(row)
+        print(row, flush=True)
+    json.dump(res, open(f"{OUT}/evict_kernel_time.json", "w"), indent=1)
+    best = min((r for r in res["rows"] if r.get("case") == "evict_step" and "us" in r), key=lambda r: r["us"])
+    print("best", best)
+
+
+if __name__ == "__main__":
+    main()
