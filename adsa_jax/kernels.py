@@ -23,9 +23,14 @@ NEG_INF = -1e30
 BLOCK_K = 128
 NUM_WARPS = 2
 NUM_STAGES = 1
-# evict_step's own settings (it holds more per program: the moved token, the running sum).
-EVICT_BLOCK_K = 128
+# evict_step's own settings (measured on an H100 by benchmarks/evict_kernel_time.py).
+EVICT_BLOCK_K = 64
 EVICT_NUM_WARPS = 2
+# adsa-evict (keep > 0) as one kernel per layer step: off by default. Measured on an H100 it
+# is 4% faster at GPT-XL 384 px batch 64 but 5% slower at batch 256 and 30% slower at 256 px
+# batch 64 than the attention kernel with the bookkeeping in XLA (BENCHMARKS.md); the window
+# policy (keep = 0) always runs as one kernel where it applies.
+EVICT_ONE_KERNEL = False  # read when a generate call is traced: set it before the first call
 
 
 def _kernel(nv_ref, q_ref, k_ref, v_ref, m_in_ref, *rest, block_k, split_len, scale, with_score):

@@ -245,9 +245,11 @@ class Evict:
         program per (row, head). Otherwise the bookkeeping runs in XLA around the attention."""
         if self.attention == "xla" or self.granularity != "head" or self.chooser != "similarity":
             return False
-        from .kernels import evict_fusable
+        from . import kernels
 
-        return evict_fusable(rows, heads, self.slots)
+        if self.keep and not kernels.EVICT_ONE_KERNEL:
+            return False
+        return kernels.evict_fusable(rows, heads, self.slots)
 
     def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None):
         c, P, K, M = self.c, self.prefix, self.keep, self.local

@@ -11,6 +11,15 @@ from adsa_jax.kernels import decode_attention
 from adsa_jax.policies import attend, make_policy
 
 
+@pytest.fixture(autouse=True)
+def _fresh_traces():
+    """Kernel switches (kernels.EVICT_ONE_KERNEL, BLOCK_K, evict_fusable) are read at trace
+    time: without this, a jit cache hit from an earlier test would run another path."""
+    jax.clear_caches()
+    yield
+    jax.clear_caches()
+
+
 @pytest.mark.parametrize("b,h,s,d,g,n_valid,splits,block_k", [
     (2, 3, 20, 16, 1, 13, None, 16),   # a partial block, padding never read
     (2, 3, 200, 64, 3, 150, 4, 64),    # per-head mask, splits past n_valid are empty
@@ -45,6 +54,7 @@ def test_kernel_in_generation_matches_xla(c2i, c2i_ref, name, kw, one_kernel, mo
     rows, heads = 2 * len(labels), c2i.config.n_head
     if name != "dense" and not one_kernel:
         monkeypatch.setattr(kernels, "evict_fusable", lambda *a, **k: False)
+    monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", one_kernel)  # adsa-evict's one-kernel step is opt-in
     if hasattr(pol, "one_kernel"):
         assert resolve_attention(pol, c2i.config, "pallas").one_kernel(rows, heads) == one_kernel
     ref = np.asarray(adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"], cfg_scale=4.0, raw_rows=True,
@@ -60,34 +70,43 @@ def test_kernel_in_generation_matches_xla(c2i, c2i_ref, name, kw, one_kernel, mo
         np.testing.assert_array_equal(np.asarray(toks), c2i_ref["greedy_cfg_tokens"])
 
 
-def test_kernel_with_caption_masks(t2i, t2i_ref):
+def test_kernel_with_caption_masks(t2i, t2i_ref, monkeypatch):
+    from adsa_jax import kernels
+
     emb, masks = t2i_ref["caption_embs"], t2i_ref["emb_masks"]
     toks = adsa_jax.generate(t2i, emb, jax.random.key(0), cond_mask=masks, cfg_scale=7.5, top_k=1,
                              attention="pallas-interpret")
     np.testing.assert_array_equal(np.asarray(toks), t2i_ref["greedy_cfg_tokens"])
-    # adsa-evict as one kernel: the caption mask reaches the kernel's condition slots.
-    pol = make_policy(t2i.config, "adsa-evict", budget=0.5)
-    got, want = (adsa_jax.generate(t2i, emb, jax.random.key(0), cond_mask=masks, cfg_scale=7.5, top_k=1, policy=pol,
-                                   attention=a) for a in ("pallas-interpret", "xla"))
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # adsa-evict and window as one kernel: the caption mask reaches the kernel's condition slots.
+    monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", True)
+    monkeypatch.setattr(kernels, "evict_fusable", lambda *a, **k: True)  # 152 slots: a split would be chosen
+    for name in ("adsa-evict", "window"):
+        pol = make_policy(t2i.config, name, budget=0.5)
+        assert resolve_attention(pol, t2i.config, "pallas").one_kernel(2 * len(emb), t2i.config.n_head)
+        got, want = (adsa_jax.generate(t2i, emb, jax.random.key(0), cond_mask=masks, cfg_scale=7.5, top_k=1,
+                                       policy=pol, attention=a) for a in ("pallas-interpret", "xla"))
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-def test_kernel_lowers_for_gpu(c2i):
+def test_kernel_lowers_for_gpu(c2i, monkeypatch):
     """The Triton lowering runs at trace time: lowering for CUDA on a CPU host catches kernel errors."""
+    from adsa_jax import kernels
     from adsa_jax.generate import _generate_jit, _scalars, prepare_condition
 
     cond, mask = prepare_condition(c2i.config, np.array([1, 2]))
-    pol = resolve_attention(make_policy(c2i.config, "adsa-evict", budget=0.5), c2i.config, "pallas")
-    low = _generate_jit.trace(c2i.params, cond, mask, jax.random.key(0), jnp.arange(2), _scalars(4.0, -1, 1.0, 0, 1.0),
-                              cfg=c2i.config, policy=pol, use_cfg=True, num_segments=1).lower(
-        lowering_platforms=("cuda",))
-    assert "adsa_evict_step" in low.as_text()
-    for name, kw in (("dense", {}), ("adsa-evict", {"budget": 0.5, "granularity": "layer"})):
+
+    def lowered(name, **kw):
         pol = resolve_attention(make_policy(c2i.config, name, **kw), c2i.config, "pallas")
-        low = _generate_jit.trace(c2i.params, cond, mask, jax.random.key(0), jnp.arange(2),
-                                  _scalars(4.0, -1, 1.0, 0, 1.0), cfg=c2i.config, policy=pol, use_cfg=True,
-                                  num_segments=1).lower(lowering_platforms=("cuda",))
-        assert "adsa_decode_attention" in low.as_text()
+        return _generate_jit.trace(c2i.params, cond, mask, jax.random.key(0), jnp.arange(2),
+                                   _scalars(4.0, -1, 1.0, 0, 1.0), cfg=c2i.config, policy=pol, use_cfg=True,
+                                   num_segments=1).lower(lowering_platforms=("cuda",)).as_text()
+
+    assert "adsa_evict_step" in lowered("window", budget=0.5)
+    for name, kw in (("dense", {}), ("adsa-evict", {"budget": 0.5}), ("adsa-evict", {"budget": 0.5, "granularity": "layer"})):
+        assert "adsa_decode_attention" in lowered(name, **kw)
+    monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", True)
+    jax.clear_caches()  # the switch is read at trace time
+    assert "adsa_evict_step" in lowered("adsa-evict", budget=0.5)
 
 
 def test_attention_choice_errors(c2i, monkeypatch):
@@ -131,6 +150,7 @@ def test_kernel_small_blocks_match_xla(c2i, c2i_ref, name, monkeypatch):
 
     monkeypatch.setattr(kernels, "BLOCK_K", 16)
     monkeypatch.setattr(kernels, "evict_fusable", lambda *a, **k: True)  # one kernel even where a split would be chosen
+    monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", True)
     labels = c2i_ref["labels"]
     pol = make_policy(c2i.config, name, **({} if name == "dense" else {"budget": 0.5}))
     rows, heads = 2 * len(labels), c2i.config.n_head
