@@ -1,4 +1,8 @@
-"""A Pallas (Triton) decode-attention kernel for GPUs: one query per row and head over a cache.
+"""Pallas (Triton) decode kernels for GPUs: one query per row and head over a cache.
+
+- :func:`decode_attention`: attention (optionally with ADSA's score terms) for every policy.
+- :func:`evict_step`: a whole ``window`` / ``adsa-evict`` layer step (cache write, pool move,
+  running sum, attention, next victim) in one kernel, the cache updated in place.
 
 Why: XLA computes decode attention as a logits reduction, a softmax and a PV reduction over
 the cache slice a static shape allows, so a dense cache is read up to its static length (the
@@ -188,8 +192,7 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         target = jnp.where(full, victim, free_ref[()])
         apply = moving & (target < K)
         dest = jnp.where(apply, c + P + target, -1)  # -1: o is dropped or nothing moves
-        rn = rn_ref[()]
-        nxt = (c + P + K, rn)  # next step's candidates: pool slots below the first bound, and rn
+        rn = rn_ref[()]  # next step's candidates: the pool slots and this ring slot
         v_next = jnp.where(rn == ws, v_new, row(v_ref, rn))
         tvec = vsum + unit(v_next)  # next step's total: its candidates are this cache's pool + ring
     else:
@@ -219,7 +222,7 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         corr = jnp.exp(m - m_new)
         pr = jnp.where(ok, jnp.exp(logit - m_new), 0.0)
         if K:  # next step's victim: a running first maximum over the blocks, in slot order
-            cand = inb & (idx >= c + P) & ((idx < nxt[0]) | (idx == nxt[1]))
+            cand = inb & (idx >= c + P) & ((idx < c + P + K) | (idx == rn))
             sc = jnp.sum(v * tvec[None, :], axis=1) / jnp.maximum(jnp.sqrt(jnp.sum(v * v, axis=1)), eps)
             sc = jnp.where(cand, sc, -2e30)
             bm = jnp.max(sc)
@@ -231,12 +234,11 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
     init = (jnp.zeros((d,), jnp.float32), jnp.float32(NEG_INF), jnp.float32(0.0), jnp.float32(-3e38), jnp.int32(0))
     acc, m, l, _, at_next = jax.lax.fori_loop(0, n_blocks, body, init)
     o_ref[...] = (acc / l).astype(o_ref.dtype)
-    one = jnp.arange(1)
     plgpu.store(ko_ref.at[pl.ds(ws, 1), :], k_new[None, :])
     plgpu.store(vo_ref.at[pl.ds(ws, 1), :], v_new[None, :])
     plgpu.store(po_ref.at[pl.ds(ws, 1)], jnp.full((1,), new_pos, jnp.int32))
     if K:
-        ok_move = (one == 0) & apply
+        ok_move = (jnp.arange(1) == 0) & apply
         dslot = jnp.maximum(dest, 0)
         plgpu.store(ko_ref.at[pl.ds(dslot, 1), :], k_o[None, :], mask=ok_move[:, None])
         plgpu.store(vo_ref.at[pl.ds(dslot, 1), :], v_o[None, :], mask=ok_move[:, None])
@@ -246,8 +248,9 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
 
 
 def evict_fusable(rows: int, heads: int, slots: int, block_k: int | None = None) -> bool:
-    """Whether :func:`evict_step` applies: one program per (row, head), i.e. no split over slots
-    (enough rows x heads to fill the GPU without one; smaller batches keep the unfused path)."""
+    """Whether :func:`evict_step` applies: its one program per (row, head) is enough work only
+    where :func:`decode_attention` (the other path) would not split over slots either; smaller
+    batches keep that path."""
     return _splits(rows * heads, slots, block_k or BLOCK_K) == 1
 
 

@@ -88,25 +88,21 @@ def main():
     result = {"jax": jax.__version__, "device_kind": jax.devices()[0].device_kind, "workers": WORKERS}
     if os.environ.get("CHECK"):
         result["check"] = check_kernel()
-    tuned = os.environ.get("TUNED")  # kernel_tune.json: use its fastest dense setting for the sweep
-    if tuned and os.path.exists(tuned):
-        from adsa_jax import kernels
+    from adsa_jax import kernels
 
-        rows_t = [r for r in json.load(open(tuned))["rows"] if r.get("case", "").startswith("dense") and "block_k" in r
-                  and "us" in r]
-        best = min(rows_t, key=lambda r: r["us"])
-        kernels.BLOCK_K, kernels.NUM_WARPS, kernels.NUM_STAGES = best["block_k"], best["warps"], best["stages"]
-        result["kernel_params"] = best
-        print("kernel params", best, flush=True)
-    ev = os.environ.get("EVICT_TUNED")  # evict_kernel_time.json: evict_step's fastest block and warps
-    if ev and os.path.exists(ev):
-        from adsa_jax import kernels
-
-        best = min((r for r in json.load(open(ev))["rows"] if r.get("case") == "evict_step" and "us" in r),
-                   key=lambda r: r["us"])
-        kernels.EVICT_BLOCK_K, kernels.EVICT_NUM_WARPS = best["block_k"], best["warps"]
-        result["evict_kernel_params"] = best
-        print("evict kernel params", best, flush=True)
+    # Tuning files: use the fastest setting they measured (kernel_tune.json for the attention
+    # kernel's dense case, evict_kernel_time.json for evict_step).
+    for env, wanted, names in (("TUNED", lambda c: c.startswith("dense"), ("BLOCK_K", "NUM_WARPS", "NUM_STAGES")),
+                               ("EVICT_TUNED", lambda c: c == "evict_step", ("EVICT_BLOCK_K", "EVICT_NUM_WARPS"))):
+        path = os.environ.get(env)
+        if path and os.path.exists(path):
+            best = min((r for r in json.load(open(path))["rows"]
+                        if wanted(r.get("case", "")) and "block_k" in r and "us" in r),
+                       key=lambda r: r["us"])
+            for name, key in zip(names, ("block_k", "warps", "stages")):
+                setattr(kernels, name, best[key])
+            result[f"{env.lower()}_params"] = best
+            print(env, "kernel params", best, flush=True)
     dev = measure_device()
     result["device"] = dev
     print("device", dev, "jax", jax.__version__, flush=True)
