@@ -71,12 +71,16 @@ def profile(m, prepared, tag):
     ev = tr["traceEvents"] if isinstance(tr, dict) else tr
     pids = {e["pid"]: e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
     agg, cnt = collections.Counter(), collections.Counter()
+    t0, t1 = float("inf"), 0.0
     for e in ev:
         if e.get("ph") == "X" and "dur" in e and "/device:GPU" in pids.get(e.get("pid"), ""):
             agg[e["name"][:80]] += e["dur"]
             cnt[e["name"][:80]] += 1
-    json.dump({"agg": agg, "cnt": cnt}, open(f"{OUT}/prof_{tag}.json", "w"))
-    print(f"profile {tag}: device busy {sum(agg.values()) / 1e3:.1f} ms over {sum(cnt.values())} kernels", flush=True)
+            t0, t1 = min(t0, e["ts"]), max(t1, e["ts"] + e["dur"])
+    # span = first kernel start to last kernel end: busy / span is how full the GPU was kept.
+    json.dump({"agg": agg, "cnt": cnt, "span_us": t1 - t0}, open(f"{OUT}/prof_{tag}.json", "w"))
+    print(f"profile {tag}: device busy {sum(agg.values()) / 1e3:.1f} ms over {sum(cnt.values())} kernels, "
+          f"span {(t1 - t0) / 1e3:.1f} ms", flush=True)
     for n, t in agg.most_common(15):
         print(f"  {t / 1e3:9.2f} ms {cnt[n]:7d}x  {n}", flush=True)
 
