@@ -15,6 +15,7 @@ import gzip
 import json
 import os
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.getcwd())
@@ -61,7 +62,7 @@ def profile(m, prepared, tag):
     with gzip.open(f"{OUT}/hlo_{tag}.txt.gz", "wt") as f:  # maps the profile's fusion names to ops
         f.write(comp.as_text())
     comp(m.params, labels, mask, jax.random.key(0), ids, scalars).block_until_ready()
-    d = f"/tmp/trace_{tag}"
+    d = tempfile.mkdtemp(prefix=f"trace_{tag}_")  # fresh: a reused folder would hold an older trace
     with jax.profiler.trace(d, create_perfetto_trace=True):
         comp(m.params, labels, mask, jax.random.key(0), ids, scalars).block_until_ready()
     f = glob.glob(f"{d}/**/*perfetto_trace.json.gz", recursive=True)
