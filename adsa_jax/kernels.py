@@ -221,18 +221,21 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         m_new = jnp.maximum(m, jnp.max(logit))
         corr = jnp.exp(m - m_new)
         pr = jnp.where(ok, jnp.exp(logit - m_new), 0.0)
-        if K:  # next step's victim: a running first maximum over the blocks, in slot order
+        if K:  # next step's victim: a running first maximum per lane (no cross-warp reduction
+            # per block); lane l holds the best of slots l, l + block_k, ... (earliest on ties)
             cand = inb & (idx >= c + P) & ((idx < c + P + K) | (idx == rn))
             sc = jnp.sum(v * tvec[None, :], axis=1) / jnp.maximum(jnp.sqrt(jnp.sum(v * v, axis=1)), eps)
             sc = jnp.where(cand, sc, -2e30)
-            bm = jnp.max(sc)
-            first = jnp.min(jnp.where(sc == bm, idx, slots))
-            best, at = jnp.where(bm > best, bm, best), jnp.where(bm > best, first, at)
+            better = sc > best
+            best, at = jnp.where(better, sc, best), jnp.where(better, idx, at)
         acc = acc * corr + jnp.sum(pr[:, None] * v, axis=0)
         return acc, m_new, l * corr + jnp.sum(pr), best, at
 
-    init = (jnp.zeros((d,), jnp.float32), jnp.float32(NEG_INF), jnp.float32(0.0), jnp.float32(-3e38), jnp.int32(0))
-    acc, m, l, _, at_next = jax.lax.fori_loop(0, n_blocks, body, init)
+    init = (jnp.zeros((d,), jnp.float32), jnp.float32(NEG_INF), jnp.float32(0.0),
+            jnp.full((block_k,), -3e38, jnp.float32), jnp.zeros((block_k,), jnp.int32))
+    acc, m, l, best, at = jax.lax.fori_loop(0, n_blocks, body, init)
+    # The first maximum over all slots: the lowest slot among the lanes holding the maximum.
+    at_next = jnp.min(jnp.where(best == jnp.max(best), at, slots))
     o_ref[...] = (acc / l).astype(o_ref.dtype)
     plgpu.store(ko_ref.at[pl.ds(ws, 1), :], k_new[None, :])
     plgpu.store(vo_ref.at[pl.ds(ws, 1), :], v_new[None, :])

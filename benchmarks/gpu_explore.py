@@ -7,7 +7,8 @@
 Plan items: {"model": "GPT-XL", "size": 256, "batch": 64, "policy": "dense", "budget": null,
 "attn": "pallas"|"xla", "seg": 4, "iters": 3, "profile": false, "compile_only": false}.
 Env: OUT, TAG, WORKERS (parallel compiles, default 4), CHECK=1 (first compare the Pallas kernel
-with the XLA path on GPT-B in float32: logits and greedy tokens).
+with the XLA path on GPT-B in float32: logits and greedy tokens), EVICT_ONE_KERNEL=1|0 (sets
+``kernels.EVICT_ONE_KERNEL`` for the whole process).
 """
 import collections
 import glob
@@ -91,9 +92,13 @@ def main():
     plan = json.load(open(arg)) if arg.endswith(".json") else json.loads(arg)
     t_start = time.time()
     result = {"jax": jax.__version__, "device_kind": jax.devices()[0].device_kind, "workers": WORKERS}
+    from adsa_jax import kernels
+
+    if os.environ.get("EVICT_ONE_KERNEL"):  # read at trace time, so one setting per process
+        kernels.EVICT_ONE_KERNEL = os.environ["EVICT_ONE_KERNEL"] == "1"
+        result["evict_one_kernel"] = kernels.EVICT_ONE_KERNEL
     if os.environ.get("CHECK"):
         result["check"] = check_kernel()
-    from adsa_jax import kernels
 
     # Tuning files: use the fastest setting they measured (kernel_tune.json for the attention
     # kernel's dense case, evict_kernel_time.json for evict_step).
