@@ -30,11 +30,13 @@ NUM_STAGES = 1
 # evict_step's own settings (measured on an H100 by benchmarks/evict_kernel_time.py).
 EVICT_BLOCK_K = 64
 EVICT_NUM_WARPS = 2
-# adsa-evict (keep > 0) as one kernel per layer step: off by default. Measured on an H100 it
-# is 4% faster at GPT-XL 384 px batch 64 but 5% slower at batch 256 and 30% slower at 256 px
-# batch 64 than the attention kernel with the bookkeeping in XLA (BENCHMARKS.md); the window
-# policy (keep = 0) always runs as one kernel where it applies.
-EVICT_ONE_KERNEL = False  # read when a generate call is traced: set it before the first call
+# adsa-evict (keep > 0) as one kernel per layer step. None = automatic: where the cache holds at
+# least EVICT_MIN_SLOTS slots. Measured on an H100 (BENCHMARKS.md): 10% faster than the attention
+# kernel with the bookkeeping in XLA at GPT-XL 384 px batch 64 (289 slots), level at batch 256,
+# 19% slower at 256 px batch 64 (129 slots). True / False force it; the window policy (keep = 0)
+# always runs as one kernel where it applies. Read when a generate call is traced.
+EVICT_ONE_KERNEL: bool | None = None
+EVICT_MIN_SLOTS = 256
 
 
 def _kernel(nv_ref, q_ref, k_ref, v_ref, m_in_ref, *rest, block_k, split_len, scale, with_score):

@@ -241,13 +241,16 @@ class Evict:
 
     def one_kernel(self, rows: int, heads: int) -> bool:
         """Whether a decode step runs as one Pallas kernel (:func:`adsa_jax.kernels.evict_step`):
-        the kernel path, per-head scores (or none: window), and enough rows x heads for one
-        program per (row, head). Otherwise the bookkeeping runs in XLA around the attention."""
+        the kernel path, per-head scores (or none: window), enough rows x heads for one program
+        per (row, head), and for adsa-evict a cache long enough to pay for the victim search
+        (``kernels.EVICT_ONE_KERNEL`` / ``EVICT_MIN_SLOTS``). Otherwise the bookkeeping runs in
+        XLA around the attention."""
         if self.attention == "xla" or self.granularity != "head" or self.chooser != "similarity":
             return False
         from . import kernels
 
-        if self.keep and not kernels.EVICT_ONE_KERNEL:
+        force = kernels.EVICT_ONE_KERNEL
+        if self.keep and (force is False or (force is None and self.slots < kernels.EVICT_MIN_SLOTS)):
             return False
         return kernels.evict_fusable(rows, heads, self.slots)
 

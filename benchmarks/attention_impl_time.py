@@ -43,7 +43,7 @@ def kernel_us(f, args, n=20):
 def main():
     res = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "rows": []}
     h, d = 20, 64
-    for b, s, n in ((2, 257, 129), (128, 257, 129), (128, 257, 257), (128, 577, 289), (512, 257, 129)):
+    for b, s, n in ((2, 257, 129), (128, 257, 129), (128, 577, 289), (512, 257, 129)):
         ks = jax.random.split(jax.random.key(0), 3)
         q = jax.random.normal(ks[0], (b, h, d), jnp.bfloat16)
         k = jax.random.normal(ks[1], (b, h, s, d), jnp.bfloat16)
@@ -61,6 +61,10 @@ def main():
         lens = jnp.full((b,), n, jnp.int32)
         cases["cudnn_BSHD"] = (jax.jit(lambda q, k, v, lens: jax.nn.dot_product_attention(
             q[:, None], k, v, key_value_seq_lengths=lens, implementation="cudnn")[:, 0]), (q, kt, vt, lens))
+        # Our (B, H, S, D) cache seen as (B, S, H, D): does XLA hand cuDNN the strides or copy?
+        cases["cudnn_BHSD_view"] = (jax.jit(lambda q, k, v, lens: jax.nn.dot_product_attention(
+            q[:, None], jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), key_value_seq_lengths=lens,
+            implementation="cudnn")[:, 0]), (q, k, v, lens))
         ref = cases["xla_filled"][0](q, k, v).astype(jnp.float32)
         for name, (f, args) in cases.items():
             row = {"rows": b, "slots": s, "filled": n, "impl": name}
@@ -72,7 +76,7 @@ def main():
             except Exception as e:  # noqa: BLE001 - cuDNN may refuse a shape: record why
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             res["rows"].append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "kernels"}), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k != "kernels" or name.startswith("cudnn")}), flush=True)
     json.dump(res, open(f"{OUT}/attention_impl_time.json", "w"), indent=1)
 
 

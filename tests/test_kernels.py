@@ -149,6 +149,7 @@ def test_kernel_small_blocks_match_xla(c2i, c2i_ref, name, monkeypatch):
     from adsa_jax import kernels
 
     monkeypatch.setattr(kernels, "BLOCK_K", 16)
+    monkeypatch.setattr(kernels, "EVICT_BLOCK_K", 16)  # evict_step's own block size
     monkeypatch.setattr(kernels, "evict_fusable", lambda *a, **k: True)  # one kernel even where a split would be chosen
     monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", True)
     labels = c2i_ref["labels"]
@@ -157,7 +158,29 @@ def test_kernel_small_blocks_match_xla(c2i, c2i_ref, name, monkeypatch):
     if name == "dense":
         assert kernels._splits(rows * heads, pol.slots, 16) > 1
     else:
-        assert resolve_attention(pol, c2i.config, "pallas").one_kernel(rows, heads) and pol.slots > 32
+        assert resolve_attention(pol, c2i.config, "pallas").one_kernel(rows, heads) and pol.slots > 2 * 16
     got, want = (adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"], cfg_scale=4.0, raw_rows=True,
                                 policy=pol, attention=a) for a in ("pallas-interpret", "xla"))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=0)
+
+
+def test_evict_one_kernel_automatic_by_cache_length(monkeypatch):
+    """EVICT_ONE_KERNEL = None (default): adsa-evict runs as one kernel only where the cache
+    is long enough to pay for the victim search; window always; True / False force it."""
+    from adsa_jax import kernels
+    from adsa_jax.config import named_config
+
+    monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", None)
+    rows = 128
+    for size, want in ((384, True), (256, False)):
+        cfg = named_config("GPT-B", image_size=size)
+        ev = resolve_attention(make_policy(cfg, "adsa-evict", budget=0.5), cfg, "pallas")
+        win = resolve_attention(make_policy(cfg, "window", budget=0.5), cfg, "pallas")
+        assert (ev.slots >= kernels.EVICT_MIN_SLOTS) == want
+        assert ev.one_kernel(rows, cfg.n_head) == want
+        assert win.one_kernel(rows, cfg.n_head)
+        assert ("victim" in ev.init(rows, cfg.n_head, cfg.head_dim, jnp.bfloat16)) == want
+        for force in (True, False):
+            monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", force)
+            assert ev.one_kernel(rows, cfg.n_head) == force
+        monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", None)
