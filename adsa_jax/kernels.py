@@ -37,6 +37,9 @@ EVICT_NUM_WARPS = 2
 # always runs as one kernel where it applies. Read when a generate call is traced.
 EVICT_ONE_KERNEL: bool | None = None
 EVICT_MIN_SLOTS = 256
+# dense as one kernel per layer step (evict_step on the dense cache: write + attention): opt-in
+# until measured (BENCHMARKS.md). Read when a generate call is traced.
+DENSE_ONE_KERNEL = False
 
 
 def _kernel(nv_ref, q_ref, k_ref, v_ref, m_in_ref, *rest, block_k, split_len, scale, with_score):
@@ -163,8 +166,12 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
     # v_i . total / |v_i| over the pool slots in order, then the ring slot), so no pass over the
     # scores precedes the attention. Every store comes after the attention loop, whose
     # cross-warp reductions order it after every load: the cache is updated in place (aliased).
+    # pos_ref None: the dense cache, whose filled slots are exactly those <= ws.
+    dense = pos_ref is None
     if K:
         vs_ref, vic_ref, o_ref, ko_ref, vo_ref, po_ref, vso_ref, vico_ref = rest
+    elif dense:
+        o_ref, ko_ref, vo_ref = rest
     else:
         o_ref, ko_ref, vo_ref, po_ref = rest
     ws, ring, new_pos = ws_ref[()], ring_ref[()], np_ref[()]
@@ -172,7 +179,7 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
     k_new, v_new = kn_ref[...], vn_ref[...]  # (D,) in the cache dtype
     d = q.shape[0]
     lanes = jnp.arange(block_k)
-    n_blocks = -(-slots // block_k)
+    n_blocks = ws // block_k + 1 if dense else -(-slots // block_k)  # dense: up to the new token only
 
     def row(ref, slot):  # one cache row (D,) at a traced slot
         return jnp.sum(plgpu.load(ref.at[pl.ds(slot, 1), :]), axis=0)
@@ -204,21 +211,24 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         acc, m, l, best, at = carry
         start = j * block_k
         idx = start + lanes
-        inb = idx < slots
+        inb = (idx <= ws) if dense else (idx < slots)
         at_ws, at_dest = (idx == ws)[:, None], (idx == dest)[:, None]
         k = plgpu.load(k_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0)
         v = plgpu.load(v_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0)
-        p = plgpu.load(pos_ref.at[pl.ds(start, block_k)], mask=inb, other=-1)
         # This step's writes, seen in registers: the new token at ws, o at its pool slot.
         k = jnp.where(at_ws, k_new[None, :], k)
         v = jnp.where(at_ws, v_new[None, :], v)
-        p = jnp.where(idx == ws, new_pos, p)
+        ok = inb & (plgpu.load(cok_ref.at[pl.ds(start, block_k)], mask=inb, other=0) != 0)
+        if not dense:
+            p = plgpu.load(pos_ref.at[pl.ds(start, block_k)], mask=inb, other=-1)
+            p = jnp.where(idx == ws, new_pos, p)
         if K:
             k = jnp.where(at_dest, k_o[None, :], k)
             v = jnp.where(at_dest, v_o[None, :], v)
             p = jnp.where(idx == dest, p_o, p)
         k, v = k.astype(jnp.float32), v.astype(jnp.float32)
-        ok = inb & (p >= 0) & (plgpu.load(cok_ref.at[pl.ds(start, block_k)], mask=inb, other=0) != 0)
+        if not dense:
+            ok = ok & (p >= 0)
         logit = jnp.where(ok, jnp.sum(k * q[None, :], axis=1), NEG_INF)
         m_new = jnp.maximum(m, jnp.max(logit))
         corr = jnp.exp(m - m_new)
@@ -241,7 +251,8 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
     o_ref[...] = (acc / l).astype(o_ref.dtype)
     plgpu.store(ko_ref.at[pl.ds(ws, 1), :], k_new[None, :])
     plgpu.store(vo_ref.at[pl.ds(ws, 1), :], v_new[None, :])
-    plgpu.store(po_ref.at[pl.ds(ws, 1)], jnp.full((1,), new_pos, jnp.int32))
+    if not dense:
+        plgpu.store(po_ref.at[pl.ds(ws, 1)], jnp.full((1,), new_pos, jnp.int32))
     if K:
         ok_move = (jnp.arange(1) == 0) & apply
         dslot = jnp.maximum(dest, 0)
@@ -250,6 +261,11 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         plgpu.store(po_ref.at[pl.ds(dslot, 1)], jnp.full((1,), p_o, jnp.int32), mask=ok_move)
         vso_ref[...] = vsum
         vico_ref[...] = at_next
+
+
+def _dense_kernel(*refs, **kw):
+    # evict_step's kernel on a dense cache: no pos ref (12 inputs before cond_ok).
+    return _evict_kernel(*refs[:12], None, *refs[12:], **kw)
 
 
 def evict_fusable(rows: int, heads: int, slots: int, block_k: int | None = None) -> bool:
@@ -267,30 +283,36 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     (evicting the highest-score candidate), update the running sum, attend, and compute next
     step's victim from the same read of V. The cache is updated in place.
 
-    q, k_new, v_new (B, H, D); k, v (B, H, S, D); pos (B, H, S) int32 (-1 = empty);
+    q, k_new, v_new (B, H, D); k, v (B, H, S, D); pos (B, H, S) int32 (-1 = empty), or None for
+    the dense cache (``keep`` = 0, slots <= ws are the filled ones, only they are read);
     cond_ok (B, S) bool (condition slots of padded captions off); scalars: int32
     (ws, ring, moving, full, free, ring_next, new_pos), see :meth:`adsa_jax.policies.Evict.decode`;
     keep > 0: vsum (B, H, D) f32 and victim (B, H) int32, this step's victim slot (from the
     last step; any value before the pool is full).
-    Returns (out (B, H, D), k, v, pos) and, with keep > 0, (vsum, next step's victim) after them.
+    Returns (out (B, H, D), k, v, pos) (no pos when pos is None) and, with keep > 0, (vsum, next
+    step's victim) after them.
     """
     b, h, d = q.shape
     s = k.shape[2]
     block_k = block_k or EVICT_BLOCK_K
     K = keep
-    kern = functools.partial(_evict_kernel, block_k=block_k, slots=s, c=c, P=prefix, K=K,
-                             scale=1.0 / math.sqrt(d), eps=eps)
+    dense = pos is None
+    if dense and K:
+        raise ValueError("evict_step on a dense cache (pos=None) takes keep=0")
+    kern = functools.partial(_dense_kernel if dense else _evict_kernel, block_k=block_k, slots=s, c=c, P=prefix,
+                             K=K, scale=1.0 / math.sqrt(d), eps=eps)
     sc = pl.BlockSpec((), lambda i, j: ())
     vec = pl.BlockSpec((None, None, d), lambda i, j: (i, j, 0))
     cache = pl.BlockSpec((None, None, s, d), lambda i, j: (i, j, 0, 0))
     per_slot = pl.BlockSpec((None, None, s), lambda i, j: (i, j, 0))
-    in_specs = [sc] * 7 + [vec, vec, vec, cache, cache, per_slot, pl.BlockSpec((None, s), lambda i, j: (i, 0))]
-    args = [jnp.asarray(x, jnp.int32) for x in scalars] + [q, k_new.astype(k.dtype), v_new.astype(v.dtype), k, v,
-                                                          pos, cond_ok.astype(jnp.int8)]
-    out_specs = [vec, cache, cache, per_slot]
+    in_specs = [sc] * 7 + [vec, vec, vec, cache, cache] + ([] if dense else [per_slot])
+    in_specs.append(pl.BlockSpec((None, s), lambda i, j: (i, 0)))
+    args = [jnp.asarray(x, jnp.int32) for x in scalars] + [q, k_new.astype(k.dtype), v_new.astype(v.dtype), k, v]
+    args += ([] if dense else [pos]) + [cond_ok.astype(jnp.int8)]
+    out_specs = [vec, cache, cache] + ([] if dense else [per_slot])
     out_shape = [jax.ShapeDtypeStruct((b, h, d), v.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(pos.shape, jnp.int32)]
-    aliases = {10: 1, 11: 2, 12: 3}  # k, v, pos are updated in place
+                 jax.ShapeDtypeStruct(v.shape, v.dtype)] + ([] if dense else [jax.ShapeDtypeStruct(pos.shape, jnp.int32)])
+    aliases = {10: 1, 11: 2} if dense else {10: 1, 11: 2, 12: 3}  # k, v (, pos) are updated in place
     if K:
         one = pl.BlockSpec((None, None), lambda i, j: (i, j))
         in_specs += [vec, one]

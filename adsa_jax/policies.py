@@ -108,8 +108,26 @@ class Dense:
         return {**cache, "k": cache["k"].at[:, :, : self.c].set(kt.astype(cache["k"].dtype)),
                 "v": cache["v"].at[:, :, : self.c].set(vt.astype(cache["v"].dtype))}
 
+    def one_kernel(self, rows: int, heads: int) -> bool:
+        """Whether a decode step (cache write + attention) runs as one Pallas kernel
+        (:func:`adsa_jax.kernels.evict_step` on the dense cache): the kernel path, switched on
+        by ``kernels.DENSE_ONE_KERNEL``, and rows x heads enough for one program per (row, head)."""
+        if self.attention == "xla":
+            return False
+        from . import kernels
+
+        return kernels.DENSE_ONE_KERNEL and kernels.evict_fusable(rows, heads, self.slots)
+
     def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None):
         slot = self.c + t
+        if self.one_kernel(*q.shape[:2]):
+            from .kernels import evict_step
+
+            zero = jnp.int32(0)
+            out, kc, vc = evict_step(q, k, v, cache["k"], cache["v"], None, _cond_slot_mask(cond_mask, self.slots)[:, 0],
+                                     (slot, zero, zero, zero, zero, zero, slot), c=self.c, prefix=0, keep=0,
+                                     interpret=self.attention == "pallas-interpret")
+            return {**cache, "k": kc, "v": vc}, out
         kc, vc = _write(cache["k"], k, slot), _write(cache["v"], v, slot)
         if self.attention != "xla":  # the kernel reads slots < slot + 1 only, whatever the span
             out = attend(q, kc, vc, _cond_slot_mask(cond_mask, self.slots), self.attention, slot + 1)
@@ -140,6 +158,9 @@ class Select(Dense):
         # kept for inspection and tests, it is K int32 per row and head.
         return {**super().init(batch, heads, head_dim, dtype), "vsum": jnp.zeros((batch, g, x), jnp.float32),
                 "sel": jnp.full((batch, g, self.keep), -1, jnp.int32)}
+
+    def one_kernel(self, rows: int, heads: int) -> bool:
+        return False  # its gather of the kept slots runs in XLA
 
     def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None):
         c, P, K, M = self.c, self.prefix, self.keep, self.local

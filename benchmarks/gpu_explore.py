@@ -7,8 +7,8 @@
 Plan items: {"model": "GPT-XL", "size": 256, "batch": 64, "policy": "dense", "budget": null,
 "attn": "pallas"|"xla", "seg": 4, "iters": 3, "profile": false, "compile_only": false}.
 Env: OUT, TAG, WORKERS (parallel compiles, default 4), CHECK=1 (first compare the Pallas kernel
-with the XLA path on GPT-B in float32: logits and greedy tokens), EVICT_ONE_KERNEL=1|0 (sets
-``kernels.EVICT_ONE_KERNEL`` for the whole process).
+with the XLA path on GPT-B in float32: logits and greedy tokens), EVICT_ONE_KERNEL=1|0 and
+DENSE_ONE_KERNEL=1|0 (set those switches of ``adsa_jax.kernels`` for the whole process).
 """
 import collections
 import glob
@@ -97,6 +97,9 @@ def main():
     if os.environ.get("EVICT_ONE_KERNEL"):  # read at trace time, so one setting per process
         kernels.EVICT_ONE_KERNEL = os.environ["EVICT_ONE_KERNEL"] == "1"
         result["evict_one_kernel"] = kernels.EVICT_ONE_KERNEL
+    if os.environ.get("DENSE_ONE_KERNEL"):
+        kernels.DENSE_ONE_KERNEL = os.environ["DENSE_ONE_KERNEL"] == "1"
+        result["dense_one_kernel"] = kernels.DENSE_ONE_KERNEL
     if os.environ.get("CHECK"):
         result["check"] = check_kernel()
 

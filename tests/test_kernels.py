@@ -40,12 +40,12 @@ def test_kernel_matches_xla_attention(b, h, s, d, g, n_valid, splits, block_k):
 
 
 @pytest.mark.parametrize("name,kw,one_kernel", [
-    ("dense", {}, False), ("adsa-evict", {"budget": 0.5}, True), ("window", {"budget": 0.5}, True),
+    ("dense", {}, False), ("dense", {}, True), ("adsa-evict", {"budget": 0.5}, True), ("window", {"budget": 0.5}, True),
     ("adsa-evict", {"budget": 0.5}, False), ("window", {"budget": 0.5}, False), ("adsa-select", {"budget": 0.5}, False),
     ("adsa-evict", {"budget": 0.75, "granularity": "layer"}, False)])
 def test_kernel_in_generation_matches_xla(c2i, c2i_ref, name, kw, one_kernel, monkeypatch):
-    """Logits within 1e-4 and identical greedy tokens. adsa-evict and window run either as one
-    kernel per layer step (evict_step) or, where it does not apply (a split over slots, layer
+    """Logits within 1e-4 and identical greedy tokens. dense, adsa-evict and window run either as
+    one kernel per layer step (evict_step) or, where it does not apply (a split over slots, layer
     granularity), as the attention kernel with the bookkeeping in XLA."""
     from adsa_jax import kernels
 
@@ -54,7 +54,8 @@ def test_kernel_in_generation_matches_xla(c2i, c2i_ref, name, kw, one_kernel, mo
     rows, heads = 2 * len(labels), c2i.config.n_head
     if name != "dense" and not one_kernel:
         monkeypatch.setattr(kernels, "evict_fusable", lambda *a, **k: False)
-    monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", one_kernel)  # adsa-evict's one-kernel step is opt-in
+    monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", one_kernel)  # force the path either way
+    monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", one_kernel)
     if hasattr(pol, "one_kernel"):
         assert resolve_attention(pol, c2i.config, "pallas").one_kernel(rows, heads) == one_kernel
     ref = np.asarray(adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"], cfg_scale=4.0, raw_rows=True,
@@ -79,9 +80,10 @@ def test_kernel_with_caption_masks(t2i, t2i_ref, monkeypatch):
     np.testing.assert_array_equal(np.asarray(toks), t2i_ref["greedy_cfg_tokens"])
     # adsa-evict and window as one kernel: the caption mask reaches the kernel's condition slots.
     monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", True)
+    monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", True)
     monkeypatch.setattr(kernels, "evict_fusable", lambda *a, **k: True)  # 152 slots: a split would be chosen
-    for name in ("adsa-evict", "window"):
-        pol = make_policy(t2i.config, name, budget=0.5)
+    for name in ("adsa-evict", "window", "dense"):
+        pol = make_policy(t2i.config, name, **({} if name == "dense" else {"budget": 0.5}))
         assert resolve_attention(pol, t2i.config, "pallas").one_kernel(2 * len(emb), t2i.config.n_head)
         got, want = (adsa_jax.generate(t2i, emb, jax.random.key(0), cond_mask=masks, cfg_scale=7.5, top_k=1,
                                        policy=pol, attention=a) for a in ("pallas-interpret", "xla"))
@@ -105,8 +107,10 @@ def test_kernel_lowers_for_gpu(c2i, monkeypatch):
     for name, kw in (("dense", {}), ("adsa-evict", {"budget": 0.5}), ("adsa-evict", {"budget": 0.5, "granularity": "layer"})):
         assert "adsa_decode_attention" in lowered(name, **kw)
     monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", True)
+    monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", True)
     jax.clear_caches()  # the switch is read at trace time
     assert "adsa_evict_step" in lowered("adsa-evict", budget=0.5)
+    assert "adsa_evict_step" in lowered("dense")
 
 
 def test_attention_choice_errors(c2i, monkeypatch):
@@ -142,7 +146,7 @@ def test_attention_choice_errors(c2i, monkeypatch):
         resolve_attention(Mine(), cfg, "pallas")
 
 
-@pytest.mark.parametrize("name", ["dense", "adsa-evict", "window"])
+@pytest.mark.parametrize("name", ["dense", "dense one kernel", "adsa-evict", "window"])
 def test_kernel_small_blocks_match_xla(c2i, c2i_ref, name, monkeypatch):
     """Blocks of 16 slots: several blocks per program (the victim's first maximum across
     blocks, the in-register view of this step's writes in any block) and, for dense, splits."""
@@ -152,8 +156,9 @@ def test_kernel_small_blocks_match_xla(c2i, c2i_ref, name, monkeypatch):
     monkeypatch.setattr(kernels, "EVICT_BLOCK_K", 16)  # evict_step's own block size
     monkeypatch.setattr(kernels, "evict_fusable", lambda *a, **k: True)  # one kernel even where a split would be chosen
     monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", True)
+    monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", name == "dense one kernel")
     labels = c2i_ref["labels"]
-    pol = make_policy(c2i.config, name, **({} if name == "dense" else {"budget": 0.5}))
+    pol = make_policy(c2i.config, name.split()[0], **({} if name.startswith("dense") else {"budget": 0.5}))
     rows, heads = 2 * len(labels), c2i.config.n_head
     if name == "dense":
         assert kernels._splits(rows * heads, pol.slots, 16) > 1
