@@ -138,7 +138,7 @@ def main():
                 else:
                     r = time_one(m, prepared, iters=item.get("iters", 3), device=dev)
                 if item.get("profile"):
-                    profile(m, prepared, f"{item['policy'].name}_{item['attention']}_{name}_{size}_{item['batch']}")
+                    profile(m, prepared, f"{TAG}_{item['policy'].name}_{item['attention']}_{name}_{size}_{item['batch']}")
             except Exception as e:  # noqa: BLE001 - e.g. out of memory at one size
                 r = error_row(e, m, item)
             prepared = None
