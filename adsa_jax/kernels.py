@@ -37,8 +37,9 @@ EVICT_NUM_WARPS = 2
 # always runs as one kernel where it applies. Read when a generate call is traced.
 EVICT_ONE_KERNEL: bool | None = None
 EVICT_MIN_SLOTS = 256
-# dense as one kernel per layer step (evict_step on the dense cache: write + attention): opt-in
-# until measured (BENCHMARKS.md). Read when a generate call is traced.
+# dense as one kernel per layer step (evict_step on the dense cache: write + attention): opt-in.
+# Measured level with the default on an H100 (BENCHMARKS.md, session 4): XLA already runs the
+# cache writes it saves off the critical path. Read when a generate call is traced.
 DENSE_ONE_KERNEL = False
 
 
