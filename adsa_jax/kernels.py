@@ -247,8 +247,6 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
     init = (jnp.zeros((d,), jnp.float32), jnp.float32(NEG_INF), jnp.float32(0.0),
             jnp.full((block_k,), -3e38, jnp.float32), jnp.zeros((block_k,), jnp.int32))
     acc, m, l, best, at = jax.lax.fori_loop(0, n_blocks, body, init)
-    # The first maximum over all slots: the lowest slot among the lanes holding the maximum.
-    at_next = jnp.min(jnp.where(best == jnp.max(best), at, slots))
     o_ref[...] = (acc / l).astype(o_ref.dtype)
     plgpu.store(ko_ref.at[pl.ds(ws, 1), :], k_new[None, :])
     plgpu.store(vo_ref.at[pl.ds(ws, 1), :], v_new[None, :])
@@ -261,7 +259,8 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         plgpu.store(vo_ref.at[pl.ds(dslot, 1), :], v_o[None, :], mask=ok_move[:, None])
         plgpu.store(po_ref.at[pl.ds(dslot, 1)], jnp.full((1,), p_o, jnp.int32), mask=ok_move)
         vso_ref[...] = vsum
-        vico_ref[...] = at_next
+        # The first maximum over all slots: the lowest slot among the lanes holding the maximum.
+        vico_ref[...] = jnp.min(jnp.where(best == jnp.max(best), at, slots))
 
 
 def _dense_kernel(*refs, **kw):

@@ -8,17 +8,16 @@ heads of 64). Pallas and XLA read the cache in our (B, H, S, D) layout; cuDNN wa
 (B, S, H, D), measured in that layout (what adopting it would need), with
 ``key_value_seq_lengths = n``. Kernel time (all GPU kernels of the call) from a profiler trace.
 """
-import collections
-import glob
-import gzip
 import json
 import os
 import sys
-import tempfile
 
 sys.path.insert(0, os.getcwd())
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+
+from gpu_trace import gpu_kernel_times  # noqa: E402
 
 from adsa_jax.policies import attend  # noqa: E402
 
@@ -27,16 +26,7 @@ OUT = os.environ.get("OUT", "/tmp/out")
 
 def kernel_us(f, args, n=20):
     jax.block_until_ready(f(*args))
-    d = tempfile.mkdtemp(prefix="attn_")
-    with jax.profiler.trace(d, create_perfetto_trace=True):
-        jax.block_until_ready([f(*args) for _ in range(n)])
-    tr = json.load(gzip.open(glob.glob(f"{d}/**/*perfetto_trace.json.gz", recursive=True)[0]))
-    ev = tr["traceEvents"] if isinstance(tr, dict) else tr
-    pids = {e["pid"]: e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
-    agg = collections.Counter()
-    for e in ev:
-        if e.get("ph") == "X" and "dur" in e and "/device:GPU" in pids.get(e.get("pid"), ""):
-            agg[e["name"][:60]] += e["dur"]
+    agg, _, _ = gpu_kernel_times(lambda: jax.block_until_ready([f(*args) for _ in range(n)]))
     return sum(agg.values()) / n, {k: v / n for k, v in agg.items()}
 
 

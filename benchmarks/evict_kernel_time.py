@@ -8,35 +8,26 @@ kernel with score terms that the unfused path runs (`decode_attention(score_vec=
 bookkeeping then costs ~10 more small XLA kernels. Kernel durations come from a profiler trace,
 so copies XLA adds around a non-donated aliased call do not count.
 """
-import collections
-import glob
-import gzip
 import json
 import os
 import sys
 
 sys.path.insert(0, os.getcwd())
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+
+from gpu_trace import gpu_kernel_times  # noqa: E402
 
 from adsa_jax import kernels  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp/out")
 
 
-def kernel_us(f, args, tag, n=20):
+def kernel_us(f, args, n=20):
     jax.block_until_ready(f(*args))
-    d = f"/tmp/ek_{tag}"
-    with jax.profiler.trace(d, create_perfetto_trace=True):
-        jax.block_until_ready([f(*args) for _ in range(n)])
-    tr = json.load(gzip.open(glob.glob(f"{d}/**/*perfetto_trace.json.gz", recursive=True)[0]))
-    ev = tr["traceEvents"] if isinstance(tr, dict) else tr
-    pids = {e["pid"]: e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
-    agg = collections.Counter()
-    for e in ev:
-        if e.get("ph") == "X" and "dur" in e and "/device:GPU" in pids.get(e.get("pid"), "") and "adsa" in e["name"]:
-            agg[e["name"]] += e["dur"]
-    return sum(agg.values()) / n
+    agg, _, _ = gpu_kernel_times(lambda: jax.block_until_ready([f(*args) for _ in range(n)]))
+    return sum(v for k, v in agg.items() if "adsa" in k) / n  # the kernel, not XLA's copies around it
 
 
 def main():
@@ -62,7 +53,7 @@ def main():
                     *a[:8], c=c, prefix=P, keep=keep, vsum=a[8] if keep else None, victim=a[9] if keep else None,
                     block_k=bk, num_warps=w))
                 try:
-                    us = kernel_us(f, (q, kn, vn, k, v, pos, cond_ok, sc, vsum, victim), f"{bk}_{w}_{keep}")
+                    us = kernel_us(f, (q, kn, vn, k, v, pos, cond_ok, sc, vsum, victim))
                     row = {"case": "evict_step" if keep else "evict_step window", "block_k": bk, "warps": w, "us": us,
                            "tb_per_s": bytes_kv / us / 1e6}
                 except Exception as e:  # noqa: BLE001
@@ -73,7 +64,7 @@ def main():
     for score in (True, False):
         f = jax.jit(lambda q, k, v, m, tv, score=score: kernels.decode_attention(
             q, k, v, m, s, score_vec=tv if score else None))
-        us = kernel_us(f, (q, k, v, mask, vsum), f"att_{score}")
+        us = kernel_us(f, (q, k, v, mask, vsum))
         row = {"case": "decode_attention" + (" + score" if score else ""), "us": us, "tb_per_s": bytes_kv / us / 1e6}
         res["rows"].append(row)
         print(row, flush=True)

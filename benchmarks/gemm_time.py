@@ -7,15 +7,15 @@ flags that pick their kernels (Triton tiling search, cuBLAS) are compared here, 
 flag set. Device time per GEMM comes from a profiler trace (kernel durations only, no launch
 gaps), over enough distinct weight copies (> 150 MB) that L2 never holds them, as in a real step.
 """
-import collections
-import glob
-import gzip
 import json
 import os
 import sys
 
 import jax
 import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_trace import gpu_kernel_times  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp/out")
 E, F = 1280, 3584
@@ -33,18 +33,8 @@ def main(tag):
             ws = [jax.random.normal(jax.random.key(i), (k, n), jnp.bfloat16) * 0.02 for i in range(copies)]
             x = jax.random.normal(jax.random.key(99), (m, k), jnp.bfloat16)
             jax.block_until_ready([mm(x, w) for w in ws])  # compile + warm up
-            d = f"/tmp/gemm_trace_{tag}_{m}_{name}"
             calls = 4 * copies
-            with jax.profiler.trace(d, create_perfetto_trace=True):
-                jax.block_until_ready([mm(x, ws[i % copies]) for i in range(calls)])
-            f = glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)
-            tr = json.load(gzip.open(f[0]))
-            ev = tr["traceEvents"] if isinstance(tr, dict) else tr
-            pids = {e["pid"]: e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
-            kern = collections.Counter()
-            for e in ev:
-                if e.get("ph") == "X" and "dur" in e and "/device:GPU" in pids.get(e.get("pid"), ""):
-                    kern[e["name"][:60]] += e["dur"]
+            kern, _, _ = gpu_kernel_times(lambda: jax.block_until_ready([mm(x, ws[i % copies]) for i in range(calls)]))
             us = sum(kern.values()) / calls
             row = {"rows": m, "gemm": name, "k": k, "n": n, "us": us, "tb_per_s": k * n * 2 / us / 1e6 if us else float("nan"),
                    "kernels": dict(kern.most_common(3))}

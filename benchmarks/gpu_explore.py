@@ -11,18 +11,19 @@ with the XLA path on GPT-B in float32: logits and greedy tokens), EVICT_ONE_KERN
 DENSE_ONE_KERNEL=1|0 (set those switches of ``adsa_jax.kernels`` for the whole process).
 """
 import collections
-import glob
 import gzip
 import json
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.getcwd())
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+from gpu_trace import gpu_kernel_times  # noqa: E402
 
 from adsa_jax.bench import compiled_in_order, error_row, format_rows, measure_device, time_one  # noqa: E402
 from adsa_jax.config import named_config  # noqa: E402
@@ -63,26 +64,14 @@ def profile(m, prepared, tag):
     with gzip.open(f"{OUT}/hlo_{tag}.txt.gz", "wt") as f:  # maps the profile's fusion names to ops
         f.write(comp.as_text())
     comp(m.params, labels, mask, jax.random.key(0), ids, scalars).block_until_ready()
-    d = tempfile.mkdtemp(prefix=f"trace_{tag}_")  # fresh: a reused folder would hold an older trace
-    with jax.profiler.trace(d, create_perfetto_trace=True):
-        comp(m.params, labels, mask, jax.random.key(0), ids, scalars).block_until_ready()
-    f = glob.glob(f"{d}/**/*perfetto_trace.json.gz", recursive=True)
-    if not f:
+    agg, cnt, span = gpu_kernel_times(
+        lambda: comp(m.params, labels, mask, jax.random.key(0), ids, scalars).block_until_ready())
+    if not agg:
         return
-    tr = json.load(gzip.open(f[0]))
-    ev = tr["traceEvents"] if isinstance(tr, dict) else tr
-    pids = {e["pid"]: e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
-    agg, cnt = collections.Counter(), collections.Counter()
-    t0, t1 = float("inf"), 0.0
-    for e in ev:
-        if e.get("ph") == "X" and "dur" in e and "/device:GPU" in pids.get(e.get("pid"), ""):
-            agg[e["name"][:80]] += e["dur"]
-            cnt[e["name"][:80]] += 1
-            t0, t1 = min(t0, e["ts"]), max(t1, e["ts"] + e["dur"])
     # span = first kernel start to last kernel end: busy / span is how full the GPU was kept.
-    json.dump({"agg": agg, "cnt": cnt, "span_us": t1 - t0}, open(f"{OUT}/prof_{tag}.json", "w"))
+    json.dump({"agg": agg, "cnt": cnt, "span_us": span}, open(f"{OUT}/prof_{tag}.json", "w"))
     print(f"profile {tag}: device busy {sum(agg.values()) / 1e3:.1f} ms over {sum(cnt.values())} kernels, "
-          f"span {(t1 - t0) / 1e3:.1f} ms", flush=True)
+          f"span {span / 1e3:.1f} ms", flush=True)
     for n, t in agg.most_common(15):
         print(f"  {t / 1e3:9.2f} ms {cnt[n]:7d}x  {n}", flush=True)
 
