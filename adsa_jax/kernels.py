@@ -165,12 +165,13 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
     # position, rn = next step's ring slot, np = the new token's position; vic = this step's
     # victim slot, found by last step's program while it read V (the first maximum of
     # v_i . total / |v_i| over the pool slots in order, then the ring slot), so no pass over the
-    # scores precedes the attention. Every store comes after the attention loop, whose
+    # scores precedes the attention. |v_i| (max(|v_i|, eps)) is cached per slot when the token is
+    # written, so the search costs one reduction per block (v . total), not two. Every store comes after the attention loop, whose
     # cross-warp reductions order it after every load: the cache is updated in place (aliased).
     # pos_ref None: the dense cache, whose filled slots are exactly those <= ws.
     dense = pos_ref is None
     if K:
-        vs_ref, vic_ref, o_ref, ko_ref, vo_ref, po_ref, vso_ref, vico_ref = rest
+        vs_ref, vic_ref, nm_ref, o_ref, ko_ref, vo_ref, po_ref, vso_ref, vico_ref, nmo_ref = rest
     elif dense:
         o_ref, ko_ref, vo_ref = rest
     else:
@@ -185,14 +186,18 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
     def row(ref, slot):  # one cache row (D,) at a traced slot
         return jnp.sum(plgpu.load(ref.at[pl.ds(slot, 1), :]), axis=0)
 
-    def unit(x):  # v / max(|v|, eps) in f32, as policies.normalized_v
+    def norm(x):  # max(|v|, eps) in f32, as policies.normalized_v
         x = x.astype(jnp.float32)
-        return x / jnp.maximum(jnp.sqrt(jnp.sum(x * x)), eps)
+        return jnp.maximum(jnp.sqrt(jnp.sum(x * x)), eps)
+
+    def unit(x):
+        return x.astype(jnp.float32) / norm(x)
 
     if K:
         moving, full = mv_ref[()] != 0, full_ref[()] != 0
         k_o, v_o = row(k_ref, ring), row(v_ref, ring)
         p_o = jnp.sum(plgpu.load(pos_ref.at[pl.ds(ring, 1)]))
+        n_o, n_new = jnp.sum(plgpu.load(nm_ref.at[pl.ds(ring, 1)])), norm(v_new)  # cached |v_o|; the new token's
         at = vic_ref[()]
         victim = jnp.where(at == ring, K, at - (c + P))  # 0..K-1 a pool position, K = o itself
         vn_o = unit(v_o)
@@ -227,6 +232,8 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
             k = jnp.where(at_dest, k_o[None, :], k)
             v = jnp.where(at_dest, v_o[None, :], v)
             p = jnp.where(idx == dest, p_o, p)
+            nrm = plgpu.load(nm_ref.at[pl.ds(start, block_k)], mask=inb, other=1.0)
+            nrm = jnp.where(idx == ws, n_new, jnp.where(idx == dest, n_o, nrm))
         k, v = k.astype(jnp.float32), v.astype(jnp.float32)
         if not dense:
             ok = ok & (p >= 0)
@@ -237,7 +244,7 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         if K:  # next step's victim: a running first maximum per lane (no cross-warp reduction
             # per block); lane l holds the best of slots l, l + block_k, ... (earliest on ties)
             cand = inb & (idx >= c + P) & ((idx < c + P + K) | (idx == rn))
-            sc = jnp.sum(v * tvec[None, :], axis=1) / jnp.maximum(jnp.sqrt(jnp.sum(v * v, axis=1)), eps)
+            sc = jnp.sum(v * tvec[None, :], axis=1) / nrm
             sc = jnp.where(cand, sc, -2e30)
             better = sc > best
             best, at = jnp.where(better, sc, best), jnp.where(better, idx, at)
@@ -258,6 +265,8 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         plgpu.store(ko_ref.at[pl.ds(dslot, 1), :], k_o[None, :], mask=ok_move[:, None])
         plgpu.store(vo_ref.at[pl.ds(dslot, 1), :], v_o[None, :], mask=ok_move[:, None])
         plgpu.store(po_ref.at[pl.ds(dslot, 1)], jnp.full((1,), p_o, jnp.int32), mask=ok_move)
+        plgpu.store(nmo_ref.at[pl.ds(ws, 1)], jnp.full((1,), n_new, jnp.float32))
+        plgpu.store(nmo_ref.at[pl.ds(dslot, 1)], jnp.full((1,), n_o, jnp.float32), mask=ok_move)
         vso_ref[...] = vsum
         # The first maximum over all slots: the lowest slot among the lanes holding the maximum.
         vico_ref[...] = jnp.min(jnp.where(best == jnp.max(best), at, slots))
@@ -276,7 +285,7 @@ def evict_fusable(rows: int, heads: int, slots: int, block_k: int | None = None)
 
 
 def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: int, keep: int, vsum=None,
-               victim=None, eps: float = 1e-6, block_k: int | None = None, num_warps: int | None = None,
+               victim=None, vnorm=None, eps: float = 1e-6, block_k: int | None = None, num_warps: int | None = None,
                num_stages: int | None = None, interpret: bool = False):
     """One adsa-evict (``keep`` > 0, head granularity) or window (``keep`` = 0) decode step of a
     layer in one kernel: write the new token, move the token leaving the window into the pool
@@ -287,10 +296,11 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     the dense cache (``keep`` = 0, slots <= ws are the filled ones, only they are read);
     cond_ok (B, S) bool (condition slots of padded captions off); scalars: int32
     (ws, ring, moving, full, free, ring_next, new_pos), see :meth:`adsa_jax.policies.Evict.decode`;
-    keep > 0: vsum (B, H, D) f32 and victim (B, H) int32, this step's victim slot (from the
-    last step; any value before the pool is full).
+    keep > 0: vsum (B, H, D) f32, victim (B, H) int32, this step's victim slot (from the
+    last step; any value before the pool is full), and vnorm (B, H, S) f32, max(|v_i|, eps) of
+    every filled slot (written by this kernel with each token, like k and v).
     Returns (out (B, H, D), k, v, pos) (no pos when pos is None) and, with keep > 0, (vsum, next
-    step's victim) after them.
+    step's victim, vnorm) after them.
     """
     b, h, d = q.shape
     s = k.shape[2]
@@ -315,11 +325,12 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     aliases = {10: 1, 11: 2} if dense else {10: 1, 11: 2, 12: 3}  # k, v (, pos) are updated in place
     if K:
         one = pl.BlockSpec((None, None), lambda i, j: (i, j))
-        in_specs += [vec, one]
-        args += [vsum.astype(jnp.float32), victim.astype(jnp.int32)]
-        out_specs += [vec, one]
-        out_shape += [jax.ShapeDtypeStruct((b, h, d), jnp.float32), jax.ShapeDtypeStruct((b, h), jnp.int32)]
-        aliases.update({14: 4, 15: 5})  # vsum, victim
+        in_specs += [vec, one, per_slot]
+        args += [vsum.astype(jnp.float32), victim.astype(jnp.int32), vnorm.astype(jnp.float32)]
+        out_specs += [vec, one, per_slot]
+        out_shape += [jax.ShapeDtypeStruct((b, h, d), jnp.float32), jax.ShapeDtypeStruct((b, h), jnp.int32),
+                      jax.ShapeDtypeStruct((b, h, s), jnp.float32)]
+        aliases.update({14: 4, 15: 5, 16: 6})  # vsum, victim, vnorm
     return pl.pallas_call(
         kern, grid=(b, h), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps or EVICT_NUM_WARPS,

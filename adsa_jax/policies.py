@@ -247,8 +247,9 @@ class Evict:
         z = jnp.zeros((batch, heads, self.slots, head_dim), dtype)
         cache = {"k": z, "v": z, "pos": jnp.full((batch, g, self.slots), -1, jnp.int32),
                  "vsum": jnp.zeros((batch, g, x), jnp.float32)}
-        if self.keep and self.one_kernel(batch, heads):  # the victim slot of the next step, from the kernel
-            cache["victim"] = jnp.zeros((batch, heads), jnp.int32)
+        if self.keep and self.one_kernel(batch, heads):  # the kernel's: next step's victim slot, and
+            cache["victim"] = jnp.zeros((batch, heads), jnp.int32)  # max(|v_i|, eps) of every slot
+            cache["vnorm"] = jnp.ones((batch, heads, self.slots), jnp.float32)
         elif self.fused_score:  # v_i . total and v_i . v_i of every slot (the kernel's output), next step's
             zs = jnp.zeros((batch, heads, self.slots), jnp.float32)
             cache.update(dots=zs, sq=zs)
@@ -316,11 +317,12 @@ class Evict:
                    ring0 + jnp.mod(t + 1 - P, M), c + t)
         cond_ok = _cond_slot_mask(cond_mask, self.slots)[:, 0]  # (B, C)
         res = evict_step(q, k, v, cache["k"], cache["v"], cache["pos"], cond_ok, scalars, c=c, prefix=P, keep=K,
-                         vsum=cache["vsum"] if K else None, victim=cache.get("victim"), eps=EPS,
+                         vsum=cache["vsum"] if K else None, victim=cache.get("victim"), vnorm=cache.get("vnorm"),
+                         eps=EPS,
                          interpret=self.attention == "pallas-interpret")
         new = {**cache, "k": res[1], "v": res[2], "pos": res[3]}
         if K:
-            new.update(vsum=res[4], victim=res[5])
+            new.update(vsum=res[4], victim=res[5], vnorm=res[6])
         return new, res[0]
 
     def _to_pool(self, kc, vc, pos, vsum, t, ring, layer_index, row_keys, terms=None):

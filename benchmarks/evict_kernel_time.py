@@ -41,6 +41,7 @@ def main():
     cond_ok = jnp.ones((b, s), bool)
     vsum = jax.random.normal(ks[5], (b, h, d), jnp.float32)
     victim = jnp.full((b, h), c + P + 3, jnp.int32)
+    vnorm = jnp.sqrt(jnp.sum(jnp.square(v.astype(jnp.float32)), axis=-1))  # (B, H, S)
     t = 400  # a full pool: o moves, a victim leaves
     ring0 = c + P + K
     sc = (ring0 + (t - P) % M, ring0 + (t - P) % M, 1, 1, K - 1, ring0 + (t + 1 - P) % M, c + t)
@@ -51,9 +52,9 @@ def main():
             for keep in (K, 0):
                 f = jax.jit(lambda *a, keep=keep, bk=bk, w=w: kernels.evict_step(
                     *a[:8], c=c, prefix=P, keep=keep, vsum=a[8] if keep else None, victim=a[9] if keep else None,
-                    block_k=bk, num_warps=w))
+                    vnorm=a[10] if keep else None, block_k=bk, num_warps=w))
                 try:
-                    us = kernel_us(f, (q, kn, vn, k, v, pos, cond_ok, sc, vsum, victim))
+                    us = kernel_us(f, (q, kn, vn, k, v, pos, cond_ok, sc, vsum, victim, vnorm))
                     row = {"case": "evict_step" if keep else "evict_step window", "block_k": bk, "warps": w, "us": us,
                            "tb_per_s": bytes_kv / us / 1e6}
                 except Exception as e:  # noqa: BLE001
