@@ -343,10 +343,10 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
 
 # fused_linear's tiles (benchmarks/linear_time.py); LINEAR_MAX_ROWS: batch rows (CFG included) up
 # to which decode_step uses it when FUSED_LINEAR is None (automatic).
-LINEAR_BLOCK_K = 128
+LINEAR_BLOCK_K = 256
 LINEAR_BLOCK_N = 32
 LINEAR_NUM_WARPS = 4
-LINEAR_NUM_STAGES = 3
+LINEAR_NUM_STAGES = 4
 LINEAR_MAX_ROWS = 16
 # decode steps with fused_linear (model.fused_linear_mode): None = automatic (a GPU, 16-bit weights,
 # rows <= LINEAR_MAX_ROWS), False = never, 'pallas' / 'pallas-interpret' = force. Read at trace time.
@@ -374,9 +374,9 @@ def _linear_kernel(*refs, rows, mp, bk, n_k, norm, swiglu, residual, eps):
             t = jnp.where(ridx[:, None] == r, x_ref[r, pl.ds(k0, bk)][None, :], t)
         return t
 
-    if norm:  # RMSNorm statistics over the whole row first (x is small and stays in L2)
-        ss = jax.lax.fori_loop(0, n_k, lambda i, a: a + jnp.sum(jnp.square(x_tile(i * bk).astype(jnp.float32)), axis=1),
-                               jnp.zeros((mp,), jnp.float32))
+    if norm:  # RMSNorm statistics over the whole row first (x is small and stays in L2); unrolled,
+        # so the loads of x are independent and in flight together
+        ss = sum(jnp.sum(jnp.square(x_tile(i * bk).astype(jnp.float32)), axis=1) for i in range(n_k))
         inv = jax.lax.rsqrt(ss / (n_k * bk) + eps)
 
     def body(i, acc):

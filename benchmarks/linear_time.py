@@ -24,7 +24,9 @@ from adsa_jax.model import rms_norm  # noqa: E402
 OUT = os.environ.get("OUT", "/tmp/out")
 E, F, V = 1280, 3584, 16384
 MS = tuple(int(x) for x in os.environ.get("LINEAR_ROWS", "2,16,128").split(","))
-TUNE_MS = (2, 128)
+TUNE_MS = tuple(int(x) for x in os.environ.get("LINEAR_TUNE_ROWS", "2,128").split(","))
+# block_n, block_k, warps, stages (env LINEAR_GRID="16,32;128,256;4;2,4")
+GRID = [tuple(int(v) for v in part.split(",")) for part in os.environ.get("LINEAR_GRID", "16,32,64,128;128,256;4;2,4").split(";")]
 # name: (K, N, norm, swiglu, residual), the five projections of a decode step
 OPS = {"qkv": (E, 3 * E, True, False, False), "wo": (E, E, False, False, True), "w13": (E, F, True, True, False),
        "w2": (F, E, False, False, True), "head": (E, V, True, False, False)}
@@ -75,8 +77,7 @@ def main():
         for m in MS:
             x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
             r = jax.random.normal(jax.random.key(m + 1), (m, n), jnp.bfloat16)
-            grid = (itertools.product((16, 32, 64, 128), (128, 256), (4,), (2, 4)) if m in TUNE_MS
-                    else [(None, None, None, None)])
+            grid = (itertools.product(*GRID) if m in TUNE_MS else [(None, None, None, None)])
             fs, tiles_of = {"xla": xla_op(norm, swiglu, residual)}, {"xla": {}}
             for bn, bk, w, st in grid:
                 tag = f"lin_{bn}_{bk}_{w}_{st}"
@@ -96,19 +97,19 @@ def main():
                 res["rows"].append({"op": name, "m": m, "impl": "xla" if tag == "xla" else "fused", **tiles_of[tag],
                                     "us": us, "tb_per_s": wbytes / us / 1e6 if us else float("nan")})
             ok = [x for x in res["rows"] if x["op"] == name and x["m"] == m and "us" in x]
-            best = min((x for x in ok if x["impl"] == "fused"), key=lambda x: x["us"], default=None)
-            xla = next((x for x in ok if x["impl"] == "xla"), None)
+            best = min((x for x in ok if x.get("impl") == "fused"), key=lambda x: x["us"], default=None)
+            xla = next((x for x in ok if x.get("impl") == "xla"), None)
             print(f"{name:5s} M={m:4d} xla {xla and xla['us']:.2f} us  best fused {best}", flush=True)
             json.dump(res, open(f"{OUT}/linear_time.json", "w"), indent=1)
     # One setting for all five projections (what kernels.LINEAR_* hold): the least total time per M.
     for m in TUNE_MS:
         tot = {}
         for x in res["rows"]:
-            if x["m"] == m and x["impl"] == "fused" and "us" in x:
+            if x["m"] == m and x.get("impl") == "fused" and "us" in x:
                 key = (x["block_n"], x["block_k"], x["num_warps"], x["num_stages"])
                 tot.setdefault(key, {})[x["op"]] = x["us"]
         full = {kk: sum(v.values()) for kk, v in tot.items() if len(v) == len(OPS)}
-        xla = sum(x["us"] for x in res["rows"] if x["m"] == m and x["impl"] == "xla" and "us" in x)
+        xla = sum(x["us"] for x in res["rows"] if x["m"] == m and x.get("impl") == "xla" and "us" in x)
         if full:
             best = min(full, key=full.get)
             res.setdefault("best", {})[str(m)] = {"block_n": best[0], "block_k": best[1], "num_warps": best[2],
