@@ -166,8 +166,9 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
     # victim slot, found by last step's program while it read V (the first maximum of
     # v_i . total / |v_i| over the pool slots in order, then the ring slot), so no pass over the
     # scores precedes the attention. |v_i| (max(|v_i|, eps)) is cached per slot when the token is
-    # written, so the search costs one reduction per block (v . total), not two. Every store comes after the attention loop, whose
-    # cross-warp reductions order it after every load: the cache is updated in place (aliased).
+    # written, so the search costs one reduction per block (v . total), not two. Every store comes
+    # after the attention loop, whose cross-warp reductions order it after every load: the cache is
+    # updated in place (aliased).
     # pos_ref None: the dense cache, whose filled slots are exactly those <= ws.
     dense = pos_ref is None
     if K:
@@ -179,7 +180,6 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
     ws, ring, new_pos = ws_ref[()], ring_ref[()], np_ref[()]
     q = q_ref[...].astype(jnp.float32) * scale  # (D,)
     k_new, v_new = kn_ref[...], vn_ref[...]  # (D,) in the cache dtype
-    d = q.shape[0]
     lanes = jnp.arange(block_k)
     n_blocks = ws // block_k + 1 if dense else -(-slots // block_k)  # dense: up to the new token only
 
@@ -210,49 +210,56 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         rn = rn_ref[()]  # next step's candidates: the pool slots and this ring slot
         v_next = jnp.where(rn == ws, v_new, row(v_ref, rn))
         tvec = vsum + unit(v_next)  # next step's total: its candidates are this cache's pool + ring
+        new_is_cand = slots - (c + P + K) == 1  # a ring of one slot: next step's candidate is the new token
     else:
         dest = jnp.int32(-1)
+
+    # This step's writes (the new token at ws, o at its pool slot dest) are not patched into the
+    # loaded K and V blocks for the attention (selects on every element): both slots are masked in
+    # the loop, and the two tokens start the online softmax instead. Only the victim search patches
+    # V at dest, so o's score comes from the same reduction as every other slot's (equal V, equal
+    # score: the first-maximum tie rule).
+    f32 = jnp.float32
+    lg_new = jnp.sum(k_new.astype(f32) * q)
+    if K:
+        lg_o = jnp.sum(k_o.astype(f32) * q)
+        m0 = jnp.where(apply, jnp.maximum(lg_new, lg_o), lg_new)
+        w_new, w_o = jnp.exp(lg_new - m0), jnp.where(apply, jnp.exp(lg_o - m0), 0.0)
+        acc0, l0 = w_new * v_new.astype(f32) + w_o * v_o.astype(f32), w_new + w_o
+    else:
+        m0, acc0, l0 = lg_new, v_new.astype(f32), f32(1.0)
 
     def body(j, carry):
         acc, m, l, best, at = carry
         start = j * block_k
         idx = start + lanes
         inb = (idx <= ws) if dense else (idx < slots)
-        at_ws, at_dest = (idx == ws)[:, None], (idx == dest)[:, None]
-        k = plgpu.load(k_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0)
-        v = plgpu.load(v_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0)
-        # This step's writes, seen in registers: the new token at ws, o at its pool slot.
-        k = jnp.where(at_ws, k_new[None, :], k)
-        v = jnp.where(at_ws, v_new[None, :], v)
-        ok = inb & (plgpu.load(cok_ref.at[pl.ds(start, block_k)], mask=inb, other=0) != 0)
+        k = plgpu.load(k_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0).astype(f32)
+        v = plgpu.load(v_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0).astype(f32)
+        ok = inb & (idx != ws) & (idx != dest) & (plgpu.load(cok_ref.at[pl.ds(start, block_k)], mask=inb, other=0) != 0)
         if not dense:
-            p = plgpu.load(pos_ref.at[pl.ds(start, block_k)], mask=inb, other=-1)
-            p = jnp.where(idx == ws, new_pos, p)
-        if K:
-            k = jnp.where(at_dest, k_o[None, :], k)
-            v = jnp.where(at_dest, v_o[None, :], v)
-            p = jnp.where(idx == dest, p_o, p)
-            nrm = plgpu.load(nm_ref.at[pl.ds(start, block_k)], mask=inb, other=1.0)
-            nrm = jnp.where(idx == ws, n_new, jnp.where(idx == dest, n_o, nrm))
-        k, v = k.astype(jnp.float32), v.astype(jnp.float32)
-        if not dense:
-            ok = ok & (p >= 0)
+            ok = ok & (plgpu.load(pos_ref.at[pl.ds(start, block_k)], mask=inb, other=-1) >= 0)
         logit = jnp.where(ok, jnp.sum(k * q[None, :], axis=1), NEG_INF)
         m_new = jnp.maximum(m, jnp.max(logit))
         corr = jnp.exp(m - m_new)
         pr = jnp.where(ok, jnp.exp(logit - m_new), 0.0)
         if K:  # next step's victim: a running first maximum per lane (no cross-warp reduction
             # per block); lane l holds the best of slots l, l + block_k, ... (earliest on ties)
+            nrm = plgpu.load(nm_ref.at[pl.ds(start, block_k)], mask=inb, other=1.0)
+            v_sc = jnp.where((idx == dest)[:, None], v_o.astype(f32)[None, :], v)
+            nrm = jnp.where(idx == dest, n_o, nrm)
+            if new_is_cand:
+                v_sc = jnp.where((idx == ws)[:, None], v_new.astype(f32)[None, :], v_sc)
+                nrm = jnp.where(idx == ws, n_new, nrm)
+            sc = jnp.sum(v_sc * tvec[None, :], axis=1) / nrm
             cand = inb & (idx >= c + P) & ((idx < c + P + K) | (idx == rn))
-            sc = jnp.sum(v * tvec[None, :], axis=1) / nrm
             sc = jnp.where(cand, sc, -2e30)
             better = sc > best
             best, at = jnp.where(better, sc, best), jnp.where(better, idx, at)
         acc = acc * corr + jnp.sum(pr[:, None] * v, axis=0)
         return acc, m_new, l * corr + jnp.sum(pr), best, at
 
-    init = (jnp.zeros((d,), jnp.float32), jnp.float32(NEG_INF), jnp.float32(0.0),
-            jnp.full((block_k,), -3e38, jnp.float32), jnp.zeros((block_k,), jnp.int32))
+    init = (acc0, m0, l0, jnp.full((block_k,), -3e38, f32), jnp.zeros((block_k,), jnp.int32))
     acc, m, l, best, at = jax.lax.fori_loop(0, n_blocks, body, init)
     o_ref[...] = (acc / l).astype(o_ref.dtype)
     plgpu.store(ko_ref.at[pl.ds(ws, 1), :], k_new[None, :])
@@ -336,132 +343,6 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
         compiler_params=plgpu.CompilerParams(num_warps=num_warps or EVICT_NUM_WARPS,
                                              num_stages=num_stages or NUM_STAGES),
         interpret=interpret, name="adsa_evict_step",
-    )(*args)
-
-
-# ----------------------------------------------------------------------------- fused projections
-
-# fused_linear's tiles (benchmarks/linear_time.py); LINEAR_MAX_ROWS: batch rows (CFG included) up
-# to which decode_step uses it when FUSED_LINEAR is None (automatic).
-LINEAR_BLOCK_K = 256
-LINEAR_BLOCK_N = 32
-LINEAR_NUM_WARPS = 4
-LINEAR_NUM_STAGES = 4
-LINEAR_MAX_ROWS = 16
-# decode steps with fused_linear (model.fused_linear_mode): None = automatic (a GPU, 16-bit weights,
-# rows <= LINEAR_MAX_ROWS), False = never, 'pallas' / 'pallas-interpret' = force. Read at trace time.
-FUSED_LINEAR: str | bool | None = False
-
-
-def _linear_kernel(*refs, rows, mp, bk, n_k, norm, swiglu, residual, eps):
-    # One program = one block of output columns for every row. refs: x (M, K), [norm weight (K,)],
-    # w (K, bn), [w3 (K, bn)], [residual (M, bn)], out (M, bn). Fewer than 16 rows are assembled
-    # into a (16, bk) tile in registers (tensor-core dots need 16), so no padded copy of x exists.
-    it = iter(refs)
-    x_ref = next(it)
-    nw_ref = next(it) if norm else None
-    w_ref = next(it)
-    w3_ref = next(it) if swiglu else None
-    r_ref = next(it) if residual else None
-    o_ref = next(it)
-    ridx = jnp.arange(mp)
-
-    def x_tile(k0):  # (mp, bk) in x's dtype; rows >= M are zero
-        if rows == mp:
-            return x_ref[:, pl.ds(k0, bk)]
-        t = jnp.zeros((mp, bk), x_ref.dtype)
-        for r in range(rows):
-            t = jnp.where(ridx[:, None] == r, x_ref[r, pl.ds(k0, bk)][None, :], t)
-        return t
-
-    if norm:  # RMSNorm statistics over the whole row first (x is small and stays in L2); unrolled,
-        # so the loads of x are independent and in flight together
-        ss = sum(jnp.sum(jnp.square(x_tile(i * bk).astype(jnp.float32)), axis=1) for i in range(n_k))
-        inv = jax.lax.rsqrt(ss / (n_k * bk) + eps)
-
-    def body(i, acc):
-        k0 = i * bk
-        xs = x_tile(k0)
-        if norm:  # as model.rms_norm: normalise in f32, cast back, then scale by the weight
-            xs = (xs.astype(jnp.float32) * inv[:, None]).astype(x_ref.dtype) * nw_ref[pl.ds(k0, bk)][None, :]
-        a1 = acc[0] + jnp.dot(xs, w_ref[pl.ds(k0, bk), :], preferred_element_type=jnp.float32)
-        if swiglu:
-            return a1, acc[1] + jnp.dot(xs, w3_ref[pl.ds(k0, bk), :], preferred_element_type=jnp.float32)
-        return (a1,)
-
-    bn = o_ref.shape[-1]
-    init = tuple(jnp.zeros((mp, bn), jnp.float32) for _ in range(2 if swiglu else 1))
-    acc = jax.lax.fori_loop(0, n_k, body, init)
-    out = acc[0].astype(o_ref.dtype)
-    if swiglu:  # as model.ffn: silu(x w1) * (x w3), each product rounded to the storage dtype first
-        h1 = out.astype(jnp.float32)
-        out = ((h1 * jax.nn.sigmoid(h1)).astype(o_ref.dtype) * acc[1].astype(o_ref.dtype))
-    if rows == mp:
-        o_ref[...] = (r_ref[...] + out) if residual else out
-        return
-    for r in range(rows):  # row r of the tile: a masked sum over the 16 rows
-        row = jnp.sum(jnp.where(ridx[:, None] == r, out.astype(jnp.float32), 0.0), axis=0).astype(o_ref.dtype)
-        o_ref[r, :] = (r_ref[r, :] + row) if residual else row
-
-
-def _pow2_divisor(n: int, cap: int) -> int:
-    b = 1
-    while b * 2 <= cap and n % (b * 2) == 0:
-        b *= 2
-    return b
-
-
-def linear_fusable(rows: int, k: int, n: int, dtype) -> bool:
-    """Whether :func:`fused_linear` takes these shapes: 16-bit weights, up to 8 rows or a power
-    of two from 16 to 128 (one tile of rows), and K, N with power-of-two divisors >= 16."""
-    return (jnp.dtype(dtype).itemsize == 2 and (rows <= 8 or rows in (16, 32, 64, 128))
-            and _pow2_divisor(k, LINEAR_BLOCK_K) >= 16
-            and _pow2_divisor(n, LINEAR_BLOCK_N) >= 16)
-
-
-def fused_linear(x, w, *, norm_weight=None, eps: float = 1e-5, w3=None, residual=None, block_n: int | None = None,
-                 block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                 interpret: bool = False, name: str = "adsa_fused_linear"):
-    """A decode projection with what XLA runs around it fused in, for few rows.
-
-    x (M, K) -> (M, N) in x's dtype: ``rms_norm(x, norm_weight) @ w`` (without ``norm_weight``:
-    ``x @ w``), accumulated in float32, then ``silu(.) * (. @ w3)`` when ``w3`` is given (SwiGLU)
-    and ``residual + .`` when ``residual`` (M, N) is given. Each program reads one block of
-    columns of the weights over all of K, so the weights are read once whatever M (M <= 128).
-    Roundings follow :mod:`adsa_jax.model` (products rounded to x's dtype before SwiGLU and the
-    residual add).
-    """
-    m, k = x.shape
-    n = w.shape[1]
-    if not linear_fusable(m, k, n, w.dtype):
-        raise ValueError(f"fused_linear takes 16-bit weights, <= 128 rows and K, N divisible by 16; got x {x.shape}, "
-                         f"w {w.shape} {w.dtype}")
-    bk = _pow2_divisor(k, block_k or LINEAR_BLOCK_K)
-    bn = _pow2_divisor(n, block_n or LINEAR_BLOCK_N)
-    mp = max(16, 1 << (m - 1).bit_length())
-    if m != mp and m > 8:
-        raise ValueError(f"fused_linear takes up to 8 rows or a power of two >= 16, got {m}")
-    kern = functools.partial(_linear_kernel, rows=m, mp=mp, bk=bk, n_k=k // bk, norm=norm_weight is not None,
-                             swiglu=w3 is not None, residual=residual is not None, eps=eps)
-    cols = pl.BlockSpec((k, bn), lambda j: (0, j))
-    out_cols = pl.BlockSpec((m, bn), lambda j: (0, j))
-    in_specs, args = [pl.BlockSpec((m, k), lambda j: (0, 0))], [x.astype(w.dtype)]
-    if norm_weight is not None:
-        in_specs.append(pl.BlockSpec((k,), lambda j: (0,)))
-        args.append(norm_weight.astype(w.dtype))
-    in_specs.append(cols)
-    args.append(w)
-    if w3 is not None:
-        in_specs.append(cols)
-        args.append(w3)
-    if residual is not None:
-        in_specs.append(out_cols)
-        args.append(residual.astype(w.dtype))
-    return pl.pallas_call(
-        kern, grid=(n // bn,), in_specs=in_specs, out_specs=out_cols, out_shape=jax.ShapeDtypeStruct((m, n), w.dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps or LINEAR_NUM_WARPS,
-                                             num_stages=num_stages or LINEAR_NUM_STAGES),
-        interpret=interpret, name=name,
     )(*args)
 
 

@@ -189,50 +189,6 @@ def prefill(params, cfg: GPTConfig, policy, caches, cond_emb, cond_mask):
     return head(params, cfg, x[:, -1:])[:, 0], new
 
 
-def fused_linear_mode(cfg: GPTConfig, rows: int, dtype, policy) -> str | None:
-    """How decode steps run their projections: None (XLA einsums, the reference), 'pallas' or
-    'pallas-interpret' (:func:`adsa_jax.kernels.fused_linear`: RMSNorm, SwiGLU and the residual
-    adds fused into the weight GEMMs). ``kernels.FUSED_LINEAR``: None = automatic ('pallas' on a
-    GPU for rows <= ``kernels.LINEAR_MAX_ROWS``), False = never, 'pallas' / 'pallas-interpret'
-    force that mode; either way only for 16-bit weights of fusable shapes and without a mesh."""
-    from . import kernels
-
-    want = kernels.FUSED_LINEAR
-    gpu = jax.default_backend() == "gpu"
-    if want is False or not kernels.available() or type(policy).__name__ == "ShardedPolicy":
-        return None
-    if want is None and not (gpu and rows <= kernels.LINEAR_MAX_ROWS):
-        return None
-    E, HD, F = cfg.dim, cfg.n_head * cfg.head_dim, cfg.ffn_hidden
-    shapes = ((E, 3 * HD), (HD, E), (E, F), (F, E), (E, cfg.vocab_size))
-    if not all(kernels.linear_fusable(rows, k, n, dtype) for k, n in shapes):
-        return None
-    return want or "pallas"
-
-
-def _decode_step_fused(params, cfg, policy, caches, tokens, t, cond_mask, row_keys, span, interpret):
-    from .kernels import fused_linear
-
-    lin = functools.partial(fused_linear, eps=cfg.norm_eps, interpret=interpret)
-    b, E, H, D = tokens.shape[0], cfg.dim, cfg.n_head, cfg.head_dim
-    x = params["tok_embeddings"][tokens]  # (B, E)
-    rot = rope_rows(cfg, cfg.cls_token_num + t)[None]  # (1, D/2, 2)
-    new = []
-    for li, (layer, cache) in enumerate(zip(params["layers"], caches)):
-        with jax.named_scope("attention"):
-            qkv = lin(x, layer["wqkv"].reshape(E, 3 * H * D), norm_weight=layer["attention_norm"])
-            qkv = qkv.reshape(b, 1, 3, H, D)  # (B, T=1, q|k|v, H, D)
-            q, k = apply_rope(qkv[:, :, 0], rot), apply_rope(qkv[:, :, 1], rot)
-            cache, o = policy.decode(cache, q[:, 0], k[:, 0], qkv[:, 0, 2], t, cond_mask,
-                                     layer_index=li, row_keys=row_keys, span=span)
-            new.append(cache)
-            x = lin(o.reshape(b, H * D), layer["wo"].reshape(H * D, E), residual=x)  # (B, E)
-        with jax.named_scope("ffn"):
-            h = lin(x, layer["w1"], norm_weight=layer["ffn_norm"], w3=layer["w3"])  # (B, F)
-            x = lin(h, layer["w2"], residual=x)
-    return lin(x, params["output"], norm_weight=params["norm"]).astype(jnp.float32), new
-
-
 def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, row_keys, span):
     """One image token per row through every layer.
 
@@ -240,10 +196,6 @@ def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, ro
     span (static) bounds the cache slots a dense-layout policy needs to read this segment.
     Returns (logits (B, V) float32 predicting token t+1, caches).
     """
-    mode = fused_linear_mode(cfg, tokens.shape[0], params["tok_embeddings"].dtype, policy)
-    if mode is not None:
-        return _decode_step_fused(params, cfg, policy, caches, tokens, t, cond_mask, row_keys, span,
-                                  mode == "pallas-interpret")
     x = params["tok_embeddings"][tokens][:, None, :]  # (B, 1, E)
     rot = rope_rows(cfg, cfg.cls_token_num + t)[None]  # (1, D/2, 2)
     new = []

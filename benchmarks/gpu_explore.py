@@ -8,8 +8,7 @@ Plan items: {"model": "GPT-XL", "size": 256, "batch": 64, "policy": "dense", "bu
 "attn": "pallas"|"xla", "seg": 4, "iters": 3, "profile": false, "compile_only": false}.
 Env: OUT, TAG, WORKERS (parallel compiles, default 4), CHECK=1 (first compare the Pallas kernel
 with the XLA path on GPT-B in float32: logits and greedy tokens), EVICT_ONE_KERNEL=1|0 and
-DENSE_ONE_KERNEL=1|0, FUSED_LINEAR=0|pallas|auto (set those switches of ``adsa_jax.kernels`` for the
-whole process), LINEAR_TUNED=linear_time.json (its best tiles for LINEAR_TUNED_ROWS rows, default 2).
+DENSE_ONE_KERNEL=1|0 (set those switches of ``adsa_jax.kernels`` for the whole process).
 """
 import collections
 import gzip
@@ -90,15 +89,6 @@ def main():
     if os.environ.get("DENSE_ONE_KERNEL"):
         kernels.DENSE_ONE_KERNEL = os.environ["DENSE_ONE_KERNEL"] == "1"
         result["dense_one_kernel"] = kernels.DENSE_ONE_KERNEL
-    if os.environ.get("FUSED_LINEAR"):  # 0 = never, pallas = force, auto = the library's choice
-        kernels.FUSED_LINEAR = {"0": False, "auto": None}.get(os.environ["FUSED_LINEAR"], os.environ["FUSED_LINEAR"])
-        result["fused_linear"] = kernels.FUSED_LINEAR
-    if os.environ.get("LINEAR_TUNED") and os.path.exists(os.environ["LINEAR_TUNED"]):  # linear_time.py's best
-        best = json.load(open(os.environ["LINEAR_TUNED"]))["best"][os.environ.get("LINEAR_TUNED_ROWS", "2")]
-        for name in ("block_n", "block_k", "num_warps", "num_stages"):
-            setattr(kernels, "LINEAR_" + name.upper(), best[name])
-        result["linear_tuned_params"] = best
-        print("LINEAR_TUNED kernel params", best, flush=True)
     if os.environ.get("CHECK"):
         result["check"] = check_kernel()
 

@@ -1,5 +1,6 @@
 """Time GPT-XL's decode projections alone: XLA (the einsums with their norms, SwiGLU and residual
-adds, as model.decode_step runs them) against kernels.fused_linear over its tile settings (GPU).
+adds, as model.decode_step runs them) against the fused kernel of benchmarks/fused_linear.py over its
+tile settings (GPU).
 
     python3 benchmarks/linear_time.py     (writes $OUT/linear_time.json; env LINEAR_ROWS=2,16,128)
 
@@ -18,7 +19,7 @@ sys.path.insert(0, os.getcwd())
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_trace import gpu_kernel_times  # noqa: E402
 
-from adsa_jax import kernels  # noqa: E402
+import fused_linear as kernels  # noqa: E402 - the experiment's kernel
 from adsa_jax.model import rms_norm  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp/out")

@@ -1,3 +1,5 @@
+# Ran at commits 31f17a9 and 19d55a3 (FUSED_LINEAR switch in adsa_jax.kernels); fused_linear has since moved to
+# benchmarks/fused_linear.py and the switch is gone, so the FUSED_LINEAR lines no longer apply.
 # Session 5 (H200), device run 1: fused projections (kernels.fused_linear) alone and at batch 1 / 8,
 # the evict kernel with cached |v| alone.
 export PYTHONUNBUFFERED=1

@@ -1,3 +1,5 @@
+# Ran at commits 31f17a9 and 19d55a3 (FUSED_LINEAR switch in adsa_jax.kernels); fused_linear has since moved to
+# benchmarks/fused_linear.py and the switch is gone, so the FUSED_LINEAR lines no longer apply.
 # Session 5 (H200), device run 2: fused_linear with larger K blocks and the unrolled norm prologue
 # (batch 1 rows); evict_step alone before (.old = commit a4aedc7^, carried) and after caching |v|.
 export PYTHONUNBUFFERED=1
