@@ -30,17 +30,14 @@ NUM_STAGES = 1
 # evict_step's own settings (measured on an H100 by benchmarks/evict_kernel_time.py).
 EVICT_BLOCK_K = 64
 EVICT_NUM_WARPS = 2
-# adsa-evict (keep > 0) as one kernel per layer step. None = automatic: where the cache holds at
-# least EVICT_MIN_SLOTS slots. Measured on an H100 (BENCHMARKS.md): 10% faster than the attention
-# kernel with the bookkeeping in XLA at GPT-XL 384 px batch 64 (289 slots), level at batch 256,
-# 19% slower at 256 px batch 64 (129 slots). True / False force it; the window policy (keep = 0)
-# always runs as one kernel where it applies. Read when a generate call is traced.
-EVICT_ONE_KERNEL: bool | None = None
-EVICT_MIN_SLOTS = 256
-# dense as one kernel per layer step (evict_step on the dense cache: write + attention): opt-in.
-# Measured level with the default on an H100 (BENCHMARKS.md, session 4): XLA already runs the
-# cache writes it saves off the critical path. Read when a generate call is traced.
-DENSE_ONE_KERNEL = False
+# adsa-evict / window (EVICT_ONE_KERNEL) and dense (DENSE_ONE_KERNEL) decode steps as one kernel
+# per layer step (evict_step) wherever rows x heads fill the GPU without a split over slots
+# (evict_fusable); False keeps the attention kernel with the cache writes and pool bookkeeping in
+# XLA. Measured on an H200 (BENCHMARKS.md, session 5), GPT-XL batch 64: adsa-evict 0.935 s vs
+# 1.191 s at 256 px and 2.715 vs 2.970 s at 384 px; dense 0.730 vs 0.864 s at 256 px and 2.184 vs
+# 2.752 s at 384 px. Read when a generate call is traced.
+EVICT_ONE_KERNEL = True
+DENSE_ONE_KERNEL = True
 
 
 def _kernel(nv_ref, q_ref, k_ref, v_ref, m_in_ref, *rest, block_k, split_len, scale, with_score):
@@ -215,10 +212,10 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         dest = jnp.int32(-1)
 
     # This step's writes (the new token at ws, o at its pool slot dest) are not patched into the
-    # loaded K and V blocks for the attention (selects on every element): both slots are masked in
-    # the loop, and the two tokens start the online softmax instead. Only the victim search patches
-    # V at dest, so o's score comes from the same reduction as every other slot's (equal V, equal
-    # score: the first-maximum tie rule).
+    # loaded K and V blocks (selects on every element): both slots are masked in the attention,
+    # and the two tokens start the online softmax instead. The victim search scores o in slot ws,
+    # where the loaded block still holds it, by the same reduction as every other slot (equal V,
+    # equal score: the first-maximum tie rule needs that), and counts it as slot dest.
     f32 = jnp.float32
     lg_new = jnp.sum(k_new.astype(f32) * q)
     if K:
@@ -244,22 +241,26 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         corr = jnp.exp(m - m_new)
         pr = jnp.where(ok, jnp.exp(logit - m_new), 0.0)
         if K:  # next step's victim: a running first maximum per lane (no cross-warp reduction
-            # per block); lane l holds the best of slots l, l + block_k, ... (earliest on ties)
+            # per block); lane l holds the best of slots l, l + block_k, ... (lowest slot on ties)
             nrm = plgpu.load(nm_ref.at[pl.ds(start, block_k)], mask=inb, other=1.0)
-            v_sc = jnp.where((idx == dest)[:, None], v_o.astype(f32)[None, :], v)
-            nrm = jnp.where(idx == dest, n_o, nrm)
-            if new_is_cand:
-                v_sc = jnp.where((idx == ws)[:, None], v_new.astype(f32)[None, :], v_sc)
-                nrm = jnp.where(idx == ws, n_new, nrm)
-            sc = jnp.sum(v_sc * tvec[None, :], axis=1) / nrm
             cand = inb & (idx >= c + P) & ((idx < c + P + K) | (idx == rn))
-            sc = jnp.where(cand, sc, -2e30)
-            better = sc > best
-            best, at = jnp.where(better, sc, best), jnp.where(better, idx, at)
+            if new_is_cand:  # slot ws holds o (moving to dest) and is next step's candidate (the new
+                # token) at once: patch both into V
+                v = jnp.where((idx == dest)[:, None], v_o.astype(f32)[None, :],
+                              jnp.where((idx == ws)[:, None], v_new.astype(f32)[None, :], v))
+                nrm = jnp.where(idx == dest, n_o, jnp.where(idx == ws, n_new, nrm))
+                eff = idx
+            else:  # o's V and |v| are still in slot ws of the loaded block: score it there, as the
+                # candidate at slot dest (the victim's old V there is no candidate)
+                cand = (cand & (idx != dest)) | ((idx == ws) & apply)
+                eff = jnp.where(idx == ws, dest, idx)
+            sc = jnp.where(cand, jnp.sum(v * tvec[None, :], axis=1) / nrm, -2e30)
+            better = (sc > best) | ((sc == best) & (eff < at))  # ties: the lowest slot
+            best, at = jnp.where(better, sc, best), jnp.where(better, eff, at)
         acc = acc * corr + jnp.sum(pr[:, None] * v, axis=0)
         return acc, m_new, l * corr + jnp.sum(pr), best, at
 
-    init = (acc0, m0, l0, jnp.full((block_k,), -3e38, f32), jnp.zeros((block_k,), jnp.int32))
+    init = (acc0, m0, l0, jnp.full((block_k,), -3e38, f32), jnp.full((block_k,), slots, jnp.int32))
     acc, m, l, best, at = jax.lax.fori_loop(0, n_blocks, body, init)
     o_ref[...] = (acc / l).astype(o_ref.dtype)
     plgpu.store(ko_ref.at[pl.ds(ws, 1), :], k_new[None, :])

@@ -110,8 +110,9 @@ class Dense:
 
     def one_kernel(self, rows: int, heads: int) -> bool:
         """Whether a decode step (cache write + attention) runs as one Pallas kernel
-        (:func:`adsa_jax.kernels.evict_step` on the dense cache): the kernel path, switched on
-        by ``kernels.DENSE_ONE_KERNEL``, and rows x heads enough for one program per (row, head)."""
+        (:func:`adsa_jax.kernels.evict_step` on the dense cache): the kernel path
+        (``kernels.DENSE_ONE_KERNEL``, on by default) and rows x heads enough for one program per
+        (row, head)."""
         if self.attention == "xla":
             return False
         from . import kernels
@@ -263,18 +264,14 @@ class Evict:
 
     def one_kernel(self, rows: int, heads: int) -> bool:
         """Whether a decode step runs as one Pallas kernel (:func:`adsa_jax.kernels.evict_step`):
-        the kernel path, per-head scores (or none: window), enough rows x heads for one program
-        per (row, head), and for adsa-evict a cache long enough to pay for the victim search
-        (``kernels.EVICT_ONE_KERNEL`` / ``EVICT_MIN_SLOTS``). Otherwise the bookkeeping runs in
-        XLA around the attention."""
+        the kernel path, per-head scores (or none: window), ``kernels.EVICT_ONE_KERNEL`` (on by
+        default) and enough rows x heads for one program per (row, head). Otherwise the
+        bookkeeping runs in XLA around the attention."""
         if self.attention == "xla" or self.granularity != "head" or self.chooser != "similarity":
             return False
         from . import kernels
 
-        force = kernels.EVICT_ONE_KERNEL
-        if self.keep and (force is False or (force is None and self.slots < kernels.EVICT_MIN_SLOTS)):
-            return False
-        return kernels.evict_fusable(rows, heads, self.slots)
+        return kernels.EVICT_ONE_KERNEL and kernels.evict_fusable(rows, heads, self.slots)
 
     def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None):
         c, P, K, M = self.c, self.prefix, self.keep, self.local

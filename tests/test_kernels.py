@@ -104,14 +104,14 @@ def test_kernel_lowers_for_gpu(c2i, monkeypatch):
                                    _scalars(4.0, -1, 1.0, 0, 1.0), cfg=c2i.config, policy=pol, use_cfg=True,
                                    num_segments=1).lower(lowering_platforms=("cuda",)).as_text()
 
-    assert "adsa_evict_step" in lowered("window", budget=0.5)
-    for name, kw in (("dense", {}), ("adsa-evict", {"budget": 0.5}), ("adsa-evict", {"budget": 0.5, "granularity": "layer"})):
-        assert "adsa_decode_attention" in lowered(name, **kw)
-    monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", True)
-    monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", True)
+    for name, kw in (("window", {"budget": 0.5}), ("dense", {}), ("adsa-evict", {"budget": 0.5})):  # the defaults
+        assert "adsa_evict_step" in lowered(name, **kw)
+    assert "adsa_decode_attention" in lowered("adsa-evict", budget=0.5, granularity="layer")
+    monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", False)
+    monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", False)
     jax.clear_caches()  # the switch is read at trace time
-    assert "adsa_evict_step" in lowered("adsa-evict", budget=0.5)
-    assert "adsa_evict_step" in lowered("dense")
+    for name, kw in (("dense", {}), ("adsa-evict", {"budget": 0.5})):
+        assert "adsa_decode_attention" in lowered(name, **kw)
 
 
 def test_attention_choice_errors(c2i, monkeypatch):
@@ -170,23 +170,50 @@ def test_kernel_small_blocks_match_xla(c2i, c2i_ref, name, monkeypatch):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=0)
 
 
-def test_evict_one_kernel_automatic_by_cache_length(monkeypatch):
-    """EVICT_ONE_KERNEL = None (default): adsa-evict runs as one kernel only where the cache
-    is long enough to pay for the victim search; window always; True / False force it."""
+def test_one_kernel_switches(monkeypatch):
+    """By default dense, window and adsa-evict steps run as one kernel where rows x heads fill the
+    GPU (at 256 and 384 px alike); at batch 1 (a split over slots) the attention kernel path; the
+    switches turn it off."""
     from adsa_jax import kernels
     from adsa_jax.config import named_config
 
-    monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", None)
-    rows = 128
-    for size, want in ((384, True), (256, False)):
+    for size in (256, 384):
         cfg = named_config("GPT-B", image_size=size)
-        ev = resolve_attention(make_policy(cfg, "adsa-evict", budget=0.5), cfg, "pallas")
-        win = resolve_attention(make_policy(cfg, "window", budget=0.5), cfg, "pallas")
-        assert (ev.slots >= kernels.EVICT_MIN_SLOTS) == want
-        assert ev.one_kernel(rows, cfg.n_head) == want
-        assert win.one_kernel(rows, cfg.n_head)
-        assert ("victim" in ev.init(rows, cfg.n_head, cfg.head_dim, jnp.bfloat16)) == want
-        for force in (True, False):
-            monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", force)
-            assert ev.one_kernel(rows, cfg.n_head) == force
-        monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", None)
+        pols = [resolve_attention(make_policy(cfg, n, **kw), cfg, "pallas")
+                for n, kw in (("adsa-evict", {"budget": 0.5}), ("window", {"budget": 0.5}), ("dense", {}))]
+        for pol in pols:
+            assert pol.one_kernel(128, cfg.n_head) and not pol.one_kernel(2, cfg.n_head)
+        assert "victim" in pols[0].init(128, cfg.n_head, cfg.head_dim, jnp.bfloat16)
+        monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", False)
+        monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", False)
+        assert not any(pol.one_kernel(128, cfg.n_head) for pol in pols)
+        assert "victim" not in pols[0].init(128, cfg.n_head, cfg.head_dim, jnp.bfloat16)
+        monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", True)
+        monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", True)
+
+
+@pytest.mark.parametrize("victim_in,want", [(4, 4), (13, 7)])
+def test_evict_step_victim_ties_lowest_slot(victim_in, want):
+    """Exact score ties (equal V vectors) go to the lowest slot, also when one of them is the token
+    moving into the pool this step (scored where the loaded block still holds it, in the ring)."""
+    from adsa_jax.kernels import evict_step
+
+    b, h, d, c, P, K, M = 1, 1, 16, 1, 2, 12, 3
+    s = c + P + K + M  # pool slots 3..14, ring 15..17
+    rng = np.random.default_rng(0)
+    k = jnp.asarray(rng.normal(size=(b, h, s, d)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(b, h, s, d)), jnp.float32)
+    t, ws = 30, 15  # the ring slot 15 holds o; the pool is full, this step's victim is victim_in
+    v_o = v[0, 0, ws]
+    v = v.at[0, 0, 7].set(v_o).at[0, 0, 11].set(v_o)  # two pool copies of o's V
+    vsum = (100.0 * v_o / jnp.linalg.norm(v_o))[None, None]  # o's direction scores highest
+    vnorm = jnp.maximum(jnp.linalg.norm(v, axis=-1), 1e-6)
+    pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, h, s))
+    rn = c + P + K + (t + 1 - P) % M
+    scalars = (ws, ws, 1, 1, K - 1, rn, c + t)
+    q, kn, vn = (jnp.asarray(rng.normal(size=(b, h, d)), jnp.float32) for _ in range(3))
+    res = evict_step(q, kn, vn, k, v, pos, jnp.ones((b, s), bool), scalars, c=c, prefix=P, keep=K, vsum=vsum,
+                     victim=jnp.full((b, h), victim_in, jnp.int32), vnorm=vnorm, block_k=4, interpret=True)
+    v_out = np.asarray(res[2])[0, 0]
+    np.testing.assert_array_equal(v_out[victim_in], np.asarray(v_o))  # o moved into the victim's slot
+    assert int(res[5][0, 0]) == want
