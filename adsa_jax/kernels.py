@@ -1,8 +1,9 @@
 """Pallas (Triton) decode kernels for GPUs: one query per row and head over a cache.
 
 - :func:`decode_attention`: attention (optionally with ADSA's score terms) for every policy.
-- :func:`evict_step`: a whole ``window`` / ``adsa-evict`` layer step (cache write, pool move,
-  running sum, attention, next victim) in one kernel, the cache updated in place.
+- :func:`evict_step`: a whole ``dense`` / ``window`` / ``adsa-evict`` layer step (cache write,
+  pool move, running sum, attention, next victim) in one kernel, the cache updated in place; the
+  default wherever batch rows x heads fill the GPU (:func:`evict_fusable`).
 
 Why: XLA computes decode attention as a logits reduction, a softmax and a PV reduction over
 the cache slice a static shape allows, so a dense cache is read up to its static length (the
