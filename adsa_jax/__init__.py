@@ -8,4 +8,4 @@ from .vq import VQModel, decode_codes, encode_images, load_vq
 from .text import encode_prompts  # needs the optional `t5` extra only when called
 
 __all__ = ["ConfigError", "GPTConfig", "named_config", "Model", "forward", "generate", "score", "load",
-           "make_policy", "POLICY_NAMES", "VQModel", "decode_codes", "encode_images", "load_vq", "encode_prompts"]
+           "make_policy", "POLICY_NAMES", "sharding", "VQModel", "decode_codes", "encode_images", "load_vq", "encode_prompts"]

@@ -11,7 +11,6 @@ over the N steps; ``achieved`` = floor / measured.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import time
 

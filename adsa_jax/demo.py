@@ -19,8 +19,6 @@ bundled model (:func:`load_demo_model`, :func:`decode`) needs only this package.
 from __future__ import annotations
 
 import json
-import math
-import sys
 import time
 from pathlib import Path
 

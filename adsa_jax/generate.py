@@ -108,7 +108,6 @@ def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg,
     rows = cond_emb.shape[0]
     caches = shard([policy.init(rows, cfg.n_head, cfg.head_dim, params["tok_embeddings"].dtype)
                     for _ in range(cfg.n_layer)])
-    n = cfg.num_image_tokens
 
     def guide(logits, guided):
         if not use_cfg:

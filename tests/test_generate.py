@@ -7,7 +7,7 @@ import pytest
 import adsa_jax
 from adsa_jax.config import GPTConfig, named_config
 from adsa_jax.generate import Model, _generate_jit
-from adsa_jax.model import abstract_params, count_params, init_params
+from adsa_jax.model import count_params, init_params
 
 C2I_COUNTS = {"GPT-B": 110_888_448, "GPT-L": 342_910_976, "GPT-XL": 774_699_520, "GPT-XXL": 1_410_972_672,
               "GPT-XXXL": 3_893_027_840, "GPT-1B": 1_199_616_000, "GPT-3B": 3_096_659_200, "GPT-7B": 6_614_589_440}

@@ -1,7 +1,6 @@
 """Dense mode against the original PyTorch LlamaGen outputs (fp32, CPU)."""
 import jax
 import numpy as np
-import pytest
 
 import adsa_jax
 from adsa_jax.sampling import probs

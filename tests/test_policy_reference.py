@@ -282,7 +282,7 @@ def check_evict_running_sum(policy, obs, c, what):
 def check_select(policy, obs, final_v, ref, c, what):
     """vsum == explicit sum of v̂ over the previous region P..t-M (from the final dense cache),
     and the cache's `sel` (if exposed) == the reference's K lowest pairwise scores."""
-    P, K, Mloc = policy.prefix, policy.keep, policy.local
+    P, Mloc = policy.prefix, policy.local
     vh = _normalize(_group_vecs(final_v, policy.granularity))  # (L, R, G, S, X)
     steps = obs["vsum"].shape[0]
     for t in range(steps):

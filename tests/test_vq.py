@@ -11,7 +11,7 @@ from PIL import Image
 
 from adsa_jax.config import ConfigError
 from adsa_jax.images import save_npz, save_png_grid, save_pngs, to_uint8
-from adsa_jax.vq import VQ8, VQ16, VQConfig, VQModel, count_vq_params, decode_codes, encode_images, load_vq
+from adsa_jax.vq import VQ8, VQ16, VQConfig, count_vq_params, decode_codes, encode_images, load_vq
 from convert.torch_pickle import CheckpointError
 from convert.vq import convert_vq, vq_arg_config
 
