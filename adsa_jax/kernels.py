@@ -198,8 +198,9 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         n_o, n_new = jnp.sum(plgpu.load(nm_ref.at[pl.ds(ring, 1)])), norm(v_new)  # cached |v_o|; the new token's
         at = vic_ref[()]
         victim = jnp.where(at == ring, K, at - (c + P))  # 0..K-1 a pool position, K = o itself
-        vn_o = unit(v_o)
-        vn_ev = jnp.where(victim == K, vn_o, unit(row(v_ref, c + P + jnp.minimum(victim, K - 1))))
+        vn_o = v_o.astype(jnp.float32) / n_o  # the cached |v|: as unit(v_o), without its reduction
+        ev = c + P + jnp.minimum(victim, K - 1)
+        vn_ev = jnp.where(victim == K, vn_o, row(v_ref, ev).astype(jnp.float32) / jnp.sum(plgpu.load(nm_ref.at[pl.ds(ev, 1)])))
         total = vs_ref[...] + vn_o
         vsum = jnp.where(moving, jnp.where(full, total - vn_ev, total), vs_ref[...])
         target = jnp.where(full, victim, free_ref[()])
