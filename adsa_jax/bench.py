@@ -20,6 +20,7 @@ import numpy as np
 
 from .config import GPTConfig, named_config
 from .generate import Model, _generate_jit, _scalars, resolve_attention
+from .sampling import resolve_sampler
 from .model import init_params
 from .policies import Dense, kv_bytes, make_policy
 
@@ -93,7 +94,7 @@ def compile_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, 
     nseg = segments if isinstance(policy, Dense) and not (type(policy) is Dense and attn != "xla") else 1
     t0 = time.perf_counter()
     lowered = _generate_jit.lower(model.params, labels, mask, jax.random.key(seed), ids, scalars, cfg=cfg,
-                                  policy=policy, use_cfg=use_cfg, num_segments=nseg)
+                                  policy=policy, use_cfg=use_cfg, num_segments=nseg, sampler=resolve_sampler(1.0))
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()

@@ -17,7 +17,7 @@ import numpy as np
 from . import model as M
 from .config import ConfigError, GPTConfig
 from .policies import Dense, make_policy
-from .sampling import cfg_combine, check_sampling_args, sample
+from .sampling import cfg_combine, check_sampling_args, resolve_sampler, sample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,12 +96,13 @@ def _segments(n_steps: int, c: int, num: int):
 
 
 def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg, forced, segments, raw=False,
-         shard=None):
+         shard=None, sampler=("sort", True)):
     """Shared body of generate and score. forced: (B, N) tokens to feed, or None to sample.
 
     Returns (tokens (B, N) int32, logits (B, N, V) float32 or None); with raw=True the logits
     are those of every batch row before guidance (B2, N, V). shard: None, or a function applied
-    to the caches (``with_sharding_constraint`` when generating on a mesh).
+    to the caches (``with_sharding_constraint`` when generating on a mesh). sampler: static
+    (kth, top_p_on) of :func:`adsa_jax.sampling.resolve_sampler`.
     """
     shard = shard or (lambda cs: cs)
     cfg_scale, cfg_interval, temperature, top_k, top_p = scalars
@@ -128,7 +129,7 @@ def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg,
         if forced is not None:
             return forced_tok, (logits if raw else g)
         keys = jax.vmap(lambda kk: jax.random.fold_in(kk, step))(ex_keys)
-        return sample(keys, g, temperature, top_k, top_p), None
+        return sample(keys, g, temperature, top_k, top_p, kth=sampler[0], top_p_on=sampler[1]), None
 
     with jax.named_scope("prefill"):
         logits0, caches = M.prefill(params, cfg, policy, caches, cond_emb, cond_mask)
@@ -158,9 +159,9 @@ def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg,
     return tokens, (jnp.concatenate(outs, axis=1) if forced is not None else None)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "policy", "use_cfg", "num_segments", "mesh"))
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "use_cfg", "num_segments", "mesh", "sampler"))
 def _generate_jit(params, cond, cond_mask, key, example_ids, scalars, *, cfg, policy, use_cfg, num_segments,
-                  mesh=None):
+                  mesh=None, sampler=("sort", True)):
     ex_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(example_ids)
     emb, mask = _embed_rows(params, cfg, cond, cond_mask, use_cfg)
     segs = _segments(cfg.num_image_tokens - 1, cfg.cls_token_num, num_segments if isinstance(policy, Dense) else 1)
@@ -171,7 +172,7 @@ def _generate_jit(params, cond, cond_mask, key, example_ids, scalars, *, cfg, po
         policy = ShardedPolicy(policy, mesh)  # each device decodes its own rows and heads
         emb, mask = constrain_batch(emb, mesh), constrain_batch(mask, mesh)
     tokens, _ = _run(params, cfg, policy, emb, mask, ex_keys, scalars, use_cfg=use_cfg, forced=None, segments=segs,
-                     shard=shard)
+                     shard=shard, sampler=sampler)
     return tokens if mesh is None else constrain_batch(tokens, mesh)
 
 
@@ -283,12 +284,14 @@ def generate(model: Model, cond, key, *, cond_mask=None, cfg_scale: float = 4.0,
     if mesh is None and jax.device_count() > 1 and jax.process_count() == 1:
         from .sharding import make_mesh
         mesh = make_mesh()  # default: data parallel over every visible device (pass mesh= to choose)
+    sampler = resolve_sampler(top_p, mesh)
     if mesh is not None:
         from .sharding import generate_on_mesh
         return generate_on_mesh(model, cond, mask, key, example_ids, scalars, policy=pol, use_cfg=bool(cfg_scale > 1.0),
-                                num_segments=int(num_segments), mesh=mesh)
+                                num_segments=int(num_segments), mesh=mesh, sampler=sampler)
     return _generate_jit(model.params, cond, mask, key, example_ids, scalars,
-                         cfg=cfg, policy=pol, use_cfg=bool(cfg_scale > 1.0), num_segments=int(num_segments))
+                         cfg=cfg, policy=pol, use_cfg=bool(cfg_scale > 1.0), num_segments=int(num_segments),
+                         sampler=sampler)
 
 
 def _policy_kw(budget, prefix, keep, local, granularity):

@@ -295,8 +295,8 @@ def evict_fusable(rows: int, heads: int, slots: int, block_k: int | None = None)
 
 
 def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: int, keep: int, vsum=None,
-               victim=None, vnorm=None, eps: float = 1e-6, block_k: int | None = None, num_warps: int | None = None,
-               num_stages: int | None = None, interpret: bool = False):
+               victim=None, vnorm=None, qkv=None, eps: float = 1e-6, block_k: int | None = None,
+               num_warps: int | None = None, num_stages: int | None = None, interpret: bool = False):
     """One adsa-evict (``keep`` > 0, head granularity) or window (``keep`` = 0) decode step of a
     layer in one kernel: write the new token, move the token leaving the window into the pool
     (evicting the highest-score candidate), update the running sum, attend, and compute next
@@ -309,10 +309,16 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     keep > 0: vsum (B, H, D) f32, victim (B, H) int32, this step's victim slot (from the
     last step; any value before the pool is full), and vnorm (B, H, S) f32, max(|v_i|, eps) of
     every filled slot (written by this kernel with each token, like k and v).
+    qkv (B, 3, H, D): q, k_new and v_new stacked as the projection lays them out (pass None for
+    the three): the kernel reads its (row, head)'s three vectors in place, so XLA does not copy
+    q, k and v into arrays of their own before the call.
     Returns (out (B, H, D), k, v, pos) (no pos when pos is None) and, with keep > 0, (vsum, next
     step's victim, vnorm) after them.
     """
-    b, h, d = q.shape
+    if qkv is not None:
+        b, _, h, d = qkv.shape
+    else:
+        b, h, d = q.shape
     s = k.shape[2]
     block_k = block_k or EVICT_BLOCK_K
     K = keep
@@ -325,9 +331,14 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     vec = pl.BlockSpec((None, None, d), lambda i, j: (i, j, 0))
     cache = pl.BlockSpec((None, None, s, d), lambda i, j: (i, j, 0, 0))
     per_slot = pl.BlockSpec((None, None, s), lambda i, j: (i, j, 0))
-    in_specs = [sc] * 7 + [vec, vec, vec, cache, cache] + ([] if dense else [per_slot])
+    if qkv is None:
+        vecs, new = [vec] * 3, [q, k_new.astype(k.dtype), v_new.astype(v.dtype)]
+    else:  # the same (B, 3, H, D) buffer three times, each spec picking q, k or v of (row, head)
+        vecs = [pl.BlockSpec((None, None, None, d), lambda i, j, w=w: (i, w, j, 0)) for w in range(3)]
+        new = [qkv.astype(k.dtype)] * 3
+    in_specs = [sc] * 7 + vecs + [cache, cache] + ([] if dense else [per_slot])
     in_specs.append(pl.BlockSpec((None, s), lambda i, j: (i, 0)))
-    args = [jnp.asarray(x, jnp.int32) for x in scalars] + [q, k_new.astype(k.dtype), v_new.astype(v.dtype), k, v]
+    args = [jnp.asarray(x, jnp.int32) for x in scalars] + new + [k, v]
     args += ([] if dense else [pos]) + [cond_ok.astype(jnp.int8)]
     out_specs = [vec, cache, cache] + ([] if dense else [per_slot])
     out_shape = [jax.ShapeDtypeStruct((b, h, d), v.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
@@ -347,6 +358,49 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
                                              num_stages=num_stages or NUM_STAGES),
         interpret=interpret, name="adsa_evict_step",
     )(*args)
+
+
+def _kth_kernel(k_ref, x_ref, o_ref, *, n):
+    # One program = one row: the k-th largest of x (Vp,) by a bitwise binary search over an
+    # order-preserving int32 key of each float (32 counting passes over the row in registers,
+    # no sort). r is built from the top bit down as an offset from INT32_MIN: the largest
+    # threshold T with count(key >= T) >= k is the k-th largest key itself.
+    imin = jnp.int32(-(2 ** 31))
+    u = jax.lax.bitcast_convert_type(x_ref[...], jnp.int32)
+    key = jnp.where(u < 0, u ^ jnp.int32(0x7FFFFFFF), u)  # float order as signed int order (-0.0 < +0.0)
+    vp = key.shape[0]
+    if n < vp:  # padding lanes never count: every threshold tried is > INT32_MIN
+        key = jnp.where(jnp.arange(vp) < n, key, imin)
+    k = k_ref[()]
+
+    def body(i, r):
+        cand = r | (jnp.int32(1) << (31 - i))
+        cnt = jnp.sum((key >= (cand ^ imin)).astype(jnp.int32))
+        return jnp.where(cnt >= k, cand, r)
+
+    kth = jax.lax.fori_loop(0, 32, body, jnp.int32(0)) ^ imin
+    o_ref[...] = jax.lax.bitcast_convert_type(jnp.where(kth < 0, kth ^ jnp.int32(0x7FFFFFFF), kth), jnp.float32)
+
+
+def kth_largest(x, k, *, num_warps: int = 4, interpret: bool = False):
+    """The k-th largest value of each row, counting ties (``sort(x)[::-1][k - 1]``), without a sort.
+
+    x (B, V) float32; k: int scalar (traced is fine) in [1, V]. Returns (B,) float32. For
+    top-k sampling, which only needs this threshold (keep every logit >= it): one program per
+    row instead of XLA's segmented sort of the whole (B, V) array.
+    """
+    b, n = x.shape
+    vp = 1 << max(n - 1, 1).bit_length()  # Triton blocks are powers of two
+    x = x.astype(jnp.float32)
+    if vp != n:
+        x = jnp.pad(x, ((0, 0), (0, vp - n)))
+    return pl.pallas_call(
+        functools.partial(_kth_kernel, n=n), grid=(b,),
+        in_specs=[pl.BlockSpec((), lambda i: ()), pl.BlockSpec((None, vp), lambda i: (i, 0))],
+        out_specs=pl.BlockSpec((None,), lambda i: (i,)), out_shape=jax.ShapeDtypeStruct((b,), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret, name="adsa_kth_largest",
+    )(jnp.asarray(k, jnp.int32), x)
 
 
 try:  # Pallas is part of jax; an older jax without these Triton APIs keeps attention='xla'

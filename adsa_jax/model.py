@@ -195,17 +195,24 @@ def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, ro
     tokens (B,) int32 = image token t; t is a traced scalar (0-based image index);
     span (static) bounds the cache slots a dense-layout policy needs to read this segment.
     Returns (logits (B, V) float32 predicting token t+1, caches).
+
+    A policy with ``takes_qkv = True`` also gets ``qkv=`` (B, 3, H, D), q, k (after RoPE) and v in
+    one array (one XLA fusion writes it), which a Pallas step kernel reads in place.
     """
     x = params["tok_embeddings"][tokens][:, None, :]  # (B, 1, E)
-    rot = rope_rows(cfg, cfg.cls_token_num + t)[None]  # (1, D/2, 2)
+    rot = rope_rows(cfg, cfg.cls_token_num + t)  # (D/2, 2)
+    rot2 = jnp.broadcast_to(rot, (2,) + rot.shape)  # (2, D/2, 2): the same position for q and k
+    takes_qkv = getattr(policy, "takes_qkv", False)
     new = []
     for li, (layer, cache) in enumerate(zip(params["layers"], caches)):
         with jax.named_scope("attention"):
             h = rms_norm(x, layer["attention_norm"], cfg.norm_eps)
-            q, k, v = qkv_proj(layer, h)
-            q, k = apply_rope(q, rot), apply_rope(k, rot)
-            cache, o = policy.decode(cache, q[:, 0], k[:, 0], v[:, 0], t, cond_mask,
-                                     layer_index=li, row_keys=row_keys, span=span)
+            qkv = jnp.einsum("BTE,EKHD->BTKHD", h, layer["wqkv"])[:, 0]  # (B, 3, H, D)
+            qkv = jnp.concatenate([apply_rope(qkv[:, :2], rot2), qkv[:, 2:]], axis=1)  # q, k rotated
+            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+            kw = {"qkv": qkv} if takes_qkv else {}
+            cache, o = policy.decode(cache, q, k, v, t, cond_mask, layer_index=li, row_keys=row_keys, span=span,
+                                     **kw)
             new.append(cache)
             x = x + out_proj(layer, o[:, None])
         with jax.named_scope("ffn"):

@@ -290,7 +290,7 @@ class ShardedPolicy:
     def prefill(self, cache, k, v):
         return self.inner.prefill(cache, k, v)
 
-    def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None):
+    def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None, qkv=None):
         mesh = self.mesh
         split = _heads_split(cache, self.inner)
         cspec = cache_specs(cache, mesh, self.inner)
@@ -298,16 +298,17 @@ class ShardedPolicy:
         hspec = P(DATA, heads)
         rows = P(DATA)
         inner = self.inner
+        # Optional inputs travel only when given: (arg, spec, keyword) triples.
+        extra = [(x, sp, name) for x, sp, name in ((row_keys, rows, "row_keys"), (qkv, P(DATA, None, heads), "qkv"))
+                 if x is not None]
 
-        def f(cache, q, k, v, t, cond_mask, row_keys):
-            return inner.decode(cache, q, k, v, t, cond_mask, layer_index=layer_index, row_keys=row_keys, span=span)
+        def f(cache, q, k, v, t, cond_mask, *opt):
+            kw = {name: x for x, (_, _, name) in zip(opt, extra)}
+            return inner.decode(cache, q, k, v, t, cond_mask, layer_index=layer_index, span=span, **kw)
 
-        if row_keys is None:
-            g = lambda cache, q, k, v, t, cond_mask: f(cache, q, k, v, t, cond_mask, None)  # noqa: E731
-            args, specs = (cache, q, k, v, t, cond_mask), (cspec, hspec, hspec, hspec, P(), rows)
-        else:
-            g, args, specs = f, (cache, q, k, v, t, cond_mask, row_keys), (cspec, hspec, hspec, hspec, P(), rows, rows)
-        return jax.shard_map(g, mesh=mesh, in_specs=specs, out_specs=(cspec, hspec), check_vma=False)(*args)
+        args = (cache, q, k, v, t, cond_mask) + tuple(x for x, _, _ in extra)
+        specs = (cspec, hspec, hspec, hspec, P(), rows) + tuple(sp for _, sp, _ in extra)
+        return jax.shard_map(f, mesh=mesh, in_specs=specs, out_specs=(cspec, hspec), check_vma=False)(*args)
 
 
 def constrain_batch(x, mesh):
@@ -329,7 +330,8 @@ def _pad_rows(x, n: int):
     return np.concatenate([x, np.repeat(x[-1:], n - x.shape[0], axis=0)], axis=0)
 
 
-def generate_on_mesh(model, cond, mask, key, example_ids, scalars, *, policy, use_cfg, num_segments, mesh):
+def generate_on_mesh(model, cond, mask, key, example_ids, scalars, *, policy, use_cfg, num_segments, mesh,
+                     sampler=("sort", True)):
     """Body of ``generate(..., mesh=...)`` (inputs already validated): place, run, trim."""
     from .generate import _generate_jit
 
@@ -353,7 +355,7 @@ def generate_on_mesh(model, cond, mask, key, example_ids, scalars, *, policy, us
     key = put(key, rep)
     scalars = tuple(put(np.asarray(s), rep) for s in scalars)
     tokens = _generate_jit(params, cond, mask, key, ids, scalars, cfg=cfg, policy=policy, use_cfg=use_cfg,
-                           num_segments=num_segments, mesh=mesh)
+                           num_segments=num_segments, mesh=mesh, sampler=sampler)
     return tokens if bp == b else tokens[:b]
 
 

@@ -56,12 +56,32 @@ def test_length_buckets_do_not_change_tokens(c2i, c2i_ref):
 
 def test_second_call_does_not_recompile(c2i):
     labels = np.array([1, 2])
-    adsa_jax.generate(c2i, labels, jax.random.key(0), cfg_scale=4.0).block_until_ready()
+    adsa_jax.generate(c2i, labels, jax.random.key(0), cfg_scale=4.0, top_p=0.95).block_until_ready()
     n = _generate_jit._cache_size()
     # New key, labels, guidance scale, interval, temperature and filters: same shapes, no recompilation.
     adsa_jax.generate(c2i, np.array([7, 3]), jax.random.key(9), cfg_scale=2.5, cfg_interval=10,
                       temperature=0.7, top_k=30, top_p=0.9).block_until_ready()
     assert _generate_jit._cache_size() == n
+    # top-p off (1.0) is the one other variant (no sort of the logits), compiled once.
+    adsa_jax.generate(c2i, labels, jax.random.key(1), cfg_scale=4.0).block_until_ready()
+    adsa_jax.generate(c2i, labels, jax.random.key(2), cfg_scale=3.0, top_k=7).block_until_ready()
+    assert _generate_jit._cache_size() == n + 1
+
+
+def test_sampler_without_sort_gives_the_same_tokens(c2i):
+    """top-p off and the k-th largest logit from the bitwise-search kernel (what a GPU runs at
+    top_p = 1) sample exactly the tokens of the sorted reference filter."""
+    from adsa_jax.generate import _scalars, prepare_condition
+    from adsa_jax.policies import make_policy
+    from adsa_jax.sampling import resolve_sampler
+
+    assert resolve_sampler(1.0) == ("pallas" if jax.default_backend() == "gpu" else "sort", False)
+    assert resolve_sampler(0.9)[1]
+    cond, mask = prepare_condition(c2i.config, np.array([1, 5, 9]))
+    args = (c2i.params, cond, mask, jax.random.key(4), jnp.arange(3), _scalars(4.0, -1, 1.0, 40, 1.0))
+    kw = dict(cfg=c2i.config, policy=make_policy(c2i.config, "dense"), use_cfg=True, num_segments=1)
+    ref = np.asarray(_generate_jit(*args, **kw))
+    np.testing.assert_array_equal(np.asarray(_generate_jit(*args, **kw, sampler=("pallas-interpret", False))), ref)
 
 
 def test_samples_do_not_depend_on_batch_size_or_position(c2i):

@@ -98,14 +98,15 @@ def test_kernel_lowers_for_gpu(c2i, monkeypatch):
 
     cond, mask = prepare_condition(c2i.config, np.array([1, 2]))
 
-    def lowered(name, **kw):
+    def lowered(name, sampler=("sort", True), **kw):
         pol = resolve_attention(make_policy(c2i.config, name, **kw), c2i.config, "pallas")
         return _generate_jit.trace(c2i.params, cond, mask, jax.random.key(0), jnp.arange(2),
                                    _scalars(4.0, -1, 1.0, 0, 1.0), cfg=c2i.config, policy=pol, use_cfg=True,
-                                   num_segments=1).lower(lowering_platforms=("cuda",)).as_text()
+                                   num_segments=1, sampler=sampler).lower(lowering_platforms=("cuda",)).as_text()
 
     for name, kw in (("window", {"budget": 0.5}), ("dense", {}), ("adsa-evict", {"budget": 0.5})):  # the defaults
         assert "adsa_evict_step" in lowered(name, **kw)
+    assert "adsa_kth_largest" in lowered("dense", sampler=("pallas", False))  # top-k without a sort
     assert "adsa_decode_attention" in lowered("adsa-evict", budget=0.5, granularity="layer")
     monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", False)
     monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", False)
@@ -217,3 +218,31 @@ def test_evict_step_victim_ties_lowest_slot(victim_in, want):
     v_out = np.asarray(res[2])[0, 0]
     np.testing.assert_array_equal(v_out[victim_in], np.asarray(v_o))  # o moved into the victim's slot
     assert int(res[5][0, 0]) == want
+
+
+@pytest.mark.parametrize("keep", [0, 5])
+def test_evict_step_reads_stacked_qkv(keep):
+    """qkv= (B, 3, H, D), the projection's layout read in place, gives exactly what separate
+    q, k_new, v_new give (each output, every slot)."""
+    from adsa_jax.kernels import evict_step
+
+    b, h, d, c, P, M = 2, 3, 16, 1, 2, 4
+    s = c + P + keep + M
+    rng = np.random.default_rng(1)
+    k, v = (jnp.asarray(rng.normal(size=(b, h, s, d)), jnp.bfloat16) for _ in range(2))
+    qkv = jnp.asarray(rng.normal(size=(b, 3, h, d)), jnp.bfloat16)
+    pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, h, s))
+    t = 20
+    ws = c + P + keep + (t - P) % M
+    scalars = (ws, ws, 1, 1, max(keep - 1, 0), c + P + keep + (t + 1 - P) % M, c + t)
+    kw = dict(c=c, prefix=P, keep=keep, block_k=4, interpret=True)
+    if keep:
+        kw.update(vsum=jnp.asarray(rng.normal(size=(b, h, d)), jnp.float32), victim=jnp.full((b, h), c + P + 1, jnp.int32),
+                  vnorm=jnp.maximum(jnp.linalg.norm(v.astype(jnp.float32), axis=-1), 1e-6))
+    cond_ok = jnp.ones((b, s), bool)
+    apart = evict_step(qkv[:, 0], qkv[:, 1], qkv[:, 2], k, v, pos, cond_ok, scalars, **kw)
+    stacked = evict_step(None, None, None, k, v, pos, cond_ok, scalars, qkv=qkv, **kw)
+    assert len(apart) == len(stacked) == (7 if keep else 4)
+    for x, y in zip(apart, stacked):
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+    np.testing.assert_array_equal(np.asarray(stacked[2], np.float32)[:, :, ws], np.asarray(qkv[:, 2], np.float32))

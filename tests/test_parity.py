@@ -1,9 +1,10 @@
 """Dense mode against the original PyTorch LlamaGen outputs (fp32, CPU)."""
 import jax
 import numpy as np
+import pytest
 
 import adsa_jax
-from adsa_jax.sampling import probs
+from adsa_jax.sampling import filter_logits, probs, sample
 
 
 def test_c2i_teacher_forced_logits(c2i, c2i_ref):
@@ -76,3 +77,26 @@ def test_sampling_keeps_top_k_ties():
     logits = np.array([[5.0, 5.0, 5.0, 1.0, 0.0]], np.float32)
     p = np.asarray(probs(logits, 1.0, 2, 1.0))
     assert (p[0, :3] > 0).all() and p[0, 3:].sum() == 0  # three tied survivors of top-2
+    f = np.asarray(filter_logits(logits, 1.0, 2, 1.0, kth="pallas-interpret", top_p_on=False))
+    np.testing.assert_array_equal(f > -1e29, [[True, True, True, False, False]])
+
+
+@pytest.mark.parametrize("kth", ["sort", "pallas-interpret"])
+def test_sampling_filters_without_sort(fixtures_dir, kth):
+    """top_p_on=False with the k-th largest from a sort or from the bitwise-search kernel: the
+    fixture's filtered logits exactly where top_p = 1, and the same draws."""
+    z = np.load(fixtures_dir / "sampling_filters.npz")
+    logits, cases = z["logits"], z["cases"]
+    tested = 0
+    for i, (temp, top_k, top_p) in enumerate(cases):
+        if top_p < 1.0:
+            continue
+        want = np.asarray(filter_logits(logits, float(temp), int(top_k), 1.0))
+        got = np.asarray(filter_logits(logits, float(temp), int(top_k), 1.0, kth=kth, top_p_on=False))
+        np.testing.assert_array_equal(got, want, err_msg=f"case {i}: {cases[i]}")
+        np.testing.assert_allclose(np.asarray(jax.nn.softmax(got, axis=-1)), z[f"probs_{i}"], atol=1e-6, rtol=0)
+        tested += 1
+    assert tested >= 2
+    keys = jax.random.split(jax.random.key(3), logits.shape[0])
+    np.testing.assert_array_equal(np.asarray(sample(keys, logits, 1.0, 5, 1.0, kth=kth, top_p_on=False)),
+                                  np.asarray(sample(keys, logits, 1.0, 5, 1.0)))
