@@ -10,7 +10,7 @@ import sys
 
 
 def strip(line):
-    return re.sub(r", (metadata|backend_config)=\{.*", "", line)
+    return re.sub(r", metadata=\{[^}]*\}", "", line)
 
 
 def main():
@@ -23,12 +23,16 @@ def main():
     for name, us in sorted(prof["agg"].items(), key=lambda kv: -kv[1])[:n]:
         per = us / prof["cnt"][name]
         print(f"== {name}: {us / 1e3:.1f} ms, {prof['cnt'][name]}x, {per:.1f} us each")
-        m = re.search(rf"^\s*(?:ROOT )?%?{re.escape(name)} = ([^\n]*)", hlo, re.M)
+        # Kernel names spell the instruction's ".N" suffix "_N" (gemm_fusion_dot_760 = gemm_fusion_dot.760).
+        for cand in (name, re.sub(r"_(\d+)$", r".\1", name)):
+            m = re.search(rf"^\s*(?:ROOT )?%?{re.escape(cand)} = ([^\n]*)", hlo, re.M)
+            if m:
+                break
         if not m:
             print("   (not an HLO instruction name)")
             continue
         line = strip(m.group(1))
-        print("  ", line[:400])
+        print("  ", line[:700])
         called = re.search(r"calls=%?([\w.\-]+)", line)
         if called and called.group(1) in comps:
             body = comps[called.group(1)].strip().splitlines()
