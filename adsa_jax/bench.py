@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import GPTConfig, named_config
-from .generate import Model, _generate_jit, _scalars, resolve_attention
+from .generate import Model, _generate_jit_cublas, _scalars, generate_program, resolve_attention
 from .sampling import resolve_sampler
 from .model import init_params
 from .policies import Dense, kv_bytes, make_policy
@@ -93,8 +93,9 @@ def compile_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, 
     scalars = _scalars(cfg_scale, -1, 1.0, top_k, 1.0)
     nseg = segments if isinstance(policy, Dense) and not (type(policy) is Dense and attn != "xla") else 1
     t0 = time.perf_counter()
-    lowered = _generate_jit.lower(model.params, labels, mask, jax.random.key(seed), ids, scalars, cfg=cfg,
-                                  policy=policy, use_cfg=use_cfg, num_segments=nseg, sampler=resolve_sampler(1.0))
+    program = generate_program(rows)
+    lowered = program.lower(model.params, labels, mask, jax.random.key(seed), ids, scalars, cfg=cfg,
+                            policy=policy, use_cfg=use_cfg, num_segments=nseg, sampler=resolve_sampler(1.0))
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
@@ -106,7 +107,8 @@ def compile_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, 
         "layers": cfg.n_layer, "dim": cfg.dim, "grid": cfg.grid, "batch": batch, "cfg": use_cfg,
         "policy": policy.name, "prefix": getattr(policy, "prefix", None), "keep": getattr(policy, "keep", None),
         "local": getattr(policy, "local", None), "segments": nseg, "attention": attn, "dtype": str(model.dtype),
-        "compile_s": compile_s, "peak_bytes_compiled": peak, "kv_bytes": kv_bytes(policy, cfg, rows, model.dtype),
+        "gemm": "cublas" if program is _generate_jit_cublas else "xla-default", "compile_s": compile_s,
+        "peak_bytes_compiled": peak, "kv_bytes": kv_bytes(policy, cfg, rows, model.dtype),
     }
     return {"compiled": compiled, "args": (labels, mask, ids, scalars), "policy": policy, "rows": rows, "row": row}
 
@@ -143,7 +145,7 @@ def bench_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, it
 
 
 def format_rows(rows) -> str:
-    head = (f"{'model':>9} {'grid':>5} {'batch':>5} {'policy':>11} {'budget':>6} {'attn':>6} {'seg':>3} {'compile s':>9} "
+    head = (f"{'model':>9} {'grid':>5} {'batch':>5} {'policy':>11} {'budget':>6} {'attn':>6} {'gemm':>6} {'seg':>3} {'compile s':>9} "
             f"{'s/call':>7} {'img/s':>8} {'ms/step':>7} {'peak GiB':>8} {'KV GiB':>7} {'floor s':>7} {'of floor':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -156,7 +158,7 @@ def format_rows(rows) -> str:
         floor = r.get("floor_s", float("nan"))
         lines.append(
             f"{r.get('name', ''):>9} {r['grid']:>5} {r['batch']:>5} {r['policy']:>11} {budget:>6} "
-            f"{r.get('attention', 'xla'):>6} {r['segments']:>3} "
+            f"{r.get('attention', 'xla'):>6} {r.get('gemm', '')[:6]:>6} {r['segments']:>3} "
             f"{r['compile_s']:>9.1f} {r['s_per_call']:>7.3f} {r['images_per_s']:>8.2f} {r['ms_per_step']:>7.2f} "
             f"{peak:>8} {r['kv_bytes'] / 2**30:>7.3f} {floor:>7.3f} {r.get('achieved_fraction', float('nan')):>8.2f}")
     return "\n".join(lines)

@@ -159,9 +159,8 @@ def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg,
     return tokens, (jnp.concatenate(outs, axis=1) if forced is not None else None)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "policy", "use_cfg", "num_segments", "mesh", "sampler"))
-def _generate_jit(params, cond, cond_mask, key, example_ids, scalars, *, cfg, policy, use_cfg, num_segments,
-                  mesh=None, sampler=("sort", True)):
+def _generate_impl(params, cond, cond_mask, key, example_ids, scalars, *, cfg, policy, use_cfg, num_segments,
+                   mesh=None, sampler=("sort", True)):
     ex_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(example_ids)
     emb, mask = _embed_rows(params, cfg, cond, cond_mask, use_cfg)
     segs = _segments(cfg.num_image_tokens - 1, cfg.cls_token_num, num_segments if isinstance(policy, Dense) else 1)
@@ -174,6 +173,28 @@ def _generate_jit(params, cond, cond_mask, key, example_ids, scalars, *, cfg, po
     tokens, _ = _run(params, cfg, policy, emb, mask, ex_keys, scalars, use_cfg=use_cfg, forced=None, segments=segs,
                      shard=shard, sampler=sampler)
     return tokens if mesh is None else constrain_batch(tokens, mesh)
+
+
+_GENERATE_STATIC = ("cfg", "policy", "use_cfg", "num_segments", "mesh", "sampler")
+_generate_jit = jax.jit(_generate_impl, static_argnames=_GENERATE_STATIC)
+# The same program with the weight GEMMs on cuBLAS instead of XLA's Triton GEMMs, and XLA's dot
+# merger off (it fuses x @ w1 and x @ w3 into one dot over a concatenation of the two weights,
+# which the Triton GEMM reads in place but cuBLAS needs copied: 18 MB per GPT-XL layer and step).
+# At 128+ rows XLA's Triton GEMMs split K and write float32 partials that the next kernel sums;
+# cuBLAS does not (BENCHMARKS.md, session 6).
+CUBLAS_OPTIONS = {"xla_gpu_enable_triton_gemm": False, "xla_disable_hlo_passes": "dot-merger"}
+_generate_jit_cublas = jax.jit(_generate_impl, static_argnames=_GENERATE_STATIC, compiler_options=CUBLAS_OPTIONS)
+# Batch rows (CFG included) from which a GPU generate call compiles with CUBLAS_OPTIONS; None: never.
+# Measured on an H200 with GPT-XL: see BENCHMARKS.md, session 6 (at 2 rows cuBLAS is slower).
+GEMM_CUBLAS_MIN_ROWS = 128
+
+
+def generate_program(rows: int, mesh=None):
+    """The jitted generate program for a call of ``rows`` batch rows (CFG included): with
+    CUBLAS_OPTIONS on a single GPU from GEMM_CUBLAS_MIN_ROWS rows, the default XLA options
+    elsewhere. Both give the same tokens up to float rounding of the GEMMs."""
+    big = GEMM_CUBLAS_MIN_ROWS is not None and rows >= GEMM_CUBLAS_MIN_ROWS
+    return _generate_jit_cublas if big and mesh is None and jax.default_backend() == "gpu" else _generate_jit
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy", "use_cfg", "raw"))
@@ -289,9 +310,10 @@ def generate(model: Model, cond, key, *, cond_mask=None, cfg_scale: float = 4.0,
         from .sharding import generate_on_mesh
         return generate_on_mesh(model, cond, mask, key, example_ids, scalars, policy=pol, use_cfg=bool(cfg_scale > 1.0),
                                 num_segments=int(num_segments), mesh=mesh, sampler=sampler)
-    return _generate_jit(model.params, cond, mask, key, example_ids, scalars,
-                         cfg=cfg, policy=pol, use_cfg=bool(cfg_scale > 1.0), num_segments=int(num_segments),
-                         sampler=sampler)
+    use_cfg = bool(cfg_scale > 1.0)
+    return generate_program(b * (2 if use_cfg else 1))(model.params, cond, mask, key, example_ids, scalars, cfg=cfg,
+                                                       policy=pol, use_cfg=use_cfg, num_segments=int(num_segments),
+                                                       sampler=sampler)
 
 
 def _policy_kw(budget, prefix, keep, local, granularity):

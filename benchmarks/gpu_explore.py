@@ -8,7 +8,8 @@ Plan items: {"model": "GPT-XL", "size": 256, "batch": 64, "policy": "dense", "bu
 "attn": "pallas"|"xla", "seg": 4, "iters": 3, "profile": false, "compile_only": false}.
 Env: OUT, TAG, WORKERS (parallel compiles, default 4), CHECK=1 (first compare the Pallas kernel
 with the XLA path on GPT-B in float32: logits and greedy tokens), EVICT_ONE_KERNEL=1|0 and
-DENSE_ONE_KERNEL=1|0 (set those switches of ``adsa_jax.kernels`` for the whole process).
+DENSE_ONE_KERNEL=1|0 (set those switches of ``adsa_jax.kernels`` for the whole process),
+GEMM_CUBLAS_MIN_ROWS=N|none (``adsa_jax.generate.GEMM_CUBLAS_MIN_ROWS``).
 """
 import collections
 import gzip
@@ -54,6 +55,18 @@ def check_kernel():
                                    "logit_scale": float(np.abs(a).max()),
                                    "greedy_tokens_equal": float((ga == gb).mean())}
         print("check", name, budget, out[f"{name} {budget}"], flush=True)
+    # The cuBLAS program (generate_program at 128+ rows) against the default one: greedy tokens.
+    from adsa_jax import generate as gen
+
+    labels = np.arange(64, dtype=np.int32)
+    saved = gen.GEMM_CUBLAS_MIN_ROWS
+    toks = {}
+    for rows in (None, 128):
+        gen.GEMM_CUBLAS_MIN_ROWS = rows
+        toks[rows] = np.asarray(generate(m, labels, jax.random.key(1), top_k=1, cfg_scale=4.0))
+    gen.GEMM_CUBLAS_MIN_ROWS = saved
+    out["cublas vs triton gemm"] = {"greedy_tokens_equal": float((toks[None] == toks[128]).mean())}
+    print("check cublas", out["cublas vs triton gemm"], flush=True)
     jax.config.update("jax_default_matmul_precision", None)
     return out
 
@@ -89,6 +102,12 @@ def main():
     if os.environ.get("DENSE_ONE_KERNEL"):
         kernels.DENSE_ONE_KERNEL = os.environ["DENSE_ONE_KERNEL"] == "1"
         result["dense_one_kernel"] = kernels.DENSE_ONE_KERNEL
+    if os.environ.get("GEMM_CUBLAS_MIN_ROWS"):  # generate.GEMM_CUBLAS_MIN_ROWS: a row count, or "none"
+        from adsa_jax import generate as gen
+
+        v = os.environ["GEMM_CUBLAS_MIN_ROWS"]
+        gen.GEMM_CUBLAS_MIN_ROWS = None if v == "none" else int(v)
+        result["gemm_cublas_min_rows"] = gen.GEMM_CUBLAS_MIN_ROWS
     if os.environ.get("CHECK"):
         result["check"] = check_kernel()
 

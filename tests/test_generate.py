@@ -84,6 +84,21 @@ def test_sampler_without_sort_gives_the_same_tokens(c2i):
     np.testing.assert_array_equal(np.asarray(_generate_jit(*args, **kw, sampler=("pallas-interpret", False))), ref)
 
 
+def test_generate_program_choice(monkeypatch):
+    """cuBLAS GEMM options only for a single GPU from GEMM_CUBLAS_MIN_ROWS rows."""
+    from adsa_jax import generate as gen
+
+    assert gen.generate_program(512) is gen._generate_jit  # not a GPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert gen.generate_program(128) is gen._generate_jit_cublas
+    assert gen.generate_program(2) is gen._generate_jit
+    assert gen.generate_program(512, mesh=object()) is gen._generate_jit
+    monkeypatch.setattr(gen, "GEMM_CUBLAS_MIN_ROWS", None)
+    assert gen.generate_program(512) is gen._generate_jit
+    f = jax.jit(lambda x: x @ x, compiler_options=gen.CUBLAS_OPTIONS)  # options this jax/XLA accepts
+    np.testing.assert_allclose(np.asarray(f(jnp.eye(3))), np.eye(3))
+
+
 def test_samples_do_not_depend_on_batch_size_or_position(c2i):
     labels = np.array([3, 1, 4, 1, 5])
     key = jax.random.key(42)
