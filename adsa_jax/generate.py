@@ -181,11 +181,8 @@ _generate_jit = jax.jit(_generate_impl, static_argnames=_GENERATE_STATIC)
 # merger off (it fuses x @ w1 and x @ w3 into one dot over a concatenation of the two weights,
 # which the Triton GEMM reads in place but cuBLAS needs copied: 18 MB per GPT-XL layer and step).
 # At 128+ rows XLA's Triton GEMMs split K and write float32 partials that the next kernel sums;
-# cuBLAS does not. CUDA graphs of any length: with the default minimum, the short runs of kernels
-# between cuBLAS calls were launched one by one and left the GPU idle ~18% of the time
-# (BENCHMARKS.md, session 6).
-CUBLAS_OPTIONS = {"xla_gpu_enable_triton_gemm": False, "xla_disable_hlo_passes": "dot-merger",
-                  "xla_gpu_graph_min_graph_size": 1}
+# cuBLAS does not (BENCHMARKS.md, session 6).
+CUBLAS_OPTIONS = {"xla_gpu_enable_triton_gemm": False, "xla_disable_hlo_passes": "dot-merger"}
 _generate_jit_cublas = jax.jit(_generate_impl, static_argnames=_GENERATE_STATIC, compiler_options=CUBLAS_OPTIONS)
 # Batch rows (CFG included) from which a GPU generate call compiles with CUBLAS_OPTIONS; None: never.
 # Measured on an H200 with GPT-XL: see BENCHMARKS.md, session 6 (at 2 rows cuBLAS is slower).
