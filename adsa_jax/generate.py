@@ -95,6 +95,12 @@ def _segments(n_steps: int, c: int, num: int):
     return segs
 
 
+# Stack each layer's w1 and w3 once per call (model.stack_ffn) so the FFN's first projection is one
+# GEMM that XLA need not merge. Off: not yet measured on a GPU (BENCHMARKS.md, session 6). Read
+# when a call is traced.
+STACK_FFN = False
+
+
 def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg, forced, segments, raw=False,
          shard=None, sampler=("sort", True)):
     """Shared body of generate and score. forced: (B, N) tokens to feed, or None to sample.
@@ -104,6 +110,8 @@ def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg,
     to the caches (``with_sharding_constraint`` when generating on a mesh). sampler: static
     (kth, top_p_on) of :func:`adsa_jax.sampling.resolve_sampler`.
     """
+    if STACK_FFN and shard is None:  # one device: w1 and w3 stacked once, outside the loop
+        params = M.stack_ffn(params)
     shard = shard or (lambda cs: cs)
     cfg_scale, cfg_interval, temperature, top_k, top_p = scalars
     rows = cond_emb.shape[0]

@@ -82,9 +82,22 @@ def rms_norm(x, weight, eps):
 
 
 def ffn(layer, x):
-    h1 = jnp.einsum("BTE,EF->BTF", x, layer["w1"])
-    h3 = jnp.einsum("BTE,EF->BTF", x, layer["w3"])
+    if "w13" in layer:  # w1 and w3 stacked (E, 2, F) by stack_ffn: one GEMM for both
+        h = jnp.einsum("BTE,EKF->BTKF", x, layer["w13"])  # (B, T, 2, F)
+        h1, h3 = h[:, :, 0], h[:, :, 1]
+    else:
+        h1 = jnp.einsum("BTE,EF->BTF", x, layer["w1"])
+        h3 = jnp.einsum("BTE,EF->BTF", x, layer["w3"])
     return jnp.einsum("BTF,FE->BTE", jax.nn.silu(h1) * h3, layer["w2"])
+
+
+def stack_ffn(params):
+    """params whose layers also hold ``w13`` (E, 2, F), w1 and w3 stacked, which :func:`ffn` then
+    uses: one GEMM instead of two, without asking XLA to merge them (its dot merger concatenates
+    the weights, and where the GEMM cannot read the concatenation in place it copies it every
+    step). Done once per call, outside the decode loop; costs one more copy of w1 and w3."""
+    return {**params, "layers": [{**layer, "w13": jnp.stack([layer["w1"], layer["w3"]], axis=1)}
+                                 for layer in params["layers"]]}
 
 
 def qkv_proj(layer, x):

@@ -9,7 +9,8 @@ Plan items: {"model": "GPT-XL", "size": 256, "batch": 64, "policy": "dense", "bu
 Env: OUT, TAG, WORKERS (parallel compiles, default 4), CHECK=1 (first compare the Pallas kernel
 with the XLA path on GPT-B in float32: logits and greedy tokens), EVICT_ONE_KERNEL=1|0 and
 DENSE_ONE_KERNEL=1|0 (set those switches of ``adsa_jax.kernels`` for the whole process),
-GEMM_CUBLAS_MIN_ROWS=N|none (``adsa_jax.generate.GEMM_CUBLAS_MIN_ROWS``).
+GEMM_CUBLAS_MIN_ROWS=N|none (``adsa_jax.generate.GEMM_CUBLAS_MIN_ROWS``), STACK_FFN=1|0
+(``adsa_jax.generate.STACK_FFN``), FUSABLE=1 (the one-kernel step at any batch size).
 """
 import collections
 import gzip
@@ -109,6 +110,13 @@ def main():
         v = os.environ["GEMM_CUBLAS_MIN_ROWS"]
         gen.GEMM_CUBLAS_MIN_ROWS = None if v == "none" else int(v)
         result["gemm_cublas_min_rows"] = gen.GEMM_CUBLAS_MIN_ROWS
+    if os.environ.get("STACK_FFN"):  # generate.STACK_FFN: w1 and w3 stacked once per call
+        gen = importlib.import_module("adsa_jax.generate")
+        gen.STACK_FFN = os.environ["STACK_FFN"] == "1"
+        result["stack_ffn"] = gen.STACK_FFN
+    if os.environ.get("FUSABLE") == "1":  # the one-kernel step at any batch (plan items with "attn": "pallas")
+        kernels.evict_fusable = lambda *a, **k: True
+        result["fusable_forced"] = True
     if os.environ.get("CHECK"):
         result["check"] = check_kernel()
 

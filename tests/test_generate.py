@@ -101,6 +101,21 @@ def test_generate_program_choice(monkeypatch):
     np.testing.assert_allclose(np.asarray(f(jnp.eye(3))), np.eye(3))
 
 
+def test_stacked_ffn_weights_give_the_same_results(c2i, c2i_ref, monkeypatch):
+    """generate.STACK_FFN (w1 and w3 stacked once per call, one GEMM): the same sampled tokens and
+    teacher-forced logits as the two separate projections."""
+    gen = importlib.import_module("adsa_jax.generate")
+    labels = c2i_ref["labels"]
+    ref_tok = np.asarray(adsa_jax.generate(c2i, labels, jax.random.key(3), top_k=50))
+    ref_log = np.asarray(adsa_jax.score(c2i, labels, ref_tok))
+    monkeypatch.setattr(gen, "STACK_FFN", True)
+    jax.clear_caches()  # read at trace time
+    np.testing.assert_array_equal(np.asarray(adsa_jax.generate(c2i, labels, jax.random.key(3), top_k=50)), ref_tok)
+    np.testing.assert_allclose(np.asarray(adsa_jax.score(c2i, labels, ref_tok)), ref_log, atol=1e-5, rtol=0)
+    layer = gen.M.stack_ffn(c2i.params)["layers"][0]
+    np.testing.assert_array_equal(np.asarray(layer["w13"][:, 1]), np.asarray(layer["w3"]))
+
+
 def test_samples_do_not_depend_on_batch_size_or_position(c2i):
     labels = np.array([3, 1, 4, 1, 5])
     key = jax.random.key(42)
