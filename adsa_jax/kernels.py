@@ -4,6 +4,7 @@
 - :func:`evict_step`: a whole ``dense`` / ``window`` / ``adsa-evict`` layer step (cache write,
   pool move, running sum, attention, next victim) in one kernel, the cache updated in place; the
   default wherever batch rows x heads fill the GPU (:func:`evict_fusable`).
+- :func:`kth_largest`: the k-th largest logit of each row (top-k's threshold) without a sort.
 
 Why: XLA computes decode attention as a logits reduction, a softmax and a PV reduction over
 the cache slice a static shape allows, so a dense cache is read up to its static length (the
