@@ -40,6 +40,10 @@ EVICT_NUM_WARPS = 2
 # 2.752 s at 384 px. Read when a generate call is traced.
 EVICT_ONE_KERNEL = True
 DENSE_ONE_KERNEL = True
+# evict_step applies RoPE to q and k itself (from the projection's output), instead of an XLA
+# fusion writing the rotated q/k/v array before each call (3.3 us per layer and step at GPT-XL
+# batch 64 on an H200, BENCHMARKS.md session 6). Off: not yet measured on a GPU.
+ROPE_IN_KERNEL = False
 
 
 def _kernel(nv_ref, q_ref, k_ref, v_ref, m_in_ref, *rest, block_k, split_len, scale, with_score):
@@ -157,7 +161,7 @@ def decode_attention(q, k, v, mask, n_valid, *, score_vec=None, block_k: int | N
 
 
 def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref,
-                  pos_ref, cok_ref, *rest, block_k, slots, c, P, K, scale, eps):
+                  pos_ref, cok_ref, *rest, block_k, slots, c, P, K, scale, eps, rope):
     # One program = one (row, head): the whole adsa-evict (or window, K = 0) step of a layer.
     # Scalars: ws = slot of the new token, ring = ring slot of the token o leaving the window,
     # mv = o moves to the pool this step, full = the pool is full, free = the lowest free pool
@@ -169,16 +173,30 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
     # after the attention loop, whose cross-warp reductions order it after every load: the cache is
     # updated in place (aliased).
     # pos_ref None: the dense cache, whose filled slots are exactly those <= ws.
+    # rope: q and k_new come before RoPE, and rope_ref holds this position's (cos, sin) pairs (D,).
     dense = pos_ref is None
     if K:
-        vs_ref, vic_ref, nm_ref, o_ref, ko_ref, vo_ref, po_ref, vso_ref, vico_ref, nmo_ref = rest
+        vs_ref, vic_ref, nm_ref, *rest = rest
+    if rope:
+        rope_ref, *rest = rest
+    if K:
+        o_ref, ko_ref, vo_ref, po_ref, vso_ref, vico_ref, nmo_ref = rest
     elif dense:
         o_ref, ko_ref, vo_ref = rest
     else:
         o_ref, ko_ref, vo_ref, po_ref = rest
     ws, ring, new_pos = ws_ref[()], ring_ref[()], np_ref[()]
-    q = q_ref[...].astype(jnp.float32) * scale  # (D,)
-    k_new, v_new = kn_ref[...], vn_ref[...]  # (D,) in the cache dtype
+
+    def rotated(ref):  # as rope.apply_rope: pairs (2i, 2i + 1) rotated in f32, back to the input dtype
+        lanes_d = jnp.arange(ref.shape[0])
+        x = ref[...].astype(jnp.float32)
+        xs = plgpu.load(ref.at[lanes_d ^ 1]).astype(jnp.float32)  # the pair's other element
+        cos = plgpu.load(rope_ref.at[(lanes_d // 2) * 2])
+        sin = plgpu.load(rope_ref.at[(lanes_d // 2) * 2 + 1])
+        return jnp.where(lanes_d % 2 == 0, x * cos - xs * sin, x * cos + xs * sin).astype(ref.dtype)
+
+    q = (rotated(q_ref) if rope else q_ref[...]).astype(jnp.float32) * scale  # (D,)
+    k_new, v_new = (rotated(kn_ref) if rope else kn_ref[...]), vn_ref[...]  # (D,) in the cache dtype
     lanes = jnp.arange(block_k)
     n_blocks = ws // block_k + 1 if dense else -(-slots // block_k)  # dense: up to the new token only
 
@@ -296,7 +314,7 @@ def evict_fusable(rows: int, heads: int, slots: int, block_k: int | None = None)
 
 
 def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: int, keep: int, vsum=None,
-               victim=None, vnorm=None, qkv=None, eps: float = 1e-6, block_k: int | None = None,
+               victim=None, vnorm=None, qkv=None, rope=None, eps: float = 1e-6, block_k: int | None = None,
                num_warps: int | None = None, num_stages: int | None = None, interpret: bool = False):
     """One adsa-evict (``keep`` > 0, head granularity) or window (``keep`` = 0) decode step of a
     layer in one kernel: write the new token, move the token leaving the window into the pool
@@ -312,7 +330,9 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     every filled slot (written by this kernel with each token, like k and v).
     qkv (B, 3, H, D): q, k_new and v_new stacked as the projection lays them out (pass None for
     the three): the kernel reads its (row, head)'s three vectors in place, so XLA does not copy
-    q, k and v into arrays of their own before the call.
+    q, k and v into arrays of their own before the call. With ``rope`` (D/2, 2) float32, this
+    position's (cos, sin) table row, q and k in qkv are before RoPE: the kernel applies it when
+    ROPE_IN_KERNEL is set, otherwise one XLA fusion does before the call.
     Returns (out (B, H, D), k, v, pos) (no pos when pos is None) and, with keep > 0, (vsum, next
     step's victim, vnorm) after them.
     """
@@ -320,6 +340,14 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
         b, _, h, d = qkv.shape
     else:
         b, h, d = q.shape
+    if rope is not None and qkv is None:
+        raise ValueError("evict_step: rope= goes with qkv= (q and k before RoPE)")
+    if rope is not None and not ROPE_IN_KERNEL:
+        from .rope import apply_rope
+
+        rot2 = jnp.broadcast_to(rope, (2,) + rope.shape)  # (2, D/2, 2): one position for q and k
+        qkv = jnp.concatenate([apply_rope(qkv[:, :2], rot2), qkv[:, 2:]], axis=1)  # (B, 3, H, D), q and k rotated
+        rope = None
     s = k.shape[2]
     block_k = block_k or EVICT_BLOCK_K
     K = keep
@@ -327,7 +355,7 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     if dense and K:
         raise ValueError("evict_step on a dense cache (pos=None) takes keep=0")
     kern = functools.partial(_dense_kernel if dense else _evict_kernel, block_k=block_k, slots=s, c=c, P=prefix,
-                             K=K, scale=1.0 / math.sqrt(d), eps=eps)
+                             K=K, scale=1.0 / math.sqrt(d), eps=eps, rope=rope is not None)
     sc = pl.BlockSpec((), lambda i, j: ())
     vec = pl.BlockSpec((None, None, d), lambda i, j: (i, j, 0))
     cache = pl.BlockSpec((None, None, s, d), lambda i, j: (i, j, 0, 0))
@@ -353,6 +381,9 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
         out_shape += [jax.ShapeDtypeStruct((b, h, d), jnp.float32), jax.ShapeDtypeStruct((b, h), jnp.int32),
                       jax.ShapeDtypeStruct((b, h, s), jnp.float32)]
         aliases.update({14: 4, 15: 5, 16: 6})  # vsum, victim, vnorm
+    if rope is not None:  # (D,) = (cos_0, sin_0, cos_1, sin_1, ...), the same for every program
+        in_specs.append(pl.BlockSpec((d,), lambda i, j: (0,)))
+        args.append(rope.astype(jnp.float32).reshape(d))
     return pl.pallas_call(
         kern, grid=(b, h), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps or EVICT_NUM_WARPS,

@@ -209,8 +209,9 @@ def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, ro
     span (static) bounds the cache slots a dense-layout policy needs to read this segment.
     Returns (logits (B, V) float32 predicting token t+1, caches).
 
-    A policy with ``takes_qkv = True`` also gets ``qkv=`` (B, 3, H, D), q, k (after RoPE) and v in
-    one array (one XLA fusion writes it), which a Pallas step kernel reads in place.
+    A policy with ``takes_qkv = True`` also gets ``qkv=`` (B, 3, H, D), the projection's q, k, v
+    before RoPE in one array, and ``rope=`` (D/2, 2), this position's RoPE row, which a Pallas
+    step kernel reads in place (XLA drops the rotated q and k then, unless the policy uses them).
     """
     x = params["tok_embeddings"][tokens][:, None, :]  # (B, 1, E)
     rot = rope_rows(cfg, cfg.cls_token_num + t)  # (D/2, 2)
@@ -221,9 +222,9 @@ def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, ro
         with jax.named_scope("attention"):
             h = rms_norm(x, layer["attention_norm"], cfg.norm_eps)
             qkv = jnp.einsum("BTE,EKHD->BTKHD", h, layer["wqkv"])[:, 0]  # (B, 3, H, D)
-            qkv = jnp.concatenate([apply_rope(qkv[:, :2], rot2), qkv[:, 2:]], axis=1)  # q, k rotated
-            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-            kw = {"qkv": qkv} if takes_qkv else {}
+            qk = apply_rope(qkv[:, :2], rot2)  # (B, 2, H, D)
+            q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]
+            kw = {"qkv": qkv, "rope": rot} if takes_qkv else {}
             cache, o = policy.decode(cache, q, k, v, t, cond_mask, layer_index=li, row_keys=row_keys, span=span,
                                      **kw)
             new.append(cache)

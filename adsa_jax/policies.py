@@ -8,7 +8,8 @@ functions over one layer's cache, a dict pytree:
     decode(cache, q, k, v, t, cond_mask, ...) -> cache, out  (q, k, v: (B, H, D) of image token t)
 
 A policy whose class sets ``takes_qkv = True`` is also passed ``qkv=`` (B, 3, H, D), the same
-q, k, v in one array, which its Pallas step kernel reads in place (no copies).
+q, k, v in one array but before RoPE, and ``rope=`` (D/2, 2), the position's RoPE row, which
+its Pallas step kernel reads in place (no copies).
 
 Cache arrays use the layout ``k, v: (B, H, S, D)``. Keys are cached after RoPE, so a slot's
 position travels with it and slot order never matters. Policies (spec/adsa.md):
@@ -123,14 +124,14 @@ class Dense:
 
         return kernels.DENSE_ONE_KERNEL and kernels.evict_fusable(rows, heads, self.slots)
 
-    def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None, qkv=None):
+    def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None, qkv=None, rope=None):
         slot = self.c + t
         if self.one_kernel(*q.shape[:2]):
             from .kernels import evict_step
 
             zero = jnp.int32(0)
             out, kc, vc = evict_step(q, k, v, cache["k"], cache["v"], None, _cond_slot_mask(cond_mask, self.slots)[:, 0],
-                                     (slot, zero, zero, zero, zero, zero, slot), c=self.c, prefix=0, keep=0, qkv=qkv,
+                                     (slot, zero, zero, zero, zero, zero, slot), c=self.c, prefix=0, keep=0, qkv=qkv, rope=rope,
                                      interpret=self.attention == "pallas-interpret")
             return {**cache, "k": kc, "v": vc}, out
         kc, vc = _write(cache["k"], k, slot), _write(cache["v"], v, slot)
@@ -167,7 +168,7 @@ class Select(Dense):
     def one_kernel(self, rows: int, heads: int) -> bool:
         return False  # its gather of the kept slots runs in XLA
 
-    def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None, qkv=None):
+    def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None, qkv=None, rope=None):
         c, P, K, M = self.c, self.prefix, self.keep, self.local
         slot = c + t
         kc, vc = _write(cache["k"], k, slot), _write(cache["v"], v, slot)
@@ -278,12 +279,12 @@ class Evict:
 
         return kernels.EVICT_ONE_KERNEL and kernels.evict_fusable(rows, heads, self.slots)
 
-    def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None, qkv=None):
+    def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None, qkv=None, rope=None):
         c, P, K, M = self.c, self.prefix, self.keep, self.local
         kc, vc, pos, vsum = cache["k"], cache["v"], cache["pos"], cache["vsum"]
         # init() chose the path for the whole call (a device of a mesh sees fewer rows than init).
         if ("victim" in cache) if K else self.one_kernel(*q.shape[:2]):
-            return self._decode_one_kernel(cache, q, k, v, t, cond_mask, qkv)
+            return self._decode_one_kernel(cache, q, k, v, t, cond_mask, qkv, rope)
         ring0 = c + P + K
         ring = ring0 + jnp.mod(t - P, M)
         if K > 0:
@@ -308,7 +309,7 @@ class Evict:
                                score_vec=total.reshape(b, h, d))  # 'layer': the vector split into heads
         return {**new, "dots": dots, "sq": sq}, out
 
-    def _decode_one_kernel(self, cache, q, k, v, t, cond_mask, qkv=None):
+    def _decode_one_kernel(self, cache, q, k, v, t, cond_mask, qkv=None, rope=None):
         from .kernels import evict_step
 
         c, P, K, M = self.c, self.prefix, self.keep, self.local
@@ -320,7 +321,7 @@ class Evict:
         cond_ok = _cond_slot_mask(cond_mask, self.slots)[:, 0]  # (B, C)
         res = evict_step(q, k, v, cache["k"], cache["v"], cache["pos"], cond_ok, scalars, c=c, prefix=P, keep=K,
                          vsum=cache["vsum"] if K else None, victim=cache.get("victim"), vnorm=cache.get("vnorm"),
-                         qkv=qkv, eps=EPS,
+                         qkv=qkv, rope=rope, eps=EPS,
                          interpret=self.attention == "pallas-interpret")
         new = {**cache, "k": res[1], "v": res[2], "pos": res[3]}
         if K:

@@ -290,7 +290,7 @@ class ShardedPolicy:
     def prefill(self, cache, k, v):
         return self.inner.prefill(cache, k, v)
 
-    def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None, qkv=None):
+    def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None, qkv=None, rope=None):
         mesh = self.mesh
         split = _heads_split(cache, self.inner)
         cspec = cache_specs(cache, mesh, self.inner)
@@ -299,7 +299,8 @@ class ShardedPolicy:
         rows = P(DATA)
         inner = self.inner
         # Optional inputs travel only when given: (arg, spec, keyword) triples.
-        extra = [(x, sp, name) for x, sp, name in ((row_keys, rows, "row_keys"), (qkv, P(DATA, None, heads), "qkv"))
+        extra = [(x, sp, name) for x, sp, name in ((row_keys, rows, "row_keys"), (qkv, P(DATA, None, heads), "qkv"),
+                                                   (rope, P(), "rope"))
                  if x is not None]
 
         def f(cache, q, k, v, t, cond_mask, *opt):

@@ -2,8 +2,11 @@
 # process (a compile running beside timed calls distorts them: BENCHMARKS.md, session 6).
 #  A. the defaults at GPT-XL 256 px, batch 1 / 64 / 256 (reference for B and C in the same run);
 #  B. generate.STACK_FFN=1 (w1 and w3 stacked once per call: one FFN GEMM without the dot merger);
-#  C. the one-kernel dense step at batch 1 and 8 (FUSABLE=1, attention forced to the kernel).
-# Adopt B (STACK_FFN = True) or C (evict_fusable for small batches) only where they are faster.
+#  C. the one-kernel dense step at batch 1 and 8 (FUSABLE=1, attention forced to the kernel);
+#  D. kernels.ROPE_IN_KERNEL=1 (the step kernel rotates q and k: no XLA RoPE fusion per layer),
+#     dense batch 64 / 256 and adsa-evict XL-384 batch 64 (against its session-6 2.369 s).
+# Adopt B (STACK_FFN = True), C (evict_fusable for small batches) or D (ROPE_IN_KERNEL = True)
+# only where they are faster; then re-run A's rows with everything adopted.
 export PYTHONUNBUFFERED=1
 one() {  # tag, timeout, plan item, extra env
   echo "== $1 $4"; env $4 WORKERS=1 TAG=$1 timeout $2 python3 benchmarks/gpu_explore.py "[$3]" > $OUT/$1.log 2>&1; echo rc $?
@@ -18,6 +21,9 @@ one s7_b64_stack 70 "$(xl 64 5)" STACK_FFN=1
 one s7_b256_stack 80 "$(xl 256 3)" STACK_FFN=1
 one s7_b1_fused 60 "$(xl 1 5 ',"attn":"pallas"')" FUSABLE=1
 one s7_b8_fused 60 "$(xl 8 5 ',"attn":"pallas"')" FUSABLE=1
+one s7_b64_rope 70 "$(xl 64 5)" ROPE_IN_KERNEL=1
+one s7_b256_rope 80 "$(xl 256 3)" ROPE_IN_KERNEL=1
+one s7_evict384_rope 80 '{"model":"GPT-XL","size":384,"batch":64,"policy":"adsa-evict","budget":0.5,"iters":3}' ROPE_IN_KERNEL=1
 cd $OUT && tar czf s7_logs.tgz *.log && rm -f *.log && python3 - <<'PY'
 import glob, json  # one summary file (the device returns at most 8 files)
 rows = {f: json.load(open(f)) for f in sorted(glob.glob("s7_*.json"))}

@@ -72,6 +72,28 @@ def test_kernel_in_generation_matches_xla(c2i, c2i_ref, name, kw, one_kernel, mo
         np.testing.assert_array_equal(np.asarray(toks), c2i_ref["greedy_cfg_tokens"])
 
 
+@pytest.mark.parametrize("name,kw", [("dense", {}), ("adsa-evict", {"budget": 0.5}), ("window", {"budget": 0.5})])
+def test_rope_in_kernel_matches_xla(c2i, c2i_ref, name, kw, monkeypatch):
+    """kernels.ROPE_IN_KERNEL: the step kernel rotates q and k itself (from the projection's
+    output); logits within 1e-4 of the XLA path and identical greedy tokens."""
+    from adsa_jax import kernels
+
+    labels = c2i_ref["labels"]
+    pol = make_policy(c2i.config, name, **kw)
+    for switch in ("EVICT_ONE_KERNEL", "DENSE_ONE_KERNEL", "ROPE_IN_KERNEL"):
+        monkeypatch.setattr(kernels, switch, True)
+    assert resolve_attention(pol, c2i.config, "pallas").one_kernel(2 * len(labels), c2i.config.n_head)
+    ref = np.asarray(adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"], cfg_scale=4.0, raw_rows=True,
+                                    policy=pol, attention="xla"))
+    got = np.asarray(adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"], cfg_scale=4.0, raw_rows=True,
+                                    policy=pol, attention="pallas-interpret"))
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    toks = adsa_jax.generate(c2i, labels, jax.random.key(1), cfg_scale=4.0, top_k=1, policy=pol,
+                             attention="pallas-interpret")
+    want = adsa_jax.generate(c2i, labels, jax.random.key(1), cfg_scale=4.0, top_k=1, policy=pol, attention="xla")
+    np.testing.assert_array_equal(np.asarray(toks), np.asarray(want))
+
+
 def test_kernel_with_caption_masks(t2i, t2i_ref, monkeypatch):
     from adsa_jax import kernels
 
@@ -107,6 +129,11 @@ def test_kernel_lowers_for_gpu(c2i, monkeypatch):
     for name, kw in (("window", {"budget": 0.5}), ("dense", {}), ("adsa-evict", {"budget": 0.5})):  # the defaults
         assert "adsa_evict_step" in lowered(name, **kw)
     assert "adsa_kth_largest" in lowered("dense", sampler=("pallas", False))  # top-k without a sort
+    monkeypatch.setattr(kernels, "ROPE_IN_KERNEL", True)  # RoPE inside the step kernel lowers too
+    for name, kw in (("dense", {}), ("adsa-evict", {"budget": 0.5})):
+        assert "adsa_evict_step" in lowered(name, **kw)
+    monkeypatch.setattr(kernels, "ROPE_IN_KERNEL", False)
+    jax.clear_caches()
     assert "adsa_decode_attention" in lowered("adsa-evict", budget=0.5, granularity="layer")
     monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", False)
     monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", False)
@@ -221,10 +248,14 @@ def test_evict_step_victim_ties_lowest_slot(victim_in, want):
 
 
 @pytest.mark.parametrize("keep", [0, 5])
-def test_evict_step_reads_stacked_qkv(keep):
+@pytest.mark.parametrize("rope_in_kernel", [None, False, True])
+def test_evict_step_reads_stacked_qkv(keep, rope_in_kernel, monkeypatch):
     """qkv= (B, 3, H, D), the projection's layout read in place, gives exactly what separate
-    q, k_new, v_new give (each output, every slot)."""
+    q, k_new, v_new give (each output, every slot); with rope= (q and k before RoPE), RoPE in
+    XLA before the call or in the kernel (ROPE_IN_KERNEL) gives that too."""
+    from adsa_jax import kernels
     from adsa_jax.kernels import evict_step
+    from adsa_jax.rope import apply_rope, rope_table
 
     b, h, d, c, P, M = 2, 3, 16, 1, 2, 4
     s = c + P + keep + M
@@ -240,8 +271,15 @@ def test_evict_step_reads_stacked_qkv(keep):
         kw.update(vsum=jnp.asarray(rng.normal(size=(b, h, d)), jnp.float32), victim=jnp.full((b, h), c + P + 1, jnp.int32),
                   vnorm=jnp.maximum(jnp.linalg.norm(v.astype(jnp.float32), axis=-1), 1e-6))
     cond_ok = jnp.ones((b, s), bool)
-    apart = evict_step(qkv[:, 0], qkv[:, 1], qkv[:, 2], k, v, pos, cond_ok, scalars, **kw)
-    stacked = evict_step(None, None, None, k, v, pos, cond_ok, scalars, qkv=qkv, **kw)
+    raw = qkv
+    if rope_in_kernel is not None:
+        rot = jnp.asarray(rope_table(4, d, 10000.0, c)[c + 5])  # (D/2, 2), grid cell 5
+        qkv = jnp.concatenate([apply_rope(raw[:, :2], jnp.broadcast_to(rot, (2,) + rot.shape)), raw[:, 2:]], axis=1)
+        kw["rope"] = rot
+        monkeypatch.setattr(kernels, "ROPE_IN_KERNEL", rope_in_kernel)
+    apart = evict_step(qkv[:, 0], qkv[:, 1], qkv[:, 2], k, v, pos, cond_ok, scalars,
+                       **{n: x for n, x in kw.items() if n != "rope"})
+    stacked = evict_step(None, None, None, k, v, pos, cond_ok, scalars, qkv=raw, **kw)
     assert len(apart) == len(stacked) == (7 if keep else 4)
     for x, y in zip(apart, stacked):
         np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
