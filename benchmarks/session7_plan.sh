@@ -5,8 +5,11 @@
 #  C. the one-kernel dense step at batch 1 and 8 (FUSABLE=1, attention forced to the kernel);
 #  D. kernels.ROPE_IN_KERNEL=1 (the step kernel rotates q and k: no XLA RoPE fusion per layer),
 #     dense batch 64 / 256 and adsa-evict XL-384 batch 64 (against its session-6 2.369 s).
-# Adopt B (STACK_FFN = True), C (evict_fusable for small batches) or D (ROPE_IN_KERNEL = True)
-# only where they are faster; then re-run A's rows with everything adopted.
+#  E. kernels.EVICT_TC_SCORE=1 (the victim search's v . total on the tensor cores): the kernel
+#     alone (evict_kernel_time.py also times D and E there) and XL-384 batch 64 / 256 adsa-evict,
+#     for the selection share (against window 1.976 / 5.657 s in session 6).
+# Adopt B (STACK_FFN = True), C (evict_fusable for small batches), D (ROPE_IN_KERNEL = True) or E
+# (EVICT_TC_SCORE = True) only where they are faster; then re-run A's rows with everything adopted.
 export PYTHONUNBUFFERED=1
 one() {  # tag, timeout, plan item, extra env
   echo "== $1 $4"; env $4 WORKERS=1 TAG=$1 timeout $2 python3 benchmarks/gpu_explore.py "[$3]" > $OUT/$1.log 2>&1; echo rc $?
@@ -24,6 +27,10 @@ one s7_b8_fused 60 "$(xl 8 5 ',"attn":"pallas"')" FUSABLE=1
 one s7_b64_rope 70 "$(xl 64 5)" ROPE_IN_KERNEL=1
 one s7_b256_rope 80 "$(xl 256 3)" ROPE_IN_KERNEL=1
 one s7_evict384_rope 80 '{"model":"GPT-XL","size":384,"batch":64,"policy":"adsa-evict","budget":0.5,"iters":3}' ROPE_IN_KERNEL=1
+one s7_evict384_tc 80 '{"model":"GPT-XL","size":384,"batch":64,"policy":"adsa-evict","budget":0.5,"iters":3}' EVICT_TC_SCORE=1
+one s7_evict384_b256_tc 100 '{"model":"GPT-XL","size":384,"batch":256,"policy":"adsa-evict","budget":0.5,"iters":2}' EVICT_TC_SCORE=1
+timeout 90 python3 benchmarks/evict_kernel_time.py > $OUT/s7_evict_kernel.log 2>&1; echo kernel rc $?
+grep -E "qkv|best" $OUT/s7_evict_kernel.log | cut -c1-200
 cd $OUT && tar czf s7_logs.tgz *.log && rm -f *.log && python3 - <<'PY'
 import glob, json  # one summary file (the device returns at most 8 files)
 rows = {f: json.load(open(f)) for f in sorted(glob.glob("s7_*.json"))}

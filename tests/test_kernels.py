@@ -120,19 +120,23 @@ def test_kernel_lowers_for_gpu(c2i, monkeypatch):
 
     cond, mask = prepare_condition(c2i.config, np.array([1, 2]))
 
-    def lowered(name, sampler=("sort", True), **kw):
+    def lowered(name, sampler=("sort", True), params=c2i.params, **kw):
         pol = resolve_attention(make_policy(c2i.config, name, **kw), c2i.config, "pallas")
-        return _generate_jit.trace(c2i.params, cond, mask, jax.random.key(0), jnp.arange(2),
+        return _generate_jit.trace(params, cond, mask, jax.random.key(0), jnp.arange(2),
                                    _scalars(4.0, -1, 1.0, 0, 1.0), cfg=c2i.config, policy=pol, use_cfg=True,
                                    num_segments=1, sampler=sampler).lower(lowering_platforms=("cuda",)).as_text()
 
     for name, kw in (("window", {"budget": 0.5}), ("dense", {}), ("adsa-evict", {"budget": 0.5})):  # the defaults
         assert "adsa_evict_step" in lowered(name, **kw)
     assert "adsa_kth_largest" in lowered("dense", sampler=("pallas", False))  # top-k without a sort
-    monkeypatch.setattr(kernels, "ROPE_IN_KERNEL", True)  # RoPE inside the step kernel lowers too
+    monkeypatch.setattr(kernels, "ROPE_IN_KERNEL", True)  # RoPE and the MMA score inside the step kernel lower too
+    monkeypatch.setattr(kernels, "EVICT_TC_SCORE", True)
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), c2i.params)  # bf16 caches: the split total
     for name, kw in (("dense", {}), ("adsa-evict", {"budget": 0.5})):
         assert "adsa_evict_step" in lowered(name, **kw)
+        assert "adsa_evict_step" in lowered(name, params=bf16, **kw)
     monkeypatch.setattr(kernels, "ROPE_IN_KERNEL", False)
+    monkeypatch.setattr(kernels, "EVICT_TC_SCORE", False)
     jax.clear_caches()
     assert "adsa_decode_attention" in lowered("adsa-evict", budget=0.5, granularity="layer")
     monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", False)
@@ -284,3 +288,53 @@ def test_evict_step_reads_stacked_qkv(keep, rope_in_kernel, monkeypatch):
     for x, y in zip(apart, stacked):
         np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
     np.testing.assert_array_equal(np.asarray(stacked[2], np.float32)[:, :, ws], np.asarray(qkv[:, 2], np.float32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_evict_step_tensor_core_score_same_victims(dtype, monkeypatch):
+    """kernels.EVICT_TC_SCORE (v . total by one MMA per block, total split into bf16 parts):
+    the same next-step victims and the same cache, outputs and running sums as the
+    multiply-and-sum, on random caches where no two scores are near a tie."""
+    from adsa_jax import kernels
+    from adsa_jax.kernels import evict_step
+
+    b, h, d, c, P, K, M = 3, 4, 16, 1, 2, 9, 3
+    s = c + P + K + M
+    rng = np.random.default_rng(7)
+    k, v = (jnp.asarray(rng.normal(size=(b, h, s, d)), dtype) for _ in range(2))
+    vnorm = jnp.maximum(jnp.linalg.norm(v.astype(jnp.float32), axis=-1), 1e-6)
+    pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, h, s))
+    t = 40
+    ws = c + P + K + (t - P) % M
+    scalars = (ws, ws, 1, 1, K - 1, c + P + K + (t + 1 - P) % M, c + t)
+    q, kn, vn = (jnp.asarray(rng.normal(size=(b, h, d)), dtype) for _ in range(3))
+    kw = dict(c=c, prefix=P, keep=K, vsum=jnp.asarray(3 * rng.normal(size=(b, h, d)), jnp.float32),
+              victim=jnp.asarray(rng.integers(c + P, c + P + K, size=(b, h)), jnp.int32), vnorm=vnorm,
+              block_k=4, interpret=True)
+    out = {}
+    for tc in (False, True):
+        monkeypatch.setattr(kernels, "EVICT_TC_SCORE", tc)
+        out[tc] = evict_step(q, kn, vn, k, v, pos, jnp.ones((b, s), bool), scalars, **kw)
+    assert len(set(np.asarray(out[False][5]).ravel().tolist())) > 1  # victims vary over rows and heads
+    for x, y in zip(out[False], out[True]):
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+
+
+def test_tensor_core_score_in_generation(c2i, c2i_ref, monkeypatch):
+    """EVICT_TC_SCORE in the one-kernel adsa-evict step: logits within 1e-4 of the XLA path and
+    identical greedy tokens (fp32 fixture model)."""
+    from adsa_jax import kernels
+
+    labels = c2i_ref["labels"]
+    pol = make_policy(c2i.config, "adsa-evict", budget=0.5)
+    for switch in ("EVICT_ONE_KERNEL", "EVICT_TC_SCORE"):
+        monkeypatch.setattr(kernels, switch, True)
+    ref = np.asarray(adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"], cfg_scale=4.0, raw_rows=True,
+                                    policy=pol, attention="xla"))
+    got = np.asarray(adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"], cfg_scale=4.0, raw_rows=True,
+                                    policy=pol, attention="pallas-interpret"))
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    toks = adsa_jax.generate(c2i, labels, jax.random.key(1), cfg_scale=4.0, top_k=1, policy=pol,
+                             attention="pallas-interpret")
+    want = adsa_jax.generate(c2i, labels, jax.random.key(1), cfg_scale=4.0, top_k=1, policy=pol, attention="xla")
+    np.testing.assert_array_equal(np.asarray(toks), np.asarray(want))
