@@ -10,12 +10,15 @@
 #     for the selection share (against window 1.976 / 5.657 s in session 6).
 # Adopt B (STACK_FFN = True), C (evict_fusable for small batches), D (ROPE_IN_KERNEL = True) or E
 # (EVICT_TC_SCORE = True) only where they are faster; then re-run A's rows with everything adopted.
+# Two device calls (each under the 600 s limit): `bash benchmarks/session7_plan.sh 1` (A-C), then `... 2` (D-E).
 export PYTHONUNBUFFERED=1
+export PART=${1:-1}
 one() {  # tag, timeout, plan item, extra env
   echo "== $1 $4"; env $4 WORKERS=1 TAG=$1 timeout $2 python3 benchmarks/gpu_explore.py "[$3]" > $OUT/$1.log 2>&1; echo rc $?
   grep -E "GPT-XL|rror" $OUT/$1.log | tail -n 1
 }
 xl() { echo "{\"model\":\"GPT-XL\",\"size\":256,\"batch\":$1,\"policy\":\"dense\",\"iters\":$2$3}"; }
+if [ "$PART" = 1 ]; then
 one s7_b1 60 "$(xl 1 5)"
 one s7_b64 70 "$(xl 64 5)"
 one s7_b256 80 "$(xl 256 3)"
@@ -24,6 +27,7 @@ one s7_b64_stack 70 "$(xl 64 5)" STACK_FFN=1
 one s7_b256_stack 80 "$(xl 256 3)" STACK_FFN=1
 one s7_b1_fused 60 "$(xl 1 5 ',"attn":"pallas"')" FUSABLE=1
 one s7_b8_fused 60 "$(xl 8 5 ',"attn":"pallas"')" FUSABLE=1
+else
 one s7_b64_rope 70 "$(xl 64 5)" ROPE_IN_KERNEL=1
 one s7_b256_rope 80 "$(xl 256 3)" ROPE_IN_KERNEL=1
 one s7_evict384_rope 80 '{"model":"GPT-XL","size":384,"batch":64,"policy":"adsa-evict","budget":0.5,"iters":3}' ROPE_IN_KERNEL=1
@@ -31,9 +35,11 @@ one s7_evict384_tc 80 '{"model":"GPT-XL","size":384,"batch":64,"policy":"adsa-ev
 one s7_evict384_b256_tc 100 '{"model":"GPT-XL","size":384,"batch":256,"policy":"adsa-evict","budget":0.5,"iters":2}' EVICT_TC_SCORE=1
 timeout 90 python3 benchmarks/evict_kernel_time.py > $OUT/s7_evict_kernel.log 2>&1; echo kernel rc $?
 grep -E "qkv|best" $OUT/s7_evict_kernel.log | cut -c1-200
-cd $OUT && tar czf s7_logs.tgz *.log && rm -f *.log && python3 - <<'PY'
-import glob, json  # one summary file (the device returns at most 8 files)
-rows = {f: json.load(open(f)) for f in sorted(glob.glob("s7_*.json"))}
-json.dump(rows, open("s7_all.json", "w"), indent=1)
+fi
+cd $OUT && tar czf s7_part${PART}_logs.tgz *.log && rm -f *.log && python3 - <<'PY'
+import glob, json, os  # one summary file (the device returns at most 8 files)
+parts = [f for f in sorted(glob.glob("s7_*.json")) if not f.startswith("s7_all")]
+json.dump({f: json.load(open(f)) for f in parts}, open("s7_all_part" + os.environ.get("PART", "") + ".json", "w"), indent=1)
+for f in parts:
+    os.remove(f)
 PY
-rm -f s7_b*.json
