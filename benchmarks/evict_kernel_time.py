@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from gpu_trace import gpu_kernel_times  # noqa: E402
+from gpu_trace import kernel_us_per_call  # noqa: E402
 
 from adsa_jax import kernels  # noqa: E402
 
@@ -25,10 +25,8 @@ OUT = os.environ.get("OUT", "/tmp/out")
 
 
 def kernel_us(f, args, n=20, everything=False):
-    jax.block_until_ready(f(*args))
-    agg, _, _ = gpu_kernel_times(lambda: jax.block_until_ready([f(*args) for _ in range(n)]))
     # the kernel, not XLA's copies around it (everything: all kernels, e.g. an XLA RoPE fusion)
-    return sum(v for k, v in agg.items() if everything or "adsa" in k) / n
+    return sum(v for k, v in kernel_us_per_call(f, args, n).items() if everything or "adsa" in k)
 
 
 def main():

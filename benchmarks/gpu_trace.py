@@ -29,3 +29,11 @@ def gpu_kernel_times(run):
             cnt[e["name"][:80]] += 1
             t0, t1 = min(t0, e["ts"]), max(t1, e["ts"] + e["dur"])
     return agg, cnt, max(t1 - t0, 0.0)
+
+
+def kernel_us_per_call(f, args, n=20):
+    """µs per kernel name per call of ``f(*args)``, GPU kernels only, from ``n`` calls after one
+    warm-up call (the micro-benchmarks' common measurement)."""
+    jax.block_until_ready(f(*args))
+    agg, _, _ = gpu_kernel_times(lambda: jax.block_until_ready([f(*args) for _ in range(n)]))
+    return {k: v / n for k, v in agg.items()}

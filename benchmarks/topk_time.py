@@ -16,7 +16,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gpu_trace import gpu_kernel_times  # noqa: E402
+from gpu_trace import kernel_us_per_call  # noqa: E402
 
 from adsa_jax import kernels  # noqa: E402
 from adsa_jax.sampling import filter_logits  # noqa: E402
@@ -25,9 +25,7 @@ OUT = os.environ.get("OUT", "/tmp/out")
 
 
 def kernel_us(f, args, n=20):
-    jax.block_until_ready(f(*args))
-    agg, _, _ = gpu_kernel_times(lambda: jax.block_until_ready([f(*args) for _ in range(n)]))
-    return sum(agg.values()) / n
+    return sum(kernel_us_per_call(f, args, n).values())
 
 
 def main():

@@ -39,6 +39,22 @@ def test_kernel_matches_xla_attention(b, h, s, d, g, n_valid, splits, block_k):
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-6, rtol=0)
 
 
+def _assert_kernel_matches_xla(c2i, c2i_ref, pol):
+    """Teacher-forced logits (CFG rows) within 1e-4 of the XLA path and identical greedy tokens;
+    returns the kernel path's tokens."""
+    labels = c2i_ref["labels"]
+    ref = np.asarray(adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"], cfg_scale=4.0, raw_rows=True,
+                                    policy=pol, attention="xla"))
+    got = np.asarray(adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"], cfg_scale=4.0, raw_rows=True,
+                                    policy=pol, attention="pallas-interpret"))
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    toks = adsa_jax.generate(c2i, labels, jax.random.key(1), cfg_scale=4.0, top_k=1, policy=pol,
+                             attention="pallas-interpret")
+    want = adsa_jax.generate(c2i, labels, jax.random.key(1), cfg_scale=4.0, top_k=1, policy=pol, attention="xla")
+    np.testing.assert_array_equal(np.asarray(toks), np.asarray(want))
+    return toks
+
+
 @pytest.mark.parametrize("name,kw,one_kernel", [
     ("dense", {}, False), ("dense", {}, True), ("adsa-evict", {"budget": 0.5}, True), ("window", {"budget": 0.5}, True),
     ("adsa-evict", {"budget": 0.5}, False), ("window", {"budget": 0.5}, False), ("adsa-select", {"budget": 0.5}, False),
@@ -59,15 +75,7 @@ def test_kernel_in_generation_matches_xla(c2i, c2i_ref, name, kw, one_kernel, mo
     monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", one_kernel)
     if hasattr(pol, "one_kernel"):
         assert resolve_attention(pol, c2i.config, "pallas").one_kernel(rows, heads) == one_kernel
-    ref = np.asarray(adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"], cfg_scale=4.0, raw_rows=True,
-                                    policy=pol, attention="xla"))
-    got = np.asarray(adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"], cfg_scale=4.0, raw_rows=True,
-                                    policy=pol, attention="pallas-interpret"))
-    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
-    toks = adsa_jax.generate(c2i, labels, jax.random.key(1), cfg_scale=4.0, top_k=1, policy=pol,
-                             attention="pallas-interpret")
-    want = adsa_jax.generate(c2i, labels, jax.random.key(1), cfg_scale=4.0, top_k=1, policy=pol, attention="xla")
-    np.testing.assert_array_equal(np.asarray(toks), np.asarray(want))
+    toks = _assert_kernel_matches_xla(c2i, c2i_ref, pol)
     if name == "dense":
         np.testing.assert_array_equal(np.asarray(toks), c2i_ref["greedy_cfg_tokens"])
 
@@ -83,15 +91,7 @@ def test_rope_in_kernel_matches_xla(c2i, c2i_ref, name, kw, monkeypatch):
     for switch in ("EVICT_ONE_KERNEL", "DENSE_ONE_KERNEL", "ROPE_IN_KERNEL"):
         monkeypatch.setattr(kernels, switch, True)
     assert resolve_attention(pol, c2i.config, "pallas").one_kernel(2 * len(labels), c2i.config.n_head)
-    ref = np.asarray(adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"], cfg_scale=4.0, raw_rows=True,
-                                    policy=pol, attention="xla"))
-    got = np.asarray(adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"], cfg_scale=4.0, raw_rows=True,
-                                    policy=pol, attention="pallas-interpret"))
-    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
-    toks = adsa_jax.generate(c2i, labels, jax.random.key(1), cfg_scale=4.0, top_k=1, policy=pol,
-                             attention="pallas-interpret")
-    want = adsa_jax.generate(c2i, labels, jax.random.key(1), cfg_scale=4.0, top_k=1, policy=pol, attention="xla")
-    np.testing.assert_array_equal(np.asarray(toks), np.asarray(want))
+    _assert_kernel_matches_xla(c2i, c2i_ref, pol)
 
 
 def test_kernel_with_caption_masks(t2i, t2i_ref, monkeypatch):
@@ -325,16 +325,7 @@ def test_tensor_core_score_in_generation(c2i, c2i_ref, monkeypatch):
     identical greedy tokens (fp32 fixture model)."""
     from adsa_jax import kernels
 
-    labels = c2i_ref["labels"]
     pol = make_policy(c2i.config, "adsa-evict", budget=0.5)
     for switch in ("EVICT_ONE_KERNEL", "EVICT_TC_SCORE"):
         monkeypatch.setattr(kernels, switch, True)
-    ref = np.asarray(adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"], cfg_scale=4.0, raw_rows=True,
-                                    policy=pol, attention="xla"))
-    got = np.asarray(adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"], cfg_scale=4.0, raw_rows=True,
-                                    policy=pol, attention="pallas-interpret"))
-    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
-    toks = adsa_jax.generate(c2i, labels, jax.random.key(1), cfg_scale=4.0, top_k=1, policy=pol,
-                             attention="pallas-interpret")
-    want = adsa_jax.generate(c2i, labels, jax.random.key(1), cfg_scale=4.0, top_k=1, policy=pol, attention="xla")
-    np.testing.assert_array_equal(np.asarray(toks), np.asarray(want))
+    _assert_kernel_matches_xla(c2i, c2i_ref, pol)
