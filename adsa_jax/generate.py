@@ -96,9 +96,10 @@ def _segments(n_steps: int, c: int, num: int):
 
 
 # Stack each layer's w1 and w3 once per call (model.stack_ffn) so the FFN's first projection is one
-# GEMM that XLA need not merge. Off: not yet measured on a GPU (BENCHMARKS.md, session 6). Read
-# when a call is traced.
-STACK_FFN = False
+# GEMM that XLA need not merge (nor copy w1|w3 every step). Measured on an H200 (BENCHMARKS.md,
+# session 7), GPT-XL 256 px: batch 64 0.609 vs 0.642 s, batch 256 1.467 vs 1.507 s, batch 1 equal;
+# costs one copy of w1|w3 per call (0.6 GiB for GPT-XL bf16). Read when a call is traced.
+STACK_FFN = True
 
 
 def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg, forced, segments, raw=False,

@@ -41,13 +41,10 @@ EVICT_NUM_WARPS = 2
 EVICT_ONE_KERNEL = True
 DENSE_ONE_KERNEL = True
 # evict_step applies RoPE to q and k itself (from the projection's output), instead of an XLA
-# fusion writing the rotated q/k/v array before each call (3.3 us per layer and step at GPT-XL
-# batch 64 on an H200, BENCHMARKS.md session 6). Off: not yet measured on a GPU.
-ROPE_IN_KERNEL = False
-# evict_step's victim search computes v . total with one tensor-core MMA per block instead of a
-# multiply-and-sum per element of V on the ALUs (the selection's remaining cost: BENCHMARKS.md,
-# sessions 5-6). Off: not yet measured on a GPU.
-EVICT_TC_SCORE = False
+# fusion writing the rotated q/k/v array before each call. Measured on an H200 (BENCHMARKS.md,
+# session 7), GPT-XL: dense 256 px batch 64 0.600 vs 0.642 s, batch 256 1.422 vs 1.507 s;
+# adsa-evict 384 px batch 64 2.280 vs 2.369 s. False: XLA rotates (kept for A/B runs).
+ROPE_IN_KERNEL = True
 
 
 def _kernel(nv_ref, q_ref, k_ref, v_ref, m_in_ref, *rest, block_k, split_len, scale, with_score):
@@ -165,7 +162,7 @@ def decode_attention(q, k, v, mask, n_valid, *, score_vec=None, block_k: int | N
 
 
 def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref,
-                  pos_ref, cok_ref, *rest, block_k, slots, c, P, K, scale, eps, rope, tc_score=False):
+                  pos_ref, cok_ref, *rest, block_k, slots, c, P, K, scale, eps, rope):
     # One program = one (row, head): the whole adsa-evict (or window, K = 0) step of a layer.
     # Scalars: ws = slot of the new token, ring = ring slot of the token o leaving the window,
     # mv = o moves to the pool this step, full = the pool is full, free = the lowest free pool
@@ -233,19 +230,6 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         v_next = jnp.where(rn == ws, v_new, row(v_ref, rn))
         tvec = vsum + unit(v_next)  # next step's total: its candidates are this cache's pool + ring
         new_is_cand = slots - (c + P + K) == 1  # a ring of one slot: next step's candidate is the new token
-        if tc_score:  # v . total on the tensor cores: total split into bf16 parts (hi + mid + lo holds
-            # its 24 bits) in the first columns of a (D, 16) operand, one MMA per block, f32 sums
-            cols = jnp.arange(16)[None, :]
-            if v_ref.dtype == jnp.float32:
-                tmat = jnp.where(cols == 0, tvec[:, None], 0.0)
-            else:
-                hi = tvec.astype(v_ref.dtype)
-                r1 = tvec - hi.astype(jnp.float32)
-                mid = r1.astype(v_ref.dtype)
-                lo = (r1 - mid.astype(jnp.float32)).astype(v_ref.dtype)
-                tmat = jnp.where(cols == 0, hi[:, None], jnp.where(cols == 1, mid[:, None],
-                                                                   jnp.where(cols == 2, lo[:, None], 0.0)))
-            tmat = tmat.astype(v_ref.dtype)  # (D, 16)
     else:
         dest = jnp.int32(-1)
 
@@ -293,11 +277,7 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
                 # candidate at slot dest (the victim's old V there is no candidate)
                 cand = (cand & (idx != dest)) | ((idx == ws) & apply)
                 eff = jnp.where(idx == ws, dest, idx)
-            if tc_score:
-                hp = jax.lax.Precision.HIGHEST if v_ref.dtype == jnp.float32 else None
-                vt = jnp.sum(jnp.dot(v_raw, tmat, preferred_element_type=f32, precision=hp), axis=1)
-            else:
-                vt = jnp.sum(v * tvec[None, :], axis=1)
+            vt = jnp.sum(v * tvec[None, :], axis=1)
             sc = jnp.where(cand, vt / nrm, -2e30)
             better = (sc > best) | ((sc == best) & (eff < at))  # ties: the lowest slot
             best, at = jnp.where(better, sc, best), jnp.where(better, eff, at)
@@ -378,8 +358,7 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     if dense and K:
         raise ValueError("evict_step on a dense cache (pos=None) takes keep=0")
     kern = functools.partial(_dense_kernel if dense else _evict_kernel, block_k=block_k, slots=s, c=c, P=prefix,
-                             K=K, scale=1.0 / math.sqrt(d), eps=eps, rope=rope is not None,
-                             tc_score=bool(K) and EVICT_TC_SCORE)
+                             K=K, scale=1.0 / math.sqrt(d), eps=eps, rope=rope is not None)
     sc = pl.BlockSpec((), lambda i, j: ())
     vec = pl.BlockSpec((None, None, d), lambda i, j: (i, j, 0))
     cache = pl.BlockSpec((None, None, s, d), lambda i, j: (i, j, 0, 0))

@@ -60,26 +60,25 @@ def main():
                     row = {"case": "evict_step", "block_k": bk, "warps": w, "keep": keep, "error": str(e)[:300]}
                 res["rows"].append(row)
                 print(row, flush=True)
-    # Session 6 switches (kernels.ROPE_IN_KERNEL, EVICT_TC_SCORE) on the q/k/v-in-one-array input,
-    # blocks of 64, 2 warps; "all_us" counts XLA's RoPE fusion too (what ROPE_IN_KERNEL removes).
+    # kernels.ROPE_IN_KERNEL on the q/k/v-in-one-array input, blocks of 64, 2 warps; "all_us" counts
+    # XLA's RoPE fusion too (what ROPE_IN_KERNEL removes).
     from adsa_jax.rope import rope_table
 
     qkv = jnp.stack([q, kn, vn], axis=1)  # (B, 3, H, D), before RoPE
     rot = jnp.asarray(rope_table(24, d, 10000.0, c)[c + 100])  # (D/2, 2)
-    for tc in (False, True):
-        for rope_in in (False, True):
-            kernels.EVICT_TC_SCORE, kernels.ROPE_IN_KERNEL = tc, rope_in
-            for keep in ((K, 0) if not tc else (K,)):
-                f = jax.jit(lambda *a, keep=keep: kernels.evict_step(
-                    None, None, None, *a[:5], c=c, prefix=P, keep=keep, vsum=a[5] if keep else None,
-                    victim=a[6] if keep else None, vnorm=a[7] if keep else None, qkv=a[8], rope=a[9], block_k=64,
-                    num_warps=2))
-                args = (k, v, pos, cond_ok, sc, vsum, victim, vnorm, qkv, rot)
-                row = {"case": ("evict_step" if keep else "evict_step window") + " qkv", "tc_score": tc,
-                       "rope_in_kernel": rope_in, "us": kernel_us(f, args), "all_us": kernel_us(f, args, everything=True)}
-                res["rows"].append(row)
-                print(row, flush=True)
-    kernels.EVICT_TC_SCORE = kernels.ROPE_IN_KERNEL = False
+    for rope_in in (False, True):
+        kernels.ROPE_IN_KERNEL = rope_in
+        for keep in (K, 0):
+            f = jax.jit(lambda *a, keep=keep: kernels.evict_step(
+                None, None, None, *a[:5], c=c, prefix=P, keep=keep, vsum=a[5] if keep else None,
+                victim=a[6] if keep else None, vnorm=a[7] if keep else None, qkv=a[8], rope=a[9], block_k=64,
+                num_warps=2))
+            args = (k, v, pos, cond_ok, sc, vsum, victim, vnorm, qkv, rot)
+            row = {"case": ("evict_step" if keep else "evict_step window") + " qkv",
+                   "rope_in_kernel": rope_in, "us": kernel_us(f, args), "all_us": kernel_us(f, args, everything=True)}
+            res["rows"].append(row)
+            print(row, flush=True)
+    kernels.ROPE_IN_KERNEL = True
     mask = jnp.ones((b, h, s), bool)
     for score in (True, False):
         f = jax.jit(lambda q, k, v, m, tv, score=score: kernels.decode_attention(

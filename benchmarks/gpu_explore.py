@@ -8,8 +8,7 @@ Plan items: {"model": "GPT-XL", "size": 256, "batch": 64, "policy": "dense", "bu
 "attn": "pallas"|"xla", "seg": 4, "iters": 3, "profile": false, "compile_only": false}.
 Env: OUT, TAG, WORKERS (parallel compiles, default 4), CHECK=1 (first compare the Pallas kernel
 with the XLA path on GPT-B in float32: logits and greedy tokens), EVICT_ONE_KERNEL=1|0 and
-DENSE_ONE_KERNEL=1|0, ROPE_IN_KERNEL=1|0, EVICT_TC_SCORE=1|0 (set those switches of ``adsa_jax.kernels`` for the whole
-process),
+DENSE_ONE_KERNEL=1|0, ROPE_IN_KERNEL=1|0 (set those switches of ``adsa_jax.kernels`` for the whole process),
 GEMM_CUBLAS_MIN_ROWS=N|none (``adsa_jax.generate.GEMM_CUBLAS_MIN_ROWS``), STACK_FFN=1|0
 (``adsa_jax.generate.STACK_FFN``), FUSABLE=1 (the one-kernel step at any batch size).
 """
@@ -108,9 +107,6 @@ def main():
     if os.environ.get("ROPE_IN_KERNEL"):
         kernels.ROPE_IN_KERNEL = os.environ["ROPE_IN_KERNEL"] == "1"
         result["rope_in_kernel"] = kernels.ROPE_IN_KERNEL
-    if os.environ.get("EVICT_TC_SCORE"):
-        kernels.EVICT_TC_SCORE = os.environ["EVICT_TC_SCORE"] == "1"
-        result["evict_tc_score"] = kernels.EVICT_TC_SCORE
     if os.environ.get("GEMM_CUBLAS_MIN_ROWS"):  # generate.GEMM_CUBLAS_MIN_ROWS: a row count, or "none"
         gen = importlib.import_module("adsa_jax.generate")  # the module, not the function
 

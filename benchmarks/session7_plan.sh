@@ -11,6 +11,8 @@
 # Adopt B (STACK_FFN = True), C (evict_fusable for small batches), D (ROPE_IN_KERNEL = True) or E
 # (EVICT_TC_SCORE = True) only where they are faster; then re-run A's rows with everything adopted.
 # Two device calls (each under the 600 s limit): `bash benchmarks/session7_plan.sh 1` (A-C), then `... 2` (D-E).
+# Outcome (BENCHMARKS.md, session 7): B and D adopted (now the defaults); E slower, removed; C no gain.
+# Part 3 (`... 3`): the headline rows with B and D adopted, one configuration per process.
 export PYTHONUNBUFFERED=1
 export PART=${1:-1}
 one() {  # tag, timeout, plan item, extra env
@@ -27,6 +29,20 @@ one s7_b64_stack 70 "$(xl 64 5)" STACK_FFN=1
 one s7_b256_stack 80 "$(xl 256 3)" STACK_FFN=1
 one s7_b1_fused 60 "$(xl 1 5 ',"attn":"pallas"')" FUSABLE=1
 one s7_b8_fused 60 "$(xl 8 5 ',"attn":"pallas"')" FUSABLE=1
+elif [ "$PART" = 3 ]; then
+ev() { echo "{\"model\":\"GPT-XL\",\"size\":384,\"batch\":$1,\"policy\":\"$2\",\"iters\":$3$4}"; }
+one s7f_b1 60 "$(xl 1 5)"
+one s7f_b1_fused 60 "$(xl 1 5 ',"attn":"pallas"')" FUSABLE=1
+one s7f_b8 60 "$(xl 8 5)"
+one s7f_b8_fused 60 "$(xl 8 5 ',"attn":"pallas"')" FUSABLE=1
+one s7f_b64 70 "$(xl 64 5)"
+one s7f_b256 80 "$(xl 256 3)"
+one s7f_d384_b64 80 "$(ev 64 dense 3)"
+one s7f_d384_b256 100 "$(ev 256 dense 2)"
+one s7f_e384_b64 80 "$(ev 64 adsa-evict 3 ',"budget":0.5')"
+one s7f_e384_b256 100 "$(ev 256 adsa-evict 2 ',"budget":0.5')"
+one s7f_w384_b64 80 "$(ev 64 window 3 ',"budget":0.5')"
+one s7f_w384_b256 100 "$(ev 256 window 2 ',"budget":0.5')"
 else
 one s7_b64_rope 70 "$(xl 64 5)" ROPE_IN_KERNEL=1
 one s7_b256_rope 80 "$(xl 256 3)" ROPE_IN_KERNEL=1
@@ -38,7 +54,7 @@ grep -E "qkv|best" $OUT/s7_evict_kernel.log | cut -c1-200
 fi
 cd $OUT && tar czf s7_part${PART}_logs.tgz *.log && rm -f *.log && python3 - <<'PY'
 import glob, json, os  # one summary file (the device returns at most 8 files)
-parts = [f for f in sorted(glob.glob("s7_*.json")) if not f.startswith("s7_all")]
+parts = [f for f in sorted(glob.glob("s7*.json")) if not f.startswith("s7_all")]
 json.dump({f: json.load(open(f)) for f in parts}, open("s7_all_part" + os.environ.get("PART", "") + ".json", "w"), indent=1)
 for f in parts:
     os.remove(f)
