@@ -43,6 +43,18 @@ one s7f_e384_b64 80 "$(ev 64 adsa-evict 3 ',"budget":0.5')"
 one s7f_e384_b256 100 "$(ev 256 adsa-evict 2 ',"budget":0.5')"
 one s7f_w384_b64 80 "$(ev 64 window 3 ',"budget":0.5')"
 one s7f_w384_b256 100 "$(ev 256 window 2 ',"budget":0.5')"
+elif [ "$PART" = 4 ]; then  # the one-kernel step below evict_fusable's batch (C at 384 px, GPT-B, adsa-evict)
+g() { echo "{\"model\":\"$1\",\"size\":$2,\"batch\":$3,\"policy\":\"$4\",\"iters\":$5$6}"; }
+one s7s_d384_b1 60 "$(g GPT-XL 384 1 dense 3)"
+one s7s_d384_b1_fused 60 "$(g GPT-XL 384 1 dense 3 ',"attn":"pallas"')" FUSABLE=1
+one s7s_d384_b8 60 "$(g GPT-XL 384 8 dense 3)"
+one s7s_d384_b8_fused 60 "$(g GPT-XL 384 8 dense 3 ',"attn":"pallas"')" FUSABLE=1
+one s7s_e384_b8 60 "$(g GPT-XL 384 8 adsa-evict 3 ',"budget":0.5')"
+one s7s_e384_b8_fused 60 "$(g GPT-XL 384 8 adsa-evict 3 ',"budget":0.5,"attn":"pallas"')" FUSABLE=1
+one s7s_B256_b1 50 "$(g GPT-B 256 1 dense 5)"
+one s7s_B256_b1_fused 50 "$(g GPT-B 256 1 dense 5 ',"attn":"pallas"')" FUSABLE=1
+one s7s_B256_b8 50 "$(g GPT-B 256 8 dense 5)"
+one s7s_B256_b8_fused 50 "$(g GPT-B 256 8 dense 5 ',"attn":"pallas"')" FUSABLE=1
 else
 one s7_b64_rope 70 "$(xl 64 5)" ROPE_IN_KERNEL=1
 one s7_b256_rope 80 "$(xl 256 3)" ROPE_IN_KERNEL=1
