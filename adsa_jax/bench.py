@@ -85,7 +85,7 @@ def compile_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, 
     cfg = model.config
     use_cfg = cfg_scale > 1.0
     rows = batch * (2 if use_cfg else 1)
-    policy = resolve_attention(policy, cfg, attention, rows=rows)
+    policy = resolve_attention(policy, cfg, attention)
     attn = getattr(policy, "attention", "xla")
     labels = jnp.asarray(np.arange(batch) % max(cfg.num_classes, 1), jnp.int32)
     mask = jnp.ones((batch, 1), bool)

@@ -3,7 +3,7 @@
 - :func:`decode_attention`: attention (optionally with ADSA's score terms) for every policy.
 - :func:`evict_step`: a whole ``dense`` / ``window`` / ``adsa-evict`` layer step (cache write,
   pool move, running sum, attention, next victim) in one kernel, the cache updated in place; the
-  default wherever batch rows x heads fill the GPU (:func:`evict_fusable`).
+  default for those policies at every batch size.
 - :func:`kth_largest`: the k-th largest logit of each row (top-k's threshold) without a sort.
 
 Why: XLA computes decode attention as a logits reduction, a softmax and a PV reduction over
@@ -33,11 +33,13 @@ NUM_STAGES = 1
 EVICT_BLOCK_K = 64
 EVICT_NUM_WARPS = 2
 # adsa-evict / window (EVICT_ONE_KERNEL) and dense (DENSE_ONE_KERNEL) decode steps as one kernel
-# per layer step (evict_step) wherever rows x heads fill the GPU without a split over slots
-# (evict_fusable); False keeps the attention kernel with the cache writes and pool bookkeeping in
-# XLA. Measured on an H200 (BENCHMARKS.md, session 5), GPT-XL batch 64: adsa-evict 0.935 s vs
-# 1.191 s at 256 px and 2.715 vs 2.970 s at 384 px; dense 0.730 vs 0.864 s at 256 px and 2.184 vs
-# 2.752 s at 384 px. Read when a generate call is traced.
+# per layer step (evict_step) at every batch size; False keeps the attention kernel with the cache
+# writes and pool bookkeeping in XLA. Measured on an H200 (BENCHMARKS.md, sessions 5 and 7),
+# GPT-XL batch 64: adsa-evict 0.935 s vs 1.191 s at 256 px and 2.715 vs 2.970 s at 384 px; dense
+# 0.730 vs 0.864 s at 256 px and 2.184 vs 2.752 s at 384 px. At small batches too (one program per
+# (row, head), no split over slots): dense 256 px batch 1 0.343 s vs 0.360 (XLA attention), batch
+# 8 0.353 vs 0.378 (split kernel); adsa-evict 384 px batch 8 0.964 vs 1.247; dense 384 px batch 1
+# the exception, 0.873 vs 0.857. Read when a generate call is traced.
 EVICT_ONE_KERNEL = True
 DENSE_ONE_KERNEL = True
 # evict_step applies RoPE to q and k itself (from the projection's output), instead of an XLA
@@ -307,13 +309,6 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
 def _dense_kernel(*refs, **kw):
     # evict_step's kernel on a dense cache: no pos ref (12 inputs before cond_ok).
     return _evict_kernel(*refs[:12], None, *refs[12:], **kw)
-
-
-def evict_fusable(rows: int, heads: int, slots: int, block_k: int | None = None) -> bool:
-    """Whether :func:`evict_step` applies: its one program per (row, head) is enough work only
-    where :func:`decode_attention` (the other path) would not split over slots either; smaller
-    batches keep that path."""
-    return _splits(rows * heads, slots, block_k or BLOCK_K) == 1
 
 
 def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: int, keep: int, vsum=None,

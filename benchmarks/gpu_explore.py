@@ -10,7 +10,7 @@ Env: OUT, TAG, WORKERS (parallel compiles, default 4), CHECK=1 (first compare th
 with the XLA path on GPT-B in float32: logits and greedy tokens), EVICT_ONE_KERNEL=1|0 and
 DENSE_ONE_KERNEL=1|0, ROPE_IN_KERNEL=1|0 (set those switches of ``adsa_jax.kernels`` for the whole process),
 GEMM_CUBLAS_MIN_ROWS=N|none (``adsa_jax.generate.GEMM_CUBLAS_MIN_ROWS``), STACK_FFN=1|0
-(``adsa_jax.generate.STACK_FFN``), FUSABLE=1 (the one-kernel step at any batch size).
+(``adsa_jax.generate.STACK_FFN``).
 """
 import collections
 import gzip
@@ -117,9 +117,6 @@ def main():
         gen = importlib.import_module("adsa_jax.generate")
         gen.STACK_FFN = os.environ["STACK_FFN"] == "1"
         result["stack_ffn"] = gen.STACK_FFN
-    if os.environ.get("FUSABLE") == "1":  # the one-kernel step at any batch (plan items with "attn": "pallas")
-        kernels.evict_fusable = lambda *a, **k: True
-        result["fusable_forced"] = True
     if os.environ.get("CHECK"):
         result["check"] = check_kernel()
 

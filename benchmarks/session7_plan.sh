@@ -11,7 +11,8 @@
 # Adopt B (STACK_FFN = True), C (evict_fusable for small batches), D (ROPE_IN_KERNEL = True) or E
 # (EVICT_TC_SCORE = True) only where they are faster; then re-run A's rows with everything adopted.
 # Two device calls (each under the 600 s limit): `bash benchmarks/session7_plan.sh 1` (A-C), then `... 2` (D-E).
-# Outcome (BENCHMARKS.md, session 7): B and D adopted (now the defaults); E slower, removed; C no gain.
+# Outcome (BENCHMARKS.md, session 7): B and D adopted (now the defaults); E slower, removed; C (with D)
+# faster at batch 1 and 8 (part 3, 4): now the default at every batch, so FUSABLE= is no longer read.
 # Part 3 (`... 3`): the headline rows with B and D adopted, one configuration per process.
 export PYTHONUNBUFFERED=1
 export PART=${1:-1}

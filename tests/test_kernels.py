@@ -13,7 +13,7 @@ from adsa_jax.policies import attend, make_policy
 
 @pytest.fixture(autouse=True)
 def _fresh_traces():
-    """Kernel switches (kernels.EVICT_ONE_KERNEL, BLOCK_K, evict_fusable) are read at trace
+    """Kernel switches (kernels.EVICT_ONE_KERNEL, BLOCK_K, ROPE_IN_KERNEL) are read at trace
     time: without this, a jit cache hit from an earlier test would run another path."""
     jax.clear_caches()
     yield
@@ -62,19 +62,15 @@ def _assert_kernel_matches_xla(c2i, c2i_ref, pol):
     ("adsa-evict", {"prefix": 4, "keep": 12, "local": 1}, True)])  # a ring of one: the new token is a candidate
 def test_kernel_in_generation_matches_xla(c2i, c2i_ref, name, kw, one_kernel, monkeypatch):
     """Logits within 1e-4 and identical greedy tokens. dense, adsa-evict and window run either as
-    one kernel per layer step (evict_step) or, where it does not apply (a split over slots, layer
-    granularity), as the attention kernel with the bookkeeping in XLA."""
+    one kernel per layer step (evict_step) or, with the switches off (and always for layer
+    granularity and adsa-select), as the attention kernel with the bookkeeping in XLA."""
     from adsa_jax import kernels
 
-    labels = c2i_ref["labels"]
     pol = make_policy(c2i.config, name, **kw)
-    rows, heads = 2 * len(labels), c2i.config.n_head
-    if name != "dense" and not one_kernel:
-        monkeypatch.setattr(kernels, "evict_fusable", lambda *a, **k: False)
     monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", one_kernel)  # force the path either way
     monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", one_kernel)
     if hasattr(pol, "one_kernel"):
-        assert resolve_attention(pol, c2i.config, "pallas").one_kernel(rows, heads) == one_kernel
+        assert resolve_attention(pol, c2i.config, "pallas").one_kernel() == one_kernel
     toks = _assert_kernel_matches_xla(c2i, c2i_ref, pol)
     if name == "dense":
         np.testing.assert_array_equal(np.asarray(toks), c2i_ref["greedy_cfg_tokens"])
@@ -86,12 +82,11 @@ def test_rope_before_the_kernel_matches_xla(c2i, c2i_ref, name, kw, monkeypatch)
     kernel does, tested above); logits within 1e-4 of the XLA path and identical greedy tokens."""
     from adsa_jax import kernels
 
-    labels = c2i_ref["labels"]
     pol = make_policy(c2i.config, name, **kw)
     for switch in ("EVICT_ONE_KERNEL", "DENSE_ONE_KERNEL"):
         monkeypatch.setattr(kernels, switch, True)
     monkeypatch.setattr(kernels, "ROPE_IN_KERNEL", False)
-    assert resolve_attention(pol, c2i.config, "pallas").one_kernel(2 * len(labels), c2i.config.n_head)
+    assert resolve_attention(pol, c2i.config, "pallas").one_kernel()
     _assert_kernel_matches_xla(c2i, c2i_ref, pol)
 
 
@@ -105,10 +100,9 @@ def test_kernel_with_caption_masks(t2i, t2i_ref, monkeypatch):
     # adsa-evict and window as one kernel: the caption mask reaches the kernel's condition slots.
     monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", True)
     monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", True)
-    monkeypatch.setattr(kernels, "evict_fusable", lambda *a, **k: True)  # 152 slots: a split would be chosen
     for name in ("adsa-evict", "window", "dense"):
         pol = make_policy(t2i.config, name, **({} if name == "dense" else {"budget": 0.5}))
-        assert resolve_attention(pol, t2i.config, "pallas").one_kernel(2 * len(emb), t2i.config.n_head)
+        assert resolve_attention(pol, t2i.config, "pallas").one_kernel()
         got, want = (adsa_jax.generate(t2i, emb, jax.random.key(0), cond_mask=masks, cfg_scale=7.5, top_k=1,
                                        policy=pol, attention=a) for a in ("pallas-interpret", "xla"))
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
@@ -151,9 +145,8 @@ def test_attention_choice_errors(c2i, monkeypatch):
     pol = make_policy(cfg, "dense")
     gpu = jax.default_backend() == "gpu"
     assert resolve_attention(pol, cfg, "auto").attention == ("pallas" if gpu else "xla")
-    assert resolve_attention(pol, cfg, "auto", rows=2).attention == "xla"  # dense at batch 1: XLA is faster
     evict = make_policy(cfg, "adsa-evict", budget=0.5)
-    assert resolve_attention(evict, cfg, "auto", rows=2).attention == ("pallas" if gpu else "xla")
+    assert resolve_attention(evict, cfg, "auto").attention == ("pallas" if gpu else "xla")
     with pytest.raises(ConfigError, match="attention must be"):
         resolve_attention(pol, cfg, "cudnn")
     import dataclasses
@@ -187,7 +180,6 @@ def test_kernel_small_blocks_match_xla(c2i, c2i_ref, name, monkeypatch):
 
     monkeypatch.setattr(kernels, "BLOCK_K", 16)
     monkeypatch.setattr(kernels, "EVICT_BLOCK_K", 16)  # evict_step's own block size
-    monkeypatch.setattr(kernels, "evict_fusable", lambda *a, **k: True)  # one kernel even where a split would be chosen
     monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", True)
     monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", name == "dense one kernel")
     labels = c2i_ref["labels"]
@@ -196,16 +188,15 @@ def test_kernel_small_blocks_match_xla(c2i, c2i_ref, name, monkeypatch):
     if name == "dense":
         assert kernels._splits(rows * heads, pol.slots, 16) > 1
     else:
-        assert resolve_attention(pol, c2i.config, "pallas").one_kernel(rows, heads) and pol.slots > 2 * 16
+        assert resolve_attention(pol, c2i.config, "pallas").one_kernel() and pol.slots > 2 * 16
     got, want = (adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"], cfg_scale=4.0, raw_rows=True,
                                 policy=pol, attention=a) for a in ("pallas-interpret", "xla"))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=0)
 
 
 def test_one_kernel_switches(monkeypatch):
-    """By default dense, window and adsa-evict steps run as one kernel where rows x heads fill the
-    GPU (at 256 and 384 px alike); at batch 1 (a split over slots) the attention kernel path; the
-    switches turn it off."""
+    """By default dense, window and adsa-evict steps run as one kernel (at 256 and 384 px, any
+    batch); the switches turn it off; adsa-select and layer granularity never do."""
     from adsa_jax import kernels
     from adsa_jax.config import named_config
 
@@ -214,11 +205,14 @@ def test_one_kernel_switches(monkeypatch):
         pols = [resolve_attention(make_policy(cfg, n, **kw), cfg, "pallas")
                 for n, kw in (("adsa-evict", {"budget": 0.5}), ("window", {"budget": 0.5}), ("dense", {}))]
         for pol in pols:
-            assert pol.one_kernel(128, cfg.n_head) and not pol.one_kernel(2, cfg.n_head)
+            assert pol.one_kernel()
+        others = [resolve_attention(make_policy(cfg, n, **kw), cfg, "pallas") for n, kw in
+                  (("adsa-select", {"budget": 0.5}), ("adsa-evict", {"budget": 0.5, "granularity": "layer"}))]
+        assert not any(pol.one_kernel() for pol in others)
         assert "victim" in pols[0].init(128, cfg.n_head, cfg.head_dim, jnp.bfloat16)
         monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", False)
         monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", False)
-        assert not any(pol.one_kernel(128, cfg.n_head) for pol in pols)
+        assert not any(pol.one_kernel() for pol in pols)
         assert "victim" not in pols[0].init(128, cfg.n_head, cfg.head_dim, jnp.bfloat16)
         monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", True)
         monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", True)
