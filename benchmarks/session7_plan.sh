@@ -56,6 +56,22 @@ one s7s_B256_b1 50 "$(g GPT-B 256 1 dense 5)"
 one s7s_B256_b1_fused 50 "$(g GPT-B 256 1 dense 5 ',"attn":"pallas"')" FUSABLE=1
 one s7s_B256_b8 50 "$(g GPT-B 256 8 dense 5)"
 one s7s_B256_b8_fused 50 "$(g GPT-B 256 8 dense 5 ',"attn":"pallas"')" FUSABLE=1
+elif [ "$PART" = 5 ]; then  # final defaults (B, C, D adopted; bench.measure_device looped in one program)
+g() { echo "{\"model\":\"$1\",\"size\":$2,\"batch\":$3,\"policy\":\"$4\",\"iters\":$5$6}"; }
+one s7g_b1 60 "$(g GPT-XL 256 1 dense 5)"
+one s7g_b8 60 "$(g GPT-XL 256 8 dense 5)"
+one s7g_b64 70 "$(g GPT-XL 256 64 dense 5)"
+one s7g_b256 80 "$(g GPT-XL 256 256 dense 3)"
+one s7g_b64_prof 80 "$(g GPT-XL 256 64 dense 2 ',"profile":true')"
+one s7g_d384_b1 60 "$(g GPT-XL 384 1 dense 3)"
+one s7g_e384_b8 60 "$(g GPT-XL 384 8 adsa-evict 3 ',"budget":0.5')"
+elif [ "$PART" = 6 ]; then  # GPT-B / GPT-L rows and budget 0.25 at XL-384 (the bench CLI: one process, compiled one at a time)
+timeout 330 python3 -m adsa_jax.cli bench --model GPT-B,GPT-L --image-size 256 --batch 1,8,64,256 \
+  --policies dense,adsa-evict,window --budgets 0.5 --iters 3 --segments 1 --json $OUT/s7_BL.json > $OUT/s7_BL.log 2>&1
+echo rc $?; grep -E "GPT-|device" $OUT/s7_BL.log | tail -n 30
+timeout 150 python3 -m adsa_jax.cli bench --model GPT-XL --image-size 384 --batch 64 \
+  --policies adsa-evict,window --budgets 0.25 --iters 2 --segments 1 --json $OUT/s7_XL025.json > $OUT/s7_XL025.log 2>&1
+echo rc $?; grep -E "GPT-|device" $OUT/s7_XL025.log | tail -n 4
 else
 one s7_b64_rope 70 "$(xl 64 5)" ROPE_IN_KERNEL=1
 one s7_b256_rope 80 "$(xl 256 3)" ROPE_IN_KERNEL=1
