@@ -7,18 +7,25 @@ Roofline: per decode step the weights (minus the embedding tables, of which only
 plus the KV entries the policy actually reads, over the measured copy bandwidth; and the matmul
 FLOPs over the measured bf16 matmul rate. The floor for a call is the larger of the two summed
 over the N steps; ``achieved`` = floor / measured.
+
+Models: named sizes and JSON files of LlamaGen ``ModelArgs`` fields run with random weights (the
+speed of a step does not depend on their values); a converted checkpoint directory runs with its
+own weights at the grid it was converted for (:func:`bench_models`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import GPTConfig, named_config
+from .checkpoint import load, read_meta
+from .config import ConfigError, GPTConfig, config_from_arg, grid_for_image_size, is_config_file
 from .generate import Model, _generate_jit_cublas, _scalars, generate_program, resolve_attention
 from .sampling import resolve_sampler
 from .model import init_params
@@ -96,14 +103,20 @@ def compile_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, 
     rows = batch * (2 if use_cfg else 1)
     policy = resolve_attention(policy, cfg, attention)
     attn = getattr(policy, "attention", "xla")
-    labels = jnp.asarray(np.arange(batch) % max(cfg.num_classes, 1), jnp.int32)
-    mask = jnp.ones((batch, 1), bool)
+    if cfg.model_type == "t2i":
+        # Zero caption features, every token valid: shapes are static, so a step costs the same
+        # whatever the caption says.
+        cond = jnp.zeros((batch, cfg.cls_token_num, cfg.caption_dim), jnp.float32)
+        mask = jnp.ones((batch, cfg.cls_token_num), bool)
+    else:
+        cond = jnp.asarray(np.arange(batch) % max(cfg.num_classes, 1), jnp.int32)
+        mask = jnp.ones((batch, 1), bool)
     ids = jnp.arange(batch, dtype=jnp.int32)
     scalars = _scalars(cfg_scale, -1, 1.0, top_k, 1.0)
     nseg = segments if isinstance(policy, Dense) and not (type(policy) is Dense and attn != "xla") else 1
     t0 = time.perf_counter()
     program = generate_program(rows)
-    lowered = program.lower(model.params, labels, mask, jax.random.key(seed), ids, scalars, cfg=cfg,
+    lowered = program.lower(model.params, cond, mask, jax.random.key(seed), ids, scalars, cfg=cfg,
                             policy=policy, use_cfg=use_cfg, num_segments=nseg, sampler=resolve_sampler(1.0))
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
@@ -113,23 +126,23 @@ def compile_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, 
         peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
                 - getattr(mem, "alias_size_in_bytes", 0))
     row = {
-        "layers": cfg.n_layer, "dim": cfg.dim, "grid": cfg.grid, "batch": batch, "cfg": use_cfg,
+        "type": cfg.model_type, "layers": cfg.n_layer, "dim": cfg.dim, "grid": cfg.grid, "batch": batch, "cfg": use_cfg,
         "policy": policy.name, "prefix": getattr(policy, "prefix", None), "keep": getattr(policy, "keep", None),
         "local": getattr(policy, "local", None), "segments": nseg, "attention": attn, "dtype": str(model.dtype),
         "gemm": "cublas" if program is _generate_jit_cublas else "xla-default", "compile_s": compile_s,
         "peak_bytes_compiled": peak, "kv_bytes": kv_bytes(policy, cfg, rows, model.dtype),
     }
-    return {"compiled": compiled, "args": (labels, mask, ids, scalars), "policy": policy, "rows": rows, "row": row}
+    return {"compiled": compiled, "args": (cond, mask, ids, scalars), "policy": policy, "rows": rows, "row": row}
 
 
 def time_one(model: Model, prepared: dict, *, iters=3, warmup=1, device=None, seed=0) -> dict:
     """Run a compiled configuration ``warmup`` + ``iters`` times; the row with the median call."""
-    labels, mask, ids, scalars = prepared["args"]
+    cond, mask, ids, scalars = prepared["args"]
     compiled, res = prepared["compiled"], dict(prepared["row"])
     times = []
     for i in range(warmup + iters):
         t1 = time.perf_counter()
-        compiled(model.params, labels, mask, jax.random.key(seed + i), ids, scalars).block_until_ready()
+        compiled(model.params, cond, mask, jax.random.key(seed + i), ids, scalars).block_until_ready()
         if i >= warmup:
             times.append(time.perf_counter() - t1)
     sec = statistics.median(times) if times else float("nan")
@@ -154,19 +167,20 @@ def bench_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, it
 
 
 def format_rows(rows) -> str:
-    head = (f"{'model':>9} {'grid':>5} {'batch':>5} {'policy':>11} {'budget':>6} {'attn':>6} {'gemm':>6} {'seg':>3} {'compile s':>9} "
+    w = max([9] + [len(str(r.get("name", ""))) for r in rows])  # checkpoint directory names can be long
+    head = (f"{'model':>{w}} {'grid':>5} {'batch':>5} {'policy':>11} {'budget':>6} {'attn':>6} {'gemm':>6} {'seg':>3} {'compile s':>9} "
             f"{'s/call':>7} {'img/s':>8} {'ms/step':>7} {'peak GiB':>8} {'KV GiB':>7} {'floor s':>7} {'of floor':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r.get('name', '?'):>9} {r.get('grid', '?'):>5} {r.get('batch', '?'):>5} "
+            lines.append(f"{r.get('name', '?'):>{w}} {r.get('grid', '?'):>5} {r.get('batch', '?'):>5} "
                          f"{r.get('policy', '?'):>11}  error: {r['error'][:120]}")
             continue
         budget = "-" if r["keep"] is None else f"{r.get('budget', '')}"
         peak = "-" if r["peak_bytes_compiled"] is None else f"{r['peak_bytes_compiled'] / 2**30:.2f}"
         floor = r.get("floor_s", float("nan"))
         lines.append(
-            f"{r.get('name', ''):>9} {r['grid']:>5} {r['batch']:>5} {r['policy']:>11} {budget:>6} "
+            f"{r.get('name', ''):>{w}} {r['grid']:>5} {r['batch']:>5} {r['policy']:>11} {budget:>6} "
             f"{r.get('attention', 'xla'):>6} {r.get('gemm', '')[:6]:>6} {r['segments']:>3} "
             f"{r['compile_s']:>9.1f} {r['s_per_call']:>7.3f} {r['images_per_s']:>8.2f} {r['ms_per_step']:>7.2f} "
             f"{peak:>8} {r['kv_bytes'] / 2**30:>7.3f} {floor:>7.3f} {r.get('achieved_fraction', float('nan')):>8.2f}")
@@ -198,39 +212,111 @@ def error_row(e: Exception, model: Model, item) -> dict:
             "policy": item["policy"].name}
 
 
-def run(models=("GPT-B",), image_sizes=(256,), batches=(1, 8), policies=("dense",), budgets=(0.5,),
+@dataclasses.dataclass(frozen=True)
+class BenchModel:
+    """One model of a sweep, resolved before anything is timed (a bad file fails at once, not
+    after the device measurement); its weights are made or loaded by :meth:`build`."""
+
+    name: str  # row label: the named size, the JSON file's stem or the checkpoint directory's name
+    config: GPTConfig
+    image_size: int | None  # None: not known (a JSON config, or a checkpoint converted without one)
+    source: str | None = None  # the JSON file or checkpoint directory; None for a named size
+    checkpoint: bool = False  # weights from `source` instead of random ones
+
+    def build(self, dtype) -> Model:
+        if self.checkpoint:
+            return load(self.source, dtype=dtype)
+        return Model(self.config, init_params(self.config, jax.random.key(0), jnp.dtype(dtype)))
+
+
+def bench_models(models=None, image_sizes=None, *, checkpoint=None, model_type=None) -> list[BenchModel]:
+    """What a sweep benchmarks.
+
+    models: named sizes (GPT-B ... GPT-7B, at each of ``image_sizes``, default 256) and JSON files
+    of LlamaGen ``ModelArgs`` fields (at their own ``block_size`` unless ``image_sizes`` are
+    given), both with random weights; default GPT-B. checkpoint: a converted GPT directory
+    (``adsa-jax convert gpt``), run with its weights at the grid it was converted for; it replaces
+    ``models`` (giving both is an error), and ``image_sizes``, if given, must be its own.
+    model_type: 'c2i' or 't2i' for named sizes and JSON files that do not set it (default c2i);
+    one that contradicts a JSON file or the checkpoint is an error."""
+    models = [str(m).strip() for m in (models or ()) if str(m).strip()]
+    sizes = list(dict.fromkeys(int(s) for s in image_sizes)) if image_sizes else None
+    if checkpoint is not None:
+        if models:
+            raise ConfigError(f"give either models (named sizes or JSON configs, random weights) or a checkpoint, "
+                              f"not both: the checkpoint {checkpoint} sets the model ({', '.join(models)} given)")
+        return [_checkpoint_model(Path(checkpoint), sizes, model_type)]
+    out = []
+    for m in models or ["GPT-B"]:
+        from_file = is_config_file(m)
+        for size in sizes or ([None] if from_file else [256]):
+            cfg = config_from_arg(m, image_size=size, model_type=model_type or "c2i")
+            if model_type is not None and cfg.model_type != model_type:
+                raise ConfigError(f"{m} is a {cfg.model_type} model config, but model type {model_type} was asked for")
+            out.append(BenchModel(Path(m).stem if from_file else m, cfg, size, m if from_file else None))
+    return out
+
+
+def _checkpoint_model(path: Path, sizes, model_type) -> BenchModel:
+    if not path.is_dir():
+        raise ConfigError(f"checkpoint directory not found: {path}")
+    meta = read_meta(path)
+    if meta.get("kind") != "gpt":
+        raise ConfigError(f"{path} holds a {meta.get('kind')!r} checkpoint, not a GPT")
+    cfg = GPTConfig.from_dict(meta["config"])
+    stored = meta.get("image_size")  # None when converted from a JSON config without --image-size
+    g = cfg.grid
+    for size in sizes or ():
+        # The grid is not in any weight but the model was trained at it: another size is another model.
+        if (size != stored) if stored else (grid_for_image_size(size) != g):
+            raise ConfigError(f"{path} was converted for a {g}x{g} token grid"
+                              f"{f' (image size {stored})' if stored else ''}; it cannot run at image size {size}: "
+                              "leave the image size out to use the checkpoint's own")
+    if model_type is not None and model_type != cfg.model_type:
+        raise ConfigError(f"{path} holds a {cfg.model_type} model, but model type {model_type} was asked for")
+    return BenchModel(path.resolve().name, cfg, stored or (sizes[0] if sizes else None), str(path), checkpoint=True)
+
+
+def run(models=None, image_sizes=None, batches=(1, 8), policies=("dense",), budgets=(0.5,),
         dtype="bfloat16", iters=3, segments=1, cfg_scale=4.0, top_k=2000, json_path=None, measure=True, log=print,
-        attention="auto", compile_workers=1, warmup=1):
-    """Sweep models x image sizes x policies x budgets x batches. With ``compile_workers`` > 1 the
-    configurations of one model compile in parallel threads (their compile times then overlap:
-    compile_s is wall time under contention), and are timed one after another."""
+        attention="auto", compile_workers=1, warmup=1, checkpoint=None, model_type=None):
+    """Sweep models x image sizes x policies x budgets x batches (models, image sizes, checkpoint
+    and model type: :func:`bench_models`). With ``compile_workers`` > 1 the configurations of one
+    model compile in parallel threads (their compile times then overlap: compile_s is wall time
+    under contention), and are timed one after another. Rows carry the model's ``name`` and
+    ``source`` (the JSON file or checkpoint directory)."""
+    specs = bench_models(models, image_sizes, checkpoint=checkpoint, model_type=model_type)
+
+    def items_for(cfg):
+        return [{"batch": b, "policy": make_policy(cfg, pol_name, budget=budget), "budget": budget,
+                 "segments": segments, "attention": attention, "cfg_scale": cfg_scale, "top_k": top_k}
+                for pol_name in policies for budget in ([None] if pol_name == "dense" else budgets)
+                for b in batches]
+
+    for spec in specs:  # a bad policy or budget fails now, not after the device measurement
+        items_for(spec.config)
     device = measure_device() if measure else None
     if device:
         log(f"device {device['device']}: copy {device['bandwidth'] / 1e12:.2f} TB/s, "
             f"bf16 matmul {device['matmul_flops'] / 1e12:.0f} TFLOP/s")
     rows = []
-    for name in models:
-        for size in image_sizes:
-            cfg = named_config(name, image_size=size)
-            model = Model(cfg, init_params(cfg, jax.random.key(0), jnp.dtype(dtype)))
-            items = [{"batch": b, "policy": make_policy(cfg, pol_name, budget=budget), "budget": budget,
-                      "segments": segments, "attention": attention, "cfg_scale": cfg_scale, "top_k": top_k}
-                     for pol_name in policies for budget in ([None] if pol_name == "dense" else budgets)
-                     for b in batches]
-            for item, prepared in compiled_in_order(model, items, compile_workers):
-                try:
-                    if isinstance(prepared, Exception):
-                        raise prepared
-                    r = time_one(model, prepared, iters=iters, warmup=warmup, device=device)
-                except Exception as e:  # noqa: BLE001 - e.g. an OOM at one size
-                    r = error_row(e, model, item)
-                prepared = None  # free the executable
-                r.update(name=name, image_size=size, budget=item["budget"])
-                rows.append(r)
-                log(format_rows([r]).splitlines()[-1])
-                if json_path:
-                    with open(json_path, "w") as f:
-                        json.dump({"device": device, "jax": jax.__version__, "compile_workers": compile_workers,
-                                   "rows": rows}, f, indent=1)
-            del model
+    for spec in specs:
+        model = spec.build(dtype)
+        items = items_for(model.config)
+        for item, prepared in compiled_in_order(model, items, compile_workers):
+            try:
+                if isinstance(prepared, Exception):
+                    raise prepared
+                r = time_one(model, prepared, iters=iters, warmup=warmup, device=device)
+            except Exception as e:  # noqa: BLE001 - e.g. an OOM at one size
+                r = error_row(e, model, item)
+            prepared = None  # free the executable
+            r.update(name=spec.name, source=spec.source, image_size=spec.image_size, budget=item["budget"])
+            rows.append(r)
+            log(format_rows([r]).splitlines()[-1])
+            if json_path:
+                with open(json_path, "w") as f:
+                    json.dump({"device": device, "jax": jax.__version__, "compile_workers": compile_workers,
+                               "rows": rows}, f, indent=1)
+        del model
     return device, rows

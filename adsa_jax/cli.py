@@ -478,9 +478,16 @@ def build_parser():
     e.add_argument("--attention", default="xla", choices=("xla", "auto", "pallas"),
                    help="decode attention (default xla, the reference, so every device measures the same thing)")
 
-    b = sub.add_parser("bench", help="speed, memory and roofline of generate (random weights of named sizes)")
-    b.add_argument("--model", default="GPT-B", help="comma-separated named sizes, e.g. GPT-B,GPT-XL")
-    b.add_argument("--image-size", default="256", help="comma-separated, e.g. 256,384")
+    b = sub.add_parser("bench", help="speed, memory and roofline of generate (random weights of named sizes or "
+                       "JSON configs, or a converted checkpoint)")
+    b.add_argument("--model", default=None, help="comma-separated named sizes (e.g. GPT-B,GPT-XL; default GPT-B) "
+                   "and/or JSON files of LlamaGen ModelArgs fields, run with random weights")
+    b.add_argument("--checkpoint", default=None, metavar="DIR", help="GPT directory from `adsa-jax convert gpt`: "
+                   "benchmark its weights at its own image size (instead of --model)")
+    b.add_argument("--image-size", default=None, help="comma-separated, e.g. 256,384 (default: 256 for named sizes, "
+                   "the block_size of a JSON config, the checkpoint's own size)")
+    b.add_argument("--type", dest="model_type", choices=("c2i", "t2i"), default=None,
+                   help="named sizes: class- (default) or text-conditional (t2i runs on zero caption features)")
     b.add_argument("--batch", default="1,8", help="comma-separated batch sizes (images; CFG doubles the rows)")
     b.add_argument("--policies", default="dense")
     b.add_argument("--budgets", default="0.5")
@@ -501,8 +508,12 @@ def build_parser():
 def run_bench(a):
     from .bench import format_rows, run
 
-    _, rows = run(models=a.model.split(","), image_sizes=[int(x) for x in a.image_size.split(",")],
-                  batches=[int(x) for x in a.batch.split(",")], policies=a.policies.split(","),
+    try:
+        sizes = [int(x) for x in a.image_size.split(",") if x.strip()] if a.image_size else None
+    except ValueError:
+        raise ConfigError(f"--image-size must be comma-separated integers, got {a.image_size!r}") from None
+    _, rows = run(models=a.model.split(",") if a.model else None, image_sizes=sizes, checkpoint=a.checkpoint,
+                  model_type=a.model_type, batches=[int(x) for x in a.batch.split(",")], policies=a.policies.split(","),
                   budgets=[float(x) for x in a.budgets.split(",")], dtype=a.dtype, iters=a.iters,
                   segments=a.segments, cfg_scale=a.cfg_scale, top_k=a.top_k, json_path=a.json,
                   measure=not a.no_roofline, log=_log, attention=a.attention, compile_workers=a.compile_workers)

@@ -133,10 +133,15 @@ def named_config(name: str, *, image_size: int = 256, model_type: str = "c2i", d
     return GPTConfig(**kw)
 
 
+def is_config_file(model: str) -> bool:
+    """Whether a ``--model`` value names a JSON config file (existing or not) rather than a size."""
+    return str(model).endswith(".json") or Path(model).is_file()
+
+
 def config_from_arg(model: str, *, image_size: int | None, model_type: str = "c2i") -> GPTConfig:
     """``--model`` value: a named size or a JSON file of LlamaGen ``ModelArgs`` fields."""
     p = Path(model)
-    if model.endswith(".json") or p.is_file():
+    if is_config_file(model):
         if not p.is_file():
             raise ConfigError(f"model config file not found: {p}")
         try:

@@ -1,0 +1,223 @@
+"""The benchmark harness (adsa_jax.bench) and ``adsa-jax bench``, on the fixture models."""
+import json
+import math
+import statistics
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import adsa_jax
+from adsa_jax import bench
+from adsa_jax.cli import main
+from adsa_jax.config import ConfigError
+from adsa_jax.policies import kv_bytes, make_policy
+
+from conftest import fixture_config
+
+# Made-up device rates: the roofline is arithmetic on them.
+DEVICE = {"bandwidth": 1e11, "matmul_flops": 1e12, "device": "test"}
+
+
+def fixture_cfg():
+    return adsa_jax.GPTConfig.from_dict(fixture_config("gpt_c2i_small"))
+
+
+# ----------------------------------------------------------------------------- roofline
+
+
+@pytest.mark.parametrize("dtype,isz", [("bfloat16", 2), ("float32", 4)])
+def test_roofline_dense_closed_form(dtype, isz):
+    cfg = fixture_cfg()
+    # The fixture's sizes, written out: E=192, 3 layers of 3 heads of 64, vocab 512, 8x8 grid,
+    # one class token; LlamaGen's FFN hidden: 2 * 4 * 192 / 3 = 512, already a multiple of 256.
+    E, L, H, D, V, F, N, c = 192, 3, 3, 64, 512, 512, 64, 1
+    assert (cfg.dim, cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.vocab_size, cfg.ffn_hidden,
+            cfg.num_image_tokens, cfg.cls_token_num) == (E, L, H, D, V, F, N, c)
+    batch, rows = 3, 6  # CFG: two rows per image
+    weights = (L * (3 * E * E + E * E + 3 * E * F) + E * V) * isz  # read once per step (N steps)
+    attended = (N - 1) * c + (N - 1) * N // 2  # sum over decode steps t = 0..N-2 of (c + t + 1)
+    kv = rows * 2 * L * H * D * isz * attended
+    rf = bench.roofline(cfg, make_policy(cfg, "dense"), rows, batch, dtype, DEVICE)
+    assert rf["bytes_per_call"] == N * weights + kv
+    flops = N * 2 * rows * (L * (4 * E * E + 3 * E * F) + E * V) + 4 * rows * E * attended * L
+    assert rf["flops_per_call"] == pytest.approx(flops, rel=1e-12)
+    assert rf["floor_mem_s"] == pytest.approx((N * weights + kv) / DEVICE["bandwidth"], rel=1e-12)
+    assert rf["floor_flop_s"] == pytest.approx(flops / DEVICE["matmul_flops"], rel=1e-12)
+    assert rf["floor_s"] == max(rf["floor_mem_s"], rf["floor_flop_s"])
+
+    fast = bench.roofline(cfg, make_policy(cfg, "dense"), rows, batch, dtype, dict(DEVICE, bandwidth=2e11))
+    assert fast["floor_mem_s"] == pytest.approx(rf["floor_mem_s"] / 2, rel=1e-12)
+    assert fast["floor_flop_s"] == rf["floor_flop_s"] and fast["bytes_per_call"] == rf["bytes_per_call"]
+
+
+def test_roofline_window_reads_fewer_kv_bytes():
+    cfg = fixture_cfg()
+    rows, N, c = 2, 64, 1
+    dense = bench.roofline(cfg, make_policy(cfg, "dense"), rows, 1, "bfloat16", DEVICE)
+    window = bench.roofline(cfg, make_policy(cfg, "window", budget=0.5), rows, 1, "bfloat16", DEVICE)
+    assert window["bytes_per_call"] < dense["bytes_per_call"]
+    assert window["flops_per_call"] < dense["flops_per_call"]
+    # Budget 0.5 keeps W = 32 image tokens: step t reads c + min(t + 1, W) slots.
+    W = 32
+    attended_dense = (N - 1) * c + (N - 1) * N // 2
+    attended_window = (N - 1) * c + W * (W + 1) // 2 + (N - 1 - W) * W
+    kv_entry = 2 * cfg.n_layer * cfg.n_head * cfg.head_dim * 2  # bf16
+    assert dense["bytes_per_call"] - window["bytes_per_call"] == rows * kv_entry * (attended_dense - attended_window)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+@pytest.fixture(scope="module")
+def timed(c2i):
+    """bench_one rows of the fixture model (float32) for dense and adsa-evict at budget 0.5."""
+    cfg = c2i.config
+    kw = dict(iters=2, warmup=1, device=DEVICE, attention="xla")
+    return {name: bench.bench_one(c2i, 2, make_policy(cfg, name, **({} if name == "dense" else {"budget": 0.5})), **kw)
+            for name in ("dense", "adsa-evict")}
+
+
+@pytest.mark.parametrize("name", ["dense", "adsa-evict"])
+def test_bench_one_row(timed, c2i, name):
+    r = timed[name]
+    cfg = c2i.config
+    assert r["policy"] == name and r["batch"] == 2 and r["cfg"] is True and r["type"] == "c2i"
+    assert r["dtype"] == "float32" and r["grid"] == 8 and r["layers"] == 3 and r["attention"] == "xla"
+    assert len(r["times"]) == 2 and all(t > 0 for t in r["times"])
+    assert r["s_per_call"] == statistics.median(r["times"])
+    assert r["images_per_s"] == pytest.approx(2 / r["s_per_call"], rel=1e-12)
+    assert r["ms_per_step"] == pytest.approx(1e3 * r["s_per_call"] / cfg.num_image_tokens, rel=1e-12)
+    policy = make_policy(cfg, name, **({} if name == "dense" else {"budget": 0.5}))
+    assert r["kv_bytes"] == kv_bytes(policy, cfg, 4, jnp.float32)  # batch 2 with CFG: 4 rows
+    rf = bench.roofline(cfg, policy, 4, 2, jnp.float32, DEVICE)
+    assert r["floor_s"] == rf["floor_s"] and r["bytes_per_call"] == rf["bytes_per_call"]
+    assert r["achieved_fraction"] == pytest.approx(r["floor_s"] / r["s_per_call"], rel=1e-12)
+    assert r["compile_s"] > 0
+    assert r["peak_bytes_compiled"] is None or r["peak_bytes_compiled"] > r["kv_bytes"]
+
+
+def test_evict_holds_fewer_kv_bytes(timed):
+    dense, evict = timed["dense"], timed["adsa-evict"]
+    assert evict["kv_bytes"] < dense["kv_bytes"]
+    # [cond | prefix | pool | ring] = 1 + 32 slots of dense's 1 + 63
+    assert evict["kv_bytes"] * 64 == dense["kv_bytes"] * 33
+    assert (evict["prefix"], evict["keep"], evict["local"]) == (8, 8, 16)
+    assert dense["keep"] is None
+
+
+def test_time_one_without_device_and_compile_only(c2i):
+    prep = bench.compile_one(c2i, 1, make_policy(c2i.config, "window", budget=0.5), cfg_scale=1.0, attention="xla")
+    assert prep["rows"] == 1 and prep["row"]["cfg"] is False
+    r = bench.time_one(c2i, prep, iters=1, warmup=0)
+    assert len(r["times"]) == 1 and r["s_per_call"] == r["times"][0]
+    assert "floor_s" not in r and "achieved_fraction" not in r
+    only = bench.bench_one(c2i, 1, make_policy(c2i.config, "dense"), run=False, attention="xla")
+    assert only["times"] == [] and math.isnan(only["s_per_call"]) and only["compile_s"] > 0
+
+
+def test_bench_t2i_zero_captions(t2i):
+    cfg = t2i.config
+    r = bench.bench_one(t2i, 1, make_policy(cfg, "dense"), iters=1, warmup=0, attention="xla")
+    assert r["type"] == "t2i" and r["s_per_call"] > 0
+    assert r["kv_bytes"] == kv_bytes(make_policy(cfg, "dense"), cfg, 2, jnp.float32)  # 120 caption slots + 63
+
+
+def test_measure_device_small():
+    d = bench.measure_device(size_mb=8, n=128, reps=2)
+    for k in ("bandwidth", "copy_bandwidth", "read_bandwidth", "matmul_flops"):
+        assert np.isfinite(d[k]) and d[k] > 0, k
+    assert d["bandwidth"] == max(d["copy_bandwidth"], d["read_bandwidth"])
+    assert isinstance(d["device"], str)
+
+
+# ----------------------------------------------------------------------------- which models
+
+
+def test_bench_models_named_unchanged():
+    (b,) = bench.bench_models()
+    assert (b.name, b.image_size, b.source, b.checkpoint) == ("GPT-B", 256, None, False)
+    assert b.config == adsa_jax.named_config("GPT-B", image_size=256)
+    specs = bench.bench_models(["GPT-B", "GPT-XL"], [256, 384])
+    assert [(s.name, s.image_size, s.config.grid, s.config.n_layer) for s in specs] == [
+        ("GPT-B", 256, 16, 12), ("GPT-B", 384, 24, 12), ("GPT-XL", 256, 16, 36), ("GPT-XL", 384, 24, 36)]
+    (t,) = bench.bench_models(["GPT-B"], model_type="t2i")
+    assert t.config.model_type == "t2i" and t.config.cls_token_num == 120
+
+
+def test_bench_models_json(config_files):
+    path = config_files["gpt_c2i_small"]
+    (own,) = bench.bench_models([str(path)])
+    assert (own.name, own.image_size, own.source) == ("gpt_c2i_small", None, str(path))
+    assert own.config == fixture_cfg()  # its own block_size: 8x8
+    resized = bench.bench_models([str(path)], [256])[0]
+    assert resized.config == fixture_cfg().replace(block_size=256) and resized.image_size == 256
+    with pytest.raises(ConfigError, match="c2i model config"):
+        bench.bench_models([str(path)], model_type="t2i")
+
+
+def test_bench_models_checkpoint(c2i_dir, c2i):
+    (ck,) = bench.bench_models(checkpoint=c2i_dir)
+    assert (ck.name, ck.checkpoint, ck.source, ck.config) == ("c2i", True, str(c2i_dir), c2i.config)
+    assert ck.image_size is None  # converted from a JSON config without --image-size
+    assert bench.bench_models(None, [128], checkpoint=c2i_dir)[0].image_size == 128  # its own 8x8 grid
+    loaded = ck.build("float32")  # the checkpoint's weights, not random ones
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(c2i.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ConfigError, match="not both"):
+        bench.bench_models(["GPT-B"], checkpoint=c2i_dir)
+    with pytest.raises(ConfigError, match=r"8x8 token grid.*image size 256"):
+        bench.bench_models(None, [256], checkpoint=c2i_dir)
+    with pytest.raises(ConfigError, match="c2i model"):
+        bench.bench_models(checkpoint=c2i_dir, model_type="t2i")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_bench_checkpoint(c2i_dir, tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert main(["bench", "--checkpoint", str(c2i_dir), "--batch", "1,2", "--policies", "dense,window",
+                 "--budgets", "0.5", "--iters", "1", "--no-roofline", "--dtype", "float32",
+                 "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["device"] is None
+    rows = doc["rows"]
+    assert [(r["policy"], r["budget"], r["batch"]) for r in rows] == [
+        ("dense", None, 1), ("dense", None, 2), ("window", 0.5, 1), ("window", 0.5, 2)]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["name"] == "c2i" and r["source"] == str(c2i_dir) and r["grid"] == 8 and r["dtype"] == "float32"
+        assert r["s_per_call"] > 0 and len(r["times"]) == 1
+    table = capsys.readouterr().out
+    assert table.count("window") == 2 and "c2i" in table
+
+
+def test_cli_bench_json_config(config_files, tmp_path):
+    out = tmp_path / "b.json"
+    assert main(["bench", "--model", str(config_files["gpt_c2i_small"]), "--batch", "1", "--cfg-scale", "1",
+                 "--segments", "1", "--iters", "1", "--no-roofline", "--dtype", "float32", "--json", str(out)]) == 0
+    (r,) = json.loads(out.read_text())["rows"]
+    assert r["name"] == "gpt_c2i_small" and r["grid"] == 8 and r["layers"] == 3 and r["cfg"] is False
+    assert r["s_per_call"] > 0
+
+
+def test_cli_bench_errors(c2i_dir, tmp_path, capsys):
+    missing = tmp_path / "some" / "missing.json"
+    assert main(["bench", "--model", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("adsa-jax bench: error:") and str(missing) in err and err.count("\n") == 1
+    assert main(["bench", "--checkpoint", str(tmp_path / "nockpt")]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint directory not found" in err and "nockpt" in err
+    assert main(["bench", "--checkpoint", str(tmp_path)]) == 2  # a directory, but not a converted one
+    assert "not an adsa_jax checkpoint" in capsys.readouterr().err
+    assert main(["bench", "--checkpoint", str(c2i_dir), "--model", "GPT-B"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["bench", "--checkpoint", str(c2i_dir), "--image-size", "256"]) == 2
+    assert "8x8 token grid" in capsys.readouterr().err
+    assert main(["bench", "--model", "GPT-Q"]) == 2
+    assert "unknown model 'GPT-Q'" in capsys.readouterr().err
+    assert main(["bench", "--checkpoint", str(c2i_dir), "--policies", "dense,lru"]) == 2  # before any timing
+    assert "unknown policy 'lru'" in capsys.readouterr().err
