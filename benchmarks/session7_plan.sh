@@ -72,6 +72,11 @@ echo rc $?; grep -E "GPT-|device" $OUT/s7_BL.log | tail -n 30
 timeout 150 python3 -m adsa_jax.cli bench --model GPT-XL --image-size 384 --batch 64 \
   --policies adsa-evict,window --budgets 0.25 --iters 2 --segments 1 --json $OUT/s7_XL025.json > $OUT/s7_XL025.log 2>&1
 echo rc $?; grep -E "GPT-|device" $OUT/s7_XL025.log | tail -n 4
+elif [ "$PART" = 7 ]; then  # profiles of the misses: batch 1, and the selection at XL-384 batch 64
+g() { echo "{\"model\":\"$1\",\"size\":$2,\"batch\":$3,\"policy\":\"$4\",\"iters\":$5$6}"; }
+one s7p_b1 60 "$(g GPT-XL 256 1 dense 2 ',"profile":true')"
+one s7p_e384_b64 80 "$(g GPT-XL 384 64 adsa-evict 2 ',"budget":0.5,"profile":true')"
+rm -f $OUT/hlo_*.txt.gz
 else
 one s7_b64_rope 70 "$(xl 64 5)" ROPE_IN_KERNEL=1
 one s7_b256_rope 80 "$(xl 256 3)" ROPE_IN_KERNEL=1
