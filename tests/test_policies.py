@@ -1,5 +1,6 @@
 """Policy construction, errors, memory of the compiled call, compile-once, pluggability."""
 import dataclasses
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -77,8 +78,11 @@ def test_evict_never_allocates_the_dense_cache():
     assert dense_shape not in evict_hlo and f",{dense.slots}," not in evict_hlo
     # Compiled memory: the evict cache plus, on XLA:CPU only, one copy of it that CPU buffer
     # assignment keeps around the in-place pool scatter (the GPU compile does not: BENCHMARKS.md,
-    # 0.53x of dense's peak at GPT-XL 384 px, batch 256).
-    assert evict_mem <= 0.55 * dense_kv + evict_kv, (evict_mem, dense_kv, evict_kv)
+    # 0.54x of dense's peak at GPT-XL 384 px, batch 256), plus the per-call w1|w3 stack
+    # (generate.STACK_FFN), which dense holds too.
+    gen = importlib.import_module("adsa_jax.generate")  # the module (adsa_jax.generate is the function)
+    w13 = sum(layer["w1"].nbytes + layer["w3"].nbytes for layer in model.params["layers"]) if gen.STACK_FFN else 0
+    assert evict_mem <= 0.55 * dense_kv + evict_kv + w13, (evict_mem, dense_kv, evict_kv, w13)
 
 
 def test_policies_compile_once(c2i):
