@@ -101,7 +101,7 @@ def compile_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, 
     cfg = model.config
     use_cfg = cfg_scale > 1.0
     rows = batch * (2 if use_cfg else 1)
-    policy = resolve_attention(policy, cfg, attention)
+    policy = resolve_attention(policy, cfg, attention, rows=rows)
     attn = getattr(policy, "attention", "xla")
     if cfg.model_type == "t2i":
         # Zero caption features, every token valid: shapes are static, so a step costs the same

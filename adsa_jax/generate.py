@@ -233,16 +233,24 @@ def resolve_policy(model: Model, policy=None, **policy_kw):
     return policy
 
 
+# Row-heads (batch rows x heads) below which dense decoding keeps XLA attention where the one-kernel
+# step does not fit (kernels.one_kernel_fits: a long cache): at batch 1 the attention kernel's
+# split-combine costs more than it saves (H100: 0.465 s with it, 0.396 s with XLA, GPT-XL 256 px;
+# H200 session 7: GPT-XL 384 px batch 1 0.857 s with XLA, 0.873 with the one-kernel step).
+SMALL_ROW_HEADS = 64
 
-def resolve_attention(policy, cfg: GPTConfig, attention: str = "auto"):
+
+def resolve_attention(policy, cfg: GPTConfig, attention: str = "auto", rows: int | None = None):
     """Set the policy's decode-attention implementation.
 
     'auto': on a GPU backend with a power-of-two head_dim >= 16 (and a jax with the Pallas
-    Triton API, :func:`adsa_jax.kernels.available`), the Pallas kernels at every batch size
-    (dense, window and adsa-evict steps as one kernel per layer: faster than XLA at batch 1 too
-    since session 7, BENCHMARKS.md); XLA elsewhere. 'xla', 'pallas' or 'pallas-interpret' force one. A policy without an
-    ``attention`` field (one defined outside the library) keeps its own attention."""
-    from .kernels import available
+    Triton API, :func:`adsa_jax.kernels.available`), the Pallas kernels (dense, window and
+    adsa-evict steps as one kernel per layer where :func:`adsa_jax.kernels.one_kernel_fits`),
+    except for the dense policy when rows x heads < SMALL_ROW_HEADS (``rows`` = batch rows, CFG
+    included) and the one-kernel step does not fit; XLA elsewhere. 'xla', 'pallas' or
+    'pallas-interpret' force one. A policy without an ``attention`` field (one defined outside the
+    library) keeps its own attention."""
+    from . import kernels
     from .policies import ATTENTION_IMPLS
 
     if attention not in ATTENTION_IMPLS + ("auto",):
@@ -251,8 +259,10 @@ def resolve_attention(policy, cfg: GPTConfig, attention: str = "auto"):
     d = cfg.head_dim
     dim_ok = d >= 16 and not d & (d - 1)
     if attention == "auto":
-        attention = "pallas" if jax.default_backend() == "gpu" and dim_ok and available() else "xla"
-    elif attention != "xla" and not available():
+        small = (type(policy) is Dense and rows is not None and rows * cfg.n_head < SMALL_ROW_HEADS
+                 and not (kernels.DENSE_ONE_KERNEL and kernels.one_kernel_fits(rows, cfg.n_head, policy.slots)))
+        attention = "pallas" if jax.default_backend() == "gpu" and dim_ok and kernels.available() and not small else "xla"
+    elif attention != "xla" and not kernels.available():
         raise ConfigError(f"attention={attention!r} needs the Pallas Triton API of jax >= 0.10 (this is jax "
                           f"{jax.__version__}): upgrade jax or use attention='xla'")
     elif attention != "xla" and not dim_ok:
@@ -285,8 +295,8 @@ def generate(model: Model, cond, key, *, cond_mask=None, cfg_scale: float = 4.0,
     num_segments: split the decode scan into this many static length buckets (with XLA
     attention, dense/select read only the filled part of the cache; more segments = faster
     steps, longer compile). The Pallas kernel reads only filled slots without buckets.
-    attention: decode attention, 'auto' (the Pallas kernels on GPU, XLA elsewhere:
-    :func:`resolve_attention`), 'xla' (the reference), 'pallas', or 'pallas-interpret' (the
+    attention: decode attention, 'auto' (the Pallas kernels on GPU except dense at batch 1-6 with a
+    long cache, XLA elsewhere: :func:`resolve_attention`), 'xla' (the reference), 'pallas', or 'pallas-interpret' (the
     kernel in the Pallas interpreter).
     mesh: a ``('data', 'model')`` mesh (:func:`adsa_jax.sharding.make_mesh`) to split the batch
     over its data axis (default on a single host with several devices: all of them on 'data') (and heads / FFN over its model axis); params not yet on the mesh are
@@ -299,7 +309,7 @@ def generate(model: Model, cond, key, *, cond_mask=None, cfg_scale: float = 4.0,
     cond, mask = prepare_condition(cfg, cond, cond_mask)
     pol = resolve_policy(model, policy, **_policy_kw(budget, prefix, keep, local, granularity))
     b = cond.shape[0]
-    pol = resolve_attention(pol, cfg, attention)
+    pol = resolve_attention(pol, cfg, attention, rows=b * (2 if cfg_scale > 1.0 else 1))
     example_ids = jnp.arange(b, dtype=jnp.int32) if example_ids is None else jnp.asarray(example_ids, jnp.int32)
     if example_ids.shape != (b,):
         raise ConfigError(f"example_ids must have shape ({b},), got {example_ids.shape}")
@@ -361,7 +371,7 @@ def score(model: Model, cond, tokens, *, cond_mask=None, policy=None, cfg_scale:
     if tokens.shape[1] == cfg.num_image_tokens - 1:
         tokens = jnp.pad(tokens, ((0, 0), (0, 1)))
     pol = resolve_attention(resolve_policy(model, policy, **_policy_kw(budget, prefix, keep, local, granularity)),
-                            cfg, attention)
+                            cfg, attention, rows=tokens.shape[0] * (2 if cfg_scale > 1.0 else 1))
     key = jax.random.key(0) if key is None else key
     return _score_jit(model.params, cond, mask, tokens, key, _scalars(cfg_scale, cfg_interval, 1.0, 0, 1.0),
                       cfg=cfg, policy=pol, use_cfg=bool(cfg_scale > 1.0), raw=bool(raw_rows))

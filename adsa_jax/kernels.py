@@ -3,7 +3,7 @@
 - :func:`decode_attention`: attention (optionally with ADSA's score terms) for every policy.
 - :func:`evict_step`: a whole ``dense`` / ``window`` / ``adsa-evict`` layer step (cache write,
   pool move, running sum, attention, next victim) in one kernel, the cache updated in place; the
-  default for those policies at every batch size.
+  default for those policies except at batch 1-6 with a long cache (:func:`one_kernel_fits`).
 - :func:`kth_largest`: the k-th largest logit of each row (top-k's threshold) without a sort.
 
 Why: XLA computes decode attention as a logits reduction, a softmax and a PV reduction over
@@ -33,15 +33,23 @@ NUM_STAGES = 1
 EVICT_BLOCK_K = 64
 EVICT_NUM_WARPS = 2
 # adsa-evict / window (EVICT_ONE_KERNEL) and dense (DENSE_ONE_KERNEL) decode steps as one kernel
-# per layer step (evict_step) at every batch size; False keeps the attention kernel with the cache
-# writes and pool bookkeeping in XLA. Measured on an H200 (BENCHMARKS.md, sessions 5 and 7),
+# per layer step (evict_step) where one_kernel_fits; False keeps the attention kernel with the
+# cache writes and pool bookkeeping in XLA. Measured on an H200 (BENCHMARKS.md, sessions 5 and 7),
 # GPT-XL batch 64: adsa-evict 0.935 s vs 1.191 s at 256 px and 2.715 vs 2.970 s at 384 px; dense
 # 0.730 vs 0.864 s at 256 px and 2.184 vs 2.752 s at 384 px. At small batches too (one program per
 # (row, head), no split over slots): dense 256 px batch 1 0.343 s vs 0.360 (XLA attention), batch
 # 8 0.353 vs 0.378 (split kernel); adsa-evict 384 px batch 8 0.964 vs 1.247; dense 384 px batch 1
-# the exception, 0.873 vs 0.857. Read when a generate call is traced.
+# the exception, 0.873 vs 0.857 (one_kernel_fits). Read when a generate call is traced.
 EVICT_ONE_KERNEL = True
 DENSE_ONE_KERNEL = True
+# One program per (row, head) reads the cache's blocks one after another: with few programs and a
+# long cache that loop is the step's latency, where the other path splits the slots over programs.
+# Measured on an H200 (BENCHMARKS.md, session 7), one kernel against the other path: faster at 40
+# row-heads x 257 slots (GPT-XL 256 px batch 1), 320 x 257, 320 x 577 and adsa-evict 320 x 289;
+# level at GPT-B's 24 x 257; 2% slower at 40 x 577 (GPT-XL 384 px batch 1), and by its loop's
+# length presumably more so at longer caches (t2i 512 px: 1144 slots; not measured).
+ONE_KERNEL_MIN_ROW_HEADS = 256
+ONE_KERNEL_MAX_SLOTS = 320  # below ONE_KERNEL_MIN_ROW_HEADS
 # evict_step applies RoPE to q and k itself (from the projection's output), instead of an XLA
 # fusion writing the rotated q/k/v array before each call. Measured on an H200 (BENCHMARKS.md,
 # session 7), GPT-XL: dense 256 px batch 64 0.600 vs 0.642 s, batch 256 1.422 vs 1.507 s;
@@ -309,6 +317,13 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
 def _dense_kernel(*refs, **kw):
     # evict_step's kernel on a dense cache: no pos ref (12 inputs before cond_ok).
     return _evict_kernel(*refs[:12], None, *refs[12:], **kw)
+
+
+def one_kernel_fits(rows: int, heads: int, slots: int) -> bool:
+    """Whether :func:`evict_step` (one program per (row, head)) is the faster path for a step of
+    ``rows`` batch rows (CFG included) x ``heads`` over a cache of ``slots``: enough programs, or a
+    short cache."""
+    return rows * heads >= ONE_KERNEL_MIN_ROW_HEADS or slots <= ONE_KERNEL_MAX_SLOTS
 
 
 def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: int, keep: int, vsum=None,

@@ -113,19 +113,20 @@ class Dense:
         return {**cache, "k": cache["k"].at[:, :, : self.c].set(kt.astype(cache["k"].dtype)),
                 "v": cache["v"].at[:, :, : self.c].set(vt.astype(cache["v"].dtype))}
 
-    def one_kernel(self) -> bool:
+    def one_kernel(self, rows: int, heads: int) -> bool:
         """Whether a decode step (cache write + attention) runs as one Pallas kernel
         (:func:`adsa_jax.kernels.evict_step` on the dense cache): the kernel path
-        (``kernels.DENSE_ONE_KERNEL``, on by default)."""
+        (``kernels.DENSE_ONE_KERNEL``, on by default) where its one program per (row, head) is not
+        too little work spread too thin (:func:`adsa_jax.kernels.one_kernel_fits`)."""
         if self.attention == "xla":
             return False
         from . import kernels
 
-        return kernels.DENSE_ONE_KERNEL
+        return kernels.DENSE_ONE_KERNEL and kernels.one_kernel_fits(rows, heads, self.slots)
 
     def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None, qkv=None, rope=None):
         slot = self.c + t
-        if self.one_kernel():
+        if self.one_kernel(*q.shape[:2]):
             from .kernels import evict_step
 
             zero = jnp.int32(0)
@@ -164,7 +165,7 @@ class Select(Dense):
         return {**super().init(batch, heads, head_dim, dtype), "vsum": jnp.zeros((batch, g, x), jnp.float32),
                 "sel": jnp.full((batch, g, self.keep), -1, jnp.int32)}
 
-    def one_kernel(self) -> bool:
+    def one_kernel(self, rows: int, heads: int) -> bool:
         return False  # its gather of the kept slots runs in XLA
 
     def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None, qkv=None, rope=None):
@@ -253,7 +254,7 @@ class Evict:
         z = jnp.zeros((batch, heads, self.slots, head_dim), dtype)
         cache = {"k": z, "v": z, "pos": jnp.full((batch, g, self.slots), -1, jnp.int32),
                  "vsum": jnp.zeros((batch, g, x), jnp.float32)}
-        if self.keep and self.one_kernel():  # the kernel's: next step's victim slot, and
+        if self.keep and self.one_kernel(batch, heads):  # the kernel's: next step's victim slot, and
             cache["victim"] = jnp.zeros((batch, heads), jnp.int32)  # max(|v_i|, eps) of every slot
             cache["vnorm"] = jnp.ones((batch, heads, self.slots), jnp.float32)
         elif self.fused_score:  # v_i . total and v_i . v_i of every slot (the kernel's output), next step's
@@ -267,21 +268,22 @@ class Evict:
                 "v": cache["v"].at[:, :, : self.c].set(vt.astype(cache["v"].dtype)),
                 "pos": cache["pos"].at[:, :, : self.c].set(jnp.arange(self.c, dtype=jnp.int32))}
 
-    def one_kernel(self) -> bool:
+    def one_kernel(self, rows: int, heads: int) -> bool:
         """Whether a decode step runs as one Pallas kernel (:func:`adsa_jax.kernels.evict_step`):
-        the kernel path, per-head scores (or none: window) and ``kernels.EVICT_ONE_KERNEL`` (on
-        by default). Otherwise the bookkeeping runs in XLA around the attention."""
+        the kernel path, per-head scores (or none: window), ``kernels.EVICT_ONE_KERNEL`` (on by
+        default) and :func:`adsa_jax.kernels.one_kernel_fits`. Otherwise the bookkeeping runs in
+        XLA around the attention kernel."""
         if self.attention == "xla" or self.granularity != "head" or self.chooser != "similarity":
             return False
         from . import kernels
 
-        return kernels.EVICT_ONE_KERNEL
+        return kernels.EVICT_ONE_KERNEL and kernels.one_kernel_fits(rows, heads, self.slots)
 
     def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None, qkv=None, rope=None):
         c, P, K, M = self.c, self.prefix, self.keep, self.local
         kc, vc, pos, vsum = cache["k"], cache["v"], cache["pos"], cache["vsum"]
-        # init() chose the path for the whole call (the kernel's cache fields).
-        if ("victim" in cache) if K else self.one_kernel():
+        # init() chose the path for the whole call (a device of a mesh sees fewer rows than init).
+        if ("victim" in cache) if K else self.one_kernel(*q.shape[:2]):
             return self._decode_one_kernel(cache, q, k, v, t, cond_mask, qkv, rope)
         ring0 = c + P + K
         ring = ring0 + jnp.mod(t - P, M)

@@ -67,10 +67,11 @@ def test_kernel_in_generation_matches_xla(c2i, c2i_ref, name, kw, one_kernel, mo
     from adsa_jax import kernels
 
     pol = make_policy(c2i.config, name, **kw)
+    rows, heads = 2 * len(c2i_ref["labels"]), c2i.config.n_head
     monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", one_kernel)  # force the path either way
     monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", one_kernel)
     if hasattr(pol, "one_kernel"):
-        assert resolve_attention(pol, c2i.config, "pallas").one_kernel() == one_kernel
+        assert resolve_attention(pol, c2i.config, "pallas").one_kernel(rows, heads) == one_kernel
     toks = _assert_kernel_matches_xla(c2i, c2i_ref, pol)
     if name == "dense":
         np.testing.assert_array_equal(np.asarray(toks), c2i_ref["greedy_cfg_tokens"])
@@ -86,7 +87,7 @@ def test_rope_before_the_kernel_matches_xla(c2i, c2i_ref, name, kw, monkeypatch)
     for switch in ("EVICT_ONE_KERNEL", "DENSE_ONE_KERNEL"):
         monkeypatch.setattr(kernels, switch, True)
     monkeypatch.setattr(kernels, "ROPE_IN_KERNEL", False)
-    assert resolve_attention(pol, c2i.config, "pallas").one_kernel()
+    assert resolve_attention(pol, c2i.config, "pallas").one_kernel(2 * len(c2i_ref["labels"]), c2i.config.n_head)
     _assert_kernel_matches_xla(c2i, c2i_ref, pol)
 
 
@@ -102,7 +103,7 @@ def test_kernel_with_caption_masks(t2i, t2i_ref, monkeypatch):
     monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", True)
     for name in ("adsa-evict", "window", "dense"):
         pol = make_policy(t2i.config, name, **({} if name == "dense" else {"budget": 0.5}))
-        assert resolve_attention(pol, t2i.config, "pallas").one_kernel()
+        assert resolve_attention(pol, t2i.config, "pallas").one_kernel(2 * len(emb), t2i.config.n_head)
         got, want = (adsa_jax.generate(t2i, emb, jax.random.key(0), cond_mask=masks, cfg_scale=7.5, top_k=1,
                                        policy=pol, attention=a) for a in ("pallas-interpret", "xla"))
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
@@ -145,8 +146,9 @@ def test_attention_choice_errors(c2i, monkeypatch):
     pol = make_policy(cfg, "dense")
     gpu = jax.default_backend() == "gpu"
     assert resolve_attention(pol, cfg, "auto").attention == ("pallas" if gpu else "xla")
+    assert resolve_attention(pol, cfg, "auto", rows=2).attention == ("pallas" if gpu else "xla")  # a short cache
     evict = make_policy(cfg, "adsa-evict", budget=0.5)
-    assert resolve_attention(evict, cfg, "auto").attention == ("pallas" if gpu else "xla")
+    assert resolve_attention(evict, cfg, "auto", rows=2).attention == ("pallas" if gpu else "xla")
     with pytest.raises(ConfigError, match="attention must be"):
         resolve_attention(pol, cfg, "cudnn")
     import dataclasses
@@ -188,34 +190,43 @@ def test_kernel_small_blocks_match_xla(c2i, c2i_ref, name, monkeypatch):
     if name == "dense":
         assert kernels._splits(rows * heads, pol.slots, 16) > 1
     else:
-        assert resolve_attention(pol, c2i.config, "pallas").one_kernel() and pol.slots > 2 * 16
+        assert resolve_attention(pol, c2i.config, "pallas").one_kernel(rows, heads) and pol.slots > 2 * 16
     got, want = (adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"], cfg_scale=4.0, raw_rows=True,
                                 policy=pol, attention=a) for a in ("pallas-interpret", "xla"))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=0)
 
 
 def test_one_kernel_switches(monkeypatch):
-    """By default dense, window and adsa-evict steps run as one kernel (at 256 and 384 px, any
-    batch); the switches turn it off; adsa-select and layer granularity never do."""
+    """dense, window and adsa-evict steps run as one kernel wherever kernels.one_kernel_fits: any
+    batch over a short cache (GPT-B 256 px, or adsa-evict's 289 slots at 384 px), and from 256
+    row-heads over a long one (dense at 384 px); the switches turn it off; adsa-select and layer
+    granularity never do. Dense at batch 1 over a long cache keeps XLA attention under 'auto'."""
     from adsa_jax import kernels
     from adsa_jax.config import named_config
 
+    small, large = 2, 32  # batch 1 and 16 with CFG: 24 and 384 row-heads for GPT-B's 12 heads
     for size in (256, 384):
         cfg = named_config("GPT-B", image_size=size)
         pols = [resolve_attention(make_policy(cfg, n, **kw), cfg, "pallas")
                 for n, kw in (("adsa-evict", {"budget": 0.5}), ("window", {"budget": 0.5}), ("dense", {}))]
         for pol in pols:
-            assert pol.one_kernel()
+            assert pol.one_kernel(large, cfg.n_head)
+            assert pol.one_kernel(small, cfg.n_head) == (pol.slots <= kernels.ONE_KERNEL_MAX_SLOTS)
+        assert pols[0].slots <= kernels.ONE_KERNEL_MAX_SLOTS < (pols[2].slots if size == 384 else 1e9)
+        assert "victim" in pols[0].init(large, cfg.n_head, cfg.head_dim, jnp.bfloat16)
         others = [resolve_attention(make_policy(cfg, n, **kw), cfg, "pallas") for n, kw in
                   (("adsa-select", {"budget": 0.5}), ("adsa-evict", {"budget": 0.5, "granularity": "layer"}))]
-        assert not any(pol.one_kernel() for pol in others)
-        assert "victim" in pols[0].init(128, cfg.n_head, cfg.head_dim, jnp.bfloat16)
+        assert not any(pol.one_kernel(large, cfg.n_head) for pol in others)
         monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", False)
         monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", False)
-        assert not any(pol.one_kernel() for pol in pols)
-        assert "victim" not in pols[0].init(128, cfg.n_head, cfg.head_dim, jnp.bfloat16)
+        assert not any(pol.one_kernel(large, cfg.n_head) for pol in pols)
+        assert "victim" not in pols[0].init(large, cfg.n_head, cfg.head_dim, jnp.bfloat16)
         monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", True)
         monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", True)
+    long_evict = make_policy(cfg, "adsa-evict", budget=0.75)  # 384 px: 433 slots
+    assert not resolve_attention(long_evict, cfg, "pallas").one_kernel(small, cfg.n_head)
+    # 'auto' on a GPU: dense at batch 1 over 577 slots takes XLA attention (as on any backend).
+    assert resolve_attention(make_policy(cfg, "dense"), cfg, "auto", rows=small).attention == "xla"
 
 
 @pytest.mark.parametrize("victim_in,want", [(4, 4), (13, 7)])
