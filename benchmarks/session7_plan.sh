@@ -12,7 +12,7 @@
 # (EVICT_TC_SCORE = True) only where they are faster; then re-run A's rows with everything adopted.
 # Two device calls (each under the 600 s limit): `bash benchmarks/session7_plan.sh 1` (A-C), then `... 2` (D-E).
 # Outcome (BENCHMARKS.md, session 7): B and D adopted (now the defaults); E slower, removed; C (with D)
-# faster at batch 1 and 8 (part 3, 4): now the default at every batch, so FUSABLE= is no longer read.
+# faster at batch 1 and 8 (part 3, 4): now the default where kernels.one_kernel_fits; FUSABLE= is no longer read.
 # Part 3 (`... 3`): the headline rows with B and D adopted, one configuration per process.
 export PYTHONUNBUFFERED=1
 export PART=${1:-1}
