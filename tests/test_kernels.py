@@ -285,7 +285,7 @@ def test_evict_step_reads_stacked_qkv(keep, rope_in_kernel, monkeypatch):
         rot = jnp.asarray(rope_table(4, d, 10000.0, c)[c + 5])  # (D/2, 2), grid cell 5
         qkv = jnp.concatenate([apply_rope(raw[:, :2], jnp.broadcast_to(rot, (2,) + rot.shape)), raw[:, 2:]], axis=1)
         kw["rope"] = rot
-        monkeypatch.setattr(kernels, "ROPE_IN_KERNEL", False)
+        monkeypatch.setattr(kernels, "ROPE_IN_KERNEL", rope_in_kernel)
     apart = evict_step(qkv[:, 0], qkv[:, 1], qkv[:, 2], k, v, pos, cond_ok, scalars,
                        **{n: x for n, x in kw.items() if n != "rope"})
     stacked = evict_step(None, None, None, k, v, pos, cond_ok, scalars, qkv=raw, **kw)
