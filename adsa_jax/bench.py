@@ -26,7 +26,7 @@ import numpy as np
 
 from .checkpoint import load, read_meta
 from .config import ConfigError, GPTConfig, config_from_arg, grid_for_image_size, is_config_file
-from .generate import Model, _generate_jit_cublas, _scalars, generate_program, resolve_attention
+from .generate import Model, _generate_jit_cublas, _scalars, generate_program, resolve_attention, resolve_gemm
 from .sampling import resolve_sampler
 from .model import init_params
 from .policies import Dense, kv_bytes, make_policy
@@ -91,7 +91,7 @@ def roofline(cfg: GPTConfig, policy, rows: int, batch: int, dtype, device: dict)
 
 
 def compile_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, segments=1, seed=0,
-                attention="auto") -> dict:
+                attention="auto", gemm="auto") -> dict:
     """Lower and compile one configuration; returns the executable, its arguments and the row
     so far (compile time, compiled peak memory, KV bytes). Thread-safe: XLA compiles without
     the GIL, so a sweep can compile many configurations at once (:func:`run`).
@@ -102,6 +102,7 @@ def compile_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, 
     use_cfg = cfg_scale > 1.0
     rows = batch * (2 if use_cfg else 1)
     policy = resolve_attention(policy, cfg, attention, rows=rows)
+    gemm = resolve_gemm(gemm, rows, model.dtype)
     attn = getattr(policy, "attention", "xla")
     if cfg.model_type == "t2i":
         # Zero caption features, every token valid: shapes are static, so a step costs the same
@@ -117,7 +118,7 @@ def compile_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, 
     t0 = time.perf_counter()
     program = generate_program(rows)
     lowered = program.lower(model.params, cond, mask, jax.random.key(seed), ids, scalars, cfg=cfg,
-                            policy=policy, use_cfg=use_cfg, num_segments=nseg, sampler=resolve_sampler(1.0))
+                            policy=policy, use_cfg=use_cfg, num_segments=nseg, sampler=resolve_sampler(1.0), gemm=gemm)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
@@ -129,7 +130,7 @@ def compile_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, 
         "type": cfg.model_type, "layers": cfg.n_layer, "dim": cfg.dim, "grid": cfg.grid, "batch": batch, "cfg": use_cfg,
         "policy": policy.name, "prefix": getattr(policy, "prefix", None), "keep": getattr(policy, "keep", None),
         "local": getattr(policy, "local", None), "segments": nseg, "attention": attn, "dtype": str(model.dtype),
-        "gemm": "cublas" if program is _generate_jit_cublas else "xla-default", "compile_s": compile_s,
+        "gemm": gemm if gemm != "xla" else "cublas" if program is _generate_jit_cublas else "xla-default", "compile_s": compile_s,
         "peak_bytes_compiled": peak, "kv_bytes": kv_bytes(policy, cfg, rows, model.dtype),
     }
     return {"compiled": compiled, "args": (cond, mask, ids, scalars), "policy": policy, "rows": rows, "row": row}
@@ -156,10 +157,10 @@ def time_one(model: Model, prepared: dict, *, iters=3, warmup=1, device=None, se
 
 
 def bench_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, iters=3, warmup=1, segments=1,
-              device=None, seed=0, run=True, attention="auto"):
+              device=None, seed=0, run=True, attention="auto", gemm="auto"):
     """One configuration; ``run=False`` only compiles (compile time and compiled memory)."""
     prep = compile_one(model, batch, policy, cfg_scale=cfg_scale, top_k=top_k, segments=segments, seed=seed,
-                       attention=attention)
+                       attention=attention, gemm=gemm)
     if not run:
         return dict(prep["row"], s_per_call=float("nan"), images_per_s=float("nan"), ms_per_step=float("nan"),
                     times=[])
@@ -190,7 +191,7 @@ def format_rows(rows) -> str:
 def compiled_in_order(model: Model, items, workers: int = 1):
     """Compile configurations in ``workers`` threads; yield ``(item, prepared)`` in item order as
     each is ready (``prepared``: :func:`compile_one`'s dict, or the exception it raised). Items are
-    dicts with ``batch``, ``policy`` (an object) and optional ``segments``, ``attention``,
+    dicts with ``batch``, ``policy`` (an object) and optional ``segments``, ``attention``, ``gemm``,
     ``cfg_scale``, ``top_k``. Time each one (:func:`time_one`) before taking the next, so only
     the executables still compiling or waiting are held."""
     from concurrent.futures import ThreadPoolExecutor
@@ -198,7 +199,8 @@ def compiled_in_order(model: Model, items, workers: int = 1):
     def prep(item):
         try:
             return compile_one(model, item["batch"], item["policy"], segments=item.get("segments", 1),
-                               attention=item.get("attention", "auto"), cfg_scale=item.get("cfg_scale", 4.0),
+                               attention=item.get("attention", "auto"), gemm=item.get("gemm", "auto"),
+                               cfg_scale=item.get("cfg_scale", 4.0),
                                top_k=item.get("top_k", 2000))
         except Exception as e:  # noqa: BLE001 - one failing configuration should not end the sweep
             return e
@@ -279,7 +281,7 @@ def _checkpoint_model(path: Path, sizes, model_type) -> BenchModel:
 
 def run(models=None, image_sizes=None, batches=(1, 8), policies=("dense",), budgets=(0.5,),
         dtype="bfloat16", iters=3, segments=1, cfg_scale=4.0, top_k=2000, json_path=None, measure=True, log=print,
-        attention="auto", compile_workers=1, warmup=1, checkpoint=None, model_type=None):
+        attention="auto", compile_workers=1, warmup=1, checkpoint=None, model_type=None, gemm="auto"):
     """Sweep models x image sizes x policies x budgets x batches (models, image sizes, checkpoint
     and model type: :func:`bench_models`). With ``compile_workers`` > 1 the configurations of one
     model compile in parallel threads (their compile times then overlap: compile_s is wall time
@@ -289,7 +291,7 @@ def run(models=None, image_sizes=None, batches=(1, 8), policies=("dense",), budg
 
     def items_for(cfg):
         return [{"batch": b, "policy": make_policy(cfg, pol_name, budget=budget), "budget": budget,
-                 "segments": segments, "attention": attention, "cfg_scale": cfg_scale, "top_k": top_k}
+                 "segments": segments, "attention": attention, "gemm": gemm, "cfg_scale": cfg_scale, "top_k": top_k}
                 for pol_name in policies for budget in ([None] if pol_name == "dense" else budgets)
                 for b in batches]
 

@@ -254,7 +254,7 @@ def run_sample(a):
     bs = a.batch_size or n
     key = jax.random.key(a.seed)
     kw = dict(cfg_scale=a.cfg_scale, cfg_interval=a.cfg_interval, temperature=a.temperature, top_k=a.top_k,
-              top_p=a.top_p, policy=policy, num_segments=a.segments, attention=a.attention)
+              top_p=a.top_p, policy=policy, num_segments=a.segments, attention=a.attention, gemm=a.gemm)
     if mesh is not None:
         _log(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices ({jax.process_count()} processes)")
     if a.npz:  # large runs: resumable batches in NPZ.parts/, merged into NPZ (adsa_jax.runs)
@@ -414,6 +414,8 @@ def build_parser():
                    "XLA attention)")
     s.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas"),
                    help="decode attention: auto = the Pallas kernel on GPU, XLA elsewhere")
+    s.add_argument("--gemm", default="auto", choices=("auto", "xla", "pallas"),
+                   help="decode weight GEMMs: auto = a Pallas GEMV on one GPU at batch 1-8 (bf16), XLA elsewhere")
     add_sampling_args(s)
     # unset: LlamaGen's cfg 4.0 / temperature 1.0 / top-k 2000 with --gpt, the demo model's own (demo.DEMO_SAMPLING) without
     s.set_defaults(cfg_scale=None, temperature=None, top_k=None)
@@ -498,6 +500,8 @@ def build_parser():
     b.add_argument("--top-k", type=int, default=2000)
     b.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas"),
                    help="decode attention: auto = the Pallas kernel on GPU, XLA elsewhere")
+    b.add_argument("--gemm", default="auto", choices=("auto", "xla", "pallas"),
+                   help="decode weight GEMMs: auto = a Pallas GEMV on one GPU at batch 1-8 (bf16), XLA elsewhere")
     b.add_argument("--compile-workers", type=int, default=1, help="compile this many configurations at once "
                    "(threads; compile times then overlap)")
     b.add_argument("--no-roofline", action="store_true", help="skip measuring bandwidth and matmul rate")
@@ -516,7 +520,8 @@ def run_bench(a):
                   model_type=a.model_type, batches=[int(x) for x in a.batch.split(",")], policies=a.policies.split(","),
                   budgets=[float(x) for x in a.budgets.split(",")], dtype=a.dtype, iters=a.iters,
                   segments=a.segments, cfg_scale=a.cfg_scale, top_k=a.top_k, json_path=a.json,
-                  measure=not a.no_roofline, log=_log, attention=a.attention, compile_workers=a.compile_workers)
+                  measure=not a.no_roofline, log=_log, attention=a.attention, gemm=a.gemm,
+                  compile_workers=a.compile_workers)
     print(format_rows(rows))
 
 

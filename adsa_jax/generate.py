@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import kernels
 from . import model as M
 from .config import ConfigError, GPTConfig
 from .policies import Dense, make_policy
@@ -103,17 +104,19 @@ STACK_FFN = True
 
 
 def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg, forced, segments, raw=False,
-         shard=None, sampler=("sort", True)):
+         shard=None, sampler=("sort", True), gemm="xla"):
     """Shared body of generate and score. forced: (B, N) tokens to feed, or None to sample.
 
     Returns (tokens (B, N) int32, logits (B, N, V) float32 or None); with raw=True the logits
     are those of every batch row before guidance (B2, N, V). shard: None, or a function applied
     to the caches (``with_sharding_constraint`` when generating on a mesh). sampler: static
-    (kth, top_p_on) of :func:`adsa_jax.sampling.resolve_sampler`.
+    (kth, top_p_on) of :func:`adsa_jax.sampling.resolve_sampler`. gemm: static, the decode steps'
+    weight GEMMs (:func:`resolve_gemm`).
     """
     if STACK_FFN and shard is None:  # one device: w1 and w3 stacked once, outside the loop
         params = M.stack_ffn(params)
     shard = shard or (lambda cs: cs)
+    matmul = None if gemm == "xla" else functools.partial(kernels.small_matmul, interpret=gemm == "pallas-interpret")
     cfg_scale, cfg_interval, temperature, top_k, top_p = scalars
     rows = cond_emb.shape[0]
     caches = shard([policy.init(rows, cfg.n_head, cfg.head_dim, params["tok_embeddings"].dtype)
@@ -149,7 +152,7 @@ def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg,
         tok, caches = carry
         fed = jnp.repeat(tok, 2, axis=0) if use_cfg else tok
         keys = row_keys(i + 1) if needs_keys else None  # only the random policy draws per step
-        logits, caches = M.decode_step(params, cfg, policy, caches, fed, i, cond_mask, keys, span)
+        logits, caches = M.decode_step(params, cfg, policy, caches, fed, i, cond_mask, keys, span, matmul=matmul)
         caches = shard(caches)
         guided = (cfg_interval < 0) | (i <= cfg_interval)  # LlamaGen: off for good once i > cfg_interval
         nxt = forced[:, i + 1] if forced is not None else None
@@ -169,7 +172,7 @@ def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg,
 
 
 def _generate_impl(params, cond, cond_mask, key, example_ids, scalars, *, cfg, policy, use_cfg, num_segments,
-                   mesh=None, sampler=("sort", True)):
+                   mesh=None, sampler=("sort", True), gemm="xla"):
     ex_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(example_ids)
     emb, mask = _embed_rows(params, cfg, cond, cond_mask, use_cfg)
     segs = _segments(cfg.num_image_tokens - 1, cfg.cls_token_num, num_segments if isinstance(policy, Dense) else 1)
@@ -180,11 +183,11 @@ def _generate_impl(params, cond, cond_mask, key, example_ids, scalars, *, cfg, p
         policy = ShardedPolicy(policy, mesh)  # each device decodes its own rows and heads
         emb, mask = constrain_batch(emb, mesh), constrain_batch(mask, mesh)
     tokens, _ = _run(params, cfg, policy, emb, mask, ex_keys, scalars, use_cfg=use_cfg, forced=None, segments=segs,
-                     shard=shard, sampler=sampler)
+                     shard=shard, sampler=sampler, gemm=gemm)
     return tokens if mesh is None else constrain_batch(tokens, mesh)
 
 
-_GENERATE_STATIC = ("cfg", "policy", "use_cfg", "num_segments", "mesh", "sampler")
+_GENERATE_STATIC = ("cfg", "policy", "use_cfg", "num_segments", "mesh", "sampler", "gemm")
 _generate_jit = jax.jit(_generate_impl, static_argnames=_GENERATE_STATIC)
 # The same program with the weight GEMMs on cuBLAS instead of XLA's Triton GEMMs, and XLA's dot
 # merger off (it fuses x @ w1 and x @ w3 into one dot over a concatenation of the two weights,
@@ -196,6 +199,35 @@ _generate_jit_cublas = jax.jit(_generate_impl, static_argnames=_GENERATE_STATIC,
 # Batch rows (CFG included) from which a GPU generate call compiles with CUBLAS_OPTIONS; None: never.
 # Measured on an H200 with GPT-XL: see BENCHMARKS.md, session 6 (at 2 rows cuBLAS is slower).
 GEMM_CUBLAS_MIN_ROWS = 128
+
+
+# Batch rows (CFG included) up to which a GPU decode runs its weight GEMMs on kernels.small_matmul
+# (split-K Pallas GEMV) instead of XLA's GEMMs ('auto'); 0: never. See resolve_gemm.
+GEMV_MAX_ROWS = 16
+GEMM_IMPLS = ("xla", "pallas", "pallas-interpret")
+
+
+def resolve_gemm(gemm: str, rows: int, dtype, mesh=None) -> str:
+    """The decode steps' weight-GEMM implementation: 'xla' (einsums; the reference), 'pallas'
+    (:func:`adsa_jax.kernels.small_matmul`) or 'pallas-interpret' (the same in the Pallas interpreter,
+    any backend). 'auto': 'pallas' on one GPU for at most GEMV_MAX_ROWS rows (``rows`` = batch rows,
+    CFG included) of 2-byte (bf16/fp16) weights, 'xla' elsewhere (float32 keeps XLA's exact GEMMs)."""
+    if gemm not in GEMM_IMPLS + ("auto",):
+        raise ConfigError(f"gemm must be 'auto' or one of {', '.join(GEMM_IMPLS)}, got {gemm!r}")
+    if gemm == "auto":
+        ok = (jax.default_backend() == "gpu" and kernels.available() and mesh is None
+              and rows <= (GEMV_MAX_ROWS or 0) and jnp.dtype(dtype).itemsize == 2)
+        return "pallas" if ok else "xla"
+    if gemm != "xla":
+        if not kernels.available():
+            raise ConfigError(f"gemm={gemm!r} needs the Pallas Triton API of jax >= 0.10 (this is jax "
+                              f"{jax.__version__}): use gemm='xla'")
+        if rows > kernels.GEMV_ROWS:
+            raise ConfigError(f"gemm={gemm!r} is a small-batch kernel (at most {kernels.GEMV_ROWS} rows, CFG "
+                              f"included); this call has {rows}: use gemm='auto' or 'xla'")
+        if mesh is not None:
+            raise ConfigError(f"gemm={gemm!r} runs on one device; on a mesh use gemm='auto' or 'xla'")
+    return gemm
 
 
 def generate_program(rows: int, mesh=None):
@@ -284,7 +316,7 @@ def _scalars(cfg_scale, cfg_interval, temperature, top_k, top_p):
 def generate(model: Model, cond, key, *, cond_mask=None, cfg_scale: float = 4.0, cfg_interval: float = -1,
              temperature: float = 1.0, top_k: int = 2000, top_p: float = 1.0, policy=None, budget=None,
              prefix=None, keep=None, local=None, granularity="head", example_ids=None, num_segments: int = 1,
-             mesh=None, attention: str = "auto"):
+             mesh=None, attention: str = "auto", gemm: str = "auto"):
     """Sample image tokens. Defaults are LlamaGen's ``sample_c2i.py`` (cfg 4.0, top-k 2000).
 
     cond: class ids (B,) for c2i; caption features (B, 120, C) plus ``cond_mask`` (B, 120) for
@@ -298,6 +330,8 @@ def generate(model: Model, cond, key, *, cond_mask=None, cfg_scale: float = 4.0,
     attention: decode attention, 'auto' (the Pallas kernels on GPU except dense at batch 1-6 with a
     long cache, XLA elsewhere: :func:`resolve_attention`), 'xla' (the reference), 'pallas', or 'pallas-interpret' (the
     kernel in the Pallas interpreter).
+    gemm: the decode steps' weight GEMMs, 'auto' (a split-K Pallas GEMV on one GPU at batch 1-8 with CFG,
+    bf16/fp16 weights; XLA elsewhere: :func:`resolve_gemm`), 'xla', 'pallas' or 'pallas-interpret'.
     mesh: a ``('data', 'model')`` mesh (:func:`adsa_jax.sharding.make_mesh`) to split the batch
     over its data axis (default on a single host with several devices: all of them on 'data') (and heads / FFN over its model axis); params not yet on the mesh are
     placed there each call (do it once: ``load(..., mesh=)`` or ``sharding.shard_model``). A batch
@@ -318,14 +352,15 @@ def generate(model: Model, cond, key, *, cond_mask=None, cfg_scale: float = 4.0,
         from .sharding import make_mesh
         mesh = make_mesh()  # default: data parallel over every visible device (pass mesh= to choose)
     sampler = resolve_sampler(top_p, mesh)
+    rows = b * (2 if cfg_scale > 1.0 else 1)
+    gemm = resolve_gemm(gemm, rows, model.dtype, mesh)
     if mesh is not None:
         from .sharding import generate_on_mesh
         return generate_on_mesh(model, cond, mask, key, example_ids, scalars, policy=pol, use_cfg=bool(cfg_scale > 1.0),
                                 num_segments=int(num_segments), mesh=mesh, sampler=sampler)
     use_cfg = bool(cfg_scale > 1.0)
-    return generate_program(b * (2 if use_cfg else 1))(model.params, cond, mask, key, example_ids, scalars, cfg=cfg,
-                                                       policy=pol, use_cfg=use_cfg, num_segments=int(num_segments),
-                                                       sampler=sampler)
+    return generate_program(rows)(model.params, cond, mask, key, example_ids, scalars, cfg=cfg, policy=pol,
+                                  use_cfg=use_cfg, num_segments=int(num_segments), sampler=sampler, gemm=gemm)
 
 
 def _policy_kw(budget, prefix, keep, local, granularity):

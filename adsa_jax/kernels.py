@@ -451,6 +451,73 @@ def kth_largest(x, k, *, num_warps: int | None = None, interpret: bool = False):
     )(jnp.asarray(k, jnp.int32), x)
 
 
+# Small-row GEMMs (decode at batch 1-8: 2-16 rows with CFG). XLA's GEMMs there read weights at
+# ~1.5 TB/s on an H200 (session 7 profile: 25.5 us per GPT-XL layer and step at 2 rows, the bulk of
+# a batch-1 step). small_matmul splits the columns and the contraction over enough programs to fill
+# the GPU and streams each weight tile once; XLA sums the float32 partials in the consumer's fusion.
+GEMV_BLOCK_N = 64
+GEMV_BLOCK_K = 128
+GEMV_PROGRAMS = 512  # aim: about this many (column block, K split) programs per call
+GEMV_NUM_WARPS = 4
+GEMV_NUM_STAGES = 3
+GEMV_ROWS = 16  # rows are padded to this (the tensor-core dot's least M)
+
+
+def _gemv_kernel(x_ref, w_ref, o_ref, *, block_k, k_split, precision):
+    # One program = one (column block, K split): x (Mp, K), w (K, bn) -> partial (Mp, bn) in f32.
+    s = pl.program_id(1)
+
+    def body(j, acc):
+        start = pl.multiple_of(s * k_split + j * block_k, block_k)
+        xb = x_ref[:, pl.ds(start, block_k)]  # (Mp, bk)
+        wb = w_ref[pl.ds(start, block_k), :]  # (bk, bn)
+        return acc + jnp.dot(xb, wb, preferred_element_type=jnp.float32, precision=precision)
+
+    o_ref[...] = jax.lax.fori_loop(0, k_split // block_k, body, jnp.zeros(o_ref.shape, jnp.float32))
+
+
+def gemv_tiling(k: int, n: int, *, block_n: int | None = None, block_k: int | None = None,
+                splits: int | None = None):
+    """(block_n, block_k, splits) for small_matmul over a (k, n) weight, or None where the shape does
+    not tile (then the caller keeps XLA's GEMM): the most K splits (dividing k's blocks) that keep
+    the program count at most GEMV_PROGRAMS."""
+    bn, bk = block_n or GEMV_BLOCK_N, block_k or GEMV_BLOCK_K
+    if n % bn or k % bk:
+        return None
+    blocks = k // bk
+    if splits is None:
+        splits = max([d for d in range(1, blocks + 1) if blocks % d == 0 and (n // bn) * d <= GEMV_PROGRAMS] or [1])
+    elif blocks % splits:
+        return None
+    return bn, bk, splits
+
+
+def small_matmul(x, w, *, block_n: int | None = None, block_k: int | None = None, splits: int | None = None,
+                 num_warps: int | None = None, num_stages: int | None = None, interpret: bool = False):
+    """x (M, K) @ w (K, N) -> (M, N) in x's dtype with float32 accumulation, for M <= GEMV_ROWS
+    rows (decode GEMMs at small batches). Shapes that do not tile (gemv_tiling) use jnp.dot."""
+    m, kdim = x.shape
+    n = w.shape[1]
+    tiling = gemv_tiling(kdim, n, block_n=block_n, block_k=block_k, splits=splits)
+    if tiling is None or m > GEMV_ROWS:
+        return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    bn, bk, sp = tiling
+    xp = jnp.pad(x.astype(w.dtype), ((0, GEMV_ROWS - m), (0, 0)))  # (Mp, K): rows padded for the dot
+    part = pl.pallas_call(
+        functools.partial(_gemv_kernel, block_k=bk, k_split=kdim // sp,
+                          precision=jax.lax.Precision.HIGHEST if w.dtype == jnp.float32 else None),
+        grid=(n // bn, sp),
+        in_specs=[pl.BlockSpec((GEMV_ROWS, kdim), lambda i, s: (0, 0)),
+                  pl.BlockSpec((kdim, bn), lambda i, s: (0, i))],
+        out_specs=pl.BlockSpec((None, GEMV_ROWS, bn), lambda i, s: (s, 0, i)),
+        out_shape=jax.ShapeDtypeStruct((sp, GEMV_ROWS, n), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps or GEMV_NUM_WARPS,
+                                             num_stages=num_stages or GEMV_NUM_STAGES),
+        interpret=interpret, name="adsa_small_matmul",
+    )(xp, w)  # (splits, Mp, N) float32 partials
+    return jnp.sum(part[:, :m], axis=0).astype(x.dtype)
+
+
 try:  # Pallas is part of jax; an older jax without these Triton APIs keeps attention='xla'
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu

@@ -81,7 +81,23 @@ def rms_norm(x, weight, eps):
     return y.astype(x.dtype) * weight
 
 
-def ffn(layer, x):
+def project(matmul, x, w, k_axes: int = 1):
+    """x (B, *in) @ w (*in, *out) -> (B, *out) as ``matmul`` over 2-D views (free reshapes):
+    (B, prod(in)) @ (prod(in), prod(out)); for a decode step's GEMMs on a small-row kernel."""
+    kdim = math.prod(w.shape[:k_axes])
+    y = matmul(x.reshape(x.shape[0], kdim), w.reshape(kdim, -1))  # (B, prod(out))
+    return y.reshape(x.shape[:1] + w.shape[k_axes:])  # (B, *out)
+
+
+def ffn(layer, x, matmul=None):
+    if matmul is not None:  # one token per row (decode): x (B, 1, E)
+        xt = x[:, 0]  # (B, E)
+        if "w13" in layer:
+            h = project(matmul, xt, layer["w13"])  # (B, 2, F)
+            h1, h3 = h[:, 0], h[:, 1]
+        else:
+            h1, h3 = matmul(xt, layer["w1"]), matmul(xt, layer["w3"])
+        return matmul(jax.nn.silu(h1) * h3, layer["w2"])[:, None]  # (B, 1, E)
     if "w13" in layer:  # w1 and w3 stacked (E, 2, F) by stack_ffn: one GEMM for both
         h = jnp.einsum("BTE,EKF->BTKF", x, layer["w13"])  # (B, T, 2, F)
         h1, h3 = h[:, :, 0], h[:, :, 1]
@@ -143,8 +159,10 @@ def embed_condition(params, cfg: GPTConfig, cond, cond_mask):
     return jnp.einsum("BTE,EF->BTF", h, cap["fc2"])[:, : cfg.cls_token_num]
 
 
-def head(params, cfg, x):
+def head(params, cfg, x, matmul=None):
     h = rms_norm(x, params["norm"], cfg.norm_eps)
+    if matmul is not None:  # one token per row (decode): x (B, 1, E)
+        return matmul(h[:, 0], params["output"])[:, None].astype(jnp.float32)
     return jnp.einsum("BTE,EV->BTV", h, params["output"]).astype(jnp.float32)
 
 
@@ -202,7 +220,7 @@ def prefill(params, cfg: GPTConfig, policy, caches, cond_emb, cond_mask):
     return head(params, cfg, x[:, -1:])[:, 0], new
 
 
-def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, row_keys, span):
+def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, row_keys, span, matmul=None):
     """One image token per row through every layer.
 
     tokens (B,) int32 = image token t; t is a traced scalar (0-based image index);
@@ -212,6 +230,8 @@ def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, ro
     A policy with ``takes_qkv = True`` also gets ``qkv=`` (B, 3, H, D), the projection's q, k, v
     before RoPE in one array, and ``rope=`` (D/2, 2), this position's RoPE row, which a Pallas
     step kernel reads in place (XLA drops the rotated q and k then, unless the policy uses them).
+    matmul (static): None for XLA's einsums, or a function (M, K) @ (K, N) -> (M, N) for every
+    weight GEMM of the step (:func:`adsa_jax.kernels.small_matmul` at small batches).
     """
     x = params["tok_embeddings"][tokens][:, None, :]  # (B, 1, E)
     rot = rope_rows(cfg, cfg.cls_token_num + t)  # (D/2, 2)
@@ -221,17 +241,20 @@ def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, ro
     for li, (layer, cache) in enumerate(zip(params["layers"], caches)):
         with jax.named_scope("attention"):
             h = rms_norm(x, layer["attention_norm"], cfg.norm_eps)
-            qkv = jnp.einsum("BTE,EKHD->BTKHD", h, layer["wqkv"])[:, 0]  # (B, 3, H, D)
+            if matmul is None:
+                qkv = jnp.einsum("BTE,EKHD->BTKHD", h, layer["wqkv"])[:, 0]  # (B, 3, H, D)
+            else:
+                qkv = project(matmul, h[:, 0], layer["wqkv"])  # (B, 3, H, D)
             qk = apply_rope(qkv[:, :2], rot2)  # (B, 2, H, D)
             q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]
             kw = {"qkv": qkv, "rope": rot} if takes_qkv else {}
             cache, o = policy.decode(cache, q, k, v, t, cond_mask, layer_index=li, row_keys=row_keys, span=span,
                                      **kw)
             new.append(cache)
-            x = x + out_proj(layer, o[:, None])
+            x = x + (out_proj(layer, o[:, None]) if matmul is None else project(matmul, o, layer["wo"], 2)[:, None])
         with jax.named_scope("ffn"):
-            x = x + ffn(layer, rms_norm(x, layer["ffn_norm"], cfg.norm_eps))
-    return head(params, cfg, x)[:, 0], new
+            x = x + ffn(layer, rms_norm(x, layer["ffn_norm"], cfg.norm_eps), matmul)
+    return head(params, cfg, x, matmul)[:, 0], new
 
 
 def check_params(params, cfg: GPTConfig):
