@@ -461,6 +461,9 @@ GEMV_PROGRAMS = 512  # aim: about this many (column block, K split) programs per
 GEMV_NUM_WARPS = 4
 GEMV_NUM_STAGES = 3
 GEMV_ROWS = 16  # rows are padded to this (the tensor-core dot's least M)
+# Per weight shape (K, N): (block_n, block_k, splits) measured best, or None where XLA's GEMM was
+# faster; shapes not listed follow gemv_tiling's rule.
+GEMV_TILES: dict = {}
 
 
 def _gemv_kernel(x_ref, w_ref, o_ref, *, block_k, k_split, precision):
@@ -498,7 +501,8 @@ def small_matmul(x, w, *, block_n: int | None = None, block_k: int | None = None
     rows (decode GEMMs at small batches). Shapes that do not tile (gemv_tiling) use jnp.dot."""
     m, kdim = x.shape
     n = w.shape[1]
-    tiling = gemv_tiling(kdim, n, block_n=block_n, block_k=block_k, splits=splits)
+    tuned = GEMV_TILES.get((kdim, n), ()) if block_n is block_k is splits is None else ()
+    tiling = tuned if tuned != () else gemv_tiling(kdim, n, block_n=block_n, block_k=block_k, splits=splits)
     if tiling is None or m > GEMV_ROWS:
         return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
     bn, bk, sp = tiling
