@@ -467,16 +467,22 @@ GEMV_TILES: dict = {}
 
 
 def _gemv_kernel(x_ref, w_ref, o_ref, *, block_k, k_split, precision):
-    # One program = one (column block, K split): x (Mp, K), w (K, bn) -> partial (Mp, bn) in f32.
+    # One program = one (column block, K split): x (M, K), w (K, bn) -> partial (M, bn) in f32. The
+    # M < GEMV_ROWS rows load as a (GEMV_ROWS, bk) tile, the missing rows masked to 0, so no padded
+    # copy of x is made in memory (it cost an XLA kernel per GEMM).
     s = pl.program_id(1)
+    m = x_ref.shape[0]
+    row0 = pl.program_id(0) * 0  # a traced 0: the tile reaches past x's rows (masked)
+    rows_ok = (jnp.arange(GEMV_ROWS) < m)[:, None]
 
     def body(j, acc):
         start = pl.multiple_of(s * k_split + j * block_k, block_k)
-        xb = x_ref[:, pl.ds(start, block_k)]  # (Mp, bk)
+        xb = plgpu.load(x_ref.at[pl.ds(row0, GEMV_ROWS), pl.ds(start, block_k)], mask=rows_ok, other=0.0)  # (Mp, bk)
         wb = w_ref[pl.ds(start, block_k), :]  # (bk, bn)
         return acc + jnp.dot(xb, wb, preferred_element_type=jnp.float32, precision=precision)
 
-    o_ref[...] = jax.lax.fori_loop(0, k_split // block_k, body, jnp.zeros(o_ref.shape, jnp.float32))
+    acc = jax.lax.fori_loop(0, k_split // block_k, body, jnp.zeros((GEMV_ROWS, o_ref.shape[-1]), jnp.float32))
+    plgpu.store(o_ref.at[pl.ds(row0, GEMV_ROWS), :], acc, mask=rows_ok)
 
 
 def gemv_tiling(k: int, n: int, *, block_n: int | None = None, block_k: int | None = None,
@@ -506,20 +512,19 @@ def small_matmul(x, w, *, block_n: int | None = None, block_k: int | None = None
     if tiling is None or m > GEMV_ROWS:
         return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
     bn, bk, sp = tiling
-    xp = jnp.pad(x.astype(w.dtype), ((0, GEMV_ROWS - m), (0, 0)))  # (Mp, K): rows padded for the dot
     part = pl.pallas_call(
         functools.partial(_gemv_kernel, block_k=bk, k_split=kdim // sp,
                           precision=jax.lax.Precision.HIGHEST if w.dtype == jnp.float32 else None),
         grid=(n // bn, sp),
-        in_specs=[pl.BlockSpec((GEMV_ROWS, kdim), lambda i, s: (0, 0)),
+        in_specs=[pl.BlockSpec((m, kdim), lambda i, s: (0, 0)),
                   pl.BlockSpec((kdim, bn), lambda i, s: (0, i))],
-        out_specs=pl.BlockSpec((None, GEMV_ROWS, bn), lambda i, s: (s, 0, i)),
-        out_shape=jax.ShapeDtypeStruct((sp, GEMV_ROWS, n), jnp.float32),
+        out_specs=pl.BlockSpec((None, m, bn), lambda i, s: (s, 0, i)),
+        out_shape=jax.ShapeDtypeStruct((sp, m, n), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps or GEMV_NUM_WARPS,
                                              num_stages=num_stages or GEMV_NUM_STAGES),
         interpret=interpret, name="adsa_small_matmul",
-    )(xp, w)  # (splits, Mp, N) float32 partials
-    return jnp.sum(part[:, :m], axis=0).astype(x.dtype)
+    )(x.astype(w.dtype), w)  # (splits, M, N) float32 partials
+    return jnp.sum(part, axis=0).astype(x.dtype)
 
 
 try:  # Pallas is part of jax; an older jax without these Triton APIs keeps attention='xla'
