@@ -227,6 +227,9 @@ def resolve_gemm(gemm: str, rows: int, dtype, mesh=None) -> str:
                               f"included); this call has {rows}: use gemm='auto' or 'xla'")
         if mesh is not None:
             raise ConfigError(f"gemm={gemm!r} runs on one device; on a mesh use gemm='auto' or 'xla'")
+        if gemm == "pallas" and jax.default_backend() != "gpu":
+            raise ConfigError(f"gemm='pallas' compiles for a GPU; this backend is {jax.default_backend()!r}: use "
+                              "gemm='auto', 'xla' or 'pallas-interpret'")
     return gemm
 
 

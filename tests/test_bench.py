@@ -197,9 +197,11 @@ def test_cli_bench_checkpoint(c2i_dir, tmp_path, capsys):
 def test_cli_bench_json_config(config_files, tmp_path):
     out = tmp_path / "b.json"
     assert main(["bench", "--model", str(config_files["gpt_c2i_small"]), "--batch", "1", "--cfg-scale", "1",
-                 "--segments", "1", "--iters", "1", "--no-roofline", "--dtype", "float32", "--json", str(out)]) == 0
+                 "--segments", "1", "--iters", "1", "--no-roofline", "--dtype", "float32", "--gemm", "xla",
+                 "--json", str(out)]) == 0
     (r,) = json.loads(out.read_text())["rows"]
     assert r["name"] == "gpt_c2i_small" and r["grid"] == 8 and r["layers"] == 3 and r["cfg"] is False
+    assert r["gemm"] == "xla-default"
     assert r["s_per_call"] > 0
 
 

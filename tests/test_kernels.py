@@ -116,11 +116,11 @@ def test_kernel_lowers_for_gpu(c2i, monkeypatch):
 
     cond, mask = prepare_condition(c2i.config, np.array([1, 2]))
 
-    def lowered(name, sampler=("sort", True), params=c2i.params, **kw):
+    def lowered(name, sampler=("sort", True), params=c2i.params, gemm="xla", **kw):
         pol = resolve_attention(make_policy(c2i.config, name, **kw), c2i.config, "pallas")
         return _generate_jit.trace(params, cond, mask, jax.random.key(0), jnp.arange(2),
                                    _scalars(4.0, -1, 1.0, 0, 1.0), cfg=c2i.config, policy=pol, use_cfg=True,
-                                   num_segments=1, sampler=sampler).lower(lowering_platforms=("cuda",)).as_text()
+                                   num_segments=1, sampler=sampler, gemm=gemm).lower(lowering_platforms=("cuda",)).as_text()
 
     for name, kw in (("window", {"budget": 0.5}), ("dense", {}), ("adsa-evict", {"budget": 0.5})):  # the defaults
         assert "adsa_evict_step" in lowered(name, **kw)
@@ -133,6 +133,10 @@ def test_kernel_lowers_for_gpu(c2i, monkeypatch):
         assert "adsa_evict_step" in lowered(name, params=bf16, **kw)
     monkeypatch.setattr(kernels, "ROPE_IN_KERNEL", True)
     jax.clear_caches()
+    monkeypatch.setattr(kernels, "GEMV_BLOCK_N", 64)  # the decode GEMMs on the GEMV kernel (192-wide layers)
+    monkeypatch.setattr(kernels, "GEMV_BLOCK_K", 64)
+    text = lowered("dense", params=bf16, gemm="pallas")
+    assert text.count("adsa_small_matmul") >= 4 and "adsa_evict_step" in text
     assert "adsa_decode_attention" in lowered("adsa-evict", budget=0.5, granularity="layer")
     monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", False)
     monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", False)
@@ -295,3 +299,108 @@ def test_evict_step_reads_stacked_qkv(keep, rope_in_kernel, monkeypatch):
     np.testing.assert_array_equal(np.asarray(stacked[2], np.float32)[:, :, ws], np.asarray(qkv[:, 2], np.float32))
 
 
+
+
+def _uses_pallas(f, *args):
+    return "pallas_call" in str(jax.make_jaxpr(f)(*args))
+
+
+@pytest.mark.parametrize("m,k,n,splits", [(1, 256, 384, None), (2, 384, 192, 3), (7, 256, 128, 1), (16, 512, 64, 4)])
+def test_small_matmul_matches_dot(m, k, n, splits, monkeypatch):
+    """The split-K GEMV (interpreter): float32 within float32 rounding of a float64 product, bf16
+    within bf16 output rounding; rows below GEMV_ROWS are masked loads, never garbage."""
+    from adsa_jax import kernels
+
+    monkeypatch.setattr(kernels, "GEMV_BLOCK_N", 64)
+    monkeypatch.setattr(kernels, "GEMV_BLOCK_K", 64)
+    rng = np.random.default_rng(m * 1000 + k)
+    x, w = rng.standard_normal((m, k)), rng.standard_normal((k, n)) / np.sqrt(k)
+    want = x @ w
+    for dt, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
+        xd, wd = jnp.asarray(x, dt), jnp.asarray(w, dt)
+        f = lambda a, b: kernels.small_matmul(a, b, splits=splits, interpret=True)  # noqa: E731
+        assert _uses_pallas(f, xd, wd)
+        got = f(xd, wd)
+        assert got.dtype == dt and got.shape == (m, n)
+        exact = np.asarray(xd, np.float64) @ np.asarray(wd, np.float64)  # the inputs as stored
+        np.testing.assert_allclose(np.asarray(got, np.float64), exact, atol=tol * np.abs(want).max(), rtol=0)
+
+
+def test_small_matmul_falls_back_where_it_does_not_apply(monkeypatch):
+    """Shapes that do not tile, more than GEMV_ROWS rows, or a GEMV_TILES entry of None: jnp.dot,
+    with the same result."""
+    from adsa_jax import kernels
+
+    rng = np.random.default_rng(0)
+    for m, k, n in ((2, 200, 128), (2, 256, 96), (kernels.GEMV_ROWS + 1, 256, 128)):
+        x, w = jnp.asarray(rng.standard_normal((m, k)), jnp.float32), jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
+        f = lambda a, b: kernels.small_matmul(a, b, block_n=64, block_k=64, interpret=True)  # noqa: E731
+        assert not _uses_pallas(f, x, w)
+        np.testing.assert_allclose(np.asarray(f(x, w)), np.asarray(x) @ np.asarray(w), atol=1e-4, rtol=1e-5)
+    x, w = jnp.ones((2, 256)), jnp.ones((256, 128))
+    monkeypatch.setattr(kernels, "GEMV_TILES", {(256, 128): None})
+    assert not _uses_pallas(lambda a, b: kernels.small_matmul(a, b, interpret=True), x, w)
+    monkeypatch.setattr(kernels, "GEMV_TILES", {(256, 128): (32, 64, 2)})
+    assert "grid=(4, 2)" in str(jax.make_jaxpr(lambda a, b: kernels.small_matmul(a, b, interpret=True))(x, w))
+
+
+@pytest.mark.parametrize("k,n", [(1280, 3840), (1280, 1280), (1280, 7168), (3584, 1280), (1280, 16384), (768, 2304)])
+def test_gemv_tiling_rule(k, n):
+    """The most K splits that divide K's blocks and keep at most GEMV_PROGRAMS programs."""
+    from adsa_jax import kernels
+
+    bn, bk, sp = kernels.gemv_tiling(k, n)
+    blocks = k // bk
+    assert (bn, bk) == (kernels.GEMV_BLOCK_N, kernels.GEMV_BLOCK_K) and blocks % sp == 0
+    assert (n // bn) * sp <= kernels.GEMV_PROGRAMS or sp == 1
+    assert all((n // bn) * d > kernels.GEMV_PROGRAMS for d in range(sp + 1, blocks + 1) if blocks % d == 0)
+    assert kernels.gemv_tiling(k + 64, n) is None and kernels.gemv_tiling(k, n, splits=blocks + 1) is None
+
+
+@pytest.mark.parametrize("name,kw", [("dense", {}), ("adsa-evict", {"budget": 0.5})])
+def test_small_row_gemms_in_generation(c2i, c2i_ref, name, kw, monkeypatch):
+    """gemm='pallas-interpret' (every weight GEMM of the decode steps on small_matmul), float32: the
+    fixture's greedy CFG tokens for dense (LlamaGen's own), the XLA path's for adsa-evict."""
+    from adsa_jax import kernels
+
+    monkeypatch.setattr(kernels, "GEMV_BLOCK_N", 64)  # the fixture model's 192-wide layers tile by 64
+    monkeypatch.setattr(kernels, "GEMV_BLOCK_K", 64)
+    pol = make_policy(c2i.config, name, **kw)
+    labels = c2i_ref["labels"]
+    step = jax.make_jaxpr(lambda p: adsa_jax.generate(adsa_jax.Model(c2i.config, p), labels, jax.random.key(1),
+                                                      top_k=1, policy=pol, gemm="pallas-interpret"))(c2i.params)
+    # qkv, wo, w1|w3 (stacked), w2 per layer and the head; attention stays XLA's on this backend
+    assert str(step).count("pallas_call") == 4 * c2i.config.n_layer + 1
+    toks = adsa_jax.generate(c2i, labels, jax.random.key(1), top_k=1, policy=pol, gemm="pallas-interpret")
+    want = adsa_jax.generate(c2i, labels, jax.random.key(1), top_k=1, policy=pol, gemm="xla")
+    np.testing.assert_array_equal(np.asarray(toks), np.asarray(want))
+    if name == "dense":
+        np.testing.assert_array_equal(np.asarray(toks), c2i_ref["greedy_cfg_tokens"])
+
+
+def test_gemm_choice(c2i, monkeypatch):
+    """'auto': the GEMV on one GPU for at most GEMV_MAX_ROWS rows of bf16/fp16 weights, XLA
+    elsewhere; forcing it where it cannot run is a clear error."""
+    import importlib
+
+    gen = importlib.import_module("adsa_jax.generate")
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    assert gen.resolve_gemm("auto", 2, bf16) == "xla"  # not a GPU
+    with pytest.raises(ConfigError, match="compiles for a GPU"):
+        gen.resolve_gemm("pallas", 2, bf16)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert gen.resolve_gemm("auto", 2, bf16) == "pallas"
+    assert gen.resolve_gemm("auto", 16, jnp.float16) == "pallas"
+    assert gen.resolve_gemm("auto", 18, bf16) == "xla"
+    assert gen.resolve_gemm("auto", 2, f32) == "xla"
+    assert gen.resolve_gemm("auto", 2, bf16, mesh=object()) == "xla"
+    assert gen.resolve_gemm("xla", 2, bf16) == "xla" and gen.resolve_gemm("pallas", 2, f32) == "pallas"
+    monkeypatch.setattr(gen, "GEMV_MAX_ROWS", 0)
+    assert gen.resolve_gemm("auto", 2, bf16) == "xla"
+    for args, msg in ((("cublas", 2, bf16), "gemm must be"), (("pallas", 32, bf16), "at most 16 rows"),
+                      (("pallas-interpret", 2, bf16, object()), "on a mesh")):
+        with pytest.raises(ConfigError, match=msg):
+            gen.resolve_gemm(*args)
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="gemm must be"):
+        adsa_jax.generate(c2i, np.array([1]), jax.random.key(0), gemm="fast")
