@@ -5,6 +5,7 @@
   pool move, running sum, attention, next victim) in one kernel, the cache updated in place; the
   default for those policies except at batch 1-6 with a long cache (:func:`one_kernel_fits`).
 - :func:`kth_largest`: the k-th largest logit of each row (top-k's threshold) without a sort.
+- :func:`small_matmul`: a split-K GEMV for a decode step's weight GEMMs at 1-16 rows.
 
 Why: XLA computes decode attention as a logits reduction, a softmax and a PV reduction over
 the cache slice a static shape allows, so a dense cache is read up to its static length (the
