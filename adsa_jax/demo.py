@@ -286,7 +286,7 @@ def quality_benchmark(model=None, *, policies=("dense", "adsa-select", "adsa-evi
     the classifier (accuracies None; no scikit-learn needed): keep the generated tokens by passing
     a dict as ``samples`` (filled with :func:`sample_key` -> tokens) and score them later with
     :func:`classify_samples`. ``attention``: the decode attention of ``score`` and ``generate``
-    (default ``'xla'``, the reference, on every device).
+    (default ``'xla'``, the reference, on every device; the weight GEMMs then stay XLA's too).
     """
     import jax
 
@@ -321,7 +321,8 @@ def quality_benchmark(model=None, *, policies=("dense", "adsa-select", "adsa-evi
             accs = []
             for s in seeds:
                 toks = np.asarray(generate(model, gen_labels, jax.random.key(s), cfg_scale=cfg_scale, top_k=top_k,
-                                           temperature=temperature, policy=pol, attention=attention))
+                                           temperature=temperature, policy=pol, attention=attention,
+                                           gemm="xla" if attention == "xla" else "auto"))
                 if samples is not None:
                     samples[sample_key(name, budget, s)] = toks.astype(np.uint8)
                 if clf is not None:
