@@ -56,6 +56,10 @@ ONE_KERNEL_MAX_SLOTS = 320  # below ONE_KERNEL_MIN_ROW_HEADS
 # session 7), GPT-XL: dense 256 px batch 64 0.600 vs 0.642 s, batch 256 1.422 vs 1.507 s;
 # adsa-evict 384 px batch 64 2.280 vs 2.369 s. False: XLA rotates (kept for A/B runs).
 ROPE_IN_KERNEL = True
+# With the small-row GEMV (generate's gemm='pallas'), evict_step takes the qkv projection's split-K
+# float32 partials and sums them itself, so no XLA kernel sums them before each step kernel (run 5's
+# batch-1 profile: 1.25 us per layer and step). Prepared in session 8, not yet measured: off.
+QKV_PARTIALS = False
 
 
 def _kernel(nv_ref, q_ref, k_ref, v_ref, m_in_ref, *rest, block_k, split_len, scale, with_score):
@@ -173,7 +177,7 @@ def decode_attention(q, k, v, mask, n_valid, *, score_vec=None, block_k: int | N
 
 
 def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref,
-                  pos_ref, cok_ref, *rest, block_k, slots, c, P, K, scale, eps, rope):
+                  pos_ref, cok_ref, *rest, block_k, slots, c, P, K, scale, eps, rope, parts=0):
     # One program = one (row, head): the whole adsa-evict (or window, K = 0) step of a layer.
     # Scalars: ws = slot of the new token, ring = ring slot of the token o leaving the window,
     # mv = o moves to the pool this step, full = the pool is full, free = the lowest free pool
@@ -186,6 +190,8 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
     # updated in place (aliased).
     # pos_ref None: the dense cache, whose filled slots are exactly those <= ws.
     # rope: q and k_new come before RoPE, and rope_ref holds this position's (cos, sin) pairs (D,).
+    # parts > 0: q_ref, kn_ref and vn_ref are (parts, D) float32 split-K partials of the projection,
+    # summed here and rounded to the cache dtype as the GEMM's output would be.
     dense = pos_ref is None
     if K:
         vs_ref, vic_ref, nm_ref, *rest = rest
@@ -199,16 +205,30 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         o_ref, ko_ref, vo_ref, po_ref = rest
     ws, ring, new_pos = ws_ref[()], ring_ref[()], np_ref[()]
 
-    def rotated(ref):  # as rope.apply_rope: pairs (2i, 2i + 1) rotated in f32, back to the input dtype
-        lanes_d = jnp.arange(ref.shape[0])
-        x = ref[...].astype(jnp.float32)
-        xs = plgpu.load(ref.at[lanes_d ^ 1]).astype(jnp.float32)  # the pair's other element
+    cdt = k_ref.dtype
+
+    def vec(ref):  # q, k_new or v_new (D,): as passed, or its partials summed into the cache dtype
+        if not parts:
+            return ref[...]
+        rows = jnp.arange(1 << (parts - 1).bit_length())
+        zero = pl.program_id(0) * 0  # a traced 0: the tile reaches past the partials' rows (masked)
+        x = plgpu.load(ref.at[pl.ds(zero, rows.shape[0]), :], mask=(rows < parts)[:, None], other=0.0)
+        return jnp.sum(x, axis=0).astype(cdt)
+
+    def rotated(ref):  # as rope.apply_rope: pairs (2i, 2i + 1) rotated in f32, back to the cache dtype
+        lanes_d = jnp.arange(ref.shape[-1])
+        if parts:  # the pair's other element by a masked reduction (no permuted reload of a sum)
+            x = vec(ref).astype(jnp.float32)
+            xs = jnp.sum(jnp.where(lanes_d[None, :] == (lanes_d ^ 1)[:, None], x[None, :], 0.0), axis=1)
+        else:
+            x = ref[...].astype(jnp.float32)
+            xs = plgpu.load(ref.at[lanes_d ^ 1]).astype(jnp.float32)  # the pair's other element
         cos = plgpu.load(rope_ref.at[(lanes_d // 2) * 2])
         sin = plgpu.load(rope_ref.at[(lanes_d // 2) * 2 + 1])
-        return jnp.where(lanes_d % 2 == 0, x * cos - xs * sin, x * cos + xs * sin).astype(ref.dtype)
+        return jnp.where(lanes_d % 2 == 0, x * cos - xs * sin, x * cos + xs * sin).astype(cdt)
 
-    q = (rotated(q_ref) if rope else q_ref[...]).astype(jnp.float32) * scale  # (D,)
-    k_new, v_new = (rotated(kn_ref) if rope else kn_ref[...]), vn_ref[...]  # (D,) in the cache dtype
+    q = (rotated(q_ref) if rope else vec(q_ref)).astype(jnp.float32) * scale  # (D,)
+    k_new, v_new = (rotated(kn_ref) if rope else vec(kn_ref)), vec(vn_ref)  # (D,) in the cache dtype
     lanes = jnp.arange(block_k)
     n_blocks = ws // block_k + 1 if dense else -(-slots // block_k)  # dense: up to the new token only
 
@@ -346,12 +366,18 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     the three): the kernel reads its (row, head)'s three vectors in place, so XLA does not copy
     q, k and v into arrays of their own before the call. With ``rope`` (D/2, 2) float32, this
     position's (cos, sin) table row, q and k in qkv are before RoPE: the kernel applies it when
-    ROPE_IN_KERNEL is set, otherwise one XLA fusion does before the call.
+    ROPE_IN_KERNEL is set, otherwise one XLA fusion does before the call. qkv may also be the
+    projection's split-K float32 partials (S, B, 3, H, D) (small_matmul(partials=True)): the kernel
+    sums them (rounded to the cache dtype, as the GEMM's output), or XLA does first without ``rope``
+    in the kernel.
     Returns (out (B, H, D), k, v, pos) (no pos when pos is None) and, with keep > 0, (vsum, next
     step's victim, vnorm) after them.
     """
+    if qkv is not None and qkv.ndim == 5 and (rope is None or not ROPE_IN_KERNEL):
+        qkv = jnp.sum(qkv, axis=0).astype(k.dtype)  # (B, 3, H, D): the partials summed by XLA
+    parts = qkv.shape[0] if qkv is not None and qkv.ndim == 5 else 0
     if qkv is not None:
-        b, _, h, d = qkv.shape
+        b, _, h, d = qkv.shape[-4:]
     else:
         b, h, d = q.shape
     if rope is not None and qkv is None:
@@ -369,13 +395,16 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     if dense and K:
         raise ValueError("evict_step on a dense cache (pos=None) takes keep=0")
     kern = functools.partial(_dense_kernel if dense else _evict_kernel, block_k=block_k, slots=s, c=c, P=prefix,
-                             K=K, scale=1.0 / math.sqrt(d), eps=eps, rope=rope is not None)
+                             K=K, scale=1.0 / math.sqrt(d), eps=eps, rope=rope is not None, parts=parts)
     sc = pl.BlockSpec((), lambda i, j: ())
     vec = pl.BlockSpec((None, None, d), lambda i, j: (i, j, 0))
     cache = pl.BlockSpec((None, None, s, d), lambda i, j: (i, j, 0, 0))
     per_slot = pl.BlockSpec((None, None, s), lambda i, j: (i, j, 0))
     if qkv is None:
         vecs, new = [vec] * 3, [q, k_new.astype(k.dtype), v_new.astype(v.dtype)]
+    elif parts:  # the (S, B, 3, H, D) partials three times, each spec picking q, k or v of (row, head)
+        vecs = [pl.BlockSpec((parts, None, None, None, d), lambda i, j, w=w: (0, i, w, j, 0)) for w in range(3)]
+        new = [qkv.astype(jnp.float32)] * 3
     else:  # the same (B, 3, H, D) buffer three times, each spec picking q, k or v of (row, head)
         vecs = [pl.BlockSpec((None, None, None, d), lambda i, j, w=w: (i, w, j, 0)) for w in range(3)]
         new = [qkv.astype(k.dtype)] * 3
@@ -503,15 +532,18 @@ def gemv_tiling(k: int, n: int, *, block_n: int | None = None, block_k: int | No
 
 
 def small_matmul(x, w, *, block_n: int | None = None, block_k: int | None = None, splits: int | None = None,
-                 num_warps: int | None = None, num_stages: int | None = None, interpret: bool = False):
+                 num_warps: int | None = None, num_stages: int | None = None, partials: bool = False,
+                 interpret: bool = False):
     """x (M, K) @ w (K, N) -> (M, N) in x's dtype with float32 accumulation, for M <= GEMV_ROWS
-    rows (decode GEMMs at small batches). Shapes that do not tile (gemv_tiling) use jnp.dot."""
+    rows (decode GEMMs at small batches). Shapes that do not tile (gemv_tiling) use jnp.dot.
+    partials=True: the float32 split-K partials (S, M, N) instead, for a consumer that sums them."""
     m, kdim = x.shape
     n = w.shape[1]
     tuned = GEMV_TILES.get((kdim, n), ()) if block_n is block_k is splits is None else ()
     tiling = tuned if tuned != () else gemv_tiling(kdim, n, block_n=block_n, block_k=block_k, splits=splits)
     if tiling is None or m > GEMV_ROWS:
-        return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+        y = jnp.dot(x, w, preferred_element_type=jnp.float32)
+        return y[None] if partials else y.astype(x.dtype)
     bn, bk, sp = tiling
     part = pl.pallas_call(
         functools.partial(_gemv_kernel, block_k=bk, k_split=kdim // sp,
@@ -525,7 +557,7 @@ def small_matmul(x, w, *, block_n: int | None = None, block_k: int | None = None
                                              num_stages=num_stages or GEMV_NUM_STAGES),
         interpret=interpret, name="adsa_small_matmul",
     )(x.astype(w.dtype), w)  # (splits, M, N) float32 partials
-    return jnp.sum(part, axis=0).astype(x.dtype)
+    return part if partials else jnp.sum(part, axis=0).astype(x.dtype)
 
 
 try:  # Pallas is part of jax; an older jax without these Triton APIs keeps attention='xla'

@@ -220,7 +220,8 @@ def prefill(params, cfg: GPTConfig, policy, caches, cond_emb, cond_mask):
     return head(params, cfg, x[:, -1:])[:, 0], new
 
 
-def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, row_keys, span, matmul=None):
+def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, row_keys, span, matmul=None,
+                qkv_parts: bool = False):
     """One image token per row through every layer.
 
     tokens (B,) int32 = image token t; t is a traced scalar (0-based image index);
@@ -232,6 +233,9 @@ def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, ro
     step kernel reads in place (XLA drops the rotated q and k then, unless the policy uses them).
     matmul (static): None for XLA's einsums, or a function (M, K) @ (K, N) -> (M, N) for every
     weight GEMM of the step (:func:`adsa_jax.kernels.small_matmul` at small batches).
+    qkv_parts (static, with matmul and a ``takes_qkv`` policy): the policy gets ``qkv=`` as the
+    projection's float32 split-K partials (S, B, 3, H, D), ``matmul(..., partials=True)``, which its
+    step kernel sums (XLA's sum for q, k and v is then dropped unless the policy uses them).
     """
     x = params["tok_embeddings"][tokens][:, None, :]  # (B, 1, E)
     rot = rope_rows(cfg, cfg.cls_token_num + t)  # (D/2, 2)
@@ -243,11 +247,16 @@ def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, ro
             h = rms_norm(x, layer["attention_norm"], cfg.norm_eps)
             if matmul is None:
                 qkv = jnp.einsum("BTE,EKHD->BTKHD", h, layer["wqkv"])[:, 0]  # (B, 3, H, D)
+            elif qkv_parts and takes_qkv:
+                wqkv = layer["wqkv"]
+                parts = matmul(h[:, 0], wqkv.reshape(wqkv.shape[0], -1), partials=True)  # (S, B, 3HD) f32
+                parts = parts.reshape(parts.shape[:2] + wqkv.shape[1:])  # (S, B, 3, H, D)
+                qkv = jnp.sum(parts, axis=0).astype(h.dtype)  # (B, 3, H, D)
             else:
                 qkv = project(matmul, h[:, 0], layer["wqkv"])  # (B, 3, H, D)
             qk = apply_rope(qkv[:, :2], rot2)  # (B, 2, H, D)
             q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]
-            kw = {"qkv": qkv, "rope": rot} if takes_qkv else {}
+            kw = {"qkv": parts if matmul is not None and qkv_parts else qkv, "rope": rot} if takes_qkv else {}
             cache, o = policy.decode(cache, q, k, v, t, cond_mask, layer_index=li, row_keys=row_keys, span=span,
                                      **kw)
             new.append(cache)

@@ -137,6 +137,10 @@ def test_kernel_lowers_for_gpu(c2i, monkeypatch):
     monkeypatch.setattr(kernels, "GEMV_BLOCK_K", 64)
     text = lowered("dense", params=bf16, gemm="pallas")
     assert text.count("adsa_small_matmul") >= 4 and "adsa_evict_step" in text
+    monkeypatch.setattr(kernels, "QKV_PARTIALS", True)  # the step kernel sums the qkv partials
+    jax.clear_caches()
+    for name, kw in (("dense", {}), ("adsa-evict", {"budget": 0.5})):
+        assert "adsa_evict_step" in lowered(name, params=bf16, gemm="pallas", **kw)
     assert "adsa_decode_attention" in lowered("adsa-evict", budget=0.5, granularity="layer")
     monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", False)
     monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", False)
@@ -265,7 +269,8 @@ def test_evict_step_victim_ties_lowest_slot(victim_in, want):
 def test_evict_step_reads_stacked_qkv(keep, rope_in_kernel, monkeypatch):
     """qkv= (B, 3, H, D), the projection's layout read in place, gives exactly what separate
     q, k_new, v_new give (each output, every slot); with rope= (q and k before RoPE), RoPE in
-    XLA before the call or in the kernel (ROPE_IN_KERNEL) gives that too."""
+    XLA before the call or in the kernel (ROPE_IN_KERNEL) gives that too, and so do the
+    projection's split-K partials."""
     from adsa_jax import kernels
     from adsa_jax.kernels import evict_step
     from adsa_jax.rope import apply_rope, rope_table
@@ -297,6 +302,13 @@ def test_evict_step_reads_stacked_qkv(keep, rope_in_kernel, monkeypatch):
     for x, y in zip(apart, stacked):
         np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
     np.testing.assert_array_equal(np.asarray(stacked[2], np.float32)[:, :, ws], np.asarray(qkv[:, 2], np.float32))
+    # qkv as float32 split-K partials (S, B, 3, H, D) (small_matmul(partials=True)) whose sum is raw
+    # exactly (dyadic offsets): summed in the kernel (rope in it) or by XLA first, the same outputs.
+    a_, b_ = (jnp.asarray(rng.integers(-16, 16, size=raw.shape) / 8, jnp.float32) for _ in range(2))
+    parts = jnp.stack([raw.astype(jnp.float32) - a_ - b_, a_, b_])
+    from_parts = evict_step(None, None, None, k, v, pos, cond_ok, scalars, qkv=parts, **kw)
+    for x, y in zip(stacked, from_parts):
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
 
 
 
@@ -357,22 +369,35 @@ def test_gemv_tiling_rule(k, n):
     assert kernels.gemv_tiling(k + 64, n) is None and kernels.gemv_tiling(k, n, splits=blocks + 1) is None
 
 
-@pytest.mark.parametrize("name,kw", [("dense", {}), ("adsa-evict", {"budget": 0.5})])
-def test_small_row_gemms_in_generation(c2i, c2i_ref, name, kw, monkeypatch):
+@pytest.mark.parametrize("name,kw,attention,qkv_partials", [
+    ("dense", {}, "xla", False), ("adsa-evict", {"budget": 0.5}, "xla", False),
+    ("dense", {}, "pallas-interpret", True), ("adsa-evict", {"budget": 0.5}, "pallas-interpret", True),
+    ("window", {"budget": 0.5}, "pallas-interpret", False)])
+def test_small_row_gemms_in_generation(c2i, c2i_ref, name, kw, attention, qkv_partials, monkeypatch):
     """gemm='pallas-interpret' (every weight GEMM of the decode steps on small_matmul), float32: the
-    fixture's greedy CFG tokens for dense (LlamaGen's own), the XLA path's for adsa-evict."""
+    fixture's greedy CFG tokens for dense (LlamaGen's own), the XLA path's for the others; with
+    kernels.QKV_PARTIALS the one-kernel step sums the qkv projection's split-K partials itself."""
     from adsa_jax import kernels
 
     monkeypatch.setattr(kernels, "GEMV_BLOCK_N", 64)  # the fixture model's 192-wide layers tile by 64
     monkeypatch.setattr(kernels, "GEMV_BLOCK_K", 64)
+    monkeypatch.setattr(kernels, "QKV_PARTIALS", qkv_partials)
     pol = make_policy(c2i.config, name, **kw)
     labels = c2i_ref["labels"]
-    step = jax.make_jaxpr(lambda p: adsa_jax.generate(adsa_jax.Model(c2i.config, p), labels, jax.random.key(1),
-                                                      top_k=1, policy=pol, gemm="pallas-interpret"))(c2i.params)
-    # qkv, wo, w1|w3 (stacked), w2 per layer and the head; attention stays XLA's on this backend
-    assert str(step).count("pallas_call") == 4 * c2i.config.n_layer + 1
-    toks = adsa_jax.generate(c2i, labels, jax.random.key(1), top_k=1, policy=pol, gemm="pallas-interpret")
-    want = adsa_jax.generate(c2i, labels, jax.random.key(1), top_k=1, policy=pol, gemm="xla")
+
+    def run(p, gemm):
+        return adsa_jax.generate(adsa_jax.Model(c2i.config, p), labels, jax.random.key(1), top_k=1, policy=pol,
+                                 gemm=gemm, attention=attention)
+
+    step = str(jax.make_jaxpr(lambda p: run(p, "pallas-interpret"))(c2i.params))
+    # qkv, wo, w1|w3 (stacked), w2 per layer and the head, and the one-kernel step per layer
+    cfg = c2i.config
+    assert step.count("pallas_call") == (4 + (attention != "xla")) * cfg.n_layer + 1
+    if qkv_partials:  # the step kernel reads (S, B, 3, H, D) float32 partials
+        splits = kernels.gemv_tiling(cfg.dim, 3 * cfg.dim)[2]
+        assert f"f32[{splits},{2 * len(labels)},3,{cfg.n_head},{cfg.head_dim}]" in step
+    toks = run(c2i.params, "pallas-interpret")
+    want = run(c2i.params, "xla")
     np.testing.assert_array_equal(np.asarray(toks), np.asarray(want))
     if name == "dense":
         np.testing.assert_array_equal(np.asarray(toks), c2i_ref["greedy_cfg_tokens"])
