@@ -1,0 +1,44 @@
+# Prepared in session 8 (its device time spent): the next measurements, one configuration per process.
+#  A. batch 1 (GPT-XL 256 px dense, 0.313 s with the GEMV; 0.3 s is the target): kernels.QKV_PARTIALS
+#     (the step kernel sums the qkv partials: one XLA kernel per layer step less), and the GEMV's
+#     warps, stages, programs and K block, one setting per process; the best with a profile.
+#  B. the GEMV where session 8 did not measure it: batch 2 and 4, adsa-evict / window at XL-384 batch 8,
+#     t2i 512 px batch 1 and 4; each against --gemm xla.
+# Usage: `bash benchmarks/session9_plan.sh 1` (A), then `... 2` (B); each under the 600 s limit.
+export PYTHONUNBUFFERED=1
+export PART=${1:-1}
+one() {  # tag, timeout, plan item, KERNELS settings
+  echo "== $1 $4"; env KERNELS=$4 WORKERS=1 TAG=$1 timeout $2 python3 benchmarks/gpu_explore.py "[$3]" > $OUT/$1.log 2>&1
+  echo rc $?; grep -E "GPT-|rror|device busy" $OUT/$1.log | tail -n 2
+}
+g() { echo "{\"model\":\"GPT-XL\",\"size\":$1,\"batch\":$2,\"policy\":\"$3\",\"iters\":$4$5}"; }
+if [ "$PART" = 1 ]; then
+B1="$(g 256 1 dense 5)"
+one s9_b1 60 "$B1"
+one s9_b1_qkvparts 60 "$B1" QKV_PARTIALS=1
+one s9_b1_w2 60 "$B1" GEMV_NUM_WARPS=2
+one s9_b1_w8 60 "$B1" GEMV_NUM_WARPS=8
+one s9_b1_s2 60 "$B1" GEMV_NUM_STAGES=2
+one s9_b1_s4 60 "$B1" GEMV_NUM_STAGES=4
+one s9_b1_p256 60 "$B1" GEMV_PROGRAMS=256
+one s9_b1_p1024 60 "$B1" GEMV_PROGRAMS=1024
+one s9_b1_k64 60 "$B1" GEMV_BLOCK_K=64
+one s9_b1_k256 60 "$B1" GEMV_BLOCK_K=256
+one s9_b1_qkvparts_prof 70 "$(g 256 1 dense 3 ',"profile":true')" QKV_PARTIALS=1
+else
+one s9_b2 60 "$(g 256 2 dense 5)"
+one s9_b2_xla 60 "$(g 256 2 dense 5 ',"gemm":"xla"')"
+one s9_b4 60 "$(g 256 4 dense 5)"
+one s9_b4_xla 60 "$(g 256 4 dense 5 ',"gemm":"xla"')"
+one s9_e384_b8 70 "$(g 384 8 adsa-evict 3 ',"budget":0.5')"
+one s9_e384_b8_xla 70 "$(g 384 8 adsa-evict 3 ',"budget":0.5,"gemm":"xla"')"
+one s9_w384_b8 70 "$(g 384 8 window 3 ',"budget":0.5')"
+one s9_w384_b8_xla 70 "$(g 384 8 window 3 ',"budget":0.5,"gemm":"xla"')"
+fi
+cd $OUT && tar czf s9_part${PART}_logs.tgz *.log hlo_* 2>/dev/null; rm -f *.log hlo_*; python3 - <<'PY'
+import glob, json, os  # one summary file (profiles stay separate)
+parts = [f for f in sorted(glob.glob("s9*.json")) if not f.startswith("s9_all")]
+json.dump({f: json.load(open(f)) for f in parts}, open("s9_all_part" + os.environ.get("PART", "") + ".json", "w"), indent=1)
+for f in parts:
+    os.remove(f)
+PY
