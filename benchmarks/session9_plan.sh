@@ -2,8 +2,8 @@
 #  A. batch 1 (GPT-XL 256 px dense, 0.313 s with the GEMV; 0.3 s is the target): kernels.QKV_PARTIALS
 #     (the step kernel sums the qkv partials: one XLA kernel per layer step less), and the GEMV's
 #     warps, stages, programs and K block, one setting per process; the best with a profile.
-#  B. the GEMV where session 8 did not measure it: batch 2 and 4, adsa-evict / window at XL-384 batch 8,
-#     t2i 512 px batch 1 and 4; each against --gemm xla.
+#  B. the GEMV where session 8 did not measure it: batch 2 and 4, adsa-evict / window at XL-384 batch 8;
+#     each against --gemm xla.
 # Usage: `bash benchmarks/session9_plan.sh 1` (A), then `... 2` (B); each under the 600 s limit.
 export PYTHONUNBUFFERED=1
 export PART=${1:-1}
