@@ -4,7 +4,10 @@
 #     warps, stages, programs and K block, one setting per process; the best with a profile.
 #  B. the GEMV where session 8 did not measure it: batch 2 and 4, adsa-evict / window at XL-384 batch 8;
 #     each against --gemm xla.
-# Usage: `bash benchmarks/session9_plan.sh 1` (A), then `... 2` (B); each under the 600 s limit.
+#  C. the budget-0.25 rows the issue's tables still lack: GPT-B and GPT-L at 256 and 384 px (part 3),
+#     GPT-XL at 256 px and at 384 px batch 1 and 8 (part 4), adsa-evict and window.
+# Usage: `bash benchmarks/session9_plan.sh 1` (A), `... 2` (B), `... 3`, `... 4` (C); each under the
+# 600 s limit.
 export PYTHONUNBUFFERED=1
 export PART=${1:-1}
 one() {  # tag, timeout, plan item, KERNELS settings
@@ -25,7 +28,7 @@ one s9_b1_p1024 60 "$B1" GEMV_PROGRAMS=1024
 one s9_b1_k64 60 "$B1" GEMV_BLOCK_K=64
 one s9_b1_k256 60 "$B1" GEMV_BLOCK_K=256
 one s9_b1_qkvparts_prof 70 "$(g 256 1 dense 3 ',"profile":true')" QKV_PARTIALS=1
-else
+elif [ "$PART" = 2 ]; then
 one s9_b2 60 "$(g 256 2 dense 5)"
 one s9_b2_xla 60 "$(g 256 2 dense 5 ',"gemm":"xla"')"
 one s9_b4 60 "$(g 256 4 dense 5)"
@@ -34,6 +37,17 @@ one s9_e384_b8 70 "$(g 384 8 adsa-evict 3 ',"budget":0.5')"
 one s9_e384_b8_xla 70 "$(g 384 8 adsa-evict 3 ',"budget":0.5,"gemm":"xla"')"
 one s9_w384_b8 70 "$(g 384 8 window 3 ',"budget":0.5')"
 one s9_w384_b8_xla 70 "$(g 384 8 window 3 ',"budget":0.5,"gemm":"xla"')"
+else  # C: the bench CLI, one process per model (its configurations in turn)
+Q="--policies adsa-evict,window --budgets 0.25 --iters 2 --segments 1"
+bench() { echo "== $1"; timeout $2 python3 -m adsa_jax.cli bench $3 $Q --json $OUT/$1.json > $OUT/$1.log 2>&1; echo rc $?
+  grep -E "GPT-|rror" $OUT/$1.log | tail -n 1; }
+if [ "$PART" = 3 ]; then
+bench s9_B_025 200 "--model GPT-B --image-size 256,384 --batch 1,8,64,256"
+bench s9_L_025 300 "--model GPT-L --image-size 256,384 --batch 1,8,64,256"
+else
+bench s9_XL256_025 330 "--model GPT-XL --image-size 256 --batch 1,8,64,256"
+bench s9_XL384_025 200 "--model GPT-XL --image-size 384 --batch 1,8"
+fi
 fi
 cd $OUT && tar czf s9_part${PART}_logs.tgz *.log hlo_* 2>/dev/null; rm -f *.log hlo_*; python3 - <<'PY'
 import glob, json, os  # one summary file (profiles stay separate)
