@@ -26,7 +26,8 @@ import numpy as np
 
 from .checkpoint import load, read_meta
 from .config import ConfigError, GPTConfig, config_from_arg, grid_for_image_size, is_config_file
-from .generate import Model, _generate_jit_cublas, _scalars, generate_program, resolve_attention, resolve_gemm
+from .generate import (Model, _generate_jit_cublas, _scalars, check_backend, generate_program, resolve_attention,
+                       resolve_gemm)
 from .sampling import resolve_sampler
 from .model import init_params
 from .policies import Dense, kv_bytes, make_policy
@@ -101,7 +102,7 @@ def compile_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, 
     cfg = model.config
     use_cfg = cfg_scale > 1.0
     rows = batch * (2 if use_cfg else 1)
-    policy = resolve_attention(policy, cfg, attention, rows=rows)
+    policy = check_backend(resolve_attention(policy, cfg, attention, rows=rows))
     gemm = resolve_gemm(gemm, rows, model.dtype)
     attn = getattr(policy, "attention", "xla")
     if cfg.model_type == "t2i":

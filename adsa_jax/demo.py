@@ -466,7 +466,8 @@ def sample_demo(a, log=print):
     if a.side_by_side and policy.name == "dense":
         raise ConfigError("--side-by-side compares dense with another policy: add e.g. --policy adsa-evict --budget 0.5")
     samp = {k: (v if getattr(a, k, None) is None else getattr(a, k)) for k, v in DEMO_SAMPLING.items()}
-    kw = dict(cfg_interval=a.cfg_interval, top_p=a.top_p, num_segments=a.segments, **samp)
+    kw = dict(cfg_interval=a.cfg_interval, top_p=a.top_p, num_segments=a.segments, attention=a.attention,
+              gemm=a.gemm, **samp)
     key = jax.random.key(a.seed)
     log(f"demo model (sklearn digits, {cfg.n_layer} layers x {cfg.dim}, 16x16 tokens, {model.dtype}): "
         f"{len(labels)} images, policy {policy.name}" + (" beside dense" if a.side_by_side else "") +

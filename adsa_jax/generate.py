@@ -312,6 +312,15 @@ def resolve_attention(policy, cfg: GPTConfig, attention: str = "auto", rows: int
     raise ConfigError(f"policy {type(policy).__name__} has no 'attention' field: it cannot use {attention!r}")
 
 
+def check_backend(policy):
+    """attention='pallas' compiles Triton kernels, for a GPU only: a clear error on another backend
+    before XLA's (resolve_attention itself allows it, for lowering to CUDA from any host)."""
+    if getattr(policy, "attention", None) == "pallas" and jax.default_backend() != "gpu":
+        raise ConfigError(f"attention='pallas' compiles for a GPU; this backend is {jax.default_backend()!r}: use "
+                          "attention='auto', 'xla' or 'pallas-interpret'")
+    return policy
+
+
 def _scalars(cfg_scale, cfg_interval, temperature, top_k, top_p):
     return (jnp.float32(cfg_scale), jnp.float32(cfg_interval), jnp.float32(temperature),
             jnp.int32(top_k), jnp.float32(top_p))
@@ -347,7 +356,7 @@ def generate(model: Model, cond, key, *, cond_mask=None, cfg_scale: float = 4.0,
     cond, mask = prepare_condition(cfg, cond, cond_mask)
     pol = resolve_policy(model, policy, **_policy_kw(budget, prefix, keep, local, granularity))
     b = cond.shape[0]
-    pol = resolve_attention(pol, cfg, attention, rows=b * (2 if cfg_scale > 1.0 else 1))
+    pol = check_backend(resolve_attention(pol, cfg, attention, rows=b * (2 if cfg_scale > 1.0 else 1)))
     example_ids = jnp.arange(b, dtype=jnp.int32) if example_ids is None else jnp.asarray(example_ids, jnp.int32)
     if example_ids.shape != (b,):
         raise ConfigError(f"example_ids must have shape ({b},), got {example_ids.shape}")
@@ -411,6 +420,7 @@ def score(model: Model, cond, tokens, *, cond_mask=None, policy=None, cfg_scale:
         tokens = jnp.pad(tokens, ((0, 0), (0, 1)))
     pol = resolve_attention(resolve_policy(model, policy, **_policy_kw(budget, prefix, keep, local, granularity)),
                             cfg, attention, rows=tokens.shape[0] * (2 if cfg_scale > 1.0 else 1))
+    check_backend(pol)
     key = jax.random.key(0) if key is None else key
     return _score_jit(model.params, cond, mask, tokens, key, _scalars(cfg_scale, cfg_interval, 1.0, 0, 1.0),
                       cfg=cfg, policy=pol, use_cfg=bool(cfg_scale > 1.0), raw=bool(raw_rows))

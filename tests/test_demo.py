@@ -79,6 +79,22 @@ def test_sample_side_by_side(tmp_path):
     assert main(["sample", "--vq", str(tmp_path), "--out", str(out)]) == 2  # demo has its own tokenizer
 
 
+def test_sample_honours_attention_and_gemm(tmp_path, capsys):
+    """The demo sampler passes --attention / --gemm on (forcing a GPU kernel on this CPU is refused,
+    not silently ignored), and the reference choices give the default's tokens here."""
+    from adsa_jax.cli import main
+
+    t1, t2 = tmp_path / "a.npy", tmp_path / "b.npy"
+    assert main(["sample", "--classes", "3", "--tokens-out", str(t1), "--out", str(tmp_path / "a.png")]) == 0
+    assert main(["sample", "--classes", "3", "--attention", "xla", "--gemm", "xla", "--tokens-out", str(t2),
+                 "--out", str(tmp_path / "b.png")]) == 0
+    np.testing.assert_array_equal(np.load(t1), np.load(t2))
+    capsys.readouterr()
+    for flag in ("--gemm", "--attention"):
+        assert main(["sample", "--classes", "3", flag, "pallas", "--out", str(tmp_path / "c.png")]) == 2
+        assert f"{flag[2:]}='pallas' compiles for a GPU" in capsys.readouterr().err
+
+
 def test_data_file_round_trips_and_is_checked(tmp_path):
     pytest.importorskip("sklearn")
     from adsa_jax.config import ConfigError

@@ -159,6 +159,11 @@ def test_attention_choice_errors(c2i, monkeypatch):
     assert resolve_attention(evict, cfg, "auto", rows=2).attention == ("pallas" if gpu else "xla")
     with pytest.raises(ConfigError, match="attention must be"):
         resolve_attention(pol, cfg, "cudnn")
+    if not gpu:  # a policy for the kernels can be built here (to lower for CUDA); running it is refused
+        for run in (lambda: adsa_jax.generate(c2i, np.array([1]), jax.random.key(0), attention="pallas"),
+                    lambda: adsa_jax.score(c2i, np.array([1]), np.zeros((1, 64), np.int32), attention="pallas")):
+            with pytest.raises(ConfigError, match="compiles for a GPU"):
+                run()
     import dataclasses
     odd = dataclasses.replace(cfg, dim=cfg.n_head * 24)  # head_dim 24: not a power of two
     with pytest.raises(ConfigError, match="power-of-two head_dim"):
