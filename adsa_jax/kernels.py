@@ -60,6 +60,11 @@ ROPE_IN_KERNEL = True
 # float32 partials and sums them itself, so no XLA kernel sums them before each step kernel (run 5's
 # batch-1 profile: 1.25 us per layer and step). Prepared in session 8, not yet measured: off.
 QKV_PARTIALS = False
+# With the small-row GEMV, the RMSNorms before the qkv and w1|w3 projections (and the head) run inside
+# it (small_matmul(norm=)): no XLA kernel writes the normed x (run 5's batch-1 profile: two 1.75 us
+# kernels per layer step). Each program recomputes the rows' statistics. Prepared in session 8, not
+# yet measured: off.
+GEMV_NORM = False
 
 
 def _kernel(nv_ref, q_ref, k_ref, v_ref, m_in_ref, *rest, block_k, split_len, scale, with_score):
@@ -496,18 +501,35 @@ GEMV_ROWS = 16  # rows are padded to this (the tensor-core dot's least M)
 GEMV_TILES: dict = {}
 
 
-def _gemv_kernel(x_ref, w_ref, o_ref, *, block_k, k_split, precision):
+def _gemv_kernel(x_ref, w_ref, *rest, block_k, k_split, precision, eps):
     # One program = one (column block, K split): x (M, K), w (K, bn) -> partial (M, bn) in f32. The
     # M < GEMV_ROWS rows load as a (GEMV_ROWS, bk) tile, the missing rows masked to 0, so no padded
-    # copy of x is made in memory (it cost an XLA kernel per GEMM).
+    # copy of x is made in memory (it cost an XLA kernel per GEMM). eps not None: rest starts with
+    # an RMSNorm weight (K,) and x is normalised first (model.rms_norm), each program computing the
+    # rows' statistics over all of K itself (x is a few KB), so no XLA kernel writes the normed x.
+    nw_ref, o_ref = rest if eps is not None else (None, *rest)
     s = pl.program_id(1)
-    m = x_ref.shape[0]
+    m, kdim = x_ref.shape
     row0 = pl.program_id(0) * 0  # a traced 0: the tile reaches past x's rows (masked)
     rows_ok = (jnp.arange(GEMV_ROWS) < m)[:, None]
 
+    def x_block(start):  # (Mp, bk)
+        return plgpu.load(x_ref.at[pl.ds(row0, GEMV_ROWS), pl.ds(start, block_k)], mask=rows_ok, other=0.0)
+
+    if eps is not None:
+        def sq(j, acc):
+            xb = x_block(pl.multiple_of(j * block_k, block_k)).astype(jnp.float32)
+            return acc + jnp.sum(xb * xb, axis=1)
+
+        ss = jax.lax.fori_loop(0, kdim // block_k, sq, jnp.zeros((GEMV_ROWS,), jnp.float32))
+        inv = jax.lax.rsqrt(ss / kdim + eps)[:, None]  # (Mp, 1)
+
     def body(j, acc):
         start = pl.multiple_of(s * k_split + j * block_k, block_k)
-        xb = plgpu.load(x_ref.at[pl.ds(row0, GEMV_ROWS), pl.ds(start, block_k)], mask=rows_ok, other=0.0)  # (Mp, bk)
+        xb = x_block(start)
+        if eps is not None:  # as rms_norm: normalised in f32, cast to x's dtype, then scaled (in x's dtype)
+            y = (xb.astype(jnp.float32) * inv).astype(xb.dtype).astype(jnp.float32)
+            xb = (y * nw_ref[pl.ds(start, block_k)].astype(jnp.float32)[None, :]).astype(xb.dtype)
         wb = w_ref[pl.ds(start, block_k), :]  # (bk, bn)
         return acc + jnp.dot(xb, wb, preferred_element_type=jnp.float32, precision=precision)
 
@@ -531,32 +553,38 @@ def gemv_tiling(k: int, n: int, *, block_n: int | None = None, block_k: int | No
     return bn, bk, splits
 
 
-def small_matmul(x, w, *, block_n: int | None = None, block_k: int | None = None, splits: int | None = None,
-                 num_warps: int | None = None, num_stages: int | None = None, partials: bool = False,
-                 interpret: bool = False):
+def small_matmul(x, w, *, norm=None, eps: float = 1e-5, block_n: int | None = None, block_k: int | None = None,
+                 splits: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+                 partials: bool = False, interpret: bool = False):
     """x (M, K) @ w (K, N) -> (M, N) in x's dtype with float32 accumulation, for M <= GEMV_ROWS
     rows (decode GEMMs at small batches). Shapes that do not tile (gemv_tiling) use jnp.dot.
+    norm (K,): ``rms_norm(x, norm, eps) @ w`` instead, the norm inside the kernel.
     partials=True: the float32 split-K partials (S, M, N) instead, for a consumer that sums them."""
     m, kdim = x.shape
     n = w.shape[1]
     tuned = GEMV_TILES.get((kdim, n), ()) if block_n is block_k is splits is None else ()
     tiling = tuned if tuned != () else gemv_tiling(kdim, n, block_n=block_n, block_k=block_k, splits=splits)
     if tiling is None or m > GEMV_ROWS:
+        if norm is not None:
+            from .model import rms_norm
+
+            x = rms_norm(x, norm, eps)
         y = jnp.dot(x, w, preferred_element_type=jnp.float32)
         return y[None] if partials else y.astype(x.dtype)
     bn, bk, sp = tiling
+    extra_specs, extra = ([pl.BlockSpec((kdim,), lambda i, s: (0,))], [norm]) if norm is not None else ([], [])
     part = pl.pallas_call(
-        functools.partial(_gemv_kernel, block_k=bk, k_split=kdim // sp,
+        functools.partial(_gemv_kernel, block_k=bk, k_split=kdim // sp, eps=None if norm is None else float(eps),
                           precision=jax.lax.Precision.HIGHEST if w.dtype == jnp.float32 else None),
         grid=(n // bn, sp),
         in_specs=[pl.BlockSpec((m, kdim), lambda i, s: (0, 0)),
-                  pl.BlockSpec((kdim, bn), lambda i, s: (0, i))],
+                  pl.BlockSpec((kdim, bn), lambda i, s: (0, i))] + extra_specs,
         out_specs=pl.BlockSpec((None, m, bn), lambda i, s: (s, 0, i)),
         out_shape=jax.ShapeDtypeStruct((sp, m, n), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps or GEMV_NUM_WARPS,
                                              num_stages=num_stages or GEMV_NUM_STAGES),
         interpret=interpret, name="adsa_small_matmul",
-    )(x.astype(w.dtype), w)  # (splits, M, N) float32 partials
+    )(x.astype(w.dtype), w, *extra)  # (splits, M, N) float32 partials
     return part if partials else jnp.sum(part, axis=0).astype(x.dtype)
 
 

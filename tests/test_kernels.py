@@ -141,6 +141,9 @@ def test_kernel_lowers_for_gpu(c2i, monkeypatch):
     jax.clear_caches()
     for name, kw in (("dense", {}), ("adsa-evict", {"budget": 0.5})):
         assert "adsa_evict_step" in lowered(name, params=bf16, gemm="pallas", **kw)
+    monkeypatch.setattr(kernels, "GEMV_NORM", True)  # and the RMSNorms inside the GEMV
+    jax.clear_caches()
+    assert lowered("dense", params=bf16, gemm="pallas").count("adsa_small_matmul") >= 4
     assert "adsa_decode_attention" in lowered("adsa-evict", budget=0.5, granularity="layer")
     monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", False)
     monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", False)
@@ -343,6 +346,30 @@ def test_small_matmul_matches_dot(m, k, n, splits, monkeypatch):
         np.testing.assert_allclose(np.asarray(got, np.float64), exact, atol=tol * np.abs(want).max(), rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_small_matmul_with_the_norm_inside(dtype):
+    """small_matmul(norm=) = rms_norm then the GEMV: float32 within rounding, bf16 equal to the
+    two-step result but for the order of the sum of squares (a rare one-ulp difference); the
+    fallback shape applies the norm in XLA."""
+    from adsa_jax import kernels
+    from adsa_jax.model import rms_norm
+
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(3 * rng.standard_normal((3, 256)), dtype)
+    w, nw = jnp.asarray(rng.standard_normal((256, 128)) / 16, dtype), jnp.asarray(rng.standard_normal(256), dtype)
+    kw = dict(block_n=64, block_k=64, interpret=True)
+    f = lambda a, b, n: kernels.small_matmul(a, b, norm=n, eps=1e-5, **kw)  # noqa: E731
+    assert _uses_pallas(f, x, w, nw)
+    got = np.asarray(f(x, w, nw), np.float32)
+    two_step = np.asarray(kernels.small_matmul(rms_norm(x, nw, 1e-5), w, **kw), np.float32)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(got, two_step, atol=tol * np.abs(two_step).max(), rtol=0)
+    if dtype == jnp.bfloat16:
+        assert (got == two_step).mean() > 0.95
+    fb = kernels.small_matmul(x, w[:, :96], norm=nw, eps=1e-5, **kw)  # 96 columns do not tile by 64
+    np.testing.assert_array_equal(np.asarray(fb), np.asarray(kernels.small_matmul(rms_norm(x, nw, 1e-5), w[:, :96], **kw)))
+
+
 def test_small_matmul_falls_back_where_it_does_not_apply(monkeypatch):
     """Shapes that do not tile, more than GEMV_ROWS rows, or a GEMV_TILES entry of None: jnp.dot,
     with the same result."""
@@ -374,19 +401,21 @@ def test_gemv_tiling_rule(k, n):
     assert kernels.gemv_tiling(k + 64, n) is None and kernels.gemv_tiling(k, n, splits=blocks + 1) is None
 
 
-@pytest.mark.parametrize("name,kw,attention,qkv_partials", [
-    ("dense", {}, "xla", False), ("adsa-evict", {"budget": 0.5}, "xla", False),
-    ("dense", {}, "pallas-interpret", True), ("adsa-evict", {"budget": 0.5}, "pallas-interpret", True),
-    ("window", {"budget": 0.5}, "pallas-interpret", False)])
-def test_small_row_gemms_in_generation(c2i, c2i_ref, name, kw, attention, qkv_partials, monkeypatch):
+@pytest.mark.parametrize("name,kw,attention,qkv_partials,gemv_norm", [
+    ("dense", {}, "xla", False, False), ("adsa-evict", {"budget": 0.5}, "xla", False, True),
+    ("dense", {}, "pallas-interpret", True, True), ("adsa-evict", {"budget": 0.5}, "pallas-interpret", True, False),
+    ("window", {"budget": 0.5}, "pallas-interpret", False, False)])
+def test_small_row_gemms_in_generation(c2i, c2i_ref, name, kw, attention, qkv_partials, gemv_norm, monkeypatch):
     """gemm='pallas-interpret' (every weight GEMM of the decode steps on small_matmul), float32: the
     fixture's greedy CFG tokens for dense (LlamaGen's own), the XLA path's for the others; with
-    kernels.QKV_PARTIALS the one-kernel step sums the qkv projection's split-K partials itself."""
+    kernels.QKV_PARTIALS the one-kernel step sums the qkv projection's split-K partials itself, with
+    kernels.GEMV_NORM the RMSNorms run inside the projections."""
     from adsa_jax import kernels
 
     monkeypatch.setattr(kernels, "GEMV_BLOCK_N", 64)  # the fixture model's 192-wide layers tile by 64
     monkeypatch.setattr(kernels, "GEMV_BLOCK_K", 64)
     monkeypatch.setattr(kernels, "QKV_PARTIALS", qkv_partials)
+    monkeypatch.setattr(kernels, "GEMV_NORM", gemv_norm)
     pol = make_policy(c2i.config, name, **kw)
     labels = c2i_ref["labels"]
 
