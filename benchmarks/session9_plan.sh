@@ -1,13 +1,14 @@
 # Prepared in session 8 (its device time spent): the next measurements, one configuration per process.
 #  A. batch 1 (GPT-XL 256 px dense, 0.313 s with the GEMV; 0.3 s is the target): kernels.QKV_PARTIALS
-#     (the step kernel sums the qkv partials: one XLA kernel per layer step less), and the GEMV's
-#     warps, stages, programs and K block, one setting per process; the best with a profile.
-#  B. the GEMV where session 8 did not measure it: batch 2 and 4, adsa-evict / window at XL-384 batch 8;
+#     (the step kernel sums the qkv partials: one XLA kernel per layer step less), kernels.GEMV_NORM
+#     (the RMSNorms inside the GEMV: two less), both, and the GEMV's warps, stages, programs and K
+#     block, one setting per process; both switches with a profile, and at batch 8 (part 1: the
+#     switches, part 2: the tile settings).
+#  B. (part 3) the GEMV where session 8 did not measure it: batch 2 and 4, adsa-evict / window at XL-384 batch 8;
 #     each against --gemm xla.
-#  C. the budget-0.25 rows the issue's tables still lack: GPT-B and GPT-L at 256 and 384 px (part 3),
-#     GPT-XL at 256 px and at 384 px batch 1 and 8 (part 4), adsa-evict and window.
-# Usage: `bash benchmarks/session9_plan.sh 1` (A), `... 2` (B), `... 3`, `... 4` (C); each under the
-# 600 s limit.
+#  C. the budget-0.25 rows the issue's tables still lack: GPT-B and GPT-L at 256 and 384 px (part 4), GPT-XL at 256 px and at 384 px batch 1 and 8 (part 5), adsa-evict and window.
+# Usage: `bash benchmarks/session9_plan.sh N` for N = 1..5 in turn; each under the 600 s limit.
+# Afterwards set whatever won as the default in adsa_jax/kernels.py (QKV_PARTIALS, GEMV_NORM, GEMV_*).
 export PYTHONUNBUFFERED=1
 export PART=${1:-1}
 one() {  # tag, timeout, plan item, KERNELS settings
@@ -19,6 +20,12 @@ if [ "$PART" = 1 ]; then
 B1="$(g 256 1 dense 5)"
 one s9_b1 60 "$B1"
 one s9_b1_qkvparts 60 "$B1" QKV_PARTIALS=1
+one s9_b1_norm 60 "$B1" GEMV_NORM=1
+one s9_b1_both 60 "$B1" QKV_PARTIALS=1,GEMV_NORM=1
+one s9_b8_both 60 "$(g 256 8 dense 5)" QKV_PARTIALS=1,GEMV_NORM=1
+one s9_b1_both_prof 70 "$(g 256 1 dense 3 ',"profile":true')" QKV_PARTIALS=1,GEMV_NORM=1
+elif [ "$PART" = 2 ]; then
+B1="$(g 256 1 dense 5)"
 one s9_b1_w2 60 "$B1" GEMV_NUM_WARPS=2
 one s9_b1_w8 60 "$B1" GEMV_NUM_WARPS=8
 one s9_b1_s2 60 "$B1" GEMV_NUM_STAGES=2
@@ -27,8 +34,7 @@ one s9_b1_p256 60 "$B1" GEMV_PROGRAMS=256
 one s9_b1_p1024 60 "$B1" GEMV_PROGRAMS=1024
 one s9_b1_k64 60 "$B1" GEMV_BLOCK_K=64
 one s9_b1_k256 60 "$B1" GEMV_BLOCK_K=256
-one s9_b1_qkvparts_prof 70 "$(g 256 1 dense 3 ',"profile":true')" QKV_PARTIALS=1
-elif [ "$PART" = 2 ]; then
+elif [ "$PART" = 3 ]; then
 one s9_b2 60 "$(g 256 2 dense 5)"
 one s9_b2_xla 60 "$(g 256 2 dense 5 ',"gemm":"xla"')"
 one s9_b4 60 "$(g 256 4 dense 5)"
@@ -41,7 +47,7 @@ else  # C: the bench CLI, one process per model (its configurations in turn)
 Q="--policies adsa-evict,window --budgets 0.25 --iters 2 --segments 1"
 bench() { echo "== $1"; timeout $2 python3 -m adsa_jax.cli bench $3 $Q --json $OUT/$1.json > $OUT/$1.log 2>&1; echo rc $?
   grep -E "GPT-|rror" $OUT/$1.log | tail -n 1; }
-if [ "$PART" = 3 ]; then
+if [ "$PART" = 4 ]; then
 bench s9_B_025 200 "--model GPT-B --image-size 256,384 --batch 1,8,64,256"
 bench s9_L_025 300 "--model GPT-L --image-size 256,384 --batch 1,8,64,256"
 else
