@@ -4,9 +4,10 @@
 #     (the RMSNorms inside the GEMV: two less), both, and the GEMV's warps, stages, programs and K
 #     block, one setting per process; both switches with a profile, and at batch 8 (part 1: the
 #     switches, part 2: the tile settings).
-#  B. (part 3) the GEMV where session 8 did not measure it: batch 2 and 4, adsa-evict / window at XL-384 batch 8;
-#     each against --gemm xla.
-#  C. the budget-0.25 rows the tables still lack: GPT-B and GPT-L at 256 and 384 px (part 4), GPT-XL at 256 px and at 384 px batch 1 and 8 (part 5), adsa-evict and window.
+#  B. (part 3) the GEMV where session 8 did not measure it: batch 2 and 4, adsa-evict / window at
+#     XL-384 batch 8; each against --gemm xla.
+#  C. the budget-0.25 rows the tables still lack: GPT-B and GPT-L at 256 and 384 px (part 4),
+#     GPT-XL at 256 px and at 384 px batch 1 and 8 (part 5), adsa-evict and window.
 # Usage: `bash benchmarks/session9_plan.sh N` for N = 1..5 in turn; each under the 600 s limit.
 # Afterwards set whatever won as the default in adsa_jax/kernels.py (QKV_PARTIALS, GEMV_NORM, GEMV_*).
 export PYTHONUNBUFFERED=1
