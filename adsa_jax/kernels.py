@@ -1,4 +1,5 @@
-"""Pallas (Triton) decode kernels for GPUs: one query per row and head over a cache.
+"""Pallas (Triton) decode kernels for GPUs: one query per row and head over a cache, and the
+small-batch weight GEMMs.
 
 - :func:`decode_attention`: attention (optionally with ADSA's score terms) for every policy.
 - :func:`evict_step`: a whole ``dense`` / ``window`` / ``adsa-evict`` layer step (cache write,
@@ -490,14 +491,16 @@ def kth_largest(x, k, *, num_warps: int | None = None, interpret: bool = False):
 # ~1.5 TB/s on an H200 (session 7 profile: 25.5 us per GPT-XL layer and step at 2 rows, the bulk of
 # a batch-1 step). small_matmul splits the columns and the contraction over enough programs to fill
 # the GPU and streams each weight tile once; XLA sums the float32 partials in the consumer's fusion.
+# Measured on an H200 (BENCHMARKS.md, session 8): GEMMs 20.0 vs 25.3 us per layer and step, GPT-XL
+# 256 px batch 1 0.313 vs 0.343 s, batch 8 0.335 vs 0.354. These tiles were the best single setting.
 GEMV_BLOCK_N = 64
 GEMV_BLOCK_K = 128
 GEMV_PROGRAMS = 512  # aim: about this many (column block, K split) programs per call
 GEMV_NUM_WARPS = 4
 GEMV_NUM_STAGES = 3
-GEMV_ROWS = 16  # rows are padded to this (the tensor-core dot's least M)
-# Per weight shape (K, N): (block_n, block_k, splits) measured best, or None where XLA's GEMM was
-# faster; shapes not listed follow gemv_tiling's rule.
+GEMV_ROWS = 16  # rows load as a tile of this many (the tensor-core dot's least M), the rest masked
+# Per weight shape (K, N): (block_n, block_k, splits), or None for XLA's GEMM; shapes not listed
+# follow gemv_tiling's rule. Empty: a table from session 8's sweep was no faster end to end.
 GEMV_TILES: dict = {}
 
 
