@@ -356,7 +356,9 @@ def generate(model: Model, cond, key, *, cond_mask=None, cfg_scale: float = 4.0,
     cond, mask = prepare_condition(cfg, cond, cond_mask)
     pol = resolve_policy(model, policy, **_policy_kw(budget, prefix, keep, local, granularity))
     b = cond.shape[0]
-    pol = check_backend(resolve_attention(pol, cfg, attention, rows=b * (2 if cfg_scale > 1.0 else 1)))
+    use_cfg = bool(cfg_scale > 1.0)
+    rows = b * (2 if use_cfg else 1)  # batch rows, CFG's included
+    pol = check_backend(resolve_attention(pol, cfg, attention, rows=rows))
     example_ids = jnp.arange(b, dtype=jnp.int32) if example_ids is None else jnp.asarray(example_ids, jnp.int32)
     if example_ids.shape != (b,):
         raise ConfigError(f"example_ids must have shape ({b},), got {example_ids.shape}")
@@ -365,13 +367,11 @@ def generate(model: Model, cond, key, *, cond_mask=None, cfg_scale: float = 4.0,
         from .sharding import make_mesh
         mesh = make_mesh()  # default: data parallel over every visible device (pass mesh= to choose)
     sampler = resolve_sampler(top_p, mesh)
-    rows = b * (2 if cfg_scale > 1.0 else 1)
     gemm = resolve_gemm(gemm, rows, model.dtype, mesh)
     if mesh is not None:
         from .sharding import generate_on_mesh
-        return generate_on_mesh(model, cond, mask, key, example_ids, scalars, policy=pol, use_cfg=bool(cfg_scale > 1.0),
+        return generate_on_mesh(model, cond, mask, key, example_ids, scalars, policy=pol, use_cfg=use_cfg,
                                 num_segments=int(num_segments), mesh=mesh, sampler=sampler)
-    use_cfg = bool(cfg_scale > 1.0)
     return generate_program(rows)(model.params, cond, mask, key, example_ids, scalars, cfg=cfg, policy=pol,
                                   use_cfg=use_cfg, num_segments=int(num_segments), sampler=sampler, gemm=gemm)
 

@@ -82,11 +82,12 @@ def rms_norm(x, weight, eps):
 
 
 def project(matmul, x, w, k_axes: int = 1):
-    """x (B, *in) @ w (*in, *out) -> (B, *out) as ``matmul`` over 2-D views (free reshapes):
-    (B, prod(in)) @ (prod(in), prod(out)); for a decode step's GEMMs on a small-row kernel."""
+    """x (B, *in) @ w (*in, *out) -> (..., B, *out) as ``matmul`` over 2-D views (free reshapes):
+    (B, prod(in)) @ (prod(in), prod(out)); for a decode step's GEMMs on a small-row kernel. Leading
+    axes of matmul's result (split-K partials (S, B, N)) are kept."""
     kdim = math.prod(w.shape[:k_axes])
-    y = matmul(x.reshape(x.shape[0], kdim), w.reshape(kdim, -1))  # (B, prod(out))
-    return y.reshape(x.shape[:1] + w.shape[k_axes:])  # (B, *out)
+    y = matmul(x.reshape(x.shape[0], kdim), w.reshape(kdim, -1))  # (..., B, prod(out))
+    return y.reshape(y.shape[:-1] + w.shape[k_axes:])  # (..., B, *out)
 
 
 def ffn(layer, x, matmul=None, norm_matmul=None):
@@ -263,9 +264,7 @@ def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, ro
             if matmul is None:
                 qkv = jnp.einsum("BTE,EKHD->BTKHD", h, layer["wqkv"])[:, 0]  # (B, 3, H, D)
             elif qkv_parts and takes_qkv:
-                wqkv = layer["wqkv"]
-                parts = first(h[:, 0], wqkv.reshape(wqkv.shape[0], -1), partials=True)  # (S, B, 3HD) f32
-                parts = parts.reshape(parts.shape[:2] + wqkv.shape[1:])  # (S, B, 3, H, D)
+                parts = project(functools.partial(first, partials=True), h[:, 0], layer["wqkv"])  # (S, B, 3, H, D) f32
                 qkv = jnp.sum(parts, axis=0).astype(h.dtype)  # (B, 3, H, D)
             else:
                 qkv = project(first, h[:, 0], layer["wqkv"])  # (B, 3, H, D)
