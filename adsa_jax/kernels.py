@@ -61,11 +61,12 @@ ROPE_IN_KERNEL = True
 # float32 partials and sums them itself, so no XLA kernel sums them before each step kernel (run 5's
 # batch-1 profile: 1.25 us per layer and step). Prepared in session 8, not yet measured: off.
 QKV_PARTIALS = False
-# With the small-row GEMV, the RMSNorms before the qkv and w1|w3 projections (and the head) run inside
-# it (small_matmul(norm=)): no XLA kernel writes the normed x (run 5's batch-1 profile: two 1.75 us
-# kernels per layer step). Each program recomputes the rows' statistics. Prepared in session 8, not
-# yet measured: off.
-GEMV_NORM = False
+# With the small-row GEMV, the FFN's SwiGLU runs inside the w2 projection (small_matmul(glu=True)):
+# it reads the w1|w3 projection's float32 split-K partials, sums them and gates its own K slice, so
+# no XLA kernel writes silu(h1) * h3 (session 8's batch-1 profile: 1.29 us per layer and step).
+# (Session 9 measured the RMSNorms inside the GEMV the same way: 18% slower at batch 1, every
+# program recomputing the rows' statistics over all of K; removed.)
+GEMV_GLU = False
 
 
 def _kernel(nv_ref, q_ref, k_ref, v_ref, m_in_ref, *rest, block_k, split_len, scale, with_score):
@@ -492,9 +493,11 @@ def kth_largest(x, k, *, num_warps: int | None = None, interpret: bool = False):
 # a batch-1 step). small_matmul splits the columns and the contraction over enough programs to fill
 # the GPU and streams each weight tile once; XLA sums the float32 partials in the consumer's fusion.
 # Measured on an H200 (BENCHMARKS.md, session 8): GEMMs 20.0 vs 25.3 us per layer and step, GPT-XL
-# 256 px batch 1 0.313 vs 0.343 s, batch 8 0.335 vs 0.354. These tiles were the best single setting.
+# 256 px batch 1 0.313 vs 0.343 s, batch 8 0.335 vs 0.354. Session 9 swept warps (2/4/8), stages
+# (2/3/4), programs (256/512/1024), K block (32/64/128/256) and column block (32/64/128) one at a
+# time: only the K block moved, 64 over 128 (batch 1 0.308 vs 0.314 s, XL-384 0.820 vs 0.832).
 GEMV_BLOCK_N = 64
-GEMV_BLOCK_K = 128
+GEMV_BLOCK_K = 64
 GEMV_PROGRAMS = 512  # aim: about this many (column block, K split) programs per call
 GEMV_NUM_WARPS = 4
 GEMV_NUM_STAGES = 3
@@ -504,37 +507,41 @@ GEMV_ROWS = 16  # rows load as a tile of this many (the tensor-core dot's least 
 GEMV_TILES: dict = {}
 
 
-def _gemv_kernel(x_ref, w_ref, *rest, block_k, k_split, precision, eps):
+def _gemv_kernel(x_ref, w_ref, o_ref, *, block_k, k_split, precision, glu):
     # One program = one (column block, K split): x (M, K), w (K, bn) -> partial (M, bn) in f32. The
     # M < GEMV_ROWS rows load as a (GEMV_ROWS, bk) tile, the missing rows masked to 0, so no padded
-    # copy of x is made in memory (it cost an XLA kernel per GEMM). eps not None: rest starts with
-    # an RMSNorm weight (K,) and x is normalised first (model.rms_norm), each program computing the
-    # rows' statistics over all of K itself (x is a few KB), so no XLA kernel writes the normed x.
-    nw_ref, o_ref = rest if eps is not None else (None, *rest)
+    # copy of x is made in memory (it cost an XLA kernel per GEMM). glu: x is instead (S, M, 2K), the
+    # float32 split-K partials of the gate|up projection; each program sums and gates only its own
+    # K slice (elementwise, so nothing is recomputed across K).
     s = pl.program_id(1)
-    m, kdim = x_ref.shape
+    kdim = w_ref.shape[0]
+    m = x_ref.shape[-2]
     row0 = pl.program_id(0) * 0  # a traced 0: the tile reaches past x's rows (masked)
     rows_ok = (jnp.arange(GEMV_ROWS) < m)[:, None]
 
-    def x_block(start):  # (Mp, bk)
-        return plgpu.load(x_ref.at[pl.ds(row0, GEMV_ROWS), pl.ds(start, block_k)], mask=rows_ok, other=0.0)
+    def tile(start, *part):  # (Mp, bk) of x, or of partial `part` with glu
+        return plgpu.load(x_ref.at[(*part, pl.ds(row0, GEMV_ROWS), pl.ds(start, block_k))], mask=rows_ok, other=0.0)
 
-    if eps is not None:
-        def sq(j, acc):
-            xb = x_block(pl.multiple_of(j * block_k, block_k)).astype(jnp.float32)
-            return acc + jnp.sum(xb * xb, axis=1)
+    def x_block(start):  # (Mp, bk) in w's dtype
+        if not glu:
+            return tile(start)
+        halves = []
+        for off in (0, kdim):  # gate, then up: the partials' sum rounded to w's dtype (as model.ffn)
+            acc = tile(start + off, row0)
+            for p in range(1, x_ref.shape[0]):
+                acc = acc + tile(start + off, row0 + p)  # a traced index (load wants arrays)
+            halves.append(acc.astype(w_ref.dtype).astype(jnp.float32))
+        gate, up = halves
 
-        ss = jax.lax.fori_loop(0, kdim // block_k, sq, jnp.zeros((GEMV_ROWS,), jnp.float32))
-        inv = jax.lax.rsqrt(ss / kdim + eps)[:, None]  # (Mp, 1)
+        def rnd(a):  # each op of jax.nn.silu(gate) * up rounds to w's dtype, as XLA does it
+            return a.astype(w_ref.dtype).astype(jnp.float32)
+
+        return (rnd(gate * rnd(jax.nn.sigmoid(gate))) * up).astype(w_ref.dtype)
 
     def body(j, acc):
         start = pl.multiple_of(s * k_split + j * block_k, block_k)
-        xb = x_block(start)
-        if eps is not None:  # as rms_norm: normalised in f32, cast to x's dtype, then scaled (in x's dtype)
-            y = (xb.astype(jnp.float32) * inv).astype(xb.dtype).astype(jnp.float32)
-            xb = (y * nw_ref[pl.ds(start, block_k)].astype(jnp.float32)[None, :]).astype(xb.dtype)
         wb = w_ref[pl.ds(start, block_k), :]  # (bk, bn)
-        return acc + jnp.dot(xb, wb, preferred_element_type=jnp.float32, precision=precision)
+        return acc + jnp.dot(x_block(start), wb, preferred_element_type=jnp.float32, precision=precision)
 
     acc = jax.lax.fori_loop(0, k_split // block_k, body, jnp.zeros((GEMV_ROWS, o_ref.shape[-1]), jnp.float32))
     plgpu.store(o_ref.at[pl.ds(row0, GEMV_ROWS), :], acc, mask=rows_ok)
@@ -556,39 +563,45 @@ def gemv_tiling(k: int, n: int, *, block_n: int | None = None, block_k: int | No
     return bn, bk, splits
 
 
-def small_matmul(x, w, *, norm=None, eps: float = 1e-5, block_n: int | None = None, block_k: int | None = None,
+def swiglu(parts, dtype):
+    """silu(gate) * up, in dtype, from the float32 split-K partials (S, M, 2K) of the gate|up
+    projection, as model.ffn rounds it (the XLA side of small_matmul(glu=True))."""
+    gate, up = jnp.split(jnp.sum(parts, axis=0).astype(dtype), 2, axis=-1)  # (M, K) each
+    return jax.nn.silu(gate) * up
+
+
+def small_matmul(x, w, *, glu: bool = False, block_n: int | None = None, block_k: int | None = None,
                  splits: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                  partials: bool = False, interpret: bool = False):
-    """x (M, K) @ w (K, N) -> (M, N) in x's dtype with float32 accumulation, for M <= GEMV_ROWS
+    """x (M, K) @ w (K, N) -> (M, N) in w's dtype with float32 accumulation, for M <= GEMV_ROWS
     rows (decode GEMMs at small batches). Shapes that do not tile (gemv_tiling) use jnp.dot.
-    norm (K,): ``rms_norm(x, norm, eps) @ w`` instead, the norm inside the kernel.
+    glu=True: x is (S, M, 2K), the float32 split-K partials of a gate|up projection
+    (``partials=True``), and the product is ``swiglu(x) @ w`` with the SwiGLU inside the kernel.
     partials=True: the float32 split-K partials (S, M, N) instead, for a consumer that sums them."""
-    m, kdim = x.shape
-    n = w.shape[1]
+    m, n = x.shape[-2], w.shape[1]
+    kdim = w.shape[0]
+    if glu and x.shape[-1] != 2 * kdim:
+        raise ValueError(f"small_matmul(glu=True): x's last axis is {x.shape[-1]}, want 2 * {kdim} (gate|up)")
     tuned = GEMV_TILES.get((kdim, n), ()) if block_n is block_k is splits is None else ()
     tiling = tuned if tuned != () else gemv_tiling(kdim, n, block_n=block_n, block_k=block_k, splits=splits)
     if tiling is None or m > GEMV_ROWS:
-        if norm is not None:
-            from .model import rms_norm
-
-            x = rms_norm(x, norm, eps)
-        y = jnp.dot(x, w, preferred_element_type=jnp.float32)
-        return y[None] if partials else y.astype(x.dtype)
+        h = swiglu(x, w.dtype) if glu else x.astype(w.dtype)
+        y = jnp.dot(h, w, preferred_element_type=jnp.float32)
+        return y[None] if partials else y.astype(w.dtype)
     bn, bk, sp = tiling
-    extra_specs, extra = ([pl.BlockSpec((kdim,), lambda i, s: (0,))], [norm]) if norm is not None else ([], [])
     part = pl.pallas_call(
-        functools.partial(_gemv_kernel, block_k=bk, k_split=kdim // sp, eps=None if norm is None else float(eps),
+        functools.partial(_gemv_kernel, block_k=bk, k_split=kdim // sp, glu=glu,
                           precision=jax.lax.Precision.HIGHEST if w.dtype == jnp.float32 else None),
         grid=(n // bn, sp),
-        in_specs=[pl.BlockSpec((m, kdim), lambda i, s: (0, 0)),
-                  pl.BlockSpec((kdim, bn), lambda i, s: (0, i))] + extra_specs,
+        in_specs=[pl.BlockSpec(x.shape, lambda i, s: (0,) * x.ndim),
+                  pl.BlockSpec((kdim, bn), lambda i, s: (0, i))],
         out_specs=pl.BlockSpec((None, m, bn), lambda i, s: (s, 0, i)),
         out_shape=jax.ShapeDtypeStruct((sp, m, n), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps or GEMV_NUM_WARPS,
                                              num_stages=num_stages or GEMV_NUM_STAGES),
         interpret=interpret, name="adsa_small_matmul",
-    )(x.astype(w.dtype), w, *extra)  # (splits, M, N) float32 partials
-    return part if partials else jnp.sum(part, axis=0).astype(x.dtype)
+    )(x if glu else x.astype(w.dtype), w)  # (splits, M, N) float32 partials
+    return part if partials else jnp.sum(part, axis=0).astype(w.dtype)
 
 
 try:  # Pallas is part of jax; an older jax without these Triton APIs keeps attention='xla'

@@ -90,17 +90,21 @@ def project(matmul, x, w, k_axes: int = 1):
     return y.reshape(y.shape[:-1] + w.shape[k_axes:])  # (..., B, *out)
 
 
-def ffn(layer, x, matmul=None, norm_matmul=None):
+def ffn(layer, x, matmul=None, glu_in_matmul=False):
     """The SwiGLU FFN of x (B, T, E). Decode (T = 1) with ``matmul`` (see decode_step); with
-    ``norm_matmul`` x is the residual stream before ffn_norm, which the first projection applies."""
+    ``glu_in_matmul`` and stacked w1|w3 the w2 projection takes the w1|w3 projection's split-K
+    partials and applies the SwiGLU itself (``matmul(parts, w2, glu=True)``)."""
     if matmul is not None:  # one token per row (decode): x (B, 1, E)
         xt = x[:, 0]  # (B, E)
-        first = norm_matmul or matmul
+        if "w13" in layer and glu_in_matmul:
+            parts = project(functools.partial(matmul, partials=True), xt, layer["w13"])  # (S, B, 2, F) f32
+            flat = parts.reshape(parts.shape[:2] + (-1,))  # (S, B, 2F): gate then up, as glu reads them
+            return matmul(flat, layer["w2"], glu=True)[:, None]  # (B, 1, E)
         if "w13" in layer:
-            h = project(first, xt, layer["w13"])  # (B, 2, F)
+            h = project(matmul, xt, layer["w13"])  # (B, 2, F)
             h1, h3 = h[:, 0], h[:, 1]
         else:
-            h1, h3 = first(xt, layer["w1"]), first(xt, layer["w3"])
+            h1, h3 = matmul(xt, layer["w1"]), matmul(xt, layer["w3"])
         return matmul(jax.nn.silu(h1) * h3, layer["w2"])[:, None]  # (B, 1, E)
     if "w13" in layer:  # w1 and w3 stacked (E, 2, F) by stack_ffn: one GEMM for both
         h = jnp.einsum("BTE,EKF->BTKF", x, layer["w13"])  # (B, T, 2, F)
@@ -163,10 +167,7 @@ def embed_condition(params, cfg: GPTConfig, cond, cond_mask):
     return jnp.einsum("BTE,EF->BTF", h, cap["fc2"])[:, : cfg.cls_token_num]
 
 
-def head(params, cfg, x, matmul=None, norm_in_matmul=False):
-    if matmul is not None and norm_in_matmul:  # the final norm inside the GEMV (see decode_step)
-        y = matmul(x[:, 0], params["output"], norm=params["norm"], eps=cfg.norm_eps)  # (B, V)
-        return y[:, None].astype(jnp.float32)
+def head(params, cfg, x, matmul=None):
     h = rms_norm(x, params["norm"], cfg.norm_eps)
     if matmul is not None:  # one token per row (decode): x (B, 1, E)
         return matmul(h[:, 0], params["output"])[:, None].astype(jnp.float32)
@@ -228,7 +229,7 @@ def prefill(params, cfg: GPTConfig, policy, caches, cond_emb, cond_mask):
 
 
 def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, row_keys, span, matmul=None,
-                qkv_parts: bool = False, norm_in_matmul: bool = False):
+                qkv_parts: bool = False, glu_in_matmul: bool = False):
     """One image token per row through every layer.
 
     tokens (B,) int32 = image token t; t is a traced scalar (0-based image index);
@@ -243,31 +244,23 @@ def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, ro
     qkv_parts (static, with matmul and a ``takes_qkv`` policy): the policy gets ``qkv=`` as the
     projection's float32 split-K partials (S, B, 3, H, D), ``matmul(..., partials=True)``, which its
     step kernel sums (XLA's sum for q, k and v is then dropped unless the policy uses them).
-    norm_in_matmul (static, with matmul): the RMSNorms before the qkv, w1|w3 and head projections run
-    inside them, ``matmul(x, w, norm=weight, eps=)``.
+    glu_in_matmul (static, with matmul): the FFN's SwiGLU runs inside the w2 projection (see ffn).
     """
     x = params["tok_embeddings"][tokens][:, None, :]  # (B, 1, E)
     rot = rope_rows(cfg, cfg.cls_token_num + t)  # (D/2, 2)
     rot2 = jnp.broadcast_to(rot, (2,) + rot.shape)  # (2, D/2, 2): the same position for q and k
     takes_qkv = getattr(policy, "takes_qkv", False)
     new = []
-    fused = matmul is not None and norm_in_matmul
-
-    def normed(w_norm):  # the projection that applies w_norm's RMSNorm first
-        return functools.partial(matmul, norm=w_norm, eps=cfg.norm_eps)
-
     for li, (layer, cache) in enumerate(zip(params["layers"], caches)):
         with jax.named_scope("attention"):
-            # fused: x itself goes to the projection, which normalises it (h is then not computed)
-            h = x if fused else rms_norm(x, layer["attention_norm"], cfg.norm_eps)
-            first = normed(layer["attention_norm"]) if fused else matmul
+            h = rms_norm(x, layer["attention_norm"], cfg.norm_eps)
             if matmul is None:
                 qkv = jnp.einsum("BTE,EKHD->BTKHD", h, layer["wqkv"])[:, 0]  # (B, 3, H, D)
             elif qkv_parts and takes_qkv:
-                parts = project(functools.partial(first, partials=True), h[:, 0], layer["wqkv"])  # (S, B, 3, H, D) f32
+                parts = project(functools.partial(matmul, partials=True), h[:, 0], layer["wqkv"])  # (S, B, 3, H, D) f32
                 qkv = jnp.sum(parts, axis=0).astype(h.dtype)  # (B, 3, H, D)
             else:
-                qkv = project(first, h[:, 0], layer["wqkv"])  # (B, 3, H, D)
+                qkv = project(matmul, h[:, 0], layer["wqkv"])  # (B, 3, H, D)
             qk = apply_rope(qkv[:, :2], rot2)  # (B, 2, H, D)
             q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]
             kw = {"qkv": parts if matmul is not None and qkv_parts else qkv, "rope": rot} if takes_qkv else {}
@@ -276,11 +269,8 @@ def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, ro
             new.append(cache)
             x = x + (out_proj(layer, o[:, None]) if matmul is None else project(matmul, o, layer["wo"], 2)[:, None])
         with jax.named_scope("ffn"):
-            if fused:
-                x = x + ffn(layer, x, matmul, norm_matmul=normed(layer["ffn_norm"]))
-            else:
-                x = x + ffn(layer, rms_norm(x, layer["ffn_norm"], cfg.norm_eps), matmul)
-    return head(params, cfg, x, matmul, norm_in_matmul)[:, 0], new
+            x = x + ffn(layer, rms_norm(x, layer["ffn_norm"], cfg.norm_eps), matmul, glu_in_matmul)
+    return head(params, cfg, x, matmul)[:, 0], new
 
 
 def check_params(params, cfg: GPTConfig):

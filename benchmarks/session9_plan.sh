@@ -35,6 +35,24 @@ one s9_b1_p256 60 "$B1" GEMV_PROGRAMS=256
 one s9_b1_p1024 60 "$B1" GEMV_PROGRAMS=1024
 one s9_b1_k64 60 "$B1" GEMV_BLOCK_K=64
 one s9_b1_k256 60 "$B1" GEMV_BLOCK_K=256
+elif [ "$PART" = 6 ]; then  # added after part 2: GEMV_BLOCK_K=64 won (0.307 s); around it
+B1="$(g 256 1 dense 5)"
+one s9_b1_k64r 60 "$B1" GEMV_BLOCK_K=64
+one s9_b1_k32 60 "$B1" GEMV_BLOCK_K=32
+one s9_b1_k64s4 60 "$B1" GEMV_BLOCK_K=64,GEMV_NUM_STAGES=4
+one s9_b1_k64p1024 60 "$B1" GEMV_BLOCK_K=64,GEMV_PROGRAMS=1024
+one s9_b1_k64n32 60 "$B1" GEMV_BLOCK_K=64,GEMV_BLOCK_N=32
+one s9_b1_k64n128 60 "$B1" GEMV_BLOCK_K=64,GEMV_BLOCK_N=128
+one s9_b8_k64 60 "$(g 256 8 dense 5)" GEMV_BLOCK_K=64
+one s9_b1_384_k64 70 "$(g 384 1 dense 3)" GEMV_BLOCK_K=64
+elif [ "$PART" = 7 ]; then  # added after part 6 (K block 64 the default): the SwiGLU inside the w2 GEMV
+B1="$(g 256 1 dense 5)"
+one s9_b1_k64d 60 "$B1"
+one s9_b1_glu 60 "$B1" GEMV_GLU=1
+one s9_b1_glu_qkv 60 "$B1" GEMV_GLU=1,QKV_PARTIALS=1
+one s9_b8_glu 60 "$(g 256 8 dense 5)" GEMV_GLU=1
+one s9_b1_384_glu 70 "$(g 384 1 dense 3)" GEMV_GLU=1
+one s9_b1_glu_prof 70 "$(g 256 1 dense 3 ',"profile":true')" GEMV_GLU=1
 elif [ "$PART" = 3 ]; then
 one s9_b2 60 "$(g 256 2 dense 5)"
 one s9_b2_xla 60 "$(g 256 2 dense 5 ',"gemm":"xla"')"

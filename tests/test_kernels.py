@@ -141,7 +141,7 @@ def test_kernel_lowers_for_gpu(c2i, monkeypatch):
     jax.clear_caches()
     for name, kw in (("dense", {}), ("adsa-evict", {"budget": 0.5})):
         assert "adsa_evict_step" in lowered(name, params=bf16, gemm="pallas", **kw)
-    monkeypatch.setattr(kernels, "GEMV_NORM", True)  # and the RMSNorms inside the GEMV
+    monkeypatch.setattr(kernels, "GEMV_GLU", True)  # and the SwiGLU inside the w2 GEMV
     jax.clear_caches()
     assert lowered("dense", params=bf16, gemm="pallas").count("adsa_small_matmul") >= 4
     assert "adsa_decode_attention" in lowered("adsa-evict", budget=0.5, granularity="layer")
@@ -346,28 +346,30 @@ def test_small_matmul_matches_dot(m, k, n, splits, monkeypatch):
         np.testing.assert_allclose(np.asarray(got, np.float64), exact, atol=tol * np.abs(want).max(), rtol=0)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_small_matmul_with_the_norm_inside(dtype):
-    """small_matmul(norm=) = rms_norm then the GEMV: float32 within rounding, bf16 equal to the
-    two-step result but for the order of the sum of squares (a rare one-ulp difference); the
-    fallback shape applies the norm in XLA."""
+@pytest.mark.parametrize("dtype,parts", [(jnp.float32, 2), (jnp.bfloat16, 4), (jnp.bfloat16, 1)])
+def test_small_matmul_with_the_swiglu_inside(dtype, parts):
+    """small_matmul(glu=True) = kernels.swiglu of the gate|up partials, then the GEMV, within float32
+    or bf16 rounding (the sigmoid's last bf16 bit is the backend's); a shape that does not tile
+    applies the SwiGLU in XLA; a wrong width is a clear error."""
     from adsa_jax import kernels
-    from adsa_jax.model import rms_norm
 
-    rng = np.random.default_rng(7)
-    x = jnp.asarray(3 * rng.standard_normal((3, 256)), dtype)
-    w, nw = jnp.asarray(rng.standard_normal((256, 128)) / 16, dtype), jnp.asarray(rng.standard_normal(256), dtype)
+    rng = np.random.default_rng(parts)
+    p = jnp.asarray(2 * rng.standard_normal((parts, 3, 2 * 256)), jnp.float32)  # (S, M, 2K)
+    w = jnp.asarray(rng.standard_normal((256, 128)) / 16, dtype)
     kw = dict(block_n=64, block_k=64, interpret=True)
-    f = lambda a, b, n: kernels.small_matmul(a, b, norm=n, eps=1e-5, **kw)  # noqa: E731
-    assert _uses_pallas(f, x, w, nw)
-    got = np.asarray(f(x, w, nw), np.float32)
-    two_step = np.asarray(kernels.small_matmul(rms_norm(x, nw, 1e-5), w, **kw), np.float32)
+    f = lambda a, b: kernels.small_matmul(a, b, glu=True, **kw)  # noqa: E731
+    assert _uses_pallas(f, p, w)
+    got = np.asarray(f(p, w), np.float32)
+    h = kernels.swiglu(p, dtype)
+    two_step = np.asarray(kernels.small_matmul(h, w, **kw), np.float32)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     np.testing.assert_allclose(got, two_step, atol=tol * np.abs(two_step).max(), rtol=0)
-    if dtype == jnp.bfloat16:
-        assert (got == two_step).mean() > 0.95
-    fb = kernels.small_matmul(x, w[:, :96], norm=nw, eps=1e-5, **kw)  # 96 columns do not tile by 64
-    np.testing.assert_array_equal(np.asarray(fb), np.asarray(kernels.small_matmul(rms_norm(x, nw, 1e-5), w[:, :96], **kw)))
+    exact = np.asarray(h, np.float64) @ np.asarray(w, np.float64)
+    np.testing.assert_allclose(got, exact, atol=tol * np.abs(exact).max(), rtol=0)
+    fb = kernels.small_matmul(p[..., : 2 * 200], w[:200], glu=True, **kw)  # K = 200 does not tile by 64
+    np.testing.assert_array_equal(np.asarray(fb), np.asarray(kernels.small_matmul(kernels.swiglu(p[..., :400], dtype), w[:200], **kw)))
+    with pytest.raises(ValueError, match="2 \\* 256"):
+        kernels.small_matmul(p[..., :256], w, glu=True, **kw)
 
 
 def test_small_matmul_falls_back_where_it_does_not_apply(monkeypatch):
@@ -398,24 +400,24 @@ def test_gemv_tiling_rule(k, n):
     assert (bn, bk) == (kernels.GEMV_BLOCK_N, kernels.GEMV_BLOCK_K) and blocks % sp == 0
     assert (n // bn) * sp <= kernels.GEMV_PROGRAMS or sp == 1
     assert all((n // bn) * d > kernels.GEMV_PROGRAMS for d in range(sp + 1, blocks + 1) if blocks % d == 0)
-    assert kernels.gemv_tiling(k + 64, n) is None and kernels.gemv_tiling(k, n, splits=blocks + 1) is None
+    assert kernels.gemv_tiling(k + bk // 2, n) is None and kernels.gemv_tiling(k, n, splits=blocks + 1) is None
 
 
-@pytest.mark.parametrize("name,kw,attention,qkv_partials,gemv_norm", [
+@pytest.mark.parametrize("name,kw,attention,qkv_partials,glu", [
     ("dense", {}, "xla", False, False), ("adsa-evict", {"budget": 0.5}, "xla", False, True),
     ("dense", {}, "pallas-interpret", True, True), ("adsa-evict", {"budget": 0.5}, "pallas-interpret", True, False),
     ("window", {"budget": 0.5}, "pallas-interpret", False, False)])
-def test_small_row_gemms_in_generation(c2i, c2i_ref, name, kw, attention, qkv_partials, gemv_norm, monkeypatch):
+def test_small_row_gemms_in_generation(c2i, c2i_ref, name, kw, attention, qkv_partials, glu, monkeypatch):
     """gemm='pallas-interpret' (every weight GEMM of the decode steps on small_matmul), float32: the
     fixture's greedy CFG tokens for dense (LlamaGen's own), the XLA path's for the others; with
     kernels.QKV_PARTIALS the one-kernel step sums the qkv projection's split-K partials itself, with
-    kernels.GEMV_NORM the RMSNorms run inside the projections."""
+    kernels.GEMV_GLU the w2 projection applies the SwiGLU to the w1|w3 projection's partials."""
     from adsa_jax import kernels
 
     monkeypatch.setattr(kernels, "GEMV_BLOCK_N", 64)  # the fixture model's 192-wide layers tile by 64
     monkeypatch.setattr(kernels, "GEMV_BLOCK_K", 64)
     monkeypatch.setattr(kernels, "QKV_PARTIALS", qkv_partials)
-    monkeypatch.setattr(kernels, "GEMV_NORM", gemv_norm)
+    monkeypatch.setattr(kernels, "GEMV_GLU", glu)
     pol = make_policy(c2i.config, name, **kw)
     labels = c2i_ref["labels"]
 
@@ -430,6 +432,9 @@ def test_small_row_gemms_in_generation(c2i, c2i_ref, name, kw, attention, qkv_pa
     if qkv_partials:  # the step kernel reads (S, B, 3, H, D) float32 partials
         splits = kernels.gemv_tiling(cfg.dim, 3 * cfg.dim)[2]
         assert f"f32[{splits},{2 * len(labels)},3,{cfg.n_head},{cfg.head_dim}]" in step
+    if glu:  # the w2 projection reads the w1|w3 projection's (S, B, 2F) float32 partials
+        splits = kernels.gemv_tiling(cfg.dim, 2 * cfg.ffn_hidden)[2]
+        assert f"f32[{splits},{2 * len(labels)},{2 * cfg.ffn_hidden}]" in step
     toks = run(c2i.params, "pallas-interpret")
     want = run(c2i.params, "xla")
     np.testing.assert_array_equal(np.asarray(toks), np.asarray(want))
