@@ -57,16 +57,6 @@ ONE_KERNEL_MAX_SLOTS = 320  # below ONE_KERNEL_MIN_ROW_HEADS
 # session 7), GPT-XL: dense 256 px batch 64 0.600 vs 0.642 s, batch 256 1.422 vs 1.507 s;
 # adsa-evict 384 px batch 64 2.280 vs 2.369 s. False: XLA rotates (kept for A/B runs).
 ROPE_IN_KERNEL = True
-# With the small-row GEMV (generate's gemm='pallas'), evict_step takes the qkv projection's split-K
-# float32 partials and sums them itself, so no XLA kernel sums them before each step kernel (run 5's
-# batch-1 profile: 1.25 us per layer and step). Prepared in session 8, not yet measured: off.
-QKV_PARTIALS = False
-# With the small-row GEMV, the FFN's SwiGLU runs inside the w2 projection (small_matmul(glu=True)):
-# it reads the w1|w3 projection's float32 split-K partials, sums them and gates its own K slice, so
-# no XLA kernel writes silu(h1) * h3 (session 8's batch-1 profile: 1.29 us per layer and step).
-# (Session 9 measured the RMSNorms inside the GEMV the same way: 18% slower at batch 1, every
-# program recomputing the rows' statistics over all of K; removed.)
-GEMV_GLU = False
 
 
 def _kernel(nv_ref, q_ref, k_ref, v_ref, m_in_ref, *rest, block_k, split_len, scale, with_score):
@@ -184,7 +174,7 @@ def decode_attention(q, k, v, mask, n_valid, *, score_vec=None, block_k: int | N
 
 
 def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref,
-                  pos_ref, cok_ref, *rest, block_k, slots, c, P, K, scale, eps, rope, parts=0):
+                  pos_ref, cok_ref, *rest, block_k, slots, c, P, K, scale, eps, rope):
     # One program = one (row, head): the whole adsa-evict (or window, K = 0) step of a layer.
     # Scalars: ws = slot of the new token, ring = ring slot of the token o leaving the window,
     # mv = o moves to the pool this step, full = the pool is full, free = the lowest free pool
@@ -197,8 +187,6 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
     # updated in place (aliased).
     # pos_ref None: the dense cache, whose filled slots are exactly those <= ws.
     # rope: q and k_new come before RoPE, and rope_ref holds this position's (cos, sin) pairs (D,).
-    # parts > 0: q_ref, kn_ref and vn_ref are (parts, D) float32 split-K partials of the projection,
-    # summed here and rounded to the cache dtype as the GEMM's output would be.
     dense = pos_ref is None
     if K:
         vs_ref, vic_ref, nm_ref, *rest = rest
@@ -214,28 +202,16 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
 
     cdt = k_ref.dtype
 
-    def vec(ref):  # q, k_new or v_new (D,): as passed, or its partials summed into the cache dtype
-        if not parts:
-            return ref[...]
-        rows = jnp.arange(1 << (parts - 1).bit_length())
-        zero = pl.program_id(0) * 0  # a traced 0: the tile reaches past the partials' rows (masked)
-        x = plgpu.load(ref.at[pl.ds(zero, rows.shape[0]), :], mask=(rows < parts)[:, None], other=0.0)
-        return jnp.sum(x, axis=0).astype(cdt)
-
     def rotated(ref):  # as rope.apply_rope: pairs (2i, 2i + 1) rotated in f32, back to the cache dtype
         lanes_d = jnp.arange(ref.shape[-1])
-        if parts:  # the pair's other element by a masked reduction (no permuted reload of a sum)
-            x = vec(ref).astype(jnp.float32)
-            xs = jnp.sum(jnp.where(lanes_d[None, :] == (lanes_d ^ 1)[:, None], x[None, :], 0.0), axis=1)
-        else:
-            x = ref[...].astype(jnp.float32)
-            xs = plgpu.load(ref.at[lanes_d ^ 1]).astype(jnp.float32)  # the pair's other element
+        x = ref[...].astype(jnp.float32)
+        xs = plgpu.load(ref.at[lanes_d ^ 1]).astype(jnp.float32)  # the pair's other element
         cos = plgpu.load(rope_ref.at[(lanes_d // 2) * 2])
         sin = plgpu.load(rope_ref.at[(lanes_d // 2) * 2 + 1])
         return jnp.where(lanes_d % 2 == 0, x * cos - xs * sin, x * cos + xs * sin).astype(cdt)
 
-    q = (rotated(q_ref) if rope else vec(q_ref)).astype(jnp.float32) * scale  # (D,)
-    k_new, v_new = (rotated(kn_ref) if rope else vec(kn_ref)), vec(vn_ref)  # (D,) in the cache dtype
+    q = (rotated(q_ref) if rope else q_ref[...]).astype(jnp.float32) * scale  # (D,)
+    k_new, v_new = (rotated(kn_ref) if rope else kn_ref[...]), vn_ref[...]  # (D,) in the cache dtype
     lanes = jnp.arange(block_k)
     n_blocks = ws // block_k + 1 if dense else -(-slots // block_k)  # dense: up to the new token only
 
@@ -373,18 +349,12 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     the three): the kernel reads its (row, head)'s three vectors in place, so XLA does not copy
     q, k and v into arrays of their own before the call. With ``rope`` (D/2, 2) float32, this
     position's (cos, sin) table row, q and k in qkv are before RoPE: the kernel applies it when
-    ROPE_IN_KERNEL is set, otherwise one XLA fusion does before the call. qkv may also be the
-    projection's split-K float32 partials (S, B, 3, H, D) (small_matmul(partials=True)): the kernel
-    sums them (rounded to the cache dtype, as the GEMM's output), or XLA does first without ``rope``
-    in the kernel.
+    ROPE_IN_KERNEL is set, otherwise one XLA fusion does before the call.
     Returns (out (B, H, D), k, v, pos) (no pos when pos is None) and, with keep > 0, (vsum, next
     step's victim, vnorm) after them.
     """
-    if qkv is not None and qkv.ndim == 5 and (rope is None or not ROPE_IN_KERNEL):
-        qkv = jnp.sum(qkv, axis=0).astype(k.dtype)  # (B, 3, H, D): the partials summed by XLA
-    parts = qkv.shape[0] if qkv is not None and qkv.ndim == 5 else 0
     if qkv is not None:
-        b, _, h, d = qkv.shape[-4:]
+        b, _, h, d = qkv.shape
     else:
         b, h, d = q.shape
     if rope is not None and qkv is None:
@@ -402,16 +372,13 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     if dense and K:
         raise ValueError("evict_step on a dense cache (pos=None) takes keep=0")
     kern = functools.partial(_dense_kernel if dense else _evict_kernel, block_k=block_k, slots=s, c=c, P=prefix,
-                             K=K, scale=1.0 / math.sqrt(d), eps=eps, rope=rope is not None, parts=parts)
+                             K=K, scale=1.0 / math.sqrt(d), eps=eps, rope=rope is not None)
     sc = pl.BlockSpec((), lambda i, j: ())
     vec = pl.BlockSpec((None, None, d), lambda i, j: (i, j, 0))
     cache = pl.BlockSpec((None, None, s, d), lambda i, j: (i, j, 0, 0))
     per_slot = pl.BlockSpec((None, None, s), lambda i, j: (i, j, 0))
     if qkv is None:
         vecs, new = [vec] * 3, [q, k_new.astype(k.dtype), v_new.astype(v.dtype)]
-    elif parts:  # the (S, B, 3, H, D) partials three times, each spec picking q, k or v of (row, head)
-        vecs = [pl.BlockSpec((parts, None, None, None, d), lambda i, j, w=w: (0, i, w, j, 0)) for w in range(3)]
-        new = [qkv.astype(jnp.float32)] * 3
     else:  # the same (B, 3, H, D) buffer three times, each spec picking q, k or v of (row, head)
         vecs = [pl.BlockSpec((None, None, None, d), lambda i, j, w=w: (i, w, j, 0)) for w in range(3)]
         new = [qkv.astype(k.dtype)] * 3
@@ -496,6 +463,9 @@ def kth_largest(x, k, *, num_warps: int | None = None, interpret: bool = False):
 # 256 px batch 1 0.313 vs 0.343 s, batch 8 0.335 vs 0.354. Session 9 swept warps (2/4/8), stages
 # (2/3/4), programs (256/512/1024), K block (32/64/128/256) and column block (32/64/128) one at a
 # time: only the K block moved, 64 over 128 (batch 1 0.308 vs 0.314 s, XL-384 0.820 vs 0.832).
+# Also measured in session 9 and removed: the step kernel summing the qkv partials (no faster), the
+# RMSNorm inside the GEMV (18% slower: each program recomputes the row statistics over all of K)
+# and the SwiGLU inside the w2 GEMV (1.7x slower: w2's GEMV went from 5.0 to 29.5 us).
 GEMV_BLOCK_N = 64
 GEMV_BLOCK_K = 64
 GEMV_PROGRAMS = 512  # aim: about this many (column block, K split) programs per call
@@ -507,41 +477,20 @@ GEMV_ROWS = 16  # rows load as a tile of this many (the tensor-core dot's least 
 GEMV_TILES: dict = {}
 
 
-def _gemv_kernel(x_ref, w_ref, o_ref, *, block_k, k_split, precision, glu):
+def _gemv_kernel(x_ref, w_ref, o_ref, *, block_k, k_split, precision):
     # One program = one (column block, K split): x (M, K), w (K, bn) -> partial (M, bn) in f32. The
     # M < GEMV_ROWS rows load as a (GEMV_ROWS, bk) tile, the missing rows masked to 0, so no padded
-    # copy of x is made in memory (it cost an XLA kernel per GEMM). glu: x is instead (S, M, 2K), the
-    # float32 split-K partials of the gate|up projection; each program sums and gates only its own
-    # K slice (elementwise, so nothing is recomputed across K).
+    # copy of x is made in memory (it cost an XLA kernel per GEMM).
     s = pl.program_id(1)
-    kdim = w_ref.shape[0]
-    m = x_ref.shape[-2]
+    m = x_ref.shape[0]
     row0 = pl.program_id(0) * 0  # a traced 0: the tile reaches past x's rows (masked)
     rows_ok = (jnp.arange(GEMV_ROWS) < m)[:, None]
 
-    def tile(start, *part):  # (Mp, bk) of x, or of partial `part` with glu
-        return plgpu.load(x_ref.at[(*part, pl.ds(row0, GEMV_ROWS), pl.ds(start, block_k))], mask=rows_ok, other=0.0)
-
-    def x_block(start):  # (Mp, bk) in w's dtype
-        if not glu:
-            return tile(start)
-        halves = []
-        for off in (0, kdim):  # gate, then up: the partials' sum rounded to w's dtype (as model.ffn)
-            acc = tile(start + off, row0)
-            for p in range(1, x_ref.shape[0]):
-                acc = acc + tile(start + off, row0 + p)  # a traced index (load wants arrays)
-            halves.append(acc.astype(w_ref.dtype).astype(jnp.float32))
-        gate, up = halves
-
-        def rnd(a):  # each op of jax.nn.silu(gate) * up rounds to w's dtype, as XLA does it
-            return a.astype(w_ref.dtype).astype(jnp.float32)
-
-        return (rnd(gate * rnd(jax.nn.sigmoid(gate))) * up).astype(w_ref.dtype)
-
     def body(j, acc):
         start = pl.multiple_of(s * k_split + j * block_k, block_k)
+        xb = plgpu.load(x_ref.at[pl.ds(row0, GEMV_ROWS), pl.ds(start, block_k)], mask=rows_ok, other=0.0)  # (Mp, bk)
         wb = w_ref[pl.ds(start, block_k), :]  # (bk, bn)
-        return acc + jnp.dot(x_block(start), wb, preferred_element_type=jnp.float32, precision=precision)
+        return acc + jnp.dot(xb, wb, preferred_element_type=jnp.float32, precision=precision)
 
     acc = jax.lax.fori_loop(0, k_split // block_k, body, jnp.zeros((GEMV_ROWS, o_ref.shape[-1]), jnp.float32))
     plgpu.store(o_ref.at[pl.ds(row0, GEMV_ROWS), :], acc, mask=rows_ok)
@@ -563,45 +512,31 @@ def gemv_tiling(k: int, n: int, *, block_n: int | None = None, block_k: int | No
     return bn, bk, splits
 
 
-def swiglu(parts, dtype):
-    """silu(gate) * up, in dtype, from the float32 split-K partials (S, M, 2K) of the gate|up
-    projection, as model.ffn rounds it (the XLA side of small_matmul(glu=True))."""
-    gate, up = jnp.split(jnp.sum(parts, axis=0).astype(dtype), 2, axis=-1)  # (M, K) each
-    return jax.nn.silu(gate) * up
-
-
-def small_matmul(x, w, *, glu: bool = False, block_n: int | None = None, block_k: int | None = None,
+def small_matmul(x, w, *, block_n: int | None = None, block_k: int | None = None,
                  splits: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                 partials: bool = False, interpret: bool = False):
-    """x (M, K) @ w (K, N) -> (M, N) in w's dtype with float32 accumulation, for M <= GEMV_ROWS
-    rows (decode GEMMs at small batches). Shapes that do not tile (gemv_tiling) use jnp.dot.
-    glu=True: x is (S, M, 2K), the float32 split-K partials of a gate|up projection
-    (``partials=True``), and the product is ``swiglu(x) @ w`` with the SwiGLU inside the kernel.
-    partials=True: the float32 split-K partials (S, M, N) instead, for a consumer that sums them."""
-    m, n = x.shape[-2], w.shape[1]
-    kdim = w.shape[0]
-    if glu and x.shape[-1] != 2 * kdim:
-        raise ValueError(f"small_matmul(glu=True): x's last axis is {x.shape[-1]}, want 2 * {kdim} (gate|up)")
+                 interpret: bool = False):
+    """x (M, K) @ w (K, N) -> (M, N) in x's dtype with float32 accumulation, for M <= GEMV_ROWS
+    rows (decode GEMMs at small batches). Shapes that do not tile (gemv_tiling) use jnp.dot."""
+    m, kdim = x.shape
+    n = w.shape[1]
     tuned = GEMV_TILES.get((kdim, n), ()) if block_n is block_k is splits is None else ()
     tiling = tuned if tuned != () else gemv_tiling(kdim, n, block_n=block_n, block_k=block_k, splits=splits)
     if tiling is None or m > GEMV_ROWS:
-        h = swiglu(x, w.dtype) if glu else x.astype(w.dtype)
-        y = jnp.dot(h, w, preferred_element_type=jnp.float32)
-        return y[None] if partials else y.astype(w.dtype)
+        return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
     bn, bk, sp = tiling
     part = pl.pallas_call(
-        functools.partial(_gemv_kernel, block_k=bk, k_split=kdim // sp, glu=glu,
+        functools.partial(_gemv_kernel, block_k=bk, k_split=kdim // sp,
                           precision=jax.lax.Precision.HIGHEST if w.dtype == jnp.float32 else None),
         grid=(n // bn, sp),
-        in_specs=[pl.BlockSpec(x.shape, lambda i, s: (0,) * x.ndim),
+        in_specs=[pl.BlockSpec((m, kdim), lambda i, s: (0, 0)),
                   pl.BlockSpec((kdim, bn), lambda i, s: (0, i))],
         out_specs=pl.BlockSpec((None, m, bn), lambda i, s: (s, 0, i)),
         out_shape=jax.ShapeDtypeStruct((sp, m, n), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps or GEMV_NUM_WARPS,
                                              num_stages=num_stages or GEMV_NUM_STAGES),
         interpret=interpret, name="adsa_small_matmul",
-    )(x if glu else x.astype(w.dtype), w)  # (splits, M, N) float32 partials
-    return part if partials else jnp.sum(part, axis=0).astype(w.dtype)
+    )(x.astype(w.dtype), w)  # (splits, M, N) float32 partials
+    return jnp.sum(part, axis=0).astype(x.dtype)  # summed in the consumer's fusion
 
 
 try:  # Pallas is part of jax; an older jax without these Triton APIs keeps attention='xla'

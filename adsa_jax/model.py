@@ -82,24 +82,17 @@ def rms_norm(x, weight, eps):
 
 
 def project(matmul, x, w, k_axes: int = 1):
-    """x (B, *in) @ w (*in, *out) -> (..., B, *out) as ``matmul`` over 2-D views (free reshapes):
-    (B, prod(in)) @ (prod(in), prod(out)); for a decode step's GEMMs on a small-row kernel. Leading
-    axes of matmul's result (split-K partials (S, B, N)) are kept."""
+    """x (B, *in) @ w (*in, *out) -> (B, *out) as ``matmul`` over 2-D views (free reshapes):
+    (B, prod(in)) @ (prod(in), prod(out)); for a decode step's GEMMs on a small-row kernel."""
     kdim = math.prod(w.shape[:k_axes])
-    y = matmul(x.reshape(x.shape[0], kdim), w.reshape(kdim, -1))  # (..., B, prod(out))
-    return y.reshape(y.shape[:-1] + w.shape[k_axes:])  # (..., B, *out)
+    y = matmul(x.reshape(x.shape[0], kdim), w.reshape(kdim, -1))  # (B, prod(out))
+    return y.reshape((x.shape[0],) + w.shape[k_axes:])  # (B, *out)
 
 
-def ffn(layer, x, matmul=None, glu_in_matmul=False):
-    """The SwiGLU FFN of x (B, T, E). Decode (T = 1) with ``matmul`` (see decode_step); with
-    ``glu_in_matmul`` and stacked w1|w3 the w2 projection takes the w1|w3 projection's split-K
-    partials and applies the SwiGLU itself (``matmul(parts, w2, glu=True)``)."""
+def ffn(layer, x, matmul=None):
+    """The SwiGLU FFN of x (B, T, E). Decode (T = 1) with ``matmul`` (see decode_step)."""
     if matmul is not None:  # one token per row (decode): x (B, 1, E)
         xt = x[:, 0]  # (B, E)
-        if "w13" in layer and glu_in_matmul:
-            parts = project(functools.partial(matmul, partials=True), xt, layer["w13"])  # (S, B, 2, F) f32
-            flat = parts.reshape(parts.shape[:2] + (-1,))  # (S, B, 2F): gate then up, as glu reads them
-            return matmul(flat, layer["w2"], glu=True)[:, None]  # (B, 1, E)
         if "w13" in layer:
             h = project(matmul, xt, layer["w13"])  # (B, 2, F)
             h1, h3 = h[:, 0], h[:, 1]
@@ -228,8 +221,7 @@ def prefill(params, cfg: GPTConfig, policy, caches, cond_emb, cond_mask):
     return head(params, cfg, x[:, -1:])[:, 0], new
 
 
-def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, row_keys, span, matmul=None,
-                qkv_parts: bool = False, glu_in_matmul: bool = False):
+def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, row_keys, span, matmul=None):
     """One image token per row through every layer.
 
     tokens (B,) int32 = image token t; t is a traced scalar (0-based image index);
@@ -241,10 +233,6 @@ def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, ro
     step kernel reads in place (XLA drops the rotated q and k then, unless the policy uses them).
     matmul (static): None for XLA's einsums, or a function (M, K) @ (K, N) -> (M, N) for every
     weight GEMM of the step (:func:`adsa_jax.kernels.small_matmul` at small batches).
-    qkv_parts (static, with matmul and a ``takes_qkv`` policy): the policy gets ``qkv=`` as the
-    projection's float32 split-K partials (S, B, 3, H, D), ``matmul(..., partials=True)``, which its
-    step kernel sums (XLA's sum for q, k and v is then dropped unless the policy uses them).
-    glu_in_matmul (static, with matmul): the FFN's SwiGLU runs inside the w2 projection (see ffn).
     """
     x = params["tok_embeddings"][tokens][:, None, :]  # (B, 1, E)
     rot = rope_rows(cfg, cfg.cls_token_num + t)  # (D/2, 2)
@@ -256,20 +244,17 @@ def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, ro
             h = rms_norm(x, layer["attention_norm"], cfg.norm_eps)
             if matmul is None:
                 qkv = jnp.einsum("BTE,EKHD->BTKHD", h, layer["wqkv"])[:, 0]  # (B, 3, H, D)
-            elif qkv_parts and takes_qkv:
-                parts = project(functools.partial(matmul, partials=True), h[:, 0], layer["wqkv"])  # (S, B, 3, H, D) f32
-                qkv = jnp.sum(parts, axis=0).astype(h.dtype)  # (B, 3, H, D)
             else:
                 qkv = project(matmul, h[:, 0], layer["wqkv"])  # (B, 3, H, D)
             qk = apply_rope(qkv[:, :2], rot2)  # (B, 2, H, D)
             q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]
-            kw = {"qkv": parts if matmul is not None and qkv_parts else qkv, "rope": rot} if takes_qkv else {}
+            kw = {"qkv": qkv, "rope": rot} if takes_qkv else {}
             cache, o = policy.decode(cache, q, k, v, t, cond_mask, layer_index=li, row_keys=row_keys, span=span,
                                      **kw)
             new.append(cache)
             x = x + (out_proj(layer, o[:, None]) if matmul is None else project(matmul, o, layer["wo"], 2)[:, None])
         with jax.named_scope("ffn"):
-            x = x + ffn(layer, rms_norm(x, layer["ffn_norm"], cfg.norm_eps), matmul, glu_in_matmul)
+            x = x + ffn(layer, rms_norm(x, layer["ffn_norm"], cfg.norm_eps), matmul)
     return head(params, cfg, x, matmul)[:, 0], new
 
 

@@ -9,9 +9,7 @@ functions over one layer's cache, a dict pytree:
 
 A policy whose class sets ``takes_qkv = True`` is also passed ``qkv=`` (B, 3, H, D), the same
 q, k, v in one array but before RoPE, and ``rope=`` (D/2, 2), the position's RoPE row, which
-its Pallas step kernel reads in place (no copies). With the small-row GEMV and
-``kernels.QKV_PARTIALS``, ``qkv`` is the projection's float32 split-K partials (S, B, 3, H, D)
-instead: hand it to :func:`adsa_jax.kernels.evict_step` only (it sums them).
+its Pallas step kernel reads in place (no copies).
 
 Cache arrays use the layout ``k, v: (B, H, S, D)``. Keys are cached after RoPE, so a slot's
 position travels with it and slot order never matters. Policies (spec/adsa.md):

@@ -11,7 +11,7 @@ with the XLA path on GPT-B in float32: logits and greedy tokens), EVICT_ONE_KERN
 DENSE_ONE_KERNEL=1|0, ROPE_IN_KERNEL=1|0 (set those switches of ``adsa_jax.kernels`` for the whole process),
 GEMM_CUBLAS_MIN_ROWS=N|none (``adsa_jax.generate.GEMM_CUBLAS_MIN_ROWS``), STACK_FFN=1|0
 (``adsa_jax.generate.STACK_FFN``), GEMV_TILES (JSON, ``adsa_jax.kernels.GEMV_TILES``), KERNELS
-(comma-separated NAME=INT settings of ``adsa_jax.kernels``, e.g. ``GEMV_NUM_WARPS=2,QKV_PARTIALS=1``). Plan items
+(comma-separated NAME=INT settings of ``adsa_jax.kernels``, e.g. ``GEMV_NUM_WARPS=2,GEMV_BLOCK_K=64``). Plan items
 may also say "gemm": "xla"|"pallas"|"auto".
 """
 import collections
@@ -119,7 +119,7 @@ def main():
         gen = importlib.import_module("adsa_jax.generate")
         gen.STACK_FFN = os.environ["STACK_FFN"] == "1"
         result["stack_ffn"] = gen.STACK_FFN
-    for pair in filter(None, os.environ.get("KERNELS", "").split(",")):  # e.g. KERNELS=GEMV_NUM_WARPS=2,QKV_PARTIALS=1
+    for pair in filter(None, os.environ.get("KERNELS", "").split(",")):  # e.g. KERNELS=GEMV_NUM_WARPS=2,GEMV_BLOCK_K=64
         name, value = pair.split("=")
         if not hasattr(kernels, name):
             raise SystemExit(f"KERNELS: adsa_jax.kernels has no {name}")

@@ -10,6 +10,9 @@
 #     GPT-XL at 256 px and at 384 px batch 1 and 8 (part 5), adsa-evict and window.
 # Usage: `bash benchmarks/session9_plan.sh N` for N = 1..5 in turn; each under the 600 s limit.
 # Afterwards set whatever won as the default in adsa_jax/kernels.py (QKV_PARTIALS, GEMV_NORM, GEMV_*).
+# Ran in session 9 in the order 1, 2, 6, 3, 4, 5, 7 (parts 6 and 7 added on the way). Outcome: GEMV_BLOCK_K=64
+# became the default; QKV_PARTIALS (no faster), GEMV_NORM (slower) and GEMV_GLU (slower) were then
+# removed from adsa_jax.kernels, so parts 1 and 7 no longer run as written (a record of what ran).
 export PYTHONUNBUFFERED=1
 export PART=${1:-1}
 one() {  # tag, timeout, plan item, KERNELS settings

@@ -137,13 +137,7 @@ def test_kernel_lowers_for_gpu(c2i, monkeypatch):
     monkeypatch.setattr(kernels, "GEMV_BLOCK_K", 64)
     text = lowered("dense", params=bf16, gemm="pallas")
     assert text.count("adsa_small_matmul") >= 4 and "adsa_evict_step" in text
-    monkeypatch.setattr(kernels, "QKV_PARTIALS", True)  # the step kernel sums the qkv partials
-    jax.clear_caches()
-    for name, kw in (("dense", {}), ("adsa-evict", {"budget": 0.5})):
-        assert "adsa_evict_step" in lowered(name, params=bf16, gemm="pallas", **kw)
-    monkeypatch.setattr(kernels, "GEMV_GLU", True)  # and the SwiGLU inside the w2 GEMV
-    jax.clear_caches()
-    assert lowered("dense", params=bf16, gemm="pallas").count("adsa_small_matmul") >= 4
+    assert "adsa_small_matmul" in lowered("adsa-evict", params=bf16, gemm="pallas", budget=0.5)
     assert "adsa_decode_attention" in lowered("adsa-evict", budget=0.5, granularity="layer")
     monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", False)
     monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", False)
@@ -277,8 +271,7 @@ def test_evict_step_victim_ties_lowest_slot(victim_in, want):
 def test_evict_step_reads_stacked_qkv(keep, rope_in_kernel, monkeypatch):
     """qkv= (B, 3, H, D), the projection's layout read in place, gives exactly what separate
     q, k_new, v_new give (each output, every slot); with rope= (q and k before RoPE), RoPE in
-    XLA before the call or in the kernel (ROPE_IN_KERNEL) gives that too, and so do the
-    projection's split-K partials."""
+    XLA before the call or in the kernel (ROPE_IN_KERNEL) gives that too."""
     from adsa_jax import kernels
     from adsa_jax.kernels import evict_step
     from adsa_jax.rope import apply_rope, rope_table
@@ -310,15 +303,6 @@ def test_evict_step_reads_stacked_qkv(keep, rope_in_kernel, monkeypatch):
     for x, y in zip(apart, stacked):
         np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
     np.testing.assert_array_equal(np.asarray(stacked[2], np.float32)[:, :, ws], np.asarray(qkv[:, 2], np.float32))
-    # qkv as float32 split-K partials (S, B, 3, H, D) (small_matmul(partials=True)) whose sum is raw
-    # exactly (dyadic offsets): summed in the kernel (rope in it) or by XLA first, the same outputs.
-    a_, b_ = (jnp.asarray(rng.integers(-16, 16, size=raw.shape) / 8, jnp.float32) for _ in range(2))
-    parts = jnp.stack([raw.astype(jnp.float32) - a_ - b_, a_, b_])
-    from_parts = evict_step(None, None, None, k, v, pos, cond_ok, scalars, qkv=parts, **kw)
-    for x, y in zip(stacked, from_parts):
-        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
-
-
 
 
 def _uses_pallas(f, *args):
@@ -344,32 +328,6 @@ def test_small_matmul_matches_dot(m, k, n, splits, monkeypatch):
         assert got.dtype == dt and got.shape == (m, n)
         exact = np.asarray(xd, np.float64) @ np.asarray(wd, np.float64)  # the inputs as stored
         np.testing.assert_allclose(np.asarray(got, np.float64), exact, atol=tol * np.abs(want).max(), rtol=0)
-
-
-@pytest.mark.parametrize("dtype,parts", [(jnp.float32, 2), (jnp.bfloat16, 4), (jnp.bfloat16, 1)])
-def test_small_matmul_with_the_swiglu_inside(dtype, parts):
-    """small_matmul(glu=True) = kernels.swiglu of the gate|up partials, then the GEMV, within float32
-    or bf16 rounding (the sigmoid's last bf16 bit is the backend's); a shape that does not tile
-    applies the SwiGLU in XLA; a wrong width is a clear error."""
-    from adsa_jax import kernels
-
-    rng = np.random.default_rng(parts)
-    p = jnp.asarray(2 * rng.standard_normal((parts, 3, 2 * 256)), jnp.float32)  # (S, M, 2K)
-    w = jnp.asarray(rng.standard_normal((256, 128)) / 16, dtype)
-    kw = dict(block_n=64, block_k=64, interpret=True)
-    f = lambda a, b: kernels.small_matmul(a, b, glu=True, **kw)  # noqa: E731
-    assert _uses_pallas(f, p, w)
-    got = np.asarray(f(p, w), np.float32)
-    h = kernels.swiglu(p, dtype)
-    two_step = np.asarray(kernels.small_matmul(h, w, **kw), np.float32)
-    tol = 1e-5 if dtype == jnp.float32 else 2e-2
-    np.testing.assert_allclose(got, two_step, atol=tol * np.abs(two_step).max(), rtol=0)
-    exact = np.asarray(h, np.float64) @ np.asarray(w, np.float64)
-    np.testing.assert_allclose(got, exact, atol=tol * np.abs(exact).max(), rtol=0)
-    fb = kernels.small_matmul(p[..., : 2 * 200], w[:200], glu=True, **kw)  # K = 200 does not tile by 64
-    np.testing.assert_array_equal(np.asarray(fb), np.asarray(kernels.small_matmul(kernels.swiglu(p[..., :400], dtype), w[:200], **kw)))
-    with pytest.raises(ValueError, match="2 \\* 256"):
-        kernels.small_matmul(p[..., :256], w, glu=True, **kw)
 
 
 def test_small_matmul_falls_back_where_it_does_not_apply(monkeypatch):
@@ -403,21 +361,16 @@ def test_gemv_tiling_rule(k, n):
     assert kernels.gemv_tiling(k + bk // 2, n) is None and kernels.gemv_tiling(k, n, splits=blocks + 1) is None
 
 
-@pytest.mark.parametrize("name,kw,attention,qkv_partials,glu", [
-    ("dense", {}, "xla", False, False), ("adsa-evict", {"budget": 0.5}, "xla", False, True),
-    ("dense", {}, "pallas-interpret", True, True), ("adsa-evict", {"budget": 0.5}, "pallas-interpret", True, False),
-    ("window", {"budget": 0.5}, "pallas-interpret", False, False)])
-def test_small_row_gemms_in_generation(c2i, c2i_ref, name, kw, attention, qkv_partials, glu, monkeypatch):
+@pytest.mark.parametrize("name,kw,attention", [
+    ("dense", {}, "xla"), ("adsa-evict", {"budget": 0.5}, "xla"), ("dense", {}, "pallas-interpret"),
+    ("adsa-evict", {"budget": 0.5}, "pallas-interpret"), ("window", {"budget": 0.5}, "pallas-interpret")])
+def test_small_row_gemms_in_generation(c2i, c2i_ref, name, kw, attention, monkeypatch):
     """gemm='pallas-interpret' (every weight GEMM of the decode steps on small_matmul), float32: the
-    fixture's greedy CFG tokens for dense (LlamaGen's own), the XLA path's for the others; with
-    kernels.QKV_PARTIALS the one-kernel step sums the qkv projection's split-K partials itself, with
-    kernels.GEMV_GLU the w2 projection applies the SwiGLU to the w1|w3 projection's partials."""
+    fixture's greedy CFG tokens for dense (LlamaGen's own), the XLA path's for the others."""
     from adsa_jax import kernels
 
     monkeypatch.setattr(kernels, "GEMV_BLOCK_N", 64)  # the fixture model's 192-wide layers tile by 64
     monkeypatch.setattr(kernels, "GEMV_BLOCK_K", 64)
-    monkeypatch.setattr(kernels, "QKV_PARTIALS", qkv_partials)
-    monkeypatch.setattr(kernels, "GEMV_GLU", glu)
     pol = make_policy(c2i.config, name, **kw)
     labels = c2i_ref["labels"]
 
@@ -429,12 +382,6 @@ def test_small_row_gemms_in_generation(c2i, c2i_ref, name, kw, attention, qkv_pa
     # qkv, wo, w1|w3 (stacked), w2 per layer and the head, and the one-kernel step per layer
     cfg = c2i.config
     assert step.count("pallas_call") == (4 + (attention != "xla")) * cfg.n_layer + 1
-    if qkv_partials:  # the step kernel reads (S, B, 3, H, D) float32 partials
-        splits = kernels.gemv_tiling(cfg.dim, 3 * cfg.dim)[2]
-        assert f"f32[{splits},{2 * len(labels)},3,{cfg.n_head},{cfg.head_dim}]" in step
-    if glu:  # the w2 projection reads the w1|w3 projection's (S, B, 2F) float32 partials
-        splits = kernels.gemv_tiling(cfg.dim, 2 * cfg.ffn_hidden)[2]
-        assert f"f32[{splits},{2 * len(labels)},{2 * cfg.ffn_hidden}]" in step
     toks = run(c2i.params, "pallas-interpret")
     want = run(c2i.params, "xla")
     np.testing.assert_array_equal(np.asarray(toks), np.asarray(want))
