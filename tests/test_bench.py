@@ -117,6 +117,34 @@ def test_time_one_without_device_and_compile_only(c2i):
     assert only["times"] == [] and math.isnan(only["s_per_call"]) and only["compile_s"] > 0
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_nothing_compiles_while_a_configuration_is_timed(workers, monkeypatch):
+    """compiled_in_order compiles `workers` configurations at a time and never while the caller
+    holds (times) one: every compile it yields has ended, and the next group starts only after."""
+    import threading
+    import time
+
+    events, running = [], []
+    lock = threading.Lock()
+
+    def fake_compile(model, batch, policy, **kw):
+        with lock:
+            running.append(batch)
+        time.sleep(0.05)  # long enough for a background compile to overlap the caller's timing
+        with lock:
+            running.remove(batch)
+            events.append(("compiled", batch))
+        return {"batch": batch}
+
+    monkeypatch.setattr(bench, "compile_one", fake_compile)
+    items = [{"batch": b, "policy": None} for b in range(5)]
+    for item, prepared in bench.compiled_in_order(None, items, workers):
+        assert prepared == {"batch": item["batch"]} and ("compiled", item["batch"]) in events
+        time.sleep(0.1)  # "timing": no compile may start or run meanwhile
+        with lock:
+            assert running == [] and len(events) == min(len(items), (item["batch"] // workers + 1) * workers)
+
+
 def test_bench_t2i_zero_captions(t2i):
     cfg = t2i.config
     r = bench.bench_one(t2i, 1, make_policy(cfg, "dense"), iters=1, warmup=0, attention="xla")
