@@ -211,11 +211,8 @@ def compiled_in_order(model: Model, items, workers: int = 1):
     workers = max(1, workers)
     for start in range(0, len(items), workers):
         group = items[start:start + workers]
-        if workers == 1:
-            done = [prep(group[0])]
-        else:
-            with ThreadPoolExecutor(workers) as pool:  # every compile of the group ends here
-                done = list(pool.map(prep, group))
+        with ThreadPoolExecutor(workers) as pool:  # every compile of the group ends here
+            done = list(pool.map(prep, group))
         yield from zip(group, done)
         done = None  # the group's executables go once timed
 
@@ -296,8 +293,8 @@ def run(models=None, image_sizes=None, batches=(1, 8), policies=("dense",), budg
     """Sweep models x image sizes x policies x budgets x batches (models, image sizes, checkpoint
     and model type: :func:`bench_models`). With ``compile_workers`` > 1 the configurations of one
     model compile that many at a time in parallel threads (their compile times then overlap:
-    compile_s is wall time under contention), and are timed one after another once compiled. Rows carry the model's ``name`` and
-    ``source`` (the JSON file or checkpoint directory)."""
+    compile_s is wall time under contention), and are timed one after another once compiled.
+    Rows carry the model's ``name`` and ``source`` (the JSON file or checkpoint directory)."""
     specs = bench_models(models, image_sizes, checkpoint=checkpoint, model_type=model_type)
 
     def items_for(cfg):
