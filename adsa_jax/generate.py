@@ -117,6 +117,8 @@ def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg,
         params = M.stack_ffn(params)
     shard = shard or (lambda cs: cs)
     matmul = None if gemm == "xla" else functools.partial(kernels.small_matmul, interpret=gemm == "pallas-interpret")
+    add_norm = (functools.partial(kernels.matmul_add_norm, eps=cfg.norm_eps, interpret=gemm == "pallas-interpret")
+                if matmul is not None and kernels.GEMV_ADD_NORM else None)
     cfg_scale, cfg_interval, temperature, top_k, top_p = scalars
     rows = cond_emb.shape[0]
     caches = shard([policy.init(rows, cfg.n_head, cfg.head_dim, params["tok_embeddings"].dtype)
@@ -152,7 +154,8 @@ def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg,
         tok, caches = carry
         fed = jnp.repeat(tok, 2, axis=0) if use_cfg else tok
         keys = row_keys(i + 1) if needs_keys else None  # only the random policy draws per step
-        logits, caches = M.decode_step(params, cfg, policy, caches, fed, i, cond_mask, keys, span, matmul=matmul)
+        logits, caches = M.decode_step(params, cfg, policy, caches, fed, i, cond_mask, keys, span, matmul=matmul,
+                                       add_norm=add_norm)
         caches = shard(caches)
         guided = (cfg_interval < 0) | (i <= cfg_interval)  # LlamaGen: off for good once i > cfg_interval
         nxt = forced[:, i + 1] if forced is not None else None

@@ -512,19 +512,19 @@ def gemv_tiling(k: int, n: int, *, block_n: int | None = None, block_k: int | No
     return bn, bk, splits
 
 
-def small_matmul(x, w, *, block_n: int | None = None, block_k: int | None = None,
-                 splits: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                 interpret: bool = False):
-    """x (M, K) @ w (K, N) -> (M, N) in x's dtype with float32 accumulation, for M <= GEMV_ROWS
-    rows (decode GEMMs at small batches). Shapes that do not tile (gemv_tiling) use jnp.dot."""
+def gemv_partials(x, w, *, block_n: int | None = None, block_k: int | None = None,
+                  splits: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+                  interpret: bool = False):
+    """x (M, K) @ w (K, N) as (splits, M, N) float32 partial products over K splits (their sum is the
+    product), for M <= GEMV_ROWS rows; None where the kernel does not apply (gemv_tiling)."""
     m, kdim = x.shape
     n = w.shape[1]
     tuned = GEMV_TILES.get((kdim, n), ()) if block_n is block_k is splits is None else ()
     tiling = tuned if tuned != () else gemv_tiling(kdim, n, block_n=block_n, block_k=block_k, splits=splits)
     if tiling is None or m > GEMV_ROWS:
-        return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+        return None
     bn, bk, sp = tiling
-    part = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_gemv_kernel, block_k=bk, k_split=kdim // sp,
                           precision=jax.lax.Precision.HIGHEST if w.dtype == jnp.float32 else None),
         grid=(n // bn, sp),
@@ -535,8 +535,78 @@ def small_matmul(x, w, *, block_n: int | None = None, block_k: int | None = None
         compiler_params=plgpu.CompilerParams(num_warps=num_warps or GEMV_NUM_WARPS,
                                              num_stages=num_stages or GEMV_NUM_STAGES),
         interpret=interpret, name="adsa_small_matmul",
-    )(x.astype(w.dtype), w)  # (splits, M, N) float32 partials
+    )(x.astype(w.dtype), w)  # (splits, M, N) float32
+
+
+def small_matmul(x, w, *, interpret: bool = False, **tiles):
+    """x (M, K) @ w (K, N) -> (M, N) in x's dtype with float32 accumulation, for M <= GEMV_ROWS
+    rows (decode GEMMs at small batches). Shapes that do not tile (gemv_tiling) use jnp.dot.
+    tiles: gemv_partials' block_n, block_k, splits, num_warps, num_stages."""
+    part = gemv_partials(x, w, interpret=interpret, **tiles)
+    if part is None:
+        return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
     return jnp.sum(part, axis=0).astype(x.dtype)  # summed in the consumer's fusion
+
+
+# Batch 1 (session 9 profile): after the wo and w2 GEMVs, XLA runs two small kernels each time, the
+# partial sum + residual add and the next RMSNorm (~1.3 + 1.75 us, launch-bound). add_rms_norm does
+# both in one kernel, one program per row. GEMV_ADD_NORM (read at trace time): whether a decode
+# step on the GEMV uses it.
+GEMV_ADD_NORM = 1
+ADD_NORM_CHUNK = 8  # partials summed per load: a (chunk, row) tile
+ADD_NORM_NUM_WARPS = 8
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _add_norm_kernel(p_ref, x_ref, w_ref, xo_ref, h_ref, *, n_parts, chunk, eps):
+    # One program = one row r: x' = x + sum_s p[s, r] (the sum rounded to x's dtype first, as
+    # x + small_matmul(...) is), h = rms_norm(x', w) in model.rms_norm's order. Rows of n columns
+    # load as power-of-two tiles, the columns past n masked.
+    r = pl.program_id(0)
+    z = r * 0  # a traced 0: tiles reach past the arrays' ends (masked), which static starts may not
+    n = x_ref.shape[-1]
+    cols = _pow2(n)
+    col_ok = jnp.arange(cols) < n
+    acc = jnp.zeros((cols,), jnp.float32)
+    for s0 in range(0, n_parts, chunk):  # unrolled: the loads are independent, issued together
+        ok = ((s0 + jnp.arange(chunk)) < n_parts)[:, None] & col_ok[None, :]
+        acc = acc + jnp.sum(plgpu.load(p_ref.at[pl.ds(z + s0, chunk), r, pl.ds(z, cols)], mask=ok, other=0.0), axis=0)
+    dt = x_ref.dtype
+    x = plgpu.load(x_ref.at[r, pl.ds(z, cols)], mask=col_ok, other=0.0)  # (cols,)
+    xn = (x.astype(jnp.float32) + acc.astype(dt).astype(jnp.float32)).astype(dt)
+    xf = xn.astype(jnp.float32)
+    y = (xf * jax.lax.rsqrt(jnp.sum(xf * xf) / n + eps)).astype(dt)
+    w = plgpu.load(w_ref.at[pl.ds(z, cols)], mask=col_ok, other=0.0)
+    plgpu.store(xo_ref.at[r, pl.ds(z, cols)], xn, mask=col_ok)
+    plgpu.store(h_ref.at[r, pl.ds(z, cols)], (y.astype(jnp.float32) * w.astype(jnp.float32)).astype(dt), mask=col_ok)
+
+
+def add_rms_norm(parts, x, weight, eps: float, *, interpret: bool = False):
+    """parts (S, M, N) float32, x (M, N), weight (N,) -> (x + sum_s parts[s], its RMSNorm times
+    weight), both (M, N) in x's dtype, in one kernel; as model.rms_norm(x + sum.astype(x.dtype))."""
+    sp, m, n = parts.shape
+    return tuple(pl.pallas_call(
+        functools.partial(_add_norm_kernel, n_parts=sp, chunk=min(ADD_NORM_CHUNK, _pow2(sp)), eps=eps),
+        grid=(m,),
+        in_specs=[pl.BlockSpec((sp, m, n), lambda r: (0, 0, 0)), pl.BlockSpec((m, n), lambda r: (0, 0)),
+                  pl.BlockSpec((n,), lambda r: (0,))],
+        out_specs=[pl.BlockSpec((m, n), lambda r: (0, 0))] * 2,
+        out_shape=[jax.ShapeDtypeStruct((m, n), x.dtype)] * 2,
+        compiler_params=plgpu.CompilerParams(num_warps=ADD_NORM_NUM_WARPS, num_stages=1),
+        interpret=interpret, name="adsa_add_norm",
+    )(parts, x, weight.astype(x.dtype)))
+
+
+def matmul_add_norm(h, w, x, norm_weight, *, eps: float, interpret: bool = False):
+    """(x + h @ w, RMSNorm of that times norm_weight) for h (M, K), w (K, N), x (M, N): the GEMV's
+    partials summed in add_rms_norm. Where the GEMV does not tile, XLA's dot gives one partial."""
+    parts = gemv_partials(h, w, interpret=interpret)
+    if parts is None:
+        parts = jnp.dot(h, w, preferred_element_type=jnp.float32)[None]  # (1, M, N)
+    return add_rms_norm(parts, x, norm_weight, eps, interpret=interpret)
 
 
 try:  # Pallas is part of jax; an older jax without these Triton APIs keeps attention='xla'

@@ -92,13 +92,7 @@ def project(matmul, x, w, k_axes: int = 1):
 def ffn(layer, x, matmul=None):
     """The SwiGLU FFN of x (B, T, E). Decode (T = 1) with ``matmul`` (see decode_step)."""
     if matmul is not None:  # one token per row (decode): x (B, 1, E)
-        xt = x[:, 0]  # (B, E)
-        if "w13" in layer:
-            h = project(matmul, xt, layer["w13"])  # (B, 2, F)
-            h1, h3 = h[:, 0], h[:, 1]
-        else:
-            h1, h3 = matmul(xt, layer["w1"]), matmul(xt, layer["w3"])
-        return matmul(jax.nn.silu(h1) * h3, layer["w2"])[:, None]  # (B, 1, E)
+        return matmul(ffn_gate(layer, x[:, 0], matmul), layer["w2"])[:, None]  # (B, 1, E)
     if "w13" in layer:  # w1 and w3 stacked (E, 2, F) by stack_ffn: one GEMM for both
         h = jnp.einsum("BTE,EKF->BTKF", x, layer["w13"])  # (B, T, 2, F)
         h1, h3 = h[:, :, 0], h[:, :, 1]
@@ -106,6 +100,16 @@ def ffn(layer, x, matmul=None):
         h1 = jnp.einsum("BTE,EF->BTF", x, layer["w1"])
         h3 = jnp.einsum("BTE,EF->BTF", x, layer["w3"])
     return jnp.einsum("BTF,FE->BTE", jax.nn.silu(h1) * h3, layer["w2"])
+
+
+def ffn_gate(layer, x, matmul):
+    """silu(x @ w1) * (x @ w3) for x (B, E) -> (B, F): the FFN before w2, on ``matmul``."""
+    if "w13" in layer:
+        h = project(matmul, x, layer["w13"])  # (B, 2, F)
+        h1, h3 = h[:, 0], h[:, 1]
+    else:
+        h1, h3 = matmul(x, layer["w1"]), matmul(x, layer["w3"])
+    return jax.nn.silu(h1) * h3
 
 
 def stack_ffn(params):
@@ -221,7 +225,8 @@ def prefill(params, cfg: GPTConfig, policy, caches, cond_emb, cond_mask):
     return head(params, cfg, x[:, -1:])[:, 0], new
 
 
-def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, row_keys, span, matmul=None):
+def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, row_keys, span, matmul=None,
+                add_norm=None):
     """One image token per row through every layer.
 
     tokens (B,) int32 = image token t; t is a traced scalar (0-based image index);
@@ -233,15 +238,27 @@ def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, ro
     step kernel reads in place (XLA drops the rotated q and k then, unless the policy uses them).
     matmul (static): None for XLA's einsums, or a function (M, K) @ (K, N) -> (M, N) for every
     weight GEMM of the step (:func:`adsa_jax.kernels.small_matmul` at small batches).
+    add_norm (static, with matmul): None, or a function (h (M, K), w (K, N), x (M, N), norm weight)
+    -> (x + h @ w, the RMSNorm of that) for the two GEMMs a residual add and a norm follow, wo and
+    w2 (:func:`adsa_jax.kernels.matmul_add_norm`); the same numbers as without it.
     """
     x = params["tok_embeddings"][tokens][:, None, :]  # (B, 1, E)
     rot = rope_rows(cfg, cfg.cls_token_num + t)  # (D/2, 2)
     rot2 = jnp.broadcast_to(rot, (2,) + rot.shape)  # (2, D/2, 2): the same position for q and k
     takes_qkv = getattr(policy, "takes_qkv", False)
+    layers = params["layers"]
+
+    def residual_norm(x, y, w, k_axes, norm_w):  # (x + y @ w, its RMSNorm by norm_w), both (B, 1, E)
+        kdim = math.prod(w.shape[:k_axes])
+        xn, h = add_norm(y.reshape(y.shape[0], kdim), w.reshape(kdim, -1), x[:, 0], norm_w)  # (B, E) each
+        return xn[:, None], h[:, None]
+
+    h = rms_norm(x, layers[0]["attention_norm"], cfg.norm_eps) if add_norm is not None else None
     new = []
-    for li, (layer, cache) in enumerate(zip(params["layers"], caches)):
+    for li, (layer, cache) in enumerate(zip(layers, caches)):
         with jax.named_scope("attention"):
-            h = rms_norm(x, layer["attention_norm"], cfg.norm_eps)
+            if add_norm is None:
+                h = rms_norm(x, layer["attention_norm"], cfg.norm_eps)
             if matmul is None:
                 qkv = jnp.einsum("BTE,EKHD->BTKHD", h, layer["wqkv"])[:, 0]  # (B, 3, H, D)
             else:
@@ -252,9 +269,18 @@ def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, ro
             cache, o = policy.decode(cache, q, k, v, t, cond_mask, layer_index=li, row_keys=row_keys, span=span,
                                      **kw)
             new.append(cache)
-            x = x + (out_proj(layer, o[:, None]) if matmul is None else project(matmul, o, layer["wo"], 2)[:, None])
+            if add_norm is not None:
+                x, h = residual_norm(x, o, layer["wo"], 2, layer["ffn_norm"])
+            else:
+                x = x + (out_proj(layer, o[:, None]) if matmul is None else project(matmul, o, layer["wo"], 2)[:, None])
         with jax.named_scope("ffn"):
-            x = x + ffn(layer, rms_norm(x, layer["ffn_norm"], cfg.norm_eps), matmul)
+            if add_norm is not None:  # the next layer's attention norm, or the head's after the last layer
+                nxt = layers[li + 1]["attention_norm"] if li + 1 < len(layers) else params["norm"]
+                x, h = residual_norm(x, ffn_gate(layer, h[:, 0], matmul), layer["w2"], 1, nxt)
+            else:
+                x = x + ffn(layer, rms_norm(x, layer["ffn_norm"], cfg.norm_eps), matmul)
+    if add_norm is not None:  # h: the final norm of x
+        return matmul(h[:, 0], params["output"]).astype(jnp.float32), new
     return head(params, cfg, x, matmul)[:, 0], new
 
 

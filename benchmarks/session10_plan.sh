@@ -3,7 +3,7 @@
 # timing the current one, which slowed launch-bound batch 1-8 rows by up to ~2.5x; bench.compiled_in_order
 # no longer does. This re-measures those small-batch rows with the fixed sweep, and profiles batch 1
 # at the session-9 default (GEMV K blocks of 64) to see what is left above 0.3 s.
-# Usage: `bash benchmarks/session10_plan.sh N` for N = 1..3 in turn; each under the 600 s limit.
+# Usage: `bash benchmarks/session10_plan.sh N` for N = 1..5; each under the 600 s limit.
 export PYTHONUNBUFFERED=1
 export PART=${1:-1}
 bench() { echo "== $1"; timeout $2 python3 -m adsa_jax.cli bench $3 --iters 3 --segments 1 --json $OUT/$1.json > $OUT/$1.log 2>&1
@@ -14,7 +14,31 @@ echo "== s10_b1_prof"; WORKERS=1 TAG=s10_b1_prof timeout 70 python3 benchmarks/g
   '[{"model":"GPT-XL","size":256,"batch":1,"policy":"dense","iters":3,"profile":true}]' > $OUT/s10_b1_prof.log 2>&1; echo rc $?
 bench s10_B_small 260 "--model GPT-B --image-size 256,384 $P"
 bench s10_L_small 260 "--model GPT-L --image-size 256,384 $P"
-else
+elif [ "$PART" = 2 ] || [ "$PART" = 3 ]; then
 bench s10_XL${PART}_small 560 "--model GPT-XL --image-size $([ "$PART" = 2 ] && echo 256 || echo 384) $P"
+fi
+# Parts 4 and 5 (written in session 10): kernels.add_rms_norm, the residual add of the wo / w2 GEMV
+# partials and the next RMSNorm in one kernel (GEMV_ADD_NORM=1, the default as written) against
+# the XLA kernels it replaces (GEMV_ADD_NORM=0), one configuration per process, alternating.
+one() {  # tag, timeout, plan item, KERNELS settings
+  echo "== $1 $4"; env KERNELS=$4 WORKERS=1 TAG=$1 timeout $2 python3 benchmarks/gpu_explore.py "[$3]" > $OUT/$1.log 2>&1
+  echo rc $?; grep -E "GPT-|rror|device busy" $OUT/$1.log | tail -n 2
+}
+g() { echo "{\"model\":\"GPT-XL\",\"size\":$1,\"batch\":$2,\"policy\":\"$3\",\"iters\":$4$5}"; }
+if [ "$PART" = 4 ]; then
+B1="$(g 256 1 dense 5)"
+one s10_b1_an0 60 "$B1" GEMV_ADD_NORM=0
+one s10_b1_an1 60 "$B1" GEMV_ADD_NORM=1
+one s10_b1_an0r 60 "$B1" GEMV_ADD_NORM=0
+one s10_b1_an1r 60 "$B1" GEMV_ADD_NORM=1
+one s10_b8_an0 60 "$(g 256 8 dense 5)" GEMV_ADD_NORM=0
+one s10_b8_an1 60 "$(g 256 8 dense 5)" GEMV_ADD_NORM=1
+one s10_b1_384_an1 70 "$(g 384 1 dense 3)" GEMV_ADD_NORM=1
+echo "== add_norm_check"; timeout 90 python3 benchmarks/add_norm_check.py > $OUT/add_norm_check.log 2>&1; echo rc $?; tail -n 2 $OUT/add_norm_check.log
+one s10_b1_an1_prof 70 "$(g 256 1 dense 3 ',"profile":true')" GEMV_ADD_NORM=1
+elif [ "$PART" = 5 ]; then
+one s10_b1_384_an0 70 "$(g 384 1 dense 3)" GEMV_ADD_NORM=0
+one s10_b1_an1_w4 60 "$(g 256 1 dense 5)" GEMV_ADD_NORM=1,ADD_NORM_NUM_WARPS=4
+one s10_b1_an1_c4 60 "$(g 256 1 dense 5)" GEMV_ADD_NORM=1,ADD_NORM_CHUNK=4
 fi
 cd $OUT && tar czf s10_part${PART}_logs.tgz *.log 2>/dev/null; rm -f *.log

@@ -136,7 +136,7 @@ def test_kernel_lowers_for_gpu(c2i, monkeypatch):
     monkeypatch.setattr(kernels, "GEMV_BLOCK_N", 64)  # the decode GEMMs on the GEMV kernel (192-wide layers)
     monkeypatch.setattr(kernels, "GEMV_BLOCK_K", 64)
     text = lowered("dense", params=bf16, gemm="pallas")
-    assert text.count("adsa_small_matmul") >= 4 and "adsa_evict_step" in text
+    assert text.count("adsa_small_matmul") >= 4 and "adsa_evict_step" in text and "adsa_add_norm" in text
     assert "adsa_small_matmul" in lowered("adsa-evict", params=bf16, gemm="pallas", budget=0.5)
     assert "adsa_decode_attention" in lowered("adsa-evict", budget=0.5, granularity="layer")
     monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", False)
@@ -348,6 +348,48 @@ def test_small_matmul_falls_back_where_it_does_not_apply(monkeypatch):
     assert "grid=(4, 2)" in str(jax.make_jaxpr(lambda a, b: kernels.small_matmul(a, b, interpret=True))(x, w))
 
 
+@pytest.mark.parametrize("sp,m,n,dtype", [(20, 2, 1280, jnp.bfloat16), (14, 16, 1280, jnp.bfloat16),
+                                            (3, 5, 192, jnp.float32), (1, 1, 1024, jnp.bfloat16)])
+def test_add_rms_norm_matches_model(sp, m, n, dtype):
+    """The fused partial sum + residual add + RMSNorm (interpreter) against x + sum and
+    model.rms_norm: bf16 within one bf16 rounding step (the partials may sum in another order),
+    float32 within float32 rounding; the masked columns past n never reach the result."""
+    from adsa_jax import kernels
+    from adsa_jax.model import rms_norm
+
+    rng = np.random.default_rng(sp * 100 + n)
+    parts = jnp.asarray(rng.standard_normal((sp, m, n)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((m, n)) * 3, dtype)
+    w = jnp.asarray(rng.standard_normal(n), dtype)
+    xn, h = kernels.add_rms_norm(parts, x, w, 1e-5, interpret=True)
+    want_x = x + jnp.sum(parts, axis=0).astype(dtype)
+    want_h = rms_norm(want_x, w, 1e-5)
+    assert xn.dtype == h.dtype == dtype and xn.shape == h.shape == (m, n)
+    tol = 1e-2 if dtype == jnp.bfloat16 else 1e-5
+    for got, want in ((xn, want_x), (h, want_h)):
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                   rtol=tol, atol=tol * float(jnp.abs(want.astype(jnp.float32)).max()))
+
+
+def test_matmul_add_norm_with_and_without_the_gemv():
+    """matmul_add_norm = (x + h @ w, its RMSNorm) whether the GEMV tiles the weight (its partials)
+    or not (XLA's dot as one partial)."""
+    from adsa_jax import kernels
+    from adsa_jax.model import rms_norm
+
+    rng = np.random.default_rng(1)
+    for k in (256, 200):  # 200: no K block divides it, so no GEMV
+        h, w = jnp.asarray(rng.standard_normal((2, k)), jnp.float32), jnp.asarray(rng.standard_normal((k, 128)), jnp.float32)
+        x, nw = jnp.asarray(rng.standard_normal((2, 128)), jnp.float32), jnp.asarray(rng.standard_normal(128), jnp.float32)
+        f = lambda *a: kernels.matmul_add_norm(*a, eps=1e-6, interpret=True)  # noqa: E731
+        assert str(jax.make_jaxpr(f)(h, w, x, nw)).count("pallas_call") == (2 if k == 256 else 1)
+        xn, hn = f(h, w, x, nw)
+        want = np.asarray(x, np.float64) + np.asarray(h, np.float64) @ np.asarray(w, np.float64)
+        np.testing.assert_allclose(np.asarray(xn), want, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(hn), np.asarray(rms_norm(jnp.asarray(want, jnp.float32), nw, 1e-6)),
+                                   rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("k,n", [(1280, 3840), (1280, 1280), (1280, 7168), (3584, 1280), (1280, 16384), (768, 2304)])
 def test_gemv_tiling_rule(k, n):
     """The most K splits that divide K's blocks and keep at most GEMV_PROGRAMS programs."""
@@ -361,16 +403,18 @@ def test_gemv_tiling_rule(k, n):
     assert kernels.gemv_tiling(k + bk // 2, n) is None and kernels.gemv_tiling(k, n, splits=blocks + 1) is None
 
 
-@pytest.mark.parametrize("name,kw,attention", [
-    ("dense", {}, "xla"), ("adsa-evict", {"budget": 0.5}, "xla"), ("dense", {}, "pallas-interpret"),
-    ("adsa-evict", {"budget": 0.5}, "pallas-interpret"), ("window", {"budget": 0.5}, "pallas-interpret")])
-def test_small_row_gemms_in_generation(c2i, c2i_ref, name, kw, attention, monkeypatch):
-    """gemm='pallas-interpret' (every weight GEMM of the decode steps on small_matmul), float32: the
-    fixture's greedy CFG tokens for dense (LlamaGen's own), the XLA path's for the others."""
+@pytest.mark.parametrize("name,kw,attention,add_norm", [
+    ("dense", {}, "xla", 1), ("adsa-evict", {"budget": 0.5}, "xla", 0), ("dense", {}, "pallas-interpret", 0),
+    ("adsa-evict", {"budget": 0.5}, "pallas-interpret", 1), ("window", {"budget": 0.5}, "pallas-interpret", 1)])
+def test_small_row_gemms_in_generation(c2i, c2i_ref, name, kw, attention, add_norm, monkeypatch):
+    """gemm='pallas-interpret' (every weight GEMM of the decode steps on small_matmul; with add_norm
+    the residual adds and RMSNorms after wo and w2 in add_rms_norm), float32: the fixture's greedy
+    CFG tokens for dense (LlamaGen's own), the XLA path's for the others."""
     from adsa_jax import kernels
 
     monkeypatch.setattr(kernels, "GEMV_BLOCK_N", 64)  # the fixture model's 192-wide layers tile by 64
     monkeypatch.setattr(kernels, "GEMV_BLOCK_K", 64)
+    monkeypatch.setattr(kernels, "GEMV_ADD_NORM", add_norm)
     pol = make_policy(c2i.config, name, **kw)
     labels = c2i_ref["labels"]
 
@@ -379,9 +423,9 @@ def test_small_row_gemms_in_generation(c2i, c2i_ref, name, kw, attention, monkey
                                  gemm=gemm, attention=attention)
 
     step = str(jax.make_jaxpr(lambda p: run(p, "pallas-interpret"))(c2i.params))
-    # qkv, wo, w1|w3 (stacked), w2 per layer and the head, and the one-kernel step per layer
+    # qkv, wo, w1|w3 (stacked), w2 per layer (and two add_rms_norm) and the head, and the one-kernel step per layer
     cfg = c2i.config
-    assert step.count("pallas_call") == (4 + (attention != "xla")) * cfg.n_layer + 1
+    assert step.count("pallas_call") == (4 + 2 * add_norm + (attention != "xla")) * cfg.n_layer + 1
     toks = run(c2i.params, "pallas-interpret")
     want = run(c2i.params, "xla")
     np.testing.assert_array_equal(np.asarray(toks), np.asarray(want))
