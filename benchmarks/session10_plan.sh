@@ -57,4 +57,12 @@ Q="--policies dense,adsa-evict,window --budgets 0.5 --batch 1,8"
 bench s10_XL256_small 170 "--model GPT-XL --image-size 256 $Q"
 bench s10_XL384_small 200 "--model GPT-XL --image-size 384 $Q"
 fi
+if [ "$PART" = 7 ]; then  # after part 6 (batch 1 0.301-0.302 s): warps and chunk around 16 / 16
+B1="$(g 256 1 dense 5)"
+one s10_b1_c16w8 60 "$B1" ADD_NORM_NUM_WARPS=8
+one s10_b1_c8w16 60 "$B1" ADD_NORM_CHUNK=8
+one s10_b1_e1 60 "$B1"
+one s10_b1_c16w32 60 "$B1" ADD_NORM_NUM_WARPS=32
+one s10_b1_c4w16 60 "$B1" ADD_NORM_CHUNK=4
+fi
 cd $OUT && tar czf s10_part${PART}_logs.tgz *.log 2>/dev/null; rm -f *.log
