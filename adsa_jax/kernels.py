@@ -553,7 +553,8 @@ def small_matmul(x, w, *, interpret: bool = False, **tiles):
 # both in one kernel, one program per row. GEMV_ADD_NORM (read at trace time): whether a decode
 # step on the GEMV uses it. Session 10 (H200, GPT-XL 256 px batch 1): chunks of 8 partials over 8
 # warps took 3.2 / 2.8 us (wo's 20 partials / w2's 14), no faster than XLA's two kernels (0.313 vs
-# 0.309 s); 16 partials per load over 16 warps: 0.301 vs 0.310 s (32 over 16: 0.303; over 32: 0.310).
+# 0.309 s); 16 partials per load over 16 warps: 0.301 vs 0.310 s (32 over 16: 0.303; over 32: 0.310;
+# 16 over 8 or 32 warps, 8 or 4 over 16: 0.306-0.313).
 GEMV_ADD_NORM = 1
 ADD_NORM_CHUNK = 16  # partials summed per load: a (chunk, row) tile
 ADD_NORM_NUM_WARPS = 16
