@@ -240,7 +240,8 @@ def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, ro
     weight GEMM of the step (:func:`adsa_jax.kernels.small_matmul` at small batches).
     add_norm (static, with matmul): None, or a function (h (M, K), w (K, N), x (M, N), norm weight)
     -> (x + h @ w, the RMSNorm of that) for the two GEMMs a residual add and a norm follow, wo and
-    w2 (:func:`adsa_jax.kernels.matmul_add_norm`); the same numbers as without it.
+    w2 (:func:`adsa_jax.kernels.matmul_add_norm`); the same arithmetic as without it, the float32
+    partials summed in another order.
     """
     x = params["tok_embeddings"][tokens][:, None, :]  # (B, 1, E)
     rot = rope_rows(cfg, cfg.cls_token_num + t)  # (D/2, 2)
