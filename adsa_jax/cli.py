@@ -415,7 +415,7 @@ def build_parser():
     s.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas"),
                    help="decode attention: auto = the Pallas kernel on GPU, XLA elsewhere")
     s.add_argument("--gemm", default="auto", choices=("auto", "xla", "pallas"),
-                   help="decode weight GEMMs: auto = a Pallas GEMV on one GPU at batch 1-8 (bf16), XLA elsewhere")
+                   help="decode weight GEMMs: auto = a Pallas GEMV (and one residual add + RMSNorm kernel after wo and w2) on one GPU at batch 1-8 (bf16), XLA elsewhere")
     add_sampling_args(s)
     # unset: LlamaGen's cfg 4.0 / temperature 1.0 / top-k 2000 with --gpt, the demo model's own (demo.DEMO_SAMPLING) without
     s.set_defaults(cfg_scale=None, temperature=None, top_k=None)
@@ -501,7 +501,7 @@ def build_parser():
     b.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas"),
                    help="decode attention: auto = the Pallas kernel on GPU, XLA elsewhere")
     b.add_argument("--gemm", default="auto", choices=("auto", "xla", "pallas"),
-                   help="decode weight GEMMs: auto = a Pallas GEMV on one GPU at batch 1-8 (bf16), XLA elsewhere")
+                   help="decode weight GEMMs: auto = a Pallas GEMV (and one residual add + RMSNorm kernel after wo and w2) on one GPU at batch 1-8 (bf16), XLA elsewhere")
     b.add_argument("--compile-workers", type=int, default=1, help="compile this many configurations at once "
                    "(threads; compile times then overlap)")
     b.add_argument("--no-roofline", action="store_true", help="skip measuring bandwidth and matmul rate")

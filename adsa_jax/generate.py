@@ -346,7 +346,8 @@ def generate(model: Model, cond, key, *, cond_mask=None, cfg_scale: float = 4.0,
     long cache, XLA elsewhere: :func:`resolve_attention`), 'xla' (the reference), 'pallas', or 'pallas-interpret' (the
     kernel in the Pallas interpreter).
     gemm: the decode steps' weight GEMMs, 'auto' (a split-K Pallas GEMV on one GPU at batch 1-8 with CFG,
-    bf16/fp16 weights; XLA elsewhere: :func:`resolve_gemm`), 'xla', 'pallas' or 'pallas-interpret'.
+    bf16/fp16 weights, the residual adds and RMSNorms after wo and w2 then in one kernel each,
+    ``kernels.GEMV_ADD_NORM``; XLA elsewhere: :func:`resolve_gemm`), 'xla', 'pallas' or 'pallas-interpret'.
     mesh: a ``('data', 'model')`` mesh (:func:`adsa_jax.sharding.make_mesh`) to split the batch
     over its data axis (default on a single host with several devices: all of them on 'data') (and heads / FFN over its model axis); params not yet on the mesh are
     placed there each call (do it once: ``load(..., mesh=)`` or ``sharding.shard_model``). A batch
