@@ -409,11 +409,20 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     )(*args)
 
 
-def _kth_kernel(k_ref, x_ref, o_ref, *, n):
-    # One program = one row: the k-th largest of x (Vp,) by a bitwise binary search over an
-    # order-preserving int32 key of each float (32 counting passes over the row in registers,
-    # no sort). r is built from the top bit down as an offset from INT32_MIN: the largest
-    # threshold T with count(key >= T) >= k is the k-th largest key itself.
+# Bits of the k-th largest's int32 key fixed per counting pass: 1 (32 passes, one count each), 2 (16
+# passes, 4 counts each in one reduction) or 4 (8 passes, 16 counts). At batch 1 the kernel is one
+# program whose passes are block-wide reductions (session 10 profile: 14.4 us per step, 3.7 ms per
+# GPT-XL call); fewer passes, fewer barriers. KTH_BITS 2 and 4 are not yet measured on a GPU.
+KTH_BITS = 1
+
+
+def _kth_kernel(k_ref, x_ref, o_ref, *, n, bits):
+    # One program = one row: the k-th largest of x (Vp,) by a radix search, `bits` bits per pass, over
+    # an order-preserving int32 key of each float (counting passes over the row in registers, no
+    # sort). r is built from the top bit down as an offset from INT32_MIN: the largest threshold T
+    # with count(key >= T) >= k is the k-th largest key itself. A pass counts the keys at or above
+    # r | d << shift for every digit d at once (digit 0, r itself, always qualifies); the count falls
+    # as d grows, so the number of qualifying digits less one is the next digit.
     imin = jnp.int32(-(2 ** 31))
     u = jax.lax.bitcast_convert_type(x_ref[...], jnp.int32)
     key = jnp.where(u < 0, u ^ jnp.int32(0x7FFFFFFF), u)  # float order as signed int order (-0.0 < +0.0)
@@ -421,33 +430,40 @@ def _kth_kernel(k_ref, x_ref, o_ref, *, n):
     if n < vp:  # padding lanes never count: every threshold tried is > INT32_MIN
         key = jnp.where(jnp.arange(vp) < n, key, imin)
     k = k_ref[()]
+    digits = jnp.arange(1 << bits, dtype=jnp.int32)  # (2^bits,)
 
     def body(i, r):
-        cand = r | (jnp.int32(1) << (31 - i))
-        cnt = jnp.sum((key >= (cand ^ imin)).astype(jnp.int32))
-        return jnp.where(cnt >= k, cand, r)
+        shift = 32 - bits * (i + 1)
+        cand = r | (digits << shift)  # (2^bits,) thresholds, offsets from INT32_MIN
+        cnt = jnp.sum((key[None, :] >= (cand ^ imin)[:, None]).astype(jnp.int32), axis=1)  # (2^bits,)
+        return r | ((jnp.sum((cnt >= k).astype(jnp.int32)) - 1) << shift)
 
-    kth = jax.lax.fori_loop(0, 32, body, jnp.int32(0)) ^ imin
+    kth = jax.lax.fori_loop(0, 32 // bits, body, jnp.int32(0)) ^ imin
     o_ref[...] = jax.lax.bitcast_convert_type(jnp.where(kth < 0, kth ^ jnp.int32(0x7FFFFFFF), kth), jnp.float32)
 
 
-def kth_largest(x, k, *, num_warps: int | None = None, interpret: bool = False):
+def kth_largest(x, k, *, num_warps: int | None = None, bits: int | None = None, interpret: bool = False):
     """The k-th largest value of each row, counting ties (``sort(x)[::-1][k - 1]``), without a sort.
 
     x (B, V) float32; k: int scalar (traced is fine) in [1, V]. Returns (B,) float32. For
     top-k sampling, which only needs this threshold (keep every logit >= it): one program per
     row instead of XLA's segmented sort of the whole (B, V) array. num_warps: default 16 up to
     128 rows, 4 above (H200, benchmarks/topk_time.py: 15-18 against 20-22 us up to 64 rows of
-    16384; 31 against 32 us at 256 rows; XLA's sort 56 / 122 / 324 us).
+    16384; 31 against 32 us at 256 rows; XLA's sort 56 / 122 / 324 us). bits: per counting pass
+    (1, 2 or 4; default KTH_BITS).
     """
     b, n = x.shape
+    bits = bits or KTH_BITS
+    if bits not in (1, 2, 4):
+        raise ValueError(f"kth_largest: bits must be 1, 2 or 4 (a divisor of 32 with a power-of-two digit count), "
+                         f"got {bits}")
     num_warps = num_warps or (16 if b <= 128 else 4)
     vp = 1 << max(n - 1, 1).bit_length()  # Triton blocks are powers of two
     x = x.astype(jnp.float32)
     if vp != n:
         x = jnp.pad(x, ((0, 0), (0, vp - n)))
     return pl.pallas_call(
-        functools.partial(_kth_kernel, n=n), grid=(b,),
+        functools.partial(_kth_kernel, n=n, bits=bits), grid=(b,),
         in_specs=[pl.BlockSpec((), lambda i: ()), pl.BlockSpec((None, vp), lambda i: (i, 0))],
         out_specs=pl.BlockSpec((None,), lambda i: (i,)), out_shape=jax.ShapeDtypeStruct((b,), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),

@@ -1,19 +1,34 @@
-# Prepared in session 10 (its device time spent). Part 1: what session 10 left unmeasured: a float32
-# GPU check of kernels.add_rms_norm (tokens with and without it, and against XLA's GEMMs), the batch-1
-# profile at the new default (16 partials per load over 16 warps), and the budget-0.25 GPT-XL rows
-# and GPT-L 384 px window 0.25 batch 8 that still carry session 9's compile overlap.
-# Usage: `bash benchmarks/session11_plan.sh 1`; under the 600 s limit.
+# Prepared in session 10 (its device time spent). Part 1: top-k's k-th largest with 2 or 4 bits per
+# counting pass (kernels.KTH_BITS; 16 or 8 block-wide reductions instead of 32 at batch 1, where the
+# kernel took 14.4 us per step, 3.7 ms per GPT-XL call): the kernel alone over warps and bits, then
+# GPT-XL 256 px batch 1 end to end per setting (one configuration per process, alternating); a
+# float32 GPU check of kernels.add_rms_norm; the batch-1 profile at the current default.
+# Part 2: the budget-0.25 GPT-XL rows and GPT-L 384 px window 0.25 batch 8 that still carry
+# session 9's compile overlap.
+# Usage: `bash benchmarks/session11_plan.sh N` for N = 1, 2; each under the 600 s limit. Afterwards
+# set KTH_BITS (and kth_largest's default warps) to whatever won, in adsa_jax/kernels.py.
 export PYTHONUNBUFFERED=1
 export PART=${1:-1}
 bench() { echo "== $1"; timeout $2 python3 -m adsa_jax.cli bench $3 --iters 3 --segments 1 --json $OUT/$1.json > $OUT/$1.log 2>&1
   echo rc $?; grep -E "GPT-|rror" $OUT/$1.log | tail -n 1; }
+one() {  # tag, timeout, plan item, KERNELS settings
+  echo "== $1 $4"; env KERNELS=$4 WORKERS=1 TAG=$1 timeout $2 python3 benchmarks/gpu_explore.py "[$3]" > $OUT/$1.log 2>&1
+  echo rc $?; grep -E "GPT-|rror|device busy" $OUT/$1.log | tail -n 2
+}
+g() { echo "{\"model\":\"GPT-XL\",\"size\":$1,\"batch\":$2,\"policy\":\"$3\",\"iters\":$4$5}"; }
 if [ "$PART" = 1 ]; then
+echo "== topk_time"; timeout 150 python3 benchmarks/topk_time.py > $OUT/topk_time.log 2>&1; echo rc $?
+grep -o "'rows': [0-9]*\|kth_warps16[a-z0-9_]*_us': [0-9.]*" $OUT/topk_time.log | tr '\n' ' '; echo
+B1="$(g 256 1 dense 5)"
+one s11_b1_bits1 60 "$B1" KTH_BITS=1
+one s11_b1_bits2 60 "$B1" KTH_BITS=2
+one s11_b1_bits4 60 "$B1" KTH_BITS=4
+one s11_b1_bits1r 60 "$B1" KTH_BITS=1
 echo "== add_norm_check f32"; DTYPE=float32 timeout 120 python3 benchmarks/add_norm_check.py > $OUT/add_norm_check_f32.log 2>&1; echo rc $?
 tail -n 1 $OUT/add_norm_check_f32.log
-echo "== s11_b1_prof"; WORKERS=1 TAG=s11_b1_prof timeout 70 python3 benchmarks/gpu_explore.py \
-  '[{"model":"GPT-XL","size":256,"batch":1,"policy":"dense","iters":3,"profile":true}]' > $OUT/s11_b1_prof.log 2>&1; echo rc $?
-Q="--policies adsa-evict,window --budgets 0.25 --batch 1,8"
-bench s11_XL_small 300 "--model GPT-XL --image-size 256,384 $Q"
-bench s11_L384_w8 60 "--model GPT-L --image-size 384 --policies window --budgets 0.25 --batch 8"
+one s11_b1_prof 70 "$(g 256 1 dense 3 ',"profile":true')"
+elif [ "$PART" = 2 ]; then
+bench s11_XL_small 400 "--model GPT-XL --image-size 256,384 --policies adsa-evict,window --budgets 0.25 --batch 1,8"
+bench s11_L384_w8 80 "--model GPT-L --image-size 384 --policies window --budgets 0.25 --batch 8"
 fi
 cd $OUT && tar czf s11_part${PART}_logs.tgz *.log 2>/dev/null; rm -f *.log

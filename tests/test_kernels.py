@@ -125,6 +125,10 @@ def test_kernel_lowers_for_gpu(c2i, monkeypatch):
     for name, kw in (("window", {"budget": 0.5}), ("dense", {}), ("adsa-evict", {"budget": 0.5})):  # the defaults
         assert "adsa_evict_step" in lowered(name, **kw)
     assert "adsa_kth_largest" in lowered("dense", sampler=("pallas", False))  # top-k without a sort
+    monkeypatch.setattr(kernels, "KTH_BITS", 4)  # 4 bits per counting pass lowers too
+    jax.clear_caches()
+    assert "adsa_kth_largest" in lowered("dense", sampler=("pallas", False))
+    monkeypatch.setattr(kernels, "KTH_BITS", 1)
     monkeypatch.setattr(kernels, "ROPE_IN_KERNEL", False)  # RoPE in XLA before the step kernel lowers too
     jax.clear_caches()
     bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), c2i.params)  # bf16 caches
@@ -346,6 +350,26 @@ def test_small_matmul_falls_back_where_it_does_not_apply(monkeypatch):
     assert not _uses_pallas(lambda a, b: kernels.small_matmul(a, b, interpret=True), x, w)
     monkeypatch.setattr(kernels, "GEMV_TILES", {(256, 128): (32, 64, 2)})
     assert "grid=(4, 2)" in str(jax.make_jaxpr(lambda a, b: kernels.small_matmul(a, b, interpret=True))(x, w))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_kth_largest_matches_sort(bits):
+    """The radix search (interpreter), 1, 2 or 4 bits per pass: exactly sort's k-th largest, ties
+    counted, for k from 1 to V, on rows with ties, both zeros, tiny and huge magnitudes and a
+    non-power-of-two length (padded lanes never count)."""
+    from adsa_jax import kernels
+
+    rng = np.random.default_rng(bits)
+    rows = [rng.standard_normal((2, 1000)) * 3, rng.integers(-3, 3, (2, 1000)),
+            np.concatenate([rng.standard_normal((1, 1000)) * 1e-30, rng.standard_normal((1, 1000)) * 1e30])]
+    for x in rows:
+        x = np.asarray(x, np.float32)
+        x[0, :2] = (-0.0, 0.0)
+        for k in (1, 2, 7, 333, 999, 1000):
+            got = np.asarray(kernels.kth_largest(jnp.asarray(x), k, bits=bits, interpret=True))
+            np.testing.assert_array_equal(got, -np.sort(-x, axis=1)[:, k - 1], err_msg=f"k={k}")
+    with pytest.raises(ValueError, match="bits must be 1, 2 or 4"):
+        kernels.kth_largest(jnp.ones((1, 8)), 1, bits=3, interpret=True)
 
 
 @pytest.mark.parametrize("sp,m,n,dtype", [(20, 2, 1280, jnp.bfloat16), (14, 16, 1280, jnp.bfloat16),
