@@ -3,7 +3,7 @@
 # kernel took 14.4 us per step, 3.7 ms per GPT-XL call): the kernel alone over warps and bits, then
 # GPT-XL 256 px batch 1 end to end per setting (one configuration per process, alternating); a
 # float32 GPU check of kernels.add_rms_norm; the batch-1 profile at the current default.
-# Part 2: the budget-0.25 GPT-XL rows and GPT-L 384 px window 0.25 batch 8 that still carry
+# Part 2: add_rms_norm on and off at GPT-B / GPT-L batch 1 (measured on GPT-XL only), the budget-0.25 GPT-XL rows and GPT-L 384 px window 0.25 batch 8 that still carry
 # session 9's compile overlap.
 # Usage: `bash benchmarks/session11_plan.sh N` for N = 1, 2; each under the 600 s limit. Afterwards
 # set KTH_BITS (and kth_largest's default warps) to whatever won, in adsa_jax/kernels.py.
@@ -27,8 +27,11 @@ one s11_b1_bits1r 60 "$B1" KTH_BITS=1
 echo "== add_norm_check f32"; DTYPE=float32 timeout 120 python3 benchmarks/add_norm_check.py > $OUT/add_norm_check_f32.log 2>&1; echo rc $?
 tail -n 1 $OUT/add_norm_check_f32.log
 one s11_b1_prof 70 "$(g 256 1 dense 3 ',"profile":true')"
-elif [ "$PART" = 2 ]; then
-bench s11_XL_small 400 "--model GPT-XL --image-size 256,384 --policies adsa-evict,window --budgets 0.25 --batch 1,8"
+elif [ "$PART" = 2 ]; then  # add_rms_norm was measured on GPT-XL only: GPT-B and GPT-L batch 1, on and off
+for m in GPT-B GPT-L; do
+  for an in 1 0; do one s11_${m}_b1_an$an 60 "{\"model\":\"$m\",\"size\":256,\"batch\":1,\"policy\":\"dense\",\"iters\":5}" GEMV_ADD_NORM=$an; done
+done
+bench s11_XL_small 360 "--model GPT-XL --image-size 256,384 --policies adsa-evict,window --budgets 0.25 --batch 1,8"
 bench s11_L384_w8 80 "--model GPT-L --image-size 384 --policies window --budgets 0.25 --batch 8"
 fi
 cd $OUT && tar czf s11_part${PART}_logs.tgz *.log 2>/dev/null; rm -f *.log
