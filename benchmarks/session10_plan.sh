@@ -3,7 +3,7 @@
 # timing the current one, which slowed launch-bound batch 1-8 rows by up to ~2.5x; bench.compiled_in_order
 # no longer does. This re-measures those small-batch rows with the fixed sweep, and profiles batch 1
 # at the session-9 default (GEMV K blocks of 64) to see what is left above 0.3 s.
-# Usage: `bash benchmarks/session10_plan.sh N` for N = 1..5; each under the 600 s limit.
+# Usage: `bash benchmarks/session10_plan.sh N` for N = 1..7; each under the 600 s limit.
 # Ran in session 10 in the order 1, 4, 5, 6, 7 (parts 4-7 written during the session); parts 2-3 were not
 # run (part 6 measured GPT-XL at budget 0.5; the budget-0.25 XL rows moved to session11_plan.sh).
 export PYTHONUNBUFFERED=1
