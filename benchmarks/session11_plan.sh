@@ -5,7 +5,8 @@
 # float32 GPU check of kernels.add_rms_norm; the batch-1 profile at the current default.
 # Part 2: add_rms_norm on and off at GPT-B / GPT-L batch 1 (measured on GPT-XL only), the budget-0.25 GPT-XL rows and GPT-L 384 px window 0.25 batch 8 that still carry
 # session 9's compile overlap.
-# Usage: `bash benchmarks/session11_plan.sh N` for N = 1, 2; each under the 600 s limit. Afterwards
+# Part 3 (written in session 11): evict_step's block and warps at batch 1.
+# Usage: `bash benchmarks/session11_plan.sh N` for N = 1, 2, 3; each under the 600 s limit. Afterwards
 # set KTH_BITS (and kth_largest's default warps) to whatever won, in adsa_jax/kernels.py.
 export PYTHONUNBUFFERED=1
 export PART=${1:-1}
@@ -33,5 +34,13 @@ for m in GPT-B GPT-L; do
 done
 bench s11_XL_small 360 "--model GPT-XL --image-size 256,384 --policies adsa-evict,window --budgets 0.25 --batch 1,8"
 bench s11_L384_w8 80 "--model GPT-L --image-size 384 --policies window --budgets 0.25 --batch 8"
+elif [ "$PART" = 3 ]; then  # written in session 11: evict_step's block and warps at small grids (tuned at
+# XL-384 batch 64 shapes, 2560 row-heads; batch 1 has 40 row-heads, the kernel 7.0 us per layer step)
+B1="$(g 256 1 dense 5)"
+for bw in 64,2 128,2 128,4 256,4 64,4 256,8 128,8 64,2; do
+  one s11_b1_ek${bw/,/_w} 60 "$B1" EVICT_BLOCK_K=${bw%,*},EVICT_NUM_WARPS=${bw#*,}
+done
+E1="$(g 256 1 adsa-evict 5 ',"budget":0.5')"
+for bw in 64,2 128,4; do one s11_b1e_ek${bw/,/_w} 60 "$E1" EVICT_BLOCK_K=${bw%,*},EVICT_NUM_WARPS=${bw#*,}; done
 fi
 cd $OUT && tar czf s11_part${PART}_logs.tgz *.log 2>/dev/null; rm -f *.log
