@@ -34,6 +34,12 @@ NUM_STAGES = 1
 # evict_step's own settings (measured on an H100 by benchmarks/evict_kernel_time.py).
 EVICT_BLOCK_K = 64
 EVICT_NUM_WARPS = 2
+# ... and at small grids (fewer than ONE_KERNEL_MIN_ROW_HEADS programs), where each program's loop
+# over the cache is the step's latency: fewer, wider blocks over more warps. Measured on an H200
+# (BENCHMARKS.md, session 11), GPT-XL 256 px batch 1 dense (40 row-heads): 0.278 s at 256 / 8 warps
+# against 0.303 at 64 / 2 (128 / 4: 0.286, 256 / 4: 0.284, 128 / 8: 0.284).
+EVICT_SMALL_BLOCK_K = 256
+EVICT_SMALL_NUM_WARPS = 8
 # adsa-evict / window (EVICT_ONE_KERNEL) and dense (DENSE_ONE_KERNEL) decode steps as one kernel
 # per layer step (evict_step) where one_kernel_fits; False keeps the attention kernel with the
 # cache writes and pool bookkeeping in XLA. Measured on an H200 (BENCHMARKS.md, sessions 5 and 7),
@@ -366,7 +372,9 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
         qkv = jnp.concatenate([apply_rope(qkv[:, :2], rot2), qkv[:, 2:]], axis=1)  # (B, 3, H, D), q and k rotated
         rope = None
     s = k.shape[2]
-    block_k = block_k or EVICT_BLOCK_K
+    small = b * h < ONE_KERNEL_MIN_ROW_HEADS
+    block_k = block_k or (EVICT_SMALL_BLOCK_K if small else EVICT_BLOCK_K)
+    num_warps = num_warps or (EVICT_SMALL_NUM_WARPS if small else EVICT_NUM_WARPS)
     K = keep
     dense = pos is None
     if dense and K:
@@ -403,7 +411,7 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
         args.append(rope.astype(jnp.float32).reshape(d))
     return pl.pallas_call(
         kern, grid=(b, h), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, input_output_aliases=aliases,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps or EVICT_NUM_WARPS,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps,
                                              num_stages=num_stages or NUM_STAGES),
         interpret=interpret, name="adsa_evict_step",
     )(*args)

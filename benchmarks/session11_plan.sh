@@ -5,8 +5,9 @@
 # float32 GPU check of kernels.add_rms_norm; the batch-1 profile at the current default.
 # Part 2: add_rms_norm on and off at GPT-B / GPT-L batch 1 (measured on GPT-XL only), the budget-0.25 GPT-XL rows and GPT-L 384 px window 0.25 batch 8 that still carry
 # session 9's compile overlap.
-# Part 3 (written in session 11): evict_step's block and warps at batch 1.
-# Usage: `bash benchmarks/session11_plan.sh N` for N = 1, 2, 3; each under the 600 s limit. Afterwards
+# Parts 3 and 4 (written in session 11): evict_step's block and warps at batch 1 and 8. The device
+# returns at most 8 files per run: one JSON per `one` call, no more than 8 calls per part.
+# Usage: `bash benchmarks/session11_plan.sh N` for N = 1, 2, 3, 4; each under the 600 s limit. Afterwards
 # set KTH_BITS (and kth_largest's default warps) to whatever won, in adsa_jax/kernels.py.
 export PYTHONUNBUFFERED=1
 export PART=${1:-1}
@@ -42,5 +43,15 @@ for bw in 64,2 128,2 128,4 256,4 64,4 256,8 128,8 64,2; do
 done
 E1="$(g 256 1 adsa-evict 5 ',"budget":0.5')"
 for bw in 64,2 128,4; do one s11_b1e_ek${bw/,/_w} 60 "$E1" EVICT_BLOCK_K=${bw%,*},EVICT_NUM_WARPS=${bw#*,}; done
+elif [ "$PART" = 4 ]; then  # after part 3: EVICT_SMALL_BLOCK_K / EVICT_SMALL_NUM_WARPS (256 / 8) below
+# ONE_KERNEL_MIN_ROW_HEADS; wider still, GPT-XL 384 px batch 1 on one kernel, batch 8 on the small settings
+one s11_b1_def 60 "$(g 256 1 dense 5)" ""
+one s11_b1_k512 60 "$(g 256 1 dense 5)" EVICT_SMALL_BLOCK_K=512
+one s11_b1_w16 60 "$(g 256 1 dense 5)" EVICT_SMALL_NUM_WARPS=16
+one s11_b1_384_def 90 "$(g 384 1 dense 3)" ""
+one s11_b1_384_one 90 "$(g 384 1 dense 3)" ONE_KERNEL_MAX_SLOTS=600
+one s11_b8_def 60 "$(g 256 8 dense 5)" ""
+one s11_b8_small 60 "$(g 256 8 dense 5)" ONE_KERNEL_MIN_ROW_HEADS=512
+one s11_b1e_def 60 "$(g 256 1 adsa-evict 5 ',"budget":0.5')" ""
 fi
 cd $OUT && tar czf s11_part${PART}_logs.tgz *.log 2>/dev/null; rm -f *.log

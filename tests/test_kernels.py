@@ -195,7 +195,8 @@ def test_kernel_small_blocks_match_xla(c2i, c2i_ref, name, monkeypatch):
     from adsa_jax import kernels
 
     monkeypatch.setattr(kernels, "BLOCK_K", 16)
-    monkeypatch.setattr(kernels, "EVICT_BLOCK_K", 16)  # evict_step's own block size
+    monkeypatch.setattr(kernels, "EVICT_BLOCK_K", 16)  # evict_step's own block sizes
+    monkeypatch.setattr(kernels, "EVICT_SMALL_BLOCK_K", 16)
     monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", True)
     monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", name == "dense one kernel")
     labels = c2i_ref["labels"]
