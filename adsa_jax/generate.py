@@ -272,7 +272,7 @@ def resolve_policy(model: Model, policy=None, **policy_kw):
 
 
 # Row-heads (batch rows x heads) below which dense decoding keeps XLA attention where the one-kernel
-# step does not fit (kernels.one_kernel_fits: a long cache): at batch 1 the attention kernel's
+# step does not fit (kernels.one_kernel_fits: a cache over ONE_KERNEL_MAX_SLOTS): at batch 1 the attention kernel's
 # split-combine costs more than it saves (H100: 0.465 s with it, 0.396 s with XLA, GPT-XL 256 px;
 # H200 session 7: GPT-XL 384 px batch 1 0.857 s with XLA, 0.873 with the one-kernel step).
 SMALL_ROW_HEADS = 64

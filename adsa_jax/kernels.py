@@ -54,10 +54,13 @@ DENSE_ONE_KERNEL = True
 # long cache that loop is the step's latency, where the other path splits the slots over programs.
 # Measured on an H200 (BENCHMARKS.md, session 7), one kernel against the other path: faster at 40
 # row-heads x 257 slots (GPT-XL 256 px batch 1), 320 x 257, 320 x 577 and adsa-evict 320 x 289;
-# level at GPT-B's 24 x 257; 2% slower at 40 x 577 (GPT-XL 384 px batch 1), and by its loop's
-# length presumably more so at longer caches (t2i 512 px: 1144 slots; not measured).
+# level at GPT-B's 24 x 257; 2% slower at 40 x 577 (GPT-XL 384 px batch 1), all with 64-slot blocks
+# over 2 warps.
+# Session 11, with EVICT_SMALL_BLOCK_K / EVICT_SMALL_NUM_WARPS (256 slots a block over 8 warps): one
+# kernel is faster at batch 1 over every cache measured, dense GPT-XL 384 px (577 slots) 0.653 s
+# against 0.808, 512 px (1025) 1.232 against 1.473, t2i 512 px (1144) 1.286 against 1.541.
 ONE_KERNEL_MIN_ROW_HEADS = 256
-ONE_KERNEL_MAX_SLOTS = 320  # below ONE_KERNEL_MIN_ROW_HEADS
+ONE_KERNEL_MAX_SLOTS = 1200  # below ONE_KERNEL_MIN_ROW_HEADS; longer caches are not measured
 # evict_step applies RoPE to q and k itself (from the projection's output), instead of an XLA
 # fusion writing the rotated q/k/v array before each call. Measured on an H200 (BENCHMARKS.md,
 # session 7), GPT-XL: dense 256 px batch 64 0.600 vs 0.642 s, batch 256 1.422 vs 1.507 s;

@@ -7,7 +7,7 @@
 # session 9's compile overlap.
 # Parts 3 and 4 (written in session 11): evict_step's block and warps at batch 1 and 8. The device
 # returns at most 8 files per run: one JSON per `one` call, no more than 8 calls per part.
-# Usage: `bash benchmarks/session11_plan.sh N` for N = 1, 2, 3, 4; each under the 600 s limit. Afterwards
+# Usage: `bash benchmarks/session11_plan.sh N` for N = 1, 2, 3, 4, 5; each under the 600 s limit. Afterwards
 # set KTH_BITS (and kth_largest's default warps) to whatever won, in adsa_jax/kernels.py.
 export PYTHONUNBUFFERED=1
 export PART=${1:-1}
@@ -53,5 +53,13 @@ one s11_b1_384_one 90 "$(g 384 1 dense 3)" ONE_KERNEL_MAX_SLOTS=600
 one s11_b8_def 60 "$(g 256 8 dense 5)" ""
 one s11_b8_small 60 "$(g 256 8 dense 5)" ONE_KERNEL_MIN_ROW_HEADS=512
 one s11_b1e_def 60 "$(g 256 1 adsa-evict 5 ',"budget":0.5')" ""
+elif [ "$PART" = 5 ]; then  # after part 4 (ONE_KERNEL_MAX_SLOTS 600): the new defaults at batch 1; 512 px
+# (1025 slots) with and without one kernel
+one s11_b1_384 90 "$(g 384 1 dense 3)" ""
+one s11_b1_512_two 110 "$(g 512 1 dense 3)" ""
+one s11_b1_512_one 110 "$(g 512 1 dense 3)" ONE_KERNEL_MAX_SLOTS=1100
+one s11_b1e_384 90 "$(g 384 1 adsa-evict 3 ',"budget":0.5')" ""
+one s11_b1w_384 90 "$(g 384 1 window 3 ',"budget":0.25')" ""
+for m in GPT-B GPT-L; do one s11_${m}_b1 60 "{\"model\":\"$m\",\"size\":256,\"batch\":1,\"policy\":\"dense\",\"iters\":5}" ""; done
 fi
 cd $OUT && tar czf s11_part${PART}_logs.tgz *.log 2>/dev/null; rm -f *.log

@@ -213,21 +213,23 @@ def test_kernel_small_blocks_match_xla(c2i, c2i_ref, name, monkeypatch):
 
 def test_one_kernel_switches(monkeypatch):
     """dense, window and adsa-evict steps run as one kernel wherever kernels.one_kernel_fits: any
-    batch over a short cache (GPT-B 256 px, or adsa-evict's 289 slots at 384 px), and from 256
-    row-heads over a long one (dense at 384 px); the switches turn it off; adsa-select and layer
-    granularity never do. Dense at batch 1 over a long cache keeps XLA attention under 'auto'."""
+    batch over a cache of up to ONE_KERNEL_MAX_SLOTS (GPT-B 256 and 384 px), and from 256
+    row-heads over a longer one (dense at 640 px, 1601 slots); the switches turn it off; adsa-select
+    and layer granularity never do. Dense at batch 1 over a long cache keeps XLA attention under
+    'auto'."""
     from adsa_jax import kernels
     from adsa_jax.config import named_config
 
     small, large = 2, 32  # batch 1 and 16 with CFG: 24 and 384 row-heads for GPT-B's 12 heads
-    for size in (256, 384):
+    for size in (256, 384, 640):
         cfg = named_config("GPT-B", image_size=size)
         pols = [resolve_attention(make_policy(cfg, n, **kw), cfg, "pallas")
                 for n, kw in (("adsa-evict", {"budget": 0.5}), ("window", {"budget": 0.5}), ("dense", {}))]
         for pol in pols:
             assert pol.one_kernel(large, cfg.n_head)
             assert pol.one_kernel(small, cfg.n_head) == (pol.slots <= kernels.ONE_KERNEL_MAX_SLOTS)
-        assert pols[0].slots <= kernels.ONE_KERNEL_MAX_SLOTS < (pols[2].slots if size == 384 else 1e9)
+        assert pols[0].slots <= kernels.ONE_KERNEL_MAX_SLOTS
+        assert (pols[2].slots > kernels.ONE_KERNEL_MAX_SLOTS) == (size == 640)
         assert "victim" in pols[0].init(large, cfg.n_head, cfg.head_dim, jnp.bfloat16)
         others = [resolve_attention(make_policy(cfg, n, **kw), cfg, "pallas") for n, kw in
                   (("adsa-select", {"budget": 0.5}), ("adsa-evict", {"budget": 0.5, "granularity": "layer"}))]
@@ -238,10 +240,16 @@ def test_one_kernel_switches(monkeypatch):
         assert "victim" not in pols[0].init(large, cfg.n_head, cfg.head_dim, jnp.bfloat16)
         monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", True)
         monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", True)
-    long_evict = make_policy(cfg, "adsa-evict", budget=0.75)  # 384 px: 433 slots
+    long_evict = make_policy(cfg, "adsa-evict", budget=0.9)  # 640 px: over ONE_KERNEL_MAX_SLOTS slots
+    assert long_evict.slots > kernels.ONE_KERNEL_MAX_SLOTS
     assert not resolve_attention(long_evict, cfg, "pallas").one_kernel(small, cfg.n_head)
-    # 'auto' on a GPU: dense at batch 1 over 577 slots takes XLA attention (as on any backend).
+    # 'auto' as on a GPU: dense at batch 1 takes XLA attention only over a cache too long for one kernel.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(kernels, "available", lambda: True)
     assert resolve_attention(make_policy(cfg, "dense"), cfg, "auto", rows=small).attention == "xla"
+    assert resolve_attention(make_policy(cfg, "dense"), cfg, "auto", rows=large).attention == "pallas"
+    cfg384 = named_config("GPT-B", image_size=384)
+    assert resolve_attention(make_policy(cfg384, "dense"), cfg384, "auto", rows=small).attention == "pallas"
 
 
 @pytest.mark.parametrize("victim_in,want", [(4, 4), (13, 7)])
