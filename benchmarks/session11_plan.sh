@@ -7,7 +7,7 @@
 # session 9's compile overlap.
 # Parts 3 and 4 (written in session 11): evict_step's block and warps at batch 1 and 8. The device
 # returns at most 8 files per run: one JSON per `one` call, no more than 8 calls per part.
-# Usage: `bash benchmarks/session11_plan.sh N` for N = 1, 2, 3, 4, 5; each under the 600 s limit. Afterwards
+# Usage: `bash benchmarks/session11_plan.sh N` for N = 1, 2, 3, 4, 5, 7; each under the 600 s limit. Afterwards
 # set KTH_BITS (and kth_largest's default warps) to whatever won, in adsa_jax/kernels.py.
 export PYTHONUNBUFFERED=1
 export PART=${1:-1}
@@ -61,5 +61,11 @@ one s11_b1_512_one 110 "$(g 512 1 dense 3)" ONE_KERNEL_MAX_SLOTS=1100
 one s11_b1e_384 90 "$(g 384 1 adsa-evict 3 ',"budget":0.5')" ""
 one s11_b1w_384 90 "$(g 384 1 window 3 ',"budget":0.25')" ""
 for m in GPT-B GPT-L; do one s11_${m}_b1 60 "{\"model\":\"$m\",\"size\":256,\"batch\":1,\"policy\":\"dense\",\"iters\":5}" ""; done
+elif [ "$PART" = 7 ]; then  # (part 6 was the t2i 512 px bench run, see BENCHMARKS.md) batch 8 = 320 row-heads,
+# on the large-grid setting (64 / 2): 128 / 4 there, and the small setting (256 / 8) at 384 px's longer loop
+one s11_b8_128w4 60 "$(g 256 8 dense 5)" EVICT_BLOCK_K=128,EVICT_NUM_WARPS=4
+one s11_b8_384_def 80 "$(g 384 8 dense 3)" ""
+one s11_b8_384_small 80 "$(g 384 8 dense 3)" ONE_KERNEL_MIN_ROW_HEADS=512
+one s11_b8_384_128w4 80 "$(g 384 8 dense 3)" EVICT_BLOCK_K=128,EVICT_NUM_WARPS=4
 fi
 cd $OUT && tar czf s11_part${PART}_logs.tgz *.log 2>/dev/null; rm -f *.log
