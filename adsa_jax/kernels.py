@@ -34,12 +34,27 @@ NUM_STAGES = 1
 # evict_step's own settings (measured on an H100 by benchmarks/evict_kernel_time.py).
 EVICT_BLOCK_K = 64
 EVICT_NUM_WARPS = 2
-# ... and at small grids (fewer than ONE_KERNEL_MIN_ROW_HEADS programs), where each program's loop
-# over the cache is the step's latency: fewer, wider blocks over more warps. Measured on an H200
-# (BENCHMARKS.md, session 11), GPT-XL 256 px batch 1 dense (40 row-heads): 0.278 s at 256 / 8 warps
-# against 0.303 at 64 / 2 (128 / 4: 0.286, 256 / 4: 0.284, 128 / 8: 0.284).
+# ... and at smaller grids, where each program's loop over the cache is the step's latency: fewer,
+# wider blocks over more warps. Measured on an H200 (BENCHMARKS.md, session 11), dense: below
+# ONE_KERNEL_MIN_ROW_HEADS (256) programs, GPT-XL 256 px batch 1 (40 row-heads) 0.278 s at 256 / 8
+# warps against 0.303 at 64 / 2 (128 / 4: 0.286, 256 / 4: 0.284, 128 / 8: 0.284), GPT-B batch 8 (192)
+# 0.089 against 0.095 (128 / 4: 0.090); below EVICT_MID_ROW_HEADS, GPT-XL batch 8 (320) at 128 / 4
+# 0.316 s against 0.326 at 64 / 2 and 0.330 at 256 / 8, 384 px 0.804 against 0.857 and 0.844.
+# Between 320 and 2560 row-heads (64 / 2 measured best at XL-384 batch 64) nothing was measured.
 EVICT_SMALL_BLOCK_K = 256
 EVICT_SMALL_NUM_WARPS = 8
+EVICT_MID_ROW_HEADS = 512
+EVICT_MID_BLOCK_K = 128
+EVICT_MID_NUM_WARPS = 4
+
+
+def evict_tiling(row_heads: int) -> tuple[int, int]:
+    """(slots a block, warps) of :func:`evict_step` for a grid of ``row_heads`` programs."""
+    if row_heads < ONE_KERNEL_MIN_ROW_HEADS:
+        return EVICT_SMALL_BLOCK_K, EVICT_SMALL_NUM_WARPS
+    if row_heads < EVICT_MID_ROW_HEADS:
+        return EVICT_MID_BLOCK_K, EVICT_MID_NUM_WARPS
+    return EVICT_BLOCK_K, EVICT_NUM_WARPS
 # adsa-evict / window (EVICT_ONE_KERNEL) and dense (DENSE_ONE_KERNEL) decode steps as one kernel
 # per layer step (evict_step) where one_kernel_fits; False keeps the attention kernel with the
 # cache writes and pool bookkeeping in XLA. Measured on an H200 (BENCHMARKS.md, sessions 5 and 7),
@@ -375,9 +390,8 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
         qkv = jnp.concatenate([apply_rope(qkv[:, :2], rot2), qkv[:, 2:]], axis=1)  # (B, 3, H, D), q and k rotated
         rope = None
     s = k.shape[2]
-    small = b * h < ONE_KERNEL_MIN_ROW_HEADS
-    block_k = block_k or (EVICT_SMALL_BLOCK_K if small else EVICT_BLOCK_K)
-    num_warps = num_warps or (EVICT_SMALL_NUM_WARPS if small else EVICT_NUM_WARPS)
+    tiling = evict_tiling(b * h)
+    block_k, num_warps = block_k or tiling[0], num_warps or tiling[1]
     K = keep
     dense = pos is None
     if dense and K:

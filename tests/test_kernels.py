@@ -197,6 +197,7 @@ def test_kernel_small_blocks_match_xla(c2i, c2i_ref, name, monkeypatch):
     monkeypatch.setattr(kernels, "BLOCK_K", 16)
     monkeypatch.setattr(kernels, "EVICT_BLOCK_K", 16)  # evict_step's own block sizes
     monkeypatch.setattr(kernels, "EVICT_SMALL_BLOCK_K", 16)
+    monkeypatch.setattr(kernels, "EVICT_MID_BLOCK_K", 16)
     monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", True)
     monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", name == "dense one kernel")
     labels = c2i_ref["labels"]
@@ -250,6 +251,37 @@ def test_one_kernel_switches(monkeypatch):
     assert resolve_attention(make_policy(cfg, "dense"), cfg, "auto", rows=large).attention == "pallas"
     cfg384 = named_config("GPT-B", image_size=384)
     assert resolve_attention(make_policy(cfg384, "dense"), cfg384, "auto", rows=small).attention == "pallas"
+
+
+def test_evict_tiling_by_grid(monkeypatch):
+    """evict_step's block and warps follow the grid: wide blocks over many warps for few programs
+    (batch 1), the large-grid setting from EVICT_MID_ROW_HEADS, and explicit arguments win."""
+    from adsa_jax import kernels
+
+    small = (kernels.EVICT_SMALL_BLOCK_K, kernels.EVICT_SMALL_NUM_WARPS)
+    mid = (kernels.EVICT_MID_BLOCK_K, kernels.EVICT_MID_NUM_WARPS)
+    large = (kernels.EVICT_BLOCK_K, kernels.EVICT_NUM_WARPS)
+    assert len({small, mid, large}) == 3
+    lo, hi = kernels.ONE_KERNEL_MIN_ROW_HEADS, kernels.EVICT_MID_ROW_HEADS
+    assert [kernels.evict_tiling(n) for n in (1, lo - 1, lo, hi - 1, hi, 10 * hi)] == [small, small, mid, mid, large, large]
+    seen = {}
+    real = kernels.pl.pallas_call
+
+    def spy(kern, **kw):
+        seen["block_k"], seen["warps"] = kern.keywords["block_k"], kw["compiler_params"].num_warps
+        return real(kern, **kw)
+
+    monkeypatch.setattr(kernels.pl, "pallas_call", spy)
+    b, h, s, d = 1, 2, 24, 16
+    z = jnp.zeros((b, h, d), jnp.float32)
+    cache = jnp.zeros((b, h, s, d), jnp.float32)
+    scalars = (3, 0, 0, 0, 0, 0, 3)
+    kernels.evict_step(z, z, z, cache, cache, None, jnp.ones((b, s), bool), scalars, c=1, prefix=0, keep=0,
+                       interpret=True)
+    assert (seen["block_k"], seen["warps"]) == small
+    kernels.evict_step(z, z, z, cache, cache, None, jnp.ones((b, s), bool), scalars, c=1, prefix=0, keep=0,
+                       block_k=8, num_warps=4, interpret=True)
+    assert (seen["block_k"], seen["warps"]) == (8, 4)
 
 
 @pytest.mark.parametrize("victim_in,want", [(4, 4), (13, 7)])
