@@ -437,7 +437,10 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
 # Bits of the k-th largest's int32 key fixed per counting pass: 1 (32 passes, one count each), 2 (16
 # passes, 4 counts each in one reduction) or 4 (8 passes, 16 counts). At batch 1 the kernel is one
 # program whose passes are block-wide reductions (session 10 profile: 14.4 us per step, 3.7 ms per
-# GPT-XL call); fewer passes, fewer barriers. KTH_BITS 2 and 4 are not yet measured on a GPU.
+# GPT-XL call). Session 11 (H200, benchmarks/topk_time.py, 1 / 64 / 256 rows): 2 bits 24.3 / 26.1 /
+# 49.6 us, 4 bits 40.9 / 42.5 / 79.1, against 1 bit written as 2 counts a pass (digit 0 counted too)
+# 25.7 / 28.3 / 53.2: that form was a regression from session 10's one count (25.1 us per step in
+# the session-11 profile, 14.4 before); 1 bit counts once again (not re-measured on the GPU).
 KTH_BITS = 1
 
 
@@ -458,6 +461,9 @@ def _kth_kernel(k_ref, x_ref, o_ref, *, n, bits):
     digits = jnp.arange(1 << bits, dtype=jnp.int32)  # (2^bits,)
 
     def body(i, r):
+        if bits == 1:  # one count, of r | bit: the (2, Vp) form below counts digit 0 too, twice the work
+            cand = r | (jnp.int32(1) << (31 - i))
+            return jnp.where(jnp.sum((key >= (cand ^ imin)).astype(jnp.int32)) >= k, cand, r)
         shift = 32 - bits * (i + 1)
         cand = r | (digits << shift)  # (2^bits,) thresholds, offsets from INT32_MIN
         cnt = jnp.sum((key[None, :] >= (cand ^ imin)[:, None]).astype(jnp.int32), axis=1)  # (2^bits,)

@@ -411,6 +411,13 @@ def test_kth_largest_matches_sort(bits):
             np.testing.assert_array_equal(got, -np.sort(-x, axis=1)[:, k - 1], err_msg=f"k={k}")
     with pytest.raises(ValueError, match="bits must be 1, 2 or 4"):
         kernels.kth_largest(jnp.ones((1, 8)), 1, bits=3, interpret=True)
+    # Work per pass: 2^bits threshold rows, except one for 1 bit (digit 0 always qualifies; counting
+    # it too doubled the kernel's time on the GPU in session 11).
+    jaxpr = str(jax.make_jaxpr(lambda x: kernels.kth_largest(x, 3, bits=bits, interpret=True))(jnp.ones((1, 64))))
+    if bits == 1:
+        assert "bool[64]" in jaxpr and "bool[2,64]" not in jaxpr
+    else:
+        assert f"bool[{1 << bits},64]" in jaxpr
 
 
 @pytest.mark.parametrize("sp,m,n,dtype", [(20, 2, 1280, jnp.bfloat16), (14, 16, 1280, jnp.bfloat16),
