@@ -60,6 +60,21 @@ def main():
                     row = {"case": "evict_step", "block_k": bk, "warps": w, "keep": keep, "error": str(e)[:300]}
                 res["rows"].append(row)
                 print(row, flush=True)
+    # Software-pipelined loads (Triton's num_stages) at the default 64 / 2: never measured for this
+    # kernel (1 stage won for the attention kernel on an H100, benchmarks/kernel_tune.py).
+    for st in (2, 3):
+        for keep in (K, 0):
+            f = jax.jit(lambda *a, keep=keep, st=st: kernels.evict_step(
+                *a[:8], c=c, prefix=P, keep=keep, vsum=a[8] if keep else None, victim=a[9] if keep else None,
+                vnorm=a[10] if keep else None, block_k=64, num_warps=2, num_stages=st))
+            try:
+                us = kernel_us(f, (q, kn, vn, k, v, pos, cond_ok, sc, vsum, victim, vnorm))
+                row = {"case": "evict_step" if keep else "evict_step window", "block_k": 64, "warps": 2, "stages": st,
+                       "us": us, "tb_per_s": bytes_kv / us / 1e6}
+            except Exception as e:  # noqa: BLE001
+                row = {"case": "evict_step", "stages": st, "keep": keep, "error": str(e)[:300]}
+            res["rows"].append(row)
+            print(row, flush=True)
     # kernels.ROPE_IN_KERNEL on the q/k/v-in-one-array input, blocks of 64, 2 warps; "all_us" counts
     # XLA's RoPE fusion too (what ROPE_IN_KERNEL removes).
     from adsa_jax.rope import rope_table

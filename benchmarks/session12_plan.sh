@@ -1,0 +1,28 @@
+# Prepared in session 11 (its device time spent). Part 1: kth_largest back at one count per pass
+# (session 10's 1-bit form; session 11 measured the 2-count regression, 25 us per step): the kernel
+# alone and GPT-XL 256 px batch 1 end to end (two processes); evict_step's middle tiling (128 slots
+# over 4 warps, measured at 320 row-heads only) at batch 16 and 32 (640 and 1280 row-heads) against
+# the large-grid 64 / 2, to place EVICT_MID_ROW_HEADS; the step kernel alone with 2 and 3 pipeline
+# stages (evict_kernel_time.py). Each one JSON: 8 files, the most a run returns.
+# Usage: `bash benchmarks/session12_plan.sh 1` (under the 600 s limit). Afterwards set
+# kernels.EVICT_MID_ROW_HEADS to the largest grid where 128 / 4 still won.
+export PYTHONUNBUFFERED=1
+export PART=${1:-1}
+one() {  # tag, timeout, plan item, KERNELS settings
+  echo "== $1 $4"; env KERNELS=$4 WORKERS=1 TAG=$1 timeout $2 python3 benchmarks/gpu_explore.py "[$3]" > $OUT/$1.log 2>&1
+  echo rc $?; grep -E "GPT-|rror|device busy" $OUT/$1.log | tail -n 2
+}
+g() { echo "{\"model\":\"GPT-XL\",\"size\":$1,\"batch\":$2,\"policy\":\"$3\",\"iters\":$4$5}"; }
+if [ "$PART" = 1 ]; then
+echo "== topk_time"; timeout 150 python3 benchmarks/topk_time.py > $OUT/topk_time.log 2>&1; echo rc $?
+grep -o "'rows': [0-9]*\|kth_warps16[a-z0-9_]*_us': [0-9.]*" $OUT/topk_time.log | tr '\n' ' '; echo
+one s12_b1_a 60 "$(g 256 1 dense 5)" ""
+one s12_b1_b 60 "$(g 256 1 dense 5)" ""
+one s12_b16_64w2 70 "$(g 256 16 dense 3)" ""
+one s12_b16_128w4 70 "$(g 256 16 dense 3)" EVICT_BLOCK_K=128,EVICT_NUM_WARPS=4
+one s12_b32_64w2 70 "$(g 256 32 dense 3)" ""
+one s12_b32_128w4 70 "$(g 256 32 dense 3)" EVICT_BLOCK_K=128,EVICT_NUM_WARPS=4
+echo "== evict_kernel_time"; timeout 120 python3 benchmarks/evict_kernel_time.py > $OUT/ekt.log 2>&1; echo rc $?
+grep "stages" $OUT/ekt.log
+fi
+cd $OUT && rm -f *.log
