@@ -4,10 +4,14 @@
 # over 4 warps, measured at 320 row-heads only) at batch 16 and 32 (640 and 1280 row-heads) against
 # the large-grid 64 / 2, to place EVICT_MID_ROW_HEADS; the step kernel alone with 2 and 3 pipeline
 # stages (evict_kernel_time.py). Each one JSON: 8 files, the most a run returns.
-# Usage: `bash benchmarks/session12_plan.sh 1` (under the 600 s limit). Afterwards set
+# Part 2: GPT-XL 256 px batch 256 adsa-evict / window 0.5 (no H200 row yet) and GPT-XL batch 1 sparse
+# policies under the new tiling.
+# Usage: `bash benchmarks/session12_plan.sh N` for N = 1, 2 (each under the 600 s limit). Afterwards set
 # kernels.EVICT_MID_ROW_HEADS to the largest grid where 128 / 4 still won.
 export PYTHONUNBUFFERED=1
 export PART=${1:-1}
+bench() { echo "== $1"; timeout $2 python3 -m adsa_jax.cli bench $3 --iters 3 --segments 1 --json $OUT/$1.json > $OUT/$1.log 2>&1
+  echo rc $?; grep -E "GPT-|rror" $OUT/$1.log | tail -n 4; }
 one() {  # tag, timeout, plan item, KERNELS settings
   echo "== $1 $4"; env KERNELS=$4 WORKERS=1 TAG=$1 timeout $2 python3 benchmarks/gpu_explore.py "[$3]" > $OUT/$1.log 2>&1
   echo rc $?; grep -E "GPT-|rror|device busy" $OUT/$1.log | tail -n 2
@@ -24,5 +28,9 @@ one s12_b32_64w2 70 "$(g 256 32 dense 3)" ""
 one s12_b32_128w4 70 "$(g 256 32 dense 3)" EVICT_BLOCK_K=128,EVICT_NUM_WARPS=4
 echo "== evict_kernel_time"; timeout 120 python3 benchmarks/evict_kernel_time.py > $OUT/ekt.log 2>&1; echo rc $?
 grep "stages" $OUT/ekt.log
+elif [ "$PART" = 2 ]; then  # the two cells of issue 5's grid with no H200 row (GPT-XL 256 px batch 256 at
+# budget 0.5), and GPT-XL batch 1 for the sparse policies under session 11's small-grid tiling
+bench s12_XL256_b256 200 "--model GPT-XL --image-size 256 --policies adsa-evict,window --budgets 0.5 --batch 256"
+bench s12_XL_b1 360 "--model GPT-XL --image-size 256,384 --policies adsa-evict,window --budgets 0.5,0.25 --batch 1"
 fi
 cd $OUT && rm -f *.log
