@@ -46,15 +46,6 @@ EVICT_SMALL_NUM_WARPS = 8
 EVICT_MID_ROW_HEADS = 512
 EVICT_MID_BLOCK_K = 128
 EVICT_MID_NUM_WARPS = 4
-
-
-def evict_tiling(row_heads: int) -> tuple[int, int]:
-    """(slots a block, warps) of :func:`evict_step` for a grid of ``row_heads`` programs."""
-    if row_heads < ONE_KERNEL_MIN_ROW_HEADS:
-        return EVICT_SMALL_BLOCK_K, EVICT_SMALL_NUM_WARPS
-    if row_heads < EVICT_MID_ROW_HEADS:
-        return EVICT_MID_BLOCK_K, EVICT_MID_NUM_WARPS
-    return EVICT_BLOCK_K, EVICT_NUM_WARPS
 # adsa-evict / window (EVICT_ONE_KERNEL) and dense (DENSE_ONE_KERNEL) decode steps as one kernel
 # per layer step (evict_step) where one_kernel_fits; False keeps the attention kernel with the
 # cache writes and pool bookkeeping in XLA. Measured on an H200 (BENCHMARKS.md, sessions 5 and 7),
@@ -345,6 +336,15 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
 def _dense_kernel(*refs, **kw):
     # evict_step's kernel on a dense cache: no pos ref (12 inputs before cond_ok).
     return _evict_kernel(*refs[:12], None, *refs[12:], **kw)
+
+
+def evict_tiling(row_heads: int) -> tuple[int, int]:
+    """(slots a block, warps) of :func:`evict_step` for a grid of ``row_heads`` programs."""
+    if row_heads < ONE_KERNEL_MIN_ROW_HEADS:
+        return EVICT_SMALL_BLOCK_K, EVICT_SMALL_NUM_WARPS
+    if row_heads < EVICT_MID_ROW_HEADS:
+        return EVICT_MID_BLOCK_K, EVICT_MID_NUM_WARPS
+    return EVICT_BLOCK_K, EVICT_NUM_WARPS
 
 
 def one_kernel_fits(rows: int, heads: int, slots: int) -> bool:

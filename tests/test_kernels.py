@@ -255,7 +255,8 @@ def test_one_kernel_switches(monkeypatch):
 
 def test_evict_tiling_by_grid(monkeypatch):
     """evict_step's block and warps follow the grid: wide blocks over many warps for few programs
-    (batch 1), the large-grid setting from EVICT_MID_ROW_HEADS, and explicit arguments win."""
+    (batch 1), a middle setting from ONE_KERNEL_MIN_ROW_HEADS, the large-grid one from
+    EVICT_MID_ROW_HEADS; explicit arguments win."""
     from adsa_jax import kernels
 
     small = (kernels.EVICT_SMALL_BLOCK_K, kernels.EVICT_SMALL_NUM_WARPS)
