@@ -6,7 +6,7 @@ small-batch weight GEMMs.
   pool move, running sum, attention, next victim) in one kernel, the cache updated in place; the
   default for those policies except at batch 1-6 with a long cache (:func:`one_kernel_fits`).
 - :func:`kth_largest`: the k-th largest logit of each row (top-k's threshold) without a sort.
-- :func:`small_matmul`: a split-K GEMV for a decode step's weight GEMMs at 1-16 rows.
+- :func:`small_matmul`: a split-K GEMV for a decode step's weight GEMMs at 1-16 rows (a GEMM up to 128).
 
 Why: XLA computes decode attention as a logits reduction, a softmax and a PV reduction over
 the cache slice a static shape allows, so a dense cache is read up to its static length (the
@@ -519,41 +519,51 @@ GEMV_PROGRAMS = 512  # aim: about this many (column block, K split) programs per
 GEMV_NUM_WARPS = 4
 GEMV_NUM_STAGES = 3
 GEMV_ROWS = 16  # rows load as a tile of this many (the tensor-core dot's least M), the rest masked
+# Above GEMV_ROWS (batch 16-64 with CFG), up to GEMM_MAX_ROWS, the same kernel as a GEMM: rows load
+# as one power-of-two tile, narrower column blocks (GEMM_BLOCK_N) over about GEMM_PROGRAMS
+# programs, few K splits. Why: at 128 rows cuBLAS tiles GPT-XL's qkv GEMM as 60 CTAs of 128 x 64 on
+# 132 SMs (session 7 profile: the four weight GEMMs 27 us per layer and step, ~1.6 TB/s of weights).
+# Only with gemm='pallas' (generate's 'auto' stops at GEMV_MAX_ROWS); not yet measured on a GPU.
+GEMM_MAX_ROWS = 128
+GEMM_BLOCK_N = 32
+GEMM_PROGRAMS = 160
 # Per weight shape (K, N): (block_n, block_k, splits), or None for XLA's GEMM; shapes not listed
 # follow gemv_tiling's rule. Empty: a table from session 8's sweep was no faster end to end.
 GEMV_TILES: dict = {}
 
 
-def _gemv_kernel(x_ref, w_ref, o_ref, *, block_k, k_split, precision):
+def _gemv_kernel(x_ref, w_ref, o_ref, *, block_k, k_split, tile_m, precision):
     # One program = one (column block, K split): x (M, K), w (K, bn) -> partial (M, bn) in f32. The
-    # M < GEMV_ROWS rows load as a (GEMV_ROWS, bk) tile, the missing rows masked to 0, so no padded
-    # copy of x is made in memory (it cost an XLA kernel per GEMM).
+    # M rows load as a (tile_m, bk) tile (a power of two, at least GEMV_ROWS), the missing rows
+    # masked to 0, so no padded copy of x is made in memory (it cost an XLA kernel per GEMM).
     s = pl.program_id(1)
     m = x_ref.shape[0]
     row0 = pl.program_id(0) * 0  # a traced 0: the tile reaches past x's rows (masked)
-    rows_ok = (jnp.arange(GEMV_ROWS) < m)[:, None]
+    rows_ok = (jnp.arange(tile_m) < m)[:, None]
 
     def body(j, acc):
         start = pl.multiple_of(s * k_split + j * block_k, block_k)
-        xb = plgpu.load(x_ref.at[pl.ds(row0, GEMV_ROWS), pl.ds(start, block_k)], mask=rows_ok, other=0.0)  # (Mp, bk)
+        xb = plgpu.load(x_ref.at[pl.ds(row0, tile_m), pl.ds(start, block_k)], mask=rows_ok, other=0.0)  # (Mp, bk)
         wb = w_ref[pl.ds(start, block_k), :]  # (bk, bn)
         return acc + jnp.dot(xb, wb, preferred_element_type=jnp.float32, precision=precision)
 
-    acc = jax.lax.fori_loop(0, k_split // block_k, body, jnp.zeros((GEMV_ROWS, o_ref.shape[-1]), jnp.float32))
-    plgpu.store(o_ref.at[pl.ds(row0, GEMV_ROWS), :], acc, mask=rows_ok)
+    acc = jax.lax.fori_loop(0, k_split // block_k, body, jnp.zeros((tile_m, o_ref.shape[-1]), jnp.float32))
+    plgpu.store(o_ref.at[pl.ds(row0, tile_m), :], acc, mask=rows_ok)
 
 
 def gemv_tiling(k: int, n: int, *, block_n: int | None = None, block_k: int | None = None,
-                splits: int | None = None):
+                splits: int | None = None, rows: int = 1):
     """(block_n, block_k, splits) for small_matmul over a (k, n) weight, or None where the shape does
     not tile (then the caller keeps XLA's GEMM): the most K splits (dividing k's blocks) that keep
-    the program count at most GEMV_PROGRAMS."""
-    bn, bk = block_n or GEMV_BLOCK_N, block_k or GEMV_BLOCK_K
+    the program count at most GEMV_PROGRAMS (GEMM_PROGRAMS, and GEMM_BLOCK_N columns a block, for
+    more than GEMV_ROWS rows)."""
+    gemm = rows > GEMV_ROWS
+    bn, bk = block_n or (GEMM_BLOCK_N if gemm else GEMV_BLOCK_N), block_k or GEMV_BLOCK_K
     if n % bn or k % bk:
         return None
-    blocks = k // bk
+    blocks, most = k // bk, GEMM_PROGRAMS if gemm else GEMV_PROGRAMS
     if splits is None:
-        splits = max([d for d in range(1, blocks + 1) if blocks % d == 0 and (n // bn) * d <= GEMV_PROGRAMS] or [1])
+        splits = max([d for d in range(1, blocks + 1) if blocks % d == 0 and (n // bn) * d <= most] or [1])
     elif blocks % splits:
         return None
     return bn, bk, splits
@@ -563,16 +573,16 @@ def gemv_partials(x, w, *, block_n: int | None = None, block_k: int | None = Non
                   splits: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                   interpret: bool = False):
     """x (M, K) @ w (K, N) as (splits, M, N) float32 partial products over K splits (their sum is the
-    product), for M <= GEMV_ROWS rows; None where the kernel does not apply (gemv_tiling)."""
+    product), for M <= GEMM_MAX_ROWS rows; None where the kernel does not apply (gemv_tiling)."""
     m, kdim = x.shape
     n = w.shape[1]
-    tuned = GEMV_TILES.get((kdim, n), ()) if block_n is block_k is splits is None else ()
-    tiling = tuned if tuned != () else gemv_tiling(kdim, n, block_n=block_n, block_k=block_k, splits=splits)
-    if tiling is None or m > GEMV_ROWS:
+    tuned = GEMV_TILES.get((kdim, n), ()) if block_n is block_k is splits is None and m <= GEMV_ROWS else ()
+    tiling = tuned if tuned != () else gemv_tiling(kdim, n, block_n=block_n, block_k=block_k, splits=splits, rows=m)
+    if tiling is None or m > GEMM_MAX_ROWS:
         return None
     bn, bk, sp = tiling
     return pl.pallas_call(
-        functools.partial(_gemv_kernel, block_k=bk, k_split=kdim // sp,
+        functools.partial(_gemv_kernel, block_k=bk, k_split=kdim // sp, tile_m=max(GEMV_ROWS, _pow2(m)),
                           precision=jax.lax.Precision.HIGHEST if w.dtype == jnp.float32 else None),
         grid=(n // bn, sp),
         in_specs=[pl.BlockSpec((m, kdim), lambda i, s: (0, 0)),
@@ -586,8 +596,9 @@ def gemv_partials(x, w, *, block_n: int | None = None, block_k: int | None = Non
 
 
 def small_matmul(x, w, *, interpret: bool = False, **tiles):
-    """x (M, K) @ w (K, N) -> (M, N) in x's dtype with float32 accumulation, for M <= GEMV_ROWS
-    rows (decode GEMMs at small batches). Shapes that do not tile (gemv_tiling) use jnp.dot.
+    """x (M, K) @ w (K, N) -> (M, N) in x's dtype with float32 accumulation, for M <= GEMM_MAX_ROWS
+    rows (decode GEMMs at small batches). Other shapes (more rows, or not tiling: gemv_tiling) use
+    jnp.dot.
     tiles: gemv_partials' block_n, block_k, splits, num_warps, num_stages."""
     part = gemv_partials(x, w, interpret=interpret, **tiles)
     if part is None:

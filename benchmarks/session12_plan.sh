@@ -6,7 +6,9 @@
 # stages (evict_kernel_time.py). Each one JSON: 8 files, the most a run returns.
 # Part 2: GPT-XL 256 px batch 256 adsa-evict / window 0.5 (no H200 row yet) and GPT-XL batch 1 sparse
 # policies under the new tiling.
-# Usage: `bash benchmarks/session12_plan.sh N` for N = 1, 2 (each under the 600 s limit). Afterwards set
+# Part 3: the GEMV kernel as a GEMM at 32-128 rows (gemm='pallas') against cuBLAS at GPT-XL batch 16-64
+# (compare part 1's batch 16/32 rows and s12_b64_auto; XL-384 adsa-evict batch 64 auto: 2.216 s, session 7).
+# Usage: `bash benchmarks/session12_plan.sh N` for N = 1, 2, 3 (each under the 600 s limit). Afterwards set
 # kernels.EVICT_MID_ROW_HEADS to the largest grid where 128 / 4 still won.
 export PYTHONUNBUFFERED=1
 export PART=${1:-1}
@@ -32,5 +34,15 @@ elif [ "$PART" = 2 ]; then  # the two cells of issue 5's grid with no H200 row (
 # budget 0.5), and GPT-XL batch 1 for the sparse policies under session 11's small-grid tiling
 bench s12_XL256_b256 200 "--model GPT-XL --image-size 256 --policies adsa-evict,window --budgets 0.5 --batch 256"
 bench s12_XL_b1 360 "--model GPT-XL --image-size 256,384 --policies adsa-evict,window --budgets 0.5,0.25 --batch 1"
+elif [ "$PART" = 3 ]; then  # written in session 11: the GEMV kernel as a GEMM above 16 rows (gemm='pallas'
+# only; 'auto' keeps cuBLAS there) against cuBLAS, which tiles qkv as 60 CTAs at 128 rows
+P='"gemm":"pallas"'
+one s12_b64_auto 80 "$(g 256 64 dense 5)" ""
+one s12_b64_gemm 80 "$(g 256 64 dense 5 ",$P")" ""
+one s12_b64_gemm_bn64 80 "$(g 256 64 dense 5 ",$P")" GEMM_BLOCK_N=64
+one s12_b64_gemm_p264 80 "$(g 256 64 dense 5 ",$P")" GEMM_PROGRAMS=264
+one s12_b32_gemm 70 "$(g 256 32 dense 3 ",$P")" ""
+one s12_b16_gemm 70 "$(g 256 16 dense 3 ",$P")" ""
+one s12_e384_b64_gemm 100 "$(g 384 64 adsa-evict 3 ",\"budget\":0.5,$P")" ""
 fi
 cd $OUT && rm -f *.log
