@@ -37,13 +37,13 @@ bench s12_XL_b1 360 "--model GPT-XL --image-size 256,384 --policies adsa-evict,w
 elif [ "$PART" = 3 ]; then  # written in session 11: the GEMV kernel as a GEMM above 16 rows (gemm='pallas'
 # only; 'auto' keeps cuBLAS there) against cuBLAS, which tiles qkv as 60 CTAs at 128 rows
 P='"gemm":"pallas"'
-one s12_b64_auto 80 "$(g 256 64 dense 5)" ""
-one s12_b64_gemm 80 "$(g 256 64 dense 5 ",$P")" ""
-one s12_b64_gemm_bn64 80 "$(g 256 64 dense 5 ",$P")" GEMM_BLOCK_N=64
-one s12_b64_gemm_p264 80 "$(g 256 64 dense 5 ",$P")" GEMM_PROGRAMS=264
+one s12_b64_auto 70 "$(g 256 64 dense 5)" ""
+one s12_b64_gemm 70 "$(g 256 64 dense 5 ",$P")" ""
+one s12_b64_gemm_bn64 70 "$(g 256 64 dense 5 ",$P")" GEMM_BLOCK_N=64
+one s12_b64_gemm_p264 70 "$(g 256 64 dense 5 ",$P")" GEMM_PROGRAMS=264
 one s12_b32_gemm 70 "$(g 256 32 dense 3 ",$P")" ""
 one s12_b16_gemm 70 "$(g 256 16 dense 3 ",$P")" ""
-one s12_b64_128w4 80 "$(g 256 64 dense 5)" EVICT_BLOCK_K=128,EVICT_NUM_WARPS=4
-one s12_e384_b64_gemm 100 "$(g 384 64 adsa-evict 3 ",\"budget\":0.5,$P")" ""
+one s12_b64_128w4 70 "$(g 256 64 dense 5)" EVICT_BLOCK_K=128,EVICT_NUM_WARPS=4
+one s12_e384_b64_gemm 90 "$(g 384 64 adsa-evict 3 ",\"budget\":0.5,$P")" ""
 fi
 cd $OUT && rm -f *.log
