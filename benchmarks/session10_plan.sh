@@ -6,10 +6,8 @@
 # Usage: `bash benchmarks/session10_plan.sh N` for N = 1..7; each under the 600 s limit.
 # Ran in session 10 in the order 1, 4, 5, 6, 7 (parts 4-7 written during the session); parts 2-3 were not
 # run (part 6 measured GPT-XL at budget 0.5; the budget-0.25 XL rows moved to session11_plan.sh).
-export PYTHONUNBUFFERED=1
+source "$(dirname "$0")/plan_helpers.sh"  # bench, one, g
 export PART=${1:-1}
-bench() { echo "== $1"; timeout $2 python3 -m adsa_jax.cli bench $3 --iters 3 --segments 1 --json $OUT/$1.json > $OUT/$1.log 2>&1
-  echo rc $?; grep -E "GPT-|rror" $OUT/$1.log | tail -n 1; }
 P="--policies dense,adsa-evict,window --budgets 0.5,0.25 --batch 1,8"
 if [ "$PART" = 1 ]; then
 echo "== s10_b1_prof"; WORKERS=1 TAG=s10_b1_prof timeout 70 python3 benchmarks/gpu_explore.py \
@@ -22,11 +20,6 @@ fi
 # Parts 4 and 5 (written in session 10): kernels.add_rms_norm, the residual add of the wo / w2 GEMV
 # partials and the next RMSNorm in one kernel (GEMV_ADD_NORM=1, the default as written) against
 # the XLA kernels it replaces (GEMV_ADD_NORM=0), one configuration per process, alternating.
-one() {  # tag, timeout, plan item, KERNELS settings
-  echo "== $1 $4"; env KERNELS=$4 WORKERS=1 TAG=$1 timeout $2 python3 benchmarks/gpu_explore.py "[$3]" > $OUT/$1.log 2>&1
-  echo rc $?; grep -E "GPT-|rror|device busy" $OUT/$1.log | tail -n 2
-}
-g() { echo "{\"model\":\"GPT-XL\",\"size\":$1,\"batch\":$2,\"policy\":\"$3\",\"iters\":$4$5}"; }
 if [ "$PART" = 4 ]; then
 B1="$(g 256 1 dense 5)"
 one s10_b1_an0 60 "$B1" GEMV_ADD_NORM=0

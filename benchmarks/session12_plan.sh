@@ -10,15 +10,8 @@
 # (compare part 1's batch 16/32 rows and s12_b64_auto; XL-384 adsa-evict batch 64 auto: 2.216 s, session 7).
 # Usage: `bash benchmarks/session12_plan.sh N` for N = 1, 2, 3 (each under the 600 s limit). Afterwards set
 # kernels.EVICT_MID_ROW_HEADS to the largest grid where 128 / 4 still won.
-export PYTHONUNBUFFERED=1
+source "$(dirname "$0")/plan_helpers.sh"  # bench, one, g
 export PART=${1:-1}
-bench() { echo "== $1"; timeout $2 python3 -m adsa_jax.cli bench $3 --iters 3 --segments 1 --json $OUT/$1.json > $OUT/$1.log 2>&1
-  echo rc $?; grep -E "GPT-|rror" $OUT/$1.log | tail -n 4; }
-one() {  # tag, timeout, plan item, KERNELS settings
-  echo "== $1 $4"; env KERNELS=$4 WORKERS=1 TAG=$1 timeout $2 python3 benchmarks/gpu_explore.py "[$3]" > $OUT/$1.log 2>&1
-  echo rc $?; grep -E "GPT-|rror|device busy" $OUT/$1.log | tail -n 2
-}
-g() { echo "{\"model\":\"GPT-XL\",\"size\":$1,\"batch\":$2,\"policy\":\"$3\",\"iters\":$4$5}"; }
 if [ "$PART" = 1 ]; then
 echo "== topk_time"; timeout 150 python3 benchmarks/topk_time.py > $OUT/topk_time.log 2>&1; echo rc $?
 grep -o "'rows': [0-9]*\|kth_warps16[a-z0-9_]*_us': [0-9.]*" $OUT/topk_time.log | tr '\n' ' '; echo
