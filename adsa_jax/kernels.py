@@ -458,12 +458,12 @@ def _kth_kernel(k_ref, x_ref, o_ref, *, n, bits):
     if n < vp:  # padding lanes never count: every threshold tried is > INT32_MIN
         key = jnp.where(jnp.arange(vp) < n, key, imin)
     k = k_ref[()]
-    digits = jnp.arange(1 << bits, dtype=jnp.int32)  # (2^bits,)
 
     def body(i, r):
         if bits == 1:  # one count, of r | bit: the (2, Vp) form below counts digit 0 too, twice the work
             cand = r | (jnp.int32(1) << (31 - i))
             return jnp.where(jnp.sum((key >= (cand ^ imin)).astype(jnp.int32)) >= k, cand, r)
+        digits = jnp.arange(1 << bits, dtype=jnp.int32)  # (2^bits,)
         shift = 32 - bits * (i + 1)
         cand = r | (digits << shift)  # (2^bits,) thresholds, offsets from INT32_MIN
         cnt = jnp.sum((key[None, :] >= (cand ^ imin)[:, None]).astype(jnp.int32), axis=1)  # (2^bits,)
