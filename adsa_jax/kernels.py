@@ -46,6 +46,11 @@ EVICT_SMALL_NUM_WARPS = 8
 EVICT_MID_ROW_HEADS = 512
 EVICT_MID_BLOCK_K = 128
 EVICT_MID_NUM_WARPS = 4
+# Which of evict_step's per-block reductions run as tensor-core dots on 2-byte caches, the float32
+# operand (q, next step's total, the softmax weights) split into three cache-dtype parts whose sum
+# is it to about float32 precision: 'l' logits (K . q), 's' the victim score (V . total), 'p' the
+# PV sum. '' : every one elementwise in float32 (float32 caches always are).
+EVICT_DOTS = ""
 # adsa-evict / window (EVICT_ONE_KERNEL) and dense (DENSE_ONE_KERNEL) decode steps as one kernel
 # per layer step (evict_step) where one_kernel_fits; False keeps the attention kernel with the
 # cache writes and pool bookkeeping in XLA. Measured on an H200 (BENCHMARKS.md, sessions 5 and 7),
@@ -268,6 +273,27 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
     # where the loaded block still holds it, by the same reduction as every other slot (equal V,
     # equal score: the first-maximum tie rule needs that), and counts it as slot dest.
     f32 = jnp.float32
+    dots = EVICT_DOTS if jnp.dtype(cdt).itemsize == 2 else ""
+    lanes16 = jnp.arange(16)
+
+    def parts(x):  # f32 -> three cache-dtype parts, x = hi + mid + lo to ~f32 precision
+        hi = x.astype(cdt)
+        r = x - hi.astype(f32)
+        mid = r.astype(cdt)
+        return hi, mid, (r - mid.astype(f32)).astype(cdt)
+
+    def as_cols(x):  # (D,) f32 -> (D, 16): its three parts in columns 0-2, zeros after (a dot's least N)
+        hi, mid, lo = (p[:, None] for p in parts(x))
+        j = lanes16[None, :]
+        return jnp.where(j == 0, hi, jnp.where(j == 1, mid, jnp.where(j == 2, lo, jnp.zeros_like(hi))))
+
+    def as_rows(x):  # (n,) f32 -> (16, n): its three parts in rows 0-2
+        hi, mid, lo = (p[None, :] for p in parts(x))
+        j = lanes16[:, None]
+        return jnp.where(j == 0, hi, jnp.where(j == 1, mid, jnp.where(j == 2, lo, jnp.zeros_like(hi))))
+
+    q_cols = as_cols(q) if "l" in dots else None
+    t_cols = as_cols(tvec) if K and "s" in dots else None
     lg_new = jnp.sum(k_new.astype(f32) * q)
     if K:
         lg_o = jnp.sum(k_o.astype(f32) * q)
@@ -282,13 +308,17 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         start = j * block_k
         idx = start + lanes
         inb = (idx <= ws) if dense else (idx < slots)
-        k = plgpu.load(k_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0).astype(f32)
+        k_raw = plgpu.load(k_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0)  # (bk, D)
         v_raw = plgpu.load(v_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0)  # cache dtype
         v = v_raw.astype(f32)
         ok = inb & (idx != ws) & (idx != dest) & (plgpu.load(cok_ref.at[pl.ds(start, block_k)], mask=inb, other=0) != 0)
         if not dense:
             ok = ok & (plgpu.load(pos_ref.at[pl.ds(start, block_k)], mask=inb, other=-1) >= 0)
-        logit = jnp.where(ok, jnp.sum(k * q[None, :], axis=1), NEG_INF)
+        if "l" in dots:
+            lg = jnp.sum(jnp.dot(k_raw, q_cols, preferred_element_type=f32), axis=1)  # (bk, 16) -> (bk,)
+        else:
+            lg = jnp.sum(k_raw.astype(f32) * q[None, :], axis=1)
+        logit = jnp.where(ok, lg, NEG_INF)
         m_new = jnp.maximum(m, jnp.max(logit))
         corr = jnp.exp(m - m_new)
         pr = jnp.where(ok, jnp.exp(logit - m_new), 0.0)
@@ -306,11 +336,18 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
                 # candidate at slot dest (the victim's old V there is no candidate)
                 cand = (cand & (idx != dest)) | ((idx == ws) & apply)
                 eff = jnp.where(idx == ws, dest, idx)
-            vt = jnp.sum(v * tvec[None, :], axis=1)
+            if "s" in dots:
+                vt = jnp.sum(jnp.dot(v_raw, t_cols, preferred_element_type=f32), axis=1)  # (bk,)
+            else:
+                vt = jnp.sum(v * tvec[None, :], axis=1)
             sc = jnp.where(cand, vt / nrm, -2e30)
             better = (sc > best) | ((sc == best) & (eff < at))  # ties: the lowest slot
             best, at = jnp.where(better, sc, best), jnp.where(better, eff, at)
-        acc = acc * corr + jnp.sum(pr[:, None] * v, axis=0)
+        if "p" in dots:
+            pv = jnp.sum(jnp.dot(as_rows(pr), v_raw, preferred_element_type=f32), axis=0)  # (16, D) -> (D,)
+        else:
+            pv = jnp.sum(pr[:, None] * v, axis=0)
+        acc = acc * corr + pv
         return acc, m_new, l * corr + jnp.sum(pr), best, at
 
     init = (acc0, m0, l0, jnp.full((block_k,), -3e38, f32), jnp.full((block_k,), slots, jnp.int32))

@@ -38,5 +38,14 @@ one s12_b32_gemm 70 "$(g 256 32 dense 3 ",$P")" ""
 one s12_b16_gemm 70 "$(g 256 16 dense 3 ",$P")" ""
 one s12_b64_128w4 70 "$(g 256 64 dense 5)" EVICT_BLOCK_K=128,EVICT_NUM_WARPS=4
 one s12_e384_b64_gemm 90 "$(g 384 64 adsa-evict 3 ",\"budget\":0.5,$P")" ""
+elif [ "$PART" = 4 ]; then  # written in session 12: evict_step's reductions as tensor-core dots
+# (kernels.EVICT_DOTS), the kernel alone, then end to end
+echo "== evict_dots_time"; timeout 200 python3 benchmarks/evict_dots_time.py > $OUT/edt.log 2>&1; echo rc $?
+grep "'us'\|error" $OUT/edt.log
+one s12_e384_b64 80 "$(g 384 64 adsa-evict 3 ',"budget":0.5')" ""
+one s12_e384_b64_s 80 "$(g 384 64 adsa-evict 3 ',"budget":0.5')" EVICT_DOTS=s
+one s12_e384_b64_slp 80 "$(g 384 64 adsa-evict 3 ',"budget":0.5')" EVICT_DOTS=slp
+one s12_b64_lp 60 "$(g 256 64 dense 5)" EVICT_DOTS=lp
+one s12_b1_lp 60 "$(g 256 1 dense 5)" EVICT_DOTS=lp
 fi
 cd $OUT && rm -f *.log
