@@ -213,9 +213,8 @@ GEMM_IMPLS = ("xla", "pallas", "pallas-interpret")
 def resolve_gemm(gemm: str, rows: int, dtype, mesh=None) -> str:
     """The decode steps' weight-GEMM implementation: 'xla' (einsums; the reference), 'pallas'
     (:func:`adsa_jax.kernels.small_matmul`) or 'pallas-interpret' (the same in the Pallas interpreter,
-    any backend), for at most ``kernels.GEMM_MAX_ROWS`` rows. 'auto': 'pallas' on one GPU for at most
-    GEMV_MAX_ROWS rows (``rows`` = batch rows, CFG included) of 2-byte (bf16/fp16) weights, 'xla'
-    elsewhere (float32 keeps XLA's exact GEMMs)."""
+    any backend). 'auto': 'pallas' on one GPU for at most GEMV_MAX_ROWS rows (``rows`` = batch rows,
+    CFG included) of 2-byte (bf16/fp16) weights, 'xla' elsewhere (float32 keeps XLA's exact GEMMs)."""
     if gemm not in GEMM_IMPLS + ("auto",):
         raise ConfigError(f"gemm must be 'auto' or one of {', '.join(GEMM_IMPLS)}, got {gemm!r}")
     if gemm == "auto":
@@ -226,8 +225,8 @@ def resolve_gemm(gemm: str, rows: int, dtype, mesh=None) -> str:
         if not kernels.available():
             raise ConfigError(f"gemm={gemm!r} needs the Pallas Triton API of jax >= 0.10 (this is jax "
                               f"{jax.__version__}): use gemm='xla'")
-        if rows > kernels.GEMM_MAX_ROWS:
-            raise ConfigError(f"gemm={gemm!r} is a small-batch kernel (at most {kernels.GEMM_MAX_ROWS} rows, CFG "
+        if rows > kernels.GEMV_ROWS:
+            raise ConfigError(f"gemm={gemm!r} is a small-batch kernel (at most {kernels.GEMV_ROWS} rows, CFG "
                               f"included); this call has {rows}: use gemm='auto' or 'xla'")
         if mesh is not None:
             raise ConfigError(f"gemm={gemm!r} runs on one device; on a mesh use gemm='auto' or 'xla'")

@@ -6,7 +6,7 @@ small-batch weight GEMMs.
   pool move, running sum, attention, next victim) in one kernel, the cache updated in place; the
   default for those policies except at batch 1-6 with a long cache (:func:`one_kernel_fits`).
 - :func:`kth_largest`: the k-th largest logit of each row (top-k's threshold) without a sort.
-- :func:`small_matmul`: a split-K GEMV for a decode step's weight GEMMs at 1-16 rows (a GEMM up to 128).
+- :func:`small_matmul`: a split-K GEMV for a decode step's weight GEMMs at 1-16 rows.
 
 Why: XLA computes decode attention as a logits reduction, a softmax and a PV reduction over
 the cache slice a static shape allows, so a dense cache is read up to its static length (the
@@ -31,26 +31,32 @@ NEG_INF = -1e30
 BLOCK_K = 128
 NUM_WARPS = 2
 NUM_STAGES = 1
-# evict_step's own settings (measured on an H100 by benchmarks/evict_kernel_time.py).
-EVICT_BLOCK_K = 64
-EVICT_NUM_WARPS = 2
-# ... and at smaller grids, where each program's loop over the cache is the step's latency: fewer,
-# wider blocks over more warps. Measured on an H200 (BENCHMARKS.md, session 11), dense: below
-# ONE_KERNEL_MIN_ROW_HEADS (256) programs, GPT-XL 256 px batch 1 (40 row-heads) 0.278 s at 256 / 8
-# warps against 0.303 at 64 / 2 (128 / 4: 0.286, 256 / 4: 0.284, 128 / 8: 0.284), GPT-B batch 8 (192)
-# 0.089 against 0.095 (128 / 4: 0.090); below EVICT_MID_ROW_HEADS, GPT-XL batch 8 (320) at 128 / 4
-# 0.316 s against 0.326 at 64 / 2 and 0.330 at 256 / 8, 384 px 0.804 against 0.857 and 0.844.
-# Between 320 and 2560 row-heads (64 / 2 measured best at XL-384 batch 64) nothing was measured.
-EVICT_SMALL_BLOCK_K = 256
-EVICT_SMALL_NUM_WARPS = 8
+# evict_step's blocks (slots) and warps by grid size (programs = row-heads), measured on an H200
+# (BENCHMARKS.md, sessions 11-12, GPT-XL unless named):
+# - the largest grids, from EVICT_HIGH_ROW_HEADS: 32 / 1 (EVICT_BLOCK_K / EVICT_NUM_WARPS). The kernel
+#   is compute-bound there, and one warp per 32 slots keeps every reduction inside a warp. Session 12:
+#   256 px batch 64 dense 0.547 s against 0.575 at 64 / 2 (the earlier default), batch 256 1.372
+#   against 1.409, batch 32 (1280 row-heads) 0.478 against 0.490; 384 px batch 64 dense 1.761 against
+#   1.844, adsa-evict 0.5 2.067 against 2.219 (64 / 1: 2.130); the kernel alone at adsa-evict 384 px
+#   batch 64 71.5 us per layer step against 77.5 (16 / 1: 82.4, 32 / 2: 81.2, 64 / 1: 75.6).
+# - below it, from EVICT_MID_ROW_HEADS: 64 / 2. Batch 16 (640 row-heads) 0.387 s against 0.402 at
+#   32 / 1 and 0.392 at 128 / 4. Between 640 and 1280 row-heads nothing is measured.
+# - below that, from ONE_KERNEL_MIN_ROW_HEADS: 128 / 4. Batch 8 (320) 0.316 s against 0.326 at 64 / 2,
+#   0.330 at 256 / 8 and 0.342 at 32 / 1; 384 px 0.804 against 0.857 and 0.844.
+# - the smallest grids, where each program's loop over the cache is the step's latency: 256 / 8.
+#   Batch 1 (40 row-heads) 0.278 s against 0.303 at 64 / 2 (128 / 4: 0.286, 256 / 4: 0.284, 128 / 8:
+#   0.284); GPT-B batch 8 (192) 0.089 against 0.095 (128 / 4: 0.090).
+# Triton pipeline stages (2, 3) change nothing (benchmarks/evict_kernel_time.py, 64 / 2).
+EVICT_BLOCK_K = 32
+EVICT_NUM_WARPS = 1
+EVICT_HIGH_ROW_HEADS = 1024
+EVICT_HIGH_BLOCK_K = 64
+EVICT_HIGH_NUM_WARPS = 2
 EVICT_MID_ROW_HEADS = 512
 EVICT_MID_BLOCK_K = 128
 EVICT_MID_NUM_WARPS = 4
-# Which of evict_step's per-block reductions run as tensor-core dots on 2-byte caches, the float32
-# operand (q, next step's total, the softmax weights) split into three cache-dtype parts whose sum
-# is it to about float32 precision: 'l' logits (K . q), 's' the victim score (V . total), 'p' the
-# PV sum. '' : every one elementwise in float32 (float32 caches always are).
-EVICT_DOTS = ""
+EVICT_SMALL_BLOCK_K = 256
+EVICT_SMALL_NUM_WARPS = 8
 # adsa-evict / window (EVICT_ONE_KERNEL) and dense (DENSE_ONE_KERNEL) decode steps as one kernel
 # per layer step (evict_step) where one_kernel_fits; False keeps the attention kernel with the
 # cache writes and pool bookkeeping in XLA. Measured on an H200 (BENCHMARKS.md, sessions 5 and 7),
@@ -193,6 +199,12 @@ def decode_attention(q, k, v, mask, n_valid, *, score_vec=None, block_k: int | N
     return out
 
 
+# Its per-block reductions (logits K . q, the victim score V . total, the PV sum) are elementwise
+# float32 products reduced in registers. As tensor-core dots (the float32 operand split into three
+# bf16 parts) each was slower or level on an H200: the score in session 7 (88.5 against 78.9 us per
+# layer step at adsa-evict 384 px batch 64), all three in session 12 (commit a49be2e: score 88.4,
+# all three 105.2 against 78.6; dense 256 px batch 64 59.6 against 46.4 with logits and PV, batch 1
+# 3.9 against 3.3). The layout conversions into the dot's operands cost more than the products.
 def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref,
                   pos_ref, cok_ref, *rest, block_k, slots, c, P, K, scale, eps, rope):
     # One program = one (row, head): the whole adsa-evict (or window, K = 0) step of a layer.
@@ -273,27 +285,6 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
     # where the loaded block still holds it, by the same reduction as every other slot (equal V,
     # equal score: the first-maximum tie rule needs that), and counts it as slot dest.
     f32 = jnp.float32
-    dots = EVICT_DOTS if jnp.dtype(cdt).itemsize == 2 else ""
-    lanes16 = jnp.arange(16)
-
-    def parts(x):  # f32 -> three cache-dtype parts, x = hi + mid + lo to ~f32 precision
-        hi = x.astype(cdt)
-        r = x - hi.astype(f32)
-        mid = r.astype(cdt)
-        return hi, mid, (r - mid.astype(f32)).astype(cdt)
-
-    def as_cols(x):  # (D,) f32 -> (D, 16): its three parts in columns 0-2, zeros after (a dot's least N)
-        hi, mid, lo = (p[:, None] for p in parts(x))
-        j = lanes16[None, :]
-        return jnp.where(j == 0, hi, jnp.where(j == 1, mid, jnp.where(j == 2, lo, jnp.zeros_like(hi))))
-
-    def as_rows(x):  # (n,) f32 -> (16, n): its three parts in rows 0-2
-        hi, mid, lo = (p[None, :] for p in parts(x))
-        j = lanes16[:, None]
-        return jnp.where(j == 0, hi, jnp.where(j == 1, mid, jnp.where(j == 2, lo, jnp.zeros_like(hi))))
-
-    q_cols = as_cols(q) if "l" in dots else None
-    t_cols = as_cols(tvec) if K and "s" in dots else None
     lg_new = jnp.sum(k_new.astype(f32) * q)
     if K:
         lg_o = jnp.sum(k_o.astype(f32) * q)
@@ -308,17 +299,13 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         start = j * block_k
         idx = start + lanes
         inb = (idx <= ws) if dense else (idx < slots)
-        k_raw = plgpu.load(k_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0)  # (bk, D)
+        k = plgpu.load(k_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0).astype(f32)
         v_raw = plgpu.load(v_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0)  # cache dtype
         v = v_raw.astype(f32)
         ok = inb & (idx != ws) & (idx != dest) & (plgpu.load(cok_ref.at[pl.ds(start, block_k)], mask=inb, other=0) != 0)
         if not dense:
             ok = ok & (plgpu.load(pos_ref.at[pl.ds(start, block_k)], mask=inb, other=-1) >= 0)
-        if "l" in dots:
-            lg = jnp.sum(jnp.dot(k_raw, q_cols, preferred_element_type=f32), axis=1)  # (bk, 16) -> (bk,)
-        else:
-            lg = jnp.sum(k_raw.astype(f32) * q[None, :], axis=1)
-        logit = jnp.where(ok, lg, NEG_INF)
+        logit = jnp.where(ok, jnp.sum(k * q[None, :], axis=1), NEG_INF)
         m_new = jnp.maximum(m, jnp.max(logit))
         corr = jnp.exp(m - m_new)
         pr = jnp.where(ok, jnp.exp(logit - m_new), 0.0)
@@ -336,18 +323,11 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
                 # candidate at slot dest (the victim's old V there is no candidate)
                 cand = (cand & (idx != dest)) | ((idx == ws) & apply)
                 eff = jnp.where(idx == ws, dest, idx)
-            if "s" in dots:
-                vt = jnp.sum(jnp.dot(v_raw, t_cols, preferred_element_type=f32), axis=1)  # (bk,)
-            else:
-                vt = jnp.sum(v * tvec[None, :], axis=1)
+            vt = jnp.sum(v * tvec[None, :], axis=1)
             sc = jnp.where(cand, vt / nrm, -2e30)
             better = (sc > best) | ((sc == best) & (eff < at))  # ties: the lowest slot
             best, at = jnp.where(better, sc, best), jnp.where(better, eff, at)
-        if "p" in dots:
-            pv = jnp.sum(jnp.dot(as_rows(pr), v_raw, preferred_element_type=f32), axis=0)  # (16, D) -> (D,)
-        else:
-            pv = jnp.sum(pr[:, None] * v, axis=0)
-        acc = acc * corr + pv
+        acc = acc * corr + jnp.sum(pr[:, None] * v, axis=0)
         return acc, m_new, l * corr + jnp.sum(pr), best, at
 
     init = (acc0, m0, l0, jnp.full((block_k,), -3e38, f32), jnp.full((block_k,), slots, jnp.int32))
@@ -381,6 +361,8 @@ def evict_tiling(row_heads: int) -> tuple[int, int]:
         return EVICT_SMALL_BLOCK_K, EVICT_SMALL_NUM_WARPS
     if row_heads < EVICT_MID_ROW_HEADS:
         return EVICT_MID_BLOCK_K, EVICT_MID_NUM_WARPS
+    if row_heads < EVICT_HIGH_ROW_HEADS:
+        return EVICT_HIGH_BLOCK_K, EVICT_HIGH_NUM_WARPS
     return EVICT_BLOCK_K, EVICT_NUM_WARPS
 
 
@@ -477,7 +459,8 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
 # GPT-XL call). Session 11 (H200, benchmarks/topk_time.py, 1 / 64 / 256 rows): 2 bits 24.3 / 26.1 /
 # 49.6 us, 4 bits 40.9 / 42.5 / 79.1, against 1 bit written as 2 counts a pass (digit 0 counted too)
 # 25.7 / 28.3 / 53.2: that form was a regression from session 10's one count (25.1 us per step in
-# the session-11 profile, 14.4 before); 1 bit counts once again (not re-measured on the GPU).
+# the session-11 profile, 14.4 before). One count a pass again, session 12 (16 warps): 15.1 / 17.4 /
+# 32.2 us, the fastest of the three.
 KTH_BITS = 1
 
 
@@ -515,17 +498,17 @@ def kth_largest(x, k, *, num_warps: int | None = None, bits: int | None = None, 
 
     x (B, V) float32; k: int scalar (traced is fine) in [1, V]. Returns (B,) float32. For
     top-k sampling, which only needs this threshold (keep every logit >= it): one program per
-    row instead of XLA's segmented sort of the whole (B, V) array. num_warps: default 16 up to
-    128 rows, 4 above (H200, benchmarks/topk_time.py: 15-18 against 20-22 us up to 64 rows of
-    16384; 31 against 32 us at 256 rows; XLA's sort 56 / 122 / 324 us). bits: per counting pass
-    (1, 2 or 4; default KTH_BITS).
+    row instead of XLA's segmented sort of the whole (B, V) array. num_warps: default 32 up to
+    128 rows, 4 above (H200, benchmarks/topk_time.py, session 12, at 1 / 64 rows of 16384: 32 warps
+    14.3 / 16.0 us, 16 warps 15.1 / 17.4, 4 warps 20.2 / 21.8; at 256 rows 4 warps 30.6, 32 warps
+    30.8; XLA's sort 56 / 122 / 320 us). bits: per counting pass (1, 2 or 4; default KTH_BITS).
     """
     b, n = x.shape
     bits = bits or KTH_BITS
     if bits not in (1, 2, 4):
         raise ValueError(f"kth_largest: bits must be 1, 2 or 4 (a divisor of 32 with a power-of-two digit count), "
                          f"got {bits}")
-    num_warps = num_warps or (16 if b <= 128 else 4)
+    num_warps = num_warps or (32 if b <= 128 else 4)
     vp = 1 << max(n - 1, 1).bit_length()  # Triton blocks are powers of two
     x = x.astype(jnp.float32)
     if vp != n:
@@ -549,58 +532,51 @@ def kth_largest(x, k, *, num_warps: int | None = None, bits: int | None = None, 
 # time: only the K block moved, 64 over 128 (batch 1 0.308 vs 0.314 s, XL-384 0.820 vs 0.832).
 # Also measured in session 9 and removed: the step kernel summing the qkv partials (no faster), the
 # RMSNorm inside the GEMV (18% slower: each program recomputes the row statistics over all of K)
-# and the SwiGLU inside the w2 GEMV (1.7x slower: w2's GEMV went from 5.0 to 29.5 us).
+# and the SwiGLU inside the w2 GEMV (1.7x slower: w2's GEMV went from 5.0 to 29.5 us). Session 12
+# removed the same kernel as a GEMM for 17-128 rows (a power-of-two row tile, 32-64 column blocks):
+# slower than cuBLAS end to end, GPT-XL 256 px batch 64 0.637-0.682 s against 0.575, batch 32 0.522
+# against 0.490, batch 16 0.456 against 0.387 (commit a52fa36).
 GEMV_BLOCK_N = 64
 GEMV_BLOCK_K = 64
 GEMV_PROGRAMS = 512  # aim: about this many (column block, K split) programs per call
 GEMV_NUM_WARPS = 4
 GEMV_NUM_STAGES = 3
 GEMV_ROWS = 16  # rows load as a tile of this many (the tensor-core dot's least M), the rest masked
-# Above GEMV_ROWS (batch 16-64 with CFG), up to GEMM_MAX_ROWS, the same kernel as a GEMM: rows load
-# as one power-of-two tile, narrower column blocks (GEMM_BLOCK_N) over about GEMM_PROGRAMS
-# programs, few K splits. Why: at 128 rows cuBLAS tiles GPT-XL's qkv GEMM as 60 CTAs of 128 x 64 on
-# 132 SMs (session 7 profile: the four weight GEMMs 27 us per layer and step, ~1.6 TB/s of weights).
-# Only with gemm='pallas' (generate's 'auto' stops at GEMV_MAX_ROWS); not yet measured on a GPU.
-GEMM_MAX_ROWS = 128
-GEMM_BLOCK_N = 32
-GEMM_PROGRAMS = 160
 # Per weight shape (K, N): (block_n, block_k, splits), or None for XLA's GEMM; shapes not listed
 # follow gemv_tiling's rule. Empty: a table from session 8's sweep was no faster end to end.
 GEMV_TILES: dict = {}
 
 
-def _gemv_kernel(x_ref, w_ref, o_ref, *, block_k, k_split, tile_m, precision):
+def _gemv_kernel(x_ref, w_ref, o_ref, *, block_k, k_split, precision):
     # One program = one (column block, K split): x (M, K), w (K, bn) -> partial (M, bn) in f32. The
-    # M rows load as a (tile_m, bk) tile (a power of two, at least GEMV_ROWS), the missing rows
-    # masked to 0, so no padded copy of x is made in memory (it cost an XLA kernel per GEMM).
+    # M < GEMV_ROWS rows load as a (GEMV_ROWS, bk) tile, the missing rows masked to 0, so no padded
+    # copy of x is made in memory (it cost an XLA kernel per GEMM).
     s = pl.program_id(1)
     m = x_ref.shape[0]
     row0 = pl.program_id(0) * 0  # a traced 0: the tile reaches past x's rows (masked)
-    rows_ok = (jnp.arange(tile_m) < m)[:, None]
+    rows_ok = (jnp.arange(GEMV_ROWS) < m)[:, None]
 
     def body(j, acc):
         start = pl.multiple_of(s * k_split + j * block_k, block_k)
-        xb = plgpu.load(x_ref.at[pl.ds(row0, tile_m), pl.ds(start, block_k)], mask=rows_ok, other=0.0)  # (Mp, bk)
+        xb = plgpu.load(x_ref.at[pl.ds(row0, GEMV_ROWS), pl.ds(start, block_k)], mask=rows_ok, other=0.0)  # (Mp, bk)
         wb = w_ref[pl.ds(start, block_k), :]  # (bk, bn)
         return acc + jnp.dot(xb, wb, preferred_element_type=jnp.float32, precision=precision)
 
-    acc = jax.lax.fori_loop(0, k_split // block_k, body, jnp.zeros((tile_m, o_ref.shape[-1]), jnp.float32))
-    plgpu.store(o_ref.at[pl.ds(row0, tile_m), :], acc, mask=rows_ok)
+    acc = jax.lax.fori_loop(0, k_split // block_k, body, jnp.zeros((GEMV_ROWS, o_ref.shape[-1]), jnp.float32))
+    plgpu.store(o_ref.at[pl.ds(row0, GEMV_ROWS), :], acc, mask=rows_ok)
 
 
 def gemv_tiling(k: int, n: int, *, block_n: int | None = None, block_k: int | None = None,
-                splits: int | None = None, rows: int = 1):
+                splits: int | None = None):
     """(block_n, block_k, splits) for small_matmul over a (k, n) weight, or None where the shape does
     not tile (then the caller keeps XLA's GEMM): the most K splits (dividing k's blocks) that keep
-    the program count at most GEMV_PROGRAMS (GEMM_PROGRAMS, and GEMM_BLOCK_N columns a block, for
-    more than GEMV_ROWS rows)."""
-    gemm = rows > GEMV_ROWS
-    bn, bk = block_n or (GEMM_BLOCK_N if gemm else GEMV_BLOCK_N), block_k or GEMV_BLOCK_K
+    the program count at most GEMV_PROGRAMS."""
+    bn, bk = block_n or GEMV_BLOCK_N, block_k or GEMV_BLOCK_K
     if n % bn or k % bk:
         return None
-    blocks, most = k // bk, GEMM_PROGRAMS if gemm else GEMV_PROGRAMS
+    blocks = k // bk
     if splits is None:
-        splits = max([d for d in range(1, blocks + 1) if blocks % d == 0 and (n // bn) * d <= most] or [1])
+        splits = max([d for d in range(1, blocks + 1) if blocks % d == 0 and (n // bn) * d <= GEMV_PROGRAMS] or [1])
     elif blocks % splits:
         return None
     return bn, bk, splits
@@ -610,16 +586,16 @@ def gemv_partials(x, w, *, block_n: int | None = None, block_k: int | None = Non
                   splits: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                   interpret: bool = False):
     """x (M, K) @ w (K, N) as (splits, M, N) float32 partial products over K splits (their sum is the
-    product), for M <= GEMM_MAX_ROWS rows; None where the kernel does not apply (gemv_tiling)."""
+    product), for M <= GEMV_ROWS rows; None where the kernel does not apply (gemv_tiling)."""
     m, kdim = x.shape
     n = w.shape[1]
-    tuned = GEMV_TILES.get((kdim, n), ()) if block_n is block_k is splits is None and m <= GEMV_ROWS else ()
-    tiling = tuned if tuned != () else gemv_tiling(kdim, n, block_n=block_n, block_k=block_k, splits=splits, rows=m)
-    if tiling is None or m > GEMM_MAX_ROWS:
+    tuned = GEMV_TILES.get((kdim, n), ()) if block_n is block_k is splits is None else ()
+    tiling = tuned if tuned != () else gemv_tiling(kdim, n, block_n=block_n, block_k=block_k, splits=splits)
+    if tiling is None or m > GEMV_ROWS:
         return None
     bn, bk, sp = tiling
     return pl.pallas_call(
-        functools.partial(_gemv_kernel, block_k=bk, k_split=kdim // sp, tile_m=max(GEMV_ROWS, _pow2(m)),
+        functools.partial(_gemv_kernel, block_k=bk, k_split=kdim // sp,
                           precision=jax.lax.Precision.HIGHEST if w.dtype == jnp.float32 else None),
         grid=(n // bn, sp),
         in_specs=[pl.BlockSpec((m, kdim), lambda i, s: (0, 0)),
@@ -633,9 +609,8 @@ def gemv_partials(x, w, *, block_n: int | None = None, block_k: int | None = Non
 
 
 def small_matmul(x, w, *, interpret: bool = False, **tiles):
-    """x (M, K) @ w (K, N) -> (M, N) in x's dtype with float32 accumulation, for M <= GEMM_MAX_ROWS
-    rows (decode GEMMs at small batches). Other shapes (more rows, or not tiling: gemv_tiling) use
-    jnp.dot.
+    """x (M, K) @ w (K, N) -> (M, N) in x's dtype with float32 accumulation, for M <= GEMV_ROWS
+    rows (decode GEMMs at small batches). Shapes that do not tile (gemv_tiling) use jnp.dot.
     tiles: gemv_partials' block_n, block_k, splits, num_warps, num_stages."""
     part = gemv_partials(x, w, interpret=interpret, **tiles)
     if part is None:

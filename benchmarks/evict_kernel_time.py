@@ -46,22 +46,25 @@ def main():
     sc = (ring0 + (t - P) % M, ring0 + (t - P) % M, 1, 1, K - 1, ring0 + (t + 1 - P) % M, c + t)
     res = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "rows": []}
     bytes_kv = 2 * b * h * s * d * 2
-    for bk in (64, 128):
-        for w in (2, 4, 8):
-            for keep in (K, 0):
-                f = jax.jit(lambda *a, keep=keep, bk=bk, w=w: kernels.evict_step(
-                    *a[:8], c=c, prefix=P, keep=keep, vsum=a[8] if keep else None, victim=a[9] if keep else None,
-                    vnorm=a[10] if keep else None, block_k=bk, num_warps=w))
-                try:
-                    us = kernel_us(f, (q, kn, vn, k, v, pos, cond_ok, sc, vsum, victim, vnorm))
-                    row = {"case": "evict_step" if keep else "evict_step window", "block_k": bk, "warps": w, "us": us,
-                           "tb_per_s": bytes_kv / us / 1e6}
-                except Exception as e:  # noqa: BLE001
-                    row = {"case": "evict_step", "block_k": bk, "warps": w, "keep": keep, "error": str(e)[:300]}
-                res["rows"].append(row)
-                print(row, flush=True)
-    # Software-pipelined loads (Triton's num_stages) at the default 64 / 2: never measured for this
-    # kernel (1 stage won for the attention kernel on an H100, benchmarks/kernel_tune.py).
+    # TILES="32x1,64x1": these (block_k x warps) only, and none of the sections after the sweep
+    tiles = [tuple(int(x) for x in t.split("x")) for t in os.environ.get("TILES", "").split(",") if t]
+    for bk, w in tiles or [(32, 1), (32, 2), (64, 1), (64, 2), (64, 4), (128, 2), (128, 4), (128, 8)]:
+        for keep in (K, 0):
+            f = jax.jit(lambda *a, keep=keep, bk=bk, w=w: kernels.evict_step(
+                *a[:8], c=c, prefix=P, keep=keep, vsum=a[8] if keep else None, victim=a[9] if keep else None,
+                vnorm=a[10] if keep else None, block_k=bk, num_warps=w))
+            try:
+                us = kernel_us(f, (q, kn, vn, k, v, pos, cond_ok, sc, vsum, victim, vnorm))
+                row = {"case": "evict_step" if keep else "evict_step window", "block_k": bk, "warps": w, "us": us,
+                       "tb_per_s": bytes_kv / us / 1e6}
+            except Exception as e:  # noqa: BLE001
+                row = {"case": "evict_step", "block_k": bk, "warps": w, "keep": keep, "error": str(e)[:300]}
+            res["rows"].append(row)
+            print(row, flush=True)
+    if tiles:
+        json.dump(res, open(f"{OUT}/evict_kernel_time.json", "w"), indent=1)
+        return
+    # Software-pipelined loads (Triton's num_stages) at 64 / 2 (session 12: no change at 2 or 3).
     for st in (2, 3):
         for keep in (K, 0):
             f = jax.jit(lambda *a, keep=keep, st=st: kernels.evict_step(

@@ -8,8 +8,12 @@
 # policies under the new tiling.
 # Part 3: the GEMV kernel as a GEMM at 32-128 rows (gemm='pallas') against cuBLAS at GPT-XL batch 16-64
 # (compare part 1's batch 16/32 rows and s12_b64_auto; XL-384 adsa-evict batch 64 auto: 2.216 s, session 7).
-# Usage: `bash benchmarks/session12_plan.sh N` for N = 1, 2, 3 (each under the 600 s limit). Afterwards set
-# kernels.EVICT_MID_ROW_HEADS to the largest grid where 128 / 4 still won.
+# Parts 4-7 were written during session 12 (part 8 was a command line, in its results file).
+# Usage: `bash benchmarks/session12_plan.sh N` for N = 1-7 (each under the 600 s limit). Parts 3 and 4
+# measured code since removed: the GEMM (GEMM_BLOCK_N, GEMM_PROGRAMS, gemm='pallas' above 16 rows; at
+# commit 565f340) and kernels.EVICT_DOTS with benchmarks/evict_dots_time.py (commit a49be2e); check
+# those commits out to run them again. Parts 5-7 set the large-grid tiling through EVICT_BLOCK_K /
+# EVICT_NUM_WARPS, then 64 / 2 (now 32 / 1, the default from 1024 row-heads).
 source "$(dirname "$0")/plan_helpers.sh"  # bench, one, g
 export PART=${1:-1}
 if [ "$PART" = 1 ]; then
@@ -47,5 +51,25 @@ one s12_e384_b64_s 80 "$(g 384 64 adsa-evict 3 ',"budget":0.5')" EVICT_DOTS=s
 one s12_e384_b64_slp 80 "$(g 384 64 adsa-evict 3 ',"budget":0.5')" EVICT_DOTS=slp
 one s12_b64_lp 60 "$(g 256 64 dense 5)" EVICT_DOTS=lp
 one s12_b1_lp 60 "$(g 256 1 dense 5)" EVICT_DOTS=lp
+elif [ "$PART" = 5 ]; then  # after the GEMM's removal and kth_largest's 32 warps: batch 1 end to end;
+# the step kernel at blocks of 16-64 slots over 1-2 warps (alone, then end to end at XL-384 batch 64)
+one s12_b1_final 60 "$(g 256 1 dense 5)" ""
+echo "== evict_kernel_time tiles"; TILES=16x1,32x1,32x2,64x1 timeout 120 python3 benchmarks/evict_kernel_time.py > $OUT/ekt.log 2>&1; echo rc $?
+grep "'us'" $OUT/ekt.log
+one s12_e384_b64_64w1 80 "$(g 384 64 adsa-evict 3 ',"budget":0.5')" EVICT_NUM_WARPS=1
+one s12_e384_b64_32w1 80 "$(g 384 64 adsa-evict 3 ',"budget":0.5')" EVICT_BLOCK_K=32,EVICT_NUM_WARPS=1
+elif [ "$PART" = 6 ]; then  # 32 slots over 1 warp at large grids (part 5: adsa-evict 2.067 s against 2.219):
+# dense and window too, and batch 256
+T=EVICT_BLOCK_K=32,EVICT_NUM_WARPS=1
+one s12_b64_32w1 60 "$(g 256 64 dense 5)" $T
+one s12_d384_b64_32w1 70 "$(g 384 64 dense 3)" $T
+one s12_d384_b64 70 "$(g 384 64 dense 3)" ""
+one s12_w384_b64_32w1 70 "$(g 384 64 window 3 ',"budget":0.5')" $T
+one s12_e384_b256_32w1 100 "$(g 384 256 adsa-evict 3 ',"budget":0.5')" $T
+one s12_d384_b256_32w1 100 "$(g 384 256 dense 3)" $T
+elif [ "$PART" = 7 ]; then  # 32 / 1 at GPT-XL 256 px batch 256 and 32 (the smallest grid it would take)
+T=EVICT_BLOCK_K=32,EVICT_NUM_WARPS=1
+one s12_b256_32w1 70 "$(g 256 256 dense 3)" $T
+one s12_b32_32w1 50 "$(g 256 32 dense 3)" $T
 fi
 cd $OUT && rm -f *.log
