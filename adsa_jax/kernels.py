@@ -34,7 +34,7 @@ NUM_STAGES = 1
 # evict_step's blocks (slots) and warps by grid size (programs = row-heads), measured on an H200
 # (BENCHMARKS.md, sessions 11-12, GPT-XL unless named):
 # - the largest grids, from EVICT_HIGH_ROW_HEADS: 32 / 1 (EVICT_BLOCK_K / EVICT_NUM_WARPS). The kernel
-#   is compute-bound there, and one warp per 32 slots keeps every reduction inside a warp. Session 12:
+#   is compute-bound there (likely why one warp a block wins: no reduction crosses warps). Session 12:
 #   256 px batch 64 dense 0.547 s against 0.575 at 64 / 2 (the earlier default), batch 256 1.372
 #   against 1.409, batch 32 (1280 row-heads) 0.478 against 0.490; 384 px batch 64 dense 1.761 against
 #   1.844, adsa-evict 0.5 2.067 against 2.219 (64 / 1: 2.130); the kernel alone at adsa-evict 384 px
