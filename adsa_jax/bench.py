@@ -189,6 +189,37 @@ def format_rows(rows) -> str:
     return "\n".join(lines)
 
 
+def selection_shares(rows) -> list[dict]:
+    """The victim selection's share of a call, (adsa-evict - window) / adsa-evict, for every
+    adsa-evict row with a window row of the same model, grid, batch, budget, dtype and paths: the
+    two keep the same cache (condition, prefix, ring, pool) and differ only in scoring and
+    evicting, so their difference is what the selection costs (issue 5's "share of a step")."""
+    def key(r):
+        return tuple(r.get(k) for k in ("name", "source", "grid", "batch", "budget", "dtype", "attention", "gemm",
+                                        "segments", "cfg"))
+
+    ok = [r for r in rows if "error" not in r and r.get("s_per_call", 0) > 0]
+    window = {key(r): r for r in ok if r["policy"] == "window"}
+    out = []
+    for r in ok:
+        w = window.get(key(r)) if r["policy"] == "adsa-evict" else None
+        if w is not None:
+            out.append({"name": r.get("name"), "image_size": r.get("image_size"), "grid": r["grid"],
+                        "batch": r["batch"], "budget": r.get("budget"),
+                        "adsa_evict_s": r["s_per_call"], "window_s": w["s_per_call"],
+                        "share": (r["s_per_call"] - w["s_per_call"]) / r["s_per_call"]})
+    return out
+
+
+def format_shares(shares) -> str:
+    def where(s):
+        return f"{s['image_size']} px" if s["image_size"] else f"{s['grid']}x{s['grid']} tokens"
+
+    return "\n".join(f"selection share, {s['name']} {where(s)} batch {s['batch']} budget {s['budget']}: "
+                     f"{100 * s['share']:.1f}% (adsa-evict {s['adsa_evict_s']:.3f} s, window {s['window_s']:.3f} s)"
+                     for s in shares)
+
+
 def compiled_in_order(model: Model, items, workers: int = 1):
     """Compile configurations ``workers`` at a time (threads); yield ``(item, prepared)`` in item
     order (``prepared``: :func:`compile_one`'s dict, or the exception it raised). Items are dicts
@@ -327,6 +358,6 @@ def run(models=None, image_sizes=None, batches=(1, 8), policies=("dense",), budg
             if json_path:
                 with open(json_path, "w") as f:
                     json.dump({"device": device, "jax": jax.__version__, "compile_workers": compile_workers,
-                               "rows": rows}, f, indent=1)
+                               "rows": rows, "selection_shares": selection_shares(rows)}, f, indent=1)
         del model
     return device, rows

@@ -510,7 +510,7 @@ def build_parser():
 
 
 def run_bench(a):
-    from .bench import format_rows, run
+    from .bench import format_rows, format_shares, run, selection_shares
 
     try:
         sizes = [int(x) for x in a.image_size.split(",") if x.strip()] if a.image_size else None
@@ -523,6 +523,9 @@ def run_bench(a):
                   measure=not a.no_roofline, log=_log, attention=a.attention, gemm=a.gemm,
                   compile_workers=a.compile_workers)
     print(format_rows(rows))
+    shares = selection_shares(rows)
+    if shares:
+        print(format_shares(shares))
 
 
 def main(argv=None):

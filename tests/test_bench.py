@@ -222,6 +222,35 @@ def test_cli_bench_checkpoint(c2i_dir, tmp_path, capsys):
     assert table.count("window") == 2 and "c2i" in table
 
 
+def test_selection_shares_pairs_evict_with_its_window():
+    """Each adsa-evict row pairs with the window row of the same configuration only (not another
+    batch, budget or model, not an error row); share = (evict - window) / evict."""
+    base = dict(name="m", source="s", grid=8, dtype="float32", attention="xla", gemm="xla-default", segments=1,
+                cfg=True, image_size=None)
+    rows = [dict(base, policy="adsa-evict", batch=1, budget=0.5, s_per_call=2.0),
+            dict(base, policy="window", batch=1, budget=0.5, s_per_call=1.5),
+            dict(base, policy="adsa-evict", batch=2, budget=0.5, s_per_call=3.0),  # its window failed
+            dict(base, policy="window", batch=2, budget=0.5, error="OOM"),
+            dict(base, policy="adsa-evict", batch=1, budget=0.25, s_per_call=1.0),  # no window at 0.25
+            dict(base, policy="window", batch=1, budget=0.5, s_per_call=9.0, name="other"),
+            dict(base, policy="dense", batch=1, budget=None, s_per_call=1.0)]
+    (got,) = bench.selection_shares(rows)
+    assert (got["batch"], got["budget"], got["adsa_evict_s"], got["window_s"]) == (1, 0.5, 2.0, 1.5)
+    assert got["share"] == 0.25
+    assert "25.0%" in bench.format_shares([got]) and "8x8 tokens" in bench.format_shares([got])
+
+
+def test_cli_bench_prints_selection_share(c2i_dir, tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert main(["bench", "--checkpoint", str(c2i_dir), "--batch", "1", "--policies", "adsa-evict,window",
+                 "--budgets", "0.5", "--iters", "1", "--no-roofline", "--dtype", "float32", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    evict, window = doc["rows"]
+    (share,) = doc["selection_shares"]
+    assert share["share"] == pytest.approx(1 - window["s_per_call"] / evict["s_per_call"])
+    assert "selection share, c2i 8x8 tokens batch 1 budget 0.5:" in capsys.readouterr().out
+
+
 def test_cli_bench_json_config(config_files, tmp_path):
     out = tmp_path / "b.json"
     assert main(["bench", "--model", str(config_files["gpt_c2i_small"]), "--batch", "1", "--cfg-scale", "1",
