@@ -453,24 +453,16 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     )(*args)
 
 
-# Bits of the k-th largest's int32 key fixed per counting pass: 1 (32 passes, one count each), 2 (16
-# passes, 4 counts each in one reduction) or 4 (8 passes, 16 counts). At batch 1 the kernel is one
-# program whose passes are block-wide reductions (session 10 profile: 14.4 us per step, 3.7 ms per
-# GPT-XL call). Session 11 (H200, benchmarks/topk_time.py, 1 / 64 / 256 rows): 2 bits 24.3 / 26.1 /
-# 49.6 us, 4 bits 40.9 / 42.5 / 79.1, against 1 bit written as 2 counts a pass (digit 0 counted too)
-# 25.7 / 28.3 / 53.2: that form was a regression from session 10's one count (25.1 us per step in
-# the session-11 profile, 14.4 before). One count a pass again, session 12 (16 warps): 15.1 / 17.4 /
-# 32.2 us, the fastest of the three.
-KTH_BITS = 1
-
-
-def _kth_kernel(k_ref, x_ref, o_ref, *, n, bits):
-    # One program = one row: the k-th largest of x (Vp,) by a radix search, `bits` bits per pass, over
-    # an order-preserving int32 key of each float (counting passes over the row in registers, no
-    # sort). r is built from the top bit down as an offset from INT32_MIN: the largest threshold T
-    # with count(key >= T) >= k is the k-th largest key itself. A pass counts the keys at or above
-    # r | d << shift for every digit d at once (digit 0, r itself, always qualifies); the count falls
-    # as d grows, so the number of qualifying digits less one is the next digit.
+# A radix search with 2 or 4 key bits per counting pass (4 or 16 thresholds counted in one reduction,
+# 16 or 8 passes) was measured and removed: H200, benchmarks/topk_time.py at commit 6a65392, 16 warps,
+# 1 / 64 / 256 rows of 16384: 1 bit 15.1 / 17.4 / 32.2 us, 2 bits 24.3 / 25.9 / 49.6, 4 bits 40.9 /
+# 42.3 / 79.0 (BENCHMARKS.md, sessions 11-12). Counting digit 0 too (it always qualifies) made the
+# 1-bit form twice as slow in session 11: each pass counts one threshold.
+def _kth_kernel(k_ref, x_ref, o_ref, *, n):
+    # One program = one row: the k-th largest of x (Vp,) by a bitwise binary search over an
+    # order-preserving int32 key of each float (32 counting passes over the row in registers,
+    # no sort). r is built from the top bit down as an offset from INT32_MIN: the largest
+    # threshold T with count(key >= T) >= k is the k-th largest key itself.
     imin = jnp.int32(-(2 ** 31))
     u = jax.lax.bitcast_convert_type(x_ref[...], jnp.int32)
     key = jnp.where(u < 0, u ^ jnp.int32(0x7FFFFFFF), u)  # float order as signed int order (-0.0 < +0.0)
@@ -480,20 +472,14 @@ def _kth_kernel(k_ref, x_ref, o_ref, *, n, bits):
     k = k_ref[()]
 
     def body(i, r):
-        if bits == 1:  # one count, of r | bit: the (2, Vp) form below counts digit 0 too, twice the work
-            cand = r | (jnp.int32(1) << (31 - i))
-            return jnp.where(jnp.sum((key >= (cand ^ imin)).astype(jnp.int32)) >= k, cand, r)
-        digits = jnp.arange(1 << bits, dtype=jnp.int32)  # (2^bits,)
-        shift = 32 - bits * (i + 1)
-        cand = r | (digits << shift)  # (2^bits,) thresholds, offsets from INT32_MIN
-        cnt = jnp.sum((key[None, :] >= (cand ^ imin)[:, None]).astype(jnp.int32), axis=1)  # (2^bits,)
-        return r | ((jnp.sum((cnt >= k).astype(jnp.int32)) - 1) << shift)
+        cand = r | (jnp.int32(1) << (31 - i))
+        return jnp.where(jnp.sum((key >= (cand ^ imin)).astype(jnp.int32)) >= k, cand, r)
 
-    kth = jax.lax.fori_loop(0, 32 // bits, body, jnp.int32(0)) ^ imin
+    kth = jax.lax.fori_loop(0, 32, body, jnp.int32(0)) ^ imin
     o_ref[...] = jax.lax.bitcast_convert_type(jnp.where(kth < 0, kth ^ jnp.int32(0x7FFFFFFF), kth), jnp.float32)
 
 
-def kth_largest(x, k, *, num_warps: int | None = None, bits: int | None = None, interpret: bool = False):
+def kth_largest(x, k, *, num_warps: int | None = None, interpret: bool = False):
     """The k-th largest value of each row, counting ties (``sort(x)[::-1][k - 1]``), without a sort.
 
     x (B, V) float32; k: int scalar (traced is fine) in [1, V]. Returns (B,) float32. For
@@ -501,20 +487,16 @@ def kth_largest(x, k, *, num_warps: int | None = None, bits: int | None = None, 
     row instead of XLA's segmented sort of the whole (B, V) array. num_warps: default 32 up to
     128 rows, 4 above (H200, benchmarks/topk_time.py, session 12, at 1 / 64 rows of 16384: 32 warps
     14.3 / 16.0 us, 16 warps 15.1 / 17.4, 4 warps 20.2 / 21.8; at 256 rows 4 warps 30.6, 32 warps
-    30.8; XLA's sort 56 / 122 / 320 us). bits: per counting pass (1, 2 or 4; default KTH_BITS).
+    30.8; XLA's sort 56 / 122 / 320 us).
     """
     b, n = x.shape
-    bits = bits or KTH_BITS
-    if bits not in (1, 2, 4):
-        raise ValueError(f"kth_largest: bits must be 1, 2 or 4 (a divisor of 32 with a power-of-two digit count), "
-                         f"got {bits}")
     num_warps = num_warps or (32 if b <= 128 else 4)
     vp = 1 << max(n - 1, 1).bit_length()  # Triton blocks are powers of two
     x = x.astype(jnp.float32)
     if vp != n:
         x = jnp.pad(x, ((0, 0), (0, vp - n)))
     return pl.pallas_call(
-        functools.partial(_kth_kernel, n=n, bits=bits), grid=(b,),
+        functools.partial(_kth_kernel, n=n), grid=(b,),
         in_specs=[pl.BlockSpec((), lambda i: ()), pl.BlockSpec((None, vp), lambda i: (i, 0))],
         out_specs=pl.BlockSpec((None,), lambda i: (i,)), out_shape=jax.ShapeDtypeStruct((b,), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),

@@ -9,6 +9,7 @@
 # returns at most 8 files per run: one JSON per `one` call, no more than 8 calls per part.
 # Usage: `bash benchmarks/session11_plan.sh N` for N = 1, 2, 3, 4, 5, 7; each under the 600 s limit. Afterwards
 # set KTH_BITS (and kth_largest's default warps) to whatever won, in adsa_jax/kernels.py.
+# KTH_BITS (part 1) was removed after session 12 (1 bit won): run part 1 at commit 6a65392.
 source "$(dirname "$0")/plan_helpers.sh"  # bench, one, g
 export PART=${1:-1}
 if [ "$PART" = 1 ]; then

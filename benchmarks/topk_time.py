@@ -1,6 +1,6 @@
 """The sampler's filter alone, kernel time per call (GPU): top-k 2000 over 16384 logits by XLA's
 sort (what runs with top-p on) against the k-th largest from ``kernels.kth_largest`` (top-p off),
-over its warps and bits per counting pass.
+over its warps.
 
     python3 benchmarks/topk_time.py     (writes $OUT/topk_time.json)
 
@@ -38,13 +38,11 @@ def main():
         srt = jax.jit(functools.partial(filter_logits, temperature=1.0, top_k=2000, top_p=1.0, top_p_on=False))
         r["sort_top_p_off_us"] = kernel_us(srt, (x,))
         want = np.asarray(ref(x))
-        for bits in (1, 2, 4):  # bits of the key fixed per counting pass (kernels.KTH_BITS)
-            for w in (4, 8, 16, 32):
-                kernels_kth = functools.partial(kernels.kth_largest, num_warps=w, bits=bits)
-                f = jax.jit(lambda a, kk=kernels_kth: jnp.where(a >= kk(a, 2000)[:, None], a, -1e30))
-                name = f"kth_warps{w}" + ("" if bits == 1 else f"_bits{bits}")
-                r[f"{name}_us"] = kernel_us(f, (x,))
-                r[f"{name}_equal"] = bool((np.asarray(f(x)) == want).all())
+        for w in (4, 8, 16, 32):
+            kernels_kth = functools.partial(kernels.kth_largest, num_warps=w)
+            f = jax.jit(lambda a, kk=kernels_kth: jnp.where(a >= kk(a, 2000)[:, None], a, -1e30))
+            r[f"kth_warps{w}_us"] = kernel_us(f, (x,))
+            r[f"kth_warps{w}_equal"] = bool((np.asarray(f(x)) == want).all())
         print(r, flush=True)
         res["rows"].append(r)
     json.dump(res, open(f"{OUT}/topk_time.json", "w"), indent=1)

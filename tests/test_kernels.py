@@ -125,10 +125,6 @@ def test_kernel_lowers_for_gpu(c2i, monkeypatch):
     for name, kw in (("window", {"budget": 0.5}), ("dense", {}), ("adsa-evict", {"budget": 0.5})):  # the defaults
         assert "adsa_evict_step" in lowered(name, **kw)
     assert "adsa_kth_largest" in lowered("dense", sampler=("pallas", False))  # top-k without a sort
-    monkeypatch.setattr(kernels, "KTH_BITS", 4)  # 4 bits per counting pass lowers too
-    jax.clear_caches()
-    assert "adsa_kth_largest" in lowered("dense", sampler=("pallas", False))
-    monkeypatch.setattr(kernels, "KTH_BITS", 1)
     monkeypatch.setattr(kernels, "ROPE_IN_KERNEL", False)  # RoPE in XLA before the step kernel lowers too
     jax.clear_caches()
     bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), c2i.params)  # bf16 caches
@@ -408,31 +404,25 @@ def test_small_matmul_falls_back_where_it_does_not_apply(monkeypatch):
     assert "grid=(4, 2)" in str(jax.make_jaxpr(lambda a, b: kernels.small_matmul(a, b, interpret=True))(x, w))
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4])
-def test_kth_largest_matches_sort(bits):
-    """The radix search (interpreter), 1, 2 or 4 bits per pass: exactly sort's k-th largest, ties
-    counted, for k from 1 to V, on rows with ties, both zeros, tiny and huge magnitudes and a
-    non-power-of-two length (padded lanes never count)."""
+def test_kth_largest_matches_sort():
+    """The bitwise search (interpreter): exactly sort's k-th largest, ties counted, for k from 1 to
+    V, on rows with ties, both zeros, tiny and huge magnitudes and a non-power-of-two length
+    (padded lanes never count)."""
     from adsa_jax import kernels
 
-    rng = np.random.default_rng(bits)
+    rng = np.random.default_rng(1)
     rows = [rng.standard_normal((2, 1000)) * 3, rng.integers(-3, 3, (2, 1000)),
             np.concatenate([rng.standard_normal((1, 1000)) * 1e-30, rng.standard_normal((1, 1000)) * 1e30])]
     for x in rows:
         x = np.asarray(x, np.float32)
         x[0, :2] = (-0.0, 0.0)
         for k in (1, 2, 7, 333, 999, 1000):
-            got = np.asarray(kernels.kth_largest(jnp.asarray(x), k, bits=bits, interpret=True))
+            got = np.asarray(kernels.kth_largest(jnp.asarray(x), k, interpret=True))
             np.testing.assert_array_equal(got, -np.sort(-x, axis=1)[:, k - 1], err_msg=f"k={k}")
-    with pytest.raises(ValueError, match="bits must be 1, 2 or 4"):
-        kernels.kth_largest(jnp.ones((1, 8)), 1, bits=3, interpret=True)
-    # Work per pass: 2^bits threshold rows, except one for 1 bit (digit 0 always qualifies; counting
-    # it too doubled the kernel's time on the GPU in session 11).
-    jaxpr = str(jax.make_jaxpr(lambda x: kernels.kth_largest(x, 3, bits=bits, interpret=True))(jnp.ones((1, 64))))
-    if bits == 1:
-        assert "bool[64]" in jaxpr and "bool[2,64]" not in jaxpr
-    else:
-        assert f"bool[{1 << bits},64]" in jaxpr
+    # Work per pass: one threshold counted (counting digit 0 too doubled the kernel's time on the GPU
+    # in session 11).
+    jaxpr = str(jax.make_jaxpr(lambda x: kernels.kth_largest(x, 3, interpret=True))(jnp.ones((1, 64))))
+    assert "bool[64]" in jaxpr and "bool[2,64]" not in jaxpr
 
 
 @pytest.mark.parametrize("sp,m,n,dtype", [(20, 2, 1280, jnp.bfloat16), (14, 16, 1280, jnp.bfloat16),
