@@ -123,8 +123,7 @@ def main():
         name, value = pair.split("=")
         if not hasattr(kernels, name):
             raise SystemExit(f"KERNELS: adsa_jax.kernels has no {name}")
-        cur = getattr(kernels, name)
-        setattr(kernels, name, value if isinstance(cur, str) else type(cur)(int(value)))
+        setattr(kernels, name, type(getattr(kernels, name))(int(value)))
         result.setdefault("kernels", {})[name] = getattr(kernels, name)
     if os.environ.get("GEMV_TILES"):  # kernels.GEMV_TILES as JSON {"K,N": [block_n, block_k, splits] | null}
         kernels.GEMV_TILES = {tuple(int(v) for v in k.split(",")): (tuple(t) if t else None)
