@@ -1,11 +1,11 @@
-"""Shared fixtures: the original PyTorch LlamaGen outputs in ../shared/fixtures/llamagen/."""
+"""Shared fixtures: the original PyTorch LlamaGen outputs in tests/data/ (its README says what each file holds)."""
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "llamagen"
+FIXTURES = Path(__file__).resolve().parent / "data"
 
 
 def fixture_config(name):

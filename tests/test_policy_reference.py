@@ -43,9 +43,7 @@ G = importlib.import_module("adsa_jax.generate")  # `adsa_jax.generate` the attr
 from adsa_jax.config import GPTConfig
 from adsa_jax.policies import make_policy
 
-ROOT = Path(__file__).resolve().parents[1]
-FIX = next((p for p in (ROOT.parent / "shared" / "fixtures" / "llamagen", ROOT / "shared" / "fixtures" / "llamagen")
-            if p.is_dir()), ROOT.parent / "shared" / "fixtures" / "llamagen")
+FIX = Path(__file__).resolve().parent / "data"  # the PyTorch LlamaGen fixtures (tests/data/README.md)
 TOL = 1e-4
 
 
@@ -56,8 +54,6 @@ def _load_fixture(name):
     from convert.gpt import convert_state_dict
     from convert.torch_pickle import extract_state_dict, load_pt
 
-    if not FIX.is_dir():
-        pytest.skip(f"fixtures not found at {FIX}")
     cfg = GPTConfig.from_dict(json.loads((FIX / "configs.json").read_text())[name])
     path = FIX / f"{name}.pt"
     params = convert_state_dict(extract_state_dict(load_pt(path), path), cfg)

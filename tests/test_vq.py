@@ -15,7 +15,7 @@ from adsa_jax.vq import VQ8, VQ16, VQConfig, count_vq_params, decode_codes, enco
 from convert.torch_pickle import CheckpointError
 from convert.vq import convert_vq, vq_arg_config
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared/fixtures/llamagen"
+FIXTURES = Path(__file__).resolve().parent / "data"
 PT = FIXTURES / "vq_small.pt"
 
 
