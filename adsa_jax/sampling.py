@@ -76,13 +76,5 @@ def sample(keys, logits, temperature, top_k, top_p, *, kth: str = "sort", top_p_
     return jax.vmap(lambda kk, row: jax.random.categorical(kk, row))(keys, f).astype(jnp.int32)
 
 
-def check_sampling_args(temperature, top_k, top_p, cfg_scale=1.0):
-    """Host-side validation with clear messages (values are traced inside jit)."""
-    if not float(temperature) >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy-like 1e-5), got {temperature}")
-    if int(top_k) != top_k or int(top_k) < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0 turns it off), got {top_k}")
-    if not 0.0 < float(top_p) <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (1.0 turns it off), got {top_p}")
-    if not float(cfg_scale) >= 0:
-        raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
+# The one validator of the sampling scalars (the Python API, SamplingConfig and the CLI use it).
+from .checks import check_sampling_args  # noqa: E402,F401

@@ -1,0 +1,167 @@
+"""Argument checks at the door: every bad value gets one :class:`ConfigError` line naming the
+argument (and its command-line flag) and the allowed range, before anything is compiled.
+
+The Python API and the command line share these functions, so a value is refused the same way
+on both paths. Non-finite floats are refused everywhere: ``inf`` passes ``x >= 0`` and then
+samples noise.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from pathlib import Path
+
+from .config import ConfigError
+
+# Python argument name -> command-line flag, for the messages.
+FLAGS = {
+    "cfg_scale": "--cfg-scale", "cfg_interval": "--cfg-interval", "temperature": "--temperature",
+    "top_k": "--top-k", "top_p": "--top-p", "num_samples": "--num-samples", "batch_size": "--batch-size",
+    "seed": "--seed", "budget": "--budget", "prefix": "--prefix", "keep": "--keep", "local": "--local",
+    "max_batches": "--max-batches", "num_segments": "--segments", "classes": "--classes",
+}
+
+# jax.random.key keeps the low 32 bits of a seed when 64-bit mode is off (the default): seed 2**32
+# would silently draw the same images as seed 0, so larger seeds are refused.
+SEED_LIMIT = 2 ** 32
+# Counts go to int32 arrays on the device.
+INT32_LIMIT = 2 ** 31
+
+
+def _label(name: str) -> str:
+    flag = FLAGS.get(name)
+    return f"{name} ({flag})" if flag else name
+
+
+def _real(value, name: str) -> float:
+    """value as a finite float, or a ConfigError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        try:  # NumPy / JAX scalars and 0-d arrays
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{_label(name)} must be a number, got {value!r}") from None
+    x = float(value)
+    if not math.isfinite(x):
+        raise ConfigError(f"{_label(name)} must be a finite number, got {value!r}")
+    return x
+
+
+def _integer(value, name: str) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{_label(name)} must be an integer, got {value!r}")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    try:
+        import numpy as np
+        a = np.asarray(value)
+        if a.shape == () and np.issubdtype(a.dtype, np.integer):
+            return int(a)
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"{_label(name)} must be an integer, got {value!r}")
+
+
+def check_sampling_args(temperature, top_k, top_p, cfg_scale=1.0, cfg_interval=-1):
+    """The sampling scalars (traced inside jit, so they are checked here, on the host)."""
+    t = _real(temperature, "temperature")
+    if t < 0:
+        raise ConfigError(f"{_label('temperature')} must be >= 0 (0 samples greedily), got {temperature!r}")
+    k = _integer(top_k, "top_k")
+    if not 0 <= k < INT32_LIMIT:
+        raise ConfigError(f"{_label('top_k')} must be an integer in [0, {INT32_LIMIT - 1}] (0 turns it off), "
+                          f"got {top_k!r}")
+    p = _real(top_p, "top_p")
+    if not 0.0 < p <= 1.0:
+        raise ConfigError(f"{_label('top_p')} must be in (0, 1] (1 turns it off), got {top_p!r}")
+    s = _real(cfg_scale, "cfg_scale")
+    if s < 0:
+        raise ConfigError(f"{_label('cfg_scale')} must be a finite number >= 0 (<= 1 turns guidance off), "
+                          f"got {cfg_scale!r}")
+    i = _real(cfg_interval, "cfg_interval")
+    if i < 0 and i != -1:
+        raise ConfigError(f"{_label('cfg_interval')} must be -1 (guide every token) or >= 0, got {cfg_interval!r}")
+
+
+def check_count(value, name: str, minimum: int = 1, maximum: int = INT32_LIMIT - 1) -> int:
+    """An integer count (number of samples, batch size, ...) in [minimum, maximum]."""
+    n = _integer(value, name)
+    if not minimum <= n <= maximum:
+        raise ConfigError(f"{_label(name)} must be an integer in [{minimum}, {maximum}], got {value!r}")
+    return n
+
+
+def check_seed(seed) -> int:
+    s = _integer(seed, "seed")
+    if not 0 <= s < SEED_LIMIT:
+        raise ConfigError(f"{_label('seed')} must be an integer in [0, 2**32 - 1] (jax keeps 32 bits of a seed: "
+                          f"larger ones repeat smaller ones), got {seed!r}")
+    return s
+
+
+def check_class_ids(ids, num_classes: int):
+    """Integer class ids in [0, num_classes - 1] (a sequence or 1-D array)."""
+    import numpy as np
+
+    a = np.asarray(ids)
+    if a.ndim != 1 or not (np.issubdtype(a.dtype, np.integer) or a.size == 0):
+        raise ConfigError(f"{_label('classes')} must be integer class ids, got {ids!r}")
+    if a.size == 0:
+        raise ConfigError(f"{_label('classes')} must name at least one class id")
+    bad = sorted({int(x) for x in a[(a < 0) | (a >= num_classes)]})
+    if bad:
+        raise ConfigError(f"{_label('classes')} must be in [0, {num_classes - 1}] for this model, got {bad[:8]}")
+    return a.astype(np.int32)
+
+
+def check_policy_sizes(budget=None, prefix=None, keep=None, local=None):
+    """The cache sizes' own ranges (the policy checks the sums against the model's sequence)."""
+    if budget is not None:
+        b = _real(budget, "budget")
+        if not 0 < b <= 1:
+            raise ConfigError(f"{_label('budget')} must be a fraction in (0, 1] of the image tokens, got {budget!r}")
+    for name, v in (("prefix", prefix), ("keep", keep), ("local", local)):
+        if v is not None:
+            check_count(v, name, minimum=1 if name == "local" else 0)
+
+
+def check_output_file(path, *, create_dirs: bool = False) -> None:
+    """Fail now, not after a long run, if ``path`` (a file to write) cannot be written.
+
+    create_dirs: missing parent directories will be made (the nearest existing one must be a
+    writable directory)."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"cannot write {path}: it is a directory; give a file name")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise ConfigError(f"cannot write {path}: the file is not writable")
+    _check_parent(path, p.absolute().parent, create_dirs)
+
+
+def check_output_dir(path, *, create: bool = True) -> None:
+    """Fail now if ``path`` (a directory to write files into) cannot be made or written."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.exists():
+        if not p.is_dir():
+            raise ConfigError(f"cannot write into {path}: it is a file, not a directory")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise ConfigError(f"cannot write into {path}: the directory is not writable")
+        return
+    _check_parent(path, p.absolute().parent, create)
+
+
+def _check_parent(path, parent: Path, create: bool):
+    if create:
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise ConfigError(f"cannot write {path}: {parent} {what}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write {path}: directory {parent} is not writable")
