@@ -2,7 +2,7 @@
 from .config import ConfigError, GPTConfig, named_config
 from .generate import Model, forward, generate, score
 from .checkpoint import load
-from .policies import make_policy, POLICY_NAMES
+from .cache import make_policy, POLICY_NAMES
 from . import sharding  # meshes and shardings: adsa_jax.sharding.make_mesh(...)
 from .vq import VQModel, decode_codes, encode_images, load_vq
 from .text import encode_prompts  # needs the optional `t5` extra only when called

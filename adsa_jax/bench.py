@@ -30,7 +30,7 @@ from .generate import (Model, _generate_jit_cublas, _scalars, check_backend, gen
                        resolve_gemm)
 from .sampling import resolve_sampler
 from .model import init_params
-from .policies import Dense, kv_bytes, make_policy
+from .cache import Dense, kv_bytes, make_policy
 
 
 def measure_device(size_mb: int = 1024, n: int = 8192, reps: int = 20):
@@ -115,7 +115,7 @@ def compile_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, 
         mask = jnp.ones((batch, 1), bool)
     ids = jnp.arange(batch, dtype=jnp.int32)
     scalars = _scalars(cfg_scale, -1, 1.0, top_k, 1.0)
-    nseg = segments if isinstance(policy, Dense) and not (type(policy) is Dense and attn != "xla") else 1
+    nseg = segments if getattr(policy, "full_cache", False) and not (isinstance(policy, Dense) and attn != "xla") else 1
     t0 = time.perf_counter()
     program = generate_program(rows)
     lowered = program.lower(model.params, cond, mask, jax.random.key(seed), ids, scalars, cfg=cfg,

@@ -7,6 +7,12 @@ import math
 from pathlib import Path
 
 
+# The finite mask value of every masked logit (attention, kernels, sampling): a fully masked row
+# never turns into NaN. Defined here, the package's leaf module, so the kernels below the cache
+# policies share it.
+NEG_INF = -1e30
+
+
 class ConfigError(ValueError):
     """A model or generation setting that cannot work, with the fix in the message."""
 

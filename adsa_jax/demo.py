@@ -292,7 +292,7 @@ def quality_benchmark(model=None, *, policies=("dense", "adsa-select", "adsa-evi
 
     from .fidelity import kl_and_agreement
     from .generate import generate, score
-    from .policies import make_policy
+    from .cache import make_policy
 
     log = log or (lambda m: None)
     model = load_demo_model() if model is None else model

@@ -8,7 +8,7 @@ import numpy as np
 
 from .config import ConfigError
 from .generate import Model, generate, score
-from .policies import kv_bytes, make_policy
+from .cache import kv_bytes, make_policy
 
 
 def kl_and_agreement(ref_logits, logits):

@@ -17,7 +17,7 @@ import numpy as np
 from . import kernels
 from . import model as M
 from .config import ConfigError, GPTConfig
-from .policies import Dense, make_policy
+from .cache import Dense, make_policy
 from .sampling import cfg_combine, check_sampling_args, resolve_sampler, sample
 
 
@@ -178,7 +178,7 @@ def _generate_impl(params, cond, cond_mask, key, example_ids, scalars, *, cfg, p
                    mesh=None, sampler=("sort", True), gemm="xla"):
     ex_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(example_ids)
     emb, mask = _embed_rows(params, cfg, cond, cond_mask, use_cfg)
-    segs = _segments(cfg.num_image_tokens - 1, cfg.cls_token_num, num_segments if isinstance(policy, Dense) else 1)
+    segs = _segments(cfg.num_image_tokens - 1, cfg.cls_token_num, num_segments if getattr(policy, "full_cache", False) else 1)
     shard = None
     if mesh is not None:  # rows on data, heads on model (adsa_jax.sharding); no mesh, no constraints
         from .sharding import ShardedPolicy, constrain_batch, constrain_caches
@@ -289,7 +289,7 @@ def resolve_attention(policy, cfg: GPTConfig, attention: str = "auto", rows: int
     'pallas-interpret' force one. A policy without an ``attention`` field (one defined outside the
     library) keeps its own attention."""
     from . import kernels
-    from .policies import ATTENTION_IMPLS
+    from .cache import ATTENTION_IMPLS
 
     if attention not in ATTENTION_IMPLS + ("auto",):
         raise ConfigError(f"attention must be 'auto' or one of {', '.join(ATTENTION_IMPLS)}, got {attention!r}")
@@ -297,7 +297,7 @@ def resolve_attention(policy, cfg: GPTConfig, attention: str = "auto", rows: int
     d = cfg.head_dim
     dim_ok = d >= 16 and not d & (d - 1)
     if attention == "auto":
-        small = (type(policy) is Dense and rows is not None and rows * cfg.n_head < SMALL_ROW_HEADS
+        small = (isinstance(policy, Dense) and rows is not None and rows * cfg.n_head < SMALL_ROW_HEADS
                  and not (kernels.DENSE_ONE_KERNEL and kernels.one_kernel_fits(rows, cfg.n_head, policy.slots)))
         attention = "pallas" if jax.default_backend() == "gpu" and dim_ok and kernels.available() and not small else "xla"
     elif attention != "xla" and not kernels.available():

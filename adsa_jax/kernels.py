@@ -26,7 +26,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-NEG_INF = -1e30
+from .config import NEG_INF
 # Tuning defaults (measured on an H100 by benchmarks/kernel_tune.py; BENCHMARKS.md).
 BLOCK_K = 128
 NUM_WARPS = 2

@@ -20,11 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import GPTConfig
+from .config import NEG_INF, GPTConfig
 from .rope import apply_rope, rope_table
-
-NEG_INF = -1e30  # finite mask value: fully masked rows never turn into NaN
-
 
 def param_shapes(cfg: GPTConfig) -> dict:
     """The params pytree as shapes (tuples); the single source of every weight's shape."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-NEG_INF = -1e30
+from .config import NEG_INF
 
 
 def cfg_combine(cond_logits, uncond_logits, scale):

@@ -19,7 +19,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from gpu_trace import kernel_us_per_call  # noqa: E402
 
-from adsa_jax.policies import attend  # noqa: E402
+from adsa_jax.cache import attend  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp/out")
 

@@ -34,7 +34,7 @@ from adsa_jax.bench import compiled_in_order, error_row, format_rows, measure_de
 from adsa_jax.config import named_config  # noqa: E402
 from adsa_jax.generate import Model, generate, score  # noqa: E402
 from adsa_jax.model import init_params  # noqa: E402
-from adsa_jax.policies import make_policy  # noqa: E402
+from adsa_jax.cache import make_policy  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp/out")
 TAG = os.environ.get("TAG", "explore")

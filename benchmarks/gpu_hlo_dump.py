@@ -5,7 +5,7 @@ import jax, jax.numpy as jnp
 from adsa_jax.config import named_config
 from adsa_jax.generate import Model, _generate_jit, _scalars
 from adsa_jax.model import init_params
-from adsa_jax.policies import make_policy
+from adsa_jax.cache import make_policy
 
 OUT = os.environ.get("OUT", "/tmp/out")
 cfg = named_config(sys.argv[1], image_size=int(sys.argv[2]))

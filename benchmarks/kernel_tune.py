@@ -21,7 +21,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from adsa_jax.kernels import decode_attention  # noqa: E402
-from adsa_jax.policies import attend  # noqa: E402
+from adsa_jax.cache import attend  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp/out")
 

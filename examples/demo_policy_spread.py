@@ -25,7 +25,7 @@ import numpy as np
 
 from adsa_jax import demo
 from adsa_jax.generate import score
-from adsa_jax.policies import make_policy
+from adsa_jax.cache import make_policy
 
 
 def per_image_nll(logits, tokens):

@@ -12,7 +12,7 @@ import adsa_jax
 from adsa_jax import bench
 from adsa_jax.cli import main
 from adsa_jax.config import ConfigError
-from adsa_jax.policies import kv_bytes, make_policy
+from adsa_jax.cache import kv_bytes, make_policy
 
 from conftest import fixture_config
 

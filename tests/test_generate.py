@@ -77,7 +77,7 @@ def test_sampler_without_sort_gives_the_same_tokens(c2i):
     """top-p off and the k-th largest logit from the bitwise-search kernel (what a GPU runs at
     top_p = 1) sample exactly the tokens of the sorted reference filter."""
     from adsa_jax.generate import _scalars, prepare_condition
-    from adsa_jax.policies import make_policy
+    from adsa_jax.cache import make_policy
     from adsa_jax.sampling import resolve_sampler
 
     assert resolve_sampler(1.0) == ("pallas" if jax.default_backend() == "gpu" else "sort", False)

@@ -8,7 +8,7 @@ import adsa_jax
 from adsa_jax.config import ConfigError
 from adsa_jax.generate import resolve_attention
 from adsa_jax.kernels import decode_attention
-from adsa_jax.policies import attend, make_policy
+from adsa_jax.cache import attend, make_policy
 
 
 @pytest.fixture(autouse=True)

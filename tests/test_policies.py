@@ -11,7 +11,7 @@ import adsa_jax
 from adsa_jax.config import GPTConfig
 from adsa_jax.generate import Model, _generate_jit, _scalars
 from adsa_jax.model import init_params
-from adsa_jax.policies import Dense, Evict, Select, kv_bytes, make_policy
+from adsa_jax.cache import Dense, Evict, Select, kv_bytes, make_policy
 
 CFG16 = GPTConfig(dim=64, n_layer=2, n_head=2, vocab_size=64, num_classes=5, block_size=256)
 

@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover
 M = importlib.import_module("adsa_jax.model")
 G = importlib.import_module("adsa_jax.generate")  # `adsa_jax.generate` the attribute is the function
 from adsa_jax.config import GPTConfig
-from adsa_jax.policies import make_policy
+from adsa_jax.cache import make_policy
 
 FIX = Path(__file__).resolve().parent / "data"  # the PyTorch LlamaGen fixtures (tests/data/README.md)
 TOL = 1e-4
