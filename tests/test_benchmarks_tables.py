@@ -1,0 +1,79 @@
+"""BENCHMARKS.md is what benchmarks/make_tables.py writes from benchmarks/results.json (no JAX)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("make_tables", ROOT / "benchmarks" / "make_tables.py")
+mt = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(mt)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return mt.load_rows(ROOT / "benchmarks" / "results.json")
+
+
+def test_results_rows_have_the_schema(rows):
+    assert rows, "results.json holds no rows"
+    for row in rows:
+        assert set(mt.REQUIRED) <= set(row) <= set(mt.REQUIRED) | set(mt.OPTIONAL)
+        assert row["framework"] in ("adsa_jax", "torch-eager", "torch-compile")
+    # the file is written one row per line, as --add writes it
+    assert (ROOT / "benchmarks" / "results.json").read_text() == mt.dump_rows(rows)
+
+
+def test_benchmarks_md_is_generated_from_results(rows):
+    doc = (ROOT / "BENCHMARKS.md").read_text()
+    assert doc == mt.render(doc, rows), "BENCHMARKS.md is stale: run python benchmarks/make_tables.py"
+    assert {m.group(2) for m in mt.BLOCK.finditer(doc)} == set(mt.TABLES)  # every table is shown
+    assert len(doc.splitlines()) <= 200
+
+
+def _row(**kw):
+    r = {"device": mt.H200, "date": "2026-12-02", "framework": "adsa_jax", "model": "GPT-XL", "image_size": 384,
+         "batch": 256, "policy": "dense", "budget": None, "granularity": None, "img_per_s": 50.0,
+         "s_per_image": 0.02, "peak_gib": 50.0, "memory_cap_gib": None}
+    r.update(kw)
+    return r
+
+
+def test_no_ratio_across_days():
+    dense = _row()
+    same = _row(policy="adsa-evict", budget=0.5, granularity="head", peak_gib=25.0)
+    other = _row(policy="window", budget=0.5, peak_gib=25.0, date="2026-12-01")
+    lines = mt.t_memory([dense, same, other])
+    xl384 = next(line for line in lines if line.startswith("| GPT-XL | 384 |"))
+    assert "25.00 (0.50x)" in xl384  # adsa-evict: the same day as dense
+    assert "25.00* |" in xl384 and "25.00* (" not in xl384  # window: another day, so no ratio, and a date mark
+    assert "* measured 2026-12-01" in lines[-1]
+    targets = "\n".join(mt.t_targets([dense, same, _row(batch=64), _row(batch=64, policy="adsa-evict", budget=0.5,
+                                                                           granularity="head", date="2026-12-01")]))
+    assert "batch 64: measured on different days" in targets
+
+
+def test_bad_rows_are_named():
+    with pytest.raises(mt.TableError, match="row 0: missing keys \\['peak_gib'\\]"):
+        mt.check_rows([{k: v for k, v in _row().items() if k != "peak_gib"}])
+    with pytest.raises(mt.TableError, match="framework 'jax'"):
+        mt.check_rows([_row(framework="jax")])
+    with pytest.raises(mt.TableError, match="inverse"):
+        mt.check_rows([_row(s_per_image=1.0)])
+    with pytest.raises(mt.TableError, match="rows 0 and 1 measure the same configuration"):
+        mt.check_rows([_row(), _row(date="2026-12-01")])
+
+
+def test_add_bench_rows_replaces_the_same_configuration():
+    bench = {"device": {"device": mt.H200}, "jax": "0.11.2", "rows": [
+        {"name": "GPT-XL", "image_size": 384, "batch": 256, "policy": "dense", "budget": None, "dtype": "bfloat16",
+         "cfg": True, "s_per_call": 4.0, "peak_bytes_compiled": 40 * 2**30, "floor_s": 3.0},
+        {"name": "GPT-XL", "image_size": 384, "batch": 256, "policy": "window", "budget": 0.5, "error": "OOM"}]}
+    new = mt.rows_from_bench(bench, date="2026-12-05")
+    assert len(new) == 1 and new[0]["img_per_s"] == 64.0 and new[0]["peak_gib"] == 40.0
+    merged = mt.merge([_row(), _row(batch=64)], new)
+    assert [(r["batch"], r["date"]) for r in merged] == [(64, "2026-12-02"), (256, "2026-12-05")]
+    json.loads(mt.dump_rows(merged))
+    with pytest.raises(mt.TableError, match="--device"):
+        mt.rows_from_bench({"device": None, "rows": []})
