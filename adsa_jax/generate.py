@@ -36,6 +36,11 @@ class Model:
 jax.tree_util.register_dataclass(Model, data_fields=["params"], meta_fields=["config"])
 
 
+def as_model(model) -> Model:
+    """``model``, or the :class:`Model` of an object with ``to_model()`` (an ``adsa_jax.nn.GPT``)."""
+    return model.to_model() if hasattr(model, "to_model") else model
+
+
 # ----------------------------------------------------------------------------- conditions
 
 
@@ -354,6 +359,7 @@ def generate(model: Model, cond, key, *, cond_mask=None, cfg_scale: float = 4.0,
     the data axis does not divide is padded and trimmed (the trimmed result is replicated).
     Returns int32 tokens (B, N); on a mesh sharded ``P('data')`` (``sharding.tokens_sharding``).
     """
+    model = as_model(model)
     cfg = model.config
     check_sampling_args(temperature, top_k, top_p, cfg_scale)
     cond, mask = prepare_condition(cfg, cond, cond_mask)
@@ -400,6 +406,7 @@ def forward(model: Model, cond, tokens, *, cond_mask=None):
     """Teacher-forced next-token logits (B, N, V) float32 from one full causal pass (dense).
 
     tokens (B, N) or (B, N-1): row j of the result predicts image token j."""
+    model = as_model(model)
     cfg = model.config
     cond, mask = prepare_condition(cfg, cond, cond_mask)
     _check_tokens(cfg, tokens, cond.shape[0])
@@ -415,6 +422,7 @@ def score(model: Model, cond, tokens, *, cond_mask=None, policy=None, cfg_scale:
     With cfg_scale > 1 the logits are the guided ones LlamaGen samples from; ``raw_rows=True``
     returns every batch row's own logits instead, (2B, N, V) with rows [cond_0, uncond_0, ...].
     key seeds the ``random`` policy (default key 0). attention: as in :func:`generate`."""
+    model = as_model(model)
     cfg = model.config
     cond, mask = prepare_condition(cfg, cond, cond_mask)
     _check_tokens(cfg, tokens, cond.shape[0])
