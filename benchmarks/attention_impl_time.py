@@ -1,12 +1,11 @@
-"""Decode attention alone, kernel time per call (GPU): our Pallas kernel, the XLA reference and
-cuDNN's fused attention (``jax.nn.dot_product_attention(implementation='cudnn')``).
+"""Time decode attention alone, Pallas against XLA and cuDNN (GPU): `python3 benchmarks/attention_impl_time.py`.
 
-    python3 benchmarks/attention_impl_time.py     (writes $OUT/attention_impl_time.json)
-
-One query per (row, head) over a cache of S slots of which the first n are filled (GPT-XL: 20
-heads of 64). Pallas and XLA read the cache in our (B, H, S, D) layout; cuDNN wants
-(B, S, H, D), measured in that layout (what adopting it would need), with
-``key_value_seq_lengths = n``. Kernel time (all GPU kernels of the call) from a profiler trace.
+Writes $OUT/attention_impl_time.json: kernel time per call of our Pallas kernel, the XLA reference
+and cuDNN's fused attention (``jax.nn.dot_product_attention(implementation='cudnn')``). One query
+per (row, head) over a cache of S slots of which the first n are filled (GPT-XL: 20 heads of 64).
+Pallas and XLA read the cache in our (B, H, S, D) layout; cuDNN wants (B, S, H, D), measured in that
+layout (what adopting it would need), with ``key_value_seq_lengths = n``. Kernel time (all GPU
+kernels of the call) from a profiler trace.
 """
 import json
 import os

@@ -1,11 +1,10 @@
-"""Time GPT-XL's four weight GEMMs of a decode step alone, at the rows of batch 1, 64 and 256 (GPU).
+"""Time GPT-XL's four decode weight GEMMs alone (GPU): `XLA_FLAGS=... python3 benchmarks/gemm_time.py TAG`.
 
-    XLA_FLAGS=... python3 benchmarks/gemm_time.py TAG     (writes $OUT/gemm_TAG.json)
-
-Why: the weight GEMMs are half of a dense decode step at batch 64 (BENCHMARKS.md), so the XLA
-flags that pick their kernels (Triton tiling search, cuBLAS) are compared here, one process per
-flag set. Device time per GEMM comes from a profiler trace (kernel durations only, no launch
-gaps), over enough distinct weight copies (> 150 MB) that L2 never holds them, as in a real step.
+Writes $OUT/gemm_TAG.json, at the rows of batch 1, 64 and 256 with CFG (env GEMM_ROWS=2,128,512).
+Why: the weight GEMMs are about half of a dense decode step at batch 64 (profiles), so the XLA flags
+that pick their kernels (Triton tiling search, cuBLAS) are compared here, one process per flag set.
+Device time per GEMM comes from a profiler trace (kernel durations only, no launch gaps), over
+enough distinct weight copies (> 150 MB) that L2 never holds them, as in a real step.
 """
 import json
 import os

@@ -1,4 +1,4 @@
-"""GPU kernel times from a profiler trace: the one parser the benchmark scripts share."""
+"""GPU kernel times from a profiler trace: imported by the timing scripts here, not run on its own."""
 import collections
 import glob
 import gzip

@@ -1,10 +1,8 @@
-"""The sampler's filter alone, kernel time per call (GPU): top-k 2000 over 16384 logits by XLA's
-sort (what runs with top-p on) against the k-th largest from ``kernels.kth_largest`` (top-p off),
-over its warps.
+"""Time the sampler's top-k filter alone, sort against kth_largest (GPU): `python3 benchmarks/topk_time.py`.
 
-    python3 benchmarks/topk_time.py     (writes $OUT/topk_time.json)
-
-Also checks that both give the same filtered logits on these inputs.
+Writes $OUT/topk_time.json: kernel time per call of top-k 2000 over 16384 logits by XLA's sort (what
+runs with top-p on) against the k-th largest from ``kernels.kth_largest`` (top-p off), over its
+warps, at 1, 64 and 256 rows. Also checks that both give the same filtered logits on these inputs.
 """
 import functools
 import json
