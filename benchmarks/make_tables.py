@@ -119,6 +119,9 @@ def rows_from_bench(bench: dict, date: str | None = None, device: str | None = N
         if r.get("dtype", "bfloat16") != "bfloat16" or not r.get("cfg", True):
             raise TableError(f"bench row {r.get('name')} {r.get('policy')} batch {r.get('batch')}: the tables are "
                              "bf16 with CFG; rerun the bench with --dtype bfloat16 and --cfg-scale 4")
+        if not r.get("image_size"):
+            raise TableError(f"bench row {r.get('name')}: no image size (a JSON config without one); the tables "
+                             "hold named sizes, e.g. --model GPT-XL --image-size 384")
         s, b = float(r["s_per_call"]), int(r["batch"])
         row = {"device": dev, "date": date, "framework": "adsa_jax", "model": r["name"],
                "image_size": int(r["image_size"]), "batch": b, "policy": r["policy"],
