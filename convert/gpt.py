@@ -6,10 +6,10 @@ import re
 import ml_dtypes
 import numpy as np
 
-from adsa_jax.config import GPTConfig
+from adsa_jax.config import NAMED_SIZES, ConfigError, GPTConfig, config_from_arg, is_config_file
 from adsa_jax.model import param_shapes
 
-from .torch_pickle import CheckpointError, check_keys, extract_state_dict, load_pt
+from .torch_pickle import CheckpointError, check_finite, check_keys, extract_state_dict, load_pt
 
 _DTYPES = {"float32": np.float32, "fp32": np.float32, "float16": np.float16, "fp16": np.float16,
            "bfloat16": ml_dtypes.bfloat16, "bf16": ml_dtypes.bfloat16}
@@ -73,6 +73,7 @@ def convert_state_dict(sd: dict, cfg: GPTConfig, dtype=None, path="checkpoint") 
 
     def get(name):
         x = sd[name].numpy()
+        check_finite(name, x, path)
         # fp16/bf16 -> another dtype goes through float32 (exact for widening).
         return x if x.dtype == np_dtype else x.astype(np.float32).astype(np_dtype)
 
@@ -107,10 +108,42 @@ def convert_state_dict(sd: dict, cfg: GPTConfig, dtype=None, path="checkpoint") 
     return params
 
 
-def convert_gpt(src, cfg: GPTConfig, out, *, image_size=None, dtype=None, prefer_ema=False, overwrite=False):
-    """Read ``src`` (.pt), check it against ``cfg``, write an adsa_jax directory to ``out``."""
-    from adsa_jax.checkpoint import save_gpt
+def resolve_config(model: str, *, image_size: int | None, model_type: str | None = None) -> GPTConfig:
+    """``convert gpt``'s ``--model`` / ``--image-size`` / ``--type``: a named size (its name is
+    checked first, then the image size) or a JSON file of LlamaGen ``ModelArgs`` fields.
+    model_type None: the JSON file's own, else 'c2i'; a ``--type`` that contradicts the file is
+    an error (it used to be ignored)."""
+    if model_type not in (None, "c2i", "t2i"):
+        raise ConfigError(f"--type must be c2i or t2i, got {model_type!r}")
+    if is_config_file(model):
+        import json
+        from pathlib import Path
 
+        p = Path(model)
+        if p.is_file():
+            try:
+                declared = json.loads(p.read_text()).get("model_type")
+            except (ValueError, AttributeError, OSError):
+                declared = None  # config_from_arg names the file and the JSON error
+            if model_type is not None and declared is not None and declared != model_type:
+                raise ConfigError(f"--type {model_type} contradicts {p}, which says model_type {declared!r}; "
+                                  "leave --type out or fix the file")
+        return config_from_arg(model, image_size=image_size, model_type=model_type or "c2i")
+    key = "GPT-" + (model[4:] if model.upper().startswith("GPT-") else model).upper()
+    if key not in NAMED_SIZES:
+        raise ConfigError(f"unknown model {model!r}; choose one of {', '.join(NAMED_SIZES)} or a JSON file of "
+                          "LlamaGen ModelArgs fields")
+    return config_from_arg(model, image_size=image_size, model_type=model_type or "c2i")
+
+
+def convert_gpt(src, cfg: GPTConfig, out, *, image_size=None, dtype=None, prefer_ema=False, overwrite=False):
+    """Read ``src`` (.pt), check it against ``cfg``, write an adsa_jax directory to ``out``.
+
+    ``out`` is checked first (before the .pt is read): it must be new or empty, or, with
+    ``overwrite``, a directory adsa_jax wrote (see :func:`adsa_jax.checkpoint.check_output_dir`)."""
+    from adsa_jax.checkpoint import check_output_dir, save_gpt
+
+    check_output_dir(out, overwrite=overwrite, source=src)
     obj = load_pt(src)
     sd = extract_state_dict(obj, src, prefer_ema=prefer_ema)
     params = convert_state_dict(sd, cfg, dtype, path=src)

@@ -18,7 +18,7 @@ import numpy as np
 from adsa_jax.config import ConfigError
 from adsa_jax.vq import VQ16, VQConfig, config_from_json, preset, vq_param_shapes
 
-from .torch_pickle import CheckpointError, check_keys, extract_state_dict, load_pt
+from .torch_pickle import CheckpointError, check_finite, check_keys, extract_state_dict, load_pt
 
 _DTYPES = {"float32": np.float32, "fp32": np.float32, "float16": np.float16, "fp16": np.float16,
            "bfloat16": ml_dtypes.bfloat16, "bf16": ml_dtypes.bfloat16}
@@ -121,6 +121,7 @@ def convert_state_dict(sd: dict, cfg: VQConfig, dtype=None, path="checkpoint") -
 
     def leaf(p, shape):
         x = sd[_torch_name(p)].numpy()
+        check_finite(_torch_name(p), x, path)
         if getattr(p[-1], "key", None) == "kernel":
             x = np.ascontiguousarray(x.transpose(2, 3, 1, 0))  # OIHW -> HWIO
         # fp16/bf16 -> another dtype goes through float32 (exact for widening).
@@ -172,9 +173,11 @@ def vq_arg_config(ch=None, ch_mult=None, z_channels=None, codebook_size=None, co
 def convert_vq(src, out, *, cfg=None, dtype=None, prefer_ema=False, overwrite=False) -> dict:
     """Read a LlamaGen VQ ``.pt`` (``{"model": sd}`` or bare), check it against cfg (default
     VQ-16), write an adsa_jax VQ directory to ``out``. dtype None keeps the stored dtype."""
+    from adsa_jax.checkpoint import check_output_dir
     from adsa_jax.vq import save_vq
 
     cfg = resolve_config(cfg)
+    check_output_dir(out, overwrite=overwrite, source=src)
     obj = load_pt(src)
     sd = extract_state_dict(obj, src, prefer_ema=prefer_ema)
     params = convert_state_dict(sd, cfg, dtype, path=src)
