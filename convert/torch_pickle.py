@@ -334,9 +334,7 @@ class _Machine:
         return b
 
     def push(self, x):
-        if len(self.stack) + len(self.marks) >= self.limits.stack:
-            self.fail(f"the pickle stack exceeds {self.limits.stack} entries")
-        self.stack.append(x)
+        self.stack.append(x)  # the stack's size is checked in run()
 
     def pop(self):
         if not self.stack:
@@ -422,20 +420,26 @@ class _Machine:
 
     # -- the interpreter -------------------------------------------------------------------
     def run(self):
-        ops = _OPS
-        for _ in range(self.limits.opcodes):
-            if self.pos >= len(self.data):
-                self.fail("the pickle ends without STOP")
-            code = self.data[self.pos]
-            self.pos += 1
-            op = ops.get(code)
-            if op is None:
-                self.fail(f"unsupported pickle opcode {bytes([code])!r}")
-            if op is _stop:
-                if len(self.stack) != 1 or self.marks:
-                    self.fail("the pickle stops with a malformed stack")
-                return self.stack[0]
-            op(self)
+        ops, data, limit = _OPS, self.data, self.limits.stack
+        try:
+            for count in range(self.limits.opcodes):
+                if self.pos >= len(data):
+                    self.fail("the pickle ends without STOP")
+                code = data[self.pos]
+                self.pos += 1
+                op = ops.get(code)
+                if op is None:
+                    self.fail(f"unsupported pickle opcode {bytes([code])!r}")
+                if op is _stop:
+                    if len(self.stack) != 1 or self.marks:
+                        self.fail("the pickle stops with a malformed stack")
+                    return self.stack[0]
+                op(self)
+                # an opcode adds at most one entry: checking every 256th keeps the bound
+                if not count & 255 and len(self.stack) + len(self.marks) > limit:
+                    self.fail(f"the pickle stack exceeds {limit} entries")
+        except (IndexError, struct.error):  # an argument read past the end of the pickle
+            self.fail("the pickle ends early")
         self.fail(f"more than {self.limits.opcodes} pickle opcodes")
 
 
@@ -710,29 +714,67 @@ def _op_dup(m):
 
 
 def _op_mark(m):
-    if len(m.stack) + len(m.marks) >= m.limits.stack:
-        m.fail(f"the pickle stack exceeds {m.limits.stack} entries")
     m.marks.append(m.stack)
     m.stack = []
+
+
+def _arg(m, n: int) -> bytes:
+    """The next n bytes (IndexError past the end: run() reports it)."""
+    p = m.pos
+    b = m.data[p:p + n]
+    if len(b) != n:
+        raise IndexError
+    m.pos = p + n
+    return b
+
+
+def _op_binint1(m):
+    m.stack.append(m.data[m.pos])
+    m.pos += 1
+
+
+def _op_binint2(m):
+    m.stack.append(int.from_bytes(_arg(m, 2), "little"))
+
+
+def _op_binint(m):
+    m.stack.append(int.from_bytes(_arg(m, 4), "little", signed=True))
+
+
+def _op_binput(m):
+    idx = m.data[m.pos]
+    m.pos += 1
+    _memo_put(m, idx)
+
+
+def _op_binget(m):
+    idx = m.data[m.pos]
+    m.pos += 1
+    _memo_get(m, idx)
+
+
+def _op_binunicode(m):
+    n = int.from_bytes(_arg(m, 4), "little")
+    m.stack.append(_text(m, _arg(m, n)))
 
 
 _OPS = {
     ord("."): _stop, 0x80: _proto, 0x95: _frame, ord("("): _op_mark, ord("0"): _op_pop, ord("1"): _op_pop_mark,
     ord("2"): _op_dup, ord("N"): lambda m: m.push(None), 0x88: lambda m: m.push(True), 0x89: lambda m: m.push(False),
-    ord("I"): _op_int, ord("L"): _op_long, ord("J"): lambda m: m.push(_i4(m)), ord("K"): lambda m: m.push(_u1(m)),
-    ord("M"): lambda m: m.push(_u2(m)), 0x8A: lambda m: _long_n(m, _u1(m)), 0x8B: lambda m: _long_n(m, _i4(m)),
+    ord("I"): _op_int, ord("L"): _op_long, ord("J"): _op_binint, ord("K"): _op_binint1,
+    ord("M"): _op_binint2, 0x8A: lambda m: _long_n(m, _u1(m)), 0x8B: lambda m: _long_n(m, _i4(m)),
     ord("F"): _op_float, ord("G"): lambda m: m.push(struct.unpack(">d", m.read(8))[0]),
     ord("S"): _string_text, ord("V"): lambda m: m.push(_text(m, m.readline(), "raw_unicode_escape")),
     ord("T"): _sized(_i4, lambda m, b: _text(m, b, "latin-1")), ord("U"): _sized(_u1, lambda m, b: _text(m, b, "latin-1")),
-    ord("X"): _sized(_u4, _text), 0x8C: _sized(_u1, _text), 0x8D: _sized(_u8, _text),
+    ord("X"): _op_binunicode, 0x8C: _sized(_u1, _text), 0x8D: _sized(_u8, _text),
     ord("B"): _sized(_u4, lambda m, b: bytes(b)), ord("C"): _sized(_u1, lambda m, b: bytes(b)),
     0x8E: _sized(_u8, lambda m, b: bytes(b)), 0x96: _sized(_u8, lambda m, b: bytes(b)),
     ord("}"): lambda m: m.push({}), ord("]"): lambda m: m.push([]), ord(")"): lambda m: m.push(()),
     0x8F: lambda m: m.push(set()), ord("t"): _op_tuple, 0x85: _tuple_n(1), 0x86: _tuple_n(2), 0x87: _tuple_n(3),
     ord("l"): _op_list, ord("d"): _op_dict, 0x91: _op_frozenset, ord("a"): _op_append, ord("e"): _op_appends,
     ord("s"): _op_setitem, ord("u"): _op_setitems, 0x90: _op_additems,
-    ord("p"): _op_put, ord("q"): lambda m: _memo_put(m, _u1(m)), ord("r"): lambda m: _memo_put(m, _u4(m)),
-    0x94: _op_memoize, ord("g"): _op_get, ord("h"): lambda m: _memo_get(m, _u1(m)),
+    ord("p"): _op_put, ord("q"): _op_binput, ord("r"): lambda m: _memo_put(m, _u4(m)),
+    0x94: _op_memoize, ord("g"): _op_get, ord("h"): _op_binget,
     ord("j"): lambda m: _memo_get(m, _u4(m)), ord("c"): _op_global, 0x93: _op_stack_global, ord("R"): _op_reduce,
     ord("b"): _op_build, 0x81: _op_newobj, 0x92: _op_newobj_ex, ord("i"): _op_inst, ord("o"): _op_obj,
     ord("P"): _op_persid, ord("Q"): _op_binpersid,
