@@ -9,8 +9,16 @@ Layout, next to the output ``OUT.npz``::
 
 - The run is a fixed list of batches ``[k * batch_size, (k + 1) * batch_size)``. Each finished
   batch is written to a temporary file and renamed, so a part that exists is complete. On
-  restart the batches whose parts exist are skipped: what is written stays written.
-- Image i always uses the key ``fold_in(key(seed), i)``, so its pixels do not depend on the
+  restart the batches whose parts exist and check out are skipped: what is written stays
+  written. A process killed at any point (``kill -9``) resumes to the same output.
+- ``run.json`` records everything that decides the pixels: the key, the settings, a
+  fingerprint of the GPT's and the tokenizer's weights, the dtype, the platform, device count
+  and mesh, and the jax version. A resume that differs in any of them is refused, naming it,
+  so one output never mixes two runs.
+- Every part carries the run's id and a SHA-256 of its arrays; its image ids must be exactly
+  its batch's. On resume a part that fails (corrupt, foreign, wrong ids) is named and sampled
+  again; the merge refuses it, naming the file.
+- Image i always uses the key ``fold_in(key(seed), i)``, so its key does not depend on the
   batch size, the device count, the host count or where the run was resumed.
 - When every batch is done the parts are merged into ``OUT.npz`` (``arr_0``: uint8 images
   (N, H, W, 3) with a tokenizer, else int32 tokens (N, h*w); ``arr_1``: int64 labels for c2i).
@@ -66,15 +74,68 @@ def digest(x) -> str:
 
 from .images import atomic_savez as _atomic_savez  # noqa: E402  (one atomic writer)
 
+_PART_ARRAYS = ("ids", "tokens", "labels", "images")
 
-def _part_ok(path: Path) -> bool:
-    if not path.is_file():
-        return False
+
+def run_id(settings: dict) -> str:
+    """The id every part of a run carries: a hash of its ``run.json`` settings."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def part_checksum(arrays: dict) -> str:
+    """SHA-256 of a part's arrays (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256()
+    for name in _PART_ARRAYS:
+        if name in arrays:
+            a = np.ascontiguousarray(arrays[name])
+            h.update(f"{name}|{a.dtype.str}|{a.shape}\n".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def write_part(path: Path, run: str, **arrays):
+    """A part file: its arrays, the run's id and their checksum (written atomically)."""
+    _atomic_savez(path, run=np.asarray(run), checksum=np.asarray(part_checksum(arrays)), **arrays)
+
+
+def _batch_of(path: Path):
+    """part-00012.npz / part-00012.p003.npz -> 12, or None for another name."""
+    stem = path.name[len("part-"):-len(".npz")] if path.name.startswith("part-") and path.name.endswith(".npz") else ""
+    head = stem.split(".")[0]
+    return int(head) if head.isdigit() else None
+
+
+def check_part(path: Path, settings: dict, batch: int | None = None) -> str | None:
+    """Why ``path`` is not a good part of the run ``settings`` (None when it is): unreadable,
+    another run's, its checksum wrong, or image ids other than its batch's."""
+    batch = _batch_of(path) if batch is None else batch
+    if batch is None:
+        return "its name is not part-NNNNN[.pNNN].npz"
+    n, bs = int(settings["num_samples"]), int(settings["batch_size"])
+    s, e = batch * bs, min(n, (batch + 1) * bs)
     try:
-        with np.load(path) as z:
-            return "ids" in z and "tokens" in z
-    except Exception:  # unreadable (a disk error, not an interrupted write: those never get the name)
-        return False
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: np.asarray(z[k]) for k in z.files}
+    except Exception as ex:  # noqa: BLE001 (a damaged npz raises many types)
+        return f"it cannot be read ({type(ex).__name__}: {str(ex).splitlines()[0][:120] if str(ex) else ''})"
+    for key in ("run", "checksum", "ids", "tokens"):
+        if key not in arrays:
+            return f"it has no '{key}' entry (not a part of this version's runs)"
+    if str(arrays["run"]) != run_id(settings):
+        return "it belongs to another run (its run id differs from run.json's)"
+    if str(arrays["checksum"]) != part_checksum(arrays):
+        return "its checksum does not match its arrays (the file is corrupt)"
+    ids = arrays["ids"]
+    if s >= e or ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        return f"batch {batch} is not in this run, or its ids are malformed"
+    if len(np.unique(ids)) != len(ids) or (len(ids) and (ids.min() < s or ids.max() >= e)):
+        return f"its image ids are not those of batch {batch} ({s}..{e - 1})"
+    if int(settings.get("processes", 1)) == 1 and not np.array_equal(ids, np.arange(s, e)):
+        return f"its image ids are not those of batch {batch} ({s}..{e - 1})"
+    if arrays["tokens"].shape[:1] != ids.shape or (settings.get("images") and (
+            "images" not in arrays or arrays["images"].shape[:1] != ids.shape)):
+        return "its arrays do not match its ids"
+    return None
 
 
 def check_manifest(work: Path, settings: dict):
@@ -82,9 +143,9 @@ def check_manifest(work: Path, settings: dict):
     f = work / MANIFEST
     settings = json.loads(json.dumps(settings))  # normalise (tuples -> lists)
     if f.is_file():
-        old = json.loads(f.read_text())
-        diff = [f"{k}: {old.get(k)!r} (before) != {settings.get(k)!r} (now)" for k in sorted(set(old) | set(settings))
-                if old.get(k) != settings.get(k)]
+        old = read_manifest(work)
+        diff = [f"{k}: {_short(old.get(k))} (before) != {_short(settings.get(k))} (now)"
+                for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
         if diff:
             raise ConfigError(f"{work} holds parts of a run with other settings ({'; '.join(diff[:4])}); "
                               "rerun with the same settings to resume, or delete that directory / choose another output")
@@ -92,6 +153,48 @@ def check_manifest(work: Path, settings: dict):
     tmp = f.with_name(f.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(settings, indent=1))
     os.replace(tmp, f)
+
+
+def _short(x) -> str:
+    text = json.dumps(x, sort_keys=True)
+    return text if len(text) <= 160 else text[:150] + "...}"
+
+
+def read_manifest(work: Path) -> dict:
+    f = Path(work) / MANIFEST
+    if not f.is_file():
+        raise ConfigError(f"{work} is not a sampling work directory (no {MANIFEST})")
+    try:
+        settings = json.loads(f.read_text())
+        int(settings["num_samples"]), int(settings["batch_size"])
+        return settings
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"cannot read {f} ({type(e).__name__}: {e}); delete {work} and start the run again") from None
+
+
+def run_settings(model, key, *, vq=None, mesh=None, gen_kw=None) -> dict:
+    """What decides the pixels besides the conditions and the batching: the key, the generate
+    arguments, fingerprints of the weights, the dtype, the platform, device count and mesh (bf16
+    reductions may change with them), the jax version."""
+    import jax
+
+    from .checkpoint import fingerprint
+
+    def plain(v):
+        return v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)
+
+    dev = jax.devices()[0]
+    return {
+        "key": np.asarray(jax.random.key_data(key)).tolist() if jax.dtypes.issubdtype(
+            getattr(key, "dtype", None), jax.dtypes.prng_key) else np.asarray(key).tolist(),
+        "generate": {k: plain(v) for k, v in sorted((gen_kw or {}).items())},
+        "weights": {"gpt": fingerprint(model.params), "vq": None if vq is None else fingerprint(vq.params)},
+        "model_dtype": str(getattr(model, "dtype", None)),
+        "devices": {"platform": jax.default_backend(), "kind": dev.device_kind, "count": jax.device_count(),
+                    "processes": jax.process_count(), "mesh": None if mesh is None else
+                    {str(k): int(v) for k, v in dict(mesh.shape).items()}},
+        "jax": jax.__version__,
+    }
 
 
 def _fmt_time(s):
@@ -195,10 +298,25 @@ def sample_to_npz(model, cond, key, out, *, batch_size: int, cond_mask=None, lab
         raise ConfigError(f"cannot create the work directory {work}: {e.strerror or e}") from None
     settings = dict(settings or {})
     settings.update(num_samples=n, batch_size=bs, cond=digest(cond), images=vq is not None,
-                    vq_batch=int(vq_batch) if vq is not None else None)
+                    vq_batch=int(vq_batch) if vq is not None else None, processes=pc,
+                    cond_mask=None if cond_mask is None else digest(cond_mask),
+                    labels=None if labels is None else digest(labels))
+    settings.update(run_settings(model, key, vq=vq, mesh=mesh, gen_kw=gen_kw))
+    settings = json.loads(json.dumps(settings))  # as run.json holds it
     check_manifest(work, settings)
+    run = run_id(settings)
+    if pc == 1:  # leftovers of a process killed while writing (never a finished part's name)
+        for stale in work.glob("*.tmp*"):
+            stale.unlink(missing_ok=True)
 
-    done = np.array([_part_ok(part_path(work, k, pi, pc)) for k in range(nb)])
+    done = np.zeros(nb, bool)
+    for k in range(nb):
+        p = part_path(work, k, pi, pc)
+        if p.is_file():
+            why = check_part(p, settings, k)
+            done[k] = why is None
+            if why is not None:
+                log(f"{p}: {why}; sampling that batch again")
     if pc > 1:  # every host runs every batch (one SPMD program): skip only what all hosts have
         from jax.experimental import multihost_utils
         done = np.asarray(multihost_utils.process_allgather(done)).reshape(pc, nb).all(axis=0)
@@ -235,13 +353,15 @@ def sample_to_npz(model, cond, key, out, *, batch_size: int, cond_mask=None, lab
             data["labels"] = labels[ids].astype(np.int64)
         if decoder is not None and len(ids):
             data["images"] = decoder(data["tokens"])
-        _atomic_savez(part_path(work, k, pi, pc), **data)
+        write_part(part_path(work, k, pi, pc), run, **data)
         prog.update(e - s, f"batch {k + 1}/{nb}")
     if pc > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("adsa_jax: all parts written")
     if not merge_when_done or pi != 0:
         return None
+    if pc == 1:
+        return merge(out, log=log)  # every part was checked or written above: a failure here is an error
     try:
         return merge(out, log=log)
     except MissingParts as e:
@@ -258,25 +378,26 @@ def merge(out, work=None, *, log=_log):
     """Merge ``OUT.parts/part-*.npz`` (all hosts) into ``out``; returns its path.
 
     ``arr_0`` = images if the run had a tokenizer, else tokens; ``arr_1`` = labels (c2i).
+    Every part is checked first (:func:`check_part`): a bad one is refused, naming the file.
     Every image index 0..N-1 must be present (duplicates from re-run batches are identical
-    and dropped)."""
+    and dropped); otherwise :class:`MissingParts` (a ConfigError: a non-zero exit)."""
     from .images import save_npz
 
     out = Path(out)
     work = parts_dir(out) if work is None else Path(work)
-    f = work / MANIFEST
-    if not f.is_file():
-        raise ConfigError(f"{work} is not a sampling work directory (no {MANIFEST})")
-    settings = json.loads(f.read_text())
+    settings = read_manifest(work)
     n = int(settings["num_samples"])
     files = sorted(work.glob("part-*.npz"))
     index = []
     for p in files:
+        why = check_part(p, settings)
+        if why is not None:
+            raise ConfigError(f"{p}: {why}; delete it and rerun the sample command, which samples that batch again")
         with np.load(p) as z:
             index.append((p, np.asarray(z["ids"])))
     have = np.zeros(n, bool)
     for _, ids in index:
-        have[ids[(ids >= 0) & (ids < n)]] = True
+        have[ids] = True
     if not have.all():
         miss = np.nonzero(~have)[0]
         raise MissingParts(f"{work}: {len(miss)} of {n} images are missing (first: {miss[:5].tolist()}); "
@@ -318,12 +439,15 @@ def _collect(index, n, key):
 def read_parts(out, key="tokens"):
     """(N, ...) array of one entry ('tokens', 'images') of a finished run's parts, by image index."""
     work = parts_dir(out)
-    n = int(json.loads((work / MANIFEST).read_text())["num_samples"])
+    settings = read_manifest(work)
     index = []
     for p in sorted(work.glob("part-*.npz")):
+        why = check_part(p, settings)
+        if why is not None:
+            raise ConfigError(f"{p}: {why}")
         with np.load(p) as z:
             index.append((p, np.asarray(z["ids"])))
-    return _collect(index, n, key)[0]
+    return _collect(index, int(settings["num_samples"]), key)[0]
 
 
 def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
