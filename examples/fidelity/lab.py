@@ -1,0 +1,113 @@
+"""The fidelity lab: does ADSA's choice of tokens beat dropping them at random? One command per stage.
+
+    python examples/fidelity/lab.py fetch    [--data-dir D]   # npm pack the pinned emoji tarballs (hash-checked)
+    python examples/fidelity/lab.py tokenize [--data-dir D]   # 48x48 RGB -> 24x24 k-means codes, split, diagnostic set
+    python examples/fidelity/lab.py train    [--data-dir D] [--run R] [--time-limit S]   # 3 seeds on one GPU, resumable
+    python examples/fidelity/lab.py evaluate [--data-dir D] [--run R]   # every policy x budget x seed -> R/eval.json
+    python examples/fidelity/lab.py report   [--run R]        # results/summary.json, the README table, plots
+    python examples/fidelity/lab.py smoke    [--work W]       # the whole pipeline on tiny synthetic data, CPU
+
+D defaults to $ADSA_LAB_DATA or ~/.cache/adsa_jax/fidelity (outside the repo: images are never committed);
+R to D/run. Every stage resumes: finished outputs are reused, training restarts from its last checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # the lab's own modules (data, train, evaluate, report) sit beside this file
+
+import data as lab_data  # noqa: E402
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("ADSA_LAB_DATA", Path.home() / ".cache" / "adsa_jax" / "fidelity"))
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n", 1)[1])
+    sub = p.add_subparsers(dest="stage", required=True)
+
+    def common(q):
+        q.add_argument("--data-dir", type=Path, default=default_data_dir(),
+                       help="tarballs and tokens (default: $ADSA_LAB_DATA or %(default)s)")
+        q.add_argument("--run", type=Path, default=None, help="training run directory (default: DATA_DIR/run)")
+
+    common(sub.add_parser("fetch", help="npm pack the pinned tarballs into --data-dir"))
+    q = sub.add_parser("tokenize", help="images -> 24x24 tokens, split, diagnostic set")
+    common(q)
+    q.add_argument("--codes", type=int, default=1024, help="k-means codebook size (default %(default)s)")
+    q.add_argument("--iters", type=int, default=20, help="k-means iterations (default %(default)s)")
+    q = sub.add_parser("train", help="train the seeds (resumes from the last checkpoint)")
+    common(q)
+    q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="model seeds (default %(default)s)")
+    q.add_argument("--batch", type=int, default=64, help="sequences per step and seed (default %(default)s)")
+    q.add_argument("--lr", type=float, default=6e-4, help="peak learning rate (default %(default)s)")
+    q.add_argument("--warmup", type=int, default=300, help="warm-up steps (default %(default)s)")
+    q.add_argument("--steps", type=int, default=0, help="total steps; 0 sizes the run to --time-limit on the "
+                   "first call (default %(default)s)")
+    q.add_argument("--time-limit", type=float, default=540, help="stop (with a checkpoint) before this many "
+                   "seconds (default %(default)s)")
+    q.add_argument("--dim", type=int, default=512, help="model width (default %(default)s)")
+    q.add_argument("--layers", type=int, default=12, help="layers (default %(default)s)")
+    q.add_argument("--heads", type=int, default=8, help="heads (default %(default)s)")
+    q.add_argument("--eval-every", type=int, default=250, help="held-out NLL every this many steps (default %(default)s)")
+    q = sub.add_parser("evaluate", help="every policy x budget x seed")
+    common(q)
+    q.add_argument("--images", type=int, default=256, help="held-out images scored per seed (default %(default)s)")
+    q.add_argument("--samples", type=int, default=100, help="images generated per policy and seed (default %(default)s)")
+    q.add_argument("--classifier-steps", type=int, default=3000, help="the judge's training steps (default %(default)s)")
+    q.add_argument("--time-limit", type=float, default=560, help="stop (resumable) after this many seconds "
+                   "(default %(default)s)")
+    q.add_argument("--grid-spec", default="full", choices=["full", "smoke"], help="which policy grid (default %(default)s)")
+    q = sub.add_parser("report", help="summary.json, README table, plots")
+    common(q)
+    q.add_argument("--out", type=Path, default=HERE / "results", help="report directory (default %(default)s)")
+    q = sub.add_parser("smoke", help="the whole pipeline on tiny synthetic data (CPU, no network)")
+    q.add_argument("--work", type=Path, required=True, help="scratch directory for the smoke run")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse(argv)
+    try:
+        if a.stage == "smoke":
+            import smoke
+            smoke.run(a.work, log=log)
+            return 0
+        run = a.run or a.data_dir / "run"
+        if a.stage == "fetch":
+            lab_data.fetch(a.data_dir)
+        elif a.stage == "tokenize":
+            if (a.data_dir / "tokens.npz").is_file():
+                log(f"tokenize: {a.data_dir / 'tokens.npz'} exists (delete it to redo)")
+            else:
+                lab_data.tokenize(a.data_dir, a.data_dir, codes=a.codes, iters=a.iters, log=log)
+        elif a.stage == "train":
+            import train
+            train.train(a.data_dir / "tokens.npz", run, seeds=tuple(a.seeds), batch=a.batch, peak_lr=a.lr,
+                        warmup=a.warmup, total_steps=a.steps, time_limit=a.time_limit, dim=a.dim, layers=a.layers,
+                        heads=a.heads, eval_every=a.eval_every, log=log)
+        elif a.stage == "evaluate":
+            import evaluate
+            evaluate.evaluate(a.data_dir, run, images=a.images, samples=a.samples, grid=a.grid_spec,
+                              classifier_steps=a.classifier_steps, time_limit=a.time_limit, log=log)
+        elif a.stage == "report":
+            import report
+            report.report(run, a.out, log=log)
+    except lab_data.DataError as e:
+        log(f"error: {e}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
