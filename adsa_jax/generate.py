@@ -361,7 +361,7 @@ def generate(model: Model, cond, key, *, cond_mask=None, cfg_scale: float = 4.0,
     """
     model = as_model(model)
     cfg = model.config
-    check_sampling_args(temperature, top_k, top_p, cfg_scale)
+    check_sampling_args(temperature, top_k, top_p, cfg_scale, cfg_interval)
     cond, mask = prepare_condition(cfg, cond, cond_mask)
     pol = resolve_policy(model, policy, **_policy_kw(budget, prefix, keep, local, granularity))
     b = cond.shape[0]
