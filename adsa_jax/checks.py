@@ -47,9 +47,10 @@ def _real(value, name: str) -> float:
     return x
 
 
-def _integer(value, name: str) -> int:
+def _integer(value, name: str, expect: str = "an integer") -> int:
+    """value as an int, or a ConfigError '<name> must be <expect>'."""
     if isinstance(value, bool):
-        raise ConfigError(f"{_label(name)} must be an integer, got {value!r}")
+        raise ConfigError(f"{_label(name)} must be {expect}, got {value!r}")
     if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
@@ -61,7 +62,7 @@ def _integer(value, name: str) -> int:
             return int(a)
     except (TypeError, ValueError):
         pass
-    raise ConfigError(f"{_label(name)} must be an integer, got {value!r}")
+    raise ConfigError(f"{_label(name)} must be {expect}, got {value!r}")
 
 
 def check_sampling_args(temperature, top_k, top_p, cfg_scale=1.0, cfg_interval=-1):
@@ -69,10 +70,10 @@ def check_sampling_args(temperature, top_k, top_p, cfg_scale=1.0, cfg_interval=-
     t = _real(temperature, "temperature")
     if t < 0:
         raise ConfigError(f"{_label('temperature')} must be >= 0 (0 samples greedily), got {temperature!r}")
-    k = _integer(top_k, "top_k")
+    expect = f"an integer in [0, {INT32_LIMIT - 1}] (0 turns it off)"
+    k = _integer(top_k, "top_k", expect)
     if not 0 <= k < INT32_LIMIT:
-        raise ConfigError(f"{_label('top_k')} must be an integer in [0, {INT32_LIMIT - 1}] (0 turns it off), "
-                          f"got {top_k!r}")
+        raise ConfigError(f"{_label('top_k')} must be {expect}, got {top_k!r}")
     p = _real(top_p, "top_p")
     if not 0.0 < p <= 1.0:
         raise ConfigError(f"{_label('top_p')} must be in (0, 1] (1 turns it off), got {top_p!r}")
@@ -87,17 +88,18 @@ def check_sampling_args(temperature, top_k, top_p, cfg_scale=1.0, cfg_interval=-
 
 def check_count(value, name: str, minimum: int = 1, maximum: int = INT32_LIMIT - 1) -> int:
     """An integer count (number of samples, batch size, ...) in [minimum, maximum]."""
-    n = _integer(value, name)
+    expect = f"an integer in [{minimum}, {maximum}]"
+    n = _integer(value, name, expect)
     if not minimum <= n <= maximum:
-        raise ConfigError(f"{_label(name)} must be an integer in [{minimum}, {maximum}], got {value!r}")
+        raise ConfigError(f"{_label(name)} must be {expect}, got {value!r}")
     return n
 
 
 def check_seed(seed) -> int:
-    s = _integer(seed, "seed")
+    expect = "an integer in [0, 2**32 - 1] (jax keeps 32 bits of a seed: larger ones repeat smaller ones)"
+    s = _integer(seed, "seed", expect)
     if not 0 <= s < SEED_LIMIT:
-        raise ConfigError(f"{_label('seed')} must be an integer in [0, 2**32 - 1] (jax keeps 32 bits of a seed: "
-                          f"larger ones repeat smaller ones), got {seed!r}")
+        raise ConfigError(f"{_label('seed')} must be {expect}, got {seed!r}")
     return s
 
 
