@@ -7,10 +7,13 @@ code, so the tests can check that the two agree. Deliberately simple and slow:
   explicit Python bookkeeping that says, per step, layer, row and head, which image tokens the
   query attends to. Attending over "the tokens the policy keeps" from the full history is the
   same computation as attending over a compacted cache, because a key carries its position.
-- ``adsa-evict`` / ``window`` / ``random`` keep a list of slots ``[prefix P | pool K | ring M]``
-  of image indices per (layer, row, group); the condition slots come first, as in the spec. The
-  slot contents are recorded in the JAX cache's ``pos`` format (absolute position ``c + index``,
-  ``-1`` for empty, condition slots ``0 .. c-1``) so the slot identity can be compared exactly.
+- ``adsa-evict`` / ``adsa-evict-all`` / ``window`` / ``line`` / ``random`` / ``random-uniform`` /
+  ``h2o`` keep a list of slots ``[prefix P | pool K | ring M + s - 1]`` of image indices per
+  (layer, row, group); the condition slots come first, as in the spec. The slot contents are
+  recorded in the JAX cache's ``pos`` format (absolute position ``c + index``, ``-1`` for empty,
+  condition slots ``0 .. c-1``) so the slot identity can be compared exactly.
+- ``h2o`` needs the attention probabilities: ``teacher_force`` hands every (layer, row, head)'s
+  probabilities over the attended image tokens to a policy's ``observe`` after the attention.
 - Scores are computed with the explicit pairwise sum ``score_i = sum_j v̂_i · v̂_j`` over the
   candidate set (``adsa-evict``) or the previous region (``adsa-select``), never with a running sum.
 - Ties follow the spec: the first maximum is evicted, the lower token index is selected first.
@@ -225,25 +228,38 @@ class SelectRef:
 
 
 class EvictRef:
-    """adsa-evict (and, with K = 0, window): slots [prefix P | pool K | ring M] per group.
+    """adsa-evict (and, with K = 0, window): slots [prefix P | pool K | ring M + s - 1] per group.
+
+    Period s (spec/adsa.md): at s = 1 the ring has M slots and the token leaving it (o) enters
+    the pool or competes with it, every step. At s > 1 the ring has M + s - 1 slots, and every
+    s steps (from the step whose ring slot holds the oldest ring token on) the s oldest ring
+    tokens leave together: with the filled pool slots they form the candidates (pool in slot
+    order, then the leaving tokens oldest first); if there are more than K, the n = (count - K)
+    highest scores over that candidate set are dropped (equal scores: lower candidate index
+    first); the leaving tokens that stay fill the free and freed pool slots, ascending, oldest
+    first. At s = 1 this is the rule above (one leaving token, n = 1).
 
     chooser(k, layer, row, group, cands, scores) -> index into cands of the token to evict,
-    replacing the spec's rule (used to replay the ``random`` policy's draws).
-    resolver(k, layer, row, group, cands) -> index into cands an implementation evicted, or None:
-    followed only where float rounding may legitimately decide (distinct V vectors whose scores
-    are within NEAR of the maximum); identical vectors must still follow the first-maximum rule.
-    Answers that break the rule are recorded in ``rejected`` and the rule is applied instead."""
+    replacing the spec's rule (used to replay the random policies' draws); at s > 1 it is called
+    with a seventh argument n and returns the n indices to drop.
+    resolver(k, layer, row, group, cands) -> index into cands an implementation evicted (at
+    s > 1: the list of indices it dropped), or None: followed only where float rounding may
+    legitimately decide (distinct V vectors whose scores are within NEAR of the maximum);
+    identical vectors must still follow the first-maximum rule. Answers that break the rule are
+    recorded in ``rejected`` and the rule is applied instead."""
 
-    def __init__(self, P, K, M, granularity="head", chooser=None, name="adsa-evict", resolver=None):
+    def __init__(self, P, K, M, granularity="head", chooser=None, name="adsa-evict", resolver=None, period=1):
         self.P, self.K, self.M, self.granularity = P, K, M, granularity
         self.chooser = chooser
         self.resolver = resolver
         self.name = name
+        self.period = period
 
     def start(self, n_layer, rows, n_head):
         self.n_head = n_head
         G = self.groups()
-        self.state = [[[{"prefix": [-1] * self.P, "pool": [-1] * self.K, "ring": [-1] * self.M}
+        ring = self.M + self.period - 1
+        self.state = [[[{"prefix": [-1] * self.P, "pool": [-1] * self.K, "ring": [-1] * ring}
                         for _ in range(G)] for _ in range(rows)] for _ in range(n_layer)]
         self.decisions = 0  # evictions decided by a score (pool full)
         self.tied_max = 0  # ... of which the maximum score was shared by several candidates
@@ -279,30 +295,80 @@ class EvictRef:
                 self.rejected[(k, layer, row, g)] = (cands[got], [cands[i] for i in acceptable])
         return strict
 
+    def _drop(self, k, layer, row, g, cands, n, v_img):
+        """Period s > 1: the n candidates to drop (indices into cands), the n highest scores."""
+        vecs = group_vectors(v_img[np.asarray(cands)], g, self.granularity)
+        scores = pairwise_scores(vecs)
+        self.decisions += 1
+        idx = np.arange(len(cands))
+        strict = sorted(np.lexsort((idx, -scores))[:n].tolist())  # highest first, lower index first
+        cut = np.sort(scores)[::-1][n - 1]
+        if n < len(cands) and np.sum(scores == cut) > 1 and np.sort(scores)[::-1][n] == cut:
+            self.tied_max += 1
+            self.ties[(k, layer, row, g)] = [cands[i] for i in np.flatnonzero(scores == cut)]
+        if self.chooser is not None:
+            return sorted(int(i) for i in self.chooser(k, layer, row, g, list(cands), scores, n))
+        cls = identity_classes(vecs)
+        band = np.abs(scores - cut) <= NEAR
+        if len(set(cls[band].tolist())) > 1:
+            self.ambiguous[(k, layer, row, g)] = [cands[i] for i in np.flatnonzero(band)]
+        if self.resolver is not None:
+            got = self.resolver(k, layer, row, g, list(cands))
+            if got is not None:
+                why = valid_selection(idx, -scores, cls, n, got)
+                if why is None:
+                    return sorted(int(i) for i in got)
+                self.rejected[(k, layer, row, g)] = ([cands[i] for i in got], why)
+        return strict
+
+    def _leave(self, k, layer, row, g, st, leaving, v_img):
+        """The tokens `leaving` (oldest first) leave the ring: into the pool, or dropped."""
+        K = self.K
+        pool = st["pool"]
+        if K == 0:
+            return  # no pool: they are dropped
+        free = [i for i in range(K) if pool[i] < 0]
+        if len(free) >= len(leaving):
+            for slot, o in zip(free, leaving):
+                pool[slot] = o
+            return
+        if self.period == 1:  # the pool is full: candidates pool + o, the first maximum is evicted
+            (o,) = leaving
+            cands = pool + [o]
+            victim = self._evict(k, layer, row, g, cands, v_img)
+            if not 0 <= victim <= K:
+                raise ValueError(f"victim {victim} not in 0..{K}")
+            if victim < K:
+                pool[victim] = o  # the evicted pool token is dropped
+            return  # victim == K: o itself is dropped
+        filled = [i for i in range(K) if pool[i] >= 0]
+        cands = [pool[i] for i in filled] + list(leaving)
+        n = len(cands) - K
+        drop = self._drop(k, layer, row, g, cands, n, v_img)
+        if len(drop) != n or not all(0 <= d < len(cands) for d in drop):
+            raise ValueError(f"dropped {drop}: not {n} of the {len(cands)} candidates")
+        freed = sorted(free + [filled[d] for d in drop if d < len(filled)])
+        stay = [cands[m] for m in range(len(filled), len(cands)) if m not in drop]
+        assert len(stay) == len(freed)
+        for slot, o in zip(freed, stay):
+            pool[slot] = o
+
     def step(self, layer, row, k, v_img):
-        P, K, M = self.P, self.K, self.M
+        P, s = self.P, self.period
+        R = self.M + s - 1  # ring slots
         out = []
         for g in range(self.groups()):
             st = self.state[layer][row][g]
             if k < P:
                 st["prefix"][k] = k
             else:
-                r = (k - P) % M
-                o = st["ring"][r]
-                if o >= 0 and K > 0:
-                    pool = st["pool"]
-                    free = [i for i in range(K) if pool[i] < 0]
-                    if free:
-                        pool[free[0]] = o
-                    else:
-                        cands = pool + [o]
-                        victim = self._evict(k, layer, row, g, cands, v_img)
-                        if not 0 <= victim <= K:
-                            raise ValueError(f"victim {victim} not in 0..{K}")
-                        if victim < K:
-                            pool[victim] = o  # the evicted pool token is dropped
-                        # victim == K: o itself is dropped
-                st["ring"][r] = k  # K == 0: the old ring token is simply dropped
+                j = k - P
+                if j >= R and (j - R) % s == 0:  # the s oldest ring tokens leave, oldest first
+                    slots = [(j + i) % R for i in range(s)]
+                    self._leave(k, layer, row, g, st, [st["ring"][r] for r in slots], v_img)
+                    for r in slots:
+                        st["ring"][r] = -1
+                st["ring"][j % R] = k
             kept = [i for i in st["prefix"] + st["pool"] + st["ring"] if i >= 0]
             out.append(np.array(sorted(kept), dtype=np.int64))
         if self.granularity == "layer":
@@ -321,25 +387,102 @@ class EvictRef:
         return np.array(rows, dtype=np.int64)
 
 
+class H2ORef(EvictRef):
+    """h2o (spec/kv-baselines.md): the evict layout [prefix P | pool K | ring M]; each image token
+    accumulates the attention probability it receives from every query (per layer, row and head,
+    via ``observe``); when the pool is full the candidate (pool in slot order, then o) with the
+    lowest sum is evicted (first minimum), per head, or on the sum over heads (granularity
+    'layer'). The eviction at token k uses the sums of the queries of tokens 0..k-1.
+
+    resolver: as EvictRef's; followed only among candidates within NEAR of the minimum."""
+
+    def __init__(self, P, K, M, granularity="head", resolver=None):
+        super().__init__(P, K, M, granularity, name="h2o", resolver=resolver)
+
+    def start(self, n_layer, rows, n_head):
+        super().start(n_layer, rows, n_head)
+        self.acc = {}  # (layer, row, head, image index) -> accumulated attention probability
+
+    def observe(self, layer, row, head, idx, probs):
+        for i, pr in zip(idx, probs):
+            key = (layer, row, head, int(i))
+            self.acc[key] = self.acc.get(key, 0.0) + float(pr)
+
+    def _evict(self, k, layer, row, g, cands, v_img):
+        heads = [g] if self.granularity == "head" else range(self.n_head)
+        acc = np.array([sum(self.acc.get((layer, row, h, int(i)), 0.0) for h in heads) for i in cands])
+        self.decisions += 1
+        low = acc.min()
+        strict = int(np.flatnonzero(acc == low)[0])  # first minimum in candidate order
+        if np.sum(acc == low) > 1:
+            self.tied_max += 1
+            self.ties[(k, layer, row, g)] = [cands[i] for i in np.flatnonzero(acc == low)]
+        acceptable = np.flatnonzero(acc <= low + NEAR).tolist()
+        if len(acceptable) > 1:
+            self.ambiguous[(k, layer, row, g)] = [cands[i] for i in acceptable]
+        if self.resolver is not None:
+            got = self.resolver(k, layer, row, g, list(cands))
+            if got is not None:
+                if got in acceptable:
+                    return int(got)
+                self.rejected[(k, layer, row, g)] = (cands[got], [cands[i] for i in acceptable])
+        return strict
+
+
 def window_ref(P, K, M, granularity="head"):
     """window = sinks (condition + prefix P) + FIFO ring of the last K + M tokens, no pool."""
     return EvictRef(P, 0, K + M, granularity=granularity, name="window")
 
 
-def make_ref_policy(name, P=0, K=0, M=1, granularity="head", chooser=None, resolver=None):
+def line_sizes(grid, budget, anchors=None):
+    """line (LineAR-style): P = anchors (default one row) and a ring of r whole rows,
+    r = floor((T - P) / w), T = round(b N)."""
+    total = round(budget * grid * grid)
+    P = grid if anchors is None else anchors
+    return P, 0, (total - P) // grid * grid
+
+
+def make_ref_policy(name, P=0, K=0, M=1, granularity="head", chooser=None, resolver=None, period=1):
+    """P, K, M: the policy's own sizes (adsa-evict-all: P = 0, M = 1; line: the ring in M)."""
     if name == "dense":
         return DenseRef()
     if name == "adsa-select":
         return SelectRef(P, K, M, granularity, resolver=resolver)
-    if name == "adsa-evict":
-        return EvictRef(P, K, M, granularity, resolver=resolver)
-    if name == "window":
-        return window_ref(P, K, M, granularity)
-    if name == "random":
+    if name in ("adsa-evict", "adsa-evict-all"):
+        if name == "adsa-evict-all" and (P, M) != (0, 1):
+            raise ValueError("adsa-evict-all has P = 0 and M = 1")
+        return EvictRef(P, K, M, granularity, resolver=resolver, name=name, period=period)
+    if name in ("window", "line"):
+        ref = window_ref(P, K, M, granularity)
+        ref.name = name
+        return ref
+    if name in ("random", "random-uniform"):
         if chooser is None:
-            raise ValueError("the random policy needs a chooser (the victims are random)")
-        return EvictRef(P, K, M, granularity, chooser=chooser, name="random")
+            raise ValueError(f"the {name} policy needs a chooser (the victims are random)")
+        return EvictRef(P, K, M, granularity, chooser=chooser, name=name, period=period)
+    if name == "h2o":
+        return H2ORef(P, K, M, granularity, resolver=resolver)
     raise ValueError(name)
+
+
+def policy_sizes(name, grid, budget=None, prefix=None, keep=None, local=None):
+    """P, K, M of a policy from a budget fraction (spec/adsa.md defaults; adsa-evict-all: P = 0,
+    M = 1, K = T - 1; line: P = one row, a ring of whole rows; h2o: P = 0, M = two rows,
+    K = T - M) or from explicit sizes (adsa-evict-all: keep only; line: prefix and local)."""
+    if budget is None:
+        if name == "adsa-evict-all":
+            return 0, keep, 1
+        if name == "line":
+            return prefix, 0, local
+        return prefix, keep, local
+    total = round(budget * grid * grid)
+    if name == "adsa-evict-all":
+        return 0, total - 1, 1
+    if name == "line":
+        return line_sizes(grid, budget, prefix)
+    if name == "h2o":
+        return 0, total - 2 * grid, 2 * grid
+    return default_sizes(grid, budget)
 
 
 def default_sizes(grid, budget):
@@ -483,6 +626,8 @@ class RefModel:
                         vals = np.concatenate([vc[r, ccols, hh], v_img[li, r, idx, hh]])
                         w = softmax(keys @ q[r, hh] * scale)
                         o[r, hh] = w @ vals
+                        if hasattr(policy, "observe"):  # h2o accumulates the image tokens' probabilities
+                            policy.observe(li, r, hh, idx, w[len(ccols):])
                 x = x + np.einsum("rhd,hde->re", o, layer["wo"])
                 x = x + self._ffn(layer, x)
                 if record:

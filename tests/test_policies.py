@@ -47,11 +47,60 @@ def test_budgets_that_cannot_work(kw, msg):
 
 def test_unknown_policy_and_dense_budget():
     with pytest.raises(ValueError, match="unknown policy"):
-        make_policy(CFG16, "h2o")
+        make_policy(CFG16, "lru")
     with pytest.raises(ValueError, match="takes no budget"):
         make_policy(CFG16, "dense", budget=0.5)
     with pytest.raises(ValueError, match="granularity"):
         make_policy(CFG16, "adsa-evict", budget=0.5, granularity="token")
+
+
+CFG24 = GPTConfig(dim=64, n_layer=2, n_head=2, vocab_size=64, num_classes=5, block_size=576)
+
+
+@pytest.mark.parametrize("budget,total", [(0.25, 144), (0.44, 253), (256 / 576, 256), (0.5, 288), (0.75, 432)])
+def test_every_policy_at_the_lab_budgets(budget, total):
+    """24x24 grid: every policy builds at the fidelity lab's budgets with the documented sizes
+    (P, K, M) and keeps at most T = round(budget * 576) image tokens (0.44 rounds to 253; 256 of
+    576, the paper's ADSA-256, is budget=256/576)."""
+    w = 24
+    want = {
+        "adsa-select": (w, total - 3 * w, 2 * w), "adsa-evict": (w, total - 3 * w, 2 * w),
+        "random": (w, total - 3 * w, 2 * w), "random-uniform": (w, total - 3 * w, 2 * w),
+        "adsa-evict-all": (0, total - 1, 1), "window": (w, 0, total - w),
+        "line": (w, 0, (total - w) // w * w), "h2o": (0, total - 2 * w, 2 * w),
+    }
+    for name, sizes in want.items():
+        for gran in ("head", "layer"):
+            p = make_policy(CFG24, name, budget=budget, granularity=gran)
+            assert (p.prefix, p.keep, p.local) == sizes, (name, budget)
+            if name != "adsa-select":
+                assert p.slots == 1 + sum(sizes) <= 1 + total
+    assert make_policy(CFG24, "random-uniform", budget=budget).draw == "reservoir"
+    ev = make_policy(CFG24, "adsa-evict", budget=budget, period=8)
+    assert ev.period == 8 and ev.slots == 1 + total + 7  # the ring grows by s - 1 slots
+
+
+def test_period_and_the_new_policies_refuse_bad_options():
+    with pytest.raises(ValueError, match="period must be an integer >= 1"):
+        make_policy(CFG16, "adsa-evict", budget=0.5, period=0)
+    with pytest.raises(ValueError, match="period must be an integer >= 1"):
+        make_policy(CFG16, "adsa-evict", budget=0.5, period=2.0)
+    for name in ("window", "line", "h2o", "random-uniform", "adsa-select", "dense"):
+        with pytest.raises(ValueError, match="period applies to"):
+            make_policy(CFG16, name, period=2)
+    with pytest.raises(ValueError, match="protects no prefix or local window"):
+        make_policy(CFG16, "adsa-evict-all", budget=0.5, local=4)
+    with pytest.raises(ValueError, match="budget= or keep=, not both"):
+        make_policy(CFG16, "adsa-evict-all", budget=0.5, keep=3)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        make_policy(CFG16, "line", prefix=16, local=40)
+    with pytest.raises(ValueError, match="no pool"):
+        make_policy(CFG16, "line", budget=0.5, keep=3)
+    with pytest.raises(ValueError, match="fewer than the line policy's anchors"):
+        make_policy(CFG16, "line", budget=0.1)
+    with pytest.raises(ValueError, match="h2o's default recent window"):
+        make_policy(CFG16, "h2o", budget=0.1)
+    assert make_policy(CFG16, "adsa-evict-all", keep=3).slots == 1 + 4
 
 
 def _compiled(model, policy, batch):

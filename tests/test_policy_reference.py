@@ -154,15 +154,17 @@ def jax_trace(case, policy, cfg_scale=1.0):
     return np.asarray(rows), {k: np.asarray(v) for k, v in obs.items()}, np.asarray(final_v)
 
 
-def jax_score(case, name, cfg_scale=1.0, **kw):
+def jax_score(case, name, cfg_scale=1.0, period=1, **kw):
+    """score() through policy `name` (a name with sizes, or with ``period`` a policy object)."""
+    if period != 1:
+        name, kw = make_policy(case["cfg"], name, period=period, **kw), {}
     return np.asarray(G.score(case["model"], case["cond"], case["tokens"], cond_mask=case["mask"],
                               policy=name, cfg_scale=cfg_scale, **kw))
 
 
-def sizes_of(cfg, budget=None, prefix=None, keep=None, local=None):
-    if budget is not None:
-        return R.default_sizes(cfg.grid, budget)
-    return prefix, keep, local
+def sizes_of(cfg, budget=None, prefix=None, keep=None, local=None, name="adsa-evict"):
+    """The reference's P, K, M of policy `name` (np_reference.policy_sizes, from the specs)."""
+    return R.policy_sizes(name, cfg.grid, budget, prefix, keep, local)
 
 
 def guide(rows, cfg_scale):
@@ -236,6 +238,14 @@ def evict_resolver(pos_of, c, P, K):
     return resolve
 
 
+def drop_resolver(pos_of, c, P, K):
+    """Period s > 1: the candidates the implementation dropped (indices into cands), from its pool."""
+    def resolve(k, layer, row, g, cands):
+        new_pool = {int(x) - c for x in np.asarray(pos_of(k, layer))[row, g, c + P: c + P + K] if x >= 0}
+        return [i for i, x in enumerate(cands) if x not in new_pool] if new_pool <= set(cands) else None
+    return resolve
+
+
 def select_resolver(sel_of):
     def resolve(k, layer, row, g, region):
         sel = sel_of(k, layer)
@@ -306,21 +316,23 @@ def check_select(policy, obs, final_v, ref, c, what):
 
 
 def run_case(case, name, *, cfg_scale=1.0, granularity="head", trace=True, score=False, budget=None, prefix=None,
-             keep=None, local=None, what=""):
+             keep=None, local=None, period=1, what=""):
     """Reference vs the JAX step function (trace) and/or vs score(); returns the reference output."""
     cfg, c = case["cfg"], case["cfg"].cls_token_num
-    P, K, Mloc = sizes_of(cfg, budget, prefix, keep, local)
-    kw = dict(budget=budget) if budget is not None else dict(prefix=prefix, keep=keep, local=local)
-    what = f"{what} {name} {granularity} P,K,M={P},{K},{Mloc} cfg={cfg_scale}"
+    P, K, Mloc = sizes_of(cfg, budget, prefix, keep, local, name=name)
+    kw = dict(budget=budget) if budget is not None else {
+        k: v for k, v in dict(prefix=prefix, keep=keep, local=local).items() if v is not None}
+    what = f"{what} {name} {granularity} P,K,M={P},{K},{Mloc} s={period} cfg={cfg_scale}"
     resolver = None
     if trace:
-        pol = make_policy(cfg, name, granularity=granularity, **kw)
+        pol = make_policy(cfg, name, granularity=granularity, period=period, **kw)
         rows, obs, final_v = jax_trace(case, pol, cfg_scale)
-        if name == "adsa-evict":
-            resolver = evict_resolver(lambda k, li: obs["pos"][k, li], c, P, K)
+        pos_of = lambda k, li: obs["pos"][k, li]  # noqa: E731
+        if name in ("adsa-evict", "adsa-evict-all", "h2o"):
+            resolver = (evict_resolver if period == 1 else drop_resolver)(pos_of, c, P, K)
         elif name == "adsa-select" and "sel" in obs:
             resolver = select_resolver(lambda k, li: obs["sel"][k, li])
-    ref = case["ref"].teacher_force(R.make_ref_policy(name, P, K, Mloc, granularity, resolver=resolver),
+    ref = case["ref"].teacher_force(R.make_ref_policy(name, P, K, Mloc, granularity, resolver=resolver, period=period),
                                     case["cond"], case["tokens"], cond_mask=case["mask"], cfg_scale=cfg_scale)
     if trace:
         # slot identity first: a wrong eviction is the root cause of later logit differences
@@ -333,7 +345,7 @@ def run_case(case, name, *, cfg_scale=1.0, granularity="head", trace=True, score
         if "vpool" in obs:
             check_evict_running_sum(pol, obs, c, what)
     if score:
-        got = jax_score(case, name, cfg_scale, granularity=granularity, **kw)
+        got = jax_score(case, name, cfg_scale, granularity=granularity, period=period, **kw)
         assert_logits_close(got, ref["logits"], guided_tol(cfg_scale), what + " [score]")
     return ref
 
@@ -416,34 +428,112 @@ def test_small_budget(seed):
     assert ref["policy"].decisions > 0
 
 
-def test_small_random_policy():
-    """'random' evicts a uniform candidate: replay the JAX victims in the reference (checking each
-    is one of the K + 1 candidates and that everything else follows the evict procedure)."""
+@pytest.mark.parametrize("name,period,granularity", [
+    ("random", 1, "head"), ("random", 3, "layer"), ("random-uniform", 1, "head"),
+])
+def test_small_random_policy(name, period, granularity):
+    """'random' evicts a uniform candidate (at period s, s of them), 'random-uniform' keeps a
+    reservoir sample: replay the JAX victims in the reference (checking each is one of the
+    candidates and that everything else follows the evict procedure)."""
     case = small_case(0)
     cfg, c = case["cfg"], case["cfg"].cls_token_num
     P, K, Mloc = 2, 3, 4
-    pol = make_policy(cfg, "random", prefix=P, keep=K, local=Mloc)
+    pol = make_policy(cfg, name, prefix=P, keep=K, local=Mloc, period=period, granularity=granularity)
     rows, obs, _ = jax_trace(case, pol, 1.0)
     pos = obs["pos"]
     victims = []
 
-    def chooser(k, layer, row, g, cands, scores):
-        new_pool = set((pos[k, layer, row, g, c + P: c + P + K] - c).tolist())
+    def chooser(k, layer, row, g, cands, scores, n=1):
+        new_pool = {int(x) - c for x in pos[k, layer, row, g, c + P: c + P + K] if x >= 0}
         gone = [i for i, x in enumerate(cands) if x not in new_pool]
-        assert len(gone) == 1 and new_pool <= set(cands), \
-            f"random: image token {k}, layer {layer}, row {row}, head {g}: pool {sorted(new_pool)} from candidates {cands}"
-        victims.append(gone[0])
-        return gone[0]
+        assert len(gone) == n and new_pool <= set(cands), \
+            f"{name}: image token {k}, layer {layer}, row {row}, group {g}: pool {sorted(new_pool)} from " \
+            f"candidates {cands}"
+        victims.extend(gone)
+        return gone if period > 1 else gone[0]
 
-    ref = case["ref"].teacher_force(R.make_ref_policy("random", P, K, Mloc, chooser=chooser), case["cond"],
-                                    case["tokens"])
-    assert_slots_equal(pos, ref, "random", c)
-    assert_logits_close(rows, ref["logits_rows"], TOL, "random [step function]")
-    check_evict_running_sum(pol, obs, c, "random")
-    got = jax_score(case, "random", prefix=P, keep=K, local=Mloc)  # the trace uses score's keys
-    assert_logits_close(got, ref["logits"], TOL, "random [score]")
-    counts = np.bincount(victims, minlength=K + 1)
-    assert len(victims) > 50 and (counts > 0).all(), counts  # every candidate position gets drawn
+    ref = case["ref"].teacher_force(R.make_ref_policy(name, P, K, Mloc, granularity, chooser=chooser, period=period),
+                                    case["cond"], case["tokens"])
+    assert_slots_equal(pos, ref, name, c)
+    assert_logits_close(rows, ref["logits_rows"], TOL, f"{name} [step function]")
+    check_evict_running_sum(pol, obs, c, name)
+    if period == 1:  # score() draws with the trace's keys (the period's draws take the same path)
+        got = jax_score(case, name, prefix=P, keep=K, local=Mloc, granularity=granularity)
+        assert_logits_close(got, ref["logits"], TOL, f"{name} [score]")
+    counts = np.bincount(victims, minlength=K + period)
+    assert len(victims) > 20 and (counts > 0).all(), counts  # every candidate position gets drawn
+
+
+def _reservoir_keep_rate(name, rows=400):
+    """One layer's decode alone on random V (no model) with `rows` rows and per-row keys, as
+    generate draws them: the share of (row, head) pools that hold each previous-region token
+    after the last step. P, K, M = 2, 3, 4; N = 36, so tokens 2..30 (n = 29) have left the ring."""
+    B, H, D, c, N, P, K, Mloc = rows, 2, 8, 1, 36, 2, 3, 4
+    pol = make_policy(SMALL.replace(block_size=N), name, prefix=P, keep=K, local=Mloc)
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(N - 1, B, H, D)), jnp.float32) for _ in range(3))
+    ex_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(5), i))(jnp.arange(B))
+
+    @jax.jit
+    def run(cache):
+        def body(cache, t):
+            keys = jax.vmap(lambda kk: jax.random.fold_in(kk, t + 1))(ex_keys)
+            cache, _ = pol.decode(cache, q[t], k[t], v[t], t, jnp.ones((B, c), bool), layer_index=0, row_keys=keys)
+            return cache, None
+        return jax.lax.scan(body, cache, jnp.arange(N - 1))[0]
+
+    cache = pol.prefill(pol.init(B, H, D, jnp.float32), *(jnp.zeros((B, c, H, D)),) * 2)
+    pool = np.asarray(run(cache)["pos"])[:, :, c + P: c + P + K] - c  # (B, H, K) image indices
+    region = np.arange(P, N - 1 - Mloc)  # tokens that left the ring: 2 .. 30
+    return region, np.array([(pool == i).any(-1).mean() for i in region]), B * H
+
+
+def test_random_uniform_keeps_a_uniform_sample():
+    """random-uniform's pool is a uniform K-subset of the whole previous region: each of the n
+    tokens is kept with probability K/n, whatever its age (within 5 standard errors); 'random'
+    (the victim uniform over pool + newcomer) keeps the oldest tokens far less often."""
+    region, rate, samples = _reservoir_keep_rate("random-uniform")
+    p = 3 / len(region)
+    se = np.sqrt(p * (1 - p) / samples)
+    assert np.abs(rate - p).max() < 5 * se, (np.round(rate, 3).tolist(), p)
+    _, biased, _ = _reservoir_keep_rate("random")
+    assert biased[:10].mean() < p / 10 < p - 5 * se, np.round(biased, 3).tolist()  # the bias random-uniform removes
+
+
+# ----------------------------------------------------------------------------- the fidelity lab's policies
+
+
+@pytest.mark.parametrize("seed", [0, 1, 3])
+@pytest.mark.parametrize("name,granularity,cfg_scale,sizes,period,score", [
+    ("adsa-evict", "head", 1.0, dict(prefix=2, keep=5, local=4), 3, False),  # K = 5: a partial fill (2 free, 3 leave)
+    ("adsa-evict", "layer", 3.0, dict(prefix=2, keep=5, local=4), 2, False),
+    ("adsa-evict-all", "head", 3.0, dict(keep=9), 4, True),
+    ("h2o", "head", 3.0, dict(prefix=0, keep=6, local=4), 1, False),
+    ("h2o", "layer", 1.0, dict(prefix=2, keep=6, local=4), 1, False),
+    ("line", "head", 1.0, dict(prefix=2, local=12), 1, True),
+])
+def test_small_lab_policies(seed, name, granularity, cfg_scale, sizes, period, score):
+    """The policies the fidelity lab adds, against the float64 reference on random weights: the
+    slots after every step and layer, the running vsum, and the logits (of score() too, once)."""
+    case = small_case(seed)
+    ref = run_case(case, name, granularity=granularity, cfg_scale=cfg_scale, period=period, what=f"small seed {seed}",
+                   score=score and seed == 0, **sizes)
+    pol = ref["policy"]
+    if name != "line":
+        assert pol.decisions > 5  # the pool filled up and evictions were decided
+    if name == "adsa-evict" and seed in (1, 3):
+        assert pol.tied_max > 0  # the tie rule (lower candidate index first) was exercised
+
+
+@pytest.mark.parametrize("name,granularity,cfg_scale,kw,score", [
+    ("adsa-evict", "head", 1.0, dict(budget=0.5, period=3), True),
+    ("adsa-evict-all", "layer", 4.0, dict(budget=0.5), False),
+    ("h2o", "head", 4.0, dict(budget=0.5), True),
+])
+def test_c2i_lab_policies(c2i, name, granularity, cfg_scale, kw, score):
+    """The scored ones on the trained c2i fixture (grid 8, 64 image tokens)."""
+    ref = run_case(c2i, name, granularity=granularity, cfg_scale=cfg_scale, score=score, what="c2i", **kw)
+    assert ref["policy"].decisions > 0
 
 
 # ----------------------------------------------------------------------------- policy decisions on synthetic V
@@ -553,3 +643,69 @@ def test_budget_one_equals_dense(which, c2i, t2i):
             np.testing.assert_array_equal(toks, dense_toks, err_msg=f"{which} {name} budget 1.0 greedy tokens vs dense")
             raise AssertionError(f"{which}: {name} budget 1.0 equals dense generate, but dense differs from the "
                                  f"PyTorch greedy tokens (a dense-port problem, not a policy one)")
+
+
+# The fidelity lab's policies: the equivalences at the level of one layer's decode (random q, k, v,
+# no model: a small compile per policy), and through the whole model for the three with their own
+# code paths (h2o's attention, the period's branch, random-uniform's per-step keys).
+
+LAB_VARIANTS = [("adsa-evict", dict(period=3)), ("adsa-evict-all", {}),
+                ("adsa-evict-all", dict(period=4, granularity="layer")), ("line", {}), ("random", dict(period=3)),
+                ("random-uniform", {}), ("h2o", dict(granularity="layer"))]
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_outputs(policy, rows=3, heads=2, head_dim=8):
+    """One layer's decode outputs (N-1, B, H, D) for fixed random condition and q, k, v."""
+    c, N = policy.c, policy.n
+    rng = np.random.default_rng(7)
+    q, k, v = (jnp.asarray(rng.normal(size=(N - 1, rows, heads, head_dim)), jnp.float32) for _ in range(3))
+    kc, vc = (jnp.asarray(rng.normal(size=(rows, c, heads, head_dim)), jnp.float32) for _ in range(2))
+    ex_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(jnp.arange(rows))
+
+    @jax.jit
+    def run():
+        cache = policy.prefill(policy.init(rows, heads, head_dim, jnp.float32), kc, vc)
+
+        def body(cache, t):
+            keys = jax.vmap(lambda kk: jax.random.fold_in(kk, t + 1))(ex_keys)
+            return policy.decode(cache, q[t], k[t], v[t], t, jnp.ones((rows, c), bool), layer_index=0, row_keys=keys)
+        return jax.lax.scan(body, cache, jnp.arange(N - 1))[1]
+
+    return np.asarray(run())
+
+
+@pytest.mark.parametrize("name,kw", LAB_VARIANTS)
+def test_lab_budget_one_equals_dense_layer(name, kw):
+    """Budget 1.0: nothing is evicted, so one layer's decode equals dense's, step by step."""
+    cfg = SMALL.replace(block_size=64)
+    dense = _layer_outputs(make_policy(cfg, "dense"))
+    got = _layer_outputs(make_policy(cfg, name, budget=1.0, **kw))
+    np.testing.assert_allclose(got, dense, atol=1e-6, rtol=0, err_msg=f"{name} {kw} budget 1.0 vs dense")
+
+
+def test_lab_keep0_equals_window_layer():
+    """With no pool (K = 0) the policies are the window: exactly the same procedure for the
+    evict-layout ones, the same attention up to rounding for h2o (its own XLA attention)."""
+    cfg = SMALL.replace(block_size=64)
+    window = _layer_outputs(make_policy(cfg, "window", prefix=8, keep=0, local=16))
+    for name, kw in [("line", dict(prefix=8, local=16)), ("random-uniform", dict(prefix=8, keep=0, local=16)),
+                     ("random", dict(prefix=8, keep=0, local=16))]:
+        np.testing.assert_array_equal(_layer_outputs(make_policy(cfg, name, **kw)), window, err_msg=name)
+    h2o = _layer_outputs(make_policy(cfg, "h2o", prefix=8, keep=0, local=16))
+    np.testing.assert_allclose(h2o, window, atol=1e-6, rtol=0, err_msg="h2o K=0 vs window")
+    one = _layer_outputs(make_policy(cfg, "window", prefix=0, keep=0, local=1))
+    np.testing.assert_array_equal(_layer_outputs(make_policy(cfg, "adsa-evict-all", keep=0)), one,
+                                  err_msg="adsa-evict-all K=0 vs window of the current token")
+
+
+def test_h2o_budget_one_equals_dense():
+    """Through the model, for h2o (the one with its own attention code): score's logits and greedy
+    generate's tokens at budget 1.0 equal dense's."""
+    case = small_case(2)
+    dense = jax_score(case, "dense", 3.0)
+    got = jax_score(case, "h2o", 3.0, budget=1.0)
+    assert_logits_close(got, dense.astype(np.float64), equiv_tol(dense), "h2o budget 1.0 vs dense")
+    greedy = [np.asarray(G.generate(case["model"], case["cond"], jax.random.key(0), cfg_scale=3.0, top_k=1,
+                                    policy=name, budget=budget)) for name, budget in (("dense", None), ("h2o", 1.0))]
+    np.testing.assert_array_equal(greedy[1], greedy[0], err_msg="h2o budget 1.0 greedy tokens vs dense")

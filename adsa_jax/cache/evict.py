@@ -1,7 +1,17 @@
-"""The evict family, one fixed [cond | prefix P | pool K | ring M] cache: ``adsa-evict`` (a token
+"""The evict family, one fixed [cond | prefix P | pool K | ring] cache: ``adsa-evict`` (a token
 leaving the ring enters the pool; when the pool is full the highest-score candidate of pool +
-newcomer is evicted), ``window`` (sinks + recent window, FIFO: no pool) and ``random`` (the
-evicted candidate drawn uniformly)."""
+newcomer is evicted), ``adsa-evict-all`` (the same with P = 0 and a ring of 1: every cached image
+token but the current one can be evicted), ``window`` (sinks + recent window, FIFO: no pool),
+``line`` (a window of whole grid rows), ``random`` (the evicted candidate drawn uniformly) and
+``random-uniform`` (the pool a uniform sample of the whole previous region: reservoir sampling).
+
+Eviction period ``s`` (spec/adsa.md, ``period``): the ring has M + s - 1 slots and every s steps
+the s oldest ring tokens leave together; the K + s candidates (pool slots in slot order, then the
+s leaving tokens, oldest first) are scored over that candidate set and the s highest dropped with
+one ``lax.top_k``. The spec writes "a ring of M + s slots" but also "s = 1 is exactly the rule
+above", whose ring has M slots; both hold when the ring counts the newcomer's slot, which the
+oldest leaving token hands over: M + s - 1 slots, s - 1 more than at s = 1. Every step still
+attends to at least the M most recent tokens (M to M + s - 1 of them in the ring)."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,10 +26,20 @@ from .layout import BIG, EPS, attend, cond_slot_mask, normalized_v, write_slot
 
 @dataclasses.dataclass(frozen=True)
 class Evict:
-    """adsa-evict / window / random: a fixed [cond | prefix P | pool K | ring M] cache.
+    """adsa-evict / adsa-evict-all / window / line / random / random-uniform: a fixed
+    [cond | prefix P | pool K | ring M + period - 1] cache.
 
-    ``chooser``: 'similarity' (ADSA: evict the highest score), 'random' (uniform).
-    ``window`` is this class with K = 0 and a ring of the window's K + M.
+    ``chooser``: 'similarity' (ADSA: evict the highest score), 'random' (a random victim).
+    ``draw`` (chooser 'random'): 'candidates' (``random``: the victim uniform over the K + 1
+    candidates, pool + the token leaving the ring) or 'reservoir' (``random-uniform``: Vitter's
+    Algorithm R. When the n-th token o to leave the ring (n from 1) finds the pool full, draw r
+    uniform in 0..n-1: o replaces pool slot r if r < K, else o is dropped. After every step each
+    of the n tokens of the previous region P..t-M is in the pool with probability K/n, whatever
+    its age; under 'candidates' a token survives each later step with probability K/(K+1), so the
+    pool holds mostly recent tokens).
+    ``period`` s: the eviction period (module docstring); chooser 'similarity' or draw 'candidates'.
+    ``window`` is this class with K = 0 and a ring of the window's K + M; ``line`` the same with
+    a ring of whole grid rows; ``adsa-evict-all`` this class with P = 0 and M = 1.
     """
 
     takes_qkv = True  # decode(..., qkv=) (not a field)
@@ -32,19 +52,32 @@ class Evict:
     chooser: str = "similarity"
     name: str = "adsa-evict"
     attention: str = "xla"
+    period: int = 1
+    draw: str = "candidates"
+
+    @property
+    def ring(self) -> int:
+        """Ring slots: M + period - 1 (the module docstring says why not M + period)."""
+        return self.local + self.period - 1
 
     @property
     def slots(self) -> int:
-        return self.c + self.prefix + self.keep + self.local
+        return self.c + self.prefix + self.keep + self.ring
 
     def attended(self, t: int) -> int:
-        return self.c + min(t + 1, self.prefix + self.keep + self.local)
+        P, K, s = self.prefix, self.keep, self.period
+        if s == 1:
+            return self.c + min(t + 1, P + K + self.local)
+        j = t - P  # ring index of token t; tokens leave the ring s at a time from j = ring on
+        moved = s * ((j - self.ring) // s + 1) if j >= self.ring else 0
+        return self.c + t + 1 - max(0, moved - K)
 
     @property
     def fused_score(self) -> bool:
         """With the Pallas kernel, step t's attention pass also computes step t+1's score terms
-        (V is read once per step, not twice); the XLA path scores in a separate pass."""
-        return self.attention != "xla" and self.chooser == "similarity" and self.keep > 0
+        (V is read once per step, not twice); the XLA path scores in a separate pass. Period 1
+        only: at s > 1 the candidates are scored every s steps, in XLA."""
+        return self.attention != "xla" and self.chooser == "similarity" and self.keep > 0 and self.period == 1
 
     def init(self, batch, heads, head_dim, dtype):
         g, x = (heads, head_dim) if self.granularity == "head" else (1, heads * head_dim)
@@ -70,7 +103,9 @@ class Evict:
         the kernel path, per-head scores (or none: window), ``kernels.EVICT_ONE_KERNEL`` (on by
         default) and :func:`adsa_jax.kernels.one_kernel_fits`. Otherwise the bookkeeping runs in
         XLA around the attention kernel."""
-        if self.attention == "xla" or self.granularity != "head" or self.chooser != "similarity":
+        # The kernel implements period 1 only; at s > 1 the bookkeeping (an s-token top_k every s
+        # steps) runs in XLA and only the attention uses the Pallas kernel.
+        if self.attention == "xla" or self.granularity != "head" or self.chooser != "similarity" or self.period != 1:
             return False
         return kernels.EVICT_ONE_KERNEL and kernels.one_kernel_fits(rows, heads, self.slots)
 
@@ -80,6 +115,8 @@ class Evict:
         # init() chose the path for the whole call (a device of a mesh sees fewer rows than init).
         if ("victim" in cache) if K else self.one_kernel(*q.shape[:2]):
             return self._decode_one_kernel(cache, q, k, v, t, cond_mask, qkv, rope)
+        if self.period > 1:
+            return self._decode_period(cache, q, k, v, t, cond_mask, layer_index, row_keys)
         ring0 = c + P + K
         ring = ring0 + jnp.mod(t - P, M)
         if K > 0:
@@ -155,6 +192,11 @@ class Evict:
             cand = (jnp.arange(K + M) < K) | (jnp.arange(K + M) == ring - (c + P))
             victim = jnp.argmax(jnp.where(cand, score, -BIG), axis=-1)  # (B, G) first max
             victim = jnp.minimum(victim, K)  # o's ring position -> K
+        elif self.chooser == "random" and self.draw == "reservoir":
+            # Algorithm R: o is the (n_moved + 1)-th token to leave the ring; r < K replaces pool slot r.
+            keys = jax.vmap(lambda kk: jax.random.fold_in(kk, layer_index))(row_keys)
+            r = jax.vmap(lambda kk: jax.random.randint(kk, (vsum.shape[1],), 0, jnp.maximum(n_moved + 1, 1)))(keys)
+            victim = jnp.minimum(r, K)  # (B, G); K: o is dropped
         elif self.chooser == "random":
             keys = jax.vmap(lambda kk: jax.random.fold_in(kk, layer_index))(row_keys)
             victim = jax.vmap(lambda kk: jax.random.randint(kk, (vsum.shape[1],), 0, K + 1))(keys)
@@ -177,4 +219,72 @@ class Evict:
         vc = vc.at[bi, hi, dest_h].set(v_o[:, :, 0], unique_indices=True)
         pos = pos.at[bi[:, :1] if pos.shape[1] == 1 else bi, jnp.arange(pos.shape[1])[None, :], dest].set(
             p_o, unique_indices=True)
+        return kc, vc, pos, vsum
+
+    # ------------------------------------------------------------------------- period s > 1
+
+    def _decode_period(self, cache, q, k, v, t, cond_mask, layer_index, row_keys):
+        """A decode step at period s > 1 (XLA bookkeeping; the attention may be the Pallas kernel)."""
+        c, P, K = self.c, self.prefix, self.keep
+        R, s = self.ring, self.period
+        kc, vc, pos, vsum = cache["k"], cache["v"], cache["pos"], cache["vsum"]
+        j = t - P  # ring index of token t (negative while it goes to the prefix)
+        ring = c + P + K + jnp.mod(j, R)
+        # The s oldest ring tokens leave at j = R, R + s, R + 2s, ...: a real branch (lax.cond on a
+        # scalar), so the other s - 1 steps of a period skip the scoring.
+        leave_now = (j >= R) & (jnp.mod(j - R, s) == 0)
+        with jax.named_scope("evict"):
+            kc, vc, pos, vsum = jax.lax.cond(
+                leave_now, lambda ops: self._leave_ring(*ops, j, layer_index, row_keys), lambda ops: ops,
+                (kc, vc, pos, vsum))
+        slot = jnp.where(t < P, c + t, ring)
+        kc, vc = write_slot(kc, k, slot), write_slot(vc, v, slot)
+        pos = jax.lax.dynamic_update_slice_in_dim(
+            pos, jnp.full(pos.shape[:2] + (1,), c + t, jnp.int32), slot, axis=2)
+        mask = (pos >= 0) & cond_slot_mask(cond_mask, self.slots)  # (B, G, C)
+        out = attend(q, kc, vc, mask, self.attention)
+        return {**cache, "k": kc, "v": vc, "pos": pos, "vsum": vsum}, out
+
+    def _leave_ring(self, kc, vc, pos, vsum, j, layer_index, row_keys):
+        """The s oldest ring tokens (slots of ring indices j - R .. j - R + s - 1) leave the ring.
+
+        Candidates: the K pool slots in slot order, then the s leaving tokens oldest first. An
+        empty pool slot scores +BIG, so ``lax.top_k`` "drops" the free slots first (lowest first)
+        and then the highest-score tokens, s in all: the leaving tokens that survive fill the
+        dropped pool slots, ascending, oldest first; the others are dropped. Scores are over the
+        valid candidates (the filled pool slots and the s leaving tokens), as at s = 1."""
+        c, P, K, R, s = self.c, self.prefix, self.keep, self.ring, self.period
+        b, h = kc.shape[:2]
+        g = pos.shape[1]
+        leave = c + P + K + jnp.mod(j + jnp.arange(s), R)  # (s,) slots, oldest first
+        k_l = jnp.take(kc, leave, axis=2)  # (B, H, s, D)
+        v_l = jnp.take(vc, leave, axis=2)
+        p_l = jnp.take(pos, leave, axis=2)  # (B, G, s)
+        cand_v = jnp.concatenate([vc[:, :, c + P: c + P + K], v_l], axis=2)  # (B, H, K+s, D)
+        cand_ok = jnp.concatenate([pos[:, :, c + P: c + P + K] >= 0, jnp.ones((b, g, s), bool)], axis=2)  # (B, G, K+s)
+        vn = jnp.where(cand_ok[..., None], normalized_v(cand_v, self.granularity), 0.0)  # (B, G, K+s, X)
+        total = vsum + jnp.sum(vn[:, :, K:], axis=2)  # (B, G, X): pool + leaving
+        if self.chooser == "similarity":
+            # One multiply-and-sum for every candidate: identical V vectors get identical scores.
+            score = jnp.sum(vn * total[:, :, None, :], axis=-1)  # (B, G, K+s)
+        elif self.chooser == "random" and self.draw == "candidates":
+            keys = jax.vmap(lambda kk: jax.random.fold_in(kk, layer_index))(row_keys)
+            score = jax.vmap(lambda kk: jax.random.uniform(kk, (g, K + s)))(keys)  # (B, G, K+s)
+        else:
+            raise ConfigError(f"period {s} > 1 needs chooser 'similarity' or draw 'candidates', got "
+                              f"{self.chooser!r} / {self.draw!r}")
+        _, drop = jax.lax.top_k(jnp.where(cand_ok, score, BIG), s)  # (B, G, s); ties: lower index first
+        dropped = jnp.any(drop[..., None] == jnp.arange(K + s), axis=-2)  # (B, G, K+s)
+        vsum = total - jnp.sum(jnp.where(dropped[..., None], vn, 0.0), axis=2)
+        stay = ~dropped[:, :, K:]  # (B, G, s) leaving tokens that move to the pool
+        rank = jnp.cumsum(stay, axis=-1) - 1  # their order, oldest first
+        freed = jnp.sort(jnp.where(drop < K, drop, K), axis=-1)  # (B, G, s) dropped pool slots, ascending
+        dest_pool = jnp.take_along_axis(freed, jnp.clip(rank, 0, s - 1), axis=-1)
+        dest = jnp.where(stay, c + P + dest_pool, leave)  # a dropped token is written back to its own slot
+        dest_h = jnp.broadcast_to(dest, (b, h, s))  # 'layer' (G = 1): the same slots in every head
+        bi, hi = jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None]
+        kc = kc.at[bi, hi, dest_h].set(k_l, unique_indices=True)
+        vc = vc.at[bi, hi, dest_h].set(v_l, unique_indices=True)
+        pos = pos.at[:, :, leave].set(-1)  # the s ring slots are free until tokens j .. j + s - 1 fill them
+        pos = pos.at[bi, jnp.arange(g)[None, :, None], dest].set(jnp.where(stay, p_l, -1), unique_indices=True)
         return kc, vc, pos, vsum
