@@ -20,6 +20,7 @@ FLAGS = {
     "top_k": "--top-k", "top_p": "--top-p", "num_samples": "--num-samples", "batch_size": "--batch-size",
     "seed": "--seed", "budget": "--budget", "prefix": "--prefix", "keep": "--keep", "local": "--local",
     "max_batches": "--max-batches", "num_segments": "--segments", "classes": "--classes",
+    "data_parallel": "--data-parallel", "tensor_parallel": "--tensor-parallel",
 }
 
 # jax.random.key keeps the low 32 bits of a seed when 64-bit mode is off (the default): seed 2**32
@@ -129,41 +130,70 @@ def check_policy_sizes(budget=None, prefix=None, keep=None, local=None):
             check_count(v, name, minimum=1 if name == "local" else 0)
 
 
-def check_output_file(path, *, create_dirs: bool = False) -> None:
+def check_output_file(path, *, create_dirs: bool = False, flag: str | None = None) -> None:
     """Fail now, not after a long run, if ``path`` (a file to write) cannot be written.
 
     create_dirs: missing parent directories will be made (the nearest existing one must be a
-    writable directory)."""
+    writable directory). flag: the command-line flag, for the message."""
     if path is None:
         return
+    what = f"{flag} {path}" if flag else str(path)
     p = Path(path)
     if p.is_dir():
-        raise ConfigError(f"cannot write {path}: it is a directory; give a file name")
+        raise ConfigError(f"cannot write {what}: it is a directory; give a file name")
     if p.exists() and not os.access(p, os.W_OK):
-        raise ConfigError(f"cannot write {path}: the file is not writable")
-    _check_parent(path, p.absolute().parent, create_dirs)
+        raise ConfigError(f"cannot write {what}: the file is not writable")
+    _check_parent(what, p.absolute().parent, create_dirs)
 
 
-def check_output_dir(path, *, create: bool = True) -> None:
+def check_output_dir(path, *, create: bool = True, flag: str | None = None) -> None:
     """Fail now if ``path`` (a directory to write files into) cannot be made or written."""
     if path is None:
         return
+    what = f"{flag} {path}" if flag else str(path)
     p = Path(path)
     if p.exists():
         if not p.is_dir():
-            raise ConfigError(f"cannot write into {path}: it is a file, not a directory")
+            raise ConfigError(f"cannot write into {what}: it is a file, not a directory")
         if not os.access(p, os.W_OK | os.X_OK):
-            raise ConfigError(f"cannot write into {path}: the directory is not writable")
+            raise ConfigError(f"cannot write into {what}: the directory is not writable")
         return
-    _check_parent(path, p.absolute().parent, create)
+    _check_parent(what, p.absolute().parent, create)
 
 
-def _check_parent(path, parent: Path, create: bool):
+def _check_parent(what: str, parent: Path, create: bool):
     if create:
         while not parent.exists() and parent != parent.parent:
             parent = parent.parent
     if not parent.is_dir():
-        what = "is not a directory" if parent.exists() else "does not exist"
-        raise ConfigError(f"cannot write {path}: {parent} {what}")
+        why = "is not a directory" if parent.exists() else "does not exist"
+        raise ConfigError(f"cannot write {what}: {parent} {why}")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot write {path}: directory {parent} is not writable")
+        raise ConfigError(f"cannot write {what}: directory {parent} is not writable")
+
+
+def check_sample_args(a) -> None:
+    """Every numeric argument and output path of ``adsa-jax sample`` (an argparse namespace),
+    before a checkpoint is read or anything is compiled: a long run never fails at its end."""
+    def get(name):
+        return getattr(a, name, None)
+
+    for name in ("num_samples", "batch_size", "max_batches"):
+        if get(name) is not None:
+            check_count(get(name), name)
+    if get("segments") is not None:
+        check_count(get("segments"), "num_segments")
+    for name in ("data_parallel", "tensor_parallel"):
+        if get(name) is not None:
+            check_count(get(name), name)
+    check_seed(0 if get("seed") is None else get("seed"))
+    check_sampling_args(1.0 if get("temperature") is None else get("temperature"),
+                        0 if get("top_k") is None else get("top_k"),
+                        1.0 if get("top_p") is None else get("top_p"),
+                        1.0 if get("cfg_scale") is None else get("cfg_scale"),
+                        -1 if get("cfg_interval") is None else get("cfg_interval"))
+    check_policy_sizes(get("budget"), get("prefix"), get("keep"), get("local"))
+    check_output_file(get("out"), flag="--out")
+    check_output_file(get("tokens_out"), flag="--tokens-out")
+    check_output_dir(get("out_dir"), flag="--out-dir")
+    check_output_file(get("npz"), create_dirs=True, flag="--npz")  # its work directory is made next to it
