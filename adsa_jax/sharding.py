@@ -81,6 +81,7 @@ CACHE_AXES = {
     "dots": ("batch", "heads", "slots"),  # ADSA score terms from the Pallas kernel (adsa-evict)
     "sq": ("batch", "heads", "slots"),
     "victim": ("batch", "heads"),  # next step's victim slot (adsa-evict as one kernel)
+    "acc": ("batch", "heads", "slots"),  # h2o: attention accumulated per slot
 }
 
 TOKENS_AXES = ("batch", "tokens")

@@ -103,6 +103,20 @@ def test_period_and_the_new_policies_refuse_bad_options():
     assert make_policy(CFG16, "adsa-evict-all", keep=3).slots == 1 + 4
 
 
+def test_every_policy_cache_has_sharding_axes():
+    """Every cache entry of every policy has logical axes (sharding.CACHE_AXES), so generate can
+    place it on a mesh."""
+    from adsa_jax import sharding
+
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    for name in adsa_jax.POLICY_NAMES:
+        for gran in ("head", "layer"):
+            pol = make_policy(CFG16, name, granularity=gran) if name != "dense" else make_policy(CFG16, name)
+            cache = pol.init(2, CFG16.n_head, CFG16.head_dim, jnp.float32)
+            specs = sharding.cache_specs(cache, mesh, pol)
+            assert set(specs) == set(cache), name
+
+
 def _compiled(model, policy, batch):
     args = (model.params, jnp.arange(batch, dtype=jnp.int32) % 5, jnp.ones((batch, 1), bool), jax.random.key(0),
             jnp.arange(batch, dtype=jnp.int32), _scalars(4.0, -1, 1.0, 0, 1.0))
