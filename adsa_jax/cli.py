@@ -84,17 +84,22 @@ def add_sampling_args(p):
 
 
 def add_policy_args(p):
-    p.add_argument("--policy", default="dense", help="dense, adsa-select, adsa-evict, window, random")
+    from .cache import POLICY_NAMES
+
+    p.add_argument("--policy", default="dense", help=", ".join(POLICY_NAMES))
     p.add_argument("--budget", type=float, default=None, help="fraction of image tokens kept (default sizes: "
                    "prefix = one grid row, local = two rows, keep = the rest)")
     p.add_argument("--prefix", type=int, default=None)
     p.add_argument("--keep", type=int, default=None)
     p.add_argument("--local", type=int, default=None)
     p.add_argument("--granularity", choices=("head", "layer"), default="head")
+    p.add_argument("--period", type=int, default=1, help="eviction period s of adsa-evict, adsa-evict-all and "
+                   "random: s tokens leave the local window together every s steps (default 1)")
 
 
 def _policy_kw(a):
-    return dict(budget=a.budget, prefix=a.prefix, keep=a.keep, local=a.local, granularity=a.granularity)
+    return dict(budget=a.budget, prefix=a.prefix, keep=a.keep, local=a.local, granularity=a.granularity,
+                period=a.period)
 
 
 def parse_classes(text, num_classes):

@@ -34,6 +34,8 @@ def test_sample_errors(c2i_dir, tmp_path, capsys):
     assert "not an adsa_jax checkpoint" in capsys.readouterr().err
     assert main(["sample", "--gpt", str(c2i_dir), "--policy", "adsa-evict", "--budget", "0.1"]) == 2
     assert "budget" in capsys.readouterr().err
+    assert main(["sample", "--gpt", str(c2i_dir), "--policy", "window", "--period", "2"]) == 2
+    assert "period applies to adsa-evict" in capsys.readouterr().err
     assert main(["sample", "--gpt", str(c2i_dir), "--tokens-out", str(tmp_path / "no" / "dir" / "t.npy")]) == 2
     assert "cannot write" in capsys.readouterr().err
 
