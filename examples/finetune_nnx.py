@@ -1,17 +1,20 @@
 """Fine-tune the bundled demo model with Flax NNX and optax: teach it to draw inverted digits.
 
-    python examples/finetune_nnx.py                       # 300 steps of 32 images (see below for times)
-    python examples/finetune_nnx.py --task mirror --steps 100 --out /tmp/mirrored   # and save the result
+    python examples/finetune_nnx.py                       # 300 steps of 8 images: 9 min on a busy 2-core CPU
+    python examples/finetune_nnx.py --steps 100 --out /tmp/inverted   # shorter, and save the result
 
-The bundled GPT (``adsa_jax/data/demo_digits``) learned scikit-learn's digits, dark strokes on a
-light ground; here it learns a variant it has never seen (``--task``: ``invert`` swaps the gray
-levels, ``mirror`` flips each image left-right, ``none`` keeps training on the digits as they
-are). It is an ordinary NNX loop: ``nn.GPT.from_model`` wraps the loaded arrays,
+The bundled GPT (``adsa_jax/data/demo_digits``) learned scikit-learn's digits, light strokes
+on a dark ground (token 0); here it learns a variant it has never seen (``--task``: ``invert``
+swaps the gray levels, ``mirror`` flips each image left-right, ``none`` keeps training on the
+digits as they are). It is an ordinary NNX loop: ``nn.GPT.from_model`` wraps the loaded arrays,
 ``nnx.Optimizer(gpt, tx, wrt=nnx.Param)`` holds AdamW's state, ``nnx.value_and_grad``
-differentiates the module and ``optimizer.update(gpt, grads)`` steps it (flax >= 0.12), all
+differentiates the module and ``optimizer.update(gpt, grads)`` steps it (flax >= 0.12.4), all
 under one ``nnx.jit``. The loss is LlamaGen's: teacher-forced cross entropy, with the class
 label replaced by the null class 10 % of the time (so CFG keeps working). It prints the
-held-out NLL of the task (it goes down) and of the original digits (how much the model forgot).
+held-out NLL of the task (it goes down) and of the original digits (how much the model
+forgets). The default run, measured on a 2-core CPU (first 128 held-out images): inverted
+digits 1.671 nats/token before, 0.645 after 50 steps, 0.542 after 300; original digits 0.500
+before, 0.773 after. (Mirrored digits start at 0.587, near the original 0.500: little to learn.)
 ``--out DIR`` writes a checkpoint that ``adsa_jax.load`` and ``adsa-jax sample --gpt DIR`` read.
 Needs scikit-learn for the data (``pip install 'adsa-jax[demo]'``), or ``--data FILE.npz``
 written by ``python examples/train_demo.py --save-data FILE.npz``.
@@ -72,8 +75,8 @@ def eval_nll(gpt: nn.GPT, tokens, labels):
     return nll(gpt(labels, tokens), tokens)
 
 
-def finetune(gpt: nn.GPT, data: dict, *, task: str = "invert", steps: int = 300, batch: int = 32, lr: float = 1e-4,
-             warmup: int = 20, weight_decay: float = 0.05, seed: int = 0, eval_every: int = 100, eval_images: int = 360,
+def finetune(gpt: nn.GPT, data: dict, *, task: str = "invert", steps: int = 300, batch: int = 8, lr: float = 1e-4,
+             warmup: int = 20, weight_decay: float = 0.05, seed: int = 0, eval_every: int = 50, eval_images: int = 128,
              log=print) -> dict:
     """Fine-tune ``gpt`` in place on ``task``; returns the losses: ``train`` (per step),
     ``heldout`` [(step, task NLL)], ``original`` (held-out NLL of the unchanged digits, before/after)."""
@@ -83,7 +86,8 @@ def finetune(gpt: nn.GPT, data: dict, *, task: str = "invert", steps: int = 300,
     ho_t = transform(data["heldout_tokens"][:eval_images], task)
     ho_orig = data["heldout_tokens"][:eval_images]
 
-    warm = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, min(warmup, steps)), max(steps, 1), lr * 0.1)
+    w = max(0, min(warmup, steps - 1))  # a run shorter than the warmup still ends with a cosine step
+    warm = optax.warmup_cosine_decay_schedule(0.0, lr, w, max(steps, w + 1), lr * 0.1)
     sched = lambda count: warm(count + 1)  # noqa: E731 (step 1 already learns: lr / warmup, not 0)
     matrices = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)  # noqa: E731 (no decay on norm scales)
     tx = optax.chain(optax.clip_by_global_norm(1.0),
@@ -129,7 +133,7 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=TASKS, default="invert", help="what to learn (default: %(default)s)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=32, help="images per step (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=8, help="images per step (default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate, after a linear warmup, "
                    "then cosine to 10%% (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=20, help="warmup steps (default: %(default)s)")
@@ -137,7 +141,7 @@ def parse(argv=None):
     p.add_argument("--seed", type=int, default=0, help="batches and class dropout (default: %(default)s)")
     p.add_argument("--eval-every", type=int, default=50, help="held-out NLL every this many steps "
                    "(default: %(default)s)")
-    p.add_argument("--eval-images", type=int, default=360, help="held-out images per evaluation, at most 360 "
+    p.add_argument("--eval-images", type=int, default=128, help="held-out images per evaluation, at most 360 "
                    "(default: %(default)s)")
     p.add_argument("--data", default=None, metavar="FILE.npz", help="the tokenised digits from an .npz "
                    "(demo.save_data) instead of scikit-learn (default: scikit-learn)")
@@ -147,6 +151,8 @@ def parse(argv=None):
     for name in ("steps", "batch", "eval_every", "eval_images"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if a.warmup < 0 or not a.lr > 0:
+        p.error("--warmup must be >= 0 and --lr > 0")
     return a
 
 

@@ -112,6 +112,7 @@ def test_call_is_adsa_jax_forward_on_the_current_arrays(cfg):
     got = np.asarray(gpt(cond, tokens, cond_mask=mask))
     assert got.shape == (2, cfg.num_image_tokens, cfg.vocab_size)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(adsa_jax.forward(gpt, cond, tokens, cond_mask=mask)), got)
     # the module is a live view: a changed variable changes the logits (the head's output weight
     # at zero gives zero logits everywhere); the wrapped Model keeps its own (immutable) arrays
     gpt.output[...] = jnp.zeros_like(gpt.output[...])
@@ -128,9 +129,7 @@ def test_partition_specs_are_the_sharding_modules(cfg):
     want = flat_params(S.param_shardings(cfg, mesh, tensor_parallel=True))
     assert specs.keys() == want.keys()
     for p, sh in want.items():
-        assert strip(specs[p]) == strip(sh.spec), p
-        ndim = len(flat_params(M.param_shapes(cfg))[p])
-        assert jax.sharding.NamedSharding(mesh, specs[p]).is_equivalent_to(sh, ndim), p
+        assert strip(specs[p]) == strip(sh.spec), p  # the same mesh axis for every dimension
     assert specs[("layers", 0, "wqkv")] == jax.sharding.PartitionSpec(None, None, S.MODEL, None)
     assert specs[("layers", 0, "w2")] == jax.sharding.PartitionSpec(S.MODEL, None)
     # placing the state with flax's own helper puts the params on the mesh as adsa_jax expects
