@@ -338,6 +338,9 @@ def run_case(case, name, *, cfg_scale=1.0, granularity="head", trace=True, score
         # slot identity first: a wrong eviction is the root cause of later logit differences
         if "pos" in obs:
             assert_slots_equal(obs["pos"], ref, what, c)
+            held = (obs["pos"] >= 0).sum(-1)  # (N-1, L, R, G) slots attended after each step
+            want = np.array([pol.attended(t) for t in range(held.shape[0])])
+            assert (held == want[:, None, None, None]).all(), f"{what}: attended(t) differs from the slots held"
         if name == "adsa-select":
             check_select(pol, obs, final_v, ref, c, what)
         assert_logits_close(rows, ref["logits_rows"], TOL, what + " [step function, raw rows]")
