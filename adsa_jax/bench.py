@@ -26,11 +26,10 @@ import numpy as np
 
 from .checkpoint import load, read_meta
 from .config import ConfigError, GPTConfig, config_from_arg, grid_for_image_size, is_config_file
-from .generate import (Model, _generate_jit_cublas, _scalars, check_backend, generate_program, resolve_attention,
-                       resolve_gemm)
-from .sampling import resolve_sampler
+from .cache import kv_bytes, make_policy
+from .generate import Model, _scalars, generate_program, with_kernels
 from .model import init_params
-from .cache import Dense, kv_bytes, make_policy
+from .options import KernelConfig, kernel_config
 
 
 def measure_device(size_mb: int = 1024, n: int = 8192, reps: int = 20):
@@ -38,7 +37,7 @@ def measure_device(size_mb: int = 1024, n: int = 8192, reps: int = 20):
 
     Each timed call loops ``reps`` times inside one jitted program, so the host's dispatch and
     sync (tens of microseconds against a ~0.7 ms pass over 1 GiB) do not count: timed call by call,
-    the H200's copy rate read 2.5-3.2 TB/s between processes (BENCHMARKS.md, session 7)."""
+    the H200's copy rate read 2.5-3.2 TB/s between processes."""
     x = jnp.ones((size_mb * 2**20 // 4,), jnp.float32) + jax.random.uniform(jax.random.key(0), ())
 
     def per_rep(f, *args):  # median seconds of one of the ``reps`` passes in f
@@ -91,19 +90,20 @@ def roofline(cfg: GPTConfig, policy, rows: int, batch: int, dtype, device: dict)
             "bytes_per_call": bytes_total, "flops_per_call": flops}
 
 
-def compile_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, segments=1, seed=0,
-                attention="auto", gemm="auto") -> dict:
+def compile_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, seed=0,
+                options: KernelConfig | None = None) -> dict:
     """Lower and compile one configuration; returns the executable, its arguments and the row
     so far (compile time, compiled peak memory, KV bytes). Thread-safe: XLA compiles without
     the GIL, so a sweep can compile many configurations at once (:func:`run`).
 
-    ``segments`` (length buckets) apply to dense/select with XLA attention: the Pallas kernel
-    reads just the filled slots without them."""
+    options: the KernelConfig to resolve (:func:`adsa_jax.options.kernel_config`); its segments
+    (length buckets) apply to dense with XLA attention and adsa-select: the Pallas kernel reads
+    just the filled slots without them."""
     cfg = model.config
     use_cfg = cfg_scale > 1.0
     rows = batch * (2 if use_cfg else 1)
-    policy = check_backend(resolve_attention(policy, cfg, attention, rows=rows))
-    gemm = resolve_gemm(gemm, rows, model.dtype)
+    kc = kernel_config(cfg, policy, rows, model.dtype, base=options)
+    policy = with_kernels(policy, kc, options)
     attn = getattr(policy, "attention", "xla")
     if cfg.model_type == "t2i":
         # Zero caption features, every token valid: shapes are static, so a step costs the same
@@ -115,11 +115,9 @@ def compile_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, 
         mask = jnp.ones((batch, 1), bool)
     ids = jnp.arange(batch, dtype=jnp.int32)
     scalars = _scalars(cfg_scale, -1, 1.0, top_k, 1.0)
-    nseg = segments if getattr(policy, "full_cache", False) and not (isinstance(policy, Dense) and attn != "xla") else 1
     t0 = time.perf_counter()
-    program = generate_program(rows)
-    lowered = program.lower(model.params, cond, mask, jax.random.key(seed), ids, scalars, cfg=cfg,
-                            policy=policy, use_cfg=use_cfg, num_segments=nseg, sampler=resolve_sampler(1.0), gemm=gemm)
+    lowered = generate_program(kc).lower(model.params, cond, mask, jax.random.key(seed), ids, scalars, cfg=cfg,
+                                         policy=policy, use_cfg=use_cfg, kernels=kc, top_p_on=False)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
@@ -130,8 +128,8 @@ def compile_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, 
     row = {
         "type": cfg.model_type, "layers": cfg.n_layer, "dim": cfg.dim, "grid": cfg.grid, "batch": batch, "cfg": use_cfg,
         "policy": policy.name, "prefix": getattr(policy, "prefix", None), "keep": getattr(policy, "keep", None),
-        "local": getattr(policy, "local", None), "segments": nseg, "attention": attn, "dtype": str(model.dtype),
-        "gemm": gemm if gemm != "xla" else "cublas" if program is _generate_jit_cublas else "xla-default", "compile_s": compile_s,
+        "local": getattr(policy, "local", None), "segments": kc.segments, "attention": attn, "dtype": str(model.dtype),
+        "gemm": kc.gemm if kc.gemm != "xla" else "cublas" if kc.cublas else "xla-default", "compile_s": compile_s,
         "peak_bytes_compiled": peak, "kv_bytes": kv_bytes(policy, cfg, rows, model.dtype),
     }
     return {"compiled": compiled, "args": (cond, mask, ids, scalars), "policy": policy, "rows": rows, "row": row}
@@ -157,11 +155,10 @@ def time_one(model: Model, prepared: dict, *, iters=3, warmup=1, device=None, se
     return res
 
 
-def bench_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, iters=3, warmup=1, segments=1,
-              device=None, seed=0, run=True, attention="auto", gemm="auto"):
+def bench_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, iters=3, warmup=1,
+              device=None, seed=0, run=True, options: KernelConfig | None = None):
     """One configuration; ``run=False`` only compiles (compile time and compiled memory)."""
-    prep = compile_one(model, batch, policy, cfg_scale=cfg_scale, top_k=top_k, segments=segments, seed=seed,
-                       attention=attention, gemm=gemm)
+    prep = compile_one(model, batch, policy, cfg_scale=cfg_scale, top_k=top_k, seed=seed, options=options)
     if not run:
         return dict(prep["row"], s_per_call=float("nan"), images_per_s=float("nan"), ms_per_step=float("nan"),
                     times=[])
@@ -220,22 +217,22 @@ def format_shares(shares) -> str:
                      for s in shares)
 
 
-def compiled_in_order(model: Model, items, workers: int = 1):
+def compiled_in_order(model: Model, items, workers: int = 1, compile=None):
     """Compile configurations ``workers`` at a time (threads); yield ``(item, prepared)`` in item
     order (``prepared``: :func:`compile_one`'s dict, or the exception it raised). Items are dicts
-    with ``batch``, ``policy`` (an object) and optional ``segments``, ``attention``, ``gemm``,
-    ``cfg_scale``, ``top_k``. Nothing compiles while the caller times a yielded item
+    with ``batch``, ``policy`` (an object) and optional ``options`` (a KernelConfig), ``cfg_scale``,
+    ``top_k``. Nothing compiles while the caller times a yielded item
     (:func:`time_one`): the next group starts only when the caller asks for it, since a compile
-    on the host slows the launch-bound small batches being timed (session 9 saw 0.31 s calls
-    measured at up to 0.77 s beside one)."""
+    on the host slows the launch-bound small batches being timed (0.31 s calls were measured at up
+    to 0.77 s beside one). compile: a stand-in for :func:`compile_one`, same signature (tests)."""
     from concurrent.futures import ThreadPoolExecutor
+
+    compile = compile_one if compile is None else compile
 
     def prep(item):
         try:
-            return compile_one(model, item["batch"], item["policy"], segments=item.get("segments", 1),
-                               attention=item.get("attention", "auto"), gemm=item.get("gemm", "auto"),
-                               cfg_scale=item.get("cfg_scale", 4.0),
-                               top_k=item.get("top_k", 2000))
+            return compile(model, item["batch"], item["policy"], options=item.get("options"),
+                           cfg_scale=item.get("cfg_scale", 4.0), top_k=item.get("top_k", 2000))
         except Exception as e:  # noqa: BLE001 - one failing configuration should not end the sweep
             return e
 
@@ -319,18 +316,19 @@ def _checkpoint_model(path: Path, sizes, model_type) -> BenchModel:
 
 
 def run(models=None, image_sizes=None, batches=(1, 8), policies=("dense",), budgets=(0.5,),
-        dtype="bfloat16", iters=3, segments=1, cfg_scale=4.0, top_k=2000, json_path=None, measure=True, log=print,
-        attention="auto", compile_workers=1, warmup=1, checkpoint=None, model_type=None, gemm="auto"):
+        dtype="bfloat16", iters=3, cfg_scale=4.0, top_k=2000, json_path=None, measure=True, log=print,
+        compile_workers=1, warmup=1, checkpoint=None, model_type=None, options: KernelConfig | None = None):
     """Sweep models x image sizes x policies x budgets x batches (models, image sizes, checkpoint
     and model type: :func:`bench_models`). With ``compile_workers`` > 1 the configurations of one
     model compile that many at a time in parallel threads (their compile times then overlap:
     compile_s is wall time under contention), and are timed one after another once compiled.
-    Rows carry the model's ``name`` and ``source`` (the JSON file or checkpoint directory)."""
+    Rows carry the model's ``name`` and ``source`` (the JSON file or checkpoint directory).
+    options: the KernelConfig every configuration resolves (default ``KernelConfig()``)."""
     specs = bench_models(models, image_sizes, checkpoint=checkpoint, model_type=model_type)
 
     def items_for(cfg):
         return [{"batch": b, "policy": make_policy(cfg, pol_name, budget=budget), "budget": budget,
-                 "segments": segments, "attention": attention, "gemm": gemm, "cfg_scale": cfg_scale, "top_k": top_k}
+                 "options": options, "cfg_scale": cfg_scale, "top_k": top_k}
                 for pol_name in policies for budget in ([None] if pol_name == "dense" else budgets)
                 for b in batches]
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ConfigError
+from .options import KernelConfig
 
 DEMO_CLASSES = "207,360,387,974,88,979,417,279"  # LlamaGen sample_c2i.py's labels
 
@@ -259,7 +260,8 @@ def run_sample(a):
     bs = a.batch_size or n
     key = jax.random.key(a.seed)
     kw = dict(cfg_scale=a.cfg_scale, cfg_interval=a.cfg_interval, temperature=a.temperature, top_k=a.top_k,
-              top_p=a.top_p, policy=policy, num_segments=a.segments, attention=a.attention, gemm=a.gemm)
+              top_p=a.top_p, policy=policy,
+              options=KernelConfig(attention=a.attention, gemm=a.gemm, segments=a.segments))
     if mesh is not None:
         _log(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices ({jax.process_count()} processes)")
     if a.npz:  # large runs: resumable batches in NPZ.parts/, merged into NPZ (adsa_jax.runs)
@@ -524,8 +526,8 @@ def run_bench(a):
     _, rows = run(models=a.model.split(",") if a.model else None, image_sizes=sizes, checkpoint=a.checkpoint,
                   model_type=a.model_type, batches=[int(x) for x in a.batch.split(",")], policies=a.policies.split(","),
                   budgets=[float(x) for x in a.budgets.split(",")], dtype=a.dtype, iters=a.iters,
-                  segments=a.segments, cfg_scale=a.cfg_scale, top_k=a.top_k, json_path=a.json,
-                  measure=not a.no_roofline, log=_log, attention=a.attention, gemm=a.gemm,
+                  cfg_scale=a.cfg_scale, top_k=a.top_k, json_path=a.json, measure=not a.no_roofline, log=_log,
+                  options=KernelConfig(attention=a.attention, gemm=a.gemm, segments=a.segments),
                   compile_workers=a.compile_workers)
     print(format_rows(rows))
     shares = selection_shares(rows)

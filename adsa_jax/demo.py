@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ConfigError, GPTConfig
+from .options import KernelConfig
 
 LEVELS = 16  # gray levels = vocabulary size
 SIDE = 16  # image side in pixels = token grid side
@@ -312,17 +313,19 @@ def quality_benchmark(model=None, *, policies=("dense", "adsa-select", "adsa-evi
         for budget in ([None] if name == "dense" else budgets):
             t1 = time.perf_counter()
             pol = make_policy(cfg, name, budget=budget)
-            logits = score(model, ho_l, ho_t, policy=pol, cfg_scale=1.0, attention=attention)
+            logits = score(model, ho_l, ho_t, policy=pol, cfg_scale=1.0, options=KernelConfig(attention=attention))
             if ref is None and name == "dense":
                 ref = logits
             if ref is None:
-                ref = score(model, ho_l, ho_t, policy=make_policy(cfg, "dense"), cfg_scale=1.0, attention=attention)
+                ref = score(model, ho_l, ho_t, policy=make_policy(cfg, "dense"), cfg_scale=1.0,
+                            options=KernelConfig(attention=attention))
             kl, agree = kl_and_agreement(ref, logits)
             accs = []
             for s in seeds:
                 toks = np.asarray(generate(model, gen_labels, jax.random.key(s), cfg_scale=cfg_scale, top_k=top_k,
-                                           temperature=temperature, policy=pol, attention=attention,
-                                           gemm="xla" if attention == "xla" else "auto"))
+                                           temperature=temperature, policy=pol,
+                                           options=KernelConfig(attention=attention,
+                                                                gemm="xla" if attention == "xla" else "auto")))
                 if samples is not None:
                     samples[sample_key(name, budget, s)] = toks.astype(np.uint8)
                 if clf is not None:
@@ -466,8 +469,8 @@ def sample_demo(a, log=print):
     if a.side_by_side and policy.name == "dense":
         raise ConfigError("--side-by-side compares dense with another policy: add e.g. --policy adsa-evict --budget 0.5")
     samp = {k: (v if getattr(a, k, None) is None else getattr(a, k)) for k, v in DEMO_SAMPLING.items()}
-    kw = dict(cfg_interval=a.cfg_interval, top_p=a.top_p, num_segments=a.segments, attention=a.attention,
-              gemm=a.gemm, **samp)
+    kw = dict(cfg_interval=a.cfg_interval, top_p=a.top_p,
+              options=KernelConfig(attention=a.attention, gemm=a.gemm, segments=a.segments), **samp)
     key = jax.random.key(a.seed)
     log(f"demo model (sklearn digits, {cfg.n_layer} layers x {cfg.dim}, 16x16 tokens, {model.dtype}): "
         f"{len(labels)} images, policy {policy.name}" + (" beside dense" if a.side_by_side else "") +

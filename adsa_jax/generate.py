@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import kernels
 from . import model as M
+from .cache import make_policy
 from .config import ConfigError, GPTConfig
-from .cache import Dense, make_policy
-from .sampling import cfg_combine, check_sampling_args, resolve_sampler, sample
+from .kernels import matmul_add_norm, small_matmul
+from .options import KernelConfig, kernel_config
+from .sampling import cfg_combine, check_sampling_args, sample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,29 +102,23 @@ def _segments(n_steps: int, c: int, num: int):
     return segs
 
 
-# Stack each layer's w1 and w3 once per call (model.stack_ffn) so the FFN's first projection is one
-# GEMM that XLA need not merge (nor copy w1|w3 every step). Measured on an H200 (BENCHMARKS.md,
-# session 7), GPT-XL 256 px: batch 64 0.609 vs 0.642 s, batch 256 1.467 vs 1.507 s, batch 1 equal;
-# costs one copy of w1|w3 per call (0.6 GiB for GPT-XL bf16). Read when a call is traced.
-STACK_FFN = True
-
-
-def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg, forced, segments, raw=False,
-         shard=None, sampler=("sort", True), gemm="xla"):
+def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg, forced, segments, kernels,
+         raw=False, shard=None, top_p_on=True):
     """Shared body of generate and score. forced: (B, N) tokens to feed, or None to sample.
 
     Returns (tokens (B, N) int32, logits (B, N, V) float32 or None); with raw=True the logits
     are those of every batch row before guidance (B2, N, V). shard: None, or a function applied
-    to the caches (``with_sharding_constraint`` when generating on a mesh). sampler: static
-    (kth, top_p_on) of :func:`adsa_jax.sampling.resolve_sampler`. gemm: static, the decode steps'
-    weight GEMMs (:func:`resolve_gemm`).
+    to the caches (``with_sharding_constraint`` when generating on a mesh). kernels: the resolved
+    :class:`~adsa_jax.options.KernelConfig` (static). top_p_on (static): whether top-p runs
+    (False only with top_p = 1: no sort of the logits).
     """
-    if STACK_FFN and shard is None:  # one device: w1 and w3 stacked once, outside the loop
+    if kernels.stack_ffn and shard is None:  # one device: w1 and w3 stacked once, outside the loop
         params = M.stack_ffn(params)
     shard = shard or (lambda cs: cs)
-    matmul = None if gemm == "xla" else functools.partial(kernels.small_matmul, interpret=gemm == "pallas-interpret")
-    add_norm = (functools.partial(kernels.matmul_add_norm, eps=cfg.norm_eps, interpret=gemm == "pallas-interpret")
-                if matmul is not None and kernels.GEMV_ADD_NORM else None)
+    interpret = kernels.gemm == "pallas-interpret"
+    matmul = None if kernels.gemm == "xla" else functools.partial(small_matmul, config=kernels, interpret=interpret)
+    add_norm = (functools.partial(matmul_add_norm, eps=cfg.norm_eps, config=kernels, interpret=interpret)
+                if matmul is not None and kernels.add_norm else None)
     cfg_scale, cfg_interval, temperature, top_k, top_p = scalars
     rows = cond_emb.shape[0]
     caches = shard([policy.init(rows, cfg.n_head, cfg.head_dim, params["tok_embeddings"].dtype)
@@ -148,7 +143,7 @@ def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg,
         if forced is not None:
             return forced_tok, (logits if raw else g)
         keys = jax.vmap(lambda kk: jax.random.fold_in(kk, step))(ex_keys)
-        return sample(keys, g, temperature, top_k, top_p, kth=sampler[0], top_p_on=sampler[1]), None
+        return sample(keys, g, temperature, top_k, top_p, kth=kernels.kth, top_p_on=top_p_on), None
 
     with jax.named_scope("prefill"):
         logits0, caches = M.prefill(params, cfg, policy, caches, cond_emb, cond_mask)
@@ -179,11 +174,11 @@ def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg,
     return tokens, (jnp.concatenate(outs, axis=1) if forced is not None else None)
 
 
-def _generate_impl(params, cond, cond_mask, key, example_ids, scalars, *, cfg, policy, use_cfg, num_segments,
-                   mesh=None, sampler=("sort", True), gemm="xla"):
+def _generate_impl(params, cond, cond_mask, key, example_ids, scalars, *, cfg, policy, use_cfg, kernels,
+                   top_p_on=True, mesh=None):
     ex_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(example_ids)
     emb, mask = _embed_rows(params, cfg, cond, cond_mask, use_cfg)
-    segs = _segments(cfg.num_image_tokens - 1, cfg.cls_token_num, num_segments if getattr(policy, "full_cache", False) else 1)
+    segs = _segments(cfg.num_image_tokens - 1, cfg.cls_token_num, kernels.segments)
     shard = None
     if mesh is not None:  # rows on data, heads on model (adsa_jax.sharding); no mesh, no constraints
         from .sharding import ShardedPolicy, constrain_batch, constrain_caches
@@ -191,71 +186,34 @@ def _generate_impl(params, cond, cond_mask, key, example_ids, scalars, *, cfg, p
         policy = ShardedPolicy(policy, mesh)  # each device decodes its own rows and heads
         emb, mask = constrain_batch(emb, mesh), constrain_batch(mask, mesh)
     tokens, _ = _run(params, cfg, policy, emb, mask, ex_keys, scalars, use_cfg=use_cfg, forced=None, segments=segs,
-                     shard=shard, sampler=sampler, gemm=gemm)
+                     shard=shard, kernels=kernels, top_p_on=top_p_on)
     return tokens if mesh is None else constrain_batch(tokens, mesh)
 
 
-_GENERATE_STATIC = ("cfg", "policy", "use_cfg", "num_segments", "mesh", "sampler", "gemm")
+_GENERATE_STATIC = ("cfg", "policy", "use_cfg", "kernels", "top_p_on", "mesh")
 _generate_jit = jax.jit(_generate_impl, static_argnames=_GENERATE_STATIC)
 # The same program with the weight GEMMs on cuBLAS instead of XLA's Triton GEMMs, and XLA's dot
 # merger off (it fuses x @ w1 and x @ w3 into one dot over a concatenation of the two weights,
 # which the Triton GEMM reads in place but cuBLAS needs copied: 18 MB per GPT-XL layer and step).
-# At 128+ rows XLA's Triton GEMMs split K and write float32 partials that the next kernel sums;
-# cuBLAS does not (BENCHMARKS.md, session 6).
+# Chosen by KernelConfig.cublas (kernel_config: one GPU from gemm_cublas_min_rows rows).
 CUBLAS_OPTIONS = {"xla_gpu_enable_triton_gemm": False, "xla_disable_hlo_passes": "dot-merger"}
 _generate_jit_cublas = jax.jit(_generate_impl, static_argnames=_GENERATE_STATIC, compiler_options=CUBLAS_OPTIONS)
-# Batch rows (CFG included) from which a GPU generate call compiles with CUBLAS_OPTIONS; None: never.
-# Measured on an H200 with GPT-XL: see BENCHMARKS.md, session 6 (at 2 rows cuBLAS is slower).
-GEMM_CUBLAS_MIN_ROWS = 128
 
 
-# Batch rows (CFG included) up to which a GPU decode runs its weight GEMMs on kernels.small_matmul
-# (split-K Pallas GEMV) instead of XLA's GEMMs ('auto'); 0: never. See resolve_gemm.
-GEMV_MAX_ROWS = 16
-GEMM_IMPLS = ("xla", "pallas", "pallas-interpret")
+def generate_program(kernels: KernelConfig):
+    """The jitted generate program for a resolved KernelConfig: compiled with CUBLAS_OPTIONS when
+    ``kernels.cublas``, with the default XLA options otherwise. Both give the same tokens up to
+    float rounding of the GEMMs."""
+    return _generate_jit_cublas if kernels.cublas else _generate_jit
 
 
-def resolve_gemm(gemm: str, rows: int, dtype, mesh=None) -> str:
-    """The decode steps' weight-GEMM implementation: 'xla' (einsums; the reference), 'pallas'
-    (:func:`adsa_jax.kernels.small_matmul`) or 'pallas-interpret' (the same in the Pallas interpreter,
-    any backend). 'auto': 'pallas' on one GPU for at most GEMV_MAX_ROWS rows (``rows`` = batch rows,
-    CFG included) of 2-byte (bf16/fp16) weights, 'xla' elsewhere (float32 keeps XLA's exact GEMMs)."""
-    if gemm not in GEMM_IMPLS + ("auto",):
-        raise ConfigError(f"gemm must be 'auto' or one of {', '.join(GEMM_IMPLS)}, got {gemm!r}")
-    if gemm == "auto":
-        ok = (jax.default_backend() == "gpu" and kernels.available() and mesh is None
-              and rows <= (GEMV_MAX_ROWS or 0) and jnp.dtype(dtype).itemsize == 2)
-        return "pallas" if ok else "xla"
-    if gemm != "xla":
-        if not kernels.available():
-            raise ConfigError(f"gemm={gemm!r} needs the Pallas Triton API of jax >= 0.10 (this is jax "
-                              f"{jax.__version__}): use gemm='xla'")
-        if rows > kernels.GEMV_ROWS:
-            raise ConfigError(f"gemm={gemm!r} is a small-batch kernel (at most {kernels.GEMV_ROWS} rows, CFG "
-                              f"included); this call has {rows}: use gemm='auto' or 'xla'")
-        if mesh is not None:
-            raise ConfigError(f"gemm={gemm!r} runs on one device; on a mesh use gemm='auto' or 'xla'")
-        if gemm == "pallas" and jax.default_backend() != "gpu":
-            raise ConfigError(f"gemm='pallas' compiles for a GPU; this backend is {jax.default_backend()!r}: use "
-                              "gemm='auto', 'xla' or 'pallas-interpret'")
-    return gemm
-
-
-def generate_program(rows: int, mesh=None):
-    """The jitted generate program for a call of ``rows`` batch rows (CFG included): with
-    CUBLAS_OPTIONS on a single GPU from GEMM_CUBLAS_MIN_ROWS rows, the default XLA options
-    elsewhere. Both give the same tokens up to float rounding of the GEMMs."""
-    big = GEMM_CUBLAS_MIN_ROWS is not None and rows >= GEMM_CUBLAS_MIN_ROWS
-    return _generate_jit_cublas if big and mesh is None and jax.default_backend() == "gpu" else _generate_jit
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "policy", "use_cfg", "raw"))
-def _score_jit(params, cond, cond_mask, tokens, key, scalars, *, cfg, policy, use_cfg, raw):
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "use_cfg", "raw", "kernels"))
+def _score_jit(params, cond, cond_mask, tokens, key, scalars, *, cfg, policy, use_cfg, raw, kernels):
     emb, mask = _embed_rows(params, cfg, cond, cond_mask, use_cfg)
     ex_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(tokens.shape[0]))
     segs = _segments(cfg.num_image_tokens - 1, cfg.cls_token_num, 1)
     _, logits = _run(params, cfg, policy, emb, mask, ex_keys, scalars, use_cfg=use_cfg, forced=tokens,
-                     segments=segs, raw=raw)
+                     segments=segs, raw=raw, kernels=kernels)
     return logits
 
 
@@ -276,55 +234,16 @@ def resolve_policy(model: Model, policy=None, **policy_kw):
     return policy
 
 
-# Row-heads (batch rows x heads) below which dense decoding keeps XLA attention where the one-kernel
-# step does not fit (kernels.one_kernel_fits: a cache over ONE_KERNEL_MAX_SLOTS): at batch 1 the attention kernel's
-# split-combine costs more than it saves (H100: 0.465 s with it, 0.396 s with XLA, GPT-XL 256 px;
-# H200 session 7: GPT-XL 384 px batch 1 0.857 s with XLA, 0.873 with the one-kernel step).
-SMALL_ROW_HEADS = 64
-
-
-def resolve_attention(policy, cfg: GPTConfig, attention: str = "auto", rows: int | None = None):
-    """Set the policy's decode-attention implementation.
-
-    'auto': on a GPU backend with a power-of-two head_dim >= 16 (and a jax with the Pallas
-    Triton API, :func:`adsa_jax.kernels.available`), the Pallas kernels (dense, window and
-    adsa-evict steps as one kernel per layer where :func:`adsa_jax.kernels.one_kernel_fits`),
-    except for the dense policy when rows x heads < SMALL_ROW_HEADS (``rows`` = batch rows, CFG
-    included) and the one-kernel step does not fit; XLA elsewhere. 'xla', 'pallas' or
-    'pallas-interpret' force one. A policy without an ``attention`` field (one defined outside the
-    library) keeps its own attention."""
-    from . import kernels
-    from .cache import ATTENTION_IMPLS
-
-    if attention not in ATTENTION_IMPLS + ("auto",):
-        raise ConfigError(f"attention must be 'auto' or one of {', '.join(ATTENTION_IMPLS)}, got {attention!r}")
-    requested = attention
-    d = cfg.head_dim
-    dim_ok = d >= 16 and not d & (d - 1)
-    if attention == "auto":
-        small = (isinstance(policy, Dense) and rows is not None and rows * cfg.n_head < SMALL_ROW_HEADS
-                 and not (kernels.DENSE_ONE_KERNEL and kernels.one_kernel_fits(rows, cfg.n_head, policy.slots)))
-        attention = "pallas" if jax.default_backend() == "gpu" and dim_ok and kernels.available() and not small else "xla"
-    elif attention != "xla" and not kernels.available():
-        raise ConfigError(f"attention={attention!r} needs the Pallas Triton API of jax >= 0.10 (this is jax "
-                          f"{jax.__version__}): upgrade jax or use attention='xla'")
-    elif attention != "xla" and not dim_ok:
-        raise ConfigError(f"the Pallas decode kernel needs a power-of-two head_dim >= 16; this model has {d}: "
-                          "use attention='xla'")
-    has_field = dataclasses.is_dataclass(policy) and any(f.name == "attention" for f in dataclasses.fields(policy))
+def with_kernels(policy, kernels: KernelConfig, requested: KernelConfig | None = None):
+    """The policy with its ``kernels`` field set to the resolved config. A policy without that
+    field (one defined outside the library, or one that needs XLA's attention) keeps XLA's
+    attention; asking it for a kernel explicitly is an error."""
+    has_field = dataclasses.is_dataclass(policy) and any(f.name == "kernels" for f in dataclasses.fields(policy))
     if has_field:
-        return dataclasses.replace(policy, attention=attention)
-    if attention == "xla" or requested == "auto":
-        return policy
-    raise ConfigError(f"policy {type(policy).__name__} has no 'attention' field: it cannot use {attention!r}")
-
-
-def check_backend(policy):
-    """attention='pallas' compiles Triton kernels, for a GPU only: a clear error on another backend
-    before XLA's (resolve_attention itself allows it, for lowering to CUDA from any host)."""
-    if getattr(policy, "attention", None) == "pallas" and jax.default_backend() != "gpu":
-        raise ConfigError(f"attention='pallas' compiles for a GPU; this backend is {jax.default_backend()!r}: use "
-                          "attention='auto', 'xla' or 'pallas-interpret'")
+        return dataclasses.replace(policy, kernels=kernels)
+    if requested is not None and requested.attention not in ("auto", "xla"):
+        raise ConfigError(f"policy {type(policy).__name__} has no 'kernels' field: it cannot use "
+                          f"attention={requested.attention!r}; use attention='auto' or 'xla'")
     return policy
 
 
@@ -335,8 +254,8 @@ def _scalars(cfg_scale, cfg_interval, temperature, top_k, top_p):
 
 def generate(model: Model, cond, key, *, cond_mask=None, cfg_scale: float = 4.0, cfg_interval: float = -1,
              temperature: float = 1.0, top_k: int = 2000, top_p: float = 1.0, policy=None, budget=None,
-             prefix=None, keep=None, local=None, granularity="head", example_ids=None, num_segments: int = 1,
-             mesh=None, attention: str = "auto", gemm: str = "auto"):
+             prefix=None, keep=None, local=None, granularity="head", example_ids=None, mesh=None,
+             options: KernelConfig | None = None):
     """Sample image tokens. Defaults are LlamaGen's ``sample_c2i.py`` (cfg 4.0, top-k 2000).
 
     cond: class ids (B,) for c2i; caption features (B, 120, C) plus ``cond_mask`` (B, 120) for
@@ -344,15 +263,9 @@ def generate(model: Model, cond, key, *, cond_mask=None, cfg_scale: float = 4.0,
     policy: 'dense' (default), 'adsa-select', 'adsa-evict', 'window', 'random', with ``budget``
     (fraction of image tokens) or ``prefix``/``keep``/``local``, or a policy object.
     example_ids: (B,) global image indices for the per-image keys (default 0..B-1).
-    num_segments: split the decode scan into this many static length buckets (with XLA
-    attention, dense/select read only the filled part of the cache; more segments = faster
-    steps, longer compile). The Pallas kernel reads only filled slots without buckets.
-    attention: decode attention, 'auto' (the Pallas kernels on GPU except dense at batch 1-6 with a
-    long cache, XLA elsewhere: :func:`resolve_attention`), 'xla' (the reference), 'pallas', or 'pallas-interpret' (the
-    kernel in the Pallas interpreter).
-    gemm: the decode steps' weight GEMMs, 'auto' (a split-K Pallas GEMV on one GPU at batch 1-8 with CFG,
-    bf16/fp16 weights, the residual adds and RMSNorms after wo and w2 then in one kernel each,
-    ``kernels.GEMV_ADD_NORM``; XLA elsewhere: :func:`resolve_gemm`), 'xla', 'pallas' or 'pallas-interpret'.
+    options: a :class:`~adsa_jax.options.KernelConfig` (kernel choices and tuning; default
+    ``KernelConfig()``, every 'auto' resolved for this device and shape by
+    :func:`adsa_jax.options.kernel_config`).
     mesh: a ``('data', 'model')`` mesh (:func:`adsa_jax.sharding.make_mesh`) to split the batch
     over its data axis (default on a single host with several devices: all of them on 'data') (and heads / FFN over its model axis); params not yet on the mesh are
     placed there each call (do it once: ``load(..., mesh=)`` or ``sharding.shard_model``). A batch
@@ -367,7 +280,6 @@ def generate(model: Model, cond, key, *, cond_mask=None, cfg_scale: float = 4.0,
     b = cond.shape[0]
     use_cfg = bool(cfg_scale > 1.0)
     rows = b * (2 if use_cfg else 1)  # batch rows, CFG's included
-    pol = check_backend(resolve_attention(pol, cfg, attention, rows=rows))
     example_ids = jnp.arange(b, dtype=jnp.int32) if example_ids is None else jnp.asarray(example_ids, jnp.int32)
     if example_ids.shape != (b,):
         raise ConfigError(f"example_ids must have shape ({b},), got {example_ids.shape}")
@@ -375,14 +287,15 @@ def generate(model: Model, cond, key, *, cond_mask=None, cfg_scale: float = 4.0,
     if mesh is None and jax.device_count() > 1 and jax.process_count() == 1:
         from .sharding import make_mesh
         mesh = make_mesh()  # default: data parallel over every visible device (pass mesh= to choose)
-    sampler = resolve_sampler(top_p, mesh)
-    gemm = resolve_gemm(gemm, rows, model.dtype, mesh)
+    kc = kernel_config(cfg, pol, rows, model.dtype, mesh=mesh, base=options)
+    pol = with_kernels(pol, kc, options)
+    top_p_on = bool(float(top_p) < 1.0)
     if mesh is not None:
         from .sharding import generate_on_mesh
-        return generate_on_mesh(model, cond, mask, key, example_ids, scalars, policy=pol, use_cfg=use_cfg,
-                                num_segments=int(num_segments), mesh=mesh, sampler=sampler)
-    return generate_program(rows)(model.params, cond, mask, key, example_ids, scalars, cfg=cfg, policy=pol,
-                                  use_cfg=use_cfg, num_segments=int(num_segments), sampler=sampler, gemm=gemm)
+        return generate_on_mesh(model, cond, mask, key, example_ids, scalars, policy=pol, use_cfg=use_cfg, mesh=mesh,
+                                kernels=kc, top_p_on=top_p_on)
+    return generate_program(kc)(model.params, cond, mask, key, example_ids, scalars, cfg=cfg, policy=pol,
+                                use_cfg=use_cfg, kernels=kc, top_p_on=top_p_on)
 
 
 def _policy_kw(budget, prefix, keep, local, granularity):
@@ -416,12 +329,13 @@ def forward(model: Model, cond, tokens, *, cond_mask=None):
 
 def score(model: Model, cond, tokens, *, cond_mask=None, policy=None, cfg_scale: float = 1.0,
           cfg_interval: float = -1, budget=None, prefix=None, keep=None, local=None, granularity="head",
-          key=None, raw_rows: bool = False, attention: str = "auto"):
+          key=None, raw_rows: bool = False, options: KernelConfig | None = None):
     """Teacher-forced logits (B, N, V) through a policy's cache (prefill + scan decode).
 
     With cfg_scale > 1 the logits are the guided ones LlamaGen samples from; ``raw_rows=True``
     returns every batch row's own logits instead, (2B, N, V) with rows [cond_0, uncond_0, ...].
-    key seeds the ``random`` policy (default key 0). attention: as in :func:`generate`."""
+    key seeds the ``random`` policy (default key 0). options: as in :func:`generate`, except that
+    'auto' keeps XLA's weight GEMMs and default compiler options (teacher forcing is for fidelity)."""
     model = as_model(model)
     cfg = model.config
     cond, mask = prepare_condition(cfg, cond, cond_mask)
@@ -429,9 +343,13 @@ def score(model: Model, cond, tokens, *, cond_mask=None, policy=None, cfg_scale:
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.shape[1] == cfg.num_image_tokens - 1:
         tokens = jnp.pad(tokens, ((0, 0), (0, 1)))
-    pol = resolve_attention(resolve_policy(model, policy, **_policy_kw(budget, prefix, keep, local, granularity)),
-                            cfg, attention, rows=tokens.shape[0] * (2 if cfg_scale > 1.0 else 1))
-    check_backend(pol)
+    pol = resolve_policy(model, policy, **_policy_kw(budget, prefix, keep, local, granularity))
+    base = KernelConfig() if options is None else options
+    base = dataclasses.replace(base, gemm="xla" if base.gemm == "auto" else base.gemm,
+                               cublas=False if base.cublas is None else base.cublas, kth="sort", segments=1)
+    rows = tokens.shape[0] * (2 if cfg_scale > 1.0 else 1)
+    kc = kernel_config(cfg, pol, rows, model.dtype, base=base)
+    pol = with_kernels(pol, kc, options)
     key = jax.random.key(0) if key is None else key
     return _score_jit(model.params, cond, mask, tokens, key, _scalars(cfg_scale, cfg_interval, 1.0, 0, 1.0),
-                      cfg=cfg, policy=pol, use_cfg=bool(cfg_scale > 1.0), raw=bool(raw_rows))
+                      cfg=cfg, policy=pol, use_cfg=bool(cfg_scale > 1.0), raw=bool(raw_rows), kernels=kc)

@@ -5,9 +5,9 @@ and top-p are applied as thresholds, so there is no scatter: top-k keeps every l
 k-th largest; top-p keeps the shortest sorted prefix whose cumulative probability crosses
 ``top_p`` (the crossing token kept, the top token always).
 
-Two static choices (:func:`resolve_sampler`), neither of which changes a result: ``top_p_on``
-(top-p needs one descending sort of each row; off, ``top_p`` must be 1) and ``kth``, where the
-k-th largest comes from when nothing else needs the sort: 'sort', or 'pallas' (GPU) /
+Two static choices, neither of which changes a result: ``top_p_on`` (top-p needs one descending
+sort of each row; off, ``top_p`` must be 1) and ``kth`` (``KernelConfig.kth``), where the k-th
+largest comes from when nothing else needs the sort: 'sort', or 'pallas' (GPU) /
 'pallas-interpret' (tests), :func:`adsa_jax.kernels.kth_largest`, which finds the same value by
 a bitwise search, no sort.
 """
@@ -17,22 +17,12 @@ import jax
 import jax.numpy as jnp
 
 from .config import NEG_INF
+from .kernels import kth_largest
+from .options import KTH_IMPLS
 
 
 def cfg_combine(cond_logits, uncond_logits, scale):
     return uncond_logits + (cond_logits - uncond_logits) * scale
-
-
-KTH_IMPLS = ("sort", "pallas", "pallas-interpret")
-
-
-def resolve_sampler(top_p, mesh=None) -> tuple[str, bool]:
-    """Static sampler choices for host values: (kth, top_p_on). kth: 'pallas' on a GPU with the
-    Pallas Triton API (single device: on a mesh the sampler stays in XLA, which partitions it)."""
-    from . import kernels
-
-    gpu = jax.default_backend() == "gpu" and kernels.available() and mesh is None
-    return ("pallas" if gpu else "sort"), bool(float(top_p) < 1.0)
 
 
 def filter_logits(logits, temperature, top_k, top_p, *, kth: str = "sort", top_p_on: bool = True):
@@ -49,8 +39,6 @@ def filter_logits(logits, temperature, top_k, top_p, *, kth: str = "sort", top_p
         srt = -jnp.sort(-logits, axis=-1)  # (..., V) descending
         kth_v = jnp.take_along_axis(srt, jnp.broadcast_to(k - 1, srt.shape[:-1])[..., None], axis=-1)  # (..., 1)
     else:
-        from .kernels import kth_largest
-
         rows = logits.reshape(-1, v)  # (R, V)
         kth_v = kth_largest(rows, k, interpret=kth == "pallas-interpret").reshape(logits.shape[:-1] + (1,))
     logits = jnp.where(logits >= kth_v, logits, NEG_INF)

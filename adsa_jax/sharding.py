@@ -71,7 +71,7 @@ PARAM_AXES = {
     "w2": ("ffn", "embed"),
 }
 
-#: Logical axes of each KV-cache entry (see :mod:`adsa_jax.policies`).
+#: Logical axes of each KV-cache entry (see :mod:`adsa_jax.cache`).
 CACHE_AXES = {
     "k": ("batch", "heads", "slots", "head_dim"),
     "v": ("batch", "heads", "slots", "head_dim"),
@@ -332,8 +332,8 @@ def _pad_rows(x, n: int):
     return np.concatenate([x, np.repeat(x[-1:], n - x.shape[0], axis=0)], axis=0)
 
 
-def generate_on_mesh(model, cond, mask, key, example_ids, scalars, *, policy, use_cfg, num_segments, mesh,
-                     sampler=("sort", True)):
+def generate_on_mesh(model, cond, mask, key, example_ids, scalars, *, policy, use_cfg, mesh, kernels,
+                     top_p_on=True):
     """Body of ``generate(..., mesh=...)`` (inputs already validated): place, run, trim."""
     from .generate import _generate_jit
 
@@ -357,7 +357,7 @@ def generate_on_mesh(model, cond, mask, key, example_ids, scalars, *, policy, us
     key = put(key, rep)
     scalars = tuple(put(np.asarray(s), rep) for s in scalars)
     tokens = _generate_jit(params, cond, mask, key, ids, scalars, cfg=cfg, policy=policy, use_cfg=use_cfg,
-                           num_segments=num_segments, mesh=mesh, sampler=sampler)
+                           mesh=mesh, kernels=kernels, top_p_on=top_p_on)
     return tokens if bp == b else tokens[:b]
 
 

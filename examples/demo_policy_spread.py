@@ -23,6 +23,7 @@ import time
 import jax
 import numpy as np
 
+import adsa_jax
 from adsa_jax import demo
 from adsa_jax.generate import score
 from adsa_jax.cache import make_policy
@@ -49,7 +50,7 @@ def main():
     def run(name, budget=None, key=0):
         t = time.perf_counter()
         lg = score(model, lab, tok, policy=make_policy(cfg, name, budget=budget), cfg_scale=1.0,
-                   key=jax.random.key(key), attention="xla")
+                   key=jax.random.key(key), options=adsa_jax.KernelConfig(attention="xla"))
         out = per_image_nll(lg, tok)
         print(f"  {name} {budget} key {key}: {out.mean():.4f} ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
         return out

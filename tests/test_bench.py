@@ -13,11 +13,13 @@ from adsa_jax import bench
 from adsa_jax.cli import main
 from adsa_jax.config import ConfigError
 from adsa_jax.cache import kv_bytes, make_policy
+from adsa_jax.options import KernelConfig
 
 from conftest import fixture_config
 
 # Made-up device rates: the roofline is arithmetic on them.
 DEVICE = {"bandwidth": 1e11, "matmul_flops": 1e12, "device": "test"}
+XLA = KernelConfig(attention="xla")  # the reference attention: every device measures the same thing
 
 
 def fixture_cfg():
@@ -74,7 +76,7 @@ def test_roofline_window_reads_fewer_kv_bytes():
 def timed(c2i):
     """bench_one rows of the fixture model (float32) for dense and adsa-evict at budget 0.5."""
     cfg = c2i.config
-    kw = dict(iters=2, warmup=1, device=DEVICE, attention="xla")
+    kw = dict(iters=2, warmup=1, device=DEVICE, options=XLA)
     return {name: bench.bench_one(c2i, 2, make_policy(cfg, name, **({} if name == "dense" else {"budget": 0.5})), **kw)
             for name in ("dense", "adsa-evict")}
 
@@ -108,17 +110,17 @@ def test_evict_holds_fewer_kv_bytes(timed):
 
 
 def test_time_one_without_device_and_compile_only(c2i):
-    prep = bench.compile_one(c2i, 1, make_policy(c2i.config, "window", budget=0.5), cfg_scale=1.0, attention="xla")
+    prep = bench.compile_one(c2i, 1, make_policy(c2i.config, "window", budget=0.5), cfg_scale=1.0, options=XLA)
     assert prep["rows"] == 1 and prep["row"]["cfg"] is False
     r = bench.time_one(c2i, prep, iters=1, warmup=0)
     assert len(r["times"]) == 1 and r["s_per_call"] == r["times"][0]
     assert "floor_s" not in r and "achieved_fraction" not in r
-    only = bench.bench_one(c2i, 1, make_policy(c2i.config, "dense"), run=False, attention="xla")
+    only = bench.bench_one(c2i, 1, make_policy(c2i.config, "dense"), run=False, options=XLA)
     assert only["times"] == [] and math.isnan(only["s_per_call"]) and only["compile_s"] > 0
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_nothing_compiles_while_a_configuration_is_timed(workers, monkeypatch):
+def test_nothing_compiles_while_a_configuration_is_timed(workers):
     """compiled_in_order compiles `workers` configurations at a time and never while the caller
     holds (times) one: every compile it yields has ended, and the next group starts only after."""
     import threading
@@ -136,9 +138,8 @@ def test_nothing_compiles_while_a_configuration_is_timed(workers, monkeypatch):
             events.append(("compiled", batch))
         return {"batch": batch}
 
-    monkeypatch.setattr(bench, "compile_one", fake_compile)
     items = [{"batch": b, "policy": None} for b in range(5)]
-    for item, prepared in bench.compiled_in_order(None, items, workers):
+    for item, prepared in bench.compiled_in_order(None, items, workers, compile=fake_compile):
         assert prepared == {"batch": item["batch"]} and ("compiled", item["batch"]) in events
         time.sleep(0.1)  # "timing": no compile may start or run meanwhile
         with lock:
@@ -147,7 +148,7 @@ def test_nothing_compiles_while_a_configuration_is_timed(workers, monkeypatch):
 
 def test_bench_t2i_zero_captions(t2i):
     cfg = t2i.config
-    r = bench.bench_one(t2i, 1, make_policy(cfg, "dense"), iters=1, warmup=0, attention="xla")
+    r = bench.bench_one(t2i, 1, make_policy(cfg, "dense"), iters=1, warmup=0, options=XLA)
     assert r["type"] == "t2i" and r["s_per_call"] > 0
     assert r["kv_bytes"] == kv_bytes(make_policy(cfg, "dense"), cfg, 2, jnp.float32)  # 120 caption slots + 63
 

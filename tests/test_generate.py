@@ -1,4 +1,5 @@
 """Generation mechanics: compile once, per-example randomness, cached == full forward, sizes."""
+import dataclasses
 import importlib
 
 import jax
@@ -9,6 +10,7 @@ import pytest
 import adsa_jax
 from adsa_jax.config import GPTConfig, named_config
 from adsa_jax.generate import Model, _generate_jit
+from adsa_jax.options import KernelConfig, kernel_config
 from adsa_jax.model import count_params, init_params
 
 C2I_COUNTS = {"GPT-B": 110_888_448, "GPT-L": 342_910_976, "GPT-XL": 774_699_520, "GPT-XXL": 1_410_972_672,
@@ -52,7 +54,7 @@ def test_full_forward_equals_prefill_plus_scan():
 
 def test_length_buckets_do_not_change_tokens(c2i, c2i_ref):
     a = adsa_jax.generate(c2i, c2i_ref["labels"], jax.random.key(5), top_k=50)
-    b = adsa_jax.generate(c2i, c2i_ref["labels"], jax.random.key(5), top_k=50, num_segments=4)
+    b = adsa_jax.generate(c2i, c2i_ref["labels"], jax.random.key(5), top_k=50, options=KernelConfig(segments=4))
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -78,43 +80,51 @@ def test_sampler_without_sort_gives_the_same_tokens(c2i):
     top_p = 1) sample exactly the tokens of the sorted reference filter."""
     from adsa_jax.generate import _scalars, prepare_condition
     from adsa_jax.cache import make_policy
-    from adsa_jax.sampling import resolve_sampler
 
-    assert resolve_sampler(1.0) == ("pallas" if jax.default_backend() == "gpu" else "sort", False)
-    assert resolve_sampler(0.9)[1]
-    cond, mask = prepare_condition(c2i.config, np.array([1, 5, 9]))
+    cfg = c2i.config
+    pol = make_policy(cfg, "dense")
+    assert kernel_config(cfg, pol, 6, jnp.float32, backend="gpu", pallas=True).kth == "pallas"
+    assert kernel_config(cfg, pol, 6, jnp.float32, backend="gpu", pallas=True, mesh=object()).kth == "sort"
+    assert kernel_config(cfg, pol, 6, jnp.float32, backend="cpu").kth == "sort"
+    cond, mask = prepare_condition(cfg, np.array([1, 5, 9]))
     args = (c2i.params, cond, mask, jax.random.key(4), jnp.arange(3), _scalars(4.0, -1, 1.0, 40, 1.0))
-    kw = dict(cfg=c2i.config, policy=make_policy(c2i.config, "dense"), use_cfg=True, num_segments=1)
-    ref = np.asarray(_generate_jit(*args, **kw))
-    np.testing.assert_array_equal(np.asarray(_generate_jit(*args, **kw, sampler=("pallas-interpret", False))), ref)
+    kc = kernel_config(cfg, pol, 6, jnp.float32, backend="cpu")
+    kw = dict(cfg=cfg, policy=pol, use_cfg=True)
+    ref = np.asarray(_generate_jit(*args, **kw, kernels=kc, top_p_on=True))
+    got = _generate_jit(*args, **kw, kernels=dataclasses.replace(kc, kth="pallas-interpret"), top_p_on=False)
+    np.testing.assert_array_equal(np.asarray(got), ref)
 
 
-def test_generate_program_choice(monkeypatch):
-    """cuBLAS GEMM options only for a single GPU from GEMM_CUBLAS_MIN_ROWS rows."""
+def test_generate_program_choice():
+    """cuBLAS GEMM options only for a single GPU from gemm_cublas_min_rows rows."""
     gen = importlib.import_module("adsa_jax.generate")  # the module (adsa_jax.generate is also a function)
+    cfg = named_config("GPT-B")
 
-    assert gen.generate_program(512) is gen._generate_jit  # not a GPU
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert gen.generate_program(128) is gen._generate_jit_cublas
-    assert gen.generate_program(2) is gen._generate_jit
-    assert gen.generate_program(512, mesh=object()) is gen._generate_jit
-    monkeypatch.setattr(gen, "GEMM_CUBLAS_MIN_ROWS", None)
-    assert gen.generate_program(512) is gen._generate_jit
+    def program(rows, backend="gpu", **kw):
+        return gen.generate_program(kernel_config(cfg, None, rows, jnp.bfloat16, backend=backend, pallas=True, **kw))
+
+    assert program(512, backend="cpu") is gen._generate_jit
+    assert program(128) is gen._generate_jit_cublas
+    assert program(2) is gen._generate_jit
+    assert program(512, mesh=object()) is gen._generate_jit
+    assert program(512, base=KernelConfig(gemm_cublas_min_rows=None)) is gen._generate_jit
+    assert program(2, base=KernelConfig(cublas=True)) is gen._generate_jit_cublas
     f = jax.jit(lambda x: x @ x, compiler_options=gen.CUBLAS_OPTIONS)  # options this jax/XLA accepts
     np.testing.assert_allclose(np.asarray(f(jnp.eye(3))), np.eye(3))
 
 
-def test_stacked_ffn_weights_give_the_same_results(c2i, c2i_ref, monkeypatch):
-    """generate.STACK_FFN (w1 and w3 stacked once per call, one GEMM): the same sampled tokens and
-    teacher-forced logits as the two separate projections."""
+def test_stacked_ffn_weights_give_the_same_results(c2i, c2i_ref):
+    """KernelConfig.stack_ffn (w1 and w3 stacked once per call, one GEMM; the default) gives the
+    same sampled tokens and teacher-forced logits as the two separate projections."""
     gen = importlib.import_module("adsa_jax.generate")
     labels = c2i_ref["labels"]
-    ref_tok = np.asarray(adsa_jax.generate(c2i, labels, jax.random.key(3), top_k=50))
-    ref_log = np.asarray(adsa_jax.score(c2i, labels, ref_tok))
-    monkeypatch.setattr(gen, "STACK_FFN", True)
-    jax.clear_caches()  # read at trace time
-    np.testing.assert_array_equal(np.asarray(adsa_jax.generate(c2i, labels, jax.random.key(3), top_k=50)), ref_tok)
-    np.testing.assert_allclose(np.asarray(adsa_jax.score(c2i, labels, ref_tok)), ref_log, atol=1e-5, rtol=0)
+    apart, stacked = KernelConfig(stack_ffn=False), KernelConfig(stack_ffn=True)
+    ref_tok = np.asarray(adsa_jax.generate(c2i, labels, jax.random.key(3), top_k=50, options=apart))
+    ref_log = np.asarray(adsa_jax.score(c2i, labels, ref_tok, options=apart))
+    got_tok = adsa_jax.generate(c2i, labels, jax.random.key(3), top_k=50, options=stacked)
+    np.testing.assert_array_equal(np.asarray(got_tok), ref_tok)
+    np.testing.assert_allclose(np.asarray(adsa_jax.score(c2i, labels, ref_tok, options=stacked)), ref_log,
+                               atol=1e-5, rtol=0)
     layer = gen.M.stack_ffn(c2i.params)["layers"][0]
     np.testing.assert_array_equal(np.asarray(layer["w13"][:, 1]), np.asarray(layer["w3"]))
 

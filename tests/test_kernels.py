@@ -1,4 +1,6 @@
 """The Pallas decode-attention kernel (run by the Pallas interpreter on CPU) against the XLA path."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,18 +8,19 @@ import pytest
 
 import adsa_jax
 from adsa_jax.config import ConfigError
-from adsa_jax.generate import resolve_attention
-from adsa_jax.kernels import decode_attention
 from adsa_jax.cache import attend, make_policy
+from adsa_jax.generate import with_kernels
+from adsa_jax.kernels import decode_attention
+from adsa_jax.options import GEMV_ROWS, KernelConfig, kernel_config
+
+# The kernels in the Pallas interpreter, nothing left to resolve (KernelConfig is a static jit
+# argument, so each config compiles its own program: no test sees another's trace).
+INTERPRET = KernelConfig(attention="pallas-interpret", gemm="xla", kth="sort", cublas=False)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_traces():
-    """Kernel switches (kernels.EVICT_ONE_KERNEL, BLOCK_K, ROPE_IN_KERNEL) are read at trace
-    time: without this, a jit cache hit from an earlier test would run another path."""
-    jax.clear_caches()
-    yield
-    jax.clear_caches()
+def on_kernels(pol, **kw):
+    """pol with the kernel path's config (its one_kernel / init see the switches in kw)."""
+    return with_kernels(pol, dataclasses.replace(INTERPRET, **kw))
 
 
 @pytest.mark.parametrize("b,h,s,d,g,n_valid,splits,block_k", [
@@ -39,18 +42,18 @@ def test_kernel_matches_xla_attention(b, h, s, d, g, n_valid, splits, block_k):
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-6, rtol=0)
 
 
-def _assert_kernel_matches_xla(c2i, c2i_ref, pol):
+def _assert_kernel_matches_xla(c2i, c2i_ref, pol, **switches):
     """Teacher-forced logits (CFG rows) within 1e-4 of the XLA path and identical greedy tokens;
-    returns the kernel path's tokens."""
+    returns the kernel path's tokens. switches: KernelConfig fields of both runs."""
     labels = c2i_ref["labels"]
+    xla, kern = KernelConfig(attention="xla", **switches), KernelConfig(attention="pallas-interpret", **switches)
     ref = np.asarray(adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"], cfg_scale=4.0, raw_rows=True,
-                                    policy=pol, attention="xla"))
+                                    policy=pol, options=xla))
     got = np.asarray(adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"], cfg_scale=4.0, raw_rows=True,
-                                    policy=pol, attention="pallas-interpret"))
+                                    policy=pol, options=kern))
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
-    toks = adsa_jax.generate(c2i, labels, jax.random.key(1), cfg_scale=4.0, top_k=1, policy=pol,
-                             attention="pallas-interpret")
-    want = adsa_jax.generate(c2i, labels, jax.random.key(1), cfg_scale=4.0, top_k=1, policy=pol, attention="xla")
+    toks = adsa_jax.generate(c2i, labels, jax.random.key(1), cfg_scale=4.0, top_k=1, policy=pol, options=kern)
+    want = adsa_jax.generate(c2i, labels, jax.random.key(1), cfg_scale=4.0, top_k=1, policy=pol, options=xla)
     np.testing.assert_array_equal(np.asarray(toks), np.asarray(want))
     return toks
 
@@ -60,229 +63,207 @@ def _assert_kernel_matches_xla(c2i, c2i_ref, pol):
     ("adsa-evict", {"budget": 0.5}, False), ("window", {"budget": 0.5}, False), ("adsa-select", {"budget": 0.5}, False),
     ("adsa-evict", {"budget": 0.75, "granularity": "layer"}, False),
     ("adsa-evict", {"prefix": 4, "keep": 12, "local": 1}, True)])  # a ring of one: the new token is a candidate
-def test_kernel_in_generation_matches_xla(c2i, c2i_ref, name, kw, one_kernel, monkeypatch):
+def test_kernel_in_generation_matches_xla(c2i, c2i_ref, name, kw, one_kernel):
     """Logits within 1e-4 and identical greedy tokens. dense, adsa-evict and window run either as
     one kernel per layer step (evict_step) or, with the switches off (and always for layer
     granularity and adsa-select), as the attention kernel with the bookkeeping in XLA."""
-    from adsa_jax import kernels
-
     pol = make_policy(c2i.config, name, **kw)
     rows, heads = 2 * len(c2i_ref["labels"]), c2i.config.n_head
-    monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", one_kernel)  # force the path either way
-    monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", one_kernel)
+    switches = dict(evict_one_kernel=one_kernel, dense_one_kernel=one_kernel)  # force the path either way
     if hasattr(pol, "one_kernel"):
-        assert resolve_attention(pol, c2i.config, "pallas").one_kernel(rows, heads) == one_kernel
-    toks = _assert_kernel_matches_xla(c2i, c2i_ref, pol)
+        assert on_kernels(pol, **switches).one_kernel(rows, heads) == one_kernel
+    toks = _assert_kernel_matches_xla(c2i, c2i_ref, pol, **switches)
     if name == "dense":
         np.testing.assert_array_equal(np.asarray(toks), c2i_ref["greedy_cfg_tokens"])
 
 
 @pytest.mark.parametrize("name,kw", [("dense", {}), ("adsa-evict", {"budget": 0.5}), ("window", {"budget": 0.5})])
-def test_rope_before_the_kernel_matches_xla(c2i, c2i_ref, name, kw, monkeypatch):
-    """kernels.ROPE_IN_KERNEL = False: XLA rotates q and k before the step kernel (by default the
-    kernel does, tested above); logits within 1e-4 of the XLA path and identical greedy tokens."""
-    from adsa_jax import kernels
-
+def test_rope_before_the_kernel_matches_xla(c2i, c2i_ref, name, kw):
+    """rope_in_kernel=False: XLA rotates q and k before the step kernel (by default the kernel
+    does, tested above); logits within 1e-4 of the XLA path and identical greedy tokens."""
     pol = make_policy(c2i.config, name, **kw)
-    for switch in ("EVICT_ONE_KERNEL", "DENSE_ONE_KERNEL"):
-        monkeypatch.setattr(kernels, switch, True)
-    monkeypatch.setattr(kernels, "ROPE_IN_KERNEL", False)
-    assert resolve_attention(pol, c2i.config, "pallas").one_kernel(2 * len(c2i_ref["labels"]), c2i.config.n_head)
-    _assert_kernel_matches_xla(c2i, c2i_ref, pol)
+    assert on_kernels(pol).one_kernel(2 * len(c2i_ref["labels"]), c2i.config.n_head)
+    _assert_kernel_matches_xla(c2i, c2i_ref, pol, rope_in_kernel=False)
 
 
-def test_kernel_with_caption_masks(t2i, t2i_ref, monkeypatch):
-    from adsa_jax import kernels
-
+def test_kernel_with_caption_masks(t2i, t2i_ref):
     emb, masks = t2i_ref["caption_embs"], t2i_ref["emb_masks"]
-    toks = adsa_jax.generate(t2i, emb, jax.random.key(0), cond_mask=masks, cfg_scale=7.5, top_k=1,
-                             attention="pallas-interpret")
+    kern = KernelConfig(attention="pallas-interpret")
+    toks = adsa_jax.generate(t2i, emb, jax.random.key(0), cond_mask=masks, cfg_scale=7.5, top_k=1, options=kern)
     np.testing.assert_array_equal(np.asarray(toks), t2i_ref["greedy_cfg_tokens"])
     # adsa-evict and window as one kernel: the caption mask reaches the kernel's condition slots.
-    monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", True)
-    monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", True)
     for name in ("adsa-evict", "window", "dense"):
         pol = make_policy(t2i.config, name, **({} if name == "dense" else {"budget": 0.5}))
-        assert resolve_attention(pol, t2i.config, "pallas").one_kernel(2 * len(emb), t2i.config.n_head)
+        assert on_kernels(pol).one_kernel(2 * len(emb), t2i.config.n_head)
         got, want = (adsa_jax.generate(t2i, emb, jax.random.key(0), cond_mask=masks, cfg_scale=7.5, top_k=1,
-                                       policy=pol, attention=a) for a in ("pallas-interpret", "xla"))
+                                       policy=pol, options=KernelConfig(attention=a))
+                     for a in ("pallas-interpret", "xla"))
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-def test_kernel_lowers_for_gpu(c2i, monkeypatch):
+def test_kernel_lowers_for_gpu(c2i):
     """The Triton lowering runs at trace time: lowering for CUDA on a CPU host catches kernel errors."""
-    from adsa_jax import kernels
     from adsa_jax.generate import _generate_jit, _scalars, prepare_condition
 
     cond, mask = prepare_condition(c2i.config, np.array([1, 2]))
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), c2i.params)  # bf16 caches
 
-    def lowered(name, sampler=("sort", True), params=c2i.params, gemm="xla", **kw):
-        pol = resolve_attention(make_policy(c2i.config, name, **kw), c2i.config, "pallas")
+    def lowered(name, kth="sort", params=c2i.params, gemm="xla", switches=None, **kw):
+        pol = make_policy(c2i.config, name, **kw)
+        # As a GPU would resolve it; the fixture model's 192-wide layers tile by 64 for the GEMV.
+        base = KernelConfig(attention="pallas", gemm=gemm, kth=kth, gemv_block_n=64, gemv_block_k=64, **(switches or {}))
+        kc = kernel_config(c2i.config, pol, 4, params["output"].dtype, base=base, backend="gpu", pallas=True)
         return _generate_jit.trace(params, cond, mask, jax.random.key(0), jnp.arange(2),
-                                   _scalars(4.0, -1, 1.0, 0, 1.0), cfg=c2i.config, policy=pol, use_cfg=True,
-                                   num_segments=1, sampler=sampler, gemm=gemm).lower(lowering_platforms=("cuda",)).as_text()
+                                   _scalars(4.0, -1, 1.0, 0, 1.0), cfg=c2i.config, policy=with_kernels(pol, kc),
+                                   use_cfg=True, kernels=kc, top_p_on=kth == "sort",
+                                   ).lower(lowering_platforms=("cuda",)).as_text()
 
     for name, kw in (("window", {"budget": 0.5}), ("dense", {}), ("adsa-evict", {"budget": 0.5})):  # the defaults
         assert "adsa_evict_step" in lowered(name, **kw)
-    assert "adsa_kth_largest" in lowered("dense", sampler=("pallas", False))  # top-k without a sort
-    monkeypatch.setattr(kernels, "ROPE_IN_KERNEL", False)  # RoPE in XLA before the step kernel lowers too
-    jax.clear_caches()
-    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), c2i.params)  # bf16 caches
-    for name, kw in (("dense", {}), ("adsa-evict", {"budget": 0.5})):
-        assert "adsa_evict_step" in lowered(name, **kw)
-        assert "adsa_evict_step" in lowered(name, params=bf16, **kw)
-    monkeypatch.setattr(kernels, "ROPE_IN_KERNEL", True)
-    jax.clear_caches()
-    monkeypatch.setattr(kernels, "GEMV_BLOCK_N", 64)  # the decode GEMMs on the GEMV kernel (192-wide layers)
-    monkeypatch.setattr(kernels, "GEMV_BLOCK_K", 64)
-    text = lowered("dense", params=bf16, gemm="pallas")
+    assert "adsa_kth_largest" in lowered("dense", kth="pallas")  # top-k without a sort
+    for name, kw in (("dense", {}), ("adsa-evict", {"budget": 0.5})):  # RoPE in XLA before the step kernel
+        assert "adsa_evict_step" in lowered(name, switches={"rope_in_kernel": False}, **kw)
+        assert "adsa_evict_step" in lowered(name, params=bf16, switches={"rope_in_kernel": False}, **kw)
+    text = lowered("dense", params=bf16, gemm="pallas")  # the decode GEMMs on the GEMV kernel
     assert text.count("adsa_small_matmul") >= 4 and "adsa_evict_step" in text and "adsa_add_norm" in text
     assert "adsa_small_matmul" in lowered("adsa-evict", params=bf16, gemm="pallas", budget=0.5)
     assert "adsa_decode_attention" in lowered("adsa-evict", budget=0.5, granularity="layer")
-    monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", False)
-    monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", False)
-    jax.clear_caches()  # the switch is read at trace time
+    off = {"evict_one_kernel": False, "dense_one_kernel": False}
     for name, kw in (("dense", {}), ("adsa-evict", {"budget": 0.5})):
-        assert "adsa_decode_attention" in lowered(name, **kw)
+        assert "adsa_decode_attention" in lowered(name, switches=off, **kw)
 
 
-def test_attention_choice_errors(c2i, monkeypatch):
+def test_attention_choice_errors(c2i):
     cfg = c2i.config
     pol = make_policy(cfg, "dense")
     gpu = jax.default_backend() == "gpu"
-    assert resolve_attention(pol, cfg, "auto").attention == ("pallas" if gpu else "xla")
-    assert resolve_attention(pol, cfg, "auto", rows=2).attention == ("pallas" if gpu else "xla")  # a short cache
+
+    def attention(pol, cfg, requested="auto", rows=2, **kw):
+        return kernel_config(cfg, pol, rows, jnp.float32, base=KernelConfig(attention=requested), **kw).attention
+
+    assert attention(pol, cfg) == ("pallas" if gpu else "xla")  # a short cache: the one-kernel step at batch 1
     evict = make_policy(cfg, "adsa-evict", budget=0.5)
-    assert resolve_attention(evict, cfg, "auto", rows=2).attention == ("pallas" if gpu else "xla")
+    assert attention(evict, cfg) == ("pallas" if gpu else "xla")
+    assert attention(pol, cfg, backend="gpu", pallas=True) == "pallas"
     with pytest.raises(ConfigError, match="attention must be"):
-        resolve_attention(pol, cfg, "cudnn")
+        KernelConfig(attention="cudnn")
     if not gpu:  # a policy for the kernels can be built here (to lower for CUDA); running it is refused
-        for run in (lambda: adsa_jax.generate(c2i, np.array([1]), jax.random.key(0), attention="pallas"),
-                    lambda: adsa_jax.score(c2i, np.array([1]), np.zeros((1, 64), np.int32), attention="pallas")):
+        for run in (lambda: adsa_jax.generate(c2i, np.array([1]), jax.random.key(0),
+                                              options=KernelConfig(attention="pallas")),
+                    lambda: adsa_jax.score(c2i, np.array([1]), np.zeros((1, 64), np.int32),
+                                           options=KernelConfig(attention="pallas"))):
             with pytest.raises(ConfigError, match="compiles for a GPU"):
                 run()
-    import dataclasses
     odd = dataclasses.replace(cfg, dim=cfg.n_head * 24)  # head_dim 24: not a power of two
     with pytest.raises(ConfigError, match="power-of-two head_dim"):
-        resolve_attention(pol, odd, "pallas")
-    assert resolve_attention(pol, odd, "auto").attention == "xla"
+        attention(pol, odd, "pallas")
+    assert attention(pol, odd, backend="gpu", pallas=True) == "xla"
 
     from adsa_jax import kernels
 
     assert kernels.available()  # the jax this project pins has the Pallas Triton API
-    with monkeypatch.context() as m:
-        m.setattr(kernels, "available", lambda: False)  # an older jax without it
-        with pytest.raises(ConfigError, match="Pallas Triton API"):
-            resolve_attention(pol, cfg, "pallas")
-        assert resolve_attention(make_policy(cfg, "adsa-evict", budget=0.5), cfg, "auto").attention == "xla"
+    with pytest.raises(ConfigError, match="Pallas Triton API"):  # an older jax without it
+        attention(pol, cfg, "pallas", pallas=False)
+    assert attention(evict, cfg, backend="gpu", pallas=False) == "xla"
 
-    class Mine:  # a policy of the user's own, without the field
+    class Mine:  # a policy of the user's own, without the kernels field: keeps XLA's attention
         pass
 
-    assert isinstance(resolve_attention(Mine(), cfg, "auto"), Mine)
-    with pytest.raises(ConfigError, match="no 'attention' field"):
-        resolve_attention(Mine(), cfg, "pallas")
+    assert isinstance(with_kernels(Mine(), INTERPRET, KernelConfig()), Mine)
+    with pytest.raises(ConfigError, match="no 'kernels' field"):
+        with_kernels(Mine(), INTERPRET, KernelConfig(attention="pallas-interpret"))
 
 
 @pytest.mark.parametrize("name", ["dense", "dense one kernel", "adsa-evict", "window"])
-def test_kernel_small_blocks_match_xla(c2i, c2i_ref, name, monkeypatch):
+def test_kernel_small_blocks_match_xla(c2i, c2i_ref, name):
     """Blocks of 16 slots: several blocks per program (the victim's first maximum across
     blocks, the in-register view of this step's writes in any block) and, for dense, splits."""
-    from adsa_jax import kernels
+    from adsa_jax.kernels.attention import _splits
 
-    monkeypatch.setattr(kernels, "BLOCK_K", 16)
-    monkeypatch.setattr(kernels, "EVICT_BLOCK_K", 16)  # evict_step's own block sizes
-    monkeypatch.setattr(kernels, "EVICT_SMALL_BLOCK_K", 16)
-    monkeypatch.setattr(kernels, "EVICT_MID_BLOCK_K", 16)
-    monkeypatch.setattr(kernels, "EVICT_HIGH_BLOCK_K", 16)
-    monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", True)
-    monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", name == "dense one kernel")
+    small = dict(block_k=16, evict_tiers=tuple((least, 16, warps) for least, _, warps in KernelConfig().evict_tiers),
+                 evict_one_kernel=True, dense_one_kernel=name == "dense one kernel")
     labels = c2i_ref["labels"]
     pol = make_policy(c2i.config, name.split()[0], **({} if name.startswith("dense") else {"budget": 0.5}))
     rows, heads = 2 * len(labels), c2i.config.n_head
     if name == "dense":
-        assert kernels._splits(rows * heads, pol.slots, 16) > 1
+        assert _splits(rows * heads, pol.slots, 16) > 1
     else:
-        assert resolve_attention(pol, c2i.config, "pallas").one_kernel(rows, heads) and pol.slots > 2 * 16
+        assert on_kernels(pol, **small).one_kernel(rows, heads) and pol.slots > 2 * 16
     got, want = (adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"], cfg_scale=4.0, raw_rows=True,
-                                policy=pol, attention=a) for a in ("pallas-interpret", "xla"))
+                                policy=pol, options=KernelConfig(attention=a, **small))
+                 for a in ("pallas-interpret", "xla"))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=0)
 
 
-def test_one_kernel_switches(monkeypatch):
-    """dense, window and adsa-evict steps run as one kernel wherever kernels.one_kernel_fits: any
-    batch over a cache of up to ONE_KERNEL_MAX_SLOTS (GPT-B 256 and 384 px), and from 256
+def test_one_kernel_switches():
+    """dense, window and adsa-evict steps run as one kernel wherever KernelConfig.one_kernel_fits:
+    any batch over a cache of up to one_kernel_max_slots (GPT-B 256 and 384 px), and from 256
     row-heads over a longer one (dense at 640 px, 1601 slots); the switches turn it off; adsa-select
     and layer granularity never do. Dense at batch 1 over a long cache keeps XLA attention under
     'auto'."""
-    from adsa_jax import kernels
     from adsa_jax.config import named_config
 
     small, large = 2, 32  # batch 1 and 16 with CFG: 24 and 384 row-heads for GPT-B's 12 heads
+    max_slots = KernelConfig().one_kernel_max_slots
+    off = dict(evict_one_kernel=False, dense_one_kernel=False)
     for size in (256, 384, 640):
         cfg = named_config("GPT-B", image_size=size)
-        pols = [resolve_attention(make_policy(cfg, n, **kw), cfg, "pallas")
-                for n, kw in (("adsa-evict", {"budget": 0.5}), ("window", {"budget": 0.5}), ("dense", {}))]
+        made = [make_policy(cfg, n, **kw) for n, kw in (("adsa-evict", {"budget": 0.5}), ("window", {"budget": 0.5}),
+                                                        ("dense", {}))]
+        pols = [on_kernels(p) for p in made]
         for pol in pols:
             assert pol.one_kernel(large, cfg.n_head)
-            assert pol.one_kernel(small, cfg.n_head) == (pol.slots <= kernels.ONE_KERNEL_MAX_SLOTS)
-        assert pols[0].slots <= kernels.ONE_KERNEL_MAX_SLOTS
-        assert (pols[2].slots > kernels.ONE_KERNEL_MAX_SLOTS) == (size == 640)
+            assert pol.one_kernel(small, cfg.n_head) == (pol.slots <= max_slots)
+        assert pols[0].slots <= max_slots
+        assert (pols[2].slots > max_slots) == (size == 640)
         assert "victim" in pols[0].init(large, cfg.n_head, cfg.head_dim, jnp.bfloat16)
-        others = [resolve_attention(make_policy(cfg, n, **kw), cfg, "pallas") for n, kw in
+        others = [on_kernels(make_policy(cfg, n, **kw)) for n, kw in
                   (("adsa-select", {"budget": 0.5}), ("adsa-evict", {"budget": 0.5, "granularity": "layer"}))]
         assert not any(pol.one_kernel(large, cfg.n_head) for pol in others)
-        monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", False)
-        monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", False)
-        assert not any(pol.one_kernel(large, cfg.n_head) for pol in pols)
-        assert "victim" not in pols[0].init(large, cfg.n_head, cfg.head_dim, jnp.bfloat16)
-        monkeypatch.setattr(kernels, "EVICT_ONE_KERNEL", True)
-        monkeypatch.setattr(kernels, "DENSE_ONE_KERNEL", True)
-    long_evict = make_policy(cfg, "adsa-evict", budget=0.9)  # 640 px: over ONE_KERNEL_MAX_SLOTS slots
-    assert long_evict.slots > kernels.ONE_KERNEL_MAX_SLOTS
-    assert not resolve_attention(long_evict, cfg, "pallas").one_kernel(small, cfg.n_head)
-    # 'auto' as on a GPU: dense at batch 1 takes XLA attention only over a cache too long for one kernel.
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(kernels, "available", lambda: True)
-    assert resolve_attention(make_policy(cfg, "dense"), cfg, "auto", rows=small).attention == "xla"
-    assert resolve_attention(make_policy(cfg, "dense"), cfg, "auto", rows=large).attention == "pallas"
-    cfg384 = named_config("GPT-B", image_size=384)
-    assert resolve_attention(make_policy(cfg384, "dense"), cfg384, "auto", rows=small).attention == "pallas"
+        switched = [on_kernels(p, **off) for p in made]
+        assert not any(pol.one_kernel(large, cfg.n_head) for pol in switched)
+        assert "victim" not in switched[0].init(large, cfg.n_head, cfg.head_dim, jnp.bfloat16)
+    long_evict = make_policy(cfg, "adsa-evict", budget=0.9)  # 640 px: over one_kernel_max_slots slots
+    assert long_evict.slots > max_slots
+    assert not on_kernels(long_evict).one_kernel(small, cfg.n_head)
+
+    def auto(cfg, rows):  # 'auto' as on a GPU
+        return kernel_config(cfg, make_policy(cfg, "dense"), rows, jnp.bfloat16, backend="gpu", pallas=True).attention
+
+    # Dense at batch 1 takes XLA attention only over a cache too long for one kernel.
+    assert auto(cfg, small) == "xla"
+    assert auto(cfg, large) == "pallas"
+    assert auto(named_config("GPT-B", image_size=384), small) == "pallas"
 
 
-def test_evict_tiling_by_grid(monkeypatch):
+def test_evict_tiling_by_grid():
     """evict_step's block and warps follow the grid: wide blocks over many warps for few programs
-    (batch 1), a middle setting from ONE_KERNEL_MIN_ROW_HEADS, a high one from EVICT_MID_ROW_HEADS,
-    the large-grid one from EVICT_HIGH_ROW_HEADS; explicit arguments win."""
-    from adsa_jax import kernels
+    (batch 1), then narrower ones from each tier's least row-heads; explicit arguments win."""
+    from adsa_jax.kernels import evict_step
 
-    small = (kernels.EVICT_SMALL_BLOCK_K, kernels.EVICT_SMALL_NUM_WARPS)
-    mid = (kernels.EVICT_MID_BLOCK_K, kernels.EVICT_MID_NUM_WARPS)
-    high = (kernels.EVICT_HIGH_BLOCK_K, kernels.EVICT_HIGH_NUM_WARPS)
-    large = (kernels.EVICT_BLOCK_K, kernels.EVICT_NUM_WARPS)
-    assert len({small, mid, high, large}) == 4
-    lo, m, hi = kernels.ONE_KERNEL_MIN_ROW_HEADS, kernels.EVICT_MID_ROW_HEADS, kernels.EVICT_HIGH_ROW_HEADS
-    assert lo < m < hi
-    assert ([kernels.evict_tiling(n) for n in (1, lo - 1, lo, m - 1, m, hi - 1, hi, 10 * hi)]
+    kc = KernelConfig()
+    (hi, large), (m, high), (lo, mid), (zero, small) = ((t[0], t[1:]) for t in kc.evict_tiers)
+    assert len({small, mid, high, large}) == 4 and zero == 0 < lo < m < hi
+    assert ([kc.evict_tile(n) for n in (1, lo - 1, lo, m - 1, m, hi - 1, hi, 10 * hi)]
             == [small, small, mid, mid, high, high, large, large])
-    seen = {}
-    real = kernels.pl.pallas_call
-
-    def spy(kern, **kw):
-        seen["block_k"], seen["warps"] = kern.keywords["block_k"], kw["compiler_params"].num_warps
-        return real(kern, **kw)
-
-    monkeypatch.setattr(kernels.pl, "pallas_call", spy)
     b, h, s, d = 1, 2, 24, 16
     z = jnp.zeros((b, h, d), jnp.float32)
     cache = jnp.zeros((b, h, s, d), jnp.float32)
     scalars = (3, 0, 0, 0, 0, 0, 3)
-    kernels.evict_step(z, z, z, cache, cache, None, jnp.ones((b, s), bool), scalars, c=1, prefix=0, keep=0,
-                       interpret=True)
-    assert (seen["block_k"], seen["warps"]) == small
-    kernels.evict_step(z, z, z, cache, cache, None, jnp.ones((b, s), bool), scalars, c=1, prefix=0, keep=0,
-                       block_k=8, num_warps=4, interpret=True)
-    assert (seen["block_k"], seen["warps"]) == (8, 4)
+
+    def traced(**kw):  # (the kernel's jaxpr, its compiler params) as text
+        jaxpr = jax.make_jaxpr(lambda q: evict_step(q, q, q, cache, cache, None, jnp.ones((b, s), bool), scalars, c=1,
+                                                     prefix=0, keep=0, interpret=True, **kw))(z)
+        eqn = next(e for e in jaxpr.jaxpr.eqns if e.primitive.name == "pallas_call")
+        return str(eqn.params["jaxpr"]), str(eqn.params["compiler_params"])
+
+    def uses(tile, **kw):  # a block of `tile[0]` slots (the lanes' iota) over `tile[1]` warps
+        body, params = traced(**kw)
+        return f"iota[dimension=0 dtype=int32 shape=({tile[0]},)" in body and f"num_warps={tile[1]}," in params
+
+    assert uses(small) and not uses(large)  # b * h = 2 programs
+    assert uses(large, config=KernelConfig(evict_tiers=((0,) + large,)))
+    assert uses((8, 4), block_k=8, num_warps=4)
 
 
 @pytest.mark.parametrize("victim_in,want", [(4, 4), (13, 7)])
@@ -314,11 +295,10 @@ def test_evict_step_victim_ties_lowest_slot(victim_in, want):
 
 @pytest.mark.parametrize("keep", [0, 5])
 @pytest.mark.parametrize("rope_in_kernel", [None, False, True])
-def test_evict_step_reads_stacked_qkv(keep, rope_in_kernel, monkeypatch):
+def test_evict_step_reads_stacked_qkv(keep, rope_in_kernel):
     """qkv= (B, 3, H, D), the projection's layout read in place, gives exactly what separate
     q, k_new, v_new give (each output, every slot); with rope= (q and k before RoPE), RoPE in
-    XLA before the call or in the kernel (ROPE_IN_KERNEL) gives that too."""
-    from adsa_jax import kernels
+    XLA before the call or in the kernel (rope_in_kernel) gives that too."""
     from adsa_jax.kernels import evict_step
     from adsa_jax.rope import apply_rope, rope_table
 
@@ -341,7 +321,7 @@ def test_evict_step_reads_stacked_qkv(keep, rope_in_kernel, monkeypatch):
         rot = jnp.asarray(rope_table(4, d, 10000.0, c)[c + 5])  # (D/2, 2), grid cell 5
         qkv = jnp.concatenate([apply_rope(raw[:, :2], jnp.broadcast_to(rot, (2,) + rot.shape)), raw[:, 2:]], axis=1)
         kw["rope"] = rot
-        monkeypatch.setattr(kernels, "ROPE_IN_KERNEL", rope_in_kernel)
+        kw["config"] = KernelConfig(rope_in_kernel=rope_in_kernel)
     apart = evict_step(qkv[:, 0], qkv[:, 1], qkv[:, 2], k, v, pos, cond_ok, scalars,
                        **{n: x for n, x in kw.items() if n != "rope"})
     stacked = evict_step(None, None, None, k, v, pos, cond_ok, scalars, qkv=raw, **kw)
@@ -356,19 +336,18 @@ def _uses_pallas(f, *args):
 
 
 @pytest.mark.parametrize("m,k,n,splits", [(1, 256, 384, None), (2, 384, 192, 3), (7, 256, 128, 1), (16, 512, 64, 4)])
-def test_small_matmul_matches_dot(m, k, n, splits, monkeypatch):
+def test_small_matmul_matches_dot(m, k, n, splits):
     """The split-K GEMV (interpreter): float32 within float32 rounding of a float64 product, bf16
     within bf16 output rounding; rows below GEMV_ROWS are masked loads, never garbage."""
     from adsa_jax import kernels
 
-    monkeypatch.setattr(kernels, "GEMV_BLOCK_N", 64)
-    monkeypatch.setattr(kernels, "GEMV_BLOCK_K", 64)
+    kc = KernelConfig(gemv_block_n=64, gemv_block_k=64)
     rng = np.random.default_rng(m * 1000 + k)
     x, w = rng.standard_normal((m, k)), rng.standard_normal((k, n)) / np.sqrt(k)
     want = x @ w
     for dt, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
         xd, wd = jnp.asarray(x, dt), jnp.asarray(w, dt)
-        f = lambda a, b: kernels.small_matmul(a, b, splits=splits, interpret=True)  # noqa: E731
+        f = lambda a, b: kernels.small_matmul(a, b, splits=splits, config=kc, interpret=True)  # noqa: E731
         assert _uses_pallas(f, xd, wd)
         got = f(xd, wd)
         assert got.dtype == dt and got.shape == (m, n)
@@ -386,22 +365,22 @@ def test_small_matmul_lowers_for_gpu(m):
     assert text.count("adsa_small_matmul") >= 1
 
 
-def test_small_matmul_falls_back_where_it_does_not_apply(monkeypatch):
-    """Shapes that do not tile, more than GEMV_ROWS rows, or a GEMV_TILES entry of None: jnp.dot,
+def test_small_matmul_falls_back_where_it_does_not_apply():
+    """Shapes that do not tile, more than GEMV_ROWS rows, or a gemv_tiles entry of None: jnp.dot,
     with the same result."""
     from adsa_jax import kernels
 
     rng = np.random.default_rng(0)
-    for m, k, n in ((2, 200, 128), (2, 256, 96), (kernels.GEMV_ROWS + 1, 256, 128)):
+    for m, k, n in ((2, 200, 128), (2, 256, 96), (GEMV_ROWS + 1, 256, 128)):
         x, w = jnp.asarray(rng.standard_normal((m, k)), jnp.float32), jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
         f = lambda a, b: kernels.small_matmul(a, b, block_n=64, block_k=64, interpret=True)  # noqa: E731
         assert not _uses_pallas(f, x, w)
         np.testing.assert_allclose(np.asarray(f(x, w)), np.asarray(x) @ np.asarray(w), atol=1e-4, rtol=1e-5)
     x, w = jnp.ones((2, 256)), jnp.ones((256, 128))
-    monkeypatch.setattr(kernels, "GEMV_TILES", {(256, 128): None})
-    assert not _uses_pallas(lambda a, b: kernels.small_matmul(a, b, interpret=True), x, w)
-    monkeypatch.setattr(kernels, "GEMV_TILES", {(256, 128): (32, 64, 2)})
-    assert "grid=(4, 2)" in str(jax.make_jaxpr(lambda a, b: kernels.small_matmul(a, b, interpret=True))(x, w))
+    off = KernelConfig(gemv_tiles={(256, 128): None})
+    assert not _uses_pallas(lambda a, b: kernels.small_matmul(a, b, config=off, interpret=True), x, w)
+    tiled = KernelConfig(gemv_tiles={(256, 128): (32, 64, 2)})
+    assert "grid=(4, 2)" in str(jax.make_jaxpr(lambda a, b: kernels.small_matmul(a, b, config=tiled, interpret=True))(x, w))
 
 
 def test_kth_largest_matches_sort():
@@ -469,35 +448,32 @@ def test_matmul_add_norm_with_and_without_the_gemv():
 
 @pytest.mark.parametrize("k,n", [(1280, 3840), (1280, 1280), (1280, 7168), (3584, 1280), (1280, 16384), (768, 2304)])
 def test_gemv_tiling_rule(k, n):
-    """The most K splits that divide K's blocks and keep at most GEMV_PROGRAMS programs."""
+    """The most K splits that divide K's blocks and keep at most gemv_programs programs."""
     from adsa_jax import kernels
 
+    kc = KernelConfig()
     bn, bk, sp = kernels.gemv_tiling(k, n)
     blocks = k // bk
-    assert (bn, bk) == (kernels.GEMV_BLOCK_N, kernels.GEMV_BLOCK_K) and blocks % sp == 0
-    assert (n // bn) * sp <= kernels.GEMV_PROGRAMS or sp == 1
-    assert all((n // bn) * d > kernels.GEMV_PROGRAMS for d in range(sp + 1, blocks + 1) if blocks % d == 0)
+    assert (bn, bk) == (kc.gemv_block_n, kc.gemv_block_k) and blocks % sp == 0
+    assert (n // bn) * sp <= kc.gemv_programs or sp == 1
+    assert all((n // bn) * d > kc.gemv_programs for d in range(sp + 1, blocks + 1) if blocks % d == 0)
     assert kernels.gemv_tiling(k + bk // 2, n) is None and kernels.gemv_tiling(k, n, splits=blocks + 1) is None
 
 
 @pytest.mark.parametrize("name,kw,attention,add_norm", [
-    ("dense", {}, "xla", 1), ("adsa-evict", {"budget": 0.5}, "xla", 0), ("dense", {}, "pallas-interpret", 0),
-    ("adsa-evict", {"budget": 0.5}, "pallas-interpret", 1), ("window", {"budget": 0.5}, "pallas-interpret", 1)])
-def test_small_row_gemms_in_generation(c2i, c2i_ref, name, kw, attention, add_norm, monkeypatch):
+    ("dense", {}, "xla", True), ("adsa-evict", {"budget": 0.5}, "xla", False), ("dense", {}, "pallas-interpret", False),
+    ("adsa-evict", {"budget": 0.5}, "pallas-interpret", True), ("window", {"budget": 0.5}, "pallas-interpret", True)])
+def test_small_row_gemms_in_generation(c2i, c2i_ref, name, kw, attention, add_norm):
     """gemm='pallas-interpret' (every weight GEMM of the decode steps on small_matmul; with add_norm
     the residual adds and RMSNorms after wo and w2 in add_rms_norm), float32: the fixture's greedy
     CFG tokens for dense (LlamaGen's own), the XLA path's for the others."""
-    from adsa_jax import kernels
-
-    monkeypatch.setattr(kernels, "GEMV_BLOCK_N", 64)  # the fixture model's 192-wide layers tile by 64
-    monkeypatch.setattr(kernels, "GEMV_BLOCK_K", 64)
-    monkeypatch.setattr(kernels, "GEMV_ADD_NORM", add_norm)
     pol = make_policy(c2i.config, name, **kw)
     labels = c2i_ref["labels"]
 
-    def run(p, gemm):
+    def run(p, gemm):  # the fixture model's 192-wide layers tile by 64
+        opts = KernelConfig(gemm=gemm, attention=attention, add_norm=add_norm, gemv_block_n=64, gemv_block_k=64)
         return adsa_jax.generate(adsa_jax.Model(c2i.config, p), labels, jax.random.key(1), top_k=1, policy=pol,
-                                 gemm=gemm, attention=attention)
+                                 options=opts)
 
     step = str(jax.make_jaxpr(lambda p: run(p, "pallas-interpret"))(c2i.params))
     # qkv, wo, w1|w3 (stacked), w2 per layer (and two add_rms_norm) and the head, and the one-kernel step per layer
@@ -510,29 +486,31 @@ def test_small_row_gemms_in_generation(c2i, c2i_ref, name, kw, attention, add_no
         np.testing.assert_array_equal(np.asarray(toks), c2i_ref["greedy_cfg_tokens"])
 
 
-def test_gemm_choice(c2i, monkeypatch):
-    """'auto': the GEMV on one GPU for at most GEMV_MAX_ROWS rows of bf16/fp16 weights, XLA
+def test_gemm_choice(c2i):
+    """'auto': the GEMV on one GPU for at most gemv_max_rows rows of bf16/fp16 weights, XLA
     elsewhere; forcing it where it cannot run is a clear error."""
-    import importlib
-
-    gen = importlib.import_module("adsa_jax.generate")
+    cfg = c2i.config
     bf16, f32 = jnp.bfloat16, jnp.float32
-    assert gen.resolve_gemm("auto", 2, bf16) == "xla"  # not a GPU
+
+    def gemm(requested, rows, dtype, backend="gpu", mesh=None, **kw):
+        return kernel_config(cfg, None, rows, dtype, base=KernelConfig(gemm=requested, **kw), backend=backend,
+                             pallas=True, mesh=mesh).gemm
+
+    assert gemm("auto", 2, bf16, backend="cpu") == "xla"  # not a GPU
     with pytest.raises(ConfigError, match="compiles for a GPU"):
-        gen.resolve_gemm("pallas", 2, bf16)
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert gen.resolve_gemm("auto", 2, bf16) == "pallas"
-    assert gen.resolve_gemm("auto", 16, jnp.float16) == "pallas"
-    assert gen.resolve_gemm("auto", 18, bf16) == "xla"
-    assert gen.resolve_gemm("auto", 2, f32) == "xla"
-    assert gen.resolve_gemm("auto", 2, bf16, mesh=object()) == "xla"
-    assert gen.resolve_gemm("xla", 2, bf16) == "xla" and gen.resolve_gemm("pallas", 2, f32) == "pallas"
-    monkeypatch.setattr(gen, "GEMV_MAX_ROWS", 0)
-    assert gen.resolve_gemm("auto", 2, bf16) == "xla"
-    for args, msg in ((("cublas", 2, bf16), "gemm must be"), (("pallas", 32, bf16), "at most 16 rows"),
-                      (("pallas-interpret", 2, bf16, object()), "on a mesh")):
+        gemm("pallas", 2, bf16, backend="cpu")
+    assert gemm("auto", 2, bf16) == "pallas"
+    assert gemm("auto", 16, jnp.float16) == "pallas"
+    assert gemm("auto", 18, bf16) == "xla"
+    assert gemm("auto", 2, f32) == "xla"
+    assert gemm("auto", 2, bf16, mesh=object()) == "xla"
+    assert gemm("xla", 2, bf16) == "xla" and gemm("pallas", 2, f32) == "pallas"
+    assert gemm("auto", 2, bf16, gemv_max_rows=0) == "xla"
+    for args, kw, msg in ((("pallas", 32, bf16), {}, "at most 16 rows"),
+                          (("pallas-interpret", 2, bf16), {"mesh": object()}, "on a mesh")):
         with pytest.raises(ConfigError, match=msg):
-            gen.resolve_gemm(*args)
-    monkeypatch.undo()
+            gemm(*args, **kw)
     with pytest.raises(ConfigError, match="gemm must be"):
-        adsa_jax.generate(c2i, np.array([1]), jax.random.key(0), gemm="fast")
+        KernelConfig(gemm="cublas")
+    with pytest.raises(ConfigError, match="gemm must be"):
+        adsa_jax.generate(c2i, np.array([1]), jax.random.key(0), options=KernelConfig(gemm="fast"))

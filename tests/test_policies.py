@@ -1,6 +1,5 @@
 """Policy construction, errors, memory of the compiled call, compile-once, pluggability."""
 import dataclasses
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +11,7 @@ from adsa_jax.config import GPTConfig
 from adsa_jax.generate import Model, _generate_jit, _scalars
 from adsa_jax.model import init_params
 from adsa_jax.cache import Dense, Evict, Select, kv_bytes, make_policy
+from adsa_jax.options import XLA_KERNELS
 
 CFG16 = GPTConfig(dim=64, n_layer=2, n_head=2, vocab_size=64, num_classes=5, block_size=256)
 
@@ -120,7 +120,7 @@ def test_every_policy_cache_has_sharding_axes():
 def _compiled(model, policy, batch):
     args = (model.params, jnp.arange(batch, dtype=jnp.int32) % 5, jnp.ones((batch, 1), bool), jax.random.key(0),
             jnp.arange(batch, dtype=jnp.int32), _scalars(4.0, -1, 1.0, 0, 1.0))
-    c = _generate_jit.lower(*args, cfg=model.config, policy=policy, use_cfg=True, num_segments=1).compile()
+    c = _generate_jit.lower(*args, cfg=model.config, policy=policy, use_cfg=True, kernels=XLA_KERNELS).compile()
     m = c.memory_analysis()
     return m.temp_size_in_bytes + m.output_size_in_bytes, c.as_text()
 
@@ -142,9 +142,8 @@ def test_evict_never_allocates_the_dense_cache():
     # Compiled memory: the evict cache plus, on XLA:CPU only, one copy of it that CPU buffer
     # assignment keeps around the in-place pool scatter (the GPU compile does not: BENCHMARKS.md,
     # 0.54x of dense's peak at GPT-XL 384 px, batch 256), plus the per-call w1|w3 stack
-    # (generate.STACK_FFN), which dense holds too.
-    gen = importlib.import_module("adsa_jax.generate")  # the module (adsa_jax.generate is the function)
-    w13 = sum(layer["w1"].nbytes + layer["w3"].nbytes for layer in model.params["layers"]) if gen.STACK_FFN else 0
+    # (KernelConfig.stack_ffn), which dense holds too.
+    w13 = sum(layer["w1"].nbytes + layer["w3"].nbytes for layer in model.params["layers"]) if XLA_KERNELS.stack_ffn else 0
     assert evict_mem <= 0.55 * dense_kv + evict_kv + w13, (evict_mem, dense_kv, evict_kv, w13)
 
 

@@ -47,6 +47,7 @@ def _child(c2i_dir, vq_dir, work, report_path):
     from adsa_jax.cli import main
     from adsa_jax.config import ConfigError, GPTConfig
     from adsa_jax.generate import Model, _generate_jit
+    from adsa_jax.options import XLA_KERNELS
     from adsa_jax.model import init_params
 
     report = {}
@@ -99,7 +100,7 @@ def _child(c2i_dir, vq_dir, work, report_path):
                     S.put(key, rep), S.put(np.arange(8, dtype=np.int32), rows),
                     tuple(S.put(np.asarray(x), rep) for x in (np.float32(4), np.float32(-1), np.float32(1),
                                                                np.int32(100), np.float32(1))))
-            hlo = _generate_jit.lower(*args, cfg=cfg, policy=policy, use_cfg=True, num_segments=1,
+            hlo = _generate_jit.lower(*args, cfg=cfg, policy=policy, use_cfg=True, kernels=XLA_KERNELS,
                                       mesh=dp).compile().as_text()
             ops = Counter(re.findall(r"\b(all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)"
                                      r"(?:-start)?\(", hlo))

@@ -5,7 +5,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from .. import kernels
+from ..kernels import evict_step
+from ..options import XLA_KERNELS, KernelConfig
 from .layout import attend, cond_slot_mask, empty_kv, prefill_kv, write_slot
 
 
@@ -18,11 +19,17 @@ class Dense:
     c: int
     n: int
     name: str = "dense"
-    attention: str = "xla"  # decode attention: 'xla' (reference) or 'pallas' (GPU kernel), see attend()
+    # Kernel choices and tiling, set by generate / score from their options (kernel_config).
+    kernels: KernelConfig = XLA_KERNELS
 
     @property
     def slots(self) -> int:
         return self.c + self.n - 1  # the last image token is never fed back
+
+    @property
+    def attention(self) -> str:
+        """The decode attention: 'xla', 'pallas' or 'pallas-interpret' (``kernels.attention``)."""
+        return self.kernels.attention
 
     def attended(self, t: int) -> int:
         return self.c + t + 1
@@ -36,23 +43,25 @@ class Dense:
     def one_kernel(self, rows: int, heads: int) -> bool:
         """Whether a decode step (cache write + attention) runs as one Pallas kernel
         (:func:`adsa_jax.kernels.evict_step` on the dense cache): the kernel path
-        (``kernels.DENSE_ONE_KERNEL``, on by default) where its one program per (row, head) is not
-        too little work spread too thin (:func:`adsa_jax.kernels.one_kernel_fits`)."""
+        (``kernels.dense_one_kernel``, on by default) where its one program per (row, head) is not
+        too little work spread too thin (:meth:`adsa_jax.options.KernelConfig.one_kernel_fits`)."""
         if self.attention == "xla":
             return False
-        return kernels.DENSE_ONE_KERNEL and kernels.one_kernel_fits(rows, heads, self.slots)
+        return self.kernels.dense_one_kernel and self.kernels.one_kernel_fits(rows, heads, self.slots)
 
     def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None, qkv=None, rope=None):
         slot = self.c + t
         if self.one_kernel(*q.shape[:2]):
             zero = jnp.int32(0)
-            out, kc, vc = kernels.evict_step(q, k, v, cache["k"], cache["v"], None, cond_slot_mask(cond_mask, self.slots)[:, 0],
+            out, kc, vc = evict_step(q, k, v, cache["k"], cache["v"], None, cond_slot_mask(cond_mask, self.slots)[:, 0],
                                              (slot, zero, zero, zero, zero, zero, slot), c=self.c, prefix=0, keep=0,
-                                             qkv=qkv, rope=rope, interpret=self.attention == "pallas-interpret")
+                                             qkv=qkv, rope=rope, config=self.kernels,
+                                      interpret=self.attention == "pallas-interpret")
             return {**cache, "k": kc, "v": vc}, out
         kc, vc = write_slot(cache["k"], k, slot), write_slot(cache["v"], v, slot)
         if self.attention != "xla":  # the kernel reads slots < slot + 1 only, whatever the span
-            out = attend(q, kc, vc, cond_slot_mask(cond_mask, self.slots), self.attention, slot + 1)
+            out = attend(q, kc, vc, cond_slot_mask(cond_mask, self.slots), self.attention, slot + 1,
+                         config=self.kernels)
             return {**cache, "k": kc, "v": vc}, out
         span = self.slots if span is None else min(span, self.slots)
         # Only the first `span` slots can be filled during this scan segment: read just those.

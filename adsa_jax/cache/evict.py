@@ -19,7 +19,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from .. import kernels
+from ..kernels import evict_step
+from ..options import XLA_KERNELS, KernelConfig
 from ..config import ConfigError
 from .layout import BIG, EPS, attend, cond_slot_mask, normalized_v, write_slot
 
@@ -51,7 +52,8 @@ class Evict:
     granularity: str = "head"
     chooser: str = "similarity"
     name: str = "adsa-evict"
-    attention: str = "xla"
+    # Kernel choices and tiling, set by generate / score from their options (kernel_config).
+    kernels: KernelConfig = XLA_KERNELS
     period: int = 1
     draw: str = "candidates"
 
@@ -59,6 +61,11 @@ class Evict:
     def ring(self) -> int:
         """Ring slots: M + period - 1 (the module docstring says why not M + period)."""
         return self.local + self.period - 1
+
+    @property
+    def attention(self) -> str:
+        """The decode attention: 'xla', 'pallas' or 'pallas-interpret' (``kernels.attention``)."""
+        return self.kernels.attention
 
     @property
     def slots(self) -> int:
@@ -100,14 +107,14 @@ class Evict:
 
     def one_kernel(self, rows: int, heads: int) -> bool:
         """Whether a decode step runs as one Pallas kernel (:func:`adsa_jax.kernels.evict_step`):
-        the kernel path, per-head scores (or none: window), ``kernels.EVICT_ONE_KERNEL`` (on by
-        default) and :func:`adsa_jax.kernels.one_kernel_fits`. Otherwise the bookkeeping runs in
+        the kernel path, per-head scores (or none: window), ``kernels.evict_one_kernel`` (on by
+        default) and :meth:`adsa_jax.options.KernelConfig.one_kernel_fits`. Otherwise the bookkeeping runs in
         XLA around the attention kernel."""
         # The kernel implements period 1 only; at s > 1 the bookkeeping (an s-token top_k every s
         # steps) runs in XLA and only the attention uses the Pallas kernel.
         if self.attention == "xla" or self.granularity != "head" or self.chooser != "similarity" or self.period != 1:
             return False
-        return kernels.EVICT_ONE_KERNEL and kernels.one_kernel_fits(rows, heads, self.slots)
+        return self.kernels.evict_one_kernel and self.kernels.one_kernel_fits(rows, heads, self.slots)
 
     def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None, qkv=None, rope=None):
         c, P, K, M = self.c, self.prefix, self.keep, self.local
@@ -130,14 +137,14 @@ class Evict:
         mask = (pos >= 0) & cond_slot_mask(cond_mask, self.slots)  # (B, G, C)
         new = {**cache, "k": kc, "v": vc, "pos": pos, "vsum": vsum}
         if not self.fused_score:
-            return new, attend(q, kc, vc, mask, self.attention)
+            return new, attend(q, kc, vc, mask, self.attention, config=self.kernels)
         # Next step's candidates are this cache's pool + ring (nothing changes them before then),
         # scored against next step's total = vsum + v̂ of the token the ring will then hand over.
         ring_next = ring0 + jnp.mod(t + 1 - P, M)
         v_next = jax.lax.dynamic_slice_in_dim(vc, ring_next, 1, axis=2)  # (B, H, 1, D)
         total = vsum + normalized_v(v_next, self.granularity)[:, :, 0]  # (B, G, X)
         b, h, _, d = vc.shape
-        out, dots, sq = attend(q, kc, vc, mask, self.attention,
+        out, dots, sq = attend(q, kc, vc, mask, self.attention, config=self.kernels,
                                score_vec=total.reshape(b, h, d))  # 'layer': the vector split into heads
         return {**new, "dots": dots, "sq": sq}, out
 
@@ -149,9 +156,9 @@ class Evict:
         scalars = (jnp.where(t < P, c + t, ring), ring, t - P >= M, n_moved >= K, jnp.clip(n_moved, 0, max(K - 1, 0)),
                    ring0 + jnp.mod(t + 1 - P, M), c + t)
         cond_ok = cond_slot_mask(cond_mask, self.slots)[:, 0]  # (B, C)
-        res = kernels.evict_step(q, k, v, cache["k"], cache["v"], cache["pos"], cond_ok, scalars, c=c, prefix=P, keep=K,
+        res = evict_step(q, k, v, cache["k"], cache["v"], cache["pos"], cond_ok, scalars, c=c, prefix=P, keep=K,
                          vsum=cache["vsum"] if K else None, victim=cache.get("victim"), vnorm=cache.get("vnorm"),
-                         qkv=qkv, rope=rope, eps=EPS,
+                         qkv=qkv, rope=rope, eps=EPS, config=self.kernels,
                          interpret=self.attention == "pallas-interpret")
         new = {**cache, "k": res[1], "v": res[2], "pos": res[3]}
         if K:
@@ -242,7 +249,7 @@ class Evict:
         pos = jax.lax.dynamic_update_slice_in_dim(
             pos, jnp.full(pos.shape[:2] + (1,), c + t, jnp.int32), slot, axis=2)
         mask = (pos >= 0) & cond_slot_mask(cond_mask, self.slots)  # (B, G, C)
-        out = attend(q, kc, vc, mask, self.attention)
+        out = attend(q, kc, vc, mask, self.attention, config=self.kernels)
         return {**cache, "k": kc, "v": vc, "pos": pos, "vsum": vsum}, out
 
     def _leave_ring(self, kc, vc, pos, vsum, j, layer_index, row_keys):

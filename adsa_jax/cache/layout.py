@@ -12,27 +12,29 @@ import jax.numpy as jnp
 
 from ..config import NEG_INF
 from ..kernels import decode_attention
+from ..options import IMPLS, XLA_KERNELS, KernelConfig
 
 EPS = 1e-6  # floor of a V norm before dividing by it
 BIG = 1e30  # a score no candidate reaches (finite, like NEG_INF)
 
-ATTENTION_IMPLS = ("xla", "pallas", "pallas-interpret")
+ATTENTION_IMPLS = IMPLS  # decode attention: the reference, the GPU kernel, its interpreter
 
 __all__ = ["NEG_INF", "EPS", "BIG", "ATTENTION_IMPLS", "attend", "normalized_v", "write_slot", "cond_slot_mask",
            "empty_kv", "prefill_kv"]
 
 
-def attend(q, k, v, mask, impl: str = "xla", n_valid=None, score_vec=None):
+def attend(q, k, v, mask, impl: str = "xla", n_valid=None, score_vec=None, config: KernelConfig = XLA_KERNELS):
     """q (B,H,D), k/v (B,H,S,D), mask broadcastable to (B,H,S) -> (B,H,D); f32 logits/softmax.
 
     impl 'xla' is the reference; 'pallas' is the GPU kernel of :mod:`adsa_jax.kernels`, which
     also skips slots >= n_valid (default: all S), 'pallas-interpret' the same kernel run by
     the Pallas interpreter (any backend; tests). With ``score_vec`` (kernel only) it returns
-    ``(out, dots, sq)``, ADSA's score terms from the same read of V (``decode_attention``)."""
+    ``(out, dots, sq)``, ADSA's score terms from the same read of V (``decode_attention``).
+    config: the kernel's tiling (:class:`adsa_jax.options.KernelConfig`)."""
     if impl != "xla":
         b, h, s = k.shape[:3]
         m = jnp.broadcast_to(mask, (b, mask.shape[1] if mask.ndim == 3 else 1, s))  # (B, 1|G, S)
-        return decode_attention(q, k, v, m, s if n_valid is None else n_valid, score_vec=score_vec,
+        return decode_attention(q, k, v, m, s if n_valid is None else n_valid, score_vec=score_vec, config=config,
                                 interpret=impl == "pallas-interpret")
     scale = 1.0 / math.sqrt(q.shape[-1])
     logits = jnp.einsum("BHD,BHSD->BHS", q, k, preferred_element_type=jnp.float32) * scale

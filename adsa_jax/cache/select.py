@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from ..options import XLA_KERNELS, KernelConfig
 from .layout import BIG, attend, cond_slot_mask, empty_kv, normalized_v, prefill_kv, write_slot
 
 
@@ -22,7 +23,13 @@ class Select:
     local: int = 1
     granularity: str = "head"
     name: str = "adsa-select"
-    attention: str = "xla"  # the attention over the gathered slots: see attend()
+    # Kernel choices and tiling (the attention over the gathered slots), set by generate / score.
+    kernels: KernelConfig = XLA_KERNELS
+
+    @property
+    def attention(self) -> str:
+        """The decode attention: 'xla', 'pallas' or 'pallas-interpret' (``kernels.attention``)."""
+        return self.kernels.attention
 
     @property
     def slots(self) -> int:
@@ -87,7 +94,7 @@ class Select:
         vals = jnp.concatenate([vc[:, :, : c + P], v_sel, v_loc], axis=2)
         mask = jnp.concatenate([jnp.broadcast_to(head_ok, (b, h, c + P)), sel_ok,
                                 jnp.broadcast_to(loc_ok, (b, h, M))], axis=2)
-        out = attend(q, keys, vals, mask, self.attention)
+        out = attend(q, keys, vals, mask, self.attention, config=self.kernels)
         g = cache["sel"].shape[1]
         sel_idx = jnp.pad(jnp.broadcast_to(sel_idx, (b, g, kk)), ((0, 0), (0, 0), (0, K - kk)), constant_values=-1)
         return {**cache, "k": kc, "v": vc, "vsum": vsum, "sel": sel_idx}, out

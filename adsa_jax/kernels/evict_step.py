@@ -1,0 +1,252 @@
+"""evict_step: a whole ``dense`` / ``window`` / ``adsa-evict`` layer step in one kernel (cache write,
+pool move, running sum, attention, next step's victim), the cache updated in place; the default
+for those policies where :meth:`adsa_jax.options.KernelConfig.one_kernel_fits`.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from ..config import NEG_INF
+from ..options import KernelConfig
+from ..rope import apply_rope
+from .common import pl, plgpu
+
+
+# Its per-block reductions (logits K . q, the victim score V . total, the PV sum) are elementwise
+# float32 products reduced in registers. As tensor-core dots (the float32 operand split into three
+# bf16 parts) each was slower or level on an H200: the score alone (88.5 against 78.9 us per
+# layer step at adsa-evict 384 px batch 64), all three (commit a49be2e: score 88.4,
+# all three 105.2 against 78.6; dense 256 px batch 64 59.6 against 46.4 with logits and PV, batch 1
+# 3.9 against 3.3). The layout conversions into the dot's operands cost more than the products.
+def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref,
+                  pos_ref, cok_ref, *rest, block_k, slots, c, P, K, scale, eps, rope):
+    # One program = one (row, head): the whole adsa-evict (or window, K = 0) step of a layer.
+    # Scalars: ws = slot of the new token, ring = ring slot of the token o leaving the window,
+    # mv = o moves to the pool this step, full = the pool is full, free = the lowest free pool
+    # position, rn = next step's ring slot, np = the new token's position; vic = this step's
+    # victim slot, found by last step's program while it read V (the first maximum of
+    # v_i . total / |v_i| over the pool slots in order, then the ring slot), so no pass over the
+    # scores precedes the attention. |v_i| (max(|v_i|, eps)) is cached per slot when the token is
+    # written, so the search costs one reduction per block (v . total), not two. Every store comes
+    # after the attention loop, whose cross-warp reductions order it after every load: the cache is
+    # updated in place (aliased).
+    # pos_ref None: the dense cache, whose filled slots are exactly those <= ws.
+    # rope: q and k_new come before RoPE, and rope_ref holds this position's (cos, sin) pairs (D,).
+    dense = pos_ref is None
+    if K:
+        vs_ref, vic_ref, nm_ref, *rest = rest
+    if rope:
+        rope_ref, *rest = rest
+    if K:
+        o_ref, ko_ref, vo_ref, po_ref, vso_ref, vico_ref, nmo_ref = rest
+    elif dense:
+        o_ref, ko_ref, vo_ref = rest
+    else:
+        o_ref, ko_ref, vo_ref, po_ref = rest
+    ws, ring, new_pos = ws_ref[()], ring_ref[()], np_ref[()]
+
+    cdt = k_ref.dtype
+
+    def rotated(ref):  # as rope.apply_rope: pairs (2i, 2i + 1) rotated in f32, back to the cache dtype
+        lanes_d = jnp.arange(ref.shape[-1])
+        x = ref[...].astype(jnp.float32)
+        xs = plgpu.load(ref.at[lanes_d ^ 1]).astype(jnp.float32)  # the pair's other element
+        cos = plgpu.load(rope_ref.at[(lanes_d // 2) * 2])
+        sin = plgpu.load(rope_ref.at[(lanes_d // 2) * 2 + 1])
+        return jnp.where(lanes_d % 2 == 0, x * cos - xs * sin, x * cos + xs * sin).astype(cdt)
+
+    q = (rotated(q_ref) if rope else q_ref[...]).astype(jnp.float32) * scale  # (D,)
+    k_new, v_new = (rotated(kn_ref) if rope else kn_ref[...]), vn_ref[...]  # (D,) in the cache dtype
+    lanes = jnp.arange(block_k)
+    n_blocks = ws // block_k + 1 if dense else -(-slots // block_k)  # dense: up to the new token only
+
+    def row(ref, slot):  # one cache row (D,) at a traced slot
+        return jnp.sum(plgpu.load(ref.at[pl.ds(slot, 1), :]), axis=0)
+
+    def norm(x):  # max(|v|, eps) in f32, as cache.layout.normalized_v
+        x = x.astype(jnp.float32)
+        return jnp.maximum(jnp.sqrt(jnp.sum(x * x)), eps)
+
+    def unit(x):
+        return x.astype(jnp.float32) / norm(x)
+
+    if K:
+        moving, full = mv_ref[()] != 0, full_ref[()] != 0
+        k_o, v_o = row(k_ref, ring), row(v_ref, ring)
+        p_o = jnp.sum(plgpu.load(pos_ref.at[pl.ds(ring, 1)]))
+        n_o, n_new = jnp.sum(plgpu.load(nm_ref.at[pl.ds(ring, 1)])), norm(v_new)  # cached |v_o|; the new token's
+        at = vic_ref[()]
+        victim = jnp.where(at == ring, K, at - (c + P))  # 0..K-1 a pool position, K = o itself
+        vn_o = v_o.astype(jnp.float32) / n_o  # the cached |v|: as unit(v_o), without its reduction
+        ev = c + P + jnp.minimum(victim, K - 1)
+        vn_ev = jnp.where(victim == K, vn_o, row(v_ref, ev).astype(jnp.float32) / jnp.sum(plgpu.load(nm_ref.at[pl.ds(ev, 1)])))
+        total = vs_ref[...] + vn_o
+        vsum = jnp.where(moving, jnp.where(full, total - vn_ev, total), vs_ref[...])
+        target = jnp.where(full, victim, free_ref[()])
+        apply = moving & (target < K)
+        dest = jnp.where(apply, c + P + target, -1)  # -1: o is dropped or nothing moves
+        rn = rn_ref[()]  # next step's candidates: the pool slots and this ring slot
+        v_next = jnp.where(rn == ws, v_new, row(v_ref, rn))
+        tvec = vsum + unit(v_next)  # next step's total: its candidates are this cache's pool + ring
+        new_is_cand = slots - (c + P + K) == 1  # a ring of one slot: next step's candidate is the new token
+    else:
+        dest = jnp.int32(-1)
+
+    # This step's writes (the new token at ws, o at its pool slot dest) are not patched into the
+    # loaded K and V blocks (selects on every element): both slots are masked in the attention,
+    # and the two tokens start the online softmax instead. The victim search scores o in slot ws,
+    # where the loaded block still holds it, by the same reduction as every other slot (equal V,
+    # equal score: the first-maximum tie rule needs that), and counts it as slot dest.
+    f32 = jnp.float32
+    lg_new = jnp.sum(k_new.astype(f32) * q)
+    if K:
+        lg_o = jnp.sum(k_o.astype(f32) * q)
+        m0 = jnp.where(apply, jnp.maximum(lg_new, lg_o), lg_new)
+        w_new, w_o = jnp.exp(lg_new - m0), jnp.where(apply, jnp.exp(lg_o - m0), 0.0)
+        acc0, l0 = w_new * v_new.astype(f32) + w_o * v_o.astype(f32), w_new + w_o
+    else:
+        m0, acc0, l0 = lg_new, v_new.astype(f32), f32(1.0)
+
+    def body(j, carry):
+        acc, m, l, best, at = carry
+        start = j * block_k
+        idx = start + lanes
+        inb = (idx <= ws) if dense else (idx < slots)
+        k = plgpu.load(k_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0).astype(f32)
+        v_raw = plgpu.load(v_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0)  # cache dtype
+        v = v_raw.astype(f32)
+        ok = inb & (idx != ws) & (idx != dest) & (plgpu.load(cok_ref.at[pl.ds(start, block_k)], mask=inb, other=0) != 0)
+        if not dense:
+            ok = ok & (plgpu.load(pos_ref.at[pl.ds(start, block_k)], mask=inb, other=-1) >= 0)
+        logit = jnp.where(ok, jnp.sum(k * q[None, :], axis=1), NEG_INF)
+        m_new = jnp.maximum(m, jnp.max(logit))
+        corr = jnp.exp(m - m_new)
+        pr = jnp.where(ok, jnp.exp(logit - m_new), 0.0)
+        if K:  # next step's victim: a running first maximum per lane (no cross-warp reduction
+            # per block); lane l holds the best of slots l, l + block_k, ... (lowest slot on ties)
+            nrm = plgpu.load(nm_ref.at[pl.ds(start, block_k)], mask=inb, other=1.0)
+            cand = inb & (idx >= c + P) & ((idx < c + P + K) | (idx == rn))
+            if new_is_cand:  # slot ws holds o (moving to dest) and is next step's candidate (the new
+                # token) at once: patch both into V
+                v_raw = jnp.where((idx == dest)[:, None], v_o[None, :], jnp.where((idx == ws)[:, None], v_new[None, :], v_raw))
+                v = v_raw.astype(f32)
+                nrm = jnp.where(idx == dest, n_o, jnp.where(idx == ws, n_new, nrm))
+                eff = idx
+            else:  # o's V and |v| are still in slot ws of the loaded block: score it there, as the
+                # candidate at slot dest (the victim's old V there is no candidate)
+                cand = (cand & (idx != dest)) | ((idx == ws) & apply)
+                eff = jnp.where(idx == ws, dest, idx)
+            vt = jnp.sum(v * tvec[None, :], axis=1)
+            sc = jnp.where(cand, vt / nrm, -2e30)
+            better = (sc > best) | ((sc == best) & (eff < at))  # ties: the lowest slot
+            best, at = jnp.where(better, sc, best), jnp.where(better, eff, at)
+        acc = acc * corr + jnp.sum(pr[:, None] * v, axis=0)
+        return acc, m_new, l * corr + jnp.sum(pr), best, at
+
+    init = (acc0, m0, l0, jnp.full((block_k,), -3e38, f32), jnp.full((block_k,), slots, jnp.int32))
+    acc, m, l, best, at = jax.lax.fori_loop(0, n_blocks, body, init)
+    o_ref[...] = (acc / l).astype(o_ref.dtype)
+    plgpu.store(ko_ref.at[pl.ds(ws, 1), :], k_new[None, :])
+    plgpu.store(vo_ref.at[pl.ds(ws, 1), :], v_new[None, :])
+    if not dense:
+        plgpu.store(po_ref.at[pl.ds(ws, 1)], jnp.full((1,), new_pos, jnp.int32))
+    if K:
+        ok_move = (jnp.arange(1) == 0) & apply
+        dslot = jnp.maximum(dest, 0)
+        plgpu.store(ko_ref.at[pl.ds(dslot, 1), :], k_o[None, :], mask=ok_move[:, None])
+        plgpu.store(vo_ref.at[pl.ds(dslot, 1), :], v_o[None, :], mask=ok_move[:, None])
+        plgpu.store(po_ref.at[pl.ds(dslot, 1)], jnp.full((1,), p_o, jnp.int32), mask=ok_move)
+        plgpu.store(nmo_ref.at[pl.ds(ws, 1)], jnp.full((1,), n_new, jnp.float32))
+        plgpu.store(nmo_ref.at[pl.ds(dslot, 1)], jnp.full((1,), n_o, jnp.float32), mask=ok_move)
+        vso_ref[...] = vsum
+        # The first maximum over all slots: the lowest slot among the lanes holding the maximum.
+        vico_ref[...] = jnp.min(jnp.where(best == jnp.max(best), at, slots))
+
+
+def _dense_kernel(*refs, **kw):
+    # evict_step's kernel on a dense cache: no pos ref (12 inputs before cond_ok).
+    return _evict_kernel(*refs[:12], None, *refs[12:], **kw)
+
+
+def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: int, keep: int, vsum=None,
+               victim=None, vnorm=None, qkv=None, rope=None, eps: float = 1e-6, config: KernelConfig = KernelConfig(),
+               block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+               interpret: bool = False):
+    """One adsa-evict (``keep`` > 0, head granularity) or window (``keep`` = 0) decode step of a
+    layer in one kernel: write the new token, move the token leaving the window into the pool
+    (evicting the highest-score candidate), update the running sum, attend, and compute next
+    step's victim from the same read of V. The cache is updated in place.
+
+    q, k_new, v_new (B, H, D); k, v (B, H, S, D); pos (B, H, S) int32 (-1 = empty), or None for
+    the dense cache (``keep`` = 0, slots <= ws are the filled ones, only they are read);
+    cond_ok (B, S) bool (condition slots of padded captions off); scalars: int32
+    (ws, ring, moving, full, free, ring_next, new_pos), see :meth:`adsa_jax.cache.evict.Evict.decode`;
+    keep > 0: vsum (B, H, D) f32, victim (B, H) int32, this step's victim slot (from the
+    last step; any value before the pool is full), and vnorm (B, H, S) f32, max(|v_i|, eps) of
+    every filled slot (written by this kernel with each token, like k and v).
+    qkv (B, 3, H, D): q, k_new and v_new stacked as the projection lays them out (pass None for
+    the three): the kernel reads its (row, head)'s three vectors in place, so XLA does not copy
+    q, k and v into arrays of their own before the call. With ``rope`` (D/2, 2) float32, this
+    position's (cos, sin) table row, q and k in qkv are before RoPE: the kernel applies it when
+    ``config.rope_in_kernel`` is set, otherwise one XLA fusion does before the call. Block and warps:
+    ``config.evict_tile(B * H)`` unless given here.
+    Returns (out (B, H, D), k, v, pos) (no pos when pos is None) and, with keep > 0, (vsum, next
+    step's victim, vnorm) after them.
+    """
+    if qkv is not None:
+        b, _, h, d = qkv.shape
+    else:
+        b, h, d = q.shape
+    if rope is not None and qkv is None:
+        raise ValueError("evict_step: rope= goes with qkv= (q and k before RoPE)")
+    if rope is not None and not config.rope_in_kernel:
+        rot2 = jnp.broadcast_to(rope, (2,) + rope.shape)  # (2, D/2, 2): one position for q and k
+        qkv = jnp.concatenate([apply_rope(qkv[:, :2], rot2), qkv[:, 2:]], axis=1)  # (B, 3, H, D), q and k rotated
+        rope = None
+    s = k.shape[2]
+    tiling = config.evict_tile(b * h)
+    block_k, num_warps = block_k or tiling[0], num_warps or tiling[1]
+    K = keep
+    dense = pos is None
+    if dense and K:
+        raise ValueError("evict_step on a dense cache (pos=None) takes keep=0")
+    kern = functools.partial(_dense_kernel if dense else _evict_kernel, block_k=block_k, slots=s, c=c, P=prefix,
+                             K=K, scale=1.0 / math.sqrt(d), eps=eps, rope=rope is not None)
+    sc = pl.BlockSpec((), lambda i, j: ())
+    vec = pl.BlockSpec((None, None, d), lambda i, j: (i, j, 0))
+    cache = pl.BlockSpec((None, None, s, d), lambda i, j: (i, j, 0, 0))
+    per_slot = pl.BlockSpec((None, None, s), lambda i, j: (i, j, 0))
+    if qkv is None:
+        vecs, new = [vec] * 3, [q, k_new.astype(k.dtype), v_new.astype(v.dtype)]
+    else:  # the same (B, 3, H, D) buffer three times, each spec picking q, k or v of (row, head)
+        vecs = [pl.BlockSpec((None, None, None, d), lambda i, j, w=w: (i, w, j, 0)) for w in range(3)]
+        new = [qkv.astype(k.dtype)] * 3
+    in_specs = [sc] * 7 + vecs + [cache, cache] + ([] if dense else [per_slot])
+    in_specs.append(pl.BlockSpec((None, s), lambda i, j: (i, 0)))
+    args = [jnp.asarray(x, jnp.int32) for x in scalars] + new + [k, v]
+    args += ([] if dense else [pos]) + [cond_ok.astype(jnp.int8)]
+    out_specs = [vec, cache, cache] + ([] if dense else [per_slot])
+    out_shape = [jax.ShapeDtypeStruct((b, h, d), v.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype)] + ([] if dense else [jax.ShapeDtypeStruct(pos.shape, jnp.int32)])
+    aliases = {10: 1, 11: 2} if dense else {10: 1, 11: 2, 12: 3}  # k, v (, pos) are updated in place
+    if K:
+        one = pl.BlockSpec((None, None), lambda i, j: (i, j))
+        in_specs += [vec, one, per_slot]
+        args += [vsum.astype(jnp.float32), victim.astype(jnp.int32), vnorm.astype(jnp.float32)]
+        out_specs += [vec, one, per_slot]
+        out_shape += [jax.ShapeDtypeStruct((b, h, d), jnp.float32), jax.ShapeDtypeStruct((b, h), jnp.int32),
+                      jax.ShapeDtypeStruct((b, h, s), jnp.float32)]
+        aliases.update({14: 4, 15: 5, 16: 6})  # vsum, victim, vnorm
+    if rope is not None:  # (D,) = (cos_0, sin_0, cos_1, sin_1, ...), the same for every program
+        in_specs.append(pl.BlockSpec((d,), lambda i, j: (0,)))
+        args.append(rope.astype(jnp.float32).reshape(d))
+    return pl.pallas_call(
+        kern, grid=(b, h), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, input_output_aliases=aliases,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps,
+                                             num_stages=num_stages or config.num_stages),
+        interpret=interpret, name="adsa_evict_step",
+    )(*args)
