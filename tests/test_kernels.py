@@ -62,7 +62,8 @@ def _assert_kernel_matches_xla(c2i, c2i_ref, pol, **switches):
     ("dense", {}, False), ("dense", {}, True), ("adsa-evict", {"budget": 0.5}, True), ("window", {"budget": 0.5}, True),
     ("adsa-evict", {"budget": 0.5}, False), ("window", {"budget": 0.5}, False), ("adsa-select", {"budget": 0.5}, False),
     ("adsa-evict", {"budget": 0.75, "granularity": "layer"}, False),
-    ("adsa-evict", {"prefix": 4, "keep": 12, "local": 1}, True)])  # a ring of one: the new token is a candidate
+    ("adsa-evict", {"prefix": 4, "keep": 12, "local": 1}, True),  # a ring of one: the new token is a candidate
+    ("adsa-evict-all", {"budget": 0.5}, True)])  # no prefix either
 def test_kernel_in_generation_matches_xla(c2i, c2i_ref, name, kw, one_kernel):
     """Logits within 1e-4 and identical greedy tokens. dense, adsa-evict and window run either as
     one kernel per layer step (evict_step) or, with the switches off (and always for layer
@@ -128,6 +129,9 @@ def test_kernel_lowers_for_gpu(c2i):
     assert text.count("adsa_small_matmul") >= 4 and "adsa_evict_step" in text and "adsa_add_norm" in text
     assert "adsa_small_matmul" in lowered("adsa-evict", params=bf16, gemm="pallas", budget=0.5)
     assert "adsa_decode_attention" in lowered("adsa-evict", budget=0.5, granularity="layer")
+    assert "adsa_evict_step" in lowered("adsa-evict-all", budget=0.5)  # P = 0 and a ring of one
+    text = lowered("adsa-evict", budget=0.5, period=3)  # period s > 1: XLA bookkeeping around the attention kernel
+    assert "adsa_decode_attention" in text and "adsa_evict_step" not in text
     off = {"evict_one_kernel": False, "dense_one_kernel": False}
     for name, kw in (("dense", {}), ("adsa-evict", {"budget": 0.5})):
         assert "adsa_decode_attention" in lowered(name, switches=off, **kw)
