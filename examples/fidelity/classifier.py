@@ -99,8 +99,8 @@ def frechet(f1: np.ndarray, f2: np.ndarray) -> float:
 
     m1, m2 = f1.mean(0), f2.mean(0)
     c1, c2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    covmean, _ = linalg.sqrtm(c1 @ c2, disp=False)
-    covmean = np.real(covmean)
+    covmean = linalg.sqrtm(c1 @ c2)
+    covmean = np.real(covmean[0] if isinstance(covmean, tuple) else covmean)  # scipy < 1.12 returns a pair
     return float(np.sum((m1 - m2) ** 2) + np.trace(c1 + c2 - 2 * covmean))
 
 

@@ -125,10 +125,12 @@ def evaluate(data_dir: Path, run: Path, *, images: int = 256, samples: int = 100
     p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), models)
 
     def gen_fn(pol):
-        def one(p):
-            return adsa_jax.generate(Model(cfg, p), jnp.asarray(gen_labels), gen_key, policy=pol,
-                                     **_sampling_kw(adsa_jax.generate, **SAMPLING), **_kernel_kw(adsa_jax.generate))
-        return jax.jit(lambda ps: jax.vmap(one)(ps))
+        # generate is itself a top-level jit (it may carry compiler options), so seeds run one by one
+        def run_seeds(ps):
+            return np.stack([np.asarray(adsa_jax.generate(
+                Model(cfg, jax.tree.map(lambda x: x[s], ps)), jnp.asarray(gen_labels), gen_key, policy=pol,
+                **_sampling_kw(adsa_jax.generate, **SAMPLING), **_kernel_kw(adsa_jax.generate))) for s in range(S)])
+        return run_seeds
 
     def score_fn(pol):
         def one(p, toks, labels, ref_lp):
@@ -219,27 +221,28 @@ def evaluate(data_dir: Path, run: Path, *, images: int = 256, samples: int = 100
     def compile_one(item):
         key, name, gran, budget, extra, pol = item
         m = metrics_prog(pol).lower(p16, ts_j, d_lp).compile()
-        g = gen_fn(pol).lower(p16).compile()
-        return m, g
+        return m, gen_fn(pol)(p16)  # generation compiles and runs here, beside the other threads
 
     log(f"evaluate: compiling {len(todo)} configurations (x2 programs) in threads...")
     t0 = time.time()
-    with cf.ThreadPoolExecutor(max_workers=8) as ex:
-        futures = [ex.submit(compile_one, it) for it in todo]
+    ex = cf.ThreadPoolExecutor(max_workers=8)
+    futures = [ex.submit(compile_one, it) for it in todo]
+    if True:
         for item, fut in zip(todo, futures):
             if time.time() - t_start > time_limit:
                 log("evaluate: time limit reached; rerun to resume")
+                res["stopped_early"] = True
                 break
             try:
-                m_prog, g_prog = fut.result()
+                m_prog, gen = fut.result()
             except Exception as e:  # a policy that cannot build its program is reported, not fatal
                 log(f"evaluate: {item[0]} failed to compile: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 res.setdefault("skipped", {})[item[0]] = f"{type(e).__name__}: {e}"[:500]
                 continue
             t1 = time.time()
             m = m_prog(p16, ts_j, d_lp)
-            gen = np.asarray(g_prog(p16))
             finish(*item, m, gen, time.time() - t1)
+    ex.shutdown(wait=False, cancel_futures=True)  # lab.py exits without joining a thread still compiling
     log(f"evaluate: {len(res['rows'])} rows in {time.time() - t_start:.0f} s")
     res["seconds"] = round(time.time() - t_start, 1)
     out_file.write_text(json.dumps(res, indent=1))

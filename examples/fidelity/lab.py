@@ -100,6 +100,8 @@ def main(argv=None) -> int:
             import evaluate
             evaluate.evaluate(a.data_dir, run, images=a.images, samples=a.samples, grid=a.grid_spec,
                               classifier_steps=a.classifier_steps, time_limit=a.time_limit, log=log)
+            sys.stderr.flush()
+            os._exit(0)  # results are written; do not wait for compile threads past the time limit
         elif a.stage == "report":
             import report
             report.report(run, a.out, log=log)

@@ -37,6 +37,21 @@ def summary(ev: dict, train_meta: dict, dataset: str) -> dict:
             "rows": rows}
 
 
+def convergence(train_log: dict | None) -> dict:
+    """Whether held-out NLL has flattened: its relative fall over the last quarter of the evaluated
+    steps is under 1 % for every seed. Policy comparisons on a model that has not are not evidence."""
+    ev = (train_log or {}).get("eval") or []
+    if len(ev) < 3:
+        return {"flattened": False, "reason": f"{len(ev)} held-out evaluations (need 3 or more)"}
+    last = ev[-1]
+    cut = next(e for e in ev if e["step"] >= 0.75 * last["step"])
+    if cut is last:
+        cut = ev[-2]
+    fall = [(a - b) / a for a, b in zip(cut["heldout_nll"], last["heldout_nll"])]
+    return {"flattened": bool(max(fall) < 0.01), "relative_fall": fall, "from_step": cut["step"],
+            "to_step": last["step"], "heldout_nll": last["heldout_nll"]}
+
+
 def verdicts(summ: dict, run: Path | None) -> dict:
     """{budget: (winner key, runner-up key, diff, se, beyond_noise, all_seeds)}."""
     out = {}
@@ -145,6 +160,10 @@ def report(run: Path, out: Path, *, data_dir: Path | None = None, dataset: str =
     ev = json.loads((run / "eval.json").read_text())
     meta = json.loads((run / "model.json").read_text())
     summ = summary(ev, meta, dataset)
+    tlog = json.loads((run / "train_log.json").read_text()) if (run / "train_log.json").is_file() else None
+    summ["model"]["convergence"] = convergence(tlog)
+    if not summ["model"]["convergence"]["flattened"]:
+        log("report: held-out NLL has NOT flattened: these rows check the pipeline; they are not evidence")
     verd = verdicts(summ, run)
     summ["verdicts"] = {str(b): v for b, v in verd.items()}
     out.mkdir(parents=True, exist_ok=True)
