@@ -31,7 +31,7 @@ import classifier as judge
 import data as lab_data
 import train as lab_train
 
-BUDGETS = (0.25, 0.44, 0.5, 0.75)
+BUDGETS = (0.25, 256 / 576, 0.5, 0.75)  # 256 / 576: the paper's "ADSA-256" (0.44 would round to 253 tokens)
 SAMPLING = {"cfg_scale": 2.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}  # generation settings, all policies
 REPEAT_SAMPLES = 32
 

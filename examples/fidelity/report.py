@@ -143,7 +143,7 @@ def plots(summ: dict, out: Path, run: Path | None, codebook=None):
         strips, names = [], []
         for r in summ["rows"]:
             f = run / f"samples_{_fname(r['key'])}.npy"
-            if f.is_file() and (r["budget"] in (None, 0.44)):
+            if f.is_file() and (r["budget"] is None or abs(r["budget"] - 0.44) < 0.01):
                 t = np.load(f).astype(np.int64)[:8]
                 strips.append(np.concatenate(list(lab_data.decode_tokens(t, codebook)), axis=1))
                 names.append(_name(r))
