@@ -219,6 +219,7 @@ def run_sample(a):
         if getattr(a, k) is None:
             setattr(a, k, v)
     from .runs import initialize_distributed, mesh_from_args
+    from .sharding import to_host
     if a.distributed:  # before anything touches a device
         initialize_distributed(a.coordinator_address, a.num_processes, a.process_id)
     mesh = mesh_from_args(a.data_parallel, a.tensor_parallel)  # None on one device: the plain path

@@ -138,8 +138,8 @@ def check_part(path: Path, settings: dict, batch: int | None = None) -> str | No
     return None
 
 
-def check_manifest(work: Path, settings: dict):
-    """Write ``run.json``, or check that an existing one matches ``settings``."""
+def check_manifest(work: Path, settings: dict, write: bool = True):
+    """Write ``run.json`` (when ``write``), or check that an existing one matches ``settings``."""
     f = work / MANIFEST
     settings = json.loads(json.dumps(settings))  # normalise (tuples -> lists)
     if f.is_file():
@@ -149,6 +149,8 @@ def check_manifest(work: Path, settings: dict):
         if diff:
             raise ConfigError(f"{work} holds parts of a run with other settings ({'; '.join(diff[:4])}); "
                               "rerun with the same settings to resume, or delete that directory / choose another output")
+        return
+    if not write:
         return
     tmp = f.with_name(f.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(settings, indent=1))
@@ -303,7 +305,7 @@ def sample_to_npz(model, cond, key, out, *, batch_size: int, cond_mask=None, lab
                     labels=None if labels is None else digest(labels))
     settings.update(run_settings(model, key, vq=vq, mesh=mesh, gen_kw=gen_kw))
     settings = json.loads(json.dumps(settings))  # as run.json holds it
-    check_manifest(work, settings)
+    check_manifest(work, settings, write=pi == 0)  # one writer per path: the other hosts only check it
     run = run_id(settings)
     if pc == 1:  # leftovers of a process killed while writing (never a finished part's name)
         for stale in work.glob("*.tmp*"):
@@ -457,6 +459,12 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
 
     kw = {k: v for k, v in dict(coordinator_address=coordinator_address, num_processes=num_processes,
                                 process_id=process_id).items() if v is not None}
+    if jax.distributed.is_initialized():  # a second command in the same process (tests, notebooks)
+        have = dict(num_processes=jax.process_count(), process_id=jax.process_index())
+        bad = [f"{k} {kw[k]} (initialized with {have[k]})" for k in have if k in kw and kw[k] != have[k]]
+        if bad:
+            raise ConfigError(f"jax.distributed is already initialized differently: {', '.join(bad)}")
+        return
     jax.distributed.initialize(**kw)
     _log(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local devices, "
          f"{jax.device_count()} in all")

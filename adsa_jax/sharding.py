@@ -378,3 +378,13 @@ def local_rows(x):
         return np.zeros((0,), np.int64), np.zeros((0,) + x.shape[1:], x.dtype)
     order = np.argsort(np.concatenate(idx), kind="stable")
     return np.concatenate(idx)[order], np.concatenate(vals)[order]
+
+
+def to_host(x) -> np.ndarray:
+    """The whole of ``x`` as a NumPy array on every process. An array with rows on other hosts'
+    devices is gathered (``process_allgather``): a collective, so every process must call it."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
