@@ -271,18 +271,19 @@ def run_sample(a):
     _log(f"model {cfg.n_layer} layers x {cfg.dim}, grid {cfg.grid}x{cfg.grid}, {model.dtype}, policy {policy.name}; "
          f"{n} images in batches of {bs}")
     t_start = time.perf_counter()
+    writer = jax.process_index() == 0  # several hosts: each holds all tokens, process 0 writes the files
     for i, s in enumerate(range(0, n, bs)):
         cond = cond_all[s:s + bs]
         cmask = None if mask_all is None else mask_all[s:s + bs]
         t0 = time.perf_counter()
         if i == 0:
             _log("compiling and sampling the first batch ...")
-        tok = np.asarray(generate(model, cond, key, cond_mask=cmask, example_ids=np.arange(s, s + len(cond)),
-                                  mesh=mesh, **kw))
+        tok = to_host(generate(model, cond, key, cond_mask=cmask, example_ids=np.arange(s, s + len(cond)),
+                               mesh=mesh, **kw))  # other hosts' rows gathered
         dt = time.perf_counter() - t0
         tokens.append(tok)
         msg = f"batch {i + 1}: {len(cond)} images sampled in {dt:.2f} s"
-        if vq is not None:
+        if vq is not None and writer:
             from .vq import decode_codes
             t1 = time.perf_counter()
             images.append(np.asarray(decode_codes(vq, tok)))
@@ -291,7 +292,7 @@ def run_sample(a):
     tokens = np.concatenate(tokens)
     total = time.perf_counter() - t_start
     _log(f"done: {n} images in {total:.1f} s ({n / total:.2f} images/s including compilation)")
-    if a.tokens_out:
+    if a.tokens_out and writer:
         _save_npy(a.tokens_out, tokens)
         _log(f"tokens -> {a.tokens_out} {tokens.shape} int32")
     if images:
