@@ -4,7 +4,8 @@
   ``<!-- /table -->``) from ``benchmarks/results.json``; the prose around them is left alone;
 - ``--check``: exit 1, naming the stale blocks, if BENCHMARKS.md differs from what it would write;
 - ``--add BENCH.json [--date YYYY-MM-DD] [--device NAME]``: turn the rows of ``adsa-jax bench --json``
-  into results rows (a row of the same configuration is replaced), then rewrite BENCHMARKS.md.
+  into results rows (a row of the same configuration is replaced), then rewrite BENCHMARKS.md; a JSON
+  list (``benchmarks/llamagen_torch.py --out``) holds results rows already and is added as it is.
 
 Every number in BENCHMARKS.md comes from results.json through this file. A ratio of two measurements
 is shown only when both were taken on the same device on the same day; otherwise the cell says so.
@@ -31,7 +32,8 @@ REQUIRED = {
     "granularity": (str, True), "img_per_s": (float, False), "s_per_image": (float, False),
     "peak_gib": (float, True), "memory_cap_gib": (float, True),
 }
-OPTIONAL = {"s_per_call": (float, False), "floor_s": (float, False), "jax": (str, False), "type": (str, False)}
+OPTIONAL = {"s_per_call": (float, False), "floor_s": (float, False), "jax": (str, False), "torch": (str, False),
+            "type": (str, False)}
 IDENTITY = ("device", "framework", "type", "model", "image_size", "batch", "policy", "budget", "granularity",
             "memory_cap_gib")
 
@@ -407,7 +409,8 @@ def main(argv=None) -> int:
                 bench = json.loads(Path(a.add).read_text())
             except (OSError, json.JSONDecodeError) as e:
                 raise TableError(f"--add: cannot read {a.add}: {e}") from None
-            new = rows_from_bench(bench, a.date, a.device)
+            # a JSON list: rows already in the results schema (benchmarks/llamagen_torch.py --out)
+            new = check_rows(bench) if isinstance(bench, list) else rows_from_bench(bench, a.date, a.device)
             if not new:
                 raise TableError(f"--add: {a.add} has no successful bench rows")
             rows = merge(rows, new)
