@@ -77,3 +77,12 @@ def test_add_bench_rows_replaces_the_same_configuration():
     json.loads(mt.dump_rows(merged))
     with pytest.raises(mt.TableError, match="--device"):
         mt.rows_from_bench({"device": None, "rows": []})
+
+
+def test_torch_ratio_only_on_one_device_and_day():
+    ours = _row(image_size=256, batch=64, img_per_s=120.0, s_per_image=1 / 120)
+    tc = _row(framework="torch-compile", image_size=256, batch=64, img_per_s=60.0, s_per_image=1 / 60)
+    te = _row(framework="torch-eager", image_size=256, batch=64, img_per_s=6.0, s_per_image=1 / 6, date="2026-12-01")
+    line = next(x for x in mt.t_torch([ours, tc, te]) if x.startswith("| GPT-XL | 256 | 64 |"))
+    assert line.endswith("| 120.0 | other day | 2.00x |")
+    assert "2.00x at 256 px batch 64 | reported" in "\n".join(mt.t_targets([ours, tc]))
