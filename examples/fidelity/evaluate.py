@@ -63,7 +63,7 @@ def _kernel_kw(fn):
     params = inspect.signature(fn).parameters
     if "options" in params:
         from adsa_jax.options import KernelConfig
-        return {"options": KernelConfig.reference() if hasattr(KernelConfig, "reference") else KernelConfig(attention="xla", gemm="xla")}
+        return {"options": KernelConfig(attention="xla", gemm="xla", kth="sort", cublas=False)}
     return {"attention": "xla"}
 
 
