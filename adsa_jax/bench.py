@@ -29,7 +29,7 @@ from .config import ConfigError, GPTConfig, config_from_arg, grid_for_image_size
 from .cache import kv_bytes, make_policy
 from .generate import Model, _scalars, generate_program, with_kernels
 from .model import init_params
-from .options import KernelConfig, kernel_config
+from .options import KernelConfig, SamplingConfig, kernel_config
 
 
 def measure_device(size_mb: int = 1024, n: int = 8192, reps: int = 20):
@@ -90,7 +90,7 @@ def roofline(cfg: GPTConfig, policy, rows: int, batch: int, dtype, device: dict)
             "bytes_per_call": bytes_total, "flops_per_call": flops}
 
 
-def compile_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, seed=0,
+def compile_one(model: Model, batch: int, policy, *, sampling: SamplingConfig = SamplingConfig(), seed=0,
                 options: KernelConfig | None = None) -> dict:
     """Lower and compile one configuration; returns the executable, its arguments and the row
     so far (compile time, compiled peak memory, KV bytes). Thread-safe: XLA compiles without
@@ -100,7 +100,7 @@ def compile_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, 
     (length buckets) apply to dense with XLA attention and adsa-select: the Pallas kernel reads
     just the filled slots without them."""
     cfg = model.config
-    use_cfg = cfg_scale > 1.0
+    use_cfg = sampling.guided
     rows = batch * (2 if use_cfg else 1)
     kc = kernel_config(cfg, policy, rows, model.dtype, base=options)
     policy = with_kernels(policy, kc, options)
@@ -114,10 +114,11 @@ def compile_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, 
         cond = jnp.asarray(np.arange(batch) % max(cfg.num_classes, 1), jnp.int32)
         mask = jnp.ones((batch, 1), bool)
     ids = jnp.arange(batch, dtype=jnp.int32)
-    scalars = _scalars(cfg_scale, -1, 1.0, top_k, 1.0)
+    scalars = _scalars(sampling)
     t0 = time.perf_counter()
     lowered = generate_program(kc).lower(model.params, cond, mask, jax.random.key(seed), ids, scalars, cfg=cfg,
-                                         policy=policy, use_cfg=use_cfg, kernels=kc, top_p_on=False)
+                                         policy=policy, use_cfg=use_cfg, kernels=kc,
+                                         top_p_on=sampling.top_p_on)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
@@ -155,10 +156,10 @@ def time_one(model: Model, prepared: dict, *, iters=3, warmup=1, device=None, se
     return res
 
 
-def bench_one(model: Model, batch: int, policy, *, cfg_scale=4.0, top_k=2000, iters=3, warmup=1,
+def bench_one(model: Model, batch: int, policy, *, sampling: SamplingConfig = SamplingConfig(), iters=3, warmup=1,
               device=None, seed=0, run=True, options: KernelConfig | None = None):
     """One configuration; ``run=False`` only compiles (compile time and compiled memory)."""
-    prep = compile_one(model, batch, policy, cfg_scale=cfg_scale, top_k=top_k, seed=seed, options=options)
+    prep = compile_one(model, batch, policy, sampling=sampling, seed=seed, options=options)
     if not run:
         return dict(prep["row"], s_per_call=float("nan"), images_per_s=float("nan"), ms_per_step=float("nan"),
                     times=[])
@@ -220,8 +221,8 @@ def format_shares(shares) -> str:
 def compiled_in_order(model: Model, items, workers: int = 1, compile=None):
     """Compile configurations ``workers`` at a time (threads); yield ``(item, prepared)`` in item
     order (``prepared``: :func:`compile_one`'s dict, or the exception it raised). Items are dicts
-    with ``batch``, ``policy`` (an object) and optional ``options`` (a KernelConfig), ``cfg_scale``,
-    ``top_k``. Nothing compiles while the caller times a yielded item
+    with ``batch``, ``policy`` (an object) and optional ``options`` (a KernelConfig) and ``sampling``
+    (a SamplingConfig). Nothing compiles while the caller times a yielded item
     (:func:`time_one`): the next group starts only when the caller asks for it, since a compile
     on the host slows the launch-bound small batches being timed (0.31 s calls were measured at up
     to 0.77 s beside one). compile: a stand-in for :func:`compile_one`, same signature (tests)."""
@@ -232,7 +233,7 @@ def compiled_in_order(model: Model, items, workers: int = 1, compile=None):
     def prep(item):
         try:
             return compile(model, item["batch"], item["policy"], options=item.get("options"),
-                           cfg_scale=item.get("cfg_scale", 4.0), top_k=item.get("top_k", 2000))
+                           sampling=item.get("sampling", SamplingConfig()))
         except Exception as e:  # noqa: BLE001 - one failing configuration should not end the sweep
             return e
 
@@ -316,7 +317,7 @@ def _checkpoint_model(path: Path, sizes, model_type) -> BenchModel:
 
 
 def run(models=None, image_sizes=None, batches=(1, 8), policies=("dense",), budgets=(0.5,),
-        dtype="bfloat16", iters=3, cfg_scale=4.0, top_k=2000, json_path=None, measure=True, log=print,
+        dtype="bfloat16", iters=3, sampling: SamplingConfig = SamplingConfig(), json_path=None, measure=True, log=print,
         compile_workers=1, warmup=1, checkpoint=None, model_type=None, options: KernelConfig | None = None):
     """Sweep models x image sizes x policies x budgets x batches (models, image sizes, checkpoint
     and model type: :func:`bench_models`). With ``compile_workers`` > 1 the configurations of one
@@ -328,7 +329,7 @@ def run(models=None, image_sizes=None, batches=(1, 8), policies=("dense",), budg
 
     def items_for(cfg):
         return [{"batch": b, "policy": make_policy(cfg, pol_name, budget=budget), "budget": budget,
-                 "options": options, "cfg_scale": cfg_scale, "top_k": top_k}
+                 "options": options, "sampling": sampling}
                 for pol_name in policies for budget in ([None] if pol_name == "dense" else budgets)
                 for b in batches]
 
@@ -357,5 +358,260 @@ def run(models=None, image_sizes=None, batches=(1, 8), policies=("dense",), budg
                 with open(json_path, "w") as f:
                     json.dump({"device": device, "jax": jax.__version__, "compile_workers": compile_workers,
                                "rows": rows, "selection_shares": selection_shares(rows)}, f, indent=1)
+        del model
+    return device, rows
+
+
+# ----------------------------------------------------------------------------- memory cap
+
+GIB = 2**30
+
+
+def device_memory_limit(device=None) -> int | None:
+    """Bytes the device's allocator may hand out (``memory_stats()['bytes_limit']``; on GPU
+    XLA_PYTHON_CLIENT_MEM_FRACTION of the memory), or None where the backend reports none (CPU)."""
+    stats = (device or jax.devices()[0]).memory_stats()
+    return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
+
+
+def resolve_memory_caps(caps, device=None) -> list[tuple[float, int]]:
+    """``(GiB as reported, bytes)`` for each cap: a number of GiB, or 'device' (all the device's
+    allocator may use, :func:`device_memory_limit`)."""
+    out = []
+    for c in caps:
+        if isinstance(c, str) and c.strip().lower() == "device":
+            limit = device_memory_limit(device)
+            if limit is None:
+                raise ConfigError("memory cap 'device': this backend reports no memory limit (memory_stats); "
+                                  "give the cap in GiB, e.g. 40")
+            out.append((round(limit / GIB, 2), limit))
+            continue
+        try:
+            gib = float(c)
+        except (TypeError, ValueError):
+            raise ConfigError(f"memory cap must be a number of GiB or 'device', got {c!r}") from None
+        if not (gib > 0 and np.isfinite(gib)):
+            raise ConfigError(f"memory cap must be a positive number of GiB, got {c!r}")
+        out.append((gib, int(gib * GIB)))
+    if not out:
+        raise ConfigError("no memory cap given (GiB, or 'device')")
+    return out
+
+
+@dataclasses.dataclass
+class BatchSearch:
+    """The largest batch (a multiple of ``align``, at most ``max_batch``) whose compiled peak memory
+    is at most ``cap`` bytes, from peaks measured one candidate batch at a time.
+
+    ``known`` maps batch -> compiled peak bytes (``inf``: ran out of memory when run); it is shared
+    by the searches of one configuration under several caps, since the peak does not depend on the
+    cap. The search doubles from ``start`` (two batches at once), then steps to where the line
+    through its two largest fitting peaks meets the cap, then narrows the bracket [largest fitting,
+    smallest over] by interpolating between its ends (candidates in pairs, b and b + align, so an
+    affine peak ends it in one round), and halves it if a round left it open. Every candidate is
+    compiled before anything runs: a batch over the cap is never run."""
+
+    cap: int
+    start: int = 8
+    align: int = 1
+    max_batch: int = 4096
+    bracketed_rounds: int = 0
+
+    def __post_init__(self):
+        for name in ("start", "align", "max_batch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ConfigError(f"batch search: {name} must be an integer >= 1, got {v!r}")
+        if self.max_batch < self.align:
+            raise ConfigError(f"batch search: max batch {self.max_batch} is below the batch step {self.align}")
+
+    def _down(self, b: float) -> int:
+        return int(b // self.align) * self.align
+
+    def bracket(self, known) -> tuple[int, int | None]:
+        """(largest fitting batch or 0, smallest batch above it that does not fit or None)."""
+        lo = max((b for b, p in known.items() if p <= self.cap), default=0)
+        hi = min((b for b, p in known.items() if p > self.cap and b > lo), default=None)
+        return lo, hi
+
+    def done(self, known) -> bool:
+        lo, hi = self.bracket(known)
+        return (hi is not None and hi - lo <= self.align) or (hi is None and lo >= self._down(self.max_batch))
+
+    def candidates(self, known) -> list[int]:
+        """The batches to compile next (none known yet); [] when the search is over."""
+        if self.done(known):
+            return []
+        lo, hi = self.bracket(known)
+        top = self._down(self.max_batch)
+        if hi is None:
+            fits = sorted(b for b, p in known.items() if p <= self.cap)
+            if not fits:  # nothing measured yet
+                s = max(self.align, self._down(self.start) or self.align)
+                want = [s, 2 * s]
+            elif len(fits) == 1:
+                want = [2 * lo, 4 * lo]
+            else:
+                (b1, p1), (b2, p2) = [(b, known[b]) for b in fits[-2:]]
+                slope = (p2 - p1) / (b2 - b1)
+                guess = self._down(b2 + (self.cap - p2) / slope) if slope > 0 else 2 * b2
+                guess = max(guess, lo + self.align)
+                want = [guess, guess + self.align]
+            want = [min(self._down(b), top) for b in want]
+        else:
+            self.bracketed_rounds += 1
+            p_lo, p_hi = (known[lo] if lo else None), known[hi]
+            if lo == 0:
+                want = [max(self.align, self._down(hi // 2))]
+            elif self.bracketed_rounds > 1 or not np.isfinite(p_hi) or p_hi <= p_lo:
+                want = [self._down((lo + hi) // 2)]  # the last round did not close it: halve
+            else:
+                guess = self._down(lo + (self.cap - p_lo) * (hi - lo) / (p_hi - p_lo))
+                want = [guess, guess + self.align]
+            want = [min(max(b, lo + self.align), hi - self.align) for b in want]
+        return sorted({b for b in want if b not in known and b >= self.align})
+
+    def summary(self, known) -> dict:
+        lo, hi = self.bracket(known)
+        return {"largest_fitting": lo, "smallest_over": hi, "max_batch_reached": hi is None and lo >= self._down(
+            self.max_batch), "compiled": {str(b): (None if not np.isfinite(p) else int(p)) for b, p in sorted(known.items())}}
+
+
+def _is_oom(e: Exception) -> bool:
+    text = f"{type(e).__name__}: {e}"
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def _peak_in_use(device) -> int | None:
+    stats = device.memory_stats()
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def cap_search(model: Model, items, caps, *, start=8, align=1, max_batch=4096, workers=1, iters=3, warmup=1,
+               device=None, compile=None, log=print):
+    """For each item (a configuration without a batch: ``policy``, optional ``options`` and
+    ``sampling``) and each cap ``(GiB, bytes)``: the largest batch whose compiled peak fits the cap
+    (:class:`BatchSearch`), timed (:func:`time_one`). The searches of all items and caps advance
+    together, each round's candidates compiled ``workers`` at a time (:func:`compiled_in_order`);
+    nothing runs until every search is over. The chosen batches then run in order of their
+    compiled peak; one that runs out of memory on the device counts as not fitting and its search
+    goes on. Yields ``(item index, cap, row)``; the row has ``memory_cap_gib``, ``cap_bytes``,
+    ``search`` (:meth:`BatchSearch.summary`) and, where the device reports it, ``peak_bytes_run``:
+    the device's peak bytes in use during the timed calls (None when an earlier call had set a
+    higher peak, which the runtime cannot reset). An item whose compile fails, or for which no batch
+    fits, yields a row with ``error``. compile: a stand-in for :func:`compile_one` (tests)."""
+    dev = jax.devices()[0]
+    known = [dict() for _ in items]  # per item: batch -> compiled peak bytes
+    keep = [dict() for _ in items]  # per item: batch -> prepared executable, for batches that fit a cap
+    failed = {}  # item index -> error text
+    searches = {(i, cap): BatchSearch(cap[1], start=start, align=align, max_batch=max_batch)
+                for i in range(len(items)) for cap in caps}
+    timed = {}  # (item index, batch) -> row
+    while True:
+        want = [(i, b) for (i, cap), s in searches.items() if i not in failed for b in s.candidates(known[i])]
+        # a search reopened by an out-of-memory run can end on a batch whose executable went: again
+        want += [(i, s.bracket(known[i])[0]) for (i, cap), s in searches.items() if i not in failed
+                 and s.done(known[i]) and s.bracket(known[i])[0] not in keep[i] and s.bracket(known[i])[0] > 0]
+        want = list(dict.fromkeys(want))
+        if want:
+            group = [dict(items[i], batch=b, _index=i) for i, b in want]
+            for item, prepared in compiled_in_order(model, group, workers, compile):
+                i, b = item["_index"], item["batch"]
+                if isinstance(prepared, Exception):
+                    failed[i] = f"batch {b}: {type(prepared).__name__}: {prepared}"[:400]
+                    continue
+                peak = prepared["row"]["peak_bytes_compiled"]
+                if b in known[i]:  # compiled again to be run (its peak is known)
+                    keep[i][b] = prepared
+                    continue
+                if peak is None:
+                    raise ConfigError("this backend reports no compiled memory (memory_analysis); a memory cap "
+                                      "needs it")
+                known[i][b] = peak
+                log(f"  {items[i]['policy'].name} batch {b}: compiled peak {peak / GIB:.3f} GiB")
+                if any(peak <= cap[1] for cap in caps):
+                    keep[i][b] = prepared
+                prepared = None
+            for i in range(len(items)):  # executables no search can still choose go
+                los = {s.bracket(known[i])[0] for (j, _), s in searches.items() if j == i}
+                keep[i] = {b: p for b, p in keep[i].items() if b in los}
+            continue
+        # every search is over: run the chosen batches, smallest compiled peak first
+        chosen = sorted({(i, searches[i, cap].bracket(known[i])[0]) for (i, cap) in searches if i not in failed},
+                        key=lambda ib: known[ib[0]].get(ib[1], 0))
+        oom = False
+        for i, b in chosen:
+            if b == 0 or (i, b) in timed:
+                continue
+            before = _peak_in_use(dev)
+            try:
+                r = time_one(model, keep[i][b], iters=iters, warmup=warmup, device=device)
+            except Exception as e:  # noqa: BLE001 - a runtime out-of-memory is "does not fit"
+                if not _is_oom(e):
+                    failed[i] = f"batch {b}: {type(e).__name__}: {e}"[:400]
+                    continue
+                log(f"  {items[i]['policy'].name} batch {b}: out of memory when run; searching below it")
+                known[i][b] = float("inf")
+                keep[i].pop(b, None)
+                oom = True
+                break
+            after = _peak_in_use(dev)
+            r["peak_bytes_run"] = after if after is not None and before is not None and after > before else None
+            timed[i, b] = r
+        if not oom:
+            break
+    for (i, cap), s in searches.items():
+        lo, _ = s.bracket(known[i])
+        base = {"memory_cap_gib": cap[0], "cap_bytes": cap[1], "search": s.summary(known[i])}
+        if i in failed:
+            row = {"error": failed[i], "policy": items[i]["policy"].name, "batch": None}
+        elif lo == 0:
+            smallest = min(known[i], default=None)
+            need = f"batch {smallest} needs {known[i][smallest] / GIB:.2f} GiB compiled" if smallest else "nothing fits"
+            row = {"error": f"no batch fits {cap[0]:g} GiB: {need}", "policy": items[i]["policy"].name, "batch": None}
+        else:
+            row = dict(timed[i, lo])
+        row.update(base)
+        yield i, cap, row
+
+
+def run_memory_cap(models=None, image_sizes=None, policies=("dense",), budgets=(0.5,), caps=(40.0,),
+                   dtype="bfloat16", iters=3, warmup=1, sampling: SamplingConfig = SamplingConfig(), json_path=None,
+                   measure=True, log=print, compile_workers=1, checkpoint=None, model_type=None,
+                   options: KernelConfig | None = None, start=8, align=1, max_batch=4096):
+    """Throughput at equal memory: for each model x policy x budget x cap (GiB or 'device'), the
+    largest batch that fits the cap (:func:`cap_search`) and its speed. Models, image sizes,
+    checkpoint and model type as :func:`run`; rows as :func:`run`'s plus ``memory_cap_gib``."""
+    specs = bench_models(models, image_sizes, checkpoint=checkpoint, model_type=model_type)
+
+    def items_for(cfg):
+        return [{"policy": make_policy(cfg, pol_name, budget=budget), "budget": budget, "options": options,
+                 "sampling": sampling}
+                for pol_name in policies for budget in ([None] if pol_name == "dense" else budgets)]
+
+    for spec in specs:  # bad policies, budgets, caps and search bounds fail now, before any timing
+        items_for(spec.config)
+    resolved = resolve_memory_caps(caps)
+    BatchSearch(1, start=start, align=align, max_batch=max_batch)
+    device = measure_device() if measure else None
+    if device:
+        log(f"device {device['device']}: copy {device['bandwidth'] / 1e12:.2f} TB/s, "
+            f"bf16 matmul {device['matmul_flops'] / 1e12:.0f} TFLOP/s")
+    log("memory caps: " + ", ".join(f"{g:g} GiB" for g, _ in resolved))
+    rows = []
+    for spec in specs:
+        model = spec.build(dtype)
+        items = items_for(model.config)
+        for i, cap, r in cap_search(model, items, resolved, start=start, align=align, max_batch=max_batch,
+                                    workers=compile_workers, iters=iters, warmup=warmup, device=device, log=log):
+            r.update(name=spec.name, source=spec.source, image_size=spec.image_size, budget=items[i]["budget"])
+            if "error" in r:
+                r.setdefault("grid", model.config.grid)
+            rows.append(r)
+            log(f"cap {cap[0]:g} GiB: " + format_rows([r]).splitlines()[-1].strip())
+            if json_path:
+                with open(json_path, "w") as f:
+                    json.dump({"device": device, "jax": jax.__version__, "memory_caps_gib": [g for g, _ in resolved],
+                               "rows": rows}, f, indent=1)
         del model
     return device, rows

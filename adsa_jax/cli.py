@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ConfigError
-from .options import KernelConfig
+from .options import KernelConfig, SamplingConfig
 
 DEMO_CLASSES = "207,360,387,974,88,979,417,279"  # LlamaGen sample_c2i.py's labels
 
@@ -208,7 +209,8 @@ def run_sample(a):
     import jax
 
     from .checkpoint import load
-    from .generate import generate, resolve_policy
+    from .cache import make_policy
+    from .generate import generate
 
     if a.gpt is None:  # the bundled demo model (sklearn digits) and its gray-level quantiser
         from .demo import sample_demo
@@ -256,12 +258,13 @@ def run_sample(a):
         _check_writable(p)
     _check_writable(a.npz, create=True)  # --npz makes its directories (adsa_jax.runs)
     n = cond_all.shape[0]
-    policy = resolve_policy(model, a.policy, **{k: v for k, v in _policy_kw(a).items() if v is not None and
-                                                 not (k == "granularity" and v == "head")})
+    policy = make_policy(cfg, a.policy or "dense", **{k: v for k, v in _policy_kw(a).items() if v is not None and
+                                                      not (k == "granularity" and v == "head")})
     bs = a.batch_size or n
     key = jax.random.key(a.seed)
-    kw = dict(cfg_scale=a.cfg_scale, cfg_interval=a.cfg_interval, temperature=a.temperature, top_k=a.top_k,
-              top_p=a.top_p, policy=policy,
+    sampling = SamplingConfig(cfg_scale=a.cfg_scale, cfg_interval=a.cfg_interval, temperature=a.temperature,
+                              top_k=a.top_k, top_p=a.top_p)
+    kw = dict(sampling=sampling, policy=policy,
               options=KernelConfig(attention=a.attention, gemm=a.gemm, segments=a.segments))
     if mesh is not None:
         _log(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices ({jax.process_count()} processes)")
@@ -320,7 +323,7 @@ def _sample_npz(a, model, cond_all, mask_all, labels, key, kw, vq, mesh):
     n = cond_all.shape[0]
     bs = a.batch_size or min(n, 64)
     settings = {"seed": a.seed, "gpt": model.config.to_dict(), "dtype": str(model.dtype), "policy": repr(kw["policy"]),
-                "sampling": {k: kw[k] for k in ("cfg_scale", "cfg_interval", "temperature", "top_k", "top_p")},
+                "sampling": dataclasses.asdict(kw["sampling"]),
                 "vq": None if vq is None else vq.config.to_dict()}
     path = sample_to_npz(model, cond_all, key, a.npz, batch_size=bs, cond_mask=mask_all, labels=labels, vq=vq,
                          mesh=mesh, max_batches=a.max_batches, settings=settings, log=_log, **kw)
@@ -385,8 +388,8 @@ def run_compare(a):
         tokens = None
     rows = compare_policies(model, labels, tokens=tokens, policies=a.policies.split(","),
                             budgets=[float(b) for b in a.budgets.split(",")], key=jax.random.key(a.seed),
-                            prefix=a.prefix, local=a.local, granularity=a.granularity, cfg_scale=a.cfg_scale,
-                            top_k=a.top_k)
+                            prefix=a.prefix, local=a.local, granularity=a.granularity,
+                            sampling=SamplingConfig(cfg_scale=a.cfg_scale, top_k=a.top_k))
     print(format_table(rows))
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
@@ -528,7 +531,8 @@ def run_bench(a):
     _, rows = run(models=a.model.split(",") if a.model else None, image_sizes=sizes, checkpoint=a.checkpoint,
                   model_type=a.model_type, batches=[int(x) for x in a.batch.split(",")], policies=a.policies.split(","),
                   budgets=[float(x) for x in a.budgets.split(",")], dtype=a.dtype, iters=a.iters,
-                  cfg_scale=a.cfg_scale, top_k=a.top_k, json_path=a.json, measure=not a.no_roofline, log=_log,
+                  sampling=SamplingConfig(cfg_scale=a.cfg_scale, top_k=a.top_k), json_path=a.json,
+                  measure=not a.no_roofline, log=_log,
                   options=KernelConfig(attention=a.attention, gemm=a.gemm, segments=a.segments),
                   compile_workers=a.compile_workers)
     print(format_rows(rows))

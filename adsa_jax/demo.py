@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ConfigError, GPTConfig
-from .options import KernelConfig
+from .options import KernelConfig, SamplingConfig
 
 LEVELS = 16  # gray levels = vocabulary size
 SIDE = 16  # image side in pixels = token grid side
@@ -223,8 +223,8 @@ def golden_tokens(model) -> np.ndarray:
     from .generate import generate
 
     g = GOLDEN
-    return np.asarray(generate(model, np.asarray(g["classes"], np.int32), jax.random.key(g["seed"]),
-                               cfg_scale=g["cfg_scale"], top_k=g["top_k"], temperature=g["temperature"]))
+    sampling = SamplingConfig(cfg_scale=g["cfg_scale"], top_k=g["top_k"], temperature=g["temperature"])
+    return np.asarray(generate(model, np.asarray(g["classes"], np.int32), jax.random.key(g["seed"]), sampling=sampling))
 
 
 def display_uint8(tokens, zoom: int = DISPLAY_ZOOM) -> np.ndarray:
@@ -270,8 +270,7 @@ def sample_key(policy: str, budget, seed: int) -> str:
 
 def quality_benchmark(model=None, *, policies=("dense", "adsa-select", "adsa-evict", "window", "random"),
                       budgets=(0.25, 0.5, 0.75), seeds=(0, 1, 2), per_seed: int = 100,
-                      cfg_scale: float = DEMO_SAMPLING["cfg_scale"], top_k: int = DEMO_SAMPLING["top_k"],
-                      temperature: float = DEMO_SAMPLING["temperature"], heldout: int | None = None,
+                      sampling: SamplingConfig = SamplingConfig(**DEMO_SAMPLING), heldout: int | None = None,
                       data=None, classify: bool = True, samples: dict | None = None, attention: str = "xla",
                       log=None) -> dict:
     """The demo model's quality under each policy and budget.
@@ -280,7 +279,7 @@ def quality_benchmark(model=None, *, policies=("dense", "adsa-select", "adsa-evi
     through the policy's cache with
     :func:`adsa_jax.score`): NLL per token, KL(dense || policy) per step and top-1 agreement with
     dense. Sampling: for each seed, ``per_seed`` images (class i % 10) from
-    ``generate(key(seed), cfg_scale, top_k, temperature, policy)``, scored by
+    ``generate(key(seed), sampling=sampling, policy=...)``, scored by
     :func:`digit_classifier` against the requested class; mean and std over seeds.
 
     ``data``: :func:`load_data`'s dict (default: built with scikit-learn). ``classify=False`` skips
@@ -313,17 +312,15 @@ def quality_benchmark(model=None, *, policies=("dense", "adsa-select", "adsa-evi
         for budget in ([None] if name == "dense" else budgets):
             t1 = time.perf_counter()
             pol = make_policy(cfg, name, budget=budget)
-            logits = score(model, ho_l, ho_t, policy=pol, cfg_scale=1.0, options=KernelConfig(attention=attention))
+            logits = score(model, ho_l, ho_t, policy=pol, options=KernelConfig(attention=attention))
             if ref is None and name == "dense":
                 ref = logits
             if ref is None:
-                ref = score(model, ho_l, ho_t, policy=make_policy(cfg, "dense"), cfg_scale=1.0,
-                            options=KernelConfig(attention=attention))
+                ref = score(model, ho_l, ho_t, policy=make_policy(cfg, "dense"), options=KernelConfig(attention=attention))
             kl, agree = kl_and_agreement(ref, logits)
             accs = []
             for s in seeds:
-                toks = np.asarray(generate(model, gen_labels, jax.random.key(s), cfg_scale=cfg_scale, top_k=top_k,
-                                           temperature=temperature, policy=pol,
+                toks = np.asarray(generate(model, gen_labels, jax.random.key(s), sampling=sampling, policy=pol,
                                            options=KernelConfig(attention=attention,
                                                                 gemm="xla" if attention == "xla" else "auto")))
                 if samples is not None:
@@ -345,7 +342,7 @@ def quality_benchmark(model=None, *, policies=("dense", "adsa-select", "adsa-evi
     dev = jax.devices()[0]
     return {"rows": rows, "ceiling": ceiling,
             "settings": {"heldout_images": int(len(ho_l)), "seeds": list(seeds), "images_per_seed": per_seed,
-                         "cfg_scale": cfg_scale, "top_k": top_k, "temperature": temperature,
+                         "cfg_scale": sampling.cfg_scale, "top_k": sampling.top_k, "temperature": sampling.temperature,
                          "dtype": str(model.dtype), "granularity": "head", "attention": attention,
                          "matmul_precision": str(jax.config.jax_default_matmul_precision or "default")},
             "device": f"{dev.platform} ({dev.device_kind})", "date": time.strftime("%Y-%m-%d"),
@@ -441,7 +438,8 @@ def sample_demo(a, log=print):
     import jax
 
     from .cli import balanced_labels, parse_classes
-    from .generate import generate, resolve_policy
+    from .cache import make_policy
+    from .generate import generate
     from .images import _save_png, _writable_file, make_grid
 
     bad = [f for f, v in (("--vq", a.vq), ("--npz", a.npz), ("--prompt", a.prompt), ("--prompts-file", a.prompts_file),
@@ -463,21 +461,21 @@ def sample_demo(a, log=print):
             labels = np.resize(labels, a.num_samples)
     else:
         labels = balanced_labels(a.num_samples or 4 * NUM_CLASSES, cfg.num_classes)
-    policy = resolve_policy(model, a.policy, **{k: v for k, v in dict(
+    policy = make_policy(cfg, a.policy or "dense", **{k: v for k, v in dict(
         budget=a.budget, prefix=a.prefix, keep=a.keep, local=a.local).items() if v is not None},
         **({"granularity": a.granularity} if a.granularity != "head" else {}))
     if a.side_by_side and policy.name == "dense":
         raise ConfigError("--side-by-side compares dense with another policy: add e.g. --policy adsa-evict --budget 0.5")
     samp = {k: (v if getattr(a, k, None) is None else getattr(a, k)) for k, v in DEMO_SAMPLING.items()}
-    kw = dict(cfg_interval=a.cfg_interval, top_p=a.top_p,
-              options=KernelConfig(attention=a.attention, gemm=a.gemm, segments=a.segments), **samp)
+    kw = dict(sampling=SamplingConfig(cfg_interval=a.cfg_interval, top_p=a.top_p, **samp),
+              options=KernelConfig(attention=a.attention, gemm=a.gemm, segments=a.segments))
     key = jax.random.key(a.seed)
     log(f"demo model (sklearn digits, {cfg.n_layer} layers x {cfg.dim}, 16x16 tokens, {model.dtype}): "
         f"{len(labels)} images, policy {policy.name}" + (" beside dense" if a.side_by_side else "") +
         f"; cfg {samp['cfg_scale']:g}, temperature {samp['temperature']:g}, top-k {samp['top_k']}")
     t0 = time.perf_counter()
     tokens = np.asarray(generate(model, labels, key, policy=policy, **kw))
-    dense = np.asarray(generate(model, labels, key, policy="dense", **kw)) if a.side_by_side else None
+    dense = np.asarray(generate(model, labels, key, policy=None, **kw)) if a.side_by_side else None
     log(f"sampled in {time.perf_counter() - t0:.1f} s (including compilation)")
     nrow = NUM_CLASSES if (a.classes is None and len(labels) >= NUM_CLASSES) else min(len(labels), NUM_CLASSES)
     if a.tokens_out:
@@ -530,7 +528,7 @@ def run_eval_demo(a, log=print):
         res = quality_benchmark(model, policies=[p for p in a.policies.split(",") if p],
                                 budgets=[float(b) for b in a.budgets.split(",") if b],
                                 seeds=[int(s) for s in a.seeds.split(",") if s], per_seed=a.per_seed,
-                                cfg_scale=a.cfg_scale, top_k=a.top_k, temperature=a.temperature,
+                                sampling=SamplingConfig(cfg_scale=a.cfg_scale, top_k=a.top_k, temperature=a.temperature),
                                 heldout=a.heldout or None, data=data, classify=not a.no_classify,
                                 samples=samples, attention=a.attention, log=log)
         if samples is not None:

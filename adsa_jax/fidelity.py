@@ -8,6 +8,7 @@ import numpy as np
 
 from .config import ConfigError
 from .generate import Model, generate, score
+from .options import SamplingConfig
 from .cache import kv_bytes, make_policy
 
 
@@ -21,18 +22,20 @@ def kl_and_agreement(ref_logits, logits):
 
 
 def compare_policies(model: Model, labels, *, tokens=None, policies=("dense", "adsa-evict"), budgets=(0.5,),
-                     key=None, prefix=None, local=None, granularity="head", cfg_scale=4.0, top_k=2000, cond_mask=None):
+                     key=None, prefix=None, local=None, granularity="head", sampling: SamplingConfig = SamplingConfig(),
+                     cond_mask=None):
     """Rows of {policy, budget, sizes, kv bytes, attended, kl_mean, kl_max, top1} along one trajectory.
 
-    tokens: (B, N) to score; None samples them with dense generation (seeded by ``key``)."""
+    tokens: (B, N) to score; None samples them with dense generation (seeded by ``key``) under
+    ``sampling``, whose guidance (cfg_scale, cfg_interval) the scoring uses too."""
     cfg = model.config
     if tokens is None:
         key = jax.random.key(0) if key is None else key
-        tokens = generate(model, labels, key, cond_mask=cond_mask, cfg_scale=cfg_scale, top_k=top_k)
+        tokens = generate(model, labels, key, cond_mask=cond_mask, sampling=sampling)
     tokens = np.asarray(tokens)
-    rows_per_image = 2 if cfg_scale > 1.0 else 1
+    rows_per_image = 2 if sampling.guided else 1
     dense_pol = make_policy(cfg, "dense")
-    ref = score(model, labels, tokens, cond_mask=cond_mask, policy=dense_pol, cfg_scale=cfg_scale)
+    ref = score(model, labels, tokens, cond_mask=cond_mask, policy=dense_pol, sampling=sampling)
     dense_bytes = kv_bytes(dense_pol, cfg, rows_per_image, model.dtype)
     n = cfg.num_image_tokens
     out = []
@@ -45,7 +48,7 @@ def compare_policies(model: Model, labels, *, tokens=None, policies=("dense", "a
                 out.append({"policy": name, "budget": budget, "error": str(e)})
                 continue
             logits = ref if name == "dense" else score(model, labels, tokens, cond_mask=cond_mask, policy=pol,
-                                                       cfg_scale=cfg_scale)
+                                                       sampling=sampling)
             kl, agree = kl_and_agreement(ref, logits)
             b = kv_bytes(pol, cfg, rows_per_image, model.dtype)
             attended = float(np.mean([pol.attended(t) for t in range(n)]))

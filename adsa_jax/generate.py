@@ -1,9 +1,14 @@
-"""Generation: prefill + ``lax.scan`` decode in one jit-compiled call, and the scoring paths.
+"""Generation: prefill + ``lax.scan`` decode in one jit-compiled call (on one device or a mesh),
+and the scoring paths.
 
 Batch rows: with CFG every image has two rows, interleaved ``[cond_0, uncond_0, cond_1, ...]``
 so a data-parallel split never separates a pair. Randomness: the key of image i is
 ``fold_in(key, example_ids[i])`` and the key of its step s is ``fold_in(that, s)``, so a sample
 does not depend on the batch size, its position in the batch, or the device count.
+
+On a mesh (:mod:`adsa_jax.sharding` builds it and its specs) the program is the same with
+sharding constraints on the caches and rows, and each policy step inside ``shard_map``
+(:class:`ShardedPolicy`).
 """
 from __future__ import annotations
 
@@ -13,28 +18,18 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from . import model as M
-from .cache import make_policy
+from . import sharding as S
 from .config import ConfigError, GPTConfig
 from .kernels import matmul_add_norm, small_matmul
-from .options import KernelConfig, kernel_config
-from .sampling import cfg_combine, check_sampling_args, sample
+from .cache import make_policy
+from .model import Model
+from .options import KernelConfig, SamplingConfig, kernel_config
+from .sampling import cfg_combine, sample
 
-
-@dataclasses.dataclass(frozen=True)
-class Model:
-    """A loaded model: static config plus a params pytree (a registered pytree)."""
-
-    config: GPTConfig
-    params: dict
-
-    @property
-    def dtype(self):
-        return self.params["tok_embeddings"].dtype
-
-
-jax.tree_util.register_dataclass(Model, data_fields=["params"], meta_fields=["config"])
+__all__ = ["Model", "generate", "score", "forward", "SamplingConfig", "KernelConfig"]
 
 
 def as_model(model) -> Model:
@@ -181,7 +176,6 @@ def _generate_impl(params, cond, cond_mask, key, example_ids, scalars, *, cfg, p
     segs = _segments(cfg.num_image_tokens - 1, cfg.cls_token_num, kernels.segments)
     shard = None
     if mesh is not None:  # rows on data, heads on model (adsa_jax.sharding); no mesh, no constraints
-        from .sharding import ShardedPolicy, constrain_batch, constrain_caches
         shard = functools.partial(constrain_caches, mesh=mesh, policy=policy)
         policy = ShardedPolicy(policy, mesh)  # each device decodes its own rows and heads
         emb, mask = constrain_batch(emb, mesh), constrain_batch(mask, mesh)
@@ -223,14 +217,124 @@ def _forward_jit(params, cond, cond_mask, tokens, *, cfg):
     return M.forward_full(params, cfg, emb, mask, tokens)
 
 
+# ----------------------------------------------------------------------------- on a mesh
+
+
+def constrain_caches(caches, mesh, policy=None):
+    """``with_sharding_constraint`` on every layer's cache (:func:`adsa_jax.sharding.cache_specs`)."""
+    def one(cache):
+        specs = S.cache_specs(cache, mesh, policy)
+        return {k: jax.lax.with_sharding_constraint(v, NamedSharding(mesh, specs[k])) for k, v in cache.items()}
+
+    return [one(c) for c in caches]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedPolicy:
+    """A KV-cache policy whose per-step ``decode`` runs inside ``shard_map`` over the mesh.
+
+    A policy's decode is independent per (row, head) (per row at granularity 'layer'), so each
+    device runs it on its own rows and heads: ADSA's ``lax.top_k`` and argmax over the
+    (replicated) slot axis, the pool scatter and the attention are local, with no gathers.
+    Left to the SPMD partitioner, the top-k and the scatter would gather the whole batch's
+    scores and caches onto every device at every step. Used inside ``_generate_jit`` only.
+    """
+
+    inner: object
+    mesh: object
+
+    def __getattr__(self, name):  # slots, name, attended, ... of the wrapped policy
+        if name in ("inner", "mesh"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def init(self, *a, **kw):
+        return self.inner.init(*a, **kw)
+
+    def prefill(self, cache, k, v):
+        return self.inner.prefill(cache, k, v)
+
+    def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None, qkv=None, rope=None):
+        mesh = self.mesh
+        split = S.heads_split(cache, self.inner)
+        cspec = S.cache_specs(cache, mesh, self.inner)
+        heads = S.MODEL if split and q.shape[1] % S.axis_size(mesh, S.MODEL) == 0 else None
+        hspec = P(S.DATA, heads)
+        rows = P(S.DATA)
+        inner = self.inner
+        # Optional inputs travel only when given: (arg, spec, keyword) triples.
+        extra = [(x, sp, name) for x, sp, name in ((row_keys, rows, "row_keys"), (qkv, P(S.DATA, None, heads), "qkv"),
+                                                   (rope, P(), "rope"))
+                 if x is not None]
+
+        def f(cache, q, k, v, t, cond_mask, *opt):
+            kw = {name: x for x, (_, _, name) in zip(opt, extra)}
+            return inner.decode(cache, q, k, v, t, cond_mask, layer_index=layer_index, span=span, **kw)
+
+        args = (cache, q, k, v, t, cond_mask) + tuple(x for x, _, _ in extra)
+        specs = (cspec, hspec, hspec, hspec, P(), rows) + tuple(sp for _, sp, _ in extra)
+        return jax.shard_map(f, mesh=mesh, in_specs=specs, out_specs=(cspec, hspec), check_vma=False)(*args)
+
+
+def constrain_batch(x, mesh):
+    """Rows of x on the data axis (inside the jitted program)."""
+    return jax.lax.with_sharding_constraint(x, S.named(mesh, ("batch",) + ("tokens",) * (x.ndim - 1), x.shape))
+
+
+def padded_size(batch: int, mesh) -> int:
+    d = S.axis_size(mesh, S.DATA)
+    return -(-batch // d) * d
+
+
+def _pad_rows(x, n: int):
+    x = np.asarray(x)
+    if n == x.shape[0]:
+        return x
+    return np.concatenate([x, np.repeat(x[-1:], n - x.shape[0], axis=0)], axis=0)
+
+
+def generate_on_mesh(model, cond, mask, key, example_ids, scalars, *, policy, use_cfg, mesh, kernels,
+                     top_p_on=True):
+    """Body of ``generate(..., mesh=...)`` (inputs already validated): place, run, trim.
+
+    A batch the data axis does not divide is padded up to a multiple of it with copies of the last
+    image (per-image keys come from the global index, so no sample changes) and trimmed after: the
+    trimmed result cannot be evenly sharded and comes back replicated."""
+    cfg = model.config
+    if not isinstance(mesh, jax.sharding.Mesh) or set(mesh.axis_names) != {S.DATA, S.MODEL}:
+        raise ConfigError("mesh must be a jax.sharding.Mesh with axes ('data', 'model'): build it with "
+                          "adsa_jax.sharding.make_mesh(data=..., model=...)")
+    S.check_tensor_parallel(cfg, mesh)
+    params = S.shard_params(model.params, cfg, mesh)
+    b = int(np.shape(cond)[0])
+    if b == 0:
+        raise ConfigError("empty batch")
+    bp = padded_size(b, mesh)
+    ids = np.asarray(example_ids)
+    if bp != b:  # pad with copies of the last image; trimmed below (its key index is unique anyway)
+        ids = np.concatenate([ids, ids[-1] + 1 + np.arange(bp - b, dtype=ids.dtype)])
+    cond = S.put(_pad_rows(cond, bp), S.batch_sharding(mesh, np.ndim(cond)))
+    mask = S.put(_pad_rows(mask, bp), S.batch_sharding(mesh, 2))
+    ids = S.put(ids.astype(np.int32), S.batch_sharding(mesh, 1))
+    rep = S.replicated(mesh)
+    key = S.put(key, rep)
+    scalars = tuple(S.put(np.asarray(s), rep) for s in scalars)
+    tokens = _generate_jit(params, cond, mask, key, ids, scalars, cfg=cfg, policy=policy, use_cfg=use_cfg,
+                           mesh=mesh, kernels=kernels, top_p_on=top_p_on)
+    return tokens if bp == b else tokens[:b]
+
+
 # ----------------------------------------------------------------------------- public API
 
 
-def resolve_policy(model: Model, policy=None, **policy_kw):
-    if policy is None or isinstance(policy, str):
-        return make_policy(model.config, policy or "dense", **policy_kw)
-    if policy_kw:
-        raise ConfigError("give either a policy object or a policy name with sizes, not both")
+def check_policy(policy):
+    """The policy object of a call (None: dense, built for the model by the caller)."""
+    if isinstance(policy, str):
+        raise ConfigError(f"policy must be a policy object, got the name {policy!r}: build it with "
+                          f"adsa_jax.make_policy(model.config, {policy!r}, budget=...)")
+    if not all(callable(getattr(policy, m, None)) for m in ("init", "prefill", "decode")):
+        raise ConfigError(f"policy must have init, prefill and decode (adsa_jax.make_policy builds one), got "
+                          f"{type(policy).__name__}")
     return policy
 
 
@@ -247,62 +351,59 @@ def with_kernels(policy, kernels: KernelConfig, requested: KernelConfig | None =
     return policy
 
 
-def _scalars(cfg_scale, cfg_interval, temperature, top_k, top_p):
-    return (jnp.float32(cfg_scale), jnp.float32(cfg_interval), jnp.float32(temperature),
-            jnp.int32(top_k), jnp.float32(top_p))
+def _check_sampling(sampling) -> SamplingConfig:
+    if not isinstance(sampling, SamplingConfig):
+        raise ConfigError(f"sampling must be an adsa_jax.SamplingConfig, got {type(sampling).__name__}")
+    return sampling
 
 
-def generate(model: Model, cond, key, *, cond_mask=None, cfg_scale: float = 4.0, cfg_interval: float = -1,
-             temperature: float = 1.0, top_k: int = 2000, top_p: float = 1.0, policy=None, budget=None,
-             prefix=None, keep=None, local=None, granularity="head", example_ids=None, mesh=None,
-             options: KernelConfig | None = None):
-    """Sample image tokens. Defaults are LlamaGen's ``sample_c2i.py`` (cfg 4.0, top-k 2000).
+def _scalars(sampling: SamplingConfig):
+    """The sampling values as traced scalars: changing them never recompiles."""
+    return (jnp.float32(sampling.cfg_scale), jnp.float32(sampling.cfg_interval), jnp.float32(sampling.temperature),
+            jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
 
-    cond: class ids (B,) for c2i; caption features (B, 120, C) plus ``cond_mask`` (B, 120) for
-    t2i (left-padded, 1 = valid). key: ``jax.random.key(seed)``. CFG is on iff cfg_scale > 1.
-    policy: 'dense' (default), 'adsa-select', 'adsa-evict', 'window', 'random', with ``budget``
-    (fraction of image tokens) or ``prefix``/``keep``/``local``, or a policy object.
-    example_ids: (B,) global image indices for the per-image keys (default 0..B-1).
+
+def generate(model: Model, cond, key, *, sampling: SamplingConfig = SamplingConfig(), policy=None, mesh=None,
+             options: KernelConfig | None = None, cond_mask=None, example_ids=None):
+    """Sample image tokens (B, N) int32.
+
+    model: a :class:`Model` (``adsa_jax.load``) or an ``adsa_jax.nn.GPT``. cond: class ids (B,)
+    for c2i; caption features (B, 120, C) plus ``cond_mask`` (B, 120) for t2i (left-padded,
+    1 = valid). key: ``jax.random.key(seed)``.
+    sampling: a :class:`~adsa_jax.options.SamplingConfig` (default LlamaGen's: cfg 4.0, top-k 2000).
+    policy: a KV-cache policy from :func:`adsa_jax.make_policy` (default None: dense).
+    mesh: a ``('data', 'model')`` mesh (:func:`adsa_jax.sharding.make_mesh`) to split the batch
+    over its data axis and heads / FFN over its model axis (default on a single host with several
+    devices: all of them on 'data'); params not yet on the mesh are placed there each call (do it
+    once: ``load(..., mesh=)`` or ``sharding.shard_model``). A batch the data axis does not divide
+    is padded and trimmed (the trimmed result is replicated); otherwise the tokens come back
+    sharded ``P('data')`` (``sharding.tokens_sharding``).
     options: a :class:`~adsa_jax.options.KernelConfig` (kernel choices and tuning; default
     ``KernelConfig()``, every 'auto' resolved for this device and shape by
     :func:`adsa_jax.options.kernel_config`).
-    mesh: a ``('data', 'model')`` mesh (:func:`adsa_jax.sharding.make_mesh`) to split the batch
-    over its data axis (default on a single host with several devices: all of them on 'data') (and heads / FFN over its model axis); params not yet on the mesh are
-    placed there each call (do it once: ``load(..., mesh=)`` or ``sharding.shard_model``). A batch
-    the data axis does not divide is padded and trimmed (the trimmed result is replicated).
-    Returns int32 tokens (B, N); on a mesh sharded ``P('data')`` (``sharding.tokens_sharding``).
+    example_ids: (B,) global image indices for the per-image keys (default 0..B-1).
     """
     model = as_model(model)
     cfg = model.config
-    check_sampling_args(temperature, top_k, top_p, cfg_scale, cfg_interval)
+    sampling = _check_sampling(sampling)
     cond, mask = prepare_condition(cfg, cond, cond_mask)
-    pol = resolve_policy(model, policy, **_policy_kw(budget, prefix, keep, local, granularity))
+    pol = make_policy(cfg, "dense") if policy is None else check_policy(policy)
     b = cond.shape[0]
-    use_cfg = bool(cfg_scale > 1.0)
+    use_cfg = sampling.guided
     rows = b * (2 if use_cfg else 1)  # batch rows, CFG's included
     example_ids = jnp.arange(b, dtype=jnp.int32) if example_ids is None else jnp.asarray(example_ids, jnp.int32)
     if example_ids.shape != (b,):
         raise ConfigError(f"example_ids must have shape ({b},), got {example_ids.shape}")
-    scalars = _scalars(cfg_scale, cfg_interval, temperature, top_k, top_p)
     if mesh is None and jax.device_count() > 1 and jax.process_count() == 1:
-        from .sharding import make_mesh
-        mesh = make_mesh()  # default: data parallel over every visible device (pass mesh= to choose)
+        mesh = S.make_mesh()  # default: data parallel over every visible device (pass mesh= to choose)
     kc = kernel_config(cfg, pol, rows, model.dtype, mesh=mesh, base=options)
     pol = with_kernels(pol, kc, options)
-    top_p_on = bool(float(top_p) < 1.0)
+    scalars = _scalars(sampling)
     if mesh is not None:
-        from .sharding import generate_on_mesh
         return generate_on_mesh(model, cond, mask, key, example_ids, scalars, policy=pol, use_cfg=use_cfg, mesh=mesh,
-                                kernels=kc, top_p_on=top_p_on)
+                                kernels=kc, top_p_on=sampling.top_p_on)
     return generate_program(kc)(model.params, cond, mask, key, example_ids, scalars, cfg=cfg, policy=pol,
-                                use_cfg=use_cfg, kernels=kc, top_p_on=top_p_on)
-
-
-def _policy_kw(budget, prefix, keep, local, granularity):
-    kw = {k: v for k, v in dict(budget=budget, prefix=prefix, keep=keep, local=local).items() if v is not None}
-    if granularity != "head":
-        kw["granularity"] = granularity
-    return kw
+                                use_cfg=use_cfg, kernels=kc, top_p_on=sampling.top_p_on)
 
 
 def _check_tokens(cfg, tokens, batch):
@@ -327,29 +428,33 @@ def forward(model: Model, cond, tokens, *, cond_mask=None):
     return _forward_jit(model.params, cond, mask, tokens, cfg=cfg)
 
 
-def score(model: Model, cond, tokens, *, cond_mask=None, policy=None, cfg_scale: float = 1.0,
-          cfg_interval: float = -1, budget=None, prefix=None, keep=None, local=None, granularity="head",
-          key=None, raw_rows: bool = False, options: KernelConfig | None = None):
-    """Teacher-forced logits (B, N, V) through a policy's cache (prefill + scan decode).
+def score(model: Model, cond, tokens, *, sampling: SamplingConfig | None = None, policy=None,
+          options: KernelConfig | None = None, cond_mask=None, key=None, raw_rows: bool = False):
+    """Teacher-forced logits (B, N, V) float32 through a policy's cache (prefill + scan decode).
 
-    With cfg_scale > 1 the logits are the guided ones LlamaGen samples from; ``raw_rows=True``
-    returns every batch row's own logits instead, (2B, N, V) with rows [cond_0, uncond_0, ...].
-    key seeds the ``random`` policy (default key 0). options: as in :func:`generate`, except that
-    'auto' keeps XLA's weight GEMMs and default compiler options (teacher forcing is for fidelity)."""
+    tokens (B, N) or (B, N-1). sampling: only its guidance is read (cfg_scale, cfg_interval);
+    default None, no guidance. With cfg_scale > 1 the logits are the guided ones LlamaGen samples
+    from; ``raw_rows=True`` returns every batch row's own logits instead, (2B, N, V) with rows
+    [cond_0, uncond_0, ...]. policy: as in :func:`generate` (None: dense). key seeds the
+    ``random`` policies (default key 0). options: as in :func:`generate`, except that 'auto' keeps
+    XLA's weight GEMMs and default compiler options (teacher forcing is for fidelity)."""
     model = as_model(model)
     cfg = model.config
+    sampling = SamplingConfig(cfg_scale=1.0) if sampling is None else _check_sampling(sampling)
     cond, mask = prepare_condition(cfg, cond, cond_mask)
     _check_tokens(cfg, tokens, cond.shape[0])
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.shape[1] == cfg.num_image_tokens - 1:
         tokens = jnp.pad(tokens, ((0, 0), (0, 1)))
-    pol = resolve_policy(model, policy, **_policy_kw(budget, prefix, keep, local, granularity))
+    pol = make_policy(cfg, "dense") if policy is None else check_policy(policy)
     base = KernelConfig() if options is None else options
     base = dataclasses.replace(base, gemm="xla" if base.gemm == "auto" else base.gemm,
                                cublas=False if base.cublas is None else base.cublas, kth="sort", segments=1)
-    rows = tokens.shape[0] * (2 if cfg_scale > 1.0 else 1)
+    use_cfg = sampling.guided
+    rows = tokens.shape[0] * (2 if use_cfg else 1)
     kc = kernel_config(cfg, pol, rows, model.dtype, base=base)
     pol = with_kernels(pol, kc, options)
     key = jax.random.key(0) if key is None else key
-    return _score_jit(model.params, cond, mask, tokens, key, _scalars(cfg_scale, cfg_interval, 1.0, 0, 1.0),
-                      cfg=cfg, policy=pol, use_cfg=bool(cfg_scale > 1.0), raw=bool(raw_rows), kernels=kc)
+    guidance = dataclasses.replace(sampling, temperature=1.0, top_k=0, top_p=1.0)  # no filter: logits only
+    return _score_jit(model.params, cond, mask, tokens, key, _scalars(guidance), cfg=cfg, policy=pol,
+                      use_cfg=use_cfg, raw=bool(raw_rows), kernels=kc)

@@ -13,6 +13,7 @@ attention logits and softmax run in float32; logits come out in float32.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -22,6 +23,21 @@ import numpy as np
 
 from .config import NEG_INF, GPTConfig
 from .rope import apply_rope, rope_table
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A loaded model: static config plus a params pytree (a registered pytree)."""
+
+    config: GPTConfig
+    params: dict
+
+    @property
+    def dtype(self):
+        return self.params["tok_embeddings"].dtype
+
+
+jax.tree_util.register_dataclass(Model, data_fields=["params"], meta_fields=["config"])
+
 
 def param_shapes(cfg: GPTConfig) -> dict:
     """The params pytree as shapes (tuples); the single source of every weight's shape."""

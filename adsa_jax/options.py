@@ -1,8 +1,10 @@
-"""The options of a generate call that change its compiled program: :class:`KernelConfig`.
+"""The options of a generate call: :class:`SamplingConfig` (what to sample) and
+:class:`KernelConfig` (how the compiled program computes it).
 
-Every kernel and tiling knob lives in one frozen, hashable dataclass. It is a static argument of
-the jitted programs, so it is part of their compile-cache key: two configs never share a trace,
-and nothing read while tracing lives in a module global.
+Both are frozen, hashable dataclasses, validated when built. The sampling values travel into the
+compiled program as traced scalars (changing them never recompiles); a KernelConfig is a static
+argument of the jitted programs, so it is part of their compile-cache key: two configs never
+share a trace, and nothing read while tracing lives in a module global.
 
 :func:`kernel_config` is the one place that chooses, by device and shape, what ``'auto'`` means
 (attention and GEMM implementations, the top-k threshold, cuBLAS compiler options); the tiling
@@ -16,6 +18,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from .checks import check_sampling_args
 from .config import ConfigError, GPTConfig
 
 IMPLS = ("xla", "pallas", "pallas-interpret")  # attention and gemm: the reference, the GPU kernel, its interpreter
@@ -32,6 +35,41 @@ def pallas_available() -> bool:
     except ImportError:  # pragma: no cover
         return False
     return all(hasattr(plgpu, n) for n in ("load", "store", "CompilerParams"))
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """LlamaGen's sampling settings; the defaults are its ``sample_c2i.py`` (cfg 4.0, top-k 2000).
+
+    cfg_scale: classifier-free guidance scale, finite >= 0; guidance is on iff > 1 (then every image
+    has a conditional and a null row). cfg_interval: -1 guides every token, else image tokens
+    0..cfg_interval only. temperature: finite >= 0 (0 samples greedily). top_k: keep the k largest
+    logits, ties kept (0: off). top_p: nucleus sampling in (0, 1] (1: off).
+    """
+
+    cfg_scale: float = 4.0
+    cfg_interval: float = -1.0
+    temperature: float = 1.0
+    top_k: int = 2000
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        # One validator for the Python API and the command line (adsa_jax.checks): one ConfigError
+        # line naming the argument (and its flag) and its range.
+        check_sampling_args(self.temperature, self.top_k, self.top_p, self.cfg_scale, self.cfg_interval)
+        for name, kind in (("cfg_scale", float), ("cfg_interval", float), ("temperature", float), ("top_k", int),
+                           ("top_p", float)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
+
+    @property
+    def guided(self) -> bool:
+        """Whether classifier-free guidance is on (cfg_scale > 1)."""
+        return self.cfg_scale > 1.0
+
+    @property
+    def top_p_on(self) -> bool:
+        """Whether top-p filters (it needs a sort of the logits; off at top_p = 1)."""
+        return self.top_p < 1.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,8 +23,6 @@ replicated (``P()``) over the mesh. Pick a multiple of the data axis to keep out
 """
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -231,15 +229,15 @@ def shard_params(params, cfg: GPTConfig, mesh, tensor_parallel: bool | None = No
 
 def shard_model(model, mesh, tensor_parallel: bool | None = None):
     """A :class:`adsa_jax.Model` with its params on ``mesh`` (do it once, not per ``generate`` call)."""
-    from .generate import Model
+    from .model import Model
 
     return Model(model.config, shard_params(model.params, model.config, mesh, tensor_parallel))
 
 
-# ----------------------------------------------------------------------------- inside the jitted decode
+# ----------------------------------------------------------------------------- caches
 
 
-def _heads_split(cache, policy=None) -> bool:
+def heads_split(cache, policy=None) -> bool:
     """Whether a cache can follow the heads onto the model axis: yes unless the policy decides
     per layer and row (ADSA granularity 'layer': groups of 1 over several heads), or draws one
     random number per head (``random``: the draw for head h must not depend on how many heads
@@ -253,112 +251,8 @@ def _heads_split(cache, policy=None) -> bool:
 def cache_specs(cache, mesh, policy=None) -> dict:
     """PartitionSpec per cache entry: rows on data, heads (and ADSA groups when they are the
     heads) on model, slots replicated."""
-    rules = RULES if _heads_split(cache, policy) else {**RULES, "heads": None, "groups": None}
+    rules = RULES if heads_split(cache, policy) else {**RULES, "heads": None, "groups": None}
     return {k: logical_spec(CACHE_AXES[k], rules, shape=v.shape, mesh=mesh) for k, v in cache.items()}
-
-
-def constrain_caches(caches, mesh, policy=None):
-    """``with_sharding_constraint`` on every layer's cache (see :func:`cache_specs`)."""
-    def one(cache):
-        specs = cache_specs(cache, mesh, policy)
-        return {k: jax.lax.with_sharding_constraint(v, NamedSharding(mesh, specs[k])) for k, v in cache.items()}
-
-    return [one(c) for c in caches]
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardedPolicy:
-    """A KV-cache policy whose per-step ``decode`` runs inside ``shard_map`` over the mesh.
-
-    A policy's decode is independent per (row, head) (per row at granularity 'layer'), so each
-    device runs it on its own rows and heads: ADSA's ``lax.top_k`` and argmax over the
-    (replicated) slot axis, the pool scatter and the attention are local, with no gathers.
-    Left to the SPMD partitioner, the top-k and the scatter would gather the whole batch's
-    scores and caches onto every device at every step. Used inside ``_generate_jit`` only.
-    """
-
-    inner: object
-    mesh: object
-
-    def __getattr__(self, name):  # slots, name, attended, ... of the wrapped policy
-        if name in ("inner", "mesh"):
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    def init(self, *a, **kw):
-        return self.inner.init(*a, **kw)
-
-    def prefill(self, cache, k, v):
-        return self.inner.prefill(cache, k, v)
-
-    def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None, qkv=None, rope=None):
-        mesh = self.mesh
-        split = _heads_split(cache, self.inner)
-        cspec = cache_specs(cache, mesh, self.inner)
-        heads = MODEL if split and q.shape[1] % axis_size(mesh, MODEL) == 0 else None
-        hspec = P(DATA, heads)
-        rows = P(DATA)
-        inner = self.inner
-        # Optional inputs travel only when given: (arg, spec, keyword) triples.
-        extra = [(x, sp, name) for x, sp, name in ((row_keys, rows, "row_keys"), (qkv, P(DATA, None, heads), "qkv"),
-                                                   (rope, P(), "rope"))
-                 if x is not None]
-
-        def f(cache, q, k, v, t, cond_mask, *opt):
-            kw = {name: x for x, (_, _, name) in zip(opt, extra)}
-            return inner.decode(cache, q, k, v, t, cond_mask, layer_index=layer_index, span=span, **kw)
-
-        args = (cache, q, k, v, t, cond_mask) + tuple(x for x, _, _ in extra)
-        specs = (cspec, hspec, hspec, hspec, P(), rows) + tuple(sp for _, sp, _ in extra)
-        return jax.shard_map(f, mesh=mesh, in_specs=specs, out_specs=(cspec, hspec), check_vma=False)(*args)
-
-
-def constrain_batch(x, mesh):
-    return jax.lax.with_sharding_constraint(x, named(mesh, ("batch",) + ("tokens",) * (x.ndim - 1), x.shape))
-
-
-# ----------------------------------------------------------------------------- generate on a mesh
-
-
-def padded_size(batch: int, mesh) -> int:
-    d = axis_size(mesh, DATA)
-    return -(-batch // d) * d
-
-
-def _pad_rows(x, n: int):
-    x = np.asarray(x)
-    if n == x.shape[0]:
-        return x
-    return np.concatenate([x, np.repeat(x[-1:], n - x.shape[0], axis=0)], axis=0)
-
-
-def generate_on_mesh(model, cond, mask, key, example_ids, scalars, *, policy, use_cfg, mesh, kernels,
-                     top_p_on=True):
-    """Body of ``generate(..., mesh=...)`` (inputs already validated): place, run, trim."""
-    from .generate import _generate_jit
-
-    cfg = model.config
-    if not isinstance(mesh, jax.sharding.Mesh) or set(mesh.axis_names) != {DATA, MODEL}:
-        raise ConfigError("mesh must be a jax.sharding.Mesh with axes ('data', 'model'): build it with "
-                          "adsa_jax.sharding.make_mesh(data=..., model=...)")
-    check_tensor_parallel(cfg, mesh)
-    params = shard_params(model.params, cfg, mesh)
-    b = int(np.shape(cond)[0])
-    if b == 0:
-        raise ConfigError("empty batch")
-    bp = padded_size(b, mesh)
-    ids = np.asarray(example_ids)
-    if bp != b:  # pad with copies of the last image; trimmed below (its key index is unique anyway)
-        ids = np.concatenate([ids, ids[-1] + 1 + np.arange(bp - b, dtype=ids.dtype)])
-    cond = put(_pad_rows(cond, bp), batch_sharding(mesh, np.ndim(cond)))
-    mask = put(_pad_rows(mask, bp), batch_sharding(mesh, 2))
-    ids = put(ids.astype(np.int32), batch_sharding(mesh, 1))
-    rep = replicated(mesh)
-    key = put(key, rep)
-    scalars = tuple(put(np.asarray(s), rep) for s in scalars)
-    tokens = _generate_jit(params, cond, mask, key, ids, scalars, cfg=cfg, policy=policy, use_cfg=use_cfg,
-                           mesh=mesh, kernels=kernels, top_p_on=top_p_on)
-    return tokens if bp == b else tokens[:b]
 
 
 def local_rows(x):

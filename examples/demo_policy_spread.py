@@ -49,7 +49,7 @@ def main():
 
     def run(name, budget=None, key=0):
         t = time.perf_counter()
-        lg = score(model, lab, tok, policy=make_policy(cfg, name, budget=budget), cfg_scale=1.0,
+        lg = score(model, lab, tok, policy=make_policy(cfg, name, budget=budget),
                    key=jax.random.key(key), options=adsa_jax.KernelConfig(attention="xla"))
         out = per_image_nll(lg, tok)
         print(f"  {name} {budget} key {key}: {out.mean():.4f} ({time.perf_counter() - t:.0f} s)", file=sys.stderr)

@@ -110,7 +110,8 @@ def test_evict_holds_fewer_kv_bytes(timed):
 
 
 def test_time_one_without_device_and_compile_only(c2i):
-    prep = bench.compile_one(c2i, 1, make_policy(c2i.config, "window", budget=0.5), cfg_scale=1.0, options=XLA)
+    prep = bench.compile_one(c2i, 1, make_policy(c2i.config, "window", budget=0.5),
+                             sampling=adsa_jax.SamplingConfig(cfg_scale=1.0), options=XLA)
     assert prep["rows"] == 1 and prep["row"]["cfg"] is False
     r = bench.time_one(c2i, prep, iters=1, warmup=0)
     assert len(r["times"]) == 1 and r["s_per_call"] == r["times"][0]

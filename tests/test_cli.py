@@ -14,7 +14,7 @@ def test_sample_tokens_match_python_api(c2i_dir, c2i, tmp_path):
                  "--top-k", "100", "--tokens-out", str(out)]) == 0
     toks = np.load(out)
     assert toks.shape == (2, 64) and toks.dtype == np.int32
-    ref = adsa_jax.generate(c2i, np.array([7, 3]), jax.random.key(0), top_k=100)
+    ref = adsa_jax.generate(c2i, np.array([7, 3]), jax.random.key(0), sampling=adsa_jax.SamplingConfig(top_k=100))
     np.testing.assert_array_equal(toks, np.asarray(ref))
 
 

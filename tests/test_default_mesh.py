@@ -13,8 +13,9 @@ def test_generate_uses_all_devices_by_default(c2i_dir):
         from adsa_jax.sharding import make_mesh
         m = adsa_jax.load({str(c2i_dir)!r}, dtype="float32")
         labels = np.arange(8) % 10
-        auto = adsa_jax.generate(m, labels, jax.random.key(3), top_k=50)
-        explicit = adsa_jax.generate(m, labels, jax.random.key(3), top_k=50, mesh=make_mesh(data=4))
+        sampling = adsa_jax.SamplingConfig(top_k=50)
+        auto = adsa_jax.generate(m, labels, jax.random.key(3), sampling=sampling)
+        explicit = adsa_jax.generate(m, labels, jax.random.key(3), sampling=sampling, mesh=make_mesh(data=4))
         print(json.dumps({{"n": jax.device_count(), "devices": len(auto.sharding.device_set),
                            "same": bool((np.asarray(auto) == np.asarray(explicit)).all())}}))
     """)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import adsa_jax
-from adsa_jax.config import GPTConfig, named_config
+from adsa_jax.config import ConfigError, GPTConfig, named_config
 from adsa_jax.generate import Model, _generate_jit
-from adsa_jax.options import KernelConfig, kernel_config
+from adsa_jax.options import KernelConfig, SamplingConfig, kernel_config
 from adsa_jax.model import count_params, init_params
 
 C2I_COUNTS = {"GPT-B": 110_888_448, "GPT-L": 342_910_976, "GPT-XL": 774_699_520, "GPT-XXL": 1_410_972_672,
@@ -53,25 +53,29 @@ def test_full_forward_equals_prefill_plus_scan():
 
 
 def test_length_buckets_do_not_change_tokens(c2i, c2i_ref):
-    a = adsa_jax.generate(c2i, c2i_ref["labels"], jax.random.key(5), top_k=50)
-    b = adsa_jax.generate(c2i, c2i_ref["labels"], jax.random.key(5), top_k=50, options=KernelConfig(segments=4))
+    a = adsa_jax.generate(c2i, c2i_ref["labels"], jax.random.key(5), sampling=adsa_jax.SamplingConfig(top_k=50))
+    b = adsa_jax.generate(c2i, c2i_ref["labels"], jax.random.key(5), sampling=adsa_jax.SamplingConfig(top_k=50),
+                          options=KernelConfig(segments=4))
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_second_call_does_not_recompile(c2i):
     labels = np.array([1, 2])
-    adsa_jax.generate(c2i, labels, jax.random.key(0), cfg_scale=4.0, top_p=0.95).block_until_ready()
+
+    def run(cond, seed, **sampling):
+        adsa_jax.generate(c2i, cond, jax.random.key(seed), sampling=SamplingConfig(**sampling)).block_until_ready()
+
+    run(labels, 0, cfg_scale=4.0, top_p=0.95)
     n = _generate_jit._cache_size()
     # New key, labels, guidance scale, interval, temperature and filters: same shapes, no recompilation.
-    adsa_jax.generate(c2i, np.array([7, 3]), jax.random.key(9), cfg_scale=2.5, cfg_interval=10,
-                      temperature=0.7, top_k=30, top_p=0.9).block_until_ready()
+    run(np.array([7, 3]), 9, cfg_scale=2.5, cfg_interval=10, temperature=0.7, top_k=30, top_p=0.9)
     assert _generate_jit._cache_size() == n
     # top-p off (1.0) is the one other variant (no sort of the logits), compiled once (here, or
     # already by an earlier test).
-    adsa_jax.generate(c2i, labels, jax.random.key(1), cfg_scale=4.0).block_until_ready()
+    run(labels, 1, cfg_scale=4.0)
     m = _generate_jit._cache_size()
     assert m <= n + 1
-    adsa_jax.generate(c2i, labels, jax.random.key(2), cfg_scale=3.0, top_k=7).block_until_ready()
+    run(labels, 2, cfg_scale=3.0, top_k=7)
     assert _generate_jit._cache_size() == m
 
 
@@ -87,7 +91,7 @@ def test_sampler_without_sort_gives_the_same_tokens(c2i):
     assert kernel_config(cfg, pol, 6, jnp.float32, backend="gpu", pallas=True, mesh=object()).kth == "sort"
     assert kernel_config(cfg, pol, 6, jnp.float32, backend="cpu").kth == "sort"
     cond, mask = prepare_condition(cfg, np.array([1, 5, 9]))
-    args = (c2i.params, cond, mask, jax.random.key(4), jnp.arange(3), _scalars(4.0, -1, 1.0, 40, 1.0))
+    args = (c2i.params, cond, mask, jax.random.key(4), jnp.arange(3), _scalars(SamplingConfig(top_k=40)))
     kc = kernel_config(cfg, pol, 6, jnp.float32, backend="cpu")
     kw = dict(cfg=cfg, policy=pol, use_cfg=True)
     ref = np.asarray(_generate_jit(*args, **kw, kernels=kc, top_p_on=True))
@@ -119,9 +123,11 @@ def test_stacked_ffn_weights_give_the_same_results(c2i, c2i_ref):
     gen = importlib.import_module("adsa_jax.generate")
     labels = c2i_ref["labels"]
     apart, stacked = KernelConfig(stack_ffn=False), KernelConfig(stack_ffn=True)
-    ref_tok = np.asarray(adsa_jax.generate(c2i, labels, jax.random.key(3), top_k=50, options=apart))
+    ref_tok = np.asarray(adsa_jax.generate(c2i, labels, jax.random.key(3), sampling=adsa_jax.SamplingConfig(top_k=50),
+                                           options=apart))
     ref_log = np.asarray(adsa_jax.score(c2i, labels, ref_tok, options=apart))
-    got_tok = adsa_jax.generate(c2i, labels, jax.random.key(3), top_k=50, options=stacked)
+    got_tok = adsa_jax.generate(c2i, labels, jax.random.key(3), sampling=adsa_jax.SamplingConfig(top_k=50),
+                                options=stacked)
     np.testing.assert_array_equal(np.asarray(got_tok), ref_tok)
     np.testing.assert_allclose(np.asarray(adsa_jax.score(c2i, labels, ref_tok, options=stacked)), ref_log,
                                atol=1e-5, rtol=0)
@@ -132,12 +138,14 @@ def test_stacked_ffn_weights_give_the_same_results(c2i, c2i_ref):
 def test_samples_do_not_depend_on_batch_size_or_position(c2i):
     labels = np.array([3, 1, 4, 1, 5])
     key = jax.random.key(42)
-    full = np.asarray(adsa_jax.generate(c2i, labels, key, top_k=100, temperature=1.0))
+    full = np.asarray(adsa_jax.generate(c2i, labels, key,
+                                        sampling=adsa_jax.SamplingConfig(temperature=1.0, top_k=100)))
     assert len({tuple(r) for r in full}) > 1  # really sampling
-    part = np.asarray(adsa_jax.generate(c2i, labels[[4, 2]], key, top_k=100, example_ids=[4, 2]))
+    part = np.asarray(adsa_jax.generate(c2i, labels[[4, 2]], key, sampling=adsa_jax.SamplingConfig(top_k=100),
+                                        example_ids=[4, 2]))
     np.testing.assert_array_equal(part, full[[4, 2]])
     # Different seeds give different images.
-    other = np.asarray(adsa_jax.generate(c2i, labels, jax.random.key(43), top_k=100))
+    other = np.asarray(adsa_jax.generate(c2i, labels, jax.random.key(43), sampling=adsa_jax.SamplingConfig(top_k=100)))
     assert (other != full).any()
 
 
@@ -156,13 +164,19 @@ def test_bad_generation_inputs(c2i, t2i, t2i_ref):
     k = jax.random.key(0)
     with pytest.raises(ValueError, match="class ids"):
         adsa_jax.generate(c2i, np.array([0, 10]), k)
-    with pytest.raises(ValueError, match="top_k"):
-        adsa_jax.generate(c2i, np.array([0]), k, top_k=-1)
-    for p in (0.0, 1.5):
-        with pytest.raises(ValueError, match="top_p"):
-            adsa_jax.generate(c2i, np.array([0]), k, top_p=p)
-    with pytest.raises(ValueError, match="temperature"):
-        adsa_jax.generate(c2i, np.array([0]), k, temperature=-0.5)
+    # SamplingConfig refuses a bad value when it is built, before anything runs.
+    for kw, name in ((dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+                     (dict(temperature=-0.5), "temperature"), (dict(temperature=float("nan")), "temperature"),
+                     (dict(cfg_scale=float("inf")), "cfg_scale"), (dict(cfg_scale=-1.0), "cfg_scale"),
+                     (dict(cfg_interval=-2), "cfg_interval")):
+        with pytest.raises(ConfigError, match=name):
+            SamplingConfig(**kw)
+    with pytest.raises(ConfigError, match="sampling must be an adsa_jax.SamplingConfig"):
+        adsa_jax.generate(c2i, np.array([0]), k, sampling={"top_k": 5})
+    with pytest.raises(ConfigError, match="make_policy"):
+        adsa_jax.generate(c2i, np.array([0]), k, policy="adsa-evict")
+    with pytest.raises(ConfigError, match="options must be an adsa_jax.KernelConfig"):
+        adsa_jax.generate(c2i, np.array([0]), k, options={"attention": "xla"})
     with pytest.raises(ValueError, match="caption features"):
         adsa_jax.generate(t2i, t2i_ref["caption_embs"][:, :100], k, cond_mask=t2i_ref["emb_masks"][:, :100])
     with pytest.raises(ValueError, match="caption mask"):

@@ -11,7 +11,7 @@ from adsa_jax.config import ConfigError
 from adsa_jax.cache import attend, make_policy
 from adsa_jax.generate import with_kernels
 from adsa_jax.kernels import decode_attention
-from adsa_jax.options import GEMV_ROWS, KernelConfig, kernel_config
+from adsa_jax.options import GEMV_ROWS, KernelConfig, SamplingConfig, kernel_config
 
 # The kernels in the Pallas interpreter, nothing left to resolve (KernelConfig is a static jit
 # argument, so each config compiles its own program: no test sees another's trace).
@@ -47,13 +47,17 @@ def _assert_kernel_matches_xla(c2i, c2i_ref, pol, **switches):
     returns the kernel path's tokens. switches: KernelConfig fields of both runs."""
     labels = c2i_ref["labels"]
     xla, kern = KernelConfig(attention="xla", **switches), KernelConfig(attention="pallas-interpret", **switches)
-    ref = np.asarray(adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"], cfg_scale=4.0, raw_rows=True,
-                                    policy=pol, options=xla))
-    got = np.asarray(adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"], cfg_scale=4.0, raw_rows=True,
-                                    policy=pol, options=kern))
+    ref = np.asarray(adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"],
+                                    sampling=adsa_jax.SamplingConfig(cfg_scale=4.0), raw_rows=True, policy=pol,
+                                    options=xla))
+    got = np.asarray(adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"],
+                                    sampling=adsa_jax.SamplingConfig(cfg_scale=4.0), raw_rows=True, policy=pol,
+                                    options=kern))
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
-    toks = adsa_jax.generate(c2i, labels, jax.random.key(1), cfg_scale=4.0, top_k=1, policy=pol, options=kern)
-    want = adsa_jax.generate(c2i, labels, jax.random.key(1), cfg_scale=4.0, top_k=1, policy=pol, options=xla)
+    toks = adsa_jax.generate(c2i, labels, jax.random.key(1), sampling=adsa_jax.SamplingConfig(cfg_scale=4.0, top_k=1),
+                             policy=pol, options=kern)
+    want = adsa_jax.generate(c2i, labels, jax.random.key(1), sampling=adsa_jax.SamplingConfig(cfg_scale=4.0, top_k=1),
+                             policy=pol, options=xla)
     np.testing.assert_array_equal(np.asarray(toks), np.asarray(want))
     return toks
 
@@ -90,13 +94,15 @@ def test_rope_before_the_kernel_matches_xla(c2i, c2i_ref, name, kw):
 def test_kernel_with_caption_masks(t2i, t2i_ref):
     emb, masks = t2i_ref["caption_embs"], t2i_ref["emb_masks"]
     kern = KernelConfig(attention="pallas-interpret")
-    toks = adsa_jax.generate(t2i, emb, jax.random.key(0), cond_mask=masks, cfg_scale=7.5, top_k=1, options=kern)
+    toks = adsa_jax.generate(t2i, emb, jax.random.key(0), sampling=adsa_jax.SamplingConfig(cfg_scale=7.5, top_k=1),
+                             cond_mask=masks, options=kern)
     np.testing.assert_array_equal(np.asarray(toks), t2i_ref["greedy_cfg_tokens"])
     # adsa-evict and window as one kernel: the caption mask reaches the kernel's condition slots.
     for name in ("adsa-evict", "window", "dense"):
         pol = make_policy(t2i.config, name, **({} if name == "dense" else {"budget": 0.5}))
         assert on_kernels(pol).one_kernel(2 * len(emb), t2i.config.n_head)
-        got, want = (adsa_jax.generate(t2i, emb, jax.random.key(0), cond_mask=masks, cfg_scale=7.5, top_k=1,
+        got, want = (adsa_jax.generate(t2i, emb, jax.random.key(0),
+                                       sampling=adsa_jax.SamplingConfig(cfg_scale=7.5, top_k=1), cond_mask=masks,
                                        policy=pol, options=KernelConfig(attention=a))
                      for a in ("pallas-interpret", "xla"))
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
@@ -115,7 +121,7 @@ def test_kernel_lowers_for_gpu(c2i):
         base = KernelConfig(attention="pallas", gemm=gemm, kth=kth, gemv_block_n=64, gemv_block_k=64, **(switches or {}))
         kc = kernel_config(c2i.config, pol, 4, params["output"].dtype, base=base, backend="gpu", pallas=True)
         return _generate_jit.trace(params, cond, mask, jax.random.key(0), jnp.arange(2),
-                                   _scalars(4.0, -1, 1.0, 0, 1.0), cfg=c2i.config, policy=with_kernels(pol, kc),
+                                   _scalars(SamplingConfig(top_k=0)), cfg=c2i.config, policy=with_kernels(pol, kc),
                                    use_cfg=True, kernels=kc, top_p_on=kth == "sort",
                                    ).lower(lowering_platforms=("cuda",)).as_text()
 
@@ -193,8 +199,9 @@ def test_kernel_small_blocks_match_xla(c2i, c2i_ref, name):
         assert _splits(rows * heads, pol.slots, 16) > 1
     else:
         assert on_kernels(pol, **small).one_kernel(rows, heads) and pol.slots > 2 * 16
-    got, want = (adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"], cfg_scale=4.0, raw_rows=True,
-                                policy=pol, options=KernelConfig(attention=a, **small))
+    got, want = (adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"],
+                                sampling=adsa_jax.SamplingConfig(cfg_scale=4.0), raw_rows=True, policy=pol,
+                                options=KernelConfig(attention=a, **small))
                  for a in ("pallas-interpret", "xla"))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=0)
 
@@ -476,8 +483,8 @@ def test_small_row_gemms_in_generation(c2i, c2i_ref, name, kw, attention, add_no
 
     def run(p, gemm):  # the fixture model's 192-wide layers tile by 64
         opts = KernelConfig(gemm=gemm, attention=attention, add_norm=add_norm, gemv_block_n=64, gemv_block_k=64)
-        return adsa_jax.generate(adsa_jax.Model(c2i.config, p), labels, jax.random.key(1), top_k=1, policy=pol,
-                                 options=opts)
+        return adsa_jax.generate(adsa_jax.Model(c2i.config, p), labels, jax.random.key(1),
+                                 sampling=adsa_jax.SamplingConfig(top_k=1), policy=pol, options=opts)
 
     step = str(jax.make_jaxpr(lambda p: run(p, "pallas-interpret"))(c2i.params))
     # qkv, wo, w1|w3 (stacked), w2 per layer (and two add_rms_norm) and the head, and the one-kernel step per layer

@@ -19,7 +19,8 @@ def test_c2i_teacher_forced_logits(c2i, c2i_ref):
 
 def test_c2i_greedy_tokens_and_step_logits(c2i, c2i_ref):
     labels = c2i_ref["labels"]
-    toks = np.asarray(adsa_jax.generate(c2i, labels, jax.random.key(0), cfg_scale=1.0, top_k=1))
+    toks = np.asarray(adsa_jax.generate(c2i, labels, jax.random.key(0),
+                                        sampling=adsa_jax.SamplingConfig(cfg_scale=1.0, top_k=1)))
     np.testing.assert_array_equal(toks, c2i_ref["greedy_tokens"])
     step = np.asarray(adsa_jax.score(c2i, labels, c2i_ref["greedy_tokens"]))
     np.testing.assert_allclose(step, c2i_ref["greedy_step_logits"], atol=1e-4, rtol=0)
@@ -28,22 +29,27 @@ def test_c2i_greedy_tokens_and_step_logits(c2i, c2i_ref):
 def test_c2i_greedy_cfg(c2i, c2i_ref):
     labels, scale = c2i_ref["labels"], float(c2i_ref["cfg_scale"])
     assert scale > 1 and int(c2i_ref["cfg_interval"]) == -1
-    toks = np.asarray(adsa_jax.generate(c2i, labels, jax.random.key(1), cfg_scale=scale, top_k=1))
+    toks = np.asarray(adsa_jax.generate(c2i, labels, jax.random.key(1),
+                                        sampling=adsa_jax.SamplingConfig(cfg_scale=scale, top_k=1)))
     np.testing.assert_array_equal(toks, c2i_ref["greedy_cfg_tokens"])
-    rows = np.asarray(adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"], cfg_scale=scale, raw_rows=True))
+    rows = np.asarray(adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"],
+                                     sampling=adsa_jax.SamplingConfig(cfg_scale=scale), raw_rows=True))
     # Ours interleaves [cond_0, uncond_0, ...]; the reference stacks the conditional half first.
     b = len(labels)
     ref = c2i_ref["greedy_cfg_step_logits"]
     np.testing.assert_allclose(rows[0::2], ref[:b], atol=1e-4, rtol=0)
     np.testing.assert_allclose(rows[1::2], ref[b:], atol=1e-4, rtol=0)
-    guided = np.asarray(adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"], cfg_scale=scale))
+    guided = np.asarray(adsa_jax.score(c2i, labels, c2i_ref["greedy_cfg_tokens"],
+                                       sampling=adsa_jax.SamplingConfig(cfg_scale=scale)))
     np.testing.assert_allclose(guided, ref[b:] + (ref[:b] - ref[b:]) * scale, atol=5e-4, rtol=0)
 
 
 def test_cfg_interval_switches_guidance_off_for_good(c2i, c2i_ref):
     labels, toks = c2i_ref["labels"], c2i_ref["greedy_cfg_tokens"]
-    rows = np.asarray(adsa_jax.score(c2i, labels, toks, cfg_scale=4.0, raw_rows=True))
-    got = np.asarray(adsa_jax.score(c2i, labels, toks, cfg_scale=4.0, cfg_interval=3))
+    rows = np.asarray(adsa_jax.score(c2i, labels, toks, sampling=adsa_jax.SamplingConfig(cfg_scale=4.0),
+                                     raw_rows=True))
+    got = np.asarray(adsa_jax.score(c2i, labels, toks,
+                                    sampling=adsa_jax.SamplingConfig(cfg_scale=4.0, cfg_interval=3)))
     cond, unc = rows[0::2], rows[1::2]
     guided = unc + (cond - unc) * 4.0
     # Tokens 0 .. cfg_interval+1 are guided (prefill + decode steps i <= 3), the rest are not.
@@ -54,9 +60,11 @@ def test_cfg_interval_switches_guidance_off_for_good(c2i, c2i_ref):
 def test_t2i_greedy_cfg_with_caption_masks(t2i, t2i_ref):
     emb, masks = t2i_ref["caption_embs"], t2i_ref["emb_masks"]
     assert masks.sum(1).tolist() == [7, 30]
-    toks = np.asarray(adsa_jax.generate(t2i, emb, jax.random.key(0), cond_mask=masks, cfg_scale=7.5, top_k=1))
+    toks = np.asarray(adsa_jax.generate(t2i, emb, jax.random.key(0),
+                                        sampling=adsa_jax.SamplingConfig(cfg_scale=7.5, top_k=1), cond_mask=masks))
     np.testing.assert_array_equal(toks, t2i_ref["greedy_cfg_tokens"])
-    rows = np.asarray(adsa_jax.score(t2i, emb, toks, cond_mask=masks, cfg_scale=7.5, raw_rows=True))
+    rows = np.asarray(adsa_jax.score(t2i, emb, toks, sampling=adsa_jax.SamplingConfig(cfg_scale=7.5), cond_mask=masks,
+                                     raw_rows=True))
     ref = t2i_ref["greedy_cfg_step_logits"]
     np.testing.assert_allclose(rows[0::2], ref[:2], atol=1e-4, rtol=0)
     np.testing.assert_allclose(rows[1::2], ref[2:], atol=1e-4, rtol=0)

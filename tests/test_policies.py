@@ -11,7 +11,7 @@ from adsa_jax.config import GPTConfig
 from adsa_jax.generate import Model, _generate_jit, _scalars
 from adsa_jax.model import init_params
 from adsa_jax.cache import Dense, Evict, Select, kv_bytes, make_policy
-from adsa_jax.options import XLA_KERNELS
+from adsa_jax.options import XLA_KERNELS, SamplingConfig
 
 CFG16 = GPTConfig(dim=64, n_layer=2, n_head=2, vocab_size=64, num_classes=5, block_size=256)
 
@@ -119,7 +119,7 @@ def test_every_policy_cache_has_sharding_axes():
 
 def _compiled(model, policy, batch):
     args = (model.params, jnp.arange(batch, dtype=jnp.int32) % 5, jnp.ones((batch, 1), bool), jax.random.key(0),
-            jnp.arange(batch, dtype=jnp.int32), _scalars(4.0, -1, 1.0, 0, 1.0))
+            jnp.arange(batch, dtype=jnp.int32), _scalars(SamplingConfig(top_k=0)))
     c = _generate_jit.lower(*args, cfg=model.config, policy=policy, use_cfg=True, kernels=XLA_KERNELS).compile()
     m = c.memory_analysis()
     return m.temp_size_in_bytes + m.output_size_in_bytes, c.as_text()
@@ -151,8 +151,9 @@ def test_policies_compile_once(c2i):
     pol = make_policy(c2i.config, "adsa-evict", prefix=2, keep=6, local=9)
     adsa_jax.generate(c2i, np.array([1, 2]), jax.random.key(0), policy=pol).block_until_ready()
     n = _generate_jit._cache_size()
-    adsa_jax.generate(c2i, np.array([3, 4]), jax.random.key(7), policy="adsa-evict", prefix=2, keep=6, local=9,
-                      cfg_scale=2.0, temperature=0.5).block_until_ready()
+    same = make_policy(c2i.config, "adsa-evict", prefix=2, keep=6, local=9)  # equal, not the same object
+    sampling = adsa_jax.SamplingConfig(cfg_scale=2.0, temperature=0.5)
+    adsa_jax.generate(c2i, np.array([3, 4]), jax.random.key(7), sampling=sampling, policy=same).block_until_ready()
     assert _generate_jit._cache_size() == n
 
 

@@ -42,6 +42,7 @@ M = importlib.import_module("adsa_jax.model")
 G = importlib.import_module("adsa_jax.generate")  # `adsa_jax.generate` the attribute is the function
 from adsa_jax.config import GPTConfig
 from adsa_jax.cache import make_policy
+from adsa_jax.options import SamplingConfig
 
 FIX = Path(__file__).resolve().parent / "data"  # the PyTorch LlamaGen fixtures (tests/data/README.md)
 TOL = 1e-4
@@ -155,11 +156,10 @@ def jax_trace(case, policy, cfg_scale=1.0):
 
 
 def jax_score(case, name, cfg_scale=1.0, period=1, **kw):
-    """score() through policy `name` (a name with sizes, or with ``period`` a policy object)."""
-    if period != 1:
-        name, kw = make_policy(case["cfg"], name, period=period, **kw), {}
+    """score() through policy `name` built with sizes kw (and ``period`` when it is not 1)."""
+    policy = make_policy(case["cfg"], name, **({"period": period} if period != 1 else {}), **kw)
     return np.asarray(G.score(case["model"], case["cond"], case["tokens"], cond_mask=case["mask"],
-                              policy=name, cfg_scale=cfg_scale, **kw))
+                              policy=policy, sampling=SamplingConfig(cfg_scale=cfg_scale)))
 
 
 def sizes_of(cfg, budget=None, prefix=None, keep=None, local=None, name="adsa-evict"):
@@ -638,11 +638,12 @@ def test_budget_one_equals_dense(which, c2i, t2i):
     for name in ("adsa-select", "adsa-evict"):
         got = jax_score(case, name, s, budget=1.0)
         assert_logits_close(got, dense.astype(np.float64), equiv_tol(dense), f"{which} {name} budget 1.0 vs dense")
+        greedy = SamplingConfig(cfg_scale=s, top_k=1)
         toks = np.asarray(G.generate(case["model"], case["cond"], jax.random.key(0), cond_mask=case["mask"],
-                                     cfg_scale=s, top_k=1, policy=name, budget=1.0))
+                                     sampling=greedy, policy=make_policy(case["cfg"], name, budget=1.0)))
         if not np.array_equal(toks, want):
             dense_toks = np.asarray(G.generate(case["model"], case["cond"], jax.random.key(0), cond_mask=case["mask"],
-                                               cfg_scale=s, top_k=1))
+                                               sampling=greedy))
             np.testing.assert_array_equal(toks, dense_toks, err_msg=f"{which} {name} budget 1.0 greedy tokens vs dense")
             raise AssertionError(f"{which}: {name} budget 1.0 equals dense generate, but dense differs from the "
                                  f"PyTorch greedy tokens (a dense-port problem, not a policy one)")
@@ -709,6 +710,8 @@ def test_h2o_budget_one_equals_dense():
     dense = jax_score(case, "dense", 3.0)
     got = jax_score(case, "h2o", 3.0, budget=1.0)
     assert_logits_close(got, dense.astype(np.float64), equiv_tol(dense), "h2o budget 1.0 vs dense")
-    greedy = [np.asarray(G.generate(case["model"], case["cond"], jax.random.key(0), cfg_scale=3.0, top_k=1,
-                                    policy=name, budget=budget)) for name, budget in (("dense", None), ("h2o", 1.0))]
+    greedy = [np.asarray(G.generate(case["model"], case["cond"], jax.random.key(0),
+                                    sampling=SamplingConfig(cfg_scale=3.0, top_k=1),
+                                    policy=make_policy(case["cfg"], name, budget=budget)))
+              for name, budget in (("dense", None), ("h2o", 1.0))]
     np.testing.assert_array_equal(greedy[1], greedy[0], err_msg="h2o budget 1.0 greedy tokens vs dense")

@@ -415,7 +415,6 @@ def test_type_and_model_arguments(tmp_path, config_files):
 ])
 def test_sampling_arguments_refused_before_compiling(kw, flag):
     """One ConfigError line naming the flag, from the Python API, before anything compiles."""
-    from adsa_jax import demo
     from adsa_jax.sampling import check_sampling_args
 
     args = dict(temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0, cfg_interval=-1)
@@ -423,11 +422,8 @@ def test_sampling_arguments_refused_before_compiling(kw, flag):
     with pytest.raises(ConfigError, match=flag) as e:
         check_sampling_args(**args)
     assert "\n" not in str(e.value)
-    model = demo.load_demo_model(demo.DEMO_DIR, dtype="float32")
-    import jax
-    gen = {k: v for k, v in args.items()}
-    with pytest.raises(ValueError, match=flag):
-        adsa_jax.generate(model, np.array([1]), jax.random.key(0), **gen)
+    with pytest.raises(ValueError, match=flag):  # the API's SamplingConfig, built before generate runs
+        adsa_jax.SamplingConfig(**args)
 
 
 def test_counts_seeds_classes_and_sizes():
@@ -470,7 +466,7 @@ def test_output_paths_checked(tmp_path):
 # ----------------------------------------------------------------------------- resumable runs
 
 LABELS = np.arange(6) % 10
-RUN = dict(batch_size=2, top_k=50)
+RUN = dict(batch_size=2, sampling=adsa_jax.SamplingConfig(top_k=50))
 
 
 def _run(model, out, seed=3, **kw):
@@ -512,7 +508,7 @@ def test_resume_with_other_weights_or_devices_is_refused(c2i, tmp_path):
     with pytest.raises(ConfigError, match="devices"):
         _run(c2i, out, mesh=make_mesh(data=1))
     with pytest.raises(ConfigError, match="generate"):
-        _run(c2i, out, top_k=51)
+        _run(c2i, out, sampling=adsa_jax.SamplingConfig(top_k=51))
     with pytest.raises(ConfigError, match="key"):
         _run(c2i, out, seed=4)
 

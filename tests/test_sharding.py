@@ -82,9 +82,10 @@ def _child(c2i_dir, vq_dir, work, report_path):
     for pol, kw in POLICIES:
         @check(f"same_tokens_{pol}")
         def _(pol=pol, kw=kw):
-            ref = np.asarray(adsa_jax.generate(model, labels, key, policy=pol, top_k=100, **kw))
+            policy, sampling = adsa_jax.make_policy(cfg, pol, **kw), adsa_jax.SamplingConfig(top_k=100)
+            ref = np.asarray(adsa_jax.generate(model, labels, key, sampling=sampling, policy=policy))
             for mesh, m in ((dp, model), (tp, tp_model)):
-                tok = adsa_jax.generate(m, labels, key, policy=pol, top_k=100, mesh=mesh, **kw)
+                tok = adsa_jax.generate(m, labels, key, sampling=sampling, policy=policy, mesh=mesh)
                 assert tok.sharding.is_equivalent_to(S.tokens_sharding(mesh), 2), tok.sharding
                 assert tok.sharding.spec[0] == "data" and tok.shape == ref.shape
                 np.testing.assert_array_equal(np.asarray(tok), ref, err_msg=f"{pol} on {dict(mesh.shape)}")
@@ -108,9 +109,11 @@ def _child(c2i_dir, vq_dir, work, report_path):
 
     @check("non_divisible_batch_padded_and_trimmed")
     def _():
-        ref = np.asarray(adsa_jax.generate(model, labels[:5], key, policy="adsa-evict", budget=0.75, top_k=100))
+        ref = np.asarray(adsa_jax.generate(model, labels[:5], key, sampling=adsa_jax.SamplingConfig(top_k=100),
+                                           policy=adsa_jax.make_policy(model.config, "adsa-evict", budget=0.75)))
         for mesh, m in ((dp, model), (tp, tp_model)):
-            tok = adsa_jax.generate(m, labels[:5], key, policy="adsa-evict", budget=0.75, top_k=100, mesh=mesh)
+            tok = adsa_jax.generate(m, labels[:5], key, sampling=adsa_jax.SamplingConfig(top_k=100),
+                                    policy=adsa_jax.make_policy(m.config, "adsa-evict", budget=0.75), mesh=mesh)
             assert tok.shape == (5, cfg.num_image_tokens) and tok.sharding.is_fully_replicated
             np.testing.assert_array_equal(np.asarray(tok), ref)
 
@@ -135,8 +138,9 @@ def _child(c2i_dir, vq_dir, work, report_path):
         assert m.params["tok_embeddings"].sharding.is_fully_replicated
         np.testing.assert_array_equal(np.asarray(lay["wqkv"]), np.asarray(model.params["layers"][0]["wqkv"]))
         assert S.on_mesh(m.params, tp)
-        tok = adsa_jax.generate(m, labels, key, top_k=100, mesh=tp)
-        np.testing.assert_array_equal(np.asarray(tok), np.asarray(adsa_jax.generate(model, labels, key, top_k=100)))
+        tok = adsa_jax.generate(m, labels, key, sampling=adsa_jax.SamplingConfig(top_k=100), mesh=tp)
+        want = adsa_jax.generate(model, labels, key, sampling=adsa_jax.SamplingConfig(top_k=100))
+        np.testing.assert_array_equal(np.asarray(tok), np.asarray(want))
         # replicated on the data-parallel mesh; the fixture's 3 heads cannot split over 4
         f = adsa_jax.load(c2i_dir, dtype="float32", mesh=dp)
         assert all(x.sharding.mesh == dp and x.sharding.is_fully_replicated for x in jax.tree.leaves(f.params))

@@ -20,7 +20,7 @@ class Dense:
     n: int
     name: str = "dense"
     # Kernel choices and tiling, set by generate / score from their options (kernel_config).
-    kernels: KernelConfig = XLA_KERNELS
+    kernels: KernelConfig = dataclasses.field(default=XLA_KERNELS, repr=False)
 
     @property
     def slots(self) -> int:

@@ -53,7 +53,7 @@ class Evict:
     chooser: str = "similarity"
     name: str = "adsa-evict"
     # Kernel choices and tiling, set by generate / score from their options (kernel_config).
-    kernels: KernelConfig = XLA_KERNELS
+    kernels: KernelConfig = dataclasses.field(default=XLA_KERNELS, repr=False)
     period: int = 1
     draw: str = "candidates"
 

@@ -24,7 +24,7 @@ class Select:
     granularity: str = "head"
     name: str = "adsa-select"
     # Kernel choices and tiling (the attention over the gathered slots), set by generate / score.
-    kernels: KernelConfig = XLA_KERNELS
+    kernels: KernelConfig = dataclasses.field(default=XLA_KERNELS, repr=False)
 
     @property
     def attention(self) -> str:
