@@ -343,6 +343,7 @@ def run(models=None, image_sizes=None, batches=(1, 8), policies=("dense",), budg
     for spec in specs:
         model = spec.build(dtype)
         items = items_for(model.config)
+        log(f"{spec.name}: {len(items)} configuration(s), each compiled ({compile_workers} at a time) then timed ...")
         for item, prepared in compiled_in_order(model, items, compile_workers):
             try:
                 if isinstance(prepared, Exception):

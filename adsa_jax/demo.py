@@ -430,116 +430,55 @@ def _labeled_grid(u8, nrow, title):
     return np.concatenate([np.asarray(strip), g], axis=0)
 
 
-def sample_demo(a, log=print):
-    """``adsa-jax sample`` with no ``--gpt``: the bundled digits model, its quantiser, a PNG grid.
+def sample_demo(model, labels, key, *, sampling: SamplingConfig = SamplingConfig(**DEMO_SAMPLING), policy=None,
+                options: KernelConfig | None = None, side_by_side: bool = False, out=None, out_dir=None,
+                tokens_out=None, nrow: int | None = None, log=print):
+    """Sample the bundled digits model (``load_demo_model``) and write what is asked for: a PNG grid
+    (``out``), one PNG per image (``out_dir``), the tokens as .npy (``tokens_out``).
 
-    Default: 4 images per class (one column per digit); ``--side-by-side`` puts dense (left) and
-    ``--policy`` (right) images of the same seeds in one grid."""
-    import jax
-
-    from .cli import balanced_labels, parse_classes
-    from .cache import make_policy
+    labels: (B,) digit classes; key: ``jax.random.key(seed)``; sampling: default the demo model's
+    own (:data:`DEMO_SAMPLING`); policy: a policy for ``model.config`` (None: dense); options: a
+    KernelConfig. ``side_by_side`` puts dense (left) and ``policy`` (right) images of the same
+    seeds in one grid. nrow: images per grid row (default: up to one per class). Returns the
+    tokens (B, 256) int32."""
     from .generate import generate
     from .images import _save_png, _writable_file, make_grid
 
-    bad = [f for f, v in (("--vq", a.vq), ("--npz", a.npz), ("--prompt", a.prompt), ("--prompts-file", a.prompts_file),
-                          ("--caption-embs", a.caption_embs), ("--t5", a.t5), ("--distributed", a.distributed))
-           if v]
-    if a.tensor_parallel not in (None, 1) or a.data_parallel not in (None, 1):
-        bad.append("--tensor-parallel/--data-parallel")
-    if bad:
-        raise ConfigError(f"{', '.join(bad)} need(s) --gpt: without it `sample` uses the bundled demo digits model "
-                          "(10 classes, its own 16-level gray quantiser)")
-    out = a.out or ("samples.png" if not a.out_dir else None)
+    labels = np.asarray(labels, np.int32)
+    name = "dense" if policy is None else policy.name
+    if side_by_side and name == "dense":
+        raise ConfigError("--side-by-side compares dense with another policy: add e.g. --policy adsa-evict --budget 0.5")
     if out:
         _writable_file(out)
-    model = load_demo_model(dtype=a.dtype)
     cfg = model.config
-    if a.classes is not None:
-        labels = parse_classes(a.classes, cfg.num_classes)
-        if a.num_samples is not None:
-            labels = np.resize(labels, a.num_samples)
-    else:
-        labels = balanced_labels(a.num_samples or 4 * NUM_CLASSES, cfg.num_classes)
-    policy = make_policy(cfg, a.policy or "dense", **{k: v for k, v in dict(
-        budget=a.budget, prefix=a.prefix, keep=a.keep, local=a.local).items() if v is not None},
-        **({"granularity": a.granularity} if a.granularity != "head" else {}))
-    if a.side_by_side and policy.name == "dense":
-        raise ConfigError("--side-by-side compares dense with another policy: add e.g. --policy adsa-evict --budget 0.5")
-    samp = {k: (v if getattr(a, k, None) is None else getattr(a, k)) for k, v in DEMO_SAMPLING.items()}
-    kw = dict(sampling=SamplingConfig(cfg_interval=a.cfg_interval, top_p=a.top_p, **samp),
-              options=KernelConfig(attention=a.attention, gemm=a.gemm, segments=a.segments))
-    key = jax.random.key(a.seed)
     log(f"demo model (sklearn digits, {cfg.n_layer} layers x {cfg.dim}, 16x16 tokens, {model.dtype}): "
-        f"{len(labels)} images, policy {policy.name}" + (" beside dense" if a.side_by_side else "") +
-        f"; cfg {samp['cfg_scale']:g}, temperature {samp['temperature']:g}, top-k {samp['top_k']}")
+        f"{len(labels)} images, policy {name}" + (" beside dense" if side_by_side else "") +
+        f"; cfg {sampling.cfg_scale:g}, temperature {sampling.temperature:g}, top-k {sampling.top_k}")
+    log("compiling and sampling (the first call compiles) ...")
     t0 = time.perf_counter()
+    kw = dict(sampling=sampling, options=options)
     tokens = np.asarray(generate(model, labels, key, policy=policy, **kw))
-    dense = np.asarray(generate(model, labels, key, policy=None, **kw)) if a.side_by_side else None
+    dense = np.asarray(generate(model, labels, key, policy=None, **kw)) if side_by_side else None
     log(f"sampled in {time.perf_counter() - t0:.1f} s (including compilation)")
-    nrow = NUM_CLASSES if (a.classes is None and len(labels) >= NUM_CLASSES) else min(len(labels), NUM_CLASSES)
-    if a.tokens_out:
-        np.save(a.tokens_out, tokens)
-        log(f"tokens -> {a.tokens_out} {tokens.shape} int32")
+    nrow = nrow or min(len(labels), NUM_CLASSES)
+    if tokens_out:
+        np.save(tokens_out, tokens)
+        log(f"tokens -> {tokens_out} {tokens.shape} int32")
     if out:
         u8 = display_uint8(tokens)
         if dense is None:
             grid = make_grid(u8, nrow=nrow)
         else:
+            n = cfg.num_image_tokens
+            kept = policy.attended(n - 1) - cfg.cls_token_num  # image tokens a late step attends to
             left = _labeled_grid(display_uint8(dense), nrow, "dense")
-            b = "" if a.budget is None else f" budget {a.budget:g}"
-            right = _labeled_grid(u8, nrow, f"{policy.name}{b}")
+            right = _labeled_grid(u8, nrow, f"{name} {kept}/{n} tokens")
             gap = np.full((left.shape[0], 8, 3), 255, np.uint8)
             grid = np.concatenate([left, gap, right], axis=1)
         _save_png(grid, Path(out))
-        log(f"grid -> {out}" + (" (left: dense, right: " + policy.name + ")" if dense is not None else ""))
-    if a.out_dir:
+        log(f"grid -> {out}" + (" (left: dense, right: " + name + ")" if dense is not None else ""))
+    if out_dir:
         from .images import save_pngs
-        save_pngs(display_uint8(tokens), a.out_dir, [f"{i:06d}.png" for i in range(len(tokens))])
-        log(f"{len(tokens)} PNGs -> {a.out_dir}")
+        save_pngs(display_uint8(tokens), out_dir, [f"{i:06d}.png" for i in range(len(tokens))])
+        log(f"{len(tokens)} PNGs -> {out_dir}")
     return tokens
-
-
-def run_eval_demo(a, log=print):
-    """``adsa-jax eval-demo``: print the quality table (markdown) and write the JSON.
-
-    ``--no-classify --samples S.npz`` runs everything but the scikit-learn classifier (e.g. on a
-    GPU machine without scikit-learn); ``--rescore RESULT.json --samples S.npz`` adds it afterwards."""
-    from .images import atomic_savez
-
-    if a.rescore:
-        if not a.samples:
-            raise ConfigError("--rescore needs --samples: the .npz the --no-classify run wrote")
-        if a.no_classify:
-            raise ConfigError("--rescore is the classifying step: drop --no-classify")
-        try:
-            res = json.loads(Path(a.rescore).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"cannot read the eval-demo result {a.rescore}: {e}") from None
-        if not Path(a.samples).is_file():
-            raise ConfigError(f"samples file {a.samples} not found")
-        res = classify_samples(res, a.samples, data=load_data(a.data) if a.data else None, log=log)
-    else:
-        if a.no_classify and not a.samples:
-            raise ConfigError("--no-classify needs --samples FILE.npz, to classify the samples later with --rescore")
-        data = load_data(a.data)  # before the model: a missing scikit-learn / data file fails fast
-        model = load_demo_model(a.gpt)
-        samples = {} if a.samples else None
-        res = quality_benchmark(model, policies=[p for p in a.policies.split(",") if p],
-                                budgets=[float(b) for b in a.budgets.split(",") if b],
-                                seeds=[int(s) for s in a.seeds.split(",") if s], per_seed=a.per_seed,
-                                sampling=SamplingConfig(cfg_scale=a.cfg_scale, top_k=a.top_k, temperature=a.temperature),
-                                heldout=a.heldout or None, data=data, classify=not a.no_classify,
-                                samples=samples, attention=a.attention, log=log)
-        if samples is not None:
-            atomic_savez(a.samples, **samples)
-            log(f"samples -> {a.samples} ({len(samples)} arrays)")
-    s = res["settings"]
-    print(f"demo model quality ({res['date']}, {res['device']}, {s['heldout_images']} held-out images, "
-          f"{len(s['seeds'])} seeds x {s['images_per_seed']} samples, cfg {s['cfg_scale']}, top-k {s['top_k']}, "
-          f"{res['wall_s']:.0f} s)")
-    print(format_quality(res))
-    if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=1))
-        log(f"json -> {a.json}")
-    return res

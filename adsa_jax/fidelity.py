@@ -2,6 +2,8 @@
 teacher-forced trajectory (per-step KL of the next-token distribution, top-1 agreement)."""
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,14 +25,18 @@ def kl_and_agreement(ref_logits, logits):
 
 def compare_policies(model: Model, labels, *, tokens=None, policies=("dense", "adsa-evict"), budgets=(0.5,),
                      key=None, prefix=None, local=None, granularity="head", sampling: SamplingConfig = SamplingConfig(),
-                     cond_mask=None):
+                     cond_mask=None, log=None):
     """Rows of {policy, budget, sizes, kv bytes, attended, kl_mean, kl_max, top1} along one trajectory.
 
     tokens: (B, N) to score; None samples them with dense generation (seeded by ``key``) under
-    ``sampling``, whose guidance (cfg_scale, cfg_interval) the scoring uses too."""
+    ``sampling``, whose guidance (cfg_scale, cfg_interval) the scoring uses too. log: a function
+    of one progress line (default: silent)."""
+    log = log or (lambda msg: None)
     cfg = model.config
+    clock = time.perf_counter()
     if tokens is None:
         key = jax.random.key(0) if key is None else key
+        log(f"sampling the dense trajectory of {len(labels)} images (compiling first) ...")
         tokens = generate(model, labels, key, cond_mask=cond_mask, sampling=sampling)
     tokens = np.asarray(tokens)
     rows_per_image = 2 if sampling.guided else 1
@@ -49,6 +55,8 @@ def compare_policies(model: Model, labels, *, tokens=None, policies=("dense", "a
                 continue
             logits = ref if name == "dense" else score(model, labels, tokens, cond_mask=cond_mask, policy=pol,
                                                        sampling=sampling)
+            log(f"scored {name}" + ("" if budget is None else f" budget {budget:g}") +
+                f" ({time.perf_counter() - clock:.1f} s elapsed)")
             kl, agree = kl_and_agreement(ref, logits)
             b = kv_bytes(pol, cfg, rows_per_image, model.dtype)
             attended = float(np.mean([pol.attended(t) for t in range(n)]))

@@ -63,3 +63,49 @@ def test_python_m_convert_entry_point(fixtures_dir, config_files, tmp_path):
                         str(config_files["gpt_c2i_small"]), "--out", str(tmp_path / "m")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert adsa_jax.load(tmp_path / "m").config.dim == 192
+
+
+def _flags(parser, path=()):
+    """(command path, action) of every flag and positional of every (sub)command."""
+    import argparse
+
+    for act in parser._actions:
+        if isinstance(act, argparse._SubParsersAction):
+            for name, sub in act.choices.items():
+                yield from _flags(sub, path + (name,))
+        elif not isinstance(act, argparse._HelpAction):
+            yield path, act
+
+
+def test_every_flag_documents_its_default():
+    """--help of every command: each flag has help text, and each one that takes a value says its
+    default (or that it is required); %(default)s expands to the value argparse really uses."""
+    import argparse
+
+    from adsa_jax.cli import build_parser
+
+    seen = set()
+    for path, act in _flags(build_parser()):
+        seen.add(path)
+        where = f"{' '.join(path)} {act.option_strings or act.dest}"
+        assert act.help, f"{where} has no help"
+        if act.option_strings and not isinstance(act, argparse._StoreTrueAction):
+            assert "default" in act.help or "required" in act.help, f"{where}: help names no default"
+        if "%(default)s" in act.help:
+            assert act.default is not None, f"{where}: %(default)s of None"
+    assert {("convert", "gpt"), ("convert", "vq"), ("sample",), ("merge",), ("compare",), ("bench",),
+            ("eval-demo",)} <= seen
+
+
+def test_classes_help_names_the_real_defaults(capsys):
+    """sample --help: --classes names LlamaGen's labels for ImageNet models, the first 8 classes of
+    smaller label sets, and the demo model's 4 per digit (what run_sample really does)."""
+    import pytest
+
+    from adsa_jax.cli.common import DEMO_CLASSES, default_classes
+
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert DEMO_CLASSES in text and "first 8 classes" in text and "4 per digit" in text
+    assert default_classes(1000) == DEMO_CLASSES and default_classes(10) == "0,1,2,3,4,5,6,7"

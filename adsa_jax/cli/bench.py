@@ -1,0 +1,51 @@
+"""``adsa-jax bench``: speed, memory and roofline of generate over models, sizes, policies and batches."""
+from __future__ import annotations
+
+from .common import (add_dtype_arg, add_kernel_args, add_sampling_args, kernels_from_args, log, parser,
+                     sampling_from_args, split_list)
+
+
+def add_parser(sub):
+    p = parser(sub, "bench", "speed, memory and roofline of generate (random weights of named sizes or JSON configs, "
+               "or a converted checkpoint)")
+    p.add_argument("--model", default=None, help="comma-separated named sizes (e.g. GPT-B,GPT-XL) and/or JSON files "
+                   "of LlamaGen ModelArgs fields, run with random weights (default: GPT-B)")
+    p.add_argument("--checkpoint", default=None, metavar="DIR", help="GPT directory from `adsa-jax convert gpt`: "
+                   "benchmark its weights at its own image size, instead of --model (default: none)")
+    p.add_argument("--image-size", default=None, help="comma-separated, e.g. 256,384 (default: 256 for named sizes, "
+                   "the block_size of a JSON config, the checkpoint's own size)")
+    p.add_argument("--type", dest="model_type", choices=("c2i", "t2i"), default=None,
+                   help="named sizes: class- or text-conditional; t2i runs on zero caption features (default: c2i, "
+                        "or what the JSON config / checkpoint says)")
+    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes in images; CFG doubles the rows "
+                   "(default: %(default)s)")
+    p.add_argument("--policies", default="dense", help="comma-separated policies (default: %(default)s)")
+    p.add_argument("--budgets", default="0.5", help="comma-separated budgets of the sparse policies "
+                   "(default: %(default)s)")
+    add_dtype_arg(p)
+    p.add_argument("--iters", type=int, default=3, help="timed calls per configuration; the median is reported "
+                   "(default: %(default)s)")
+    add_sampling_args(p)
+    add_kernel_args(p, segments=4)
+    p.add_argument("--compile-workers", type=int, default=1, help="compile this many configurations at once "
+                   "(threads; compile times then overlap) (default: %(default)s)")
+    p.add_argument("--no-roofline", action="store_true", help="skip measuring bandwidth and matmul rate")
+    p.add_argument("--json", default=None, help="write the rows (and device, versions) as JSON (default: none)")
+    p.set_defaults(run=run)
+
+
+def run(a):
+    from ..bench import format_rows, format_shares, run as sweep, selection_shares
+
+    sizes = split_list(a.image_size, "--image-size", int) if a.image_size else None
+    _, rows = sweep(models=split_list(a.model, "--model") if a.model else None, image_sizes=sizes,
+                    checkpoint=a.checkpoint, model_type=a.model_type, batches=split_list(a.batch, "--batch", int),
+                    policies=split_list(a.policies, "--policies"), budgets=split_list(a.budgets, "--budgets", float),
+                    dtype=a.dtype, iters=a.iters, sampling=sampling_from_args(a), json_path=a.json,
+                    measure=not a.no_roofline, log=log, options=kernels_from_args(a),
+                    compile_workers=a.compile_workers)
+    print(format_rows(rows))
+    shares = selection_shares(rows)
+    if shares:
+        print(format_shares(shares))
+    return rows
