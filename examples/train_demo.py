@@ -66,7 +66,7 @@ VAL_SEED = 1  # the validation split carved from the training images
 SHIFT_STREAM = 0x5EED  # fold_in tag of the augmentation's random stream
 
 
-def parse():
+def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch", type=int, default=64)
@@ -95,7 +95,7 @@ def parse():
     p.add_argument("--refresh", default=None, metavar="DIR", help="train nothing: recompute DIR's golden tokens "
                    "and recorded NLLs on this machine (after training on another device)")
     p.add_argument("--time-steps", type=int, default=0, help="only time this many steps after compiling, then exit")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def validation_split(labels, fraction, seed=VAL_SEED):
