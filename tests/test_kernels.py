@@ -409,8 +409,7 @@ def test_kth_largest_matches_sort():
         for k in (1, 2, 7, 333, 999, 1000):
             got = np.asarray(kernels.kth_largest(jnp.asarray(x), k, interpret=True))
             np.testing.assert_array_equal(got, -np.sort(-x, axis=1)[:, k - 1], err_msg=f"k={k}")
-    # Work per pass: one threshold counted (counting digit 0 too doubled the kernel's time on the GPU
-    # in session 11).
+    # Work per pass: one threshold counted (counting digit 0 too doubled the kernel's time on the GPU).
     jaxpr = str(jax.make_jaxpr(lambda x: kernels.kth_largest(x, 3, interpret=True))(jnp.ones((1, 64))))
     assert "bool[64]" in jaxpr and "bool[2,64]" not in jaxpr
 
