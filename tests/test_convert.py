@@ -137,3 +137,34 @@ def test_image_size_and_model_arguments(fixtures_dir, tmp_path, capsys):
 def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match="not an adsa_jax checkpoint"):
         adsa_jax.load(tmp_path)
+
+
+def test_type_flag_contradicting_the_config_file(tmp_path, fixtures_dir, config_files, capsys):
+    rc = main(["convert", "gpt", str(fixtures_dir / "gpt_c2i_small.pt"), "--type", "t2i", "--model",
+               str(config_files["gpt_c2i_small"]), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--type t2i contradicts" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    # without --type a JSON file's own model_type is used
+    rc = main(["convert", "gpt", str(fixtures_dir / "gpt_t2i_small.pt"), "--model", str(config_files["gpt_t2i_small"]),
+               "--out", str(tmp_path / "t2i")])
+    assert rc == 0 and adsa_jax.load(tmp_path / "t2i").config.model_type == "t2i"
+
+
+def test_unknown_model_name_before_image_size(fixtures_dir, tmp_path, capsys):
+    rc = main(["convert", "gpt", str(fixtures_dir / "gpt_c2i_small.pt"), "--model", "GPT-Q", "--out", str(tmp_path / "q")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "unknown model 'GPT-Q'" in err and "--image-size" not in err.split("unknown model")[0]
+
+
+def test_force_on_a_directory_adsa_jax_did_not_write(fixtures_dir, tmp_path, config_files, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("keep")
+    for extra in ([], ["--force"]):
+        rc = main(["convert", "gpt", str(fixtures_dir / "gpt_c2i_small.pt"), "--model",
+                   str(config_files["gpt_c2i_small"]), "--out", str(out), *extra])
+        assert rc == 2 and "error:" in capsys.readouterr().err
+    assert (out / "thesis.tex").read_text() == "keep"
+    src = out / "ck.pt"  # the source inside --out: never deleted
+    src.write_bytes((fixtures_dir / "gpt_c2i_small.pt").read_bytes())
+    rc = main(["convert", "gpt", str(src), "--model", str(config_files["gpt_c2i_small"]), "--out", str(out), "--force"])
+    assert rc == 2 and "holds the source" in capsys.readouterr().err and src.is_file()

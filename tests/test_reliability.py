@@ -614,6 +614,45 @@ def test_run_killed_with_sigkill_resumes_to_the_same_output(c2i, c2i_dir, refere
     _same_as(reference, path)
 
 
+
+# ----------------------------------------------------------------------------- the command line
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--num-samples", "0"], "--num-samples"), (["--num-samples", "-5"], "--num-samples"),
+    (["--batch-size", "0"], "--batch-size"), (["--seed", str(2**64)], "--seed"), (["--seed", "-1"], "--seed"),
+    (["--cfg-scale", "inf"], "--cfg-scale"), (["--temperature", "inf"], "--temperature"),
+    (["--top-p", "nan"], "--top-p"), (["--top-k", "-1"], "--top-k"), (["--max-batches", "0"], "--max-batches"),
+    (["--tokens-out", "/nonexistent_dir/t.npy"], "--tokens-out"), (["--out-dir", str(HERE)], "--out-dir"),
+    (["--out", "/nonexistent_dir/grid.png"], "--out"),
+])
+def test_sample_flags_refused_before_the_checkpoint_is_read(tmp_path, capsys, args, flag):
+    """The checkpoint does not exist: the flag's error comes first (before any load or compile),
+    for the demo model too."""
+    from adsa_jax.cli import main
+
+    for gpt in (["--gpt", str(tmp_path / "no_such_checkpoint")], []):
+        t0 = time.perf_counter()
+        assert main(["sample", *gpt, *args]) == 2
+        err = capsys.readouterr().err
+        assert flag in err and "no_such_checkpoint" not in err and err.count("\n") == 1, err
+        assert time.perf_counter() - t0 < 5
+
+
+def test_merge_of_an_incomplete_run_exits_non_zero(c2i, tmp_path, capsys):
+    from adsa_jax.cli import main
+
+    out = tmp_path / "r.npz"
+    assert _run(c2i, out, max_batches=2)[0] is None
+    for _ in range(2):  # the same answer each time, never a loop
+        assert main(["merge", str(out)]) == 2
+        assert "2 of 6 images are missing" in capsys.readouterr().err and not out.exists()
+    _run(c2i, out)
+    assert out.is_file()
+    out.unlink()
+    assert main(["merge", str(out)]) == 0 and out.is_file()
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "reader":
         _reader_child(*sys.argv[2:4])

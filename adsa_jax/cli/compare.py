@@ -38,8 +38,10 @@ def run(a):
     import jax
 
     from ..checkpoint import load
+    from ..checks import check_seed
     from ..fidelity import compare_policies, format_table
 
+    check_seed(a.seed)
     sampling = sampling_from_args(a)
     model = load(a.gpt, dtype=a.dtype)
     cfg = model.config

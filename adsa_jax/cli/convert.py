@@ -15,12 +15,14 @@ def add_parser(sub):
                    help="resolution the checkpoint was trained at (256, 384, 512): it sets the 2D RoPE grid "
                         "(image_size // 16) and cannot be read from the weights (required with a named size; "
                         "default with a JSON file: its block_size)")
-    g.add_argument("--type", dest="model_type", choices=("c2i", "t2i"), default="c2i",
-                   help="class- or text-conditional (default: %(default)s)")
+    g.add_argument("--type", dest="model_type", choices=("c2i", "t2i"), default=None,
+                   help="class- or text-conditional (default: a JSON file's model_type, else c2i; one that "
+                        "contradicts the JSON file is an error)")
     g.add_argument("--dtype", default=None, help="stored dtype: float32, float16 or bfloat16 (default: as in the file)")
     g.add_argument("--ema", action="store_true", help="use the 'ema' weights of a training checkpoint")
     g.add_argument("--out", required=True, help="output directory (required)")
-    g.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
+    g.add_argument("--force", action="store_true", help="replace an output directory adsa_jax wrote (one that "
+                   "holds other files, or the source, is never deleted)")
     v = parser(what, "vq", "LlamaGen VQ tokenizer .pt -> adsa_jax directory")
     v.add_argument("src", help="LlamaGen tokenizer checkpoint (.pt), e.g. vq_ds16_c2i.pt")
     v.add_argument("--preset", default="VQ-16", choices=("VQ-16", "VQ-8"),
@@ -34,7 +36,8 @@ def add_parser(sub):
     v.add_argument("--dtype", default=None, help="stored dtype: float32, float16 or bfloat16 (default: as in the file)")
     v.add_argument("--ema", action="store_true", help="use the 'ema' weights of a training checkpoint")
     v.add_argument("--out", required=True, help="output directory (required)")
-    v.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
+    v.add_argument("--force", action="store_true", help="replace an output directory adsa_jax wrote (one that "
+                   "holds other files, or the source, is never deleted)")
     p.set_defaults(run=run)
 
 
@@ -43,11 +46,9 @@ def run(a):
     if a.what == "gpt":
         import jax
 
-        from convert.gpt import convert_gpt
+        from convert.gpt import convert_gpt, resolve_config
 
-        from ..config import config_from_arg
-
-        cfg = config_from_arg(a.model, image_size=a.image_size, model_type=a.model_type)
+        cfg = resolve_config(a.model, image_size=a.image_size, model_type=a.model_type)
         log(f"converting {a.src} ({a.model} {cfg.model_type}, grid {cfg.grid}x{cfg.grid}) -> {a.out} ...")
         params = convert_gpt(a.src, cfg, a.out, image_size=a.image_size, dtype=a.dtype, prefer_ema=a.ema,
                              overwrite=a.force)
