@@ -280,7 +280,8 @@ def sample_to_npz(model, cond, key, out, *, batch_size: int, cond_mask=None, lab
     jobs); vq_batch: images per device per VQ decode call (fixed, so pixels do not depend on
     the batch size or device count); settings: JSON-able description of the run that a resume must match; gen_kw: the
     ``generate`` arguments (policy, cfg_scale, ...). Returns the merged path, or None when the
-    run stopped early or the parts of other hosts are not visible here.
+    run stopped early (max_batches) or on processes other than 0; raises :class:`MissingParts`
+    (a ConfigError) when process 0 cannot see every host's parts.
     """
     import jax
 
@@ -366,10 +367,9 @@ def sample_to_npz(model, cond, key, out, *, batch_size: int, cond_mask=None, lab
         return merge(out, log=log)  # every part was checked or written above: a failure here is an error
     try:
         return merge(out, log=log)
-    except MissingParts as e:
-        log(f"{e}\nEvery host wrote its own parts: gather all hosts' {work.name}/ files into one directory and "
-            f"run `adsa-jax merge {out}`")
-        return None
+    except MissingParts as e:  # incomplete here: an error (a non-zero exit), with what to do
+        raise MissingParts(f"{e}. Every host wrote its own parts: gather all hosts' {work.name}/ files into one "
+                           f"directory and run `adsa-jax merge {out}`") from None
 
 
 class MissingParts(ConfigError):
