@@ -409,8 +409,9 @@ class BatchSearch:
     cap. The search doubles from ``start`` (two batches at once), then steps to where the line
     through its two largest fitting peaks meets the cap, then narrows the bracket [largest fitting,
     smallest over] by interpolating between its ends (candidates in pairs, b and b + align, so an
-    affine peak ends it in one round), and halves it if a round left it open. Every candidate is
-    compiled before anything runs: a batch over the cap is never run."""
+    affine peak ends it in one round), halving it too once a round has left it open (a peak that
+    is not affine in the batch). Every candidate is compiled before anything runs: a batch over the
+    cap is never run."""
 
     cap: int
     start: int = 8
@@ -462,13 +463,15 @@ class BatchSearch:
         else:
             self.bracketed_rounds += 1
             p_lo, p_hi = (known[lo] if lo else None), known[hi]
+            mid = self._down((lo + hi) // 2)
             if lo == 0:
                 want = [max(self.align, self._down(hi // 2))]
-            elif self.bracketed_rounds > 1 or not np.isfinite(p_hi) or p_hi <= p_lo:
-                want = [self._down((lo + hi) // 2)]  # the last round did not close it: halve
+            elif not np.isfinite(p_hi) or p_hi <= p_lo:
+                want = [mid]
             else:
                 guess = self._down(lo + (self.cap - p_lo) * (hi - lo) / (p_hi - p_lo))
-                want = [guess, guess + self.align]
+                # the last round did not close it (peak not affine in batch): halve the bracket too
+                want = [guess, guess + self.align] + ([mid] if self.bracketed_rounds > 1 else [])
             want = [min(max(b, lo + self.align), hi - self.align) for b in want]
         return sorted({b for b in want if b not in known and b >= self.align})
 

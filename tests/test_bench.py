@@ -282,3 +282,126 @@ def test_cli_bench_errors(c2i_dir, tmp_path, capsys):
     assert "unknown model 'GPT-Q'" in capsys.readouterr().err
     assert main(["bench", "--checkpoint", str(c2i_dir), "--policies", "dense,lru"]) == 2  # before any timing
     assert "unknown policy 'lru'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- memory cap
+
+
+def _brute_force(peak, cap, align, max_batch):
+    return max([b for b in range(align, max_batch // align * align + 1, align) if peak(b) <= cap], default=0)
+
+
+@pytest.mark.parametrize("align,max_batch", [(1, 4096), (8, 4096), (1, 100), (3, 50)])
+def test_batch_search_finds_the_largest_fitting_batch(align, max_batch):
+    """Against brute force, on affine, convex and stepped monotone peaks and caps from below the
+    smallest batch to above the largest: the answer is the largest fitting multiple of ``align``,
+    every batch it compiled is known, and an affine peak takes few compiles."""
+    rng = np.random.default_rng(align * 1000 + max_batch)
+    for trial in range(60):
+        a, c = rng.uniform(1e6, 1e9), rng.uniform(1e5, 1e8)
+        q = 0.0 if trial % 3 == 0 else rng.uniform(0, 1e4)
+        step = trial % 2  # batches that pad to the next 7: a stepped peak
+        table = np.maximum.accumulate([a + c * b + q * b * b + step * (-b % 7) * c for b in range(max_batch + 1)])
+        peak = lambda b: float(table[b])  # noqa: E731
+        cap = int(rng.uniform(a, a + c * 1.2 * max_batch))
+        s = bench.BatchSearch(cap, start=int(rng.choice([1, 8, 16])), align=align, max_batch=max_batch)
+        known, rounds = {}, 0
+        while cand := s.candidates(known):
+            assert all(b % align == 0 and align <= b <= max_batch and b not in known for b in cand)
+            known.update({b: peak(b) for b in cand})
+            rounds += 1
+            assert rounds <= 20
+        lo, hi = s.bracket(known)
+        assert lo == _brute_force(peak, cap, align, max_batch), (trial, sorted(known))
+        assert s.summary(known)["largest_fitting"] == lo
+        if q == 0 and not step:
+            assert len(known) <= 6, sorted(known)
+
+
+def test_batch_search_bad_bounds():
+    with pytest.raises(ConfigError, match="align must be an integer >= 1"):
+        bench.BatchSearch(10, align=0)
+    with pytest.raises(ConfigError, match="max batch 4 is below the batch step 8"):
+        bench.BatchSearch(10, align=8, max_batch=4)
+
+
+def test_resolve_memory_caps():
+    assert bench.resolve_memory_caps([40, "0.5"]) == [(40.0, 40 * 2**30), (0.5, 2**29)]
+    for bad in ("-1", "nan", "lots", 0):
+        with pytest.raises(ConfigError, match="memory cap must be"):
+            bench.resolve_memory_caps([bad])
+    if bench.device_memory_limit() is None:  # CPU: no allocator limit to take
+        with pytest.raises(ConfigError, match="reports no memory limit.*give the cap in GiB"):
+            bench.resolve_memory_caps(["device"])
+
+
+@pytest.fixture(scope="module")
+def compiled_window(c2i):
+    """compile_one of the fixture model (window 0.5, float32, XLA attention) by batch, each batch
+    compiled once for every cap search below; ``runs`` lists the batches whose executable ran."""
+    cache, runs, fail = {}, [], set()
+
+    def compile_(model, batch, policy, **kw):
+        if batch not in cache:
+            cache[batch] = bench.compile_one(model, batch, policy, **kw)
+        prep = cache[batch]
+
+        def compiled(*args):
+            runs.append(batch)
+            if batch in fail:  # what the GPU runtime raises when the allocator runs dry
+                raise RuntimeError(f"RESOURCE_EXHAUSTED: Out of memory while trying to allocate (batch {batch})")
+            return prep["compiled"](*args)
+
+        return dict(prep, compiled=compiled)
+
+    policy = make_policy(c2i.config, "window", budget=0.5)
+    peak = lambda b: compile_(c2i, b, policy, options=XLA)["row"]["peak_bytes_compiled"]  # noqa: E731
+    return {"compile": compile_, "peak": peak, "runs": runs, "fail": fail,
+            "item": {"policy": policy, "options": XLA}}
+
+
+def _search(c2i, w, cap, **kw):
+    w["runs"].clear()
+    out = list(bench.cap_search(c2i, [w["item"]], [(cap / 2**30, cap)], iters=1, warmup=0, compile=w["compile"],
+                                log=lambda s: None, **kw))
+    assert len(out) == 1 and out[0][0] == 0
+    return out[0][2]
+
+
+def test_cap_search_on_the_fixture_model(c2i, compiled_window):
+    """A cap that admits batch 4 but not 8 gives 4 at a batch step of 4, from the compiled
+    memory analysis; at a step of 1, a cap between batch 4's and 5's peak gives 4. Only the chosen
+    batch runs (a batch over the cap is compiled, never run), and the row is timed."""
+    w = compiled_window
+    p4, p5, p8 = w["peak"](4), w["peak"](5), w["peak"](8)
+    assert p4 < p5 < p8
+    r = _search(c2i, w, (p4 + p8) // 2, align=4, start=1)
+    assert r["batch"] == 4 and r["peak_bytes_compiled"] == p4 and r["s_per_call"] > 0
+    assert (r["search"]["largest_fitting"], r["search"]["smallest_over"]) == (4, 8)
+    assert r["memory_cap_gib"] == pytest.approx((p4 + p8) // 2 / 2**30) and r["cap_bytes"] == (p4 + p8) // 2
+    assert set(w["runs"]) == {4}
+    r = _search(c2i, w, (p4 + p5) // 2, align=1, start=4)
+    assert r["batch"] == 4 and (r["search"]["largest_fitting"], r["search"]["smallest_over"]) == (4, 5)
+    assert set(w["runs"]) == {4}
+    assert all(p is None or (p <= (p4 + p5) // 2) == (int(b) <= 4) for b, p in r["search"]["compiled"].items())
+
+
+def test_cap_search_out_of_memory_when_run_searches_below(c2i, compiled_window):
+    """A chosen batch that runs out of device memory counts as not fitting: the search goes on
+    below it and the next largest batch is timed."""
+    w = compiled_window
+    p4, p5 = w["peak"](4), w["peak"](5)
+    w["fail"].add(4)
+    try:
+        r = _search(c2i, w, (p4 + p5) // 2, align=1, start=4)
+    finally:
+        w["fail"].clear()
+    assert r["batch"] == 3 and r["search"]["smallest_over"] == 4 and r["search"]["compiled"]["4"] is None
+    assert w["runs"] == [4, 3]
+
+
+def test_cap_search_nothing_fits(c2i, compiled_window):
+    w = compiled_window
+    r = _search(c2i, w, w["peak"](1) - 1, align=1, start=1)
+    assert r["batch"] is None and r["error"].startswith("no batch fits") and "batch 1 needs" in r["error"]
+    assert w["runs"] == []
