@@ -420,10 +420,10 @@ class BatchSearch:
     bracketed_rounds: int = 0
 
     def __post_init__(self):
-        for name in ("start", "align", "max_batch"):
+        for name, flag in (("start", ""), ("align", " (--batch-step)"), ("max_batch", " (--max-batch)")):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ConfigError(f"batch search: {name} must be an integer >= 1, got {v!r}")
+                raise ConfigError(f"batch search: {name}{flag} must be an integer >= 1, got {v!r}")
         if self.max_batch < self.align:
             raise ConfigError(f"batch search: max batch {self.max_batch} is below the batch step {self.align}")
 
@@ -579,6 +579,26 @@ def cap_search(model: Model, items, caps, *, start=8, align=1, max_batch=4096, w
         yield i, cap, row
 
 
+def format_cap_rows(rows) -> str:
+    """The rows of :func:`run_memory_cap` as a table: per cap and policy, the largest batch, its speed
+    and memory."""
+    w = max([9] + [len(str(r.get("name", ""))) for r in rows])
+    head = (f"{'model':>{w}} {'grid':>5} {'cap GiB':>8} {'policy':>11} {'budget':>6} {'batch':>6} {'img/s':>8} "
+            f"{'s/call':>7} {'peak GiB':>8} {'run GiB':>8} {'KV GiB':>7}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        budget = "-" if r.get("budget") is None else f"{r['budget']}"
+        lead = f"{r.get('name', ''):>{w}} {r.get('grid', '?'):>5} {r['memory_cap_gib']:>8.2f} {r['policy']:>11} {budget:>6}"
+        if "error" in r:
+            lines.append(f"{lead}  error: {r['error'][:120]}")
+            continue
+        run_peak = "-" if r.get("peak_bytes_run") is None else f"{r['peak_bytes_run'] / GIB:.2f}"
+        more = " (max batch)" if r["search"]["max_batch_reached"] else ""
+        lines.append(f"{lead} {r['batch']:>6} {r['images_per_s']:>8.2f} {r['s_per_call']:>7.3f} "
+                     f"{r['peak_bytes_compiled'] / GIB:>8.2f} {run_peak:>8} {r['kv_bytes'] / GIB:>7.3f}{more}")
+    return "\n".join(lines)
+
+
 def run_memory_cap(models=None, image_sizes=None, policies=("dense",), budgets=(0.5,), caps=(40.0,),
                    dtype="bfloat16", iters=3, warmup=1, sampling: SamplingConfig = SamplingConfig(), json_path=None,
                    measure=True, log=print, compile_workers=1, checkpoint=None, model_type=None,
@@ -612,7 +632,7 @@ def run_memory_cap(models=None, image_sizes=None, policies=("dense",), budgets=(
             if "error" in r:
                 r.setdefault("grid", model.config.grid)
             rows.append(r)
-            log(f"cap {cap[0]:g} GiB: " + format_rows([r]).splitlines()[-1].strip())
+            log(format_cap_rows([r]).splitlines()[-1])
             if json_path:
                 with open(json_path, "w") as f:
                     json.dump({"device": device, "jax": jax.__version__, "memory_caps_gib": [g for g, _ in resolved],

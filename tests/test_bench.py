@@ -319,7 +319,7 @@ def test_batch_search_finds_the_largest_fitting_batch(align, max_batch):
 
 
 def test_batch_search_bad_bounds():
-    with pytest.raises(ConfigError, match="align must be an integer >= 1"):
+    with pytest.raises(ConfigError, match=r"align \(--batch-step\) must be an integer >= 1"):
         bench.BatchSearch(10, align=0)
     with pytest.raises(ConfigError, match="max batch 4 is below the batch step 8"):
         bench.BatchSearch(10, align=8, max_batch=4)
@@ -405,3 +405,35 @@ def test_cap_search_nothing_fits(c2i, compiled_window):
     r = _search(c2i, w, w["peak"](1) - 1, align=1, start=1)
     assert r["batch"] is None and r["error"].startswith("no batch fits") and "batch 1 needs" in r["error"]
     assert w["runs"] == []
+
+
+def test_cli_bench_memory_cap(c2i_dir, tmp_path, capsys):
+    """--memory-cap through the CLI: a cap far above the fixture model's needs stops at --max-batch;
+    the JSON rows carry the cap and become results rows (make_tables --add)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("make_tables", Path(__file__).resolve().parents[1] / "benchmarks"
+                                                  / "make_tables.py")
+    make_tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_tables)
+
+    out = tmp_path / "cap.json"
+    assert main(["bench", "--checkpoint", str(c2i_dir), "--image-size", "128", "--policies", "window",
+                 "--budgets", "0.5", "--memory-cap", "1", "--max-batch", "2", "--iters", "1", "--no-roofline",
+                 "--attention", "xla", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    (r,) = doc["rows"]
+    assert (r["policy"], r["budget"], r["batch"], r["memory_cap_gib"], r["cap_bytes"]) == ("window", 0.5, 2, 1.0, 2**30)
+    assert r["search"]["max_batch_reached"] and r["peak_bytes_compiled"] < 2**30 and r["s_per_call"] > 0
+    assert "(max batch)" in capsys.readouterr().out
+    (row,) = make_tables.rows_from_bench(doc, "2026-12-03", "cpu")
+    assert (row["memory_cap_gib"], row["batch"], row["framework"], row["image_size"]) == (1.0, 2, "adsa_jax", 128)
+    for cap, msg in (("device", "reports no memory limit"), ("-3", "positive number of GiB")):
+        if cap == "device" and bench.device_memory_limit() is not None:
+            continue
+        assert main(["bench", "--checkpoint", str(c2i_dir), "--memory-cap", cap, "--no-roofline"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("adsa-jax bench: error:") and msg in err and err.count("\n") == 1
+    assert main(["bench", "--checkpoint", str(c2i_dir), "--memory-cap", "1", "--batch-step", "0"]) == 2
+    assert "--batch-step" in capsys.readouterr().err

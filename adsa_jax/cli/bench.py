@@ -29,6 +29,13 @@ def add_parser(sub):
     add_kernel_args(p, segments=4)
     p.add_argument("--compile-workers", type=int, default=1, help="compile this many configurations at once "
                    "(threads; compile times then overlap) (default: %(default)s)")
+    p.add_argument("--memory-cap", default=None, metavar="GIB,...", help="instead of --batch: for each cap (GiB, "
+                   "or 'device': all the device's allocator may hand out), the largest batch whose compiled peak "
+                   "memory fits, and its speed (default: none)")
+    p.add_argument("--max-batch", type=int, default=4096, help="with --memory-cap: the largest batch tried "
+                   "(default: %(default)s)")
+    p.add_argument("--batch-step", type=int, default=1, help="with --memory-cap: the batches tried are multiples of "
+                   "this (default: %(default)s)")
     p.add_argument("--no-roofline", action="store_true", help="skip measuring bandwidth and matmul rate")
     p.add_argument("--json", default=None, help="write the rows (and device, versions) as JSON (default: none)")
     p.set_defaults(run=run)
@@ -38,6 +45,19 @@ def run(a):
     from ..bench import format_rows, format_shares, run as sweep, selection_shares
 
     sizes = split_list(a.image_size, "--image-size", int) if a.image_size else None
+    if a.memory_cap is not None:
+        from ..bench import format_cap_rows, run_memory_cap
+
+        _, rows = run_memory_cap(models=split_list(a.model, "--model") if a.model else None, image_sizes=sizes,
+                                 checkpoint=a.checkpoint, model_type=a.model_type,
+                                 policies=split_list(a.policies, "--policies"),
+                                 budgets=split_list(a.budgets, "--budgets", float),
+                                 caps=split_list(a.memory_cap, "--memory-cap"), dtype=a.dtype, iters=a.iters,
+                                 sampling=sampling_from_args(a), json_path=a.json, measure=not a.no_roofline, log=log,
+                                 options=kernels_from_args(a), compile_workers=a.compile_workers,
+                                 max_batch=a.max_batch, align=a.batch_step)
+        print(format_cap_rows(rows))
+        return rows
     _, rows = sweep(models=split_list(a.model, "--model") if a.model else None, image_sizes=sizes,
                     checkpoint=a.checkpoint, model_type=a.model_type, batches=split_list(a.batch, "--batch", int),
                     policies=split_list(a.policies, "--policies"), budgets=split_list(a.budgets, "--budgets", float),
