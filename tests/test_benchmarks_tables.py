@@ -86,3 +86,11 @@ def test_torch_ratio_only_on_one_device_and_day():
     line = next(x for x in mt.t_torch([ours, tc, te]) if x.startswith("| GPT-XL | 256 | 64 |"))
     assert line.endswith("| 120.0 | other day | 2.00x |")
     assert "2.00x at 256 px batch 64 | reported" in "\n".join(mt.t_targets([ours, tc]))
+
+
+def test_equal_memory_target_pairs_the_rows_of_one_cap():
+    dense = _row(batch=100, memory_cap_gib=40.0, img_per_s=10.0, s_per_image=0.1)
+    evict = _row(batch=200, memory_cap_gib=40.0, policy="adsa-evict", budget=0.5, granularity="head",
+                 img_per_s=16.0, s_per_image=1 / 16)
+    line = next(x for x in mt.t_targets([dense, evict]) if "memory cap" in x)
+    assert "1.60x at 384 px, 40 GiB | met" in line
