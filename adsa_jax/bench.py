@@ -477,8 +477,9 @@ class BatchSearch:
 
     def summary(self, known) -> dict:
         lo, hi = self.bracket(known)
-        return {"largest_fitting": lo, "smallest_over": hi, "max_batch_reached": hi is None and lo >= self._down(
-            self.max_batch), "compiled": {str(b): (None if not np.isfinite(p) else int(p)) for b, p in sorted(known.items())}}
+        return {"largest_fitting": lo, "smallest_over": hi,
+                "max_batch_reached": hi is None and lo >= self._down(self.max_batch),
+                "compiled": {str(b): (int(p) if np.isfinite(p) else None) for b, p in sorted(known.items())}}
 
 
 def _is_oom(e: Exception) -> bool:
@@ -588,7 +589,8 @@ def format_cap_rows(rows) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         budget = "-" if r.get("budget") is None else f"{r['budget']}"
-        lead = f"{r.get('name', ''):>{w}} {r.get('grid', '?'):>5} {r['memory_cap_gib']:>8.2f} {r['policy']:>11} {budget:>6}"
+        lead = (f"{r.get('name', ''):>{w}} {r.get('grid', '?'):>5} {r['memory_cap_gib']:>8g} {r['policy']:>11} "
+                f"{budget:>6}")
         if "error" in r:
             lines.append(f"{lead}  error: {r['error'][:120]}")
             continue

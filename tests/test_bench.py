@@ -437,3 +437,30 @@ def test_cli_bench_memory_cap(c2i_dir, tmp_path, capsys):
         assert err.startswith("adsa-jax bench: error:") and msg in err and err.count("\n") == 1
     assert main(["bench", "--checkpoint", str(c2i_dir), "--memory-cap", "1", "--batch-step", "0"]) == 2
     assert "--batch-step" in capsys.readouterr().err
+
+
+def test_throughput_at_equal_memory_script(config_files, tmp_path, capsys):
+    """benchmarks/throughput_at_equal_memory.py on the fixture config: one row per policy and cap,
+    in the JSON that make_tables --add reads; bad arguments fail in one line before any work."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput_at_equal_memory.py"
+    spec = importlib.util.spec_from_file_location("throughput_at_equal_memory", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "eq.json"
+    tiny = f"{config_files['gpt_c2i_small']}:128"
+    assert script.main(["--configs", tiny, "--policies", "window:0.5", "--caps", "1", "--max-batch", "2", "--start",
+                        "2", "--batch-step", "1", "--dtype", "float32", "--attention", "xla", "--no-roofline",
+                        "--iters", "1", "--warmup", "0", "--json", str(out)]) == 0
+    (r,) = json.loads(out.read_text())["rows"]
+    assert (r["name"], r["image_size"], r["policy"], r["budget"], r["batch"], r["memory_cap_gib"]) == (
+        "gpt_c2i_small", 128, "window", 0.5, 2, 1.0)
+    capsys.readouterr()
+    for args, msg in ((["--policies", "window:half"], "is not POLICY[:BUDGET]"), (["--configs", "GPT-XL"], "MODEL:IMAGE"),
+                      (["--caps", "0"], "positive number of GiB"), (["--policies", "lru"], "unknown policy 'lru'"),
+                      (["--policies", "adsa-evict:0.25"], "budget 0.25 keeps 16 image tokens")):
+        assert script.main(["--no-roofline", "--configs", tiny, "--policies", "window:0.5"] + args) == 2
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1, err
