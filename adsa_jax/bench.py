@@ -15,6 +15,7 @@ own weights at the grid it was converted for (:func:`bench_models`).
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import statistics
 import time
@@ -357,7 +358,8 @@ def run(models=None, image_sizes=None, batches=(1, 8), policies=("dense",), budg
             log(format_rows([r]).splitlines()[-1])
             if json_path:
                 with open(json_path, "w") as f:
-                    json.dump({"device": device, "jax": jax.__version__, "compile_workers": compile_workers,
+                    json.dump({"device": device, "date": datetime.date.today().isoformat(), "jax": jax.__version__,
+                               "compile_workers": compile_workers,
                                "rows": rows, "selection_shares": selection_shares(rows)}, f, indent=1)
         del model
     return device, rows
@@ -637,7 +639,8 @@ def run_memory_cap(models=None, image_sizes=None, policies=("dense",), budgets=(
             log(format_cap_rows([r]).splitlines()[-1])
             if json_path:
                 with open(json_path, "w") as f:
-                    json.dump({"device": device, "jax": jax.__version__, "memory_caps_gib": [g for g, _ in resolved],
+                    json.dump({"device": device, "date": datetime.date.today().isoformat(), "jax": jax.__version__,
+                               "memory_caps_gib": [g for g, _ in resolved],
                                "rows": rows}, f, indent=1)
         del model
     return device, rows

@@ -113,7 +113,7 @@ def rows_from_bench(bench: dict, date: str | None = None, device: str | None = N
     dev = device or ((bench.get("device") or {}).get("device"))
     if not dev:
         raise TableError("the bench JSON names no device (it ran with --no-roofline): pass --device NAME")
-    date = date or datetime.date.today().isoformat()
+    date = date or bench.get("date") or datetime.date.today().isoformat()  # the bench writes its run's date
     out = []
     for r in bench.get("rows", []):
         if "error" in r or r.get("s_per_call") is None:

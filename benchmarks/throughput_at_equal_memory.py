@@ -31,6 +31,7 @@ bytes in use during its timed calls when measurable), rewritten after every row,
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -134,7 +135,8 @@ def main(argv=None) -> int:
             log(bench.format_cap_rows([r]).splitlines()[-1])
             if a.json:
                 with open(a.json, "w") as f:
-                    json.dump({"device": device, "jax": jax.__version__, "memory_caps_gib": [g for g, _ in caps],
+                    json.dump({"device": device, "date": datetime.date.today().isoformat(), "jax": jax.__version__,
+                               "memory_caps_gib": [g for g, _ in caps],
                                "rows": rows}, f, indent=1)
         del model
     print(bench.format_cap_rows(rows))

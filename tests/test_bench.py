@@ -427,8 +427,9 @@ def test_cli_bench_memory_cap(c2i_dir, tmp_path, capsys):
     assert (r["policy"], r["budget"], r["batch"], r["memory_cap_gib"], r["cap_bytes"]) == ("window", 0.5, 2, 1.0, 2**30)
     assert r["search"]["max_batch_reached"] and r["peak_bytes_compiled"] < 2**30 and r["s_per_call"] > 0
     assert "(max batch)" in capsys.readouterr().out
-    (row,) = make_tables.rows_from_bench(doc, "2026-12-03", "cpu")
+    (row,) = make_tables.rows_from_bench(doc, None, "cpu")
     assert (row["memory_cap_gib"], row["batch"], row["framework"], row["image_size"]) == (1.0, 2, "adsa_jax", 128)
+    assert row["date"] == doc["date"]  # the run's date, not the day the rows are added
     for cap, msg in (("device", "reports no memory limit"), ("-3", "positive number of GiB")):
         if cap == "device" and bench.device_memory_limit() is not None:
             continue
@@ -458,7 +459,8 @@ def test_throughput_at_equal_memory_script(config_files, tmp_path, capsys):
     assert (r["name"], r["image_size"], r["policy"], r["budget"], r["batch"], r["memory_cap_gib"]) == (
         "gpt_c2i_small", 128, "window", 0.5, 2, 1.0)
     capsys.readouterr()
-    for args, msg in ((["--policies", "window:half"], "is not POLICY[:BUDGET]"), (["--configs", "GPT-XL"], "MODEL:IMAGE"),
+    for args, msg in ((["--policies", "window:half"], "is not POLICY[:BUDGET]"),
+                      (["--configs", "GPT-XL"], "MODEL:IMAGE"),
                       (["--caps", "0"], "positive number of GiB"), (["--policies", "lru"], "unknown policy 'lru'"),
                       (["--policies", "adsa-evict:0.25"], "budget 0.25 keeps 16 image tokens")):
         assert script.main(["--no-roofline", "--configs", tiny, "--policies", "window:0.5"] + args) == 2
