@@ -9,6 +9,7 @@ stderr. The library never imports this package.
     compare   KV memory and fidelity of each policy                  (cli/compare.py)
     bench     speed, memory and roofline                             (cli/bench.py)
     eval-demo quality of each policy on the demo model               (cli/eval_demo.py)
+    plan      memory per device on a mesh, compiled ahead of time    (cli/plan.py)
 """
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ import argparse
 import sys
 
 from ..config import ConfigError
-from . import bench, compare, convert, eval_demo, merge, sample
+from . import bench, compare, convert, eval_demo, merge, plan, sample
 
-COMMANDS = (convert, sample, merge, compare, bench, eval_demo)
+COMMANDS = (convert, sample, merge, compare, bench, eval_demo, plan)
 
 
 def build_parser() -> argparse.ArgumentParser:

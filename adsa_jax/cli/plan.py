@@ -53,10 +53,10 @@ def run(a):
         raise ConfigError("give --batch N (images per device) or --largest")
     if a.batch is not None and a.batch < 1:
         raise ConfigError(f"--batch must be >= 1, got {a.batch}")
-    ensure_devices(data * model)  # before anything else touches a device
     cfg = config_from_arg(a.model, image_size=a.image_size, model_type=a.model_type)
     spec = Spec(cfg, policy_from_args(cfg, a), data=data, model=model, dtype=a.dtype,
                 sampling=SamplingConfig(cfg_scale=a.cfg_scale, top_k=a.top_k, top_p=a.top_p))
+    ensure_devices(data * model)  # checked above without a device; before anything touches one
     layers = None if a.full_depth else 2
     result = {"spec": spec.describe(), "hbm_gib": hbm}
     log(f"planning {spec.describe()} on {data * model} {'fake CPU ' if _on_cpu() else ''}devices "
