@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# adsa_jax beside the PyTorch LlamaGen sampler on one GPU, the same day: GPT-XL dense (random
+# weights, bf16, CFG 4, top-k 2000) at 256 px batch 1, 64, 256 and 384 px batch 1, 64, 256 with
+# `adsa-jax bench`, then LlamaGen's own `generate` (benchmarks/llamagen_torch.py), eager and
+# torch.compile, at 256 px batch 1, 64, 256 and 384 px batch 64, right after on the same machine.
+#
+# Usage: bash benchmarks/run_perf_grid.sh PART, for PART = 1, 2, 3 one after another on one machine;
+# each part ends within 10 minutes on one H200 (a timeout guards every command, and every script
+# rewrites its JSON after each row, so a part cut short keeps what it measured):
+#   1  adsa-jax bench (~2.5 min), then llamagen_torch.py eager (~4.5 min: a call is 10-25 s)
+#   2  llamagen_torch.py torch.compile at 256 px batch 1 and 64 (a fresh compile each, minutes)
+#   3  llamagen_torch.py torch.compile at 256 px batch 256 and 384 px batch 64
+# It needs a LlamaGen checkout at third_party/LlamaGen (ignored by git; the docstring of
+# benchmarks/llamagen_torch.py says how to get it); a device run carries that path.
+#
+# Writes under $OUT (default ./out): perf_adsa_jax.json (the JSON of adsa-jax bench --json),
+# perf_torch_eager.json, perf_torch_compile_1.json, perf_torch_compile_2.json (results.json rows)
+# and a log per command. Then, in the repository:
+#   for f in perf_adsa_jax perf_torch_eager perf_torch_compile_1 perf_torch_compile_2; do
+#     python benchmarks/make_tables.py --add OUTDIR/$f.json; done
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+PART=${1:-}
+case "$PART" in 1|2|3) ;; *) echo "usage: bash benchmarks/run_perf_grid.sh PART (1, 2 or 3; see the header)" >&2; exit 2 ;; esac
+LLAMAGEN=third_party/LlamaGen
+if [ ! -f "$LLAMAGEN/autoregressive/models/generate.py" ]; then
+  echo "run_perf_grid.sh: error: no LlamaGen checkout at $LLAMAGEN (see benchmarks/llamagen_torch.py)" >&2
+  exit 2
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+python3 -c 'import jax, torch; print("jax", jax.__version__, jax.devices()[0].device_kind, "| torch", torch.__version__)'
+
+torch_part() {  # tag, timeout s, configs, modes
+  echo "== $1: llamagen_torch.py $4 $3"
+  timeout "$2" python3 benchmarks/llamagen_torch.py --llamagen "$LLAMAGEN" --configs "$3" --modes "$4" \
+    --out "$OUT/$1.json" > "$OUT/$1.log" 2>&1
+  echo "rc $?"; grep -E "per call|failed|error" "$OUT/$1.log"
+}
+
+case "$PART" in
+1)
+  echo "== perf_adsa_jax: adsa-jax bench"
+  timeout 240 python3 -c 'import sys; from adsa_jax.cli import main; sys.exit(main(sys.argv[1:]))' bench \
+    --model GPT-XL --image-size 256,384 --batch 1,64,256 --policies dense --segments 1 --iters 5 \
+    --compile-workers 3 --json "$OUT/perf_adsa_jax.json" > "$OUT/perf_adsa_jax.log" 2>&1
+  echo "rc $?"; grep -E "GPT-XL|rror" "$OUT/perf_adsa_jax.log" | tail -n 8
+  torch_part perf_torch_eager 330 GPT-XL:256:1,GPT-XL:256:64,GPT-XL:256:256,GPT-XL:384:64 eager
+  ;;
+2) torch_part perf_torch_compile_1 570 GPT-XL:256:1,GPT-XL:256:64 compile ;;
+3) torch_part perf_torch_compile_2 570 GPT-XL:256:256,GPT-XL:384:64 compile ;;
+esac
