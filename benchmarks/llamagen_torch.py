@@ -44,6 +44,7 @@ import statistics
 import sys
 import time
 import types
+import warnings
 from pathlib import Path
 
 NEEDED = ("autoregressive/models/gpt.py", "autoregressive/models/generate.py", "utils/drop_path.py")
@@ -269,6 +270,8 @@ def main(argv=None) -> int:
     setattr(torch.nn.Linear, "reset_parameters", lambda self: None)
     setattr(torch.nn.LayerNorm, "reset_parameters", lambda self: None)
     torch.set_grad_enabled(False)
+    # LlamaGen's decode loop enters torch.backends.cuda.sdp_kernel, deprecated since torch 2.2: once per token
+    warnings.filterwarnings("ignore", message=".*sdp_kernel.*deprecated", category=FutureWarning)
     dtype = getattr(torch, a.dtype)
     dev = device_name(device)
     print(f"device {dev}, torch {torch.__version__}, LlamaGen {a.llamagen}", flush=True)

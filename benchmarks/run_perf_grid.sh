@@ -24,7 +24,10 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 PART=${1:-}
-case "$PART" in 1|2|3) ;; *) echo "usage: bash benchmarks/run_perf_grid.sh PART (1, 2 or 3; see the header)" >&2; exit 2 ;; esac
+case "$PART" in
+  1|2|3) ;;
+  *) echo "usage: bash benchmarks/run_perf_grid.sh PART (1, 2 or 3; see the header)" >&2; exit 2 ;;
+esac
 LLAMAGEN=third_party/LlamaGen
 if [ ! -f "$LLAMAGEN/autoregressive/models/generate.py" ]; then
   echo "run_perf_grid.sh: error: no LlamaGen checkout at $LLAMAGEN (see benchmarks/llamagen_torch.py)" >&2
