@@ -1,18 +1,26 @@
 """Throughput at equal memory: under a fixed memory cap, the largest batch each policy fits and its images/s.
 
-    python3 benchmarks/throughput_at_equal_memory.py --configs GPT-XL:384 --json eqmem_xl384.json
-    python3 benchmarks/throughput_at_equal_memory.py --configs GPT-XL:512 --json eqmem_xl512.json
-    python3 benchmarks/throughput_at_equal_memory.py --configs GPT-XXL:384 --json eqmem_xxl384.json
-    python3 benchmarks/make_tables.py --add eqmem_xl384.json   # and the other two
+The grid (the defaults): caps 40 GiB and the whole device ('device': what JAX's allocator may hand
+out, with XLA_PYTHON_CLIENT_MEM_FRACTION set to 0.95 here unless already set); dense, adsa-evict
+0.5, adsa-evict 0.25 and window 0.5; GPT-XL at 384 and 512 px and GPT-XXL at 384 px; random
+weights, bf16, CFG 4, top-k 2000 (LlamaGen's sampling), kernels 'auto'. On one H200, in five
+commands of an estimated 5 to 9 minutes each (the whole grid is about 35 minutes, more than one
+10-minute command can hold; the 512 px device cap alone is about 11, so it is split by policy):
 
-The grid (defaults): caps 40 GiB and the whole device ('device': what JAX's allocator may hand out,
-with XLA_PYTHON_CLIENT_MEM_FRACTION set to 0.95 here unless already set); dense, adsa-evict 0.5,
-adsa-evict 0.25 and window 0.5; GPT-XL at 384 and 512 px and GPT-XXL at 384 px; random weights,
-bf16, CFG 4, top-k 2000 (LlamaGen's sampling), kernels 'auto'. Each line above is one model and
-runs in an estimated 6 to 8 minutes on one H200 (compiles about 2 minutes; the timed calls of a
-whole-device cap fill ~130 GiB of cache and take 10-40 s each); the whole grid in one process,
-``--configs GPT-XL:384,GPT-XL:512,GPT-XXL:384``, takes about three times that, so under a
-10-minute limit per command run the three lines one after another.
+    E="python3 benchmarks/throughput_at_equal_memory.py"
+    $E --configs GPT-XL:384 --json eqmem_1.json
+    $E --configs GPT-XL:512 --caps 40 --json eqmem_2.json
+    $E --configs GPT-XL:512 --caps device --policies dense,adsa-evict:0.5 --json eqmem_3.json
+    $E --configs GPT-XL:512 --caps device --policies adsa-evict:0.25,window:0.5 --json eqmem_4.json
+    $E --configs GPT-XXL:384 --json eqmem_5.json
+    for i in 1 2 3 4 5; do python3 benchmarks/make_tables.py --add eqmem_$i.json; done
+
+Where the time goes: a cache that fills ~130 GiB is read at every step, ~32 ms a step at the
+H200's bandwidth and about twice that measured for the sparse layouts, so one call of a sparse
+policy under the device cap takes ~35 s at 384 px (577 steps) and ~60 s at 512 px (1,025 steps);
+dense, whose cache is half full on average, half that. Each cell runs twice (``--warmup 1 --iters
+1``); ``--warmup 0`` halves the timed part. The compiles (2-3 rounds of up to 16 candidates,
+``--compile-workers`` at a time) take 2-4 minutes a model.
 
 The search (adsa_jax.bench.cap_search): every candidate batch is compiled ahead of time and its
 peak memory read from ``compiled.memory_analysis()`` (arguments + outputs + temporaries, the
@@ -83,7 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--iters", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--compile-workers", type=int, default=8)
+    p.add_argument("--compile-workers", type=int, default=12)
     p.add_argument("--start", type=int, default=64, help="the search's first batches: START and 2 x START")
     p.add_argument("--batch-step", type=int, default=8)
     p.add_argument("--max-batch", type=int, default=4096)
