@@ -7,13 +7,15 @@ weights, bf16, CFG 4, top-k 2000 (LlamaGen's sampling), kernels 'auto'. On one H
 commands of an estimated 5 to 9 minutes each (the whole grid is about 35 minutes, more than one
 10-minute command can hold; the 512 px device cap alone is about 11, so it is split by policy):
 
-    E="python3 benchmarks/throughput_at_equal_memory.py"
-    $E --configs GPT-XL:384 --json eqmem_1.json
-    $E --configs GPT-XL:512 --caps 40 --json eqmem_2.json
-    $E --configs GPT-XL:512 --caps device --policies dense,adsa-evict:0.5 --json eqmem_3.json
-    $E --configs GPT-XL:512 --caps device --policies adsa-evict:0.25,window:0.5 --json eqmem_4.json
-    $E --configs GPT-XXL:384 --json eqmem_5.json
+    python3 benchmarks/throughput_at_equal_memory.py --part N --json eqmem_N.json   # N = 1 ... 5
     for i in 1 2 3 4 5; do python3 benchmarks/make_tables.py --add eqmem_$i.json; done
+
+the parts (``--part N`` is short for these flags):
+    1  --configs GPT-XL:384
+    2  --configs GPT-XL:512 --caps 40
+    3  --configs GPT-XL:512 --caps device --policies dense,adsa-evict:0.5
+    4  --configs GPT-XL:512 --caps device --policies adsa-evict:0.25,window:0.5
+    5  --configs GPT-XXL:384
 
 Where the time goes: a cache that fills ~130 GiB is read at every step, ~32 ms a step at the
 H200's bandwidth and about twice that measured for the sparse layouts, so one call of a sparse
@@ -46,7 +48,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+CONFIGS, CAPS = "GPT-XL:384,GPT-XL:512,GPT-XXL:384", "40,device"
 POLICIES = "dense,adsa-evict:0.5,adsa-evict:0.25,window:0.5"
+PARTS = {  # each under 10 minutes on one H200 (the docstring)
+    1: {"configs": "GPT-XL:384"},
+    2: {"configs": "GPT-XL:512", "caps": "40"},
+    3: {"configs": "GPT-XL:512", "caps": "device", "policies": "dense,adsa-evict:0.5"},
+    4: {"configs": "GPT-XL:512", "caps": "device", "policies": "adsa-evict:0.25,window:0.5"},
+    5: {"configs": "GPT-XXL:384"},
+}
 
 
 def parse_pairs(text: str):
@@ -85,9 +95,11 @@ def parse_configs(text: str):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--configs", default="GPT-XL:384,GPT-XL:512,GPT-XXL:384", help="comma-separated MODEL:IMAGE_SIZE")
-    p.add_argument("--policies", default=POLICIES, help="comma-separated POLICY[:BUDGET]")
-    p.add_argument("--caps", default="40,device", help="comma-separated GiB, or 'device'")
+    p.add_argument("--part", type=int, default=None, choices=sorted(PARTS),
+                   help="one part of the grid (the docstring), instead of --configs, --caps and --policies")
+    p.add_argument("--configs", default=None, help=f"comma-separated MODEL:IMAGE_SIZE (default: {CONFIGS})")
+    p.add_argument("--policies", default=None, help=f"comma-separated POLICY[:BUDGET] (default: {POLICIES})")
+    p.add_argument("--caps", default=None, help=f"comma-separated GiB, or 'device' (default: {CAPS})")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--iters", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1)
@@ -108,6 +120,13 @@ def main(argv=None) -> int:
     from adsa_jax.options import KernelConfig, SamplingConfig
 
     try:
+        if a.part is not None:
+            given = [f"--{k}" for k in ("configs", "caps", "policies") if getattr(a, k) is not None]
+            if given:
+                raise ConfigError(f"--part {a.part} sets the configs, caps and policies: leave out {', '.join(given)}")
+            for k, v in PARTS[a.part].items():
+                setattr(a, k, v)
+        a.configs, a.caps, a.policies = a.configs or CONFIGS, a.caps or CAPS, a.policies or POLICIES
         configs, pairs = parse_configs(a.configs), parse_pairs(a.policies)
         if a.iters < 1 or a.warmup < 0 or a.compile_workers < 1:
             raise ConfigError(f"--iters and --compile-workers must be >= 1 and --warmup >= 0, got {a.iters}, "

@@ -462,7 +462,19 @@ def test_throughput_at_equal_memory_script(config_files, tmp_path, capsys):
     for args, msg in ((["--policies", "window:half"], "is not POLICY[:BUDGET]"),
                       (["--configs", "GPT-XL"], "MODEL:IMAGE"),
                       (["--caps", "0"], "positive number of GiB"), (["--policies", "lru"], "unknown policy 'lru'"),
-                      (["--policies", "adsa-evict:0.25"], "budget 0.25 keeps 16 image tokens")):
+                      (["--policies", "adsa-evict:0.25"], "budget 0.25 keeps 16 image tokens"),
+                      (["--part", "2"], "--part 2 sets the configs, caps and policies: leave out --configs, "
+                                        "--policies")):
         assert script.main(["--no-roofline", "--configs", tiny, "--policies", "window:0.5"] + args) == 2
         err = capsys.readouterr().err
         assert msg in err and err.count("\n") == 1, err
+    # the parts cover the grid once: 3 configs x 2 caps x 4 policies
+    cells = set()
+    for part in script.PARTS.values():
+        a = {"configs": script.CONFIGS, "caps": script.CAPS, "policies": script.POLICIES, **part}
+        for c in script.parse_configs(a["configs"]):
+            for cap in a["caps"].split(","):
+                for pol in script.parse_pairs(a["policies"]):
+                    assert (c, cap, pol) not in cells
+                    cells.add((c, cap, pol))
+    assert len(cells) == 3 * 2 * 4
