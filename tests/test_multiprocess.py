@@ -26,6 +26,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import multiprocess_worker as W  # noqa: E402
+from xdist_once import run_once  # noqa: E402
 
 WORKER = HERE / "multiprocess_worker.py"
 TIMEOUT = 240  # seconds per launch; a launch takes about 15-30 s on 2 cores
@@ -113,6 +114,12 @@ def tp_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(c2i_dir, vq_dir, tp_dir, tmp_path_factory):
+    """The two launches, once however many xdist workers run this module's tests."""
+    res = run_once(tmp_path_factory, "multiprocess", lambda: _launch(c2i_dir, vq_dir, tp_dir, tmp_path_factory))
+    return {**res, "root": Path(res["root"]), "ref": Path(res["ref"])}
+
+
+def _launch(c2i_dir, vq_dir, tp_dir, tmp_path_factory):
     from adsa_jax.cli import main
 
     root = tmp_path_factory.mktemp("multiprocess")
@@ -148,7 +155,7 @@ def run(c2i_dir, vq_dir, tp_dir, tmp_path_factory):
     print(f"references done after {time.monotonic() - t0:.1f} s", file=sys.stderr)
     second.wait()
     print(f"second pair done after {time.monotonic() - t0:.1f} s", file=sys.stderr)
-    return {"root": root, "ref": ref, "killed": killed, "merged_early": merged_early,
+    return {"root": str(root), "ref": str(ref), "killed": killed, "merged_early": merged_early,
             "resumed_log": second.logs[0].read_text(), "seconds": time.monotonic() - t0}
 
 
