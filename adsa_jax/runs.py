@@ -214,17 +214,17 @@ class Progress:
         self.t0 = time.perf_counter()
         self.t_first = None
         self.n_first = 0
-        self.n_session = 0
+        self.n_this_run = 0
 
     def update(self, n_images, note=""):
         now = time.perf_counter()
         self.done += n_images
-        self.n_session += n_images
+        self.n_this_run += n_images
         if self.t_first is None:  # the first batch includes compilation: measure from its end
-            self.t_first, self.n_first = now, self.n_session
-            rate = self.n_session / max(now - self.t0, 1e-9)
+            self.t_first, self.n_first = now, self.n_this_run
+            rate = self.n_this_run / max(now - self.t0, 1e-9)
         else:
-            rate = (self.n_session - self.n_first) / max(now - self.t_first, 1e-9)
+            rate = (self.n_this_run - self.n_first) / max(now - self.t_first, 1e-9)
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         if self.enabled:
             self.log(f"[{self.done}/{self.total}] {100 * self.done / self.total:5.1f}%  {rate:.2f} images/s  "
