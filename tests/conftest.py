@@ -72,3 +72,28 @@ def c2i_ref():
 @pytest.fixture(scope="session")
 def t2i_ref():
     return dict(np.load(FIXTURES / "gpt_t2i_small_ref.npz"))
+
+
+# The Pallas-interpreter matrix runs the GPU kernels inside whole generations on the CPU: each case
+# costs 15-40 s of CPU. CI runs one case of each kind (the rest share their code paths) to keep
+# `.ci/run` within its 10 minutes; `python -m pytest -m slow` runs the others.
+SLOW_CASES = {
+    "test_kernel_in_generation_matches_xla[dense-kw1-True]",
+    "test_kernel_in_generation_matches_xla[window-kw3-True]",
+    "test_kernel_in_generation_matches_xla[adsa-evict-kw4-False]",
+    "test_kernel_in_generation_matches_xla[window-kw5-False]",
+    "test_kernel_in_generation_matches_xla[adsa-evict-kw7-False]",
+    "test_kernel_in_generation_matches_xla[adsa-evict-kw8-True]",
+    "test_rope_before_the_kernel_matches_xla[dense-kw0]",
+    "test_rope_before_the_kernel_matches_xla[window-kw2]",
+    "test_kernel_with_caption_masks",
+    "test_small_row_gemms_in_generation[dense-kw0-xla-True]",
+    "test_small_row_gemms_in_generation[adsa-evict-kw1-xla-False]",
+    "test_small_row_gemms_in_generation[window-kw4-pallas-interpret-True]",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.name in SLOW_CASES:
+            item.add_marker(pytest.mark.slow)
