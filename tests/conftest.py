@@ -90,6 +90,10 @@ SLOW_CASES = {
     "test_small_row_gemms_in_generation[dense-kw0-xla-True]",
     "test_small_row_gemms_in_generation[adsa-evict-kw1-xla-False]",
     "test_small_row_gemms_in_generation[window-kw4-pallas-interpret-True]",
+    "test_small_row_gemms_in_generation[adsa-evict-kw3-pallas-interpret-True]",
+    "test_kernel_in_generation_matches_xla[adsa-select-kw6-False]",
+    "test_kernel_in_generation_matches_xla[adsa-evict-all-kw9-True]",
+    "test_kernel_small_blocks_match_xla[adsa-evict]",
 }
 
 
