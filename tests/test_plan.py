@@ -118,3 +118,22 @@ def test_cli_errors_name_the_flag(tmp_path, capsys):
                       (["--mesh", "1x3", "--batch", "1"], "a model axis of 3 must divide the 4 heads")):
         assert main(["plan", "--model", str(cfg_file), *argv]) == 2
         assert msg in capsys.readouterr().err, argv
+
+
+def test_plan_table_md_is_written_from_its_json():
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    spec = importlib.util.spec_from_file_location("plan_table", root / "plan_table.py")
+    pt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pt)
+    res = json.loads((root / "results" / "plan_table.json").read_text())
+    assert (root / "plan_table.md").read_text() == pt.markdown(res), \
+        "benchmarks/plan_table.md is stale: python benchmarks/plan_table.py --json benchmarks/results/plan_table.json " \
+        "--markdown benchmarks/plan_table.md"
+    cells = [c for c in res["cells"].values() if "error" not in c]
+    assert len(cells) == 3 * 2 * 3 * 4 - 6  # GPT-XL's 20 heads do not split 8 ways: 1 x 8 is n/a for it
+    for c in cells:  # more memory, a larger batch
+        b = [c["largest"][f"{h:g}"] for h in pt.HBM]
+        assert b == sorted(b) and b[0] >= 1
