@@ -285,6 +285,11 @@ class EvictRef:
         # NEAR of the maximum (identical vectors score identically, so only their first may go)
         cls = identity_classes(vecs)
         acceptable = sorted({int(np.flatnonzero(cls == cl)[0]) for cl in cls[scores >= top - NEAR]})
+        return self._settle(k, layer, row, g, cands, acceptable, strict)
+
+    def _settle(self, k, layer, row, g, cands, acceptable, strict):
+        """The victim: ``strict``, or the resolver's pick when it is one of the ``acceptable``
+        near-ties (recorded as ambiguous); a pick outside them is recorded as rejected."""
         if len(acceptable) > 1:
             self.ambiguous[(k, layer, row, g)] = [cands[i] for i in acceptable]
         if self.resolver is not None:
@@ -418,15 +423,7 @@ class H2ORef(EvictRef):
             self.tied_max += 1
             self.ties[(k, layer, row, g)] = [cands[i] for i in np.flatnonzero(acc == low)]
         acceptable = np.flatnonzero(acc <= low + NEAR).tolist()
-        if len(acceptable) > 1:
-            self.ambiguous[(k, layer, row, g)] = [cands[i] for i in acceptable]
-        if self.resolver is not None:
-            got = self.resolver(k, layer, row, g, list(cands))
-            if got is not None:
-                if got in acceptable:
-                    return int(got)
-                self.rejected[(k, layer, row, g)] = (cands[got], [cands[i] for i in acceptable])
-        return strict
+        return self._settle(k, layer, row, g, cands, acceptable, strict)
 
 
 def window_ref(P, K, M, granularity="head"):
