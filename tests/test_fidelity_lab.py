@@ -27,8 +27,12 @@ def test_smoke_pipeline(tmp_path):
     sparse = [r for r in s["rows"] if r["policy"] != "dense"]
     # a half-size cache stores fewer bytes than dense, exactly the slots' share
     assert all(r["kv_bytes_per_image"] < dense["kv_bytes_per_image"] for r in sparse)
-    # the table names a verdict for the one budget
-    assert "Budget 0.5" in (tmp_path / "results" / "table.md").read_text()
+    # the table names a verdict for the one budget, and ADSA's standing against each baseline
+    table = (tmp_path / "results" / "table.md").read_text()
+    assert "Budget 0.50: **" in table and "Budget 0.50, adsa-evict (head) is" in table
+    assert {c["against"] for c in s["head_to_head"]["0.5"]} == {"window|None|0.5|", "random|None|0.5|"}
+    # the policies are compared on the held-out optimum that training kept
+    assert s["training"]["evaluated_step"] == s["training"]["best_step"] is not None
 
 
 def test_fetch_without_tarballs_says_how(tmp_path):

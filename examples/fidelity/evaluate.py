@@ -84,9 +84,9 @@ def build_policy(cfg, name, gran, budget, extra):
 
 
 def evaluate(data_dir: Path, run: Path, *, images: int = 256, samples: int = 100, grid: str = "full",
-             time_limit: float = 560.0, classifier_steps: int = 3000, log=print) -> dict:
+             time_limit: float = 560.0, classifier_steps: int = 3000, checkpoint: str = "best", log=print) -> dict:
     t_start = time.time()
-    cfg, params, meta = lab_train.load_trained(run)
+    cfg, params, meta = lab_train.load_trained(run, checkpoint)
     S = len(meta["seeds"])
     z = np.load(data_dir / "tokens.npz")
     codebook = lab_data.load_tokenizer(data_dir / "tokenizer.npz")
@@ -99,6 +99,11 @@ def evaluate(data_dir: Path, run: Path, *, images: int = 256, samples: int = 100
     rp_t = z["repeat_tokens"].astype(np.int32)[:max(1, images // 4)]
     out_file = run / "eval.json"
     res = json.loads(out_file.read_text()) if out_file.is_file() else {"rows": {}}
+    if res["rows"] and res.get("evaluated_step", meta["evaluated_step"]) != meta["evaluated_step"]:
+        raise lab_data.DataError(f"{out_file} holds rows of the step {res.get('evaluated_step')} checkpoint, not of "
+                                 f"step {meta['evaluated_step']}: move it away to evaluate this one")
+    res["evaluated_step"], res["evaluated_checkpoint"] = meta["evaluated_step"], meta["evaluated_checkpoint"]
+    log(f"evaluate: the {meta['evaluated_checkpoint']} checkpoint, step {meta['evaluated_step']}")
     res.update(seeds=meta["seeds"], images=int(len(ho_t)), repeat_images=int(len(rp_t)), samples=samples,
                sampling=SAMPLING, model={"layers": cfg.n_layer, "width": cfg.dim, "params": meta["params"]})
 
@@ -227,21 +232,20 @@ def evaluate(data_dir: Path, run: Path, *, images: int = 256, samples: int = 100
     t0 = time.time()
     ex = cf.ThreadPoolExecutor(max_workers=8)
     futures = [ex.submit(compile_one, it) for it in todo]
-    if True:
-        for item, fut in zip(todo, futures):
-            if time.time() - t_start > time_limit:
-                log("evaluate: time limit reached; rerun to resume")
-                res["stopped_early"] = True
-                break
-            try:
-                m_prog, gen = fut.result()
-            except Exception as e:  # a policy that cannot build its program is reported, not fatal
-                log(f"evaluate: {item[0]} failed to compile: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-                res.setdefault("skipped", {})[item[0]] = f"{type(e).__name__}: {e}"[:500]
-                continue
-            t1 = time.time()
-            m = m_prog(p16, ts_j, d_lp)
-            finish(*item, m, gen, time.time() - t1)
+    for item, fut in zip(todo, futures):
+        if time.time() - t_start > time_limit:
+            log("evaluate: time limit reached; rerun to resume")
+            res["stopped_early"] = True
+            break
+        try:
+            m_prog, gen = fut.result()
+        except Exception as e:  # a policy that cannot build its program is reported, not fatal
+            log(f"evaluate: {item[0]} failed to compile: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            res.setdefault("skipped", {})[item[0]] = f"{type(e).__name__}: {e}"[:500]
+            continue
+        t1 = time.time()
+        m = m_prog(p16, ts_j, d_lp)
+        finish(*item, m, gen, time.time() - t1)
     ex.shutdown(wait=False, cancel_futures=True)  # lab.py exits without joining a thread still compiling
     log(f"evaluate: {len(res['rows'])} rows in {time.time() - t_start:.0f} s")
     res["seconds"] = round(time.time() - t_start, 1)

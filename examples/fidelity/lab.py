@@ -67,6 +67,8 @@ def parse(argv):
     q.add_argument("--classifier-steps", type=int, default=3000, help="the judge's training steps (default %(default)s)")
     q.add_argument("--time-limit", type=float, default=560, help="stop (resumable) after this many seconds "
                    "(default %(default)s)")
+    q.add_argument("--checkpoint", default="best", choices=["best", "last"], help="the held-out optimum or the "
+                   "last step (default %(default)s)")
     q.add_argument("--grid-spec", default="full", choices=["full", "smoke"], help="which policy grid (default %(default)s)")
     q = sub.add_parser("report", help="summary.json, README table, plots")
     common(q)
@@ -99,12 +101,13 @@ def main(argv=None) -> int:
         elif a.stage == "evaluate":
             import evaluate
             evaluate.evaluate(a.data_dir, run, images=a.images, samples=a.samples, grid=a.grid_spec,
-                              classifier_steps=a.classifier_steps, time_limit=a.time_limit, log=log)
+                              classifier_steps=a.classifier_steps, time_limit=a.time_limit,
+                              checkpoint=a.checkpoint, log=log)
             sys.stderr.flush()
             os._exit(0)  # results are written; do not wait for compile threads past the time limit
         elif a.stage == "report":
             import report
-            report.report(run, a.out, log=log)
+            report.report(run, a.out, data_dir=a.data_dir, log=log)
     except lab_data.DataError as e:
         log(f"error: {e}")
         return 2

@@ -33,7 +33,9 @@ def summary(ev: dict, train_meta: dict, dataset: str) -> dict:
             "model": {"layers": ev["model"]["layers"], "width": ev["model"]["width"], "params": ev["model"]["params"]},
             "seeds": ev["seeds"], "images": ev.get("images"), "samples": ev.get("samples"),
             "sampling": ev.get("sampling"), "classifier_heldout_accuracy": ev.get("classifier_heldout_accuracy"),
-            "training": {k: train_meta.get(k) for k in ("step", "total_steps", "batch", "peak_lr", "device", "jax")},
+            "training": {**{k: train_meta.get(k) for k in ("step", "total_steps", "best_step", "batch", "peak_lr", "device",
+                                                          "jax")},
+                         "evaluated_step": ev.get("evaluated_step", train_meta.get("step"))},
             "rows": rows}
 
 
@@ -48,8 +50,54 @@ def convergence(train_log: dict | None) -> dict:
     if cut is last:
         cut = ev[-2]
     fall = [(a - b) / a for a, b in zip(cut["heldout_nll"], last["heldout_nll"])]
+    # past its held-out optimum (overfitting) is flat too, but the comparisons are then made on a model
+    # that memorises its training set: say so, with where the optimum was
+    best = min(ev, key=lambda e: float(np.mean(e["heldout_nll"])))
+    rise = [(b - a) / a for a, b in zip(best["heldout_nll"], last["heldout_nll"])]
     return {"flattened": bool(max(fall) < 0.01), "relative_fall": fall, "from_step": cut["step"],
-            "to_step": last["step"], "heldout_nll": last["heldout_nll"]}
+            "to_step": last["step"], "heldout_nll": last["heldout_nll"], "best_step": best["step"],
+            "best_heldout_nll": best["heldout_nll"], "overfit": bool(min(rise) > 0.01), "rise_since_best": rise}
+
+
+def paired(run: Path | None, a: dict, b: dict) -> tuple[float, float, bool]:
+    """(mean of b's excess minus a's, its paired standard error, a ahead on every seed): a positive
+    difference means a is better. Pairs per image and seed when both rows' per-image files exist."""
+    diff = b["excess_nll"] - a["excess_nll"]
+    fa = run / f"excess_{_fname(a['key'])}.npy" if run else None
+    fb = run / f"excess_{_fname(b['key'])}.npy" if run else None
+    if fa is not None and fa.is_file() and fb.is_file():
+        d = np.load(fb).astype(np.float64) - np.load(fa).astype(np.float64)  # (S, images) paired
+        return diff, float(np.sqrt(np.mean(d.var(1, ddof=1) / d.shape[1]) / d.shape[0])), bool(np.all(d.mean(1) > 0))
+    ps_a, ps_b = a.get("excess_nll_per_seed"), b.get("excess_nll_per_seed")
+    return (diff, float(np.hypot(a["excess_nll_se"], b["excess_nll_se"])),  # no pairing: conservative
+            bool(ps_a and ps_b and all(x < y for x, y in zip(ps_a, ps_b))))
+
+
+# the question the lab exists for: the paper's policy against the baselines it must beat
+HEAD_TO_HEAD = ("adsa-evict|head", ("random-uniform|None", "random|None", "window|None", "h2o|None", "adsa-evict|layer"))
+
+
+def head_to_head(summ: dict, run: Path | None) -> dict:
+    """{budget: [{"against", "diff", "se", "all_seeds", "beyond_noise", "mirror_acc": (ours, theirs)}]}; diff > 0:
+    adsa-evict (head) has the lower excess NLL."""
+    by = {(r["key"].rsplit("|", 2)[0], r["budget"]): r for r in summ["rows"] if r["key"].endswith("|")}
+    out = {}
+    for b in sorted({r["budget"] for r in summ["rows"] if r["budget"] is not None}):
+        ours = by.get((HEAD_TO_HEAD[0], b))
+        if ours is None:
+            continue
+        out[b] = []
+        for other in HEAD_TO_HEAD[1]:
+            r = by.get((other, b))
+            if r is None:
+                continue
+            diff, se, ahead = paired(run, ours, r)
+            behind = paired(run, r, ours)[2]
+            out[b].append({"against": r["key"], "diff": diff, "se": se, "adsa_ahead_every_seed": ahead,
+                           "adsa_behind_every_seed": behind,
+                           "beyond_noise": bool(abs(diff) > 2 * se and (ahead if diff > 0 else behind)),
+                           "mirror_acc": [ours["mirror_acc"], r["mirror_acc"]]})
+    return out
 
 
 def verdicts(summ: dict, run: Path | None) -> dict:
@@ -61,17 +109,7 @@ def verdicts(summ: dict, run: Path | None) -> dict:
         if len(cand) < 2:
             continue
         w, u = cand[0], cand[1]
-        diff, se, seeds_ok = u["excess_nll"] - w["excess_nll"], None, None
-        fw = run / f"excess_{_fname(w['key'])}.npy" if run else None
-        fu = run / f"excess_{_fname(u['key'])}.npy" if run else None
-        if fw is not None and fw.is_file() and fu.is_file():
-            d = np.load(fu).astype(np.float64) - np.load(fw).astype(np.float64)  # (S, images) paired
-            se = float(np.sqrt(np.mean(d.var(1, ddof=1) / d.shape[1]) / d.shape[0]))
-            seeds_ok = bool(np.all(d.mean(1) > 0))
-        else:
-            se = float(np.hypot(w["excess_nll_se"], u["excess_nll_se"]))  # no pairing: conservative
-            ps_w, ps_u = w.get("excess_nll_per_seed"), u.get("excess_nll_per_seed")
-            seeds_ok = bool(ps_w and ps_u and all(a < b_ for a, b_ in zip(ps_w, ps_u)))
+        diff, se, seeds_ok = paired(run, w, u)
         out[b] = {"winner": w["key"], "runner_up": u["key"], "diff": diff, "se": se,
                   "beyond_noise": bool(diff > 2 * se and seeds_ok), "all_seeds": seeds_ok}
     return out
@@ -82,7 +120,7 @@ def _name(r) -> str:
     return f"{r['policy']}{g}"
 
 
-def table(summ: dict, verd: dict) -> str:
+def table(summ: dict, verd: dict, h2h: dict | None = None) -> str:
     lines = ["| budget | policy | excess NLL (nats/token) | KL | top-1 | class acc | feature FD | mirror acc | KV / image |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in summ["rows"]:
@@ -94,9 +132,19 @@ def table(summ: dict, verd: dict) -> str:
     names = {r["key"]: _name(r) for r in summ["rows"]}
     for b, v in verd.items():
         word = "beyond noise" if v["beyond_noise"] else "within noise"
-        lines.append(f"- Budget {b}: **{names[v['winner']]}** has the lowest excess NLL, {v['diff']:.4f} nats/token below "
+        lines.append(f"- Budget {b:.2f}: **{names[v['winner']]}** has the lowest excess NLL, {v['diff']:.4f} nats/token below "
                      f"{names[v['runner_up']]} (paired SE {v['se']:.4f}; ahead on "
                      f"{'every' if v['all_seeds'] else 'not every'} seed): {word}.")
+    for b, comps in (h2h or {}).items():
+        parts = []
+        for c in comps:
+            if c["beyond_noise"]:
+                word = ("better than " if c["diff"] > 0 else "worse than ") + names[c["against"]]
+            else:
+                word = f"not separable from {names[c['against']]}"
+            parts.append(f"{word} ({c['diff']:+.4f} ± {c['se']:.4f}; mirror acc "
+                         f"{c['mirror_acc'][0]:.3f} vs {c['mirror_acc'][1]:.3f})")
+        lines.append(f"- Budget {b:.2f}, adsa-evict (head) is " + "; ".join(parts) + ".")
     return "\n".join(lines)
 
 
@@ -110,11 +158,13 @@ def plots(summ: dict, out: Path, run: Path | None, codebook=None):
     for r in summ["rows"]:
         if r["budget"] is not None:
             by.setdefault(_name(r), []).append(r)
-    for name, rs in sorted(by.items()):
+    colors = plt.get_cmap("tab20").colors  # more series than tab10 has colours
+    for i, (name, rs) in enumerate(sorted(by.items())):
         rs.sort(key=lambda r: r["budget"])
         ax.errorbar([r["budget"] for r in rs], [r["excess_nll"] for r in rs], yerr=[2 * r["excess_nll_se"] for r in rs],
-                    marker="o", capsize=3, label=name)
+                    marker="os^vD"[i % 5], capsize=3, label=name, color=colors[i % len(colors)])
     ax.axhline(0, color="k", lw=0.5)
+    ax.set_ylim(bottom=-1e-3)
     ax.set_xlabel("budget (fraction of the 576 image tokens kept)")
     ax.set_ylabel("excess held-out NLL vs dense (nats/token, ±2 SE)")
     ax.set_yscale("symlog", linthresh=1e-3)
@@ -138,21 +188,27 @@ def plots(summ: dict, out: Path, run: Path | None, codebook=None):
         fig.tight_layout()
         fig.savefig(out / "loss_curves.png", dpi=110)
         plt.close(fig)
-    if run is not None and codebook is not None:
-        from PIL import Image
-        strips, names = [], []
-        for r in summ["rows"]:
-            f = run / f"samples_{_fname(r['key'])}.npy"
-            if f.is_file() and (r["budget"] is None or abs(r["budget"] - 0.44) < 0.01):
-                t = np.load(f).astype(np.int64)[:8]
-                strips.append(np.concatenate(list(lab_data.decode_tokens(t, codebook)), axis=1))
-                names.append(_name(r))
-        if strips:
-            w = max(s.shape[1] for s in strips)
-            grid = np.concatenate([np.pad(s, ((2, 2), (0, w - s.shape[1]), (0, 0)), constant_values=255) for s in strips])
-            Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(out / "samples_b044.png")
-            (out / "samples_b044.txt").write_text("rows, top to bottom (seed 0, classes 0-7, same keys):\n"
-                                                  + "\n".join(names) + "\n")
+    for budget, tag in ((0.44, "b044"), (0.25, "b025")):
+        if run is not None and codebook is not None:
+            _sample_grid(summ, out, run, codebook, budget, tag)
+
+
+def _sample_grid(summ, out, run, codebook, budget, tag):
+    """Dense beside every policy at one budget: seed 0, the same classes and sampling keys."""
+    from PIL import Image
+    strips, names = [], []
+    for r in summ["rows"]:
+        f = run / f"samples_{_fname(r['key'])}.npy"
+        if f.is_file() and (r["budget"] is None or abs(r["budget"] - budget) < 0.01):
+            t = np.load(f).astype(np.int64)[:8]
+            strips.append(np.concatenate(list(lab_data.decode_tokens(t, codebook)), axis=1))
+            names.append(_name(r))
+    if strips:
+        w = max(s.shape[1] for s in strips)
+        grid = np.concatenate([np.pad(s, ((2, 2), (0, w - s.shape[1]), (0, 0)), constant_values=255) for s in strips])
+        Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(out / f"samples_{tag}.png")
+        (out / f"samples_{tag}.txt").write_text("rows, top to bottom (seed 0, classes 0-7, same keys):\n"
+                                              + "\n".join(names) + "\n")
 
 
 def report(run: Path, out: Path, *, data_dir: Path | None = None, dataset: str = "emoji-datasource 16.0.0 "
@@ -164,11 +220,16 @@ def report(run: Path, out: Path, *, data_dir: Path | None = None, dataset: str =
     summ["model"]["convergence"] = convergence(tlog)
     if not summ["model"]["convergence"]["flattened"]:
         log("report: held-out NLL has NOT flattened: these rows check the pipeline; they are not evidence")
+    conv = summ["model"]["convergence"]
+    if conv.get("overfit"):
+        log(f"report: held-out NLL was lowest at step {conv['best_step']} and has risen since: the model overfits")
     verd = verdicts(summ, run)
     summ["verdicts"] = {str(b): v for b, v in verd.items()}
+    h2h = head_to_head(summ, run)
+    summ["head_to_head"] = {str(b): v for b, v in h2h.items()}
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summ, indent=1))
-    (out / "table.md").write_text(table(summ, verd) + "\n")
+    (out / "table.md").write_text(table(summ, verd, h2h) + "\n")
     codebook = None
     for d in (data_dir, run.parent):
         if d is not None and (d / "tokenizer.npz").is_file():

@@ -149,6 +149,9 @@ def train(data_file: Path, run_dir: Path, *, seeds=(0, 1, 2), batch: int = 64, p
     params = init(keys)
     opt_state = jax.jit(jax.vmap(tx.init))(params)
     mngr = ocp.CheckpointManager(run_dir / "ckpt", options=ocp.CheckpointManagerOptions(max_to_keep=1))
+    # the held-out optimum, params only: 13.5k images overfit within a few epochs, and the policies are
+    # compared on the best model, not on the last one
+    best_mngr = ocp.CheckpointManager(run_dir / "best", options=ocp.CheckpointManagerOptions(max_to_keep=1))
     step = 0
     if mngr.latest_step() is not None:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _ckpt_state(params, opt_state, 0, 0))
@@ -178,6 +181,11 @@ def train(data_file: Path, run_dir: Path, *, seeds=(0, 1, 2), batch: int = 64, p
             tot += np.asarray(m) * len(rp_t[a:a + 128])
         res["repeat_nll"] = (tot / len(rp_t)).tolist()
         res["seconds"] = round(time.time() - t_start, 1)
+        prev = [float(np.mean(e["heldout_nll"])) for e in hist["eval"]]
+        if not prev or float(np.mean(res["heldout_nll"])) < min(prev):
+            best_mngr.save(step_now, args=ocp.args.StandardSave({"params": params}))
+            best_mngr.wait_until_finished()
+            hist["best_step"] = step_now
         hist["eval"].append(res)
         log(f"train: step {step_now} held-out NLL {np.round(res['heldout_nll'], 4).tolist()} "
             f"repeat NLL {np.round(res['repeat_nll'], 4).tolist()}")
@@ -228,23 +236,29 @@ def train(data_file: Path, run_dir: Path, *, seeds=(0, 1, 2), batch: int = 64, p
     save()
     meta = {"config": cfg.to_dict(), "seeds": list(seeds), "params": nparams, "step": step, "total_steps": total_steps,
             "batch": batch, "peak_lr": peak_lr, "warmup": warmup, "weight_decay": weight_decay,
-            "done": step >= total_steps, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+            "done": step >= total_steps, "best_step": hist.get("best_step"), "device": jax.devices()[0].device_kind,
+            "jax": jax.__version__}
     (run_dir / "model.json").write_text(json.dumps(meta, indent=1))
     mngr.close()
+    best_mngr.close()
     return meta
 
 
-def load_trained(run_dir: Path):
-    """(GPTConfig, stacked fp32 params (S, ...), meta) of a trained run."""
+def load_trained(run_dir: Path, which: str = "best"):
+    """(GPTConfig, stacked fp32 params (S, ...), meta) of a trained run: the held-out optimum ("best",
+    when the run saved one) or the last step ("last"). meta["evaluated_step"] says which step it is."""
     import orbax.checkpoint as ocp
 
     run_dir = run_dir.absolute()
     meta = json.loads((run_dir / "model.json").read_text())
     cfg = GPTConfig.from_dict(meta["config"])
-    mngr = ocp.CheckpointManager(run_dir / "ckpt")
-    st = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore())  # the tree as saved
+    sub = "best" if which == "best" and (run_dir / "best").is_dir() else "ckpt"
+    mngr = ocp.CheckpointManager(run_dir / sub)
+    step = mngr.latest_step()
+    st = mngr.restore(step, args=ocp.args.StandardRestore())  # the tree as saved
     mngr.close()
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), st["params"])
+    meta["evaluated_step"], meta["evaluated_checkpoint"] = int(step), "best" if sub == "best" else "last"
     return cfg, params, meta
 
 
