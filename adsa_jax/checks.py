@@ -172,28 +172,28 @@ def _check_parent(what: str, parent: Path, create: bool):
         raise ConfigError(f"cannot write {what}: directory {parent} is not writable")
 
 
-def check_sample_args(a) -> None:
-    """Every numeric argument and output path of ``adsa-jax sample`` (an argparse namespace),
-    before a checkpoint is read or anything is compiled: a long run never fails at its end."""
-    def get(name):
-        return getattr(a, name, None)
+def check_sample_args(*, num_samples=None, batch_size=None, max_batches=None, num_segments=None,
+                      data_parallel=None, tensor_parallel=None, seed=0, temperature=1.0, top_k=0, top_p=1.0,
+                      cfg_scale=1.0, cfg_interval=-1, budget=None, prefix=None, keep=None, local=None,
+                      out=None, tokens_out=None, out_dir=None, npz=None) -> None:
+    """Every number and output path of a sampling run (``adsa-jax sample``), before a checkpoint
+    is read or anything is compiled: a long run never fails at its end.
 
-    for name in ("num_samples", "batch_size", "max_batches"):
-        if get(name) is not None:
-            check_count(get(name), name)
-    if get("segments") is not None:
-        check_count(get("segments"), "num_segments")
-    for name in ("data_parallel", "tensor_parallel"):
-        if get(name) is not None:
-            check_count(get(name), name)
-    check_seed(0 if get("seed") is None else get("seed"))
-    check_sampling_args(1.0 if get("temperature") is None else get("temperature"),
-                        0 if get("top_k") is None else get("top_k"),
-                        1.0 if get("top_p") is None else get("top_p"),
-                        1.0 if get("cfg_scale") is None else get("cfg_scale"),
-                        -1 if get("cfg_interval") is None else get("cfg_interval"))
-    check_policy_sizes(get("budget"), get("prefix"), get("keep"), get("local"))
-    check_output_file(get("out"), flag="--out")
-    check_output_file(get("tokens_out"), flag="--tokens-out")
-    check_output_dir(get("out_dir"), flag="--out-dir")
-    check_output_file(get("npz"), create_dirs=True, flag="--npz")  # its work directory is made next to it
+    None means "not given" (the command chooses it later) and is not checked; a sampling scalar
+    left None is checked as its neutral value. out / tokens_out / npz: files to write (npz's
+    directories are made: its work directory goes next to it); out_dir: a directory to write into.
+    """
+    for name, v in (("num_samples", num_samples), ("batch_size", batch_size), ("max_batches", max_batches),
+                    ("num_segments", num_segments), ("data_parallel", data_parallel),
+                    ("tensor_parallel", tensor_parallel)):
+        if v is not None:
+            check_count(v, name)
+    check_seed(0 if seed is None else seed)
+    check_sampling_args(1.0 if temperature is None else temperature, 0 if top_k is None else top_k,
+                        1.0 if top_p is None else top_p, 1.0 if cfg_scale is None else cfg_scale,
+                        -1 if cfg_interval is None else cfg_interval)
+    check_policy_sizes(budget, prefix, keep, local)
+    check_output_file(out, flag="--out")
+    check_output_file(tokens_out, flag="--tokens-out")
+    check_output_dir(out_dir, flag="--out-dir")
+    check_output_file(npz, create_dirs=True, flag="--npz")

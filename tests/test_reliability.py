@@ -463,6 +463,20 @@ def test_output_paths_checked(tmp_path):
     check_output_dir(tmp_path / "new" / "pngs")
 
 
+def test_sample_args_checked_by_keyword(tmp_path):
+    """The command's checks as a library call: keywords, no argparse object; None is "not given"."""
+    from adsa_jax.checks import check_sample_args
+
+    check_sample_args()
+    check_sample_args(num_samples=8, batch_size=4, temperature=None, top_k=None, npz=tmp_path / "new" / "r.npz")
+    for kw, flag in ((dict(num_segments=0), "--segments"), (dict(tensor_parallel=0), "--tensor-parallel"),
+                     (dict(top_k=-1), "--top-k"), (dict(keep=-1), "--keep"), (dict(seed=None, budget=2.0), "--budget"),
+                     (dict(out_dir=tmp_path / "f"), "--out-dir"), (dict(npz=tmp_path), "--npz")):
+        (tmp_path / "f").write_text("x")
+        with pytest.raises(ConfigError, match=flag):
+            check_sample_args(**kw)
+
+
 # ----------------------------------------------------------------------------- resumable runs
 
 LABELS = np.arange(6) % 10

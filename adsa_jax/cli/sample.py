@@ -75,7 +75,12 @@ def add_parser(sub):
 def run(a):
     from ..checks import check_sample_args
 
-    check_sample_args(a)  # every number and output path, before a checkpoint is read
+    # every number and output path, before a checkpoint is read
+    check_sample_args(num_samples=a.num_samples, batch_size=a.batch_size, max_batches=a.max_batches,
+                      num_segments=a.segments, data_parallel=a.data_parallel, tensor_parallel=a.tensor_parallel,
+                      seed=a.seed, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, cfg_scale=a.cfg_scale,
+                      cfg_interval=a.cfg_interval, budget=a.budget, prefix=a.prefix, keep=a.keep, local=a.local,
+                      out=a.out, tokens_out=a.tokens_out, out_dir=a.out_dir, npz=a.npz)
     if a.gpt is None:  # the bundled demo model (sklearn digits) and its gray-level quantiser
         return run_demo(a)
     if a.side_by_side:
