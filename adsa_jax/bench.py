@@ -6,7 +6,7 @@ own), then called ``warmup`` times and ``iters`` times; the median call is repor
 Roofline: per decode step the weights (minus the embedding tables, of which only a row is read)
 plus the KV entries the policy actually reads, over the measured copy bandwidth; and the matmul
 FLOPs over the measured bf16 matmul rate. The floor for a call is the larger of the two summed
-over the N steps; ``achieved`` = floor / measured.
+over the N steps; ``achieved_fraction`` (the table's "of floor") = floor / measured.
 
 Models: named sizes and JSON files of LlamaGen ``ModelArgs`` fields run with random weights (the
 speed of a step does not depend on their values); a converted checkpoint directory runs with its

@@ -94,7 +94,8 @@ class KernelConfig:
     # 1.507 s, batch 1 equal; costs one copy of w1|w3 per call (0.6 GiB for GPT-XL bf16). One device only.
     stack_ffn: bool = True
 
-    # --- decode_attention (kernels/attention.py); measured on an H100 by benchmarks/kernel_tune.py
+    # --- decode_attention (kernels/attention.py); chosen on an H100 by timing the kernel alone over
+    # block sizes, warps and stages (benchmarks/step_kernel_time.py times it at these values)
     block_k: int = 128
     num_warps: int = 2
     num_stages: int = 1

@@ -278,10 +278,11 @@ def sample_to_npz(model, cond, key, out, *, batch_size: int, cond_mask=None, lab
     store images (else tokens); mesh: split every batch over it (``None``: one device);
     max_batches: stop after this many new batches (an interruption, for tests and time-boxed
     jobs); vq_batch: images per device per VQ decode call (fixed, so pixels do not depend on
-    the batch size or device count); settings: JSON-able description of the run that a resume must match; gen_kw: the
-    ``generate`` arguments (policy, cfg_scale, ...). Returns the merged path, or None when the
-    run stopped early (max_batches) or on processes other than 0; raises :class:`MissingParts`
-    (a ConfigError) when process 0 cannot see every host's parts.
+    the batch size or device count); settings: JSON-able description of the run that a resume
+    must match; gen_kw: the other ``generate`` keyword arguments (``sampling``, ``policy``,
+    ``options``). Returns the merged path, or None when the run stopped early (max_batches) or
+    on processes other than 0; raises :class:`MissingParts` (a ConfigError) when process 0
+    cannot see every host's parts.
     """
     import jax
 

@@ -13,8 +13,8 @@ and happens before step t's attention (the layout moves o when token t is writte
 attends to P + K + M image tokens, never one more; the recent window is the ring of M.
 
 The decision needs the attention probabilities of every step, so this policy always uses the
-XLA attention (the class has no ``attention`` field: ``attention='auto'`` keeps XLA, and
-'pallas' is refused by :func:`adsa_jax.generate.resolve_attention`). A step costs one extra
+XLA attention (the class has no ``kernels`` field: :func:`adsa_jax.generate.with_kernels` keeps
+XLA's attention for ``attention='auto'`` and refuses the Pallas kernels). A step costs one extra
 (B, H, S) float32 add over the cache, never an O(N^2) array.
 """
 from __future__ import annotations
