@@ -120,6 +120,23 @@ def _name(r) -> str:
     return f"{r['policy']}{g}"
 
 
+def compact_table(summ: dict) -> str:
+    """Policies down, budgets across: excess NLL ± paired SE, and mirror accuracy (dense's in the title)."""
+    budgets = sorted({r["budget"] for r in summ["rows"] if r["budget"] is not None})
+    dense = next((r for r in summ["rows"] if r["budget"] is None), None)
+    names = sorted({_name(r) for r in summ["rows"] if r["budget"] is not None})
+    cell = {(_name(r), r["budget"]): r for r in summ["rows"]}
+    head = "| policy | " + " | ".join(f"{b:.2f}" for b in budgets) + " |"
+    lines = [f"Excess held-out NLL vs dense (nats/token, ± paired SE) / mirror accuracy (dense: "
+             f"{dense['mirror_acc']:.3f}), per budget:" if dense else "", "", head,
+             "| --- |" + " --- |" * len(budgets)]
+    for n in names:
+        cs = [cell.get((n, b)) for b in budgets]
+        lines.append(f"| {n} | " + " | ".join(f"{c['excess_nll']:+.4f} ± {c['excess_nll_se']:.4f} / {c['mirror_acc']:.2f}"
+                                              if c else "not run" for c in cs) + " |")
+    return "\n".join(lines)
+
+
 def table(summ: dict, verd: dict, h2h: dict | None = None) -> str:
     lines = ["| budget | policy | excess NLL (nats/token) | KL | top-1 | class acc | feature FD | mirror acc | KV / image |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -229,7 +246,7 @@ def report(run: Path, out: Path, *, data_dir: Path | None = None, dataset: str =
     summ["head_to_head"] = {str(b): v for b, v in h2h.items()}
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summ, indent=1))
-    (out / "table.md").write_text(table(summ, verd, h2h) + "\n")
+    (out / "table.md").write_text(compact_table(summ) + "\n\nEvery metric:\n\n" + table(summ, verd, h2h) + "\n")
     codebook = None
     for d in (data_dir, run.parent):
         if d is not None and (d / "tokenizer.npz").is_file():
