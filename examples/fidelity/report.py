@@ -198,6 +198,11 @@ def plots(summ: dict, out: Path, run: Path | None, codebook=None):
         for s in range(len(log["eval"][0]["heldout_nll"])):
             ax.plot([e["step"] for e in log["eval"]], [e["heldout_nll"][s] for e in log["eval"]], marker="o",
                     label=f"held-out, seed {s}")
+        tr_meta = summ.get("training", {})
+        for step, style, what in ((tr_meta.get("best_step"), ":", "held-out optimum"),
+                                  (tr_meta.get("evaluated_step"), "--", "policies compared here")):
+            if step:
+                ax.axvline(step, color="k", ls=style, lw=0.8, label=f"{what} (step {step})")
         ax.set_xlabel("step")
         ax.set_ylabel("NLL (nats/token)")
         ax.set_ylim(top=min(ax.get_ylim()[1], 4.0))
@@ -238,6 +243,8 @@ def report(run: Path, out: Path, *, data_dir: Path | None = None, dataset: str =
     if not summ["model"]["convergence"]["flattened"]:
         log("report: held-out NLL has NOT flattened: these rows check the pipeline; they are not evidence")
     conv = summ["model"]["convergence"]
+    if summ["training"].get("best_step") is None:  # a run from before training kept its optimum
+        summ["training"]["best_step"] = conv.get("best_step")
     if conv.get("overfit"):
         log(f"report: held-out NLL was lowest at step {conv['best_step']} and has risen since: the model overfits")
     verd = verdicts(summ, run)
