@@ -27,7 +27,7 @@ import numpy as np
 
 from .checkpoint import load, read_meta
 from .config import ConfigError, GPTConfig, config_from_arg, grid_for_image_size, is_config_file
-from .cache import kv_bytes, make_policy
+from .cache import PERIOD_POLICIES, kv_bytes, make_policy
 from .generate import Model, _scalars, generate_program, with_kernels
 from .model import init_params
 from .options import KernelConfig, SamplingConfig, kernel_config
@@ -169,19 +169,21 @@ def bench_one(model: Model, batch: int, policy, *, sampling: SamplingConfig = Sa
 
 def format_rows(rows) -> str:
     w = max([9] + [len(str(r.get("name", ""))) for r in rows])  # checkpoint directory names can be long
-    head = (f"{'model':>{w}} {'grid':>5} {'batch':>5} {'policy':>11} {'budget':>6} {'attn':>6} {'gemm':>6} {'seg':>3} {'compile s':>9} "
+    head = (f"{'model':>{w}} {'grid':>5} {'batch':>5} {'policy':>17} {'budget':>6} {'attn':>6} {'gemm':>6} {'seg':>3} {'compile s':>9} "
             f"{'s/call':>7} {'img/s':>8} {'ms/step':>7} {'peak GiB':>8} {'KV GiB':>7} {'floor s':>7} {'of floor':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
             lines.append(f"{r.get('name', '?'):>{w}} {r.get('grid', '?'):>5} {r.get('batch', '?'):>5} "
-                         f"{r.get('policy', '?'):>11}  error: {r['error'][:120]}")
+                         f"{r.get('policy', '?'):>17}  error: {r['error'][:120]}")
             continue
         budget = "-" if r["keep"] is None else f"{r.get('budget', '')}"
+        label = r["policy"] + ("/layer" if r.get("granularity") == "layer" else "") + (
+            f" s={r['period']}" if (r.get("period") or 1) > 1 else "")
         peak = "-" if r["peak_bytes_compiled"] is None else f"{r['peak_bytes_compiled'] / 2**30:.2f}"
         floor = r.get("floor_s", float("nan"))
         lines.append(
-            f"{r.get('name', ''):>{w}} {r['grid']:>5} {r['batch']:>5} {r['policy']:>11} {budget:>6} "
+            f"{r.get('name', ''):>{w}} {r['grid']:>5} {r['batch']:>5} {label:>17} {budget:>6} "
             f"{r.get('attention', 'xla'):>6} {r.get('gemm', '')[:6]:>6} {r['segments']:>3} "
             f"{r['compile_s']:>9.1f} {r['s_per_call']:>7.3f} {r['images_per_s']:>8.2f} {r['ms_per_step']:>7.2f} "
             f"{peak:>8} {r['kv_bytes'] / 2**30:>7.3f} {floor:>7.3f} {r.get('achieved_fraction', float('nan')):>8.2f}")
@@ -197,11 +199,14 @@ def selection_shares(rows) -> list[dict]:
         return tuple(r.get(k) for k in ("name", "source", "grid", "batch", "budget", "dtype", "attention", "gemm",
                                         "segments", "cfg"))
 
+    def plain(r):  # the share is defined for head granularity at period 1 (the window's own layout)
+        return r.get("granularity") in (None, "head") and (r.get("period") or 1) == 1
+
     ok = [r for r in rows if "error" not in r and r.get("s_per_call", 0) > 0]
     window = {key(r): r for r in ok if r["policy"] == "window"}
     out = []
     for r in ok:
-        w = window.get(key(r)) if r["policy"] == "adsa-evict" else None
+        w = window.get(key(r)) if r["policy"] == "adsa-evict" and plain(r) else None
         if w is not None:
             out.append({"name": r.get("name"), "image_size": r.get("image_size"), "grid": r["grid"],
                         "batch": r["batch"], "budget": r.get("budget"),
@@ -317,10 +322,35 @@ def _checkpoint_model(path: Path, sizes, model_type) -> BenchModel:
     return BenchModel(path.resolve().name, cfg, stored or (sizes[0] if sizes else None), str(path), checkpoint=True)
 
 
+SCORED = ("adsa-evict", "adsa-evict-all", "adsa-select", "h2o")  # the policies whose granularity changes the program
+
+
+def policy_items(cfg: GPTConfig, policies, budgets, granularities=("head",), periods=(1,)) -> list[dict]:
+    """[{"policy", "budget", "granularity", "period"}] for every policy x budget, x granularity for
+    the scored policies (the others have none: None) and x period for those that take one (the
+    others: 1). A bad name, budget, granularity or period raises ConfigError here, before any work."""
+    out = []
+    for name in policies:
+        for budget in [None] if name == "dense" else budgets:
+            for gran in granularities if name in SCORED else [None]:
+                for period in periods if name in PERIOD_POLICIES else [1]:
+                    pol = make_policy(cfg, name, budget=budget, granularity=gran or "head", period=period)
+                    out.append({"policy": pol, "budget": budget, "granularity": gran, "period": period})
+    bad = [g for g in granularities if g not in ("head", "layer")]  # checked even where no policy uses them
+    if bad:
+        raise ConfigError(f"granularity must be 'head' or 'layer', got {bad[0]!r}")
+    bad = [s for s in periods if isinstance(s, bool) or not isinstance(s, int) or s < 1]
+    if bad:
+        raise ConfigError(f"period must be an integer >= 1 (steps between evictions), got {bad[0]!r}")
+    return out
+
+
 def run(models=None, image_sizes=None, batches=(1, 8), policies=("dense",), budgets=(0.5,),
         dtype="bfloat16", iters=3, sampling: SamplingConfig = SamplingConfig(), json_path=None, measure=True, log=print,
-        compile_workers=1, warmup=1, checkpoint=None, model_type=None, options: KernelConfig | None = None):
-    """Sweep models x image sizes x policies x budgets x batches (models, image sizes, checkpoint
+        compile_workers=1, warmup=1, checkpoint=None, model_type=None, options: KernelConfig | None = None,
+        granularities=("head",), periods=(1,)):
+    """Sweep models x image sizes x policies x budgets (x granularities, x periods: :func:`policy_items`)
+    x batches (models, image sizes, checkpoint
     and model type: :func:`bench_models`). With ``compile_workers`` > 1 the configurations of one
     model compile that many at a time in parallel threads (their compile times then overlap:
     compile_s is wall time under contention), and are timed one after another once compiled.
@@ -329,10 +359,8 @@ def run(models=None, image_sizes=None, batches=(1, 8), policies=("dense",), budg
     specs = bench_models(models, image_sizes, checkpoint=checkpoint, model_type=model_type)
 
     def items_for(cfg):
-        return [{"batch": b, "policy": make_policy(cfg, pol_name, budget=budget), "budget": budget,
-                 "options": options, "sampling": sampling}
-                for pol_name in policies for budget in ([None] if pol_name == "dense" else budgets)
-                for b in batches]
+        return [dict(it, batch=b, options=options, sampling=sampling)
+                for it in policy_items(cfg, policies, budgets, granularities, periods) for b in batches]
 
     for spec in specs:  # a bad policy or budget fails now, not after the device measurement
         items_for(spec.config)
@@ -353,7 +381,8 @@ def run(models=None, image_sizes=None, batches=(1, 8), policies=("dense",), budg
             except Exception as e:  # noqa: BLE001 - e.g. an OOM at one size
                 r = error_row(e, model, item)
             prepared = None  # free the executable
-            r.update(name=spec.name, source=spec.source, image_size=spec.image_size, budget=item["budget"])
+            r.update(name=spec.name, source=spec.source, image_size=spec.image_size, budget=item["budget"],
+                     granularity=item["granularity"], period=item["period"])
             rows.append(r)
             log(format_rows([r]).splitlines()[-1])
             if json_path:
@@ -586,12 +615,14 @@ def format_cap_rows(rows) -> str:
     """The rows of :func:`run_memory_cap` as a table: per cap and policy, the largest batch, its speed
     and memory."""
     w = max([9] + [len(str(r.get("name", ""))) for r in rows])
-    head = (f"{'model':>{w}} {'grid':>5} {'cap GiB':>8} {'policy':>11} {'budget':>6} {'batch':>6} {'img/s':>8} "
+    head = (f"{'model':>{w}} {'grid':>5} {'cap GiB':>8} {'policy':>17} {'budget':>6} {'batch':>6} {'img/s':>8} "
             f"{'s/call':>7} {'peak GiB':>8} {'run GiB':>8} {'KV GiB':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         budget = "-" if r.get("budget") is None else f"{r['budget']}"
-        lead = (f"{r.get('name', ''):>{w}} {r.get('grid', '?'):>5} {r['memory_cap_gib']:>8g} {r['policy']:>11} "
+        label = r["policy"] + ("/layer" if r.get("granularity") == "layer" else "") + (
+            f" s={r['period']}" if (r.get("period") or 1) > 1 else "")
+        lead = (f"{r.get('name', ''):>{w}} {r.get('grid', '?'):>5} {r['memory_cap_gib']:>8g} {label:>17} "
                 f"{budget:>6}")
         if "error" in r:
             lines.append(f"{lead}  error: {r['error'][:120]}")
@@ -606,16 +637,16 @@ def format_cap_rows(rows) -> str:
 def run_memory_cap(models=None, image_sizes=None, policies=("dense",), budgets=(0.5,), caps=(40.0,),
                    dtype="bfloat16", iters=3, warmup=1, sampling: SamplingConfig = SamplingConfig(), json_path=None,
                    measure=True, log=print, compile_workers=1, checkpoint=None, model_type=None,
-                   options: KernelConfig | None = None, start=8, align=1, max_batch=4096):
+                   options: KernelConfig | None = None, start=8, align=1, max_batch=4096, granularities=("head",),
+                   periods=(1,)):
     """Throughput at equal memory: for each model x policy x budget x cap (GiB or 'device'), the
     largest batch that fits the cap (:func:`cap_search`) and its speed. Models, image sizes,
     checkpoint and model type as :func:`run`; rows as :func:`run`'s plus ``memory_cap_gib``."""
     specs = bench_models(models, image_sizes, checkpoint=checkpoint, model_type=model_type)
 
     def items_for(cfg):
-        return [{"policy": make_policy(cfg, pol_name, budget=budget), "budget": budget, "options": options,
-                 "sampling": sampling}
-                for pol_name in policies for budget in ([None] if pol_name == "dense" else budgets)]
+        return [dict(it, options=options, sampling=sampling)
+                for it in policy_items(cfg, policies, budgets, granularities, periods)]
 
     for spec in specs:  # bad policies, budgets, caps and search bounds fail now, before any timing
         items_for(spec.config)
@@ -632,7 +663,8 @@ def run_memory_cap(models=None, image_sizes=None, policies=("dense",), budgets=(
         items = items_for(model.config)
         for i, cap, r in cap_search(model, items, resolved, start=start, align=align, max_batch=max_batch,
                                     workers=compile_workers, iters=iters, warmup=warmup, device=device, log=log):
-            r.update(name=spec.name, source=spec.source, image_size=spec.image_size, budget=items[i]["budget"])
+            r.update(name=spec.name, source=spec.source, image_size=spec.image_size, budget=items[i]["budget"],
+                     granularity=items[i]["granularity"], period=items[i]["period"])
             if "error" in r:
                 r.setdefault("grid", model.config.grid)
             rows.append(r)

@@ -282,6 +282,32 @@ def test_cli_bench_errors(c2i_dir, tmp_path, capsys):
     assert "unknown model 'GPT-Q'" in capsys.readouterr().err
     assert main(["bench", "--checkpoint", str(c2i_dir), "--policies", "dense,lru"]) == 2  # before any timing
     assert "unknown policy 'lru'" in capsys.readouterr().err
+    assert main(["bench", "--checkpoint", str(c2i_dir), "--granularity", "head,row"]) == 2
+    assert "granularity must be 'head' or 'layer', got 'row'" in capsys.readouterr().err
+    assert main(["bench", "--checkpoint", str(c2i_dir), "--period", "1,0"]) == 2
+    assert "period must be an integer >= 1" in capsys.readouterr().err
+    assert main(["bench", "--checkpoint", str(c2i_dir), "--period", "x"]) == 2
+    assert "--period" in capsys.readouterr().err
+
+
+def test_policy_items_sweeps_granularity_and_period_where_they_apply():
+    """Granularity multiplies the scored policies only, the period only those that take one; each
+    item's policy object is what make_policy builds for it."""
+    cfg = fixture_cfg()
+    items = bench.policy_items(cfg, ["dense", "adsa-evict", "window", "h2o", "random"], [0.5], ("head", "layer"), (1, 2))
+    got = [(it["policy"].name, it["budget"], it["granularity"], it["period"]) for it in items]
+    assert got == [("dense", None, None, 1),
+                   ("adsa-evict", 0.5, "head", 1), ("adsa-evict", 0.5, "head", 2),
+                   ("adsa-evict", 0.5, "layer", 1), ("adsa-evict", 0.5, "layer", 2),
+                   ("window", 0.5, None, 1), ("h2o", 0.5, "head", 1), ("h2o", 0.5, "layer", 1),
+                   ("random", 0.5, None, 1), ("random", 0.5, None, 2)]
+    for it in items[1:5]:
+        assert it["policy"] == make_policy(cfg, "adsa-evict", budget=0.5, granularity=it["granularity"],
+                                           period=it["period"])
+    rows = [{"policy": "adsa-evict", "granularity": "layer", "period": 8, "keep": 4, "budget": 0.5, "grid": 8,
+             "batch": 1, "attention": "xla", "gemm": "xla", "segments": 1, "compile_s": 1.0, "s_per_call": 1.0,
+             "images_per_s": 1.0, "ms_per_step": 1.0, "peak_bytes_compiled": None, "kv_bytes": 0}]
+    assert "adsa-evict/layer s=8" in bench.format_rows(rows)
 
 
 # ----------------------------------------------------------------------------- memory cap

@@ -22,6 +22,10 @@ def add_parser(sub):
     p.add_argument("--policies", default="dense", help="comma-separated policies (default: %(default)s)")
     p.add_argument("--budgets", default="0.5", help="comma-separated budgets of the sparse policies "
                    "(default: %(default)s)")
+    p.add_argument("--granularity", default="head", help="comma-separated granularities (head, layer) of the scored "
+                   "policies (adsa-*, h2o) (default: %(default)s)")
+    p.add_argument("--period", default="1", help="comma-separated eviction periods s of adsa-evict, adsa-evict-all "
+                   "and random (default: %(default)s)")
     add_dtype_arg(p)
     p.add_argument("--iters", type=int, default=3, help="timed calls per configuration; the median is reported "
                    "(default: %(default)s)")
@@ -55,7 +59,9 @@ def run(a):
                                  caps=split_list(a.memory_cap, "--memory-cap"), dtype=a.dtype, iters=a.iters,
                                  sampling=sampling_from_args(a), json_path=a.json, measure=not a.no_roofline, log=log,
                                  options=kernels_from_args(a), compile_workers=a.compile_workers,
-                                 max_batch=a.max_batch, align=a.batch_step)
+                                 max_batch=a.max_batch, align=a.batch_step,
+                                 granularities=split_list(a.granularity, "--granularity"),
+                                 periods=split_list(a.period, "--period", int))
         print(format_cap_rows(rows))
         return rows
     _, rows = sweep(models=split_list(a.model, "--model") if a.model else None, image_sizes=sizes,
@@ -63,7 +69,8 @@ def run(a):
                     policies=split_list(a.policies, "--policies"), budgets=split_list(a.budgets, "--budgets", float),
                     dtype=a.dtype, iters=a.iters, sampling=sampling_from_args(a), json_path=a.json,
                     measure=not a.no_roofline, log=log, options=kernels_from_args(a),
-                    compile_workers=a.compile_workers)
+                    compile_workers=a.compile_workers, granularities=split_list(a.granularity, "--granularity"),
+                    periods=split_list(a.period, "--period", int))
     print(format_rows(rows))
     shares = selection_shares(rows)
     if shares:
