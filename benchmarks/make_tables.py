@@ -33,9 +33,9 @@ REQUIRED = {
     "peak_gib": (float, True), "memory_cap_gib": (float, True),
 }
 OPTIONAL = {"s_per_call": (float, False), "floor_s": (float, False), "jax": (str, False), "torch": (str, False),
-            "type": (str, False)}
+            "type": (str, False), "period": (int, False)}  # period: only where s > 1
 IDENTITY = ("device", "framework", "type", "model", "image_size", "batch", "policy", "budget", "granularity",
-            "memory_cap_gib")
+            "memory_cap_gib", "period")
 
 H200 = "NVIDIA H200"
 POLICIES = (("dense", None), ("adsa-evict", 0.5), ("window", 0.5), ("adsa-evict", 0.25), ("window", 0.25))
@@ -132,6 +132,8 @@ def rows_from_bench(bench: dict, date: str | None = None, device: str | None = N
                "img_per_s": round(b / s, 3), "s_per_image": round(s / b, 5),
                "peak_gib": round(r["peak_bytes_compiled"] / 2**30, 2) if r.get("peak_bytes_compiled") else None,
                "memory_cap_gib": r.get("memory_cap_gib"), "s_per_call": round(s, 4)}
+        if (r.get("period") or 1) > 1:
+            row["period"] = int(r["period"])
         if r.get("floor_s"):
             row["floor_s"] = round(float(r["floor_s"]), 4)
         if bench.get("jax"):
@@ -158,10 +160,10 @@ def merge(rows: list[dict], new: list[dict]) -> list[dict]:
 
 
 def find(rows, *, device=H200, framework="adsa_jax", model="GPT-XL", image_size=256, batch=64, policy="dense",
-         budget=None, granularity=None, memory_cap_gib=None):
+         budget=None, granularity=None, memory_cap_gib=None, period=None):
     if granularity is None and policy.startswith("adsa"):
         granularity = "head"
-    key = (device, framework, "c2i", model, image_size, batch, policy, budget, granularity, memory_cap_gib)
+    key = (device, framework, "c2i", model, image_size, batch, policy, budget, granularity, memory_cap_gib, period)
     return next((r for r in rows if identity(r) == key), None)
 
 

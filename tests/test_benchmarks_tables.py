@@ -77,6 +77,14 @@ def test_add_bench_rows_replaces_the_same_configuration():
     json.loads(mt.dump_rows(merged))
     with pytest.raises(mt.TableError, match="--device"):
         mt.rows_from_bench({"device": None, "rows": []})
+    # an eviction period s > 1 is its own configuration, beside period 1; period 1 is not written
+    ev = {"name": "GPT-XL", "image_size": 384, "batch": 64, "policy": "adsa-evict", "budget": 0.5, "dtype": "bfloat16",
+          "cfg": True, "s_per_call": 2.0, "granularity": "head"}
+    s1, s8 = mt.rows_from_bench({"device": {"device": mt.H200}, "rows": [dict(ev, period=1), dict(ev, period=8)]},
+                                date="2026-12-05")
+    assert "period" not in s1 and s8["period"] == 8 and mt.identity(s1) != mt.identity(s8)
+    assert len(mt.merge([s1], [s8])) == 2 and mt.check_rows([s1, s8])
+    assert mt.find([s1, s8], image_size=384, policy="adsa-evict", budget=0.5, period=8) is s8
 
 
 def test_torch_ratio_only_on_one_device_and_day():
