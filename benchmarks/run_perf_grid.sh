@@ -10,13 +10,17 @@
 #   1  adsa-jax bench (~2.5 min), then llamagen_torch.py eager (~4.5 min: a call is 10-25 s)
 #   2  llamagen_torch.py torch.compile at 256 px batch 1 and 64 (a fresh compile each, minutes)
 #   3  llamagen_torch.py torch.compile at 256 px batch 256 and 384 px batch 64
+#   4  adsa-jax bench, every policy against its floor: GPT-XL 384 px, batch 64 and 256, dense, adsa-evict
+#      (head and layer, period 1 and 8) and window at budgets 0.5 and 0.25 (22 configurations, ~9 min;
+#      needs no LlamaGen checkout)
 # It needs a LlamaGen checkout at third_party/LlamaGen (ignored by git; the docstring of
 # benchmarks/llamagen_torch.py says how to get it); a device run carries that path.
 #
 # Writes under $OUT (default ./out): perf_adsa_jax.json (the JSON of adsa-jax bench --json),
-# perf_torch_eager.json, perf_torch_compile_1.json, perf_torch_compile_2.json (results.json rows)
+# perf_torch_eager.json, perf_torch_compile_1.json, perf_torch_compile_2.json (results.json rows),
+# perf_policies.json (part 4)
 # and a log per command. Then, in the repository:
-#   for f in perf_adsa_jax perf_torch_eager perf_torch_compile_1 perf_torch_compile_2; do
+#   for f in perf_adsa_jax perf_torch_eager perf_torch_compile_1 perf_torch_compile_2 perf_policies; do
 #     python benchmarks/make_tables.py --add OUTDIR/$f.json; done
 set -u
 cd "$(dirname "$0")/.."
@@ -25,11 +29,11 @@ OUT=${OUT:-out}
 mkdir -p "$OUT"
 PART=${1:-}
 case "$PART" in
-  1|2|3) ;;
-  *) echo "usage: bash benchmarks/run_perf_grid.sh PART (1, 2 or 3; see the header)" >&2; exit 2 ;;
+  1|2|3|4) ;;
+  *) echo "usage: bash benchmarks/run_perf_grid.sh PART (1, 2, 3 or 4; see the header)" >&2; exit 2 ;;
 esac
 LLAMAGEN=third_party/LlamaGen
-if [ ! -f "$LLAMAGEN/autoregressive/models/generate.py" ]; then
+if [ "$PART" != 4 ] && [ ! -f "$LLAMAGEN/autoregressive/models/generate.py" ]; then
   echo "run_perf_grid.sh: error: no LlamaGen checkout at $LLAMAGEN (see benchmarks/llamagen_torch.py)" >&2
   exit 2
 fi
@@ -54,4 +58,12 @@ case "$PART" in
   ;;
 2) torch_part perf_torch_compile_1 570 GPT-XL:256:1,GPT-XL:256:64 compile ;;
 3) torch_part perf_torch_compile_2 570 GPT-XL:256:256,GPT-XL:384:64 compile ;;
+4)
+  echo "== perf_policies: adsa-jax bench, policies against their floors"
+  timeout 570 python3 -c 'import sys; from adsa_jax.cli import main; sys.exit(main(sys.argv[1:]))' bench \
+    --model GPT-XL --image-size 384 --batch 64,256 --policies dense,adsa-evict,window --budgets 0.5,0.25 \
+    --granularity head,layer --period 1,8 --iters 3 --compile-workers 3 --json "$OUT/perf_policies.json" \
+    > "$OUT/perf_policies.log" 2>&1
+  echo "rc $?"; grep -E "GPT-XL|share|rror" "$OUT/perf_policies.log" | tail -n 30
+  ;;
 esac
