@@ -42,7 +42,7 @@ def test_sample_errors(c2i_dir, tmp_path, capsys):
 
 def test_compare_table_and_json(c2i_dir, tmp_path, capsys):
     js = tmp_path / "cmp.json"
-    assert main(["compare", "--gpt", str(c2i_dir), "--classes", "1,2", "--policies", "dense,adsa-evict,window",
+    assert main(["compare", "--gpt", str(c2i_dir), "--classes", "1,2", "--policies", "dense,adsa-evict",
                  "--budgets", "0.5,1.0", "--json", str(js)]) == 0
     table = capsys.readouterr().out
     assert "adsa-evict" in table and "KL mean" in table
