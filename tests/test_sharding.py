@@ -19,6 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from xdist_once import run_once  # noqa: E402
+
 N_DEVICES = 8
 
 # Random model whose heads (4) and FFN hidden (512) split over a model axis of 4. vocab 4096:
@@ -46,8 +49,8 @@ def _child(c2i_dir, vq_dir, work, report_path):
     from adsa_jax.checkpoint import save_gpt
     from adsa_jax.cli import main
     from adsa_jax.config import ConfigError, GPTConfig
-    from adsa_jax.generate import Model, _generate_jit
-    from adsa_jax.options import XLA_KERNELS
+    from adsa_jax.generate import Model, _generate_jit, _scalars, with_kernels
+    from adsa_jax.options import kernel_config
     from adsa_jax.model import init_params
 
     report = {}
@@ -93,28 +96,33 @@ def _child(c2i_dir, vq_dir, work, report_path):
     @check("data_parallel_has_no_collectives")
     def _():
         # Each device decodes its own rows: ADSA top-k / argmax / pool scatter stay local (ShardedPolicy).
+        # The program lowered exactly as generate(..., mesh=dp) called it above (same arguments and
+        # static options), so it is the one that ran, and its compile is reused.
         m = S.shard_model(model, dp)
         rep, rows = S.replicated(dp), S.batch_sharding(dp)
+        sampling = adsa_jax.SamplingConfig(top_k=100)
         for pol in ("adsa-select", "adsa-evict"):
             policy = adsa_jax.make_policy(cfg, pol, budget=0.75)
+            kc = kernel_config(cfg, policy, 16, model.dtype, mesh=dp)
             args = (m.params, S.put(np.zeros(8, np.int32), rows), S.put(np.ones((8, 1), bool), S.batch_sharding(dp, 2)),
                     S.put(key, rep), S.put(np.arange(8, dtype=np.int32), rows),
-                    tuple(S.put(np.asarray(x), rep) for x in (np.float32(4), np.float32(-1), np.float32(1),
-                                                               np.int32(100), np.float32(1))))
-            hlo = _generate_jit.lower(*args, cfg=cfg, policy=policy, use_cfg=True, kernels=XLA_KERNELS,
-                                      mesh=dp).compile().as_text()
+                    tuple(S.put(np.asarray(x), rep) for x in _scalars(sampling)))
+            hlo = _generate_jit.lower(*args, cfg=cfg, policy=with_kernels(policy, kc), use_cfg=True, kernels=kc,
+                                      top_p_on=sampling.top_p_on, mesh=dp).compile().as_text()
             ops = Counter(re.findall(r"\b(all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)"
                                      r"(?:-start)?\(", hlo))
             assert not ops, (pol, ops)
 
     @check("non_divisible_batch_padded_and_trimmed")
     def _():
-        ref = np.asarray(adsa_jax.generate(model, labels[:5], key, sampling=adsa_jax.SamplingConfig(top_k=100),
-                                           policy=adsa_jax.make_policy(model.config, "adsa-evict", budget=0.75)))
+        # 7 images: padded to 8 on both meshes (data axes 8 and 2), i.e. the programs compiled above;
+        # an image's tokens do not depend on its batch, so the reference is the first 7 of 8.
+        sampling = adsa_jax.SamplingConfig(top_k=100)
+        policy = adsa_jax.make_policy(model.config, "adsa-evict", budget=0.75)
+        ref = np.asarray(adsa_jax.generate(model, labels, key, sampling=sampling, policy=policy))[:7]
         for mesh, m in ((dp, model), (tp, tp_model)):
-            tok = adsa_jax.generate(m, labels[:5], key, sampling=adsa_jax.SamplingConfig(top_k=100),
-                                    policy=adsa_jax.make_policy(m.config, "adsa-evict", budget=0.75), mesh=mesh)
-            assert tok.shape == (5, cfg.num_image_tokens) and tok.sharding.is_fully_replicated
+            tok = adsa_jax.generate(m, labels[:7], key, sampling=sampling, policy=policy, mesh=mesh)
+            assert tok.shape == (7, cfg.num_image_tokens) and tok.sharding.is_fully_replicated
             np.testing.assert_array_equal(np.asarray(tok), ref)
 
     @check("params_resharded_only_when_off_the_mesh")
@@ -196,13 +204,18 @@ def vq_dir(tmp_path_factory, fixtures_dir):
 
 @pytest.fixture(scope="module")
 def child(c2i_dir, vq_dir, tmp_path_factory):
-    work = tmp_path_factory.mktemp("sharding")
-    report = work / "report.json"
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={N_DEVICES}", JAX_PLATFORMS="cpu")
-    r = subprocess.run([sys.executable, __file__, str(c2i_dir), str(vq_dir), str(work), str(report)], env=env,
-                       capture_output=True, text=True, timeout=900)
-    assert report.is_file(), f"child failed before reporting (rc {r.returncode}):\n{r.stderr[-4000:]}"
-    return {"report": json.loads(report.read_text()), "rc": r.returncode, "stderr": r.stderr, "work": work}
+    """The child's report, once however many xdist workers run this module's tests."""
+    def launch():
+        work = tmp_path_factory.mktemp("sharding")
+        report = work / "report.json"
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={N_DEVICES}", JAX_PLATFORMS="cpu")
+        r = subprocess.run([sys.executable, __file__, str(c2i_dir), str(vq_dir), str(work), str(report)], env=env,
+                           capture_output=True, text=True, timeout=900)
+        assert report.is_file(), f"child failed before reporting (rc {r.returncode}):\n{r.stderr[-4000:]}"
+        return {"report": json.loads(report.read_text()), "rc": r.returncode, "stderr": r.stderr, "work": str(work)}
+
+    res = run_once(tmp_path_factory, "sharding_child", launch)
+    return {**res, "work": Path(res["work"])}
 
 
 CHECKS = ["meshes", *[f"same_tokens_{p}" for p, _ in POLICIES], "data_parallel_has_no_collectives",
