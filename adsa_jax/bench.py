@@ -103,18 +103,23 @@ def compile_one(model: Model, batch: int, policy, *, sampling: SamplingConfig = 
     cfg = model.config
     use_cfg = sampling.guided
     rows = batch * (2 if use_cfg else 1)
-    kc = kernel_config(cfg, policy, rows, model.dtype, base=options)
+    # options.batch_invariant: kernels resolved for one group, the batch padded to whole groups (as
+    # generate does); the padding is work the call does, so it counts against images/s.
+    invariant = options is not None and options.batch_invariant
+    group_rows = options.invariant_group * (2 if use_cfg else 1) if invariant else rows
+    kc = kernel_config(cfg, policy, group_rows, model.dtype, base=options)
     policy = with_kernels(policy, kc, options)
     attn = getattr(policy, "attention", "xla")
+    padded = -(-batch // kc.invariant_group) * kc.invariant_group if invariant else batch
     if cfg.model_type == "t2i":
         # Zero caption features, every token valid: shapes are static, so a step costs the same
         # whatever the caption says.
-        cond = jnp.zeros((batch, cfg.cls_token_num, cfg.caption_dim), jnp.float32)
-        mask = jnp.ones((batch, cfg.cls_token_num), bool)
+        cond = jnp.zeros((padded, cfg.cls_token_num, cfg.caption_dim), jnp.float32)
+        mask = jnp.ones((padded, cfg.cls_token_num), bool)
     else:
-        cond = jnp.asarray(np.arange(batch) % max(cfg.num_classes, 1), jnp.int32)
-        mask = jnp.ones((batch, 1), bool)
-    ids = jnp.arange(batch, dtype=jnp.int32)
+        cond = jnp.asarray(np.arange(padded) % max(cfg.num_classes, 1), jnp.int32)
+        mask = jnp.ones((padded, 1), bool)
+    ids = jnp.arange(padded, dtype=jnp.int32)
     scalars = _scalars(sampling)
     t0 = time.perf_counter()
     lowered = generate_program(kc).lower(model.params, cond, mask, jax.random.key(seed), ids, scalars, cfg=cfg,
@@ -132,7 +137,8 @@ def compile_one(model: Model, batch: int, policy, *, sampling: SamplingConfig = 
         "policy": policy.name, "prefix": getattr(policy, "prefix", None), "keep": getattr(policy, "keep", None),
         "local": getattr(policy, "local", None), "segments": kc.segments, "attention": attn, "dtype": str(model.dtype),
         "gemm": kc.gemm if kc.gemm != "xla" else "cublas" if kc.cublas else "xla-default", "compile_s": compile_s,
-        "peak_bytes_compiled": peak, "kv_bytes": kv_bytes(policy, cfg, rows, model.dtype),
+        "peak_bytes_compiled": peak, "kv_bytes": kv_bytes(policy, cfg, group_rows if invariant else rows, model.dtype),
+        "batch_invariant": kc.invariant_group if invariant else None,  # its group size (one group's KV at a time)
     }
     return {"compiled": compiled, "args": (cond, mask, ids, scalars), "policy": policy, "rows": rows, "row": row}
 
@@ -179,7 +185,8 @@ def format_rows(rows) -> str:
             continue
         budget = "-" if r["keep"] is None else f"{r.get('budget', '')}"
         label = r["policy"] + ("/layer" if r.get("granularity") == "layer" else "") + (
-            f" s={r['period']}" if (r.get("period") or 1) > 1 else "")
+            f" s={r['period']}" if (r.get("period") or 1) > 1 else "") + (
+            f" inv{r['batch_invariant']}" if r.get("batch_invariant") else "")
         peak = "-" if r["peak_bytes_compiled"] is None else f"{r['peak_bytes_compiled'] / 2**30:.2f}"
         floor = r.get("floor_s", float("nan"))
         lines.append(

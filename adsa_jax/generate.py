@@ -3,8 +3,11 @@ and the scoring paths.
 
 Batch rows: with CFG every image has two rows, interleaved ``[cond_0, uncond_0, cond_1, ...]``
 so a data-parallel split never separates a pair. Randomness: the key of image i is
-``fold_in(key, example_ids[i])`` and the key of its step s is ``fold_in(that, s)``, so a sample
-does not depend on the batch size, its position in the batch, or the device count.
+``fold_in(key, example_ids[i])`` and the key of its step s is ``fold_in(that, s)``, so no key
+depends on the batch size, the image's position in the batch, or the device count. The arithmetic
+may (XLA picks kernels and fusions by shape; in bf16 a changed rounding flips tokens), unless
+``KernelConfig.batch_invariant``: then every image is decoded in a group of fixed size by the same
+program (:func:`_invariant_impl`; docs/reliability.md says what holds in which mode).
 
 On a mesh (:mod:`adsa_jax.sharding` builds it and its specs) the program is the same with
 sharding constraints on the caches and rows, and each policy step inside ``shard_map``
@@ -169,8 +172,48 @@ def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg,
     return tokens, (jnp.concatenate(outs, axis=1) if forced is not None else None)
 
 
+def _in_groups(fn, group: int, *xs):
+    """``fn`` over consecutive groups of ``group`` rows of ``xs`` (their row count a multiple of it),
+    one group after another (``lax.map``): each group is the same program, whatever the count."""
+    n = xs[0].shape[0]
+    split = tuple(x.reshape((n // group, group) + x.shape[1:]) for x in xs)  # (G, g, ...)
+    out = jax.lax.map(lambda a: fn(*a), split)
+    return jax.tree.map(lambda y: y.reshape((-1,) + y.shape[2:]), out)  # (G * rows a group, ...)
+
+
+def _invariant_impl(params, cond, cond_mask, key, example_ids, scalars, *, cfg, policy, use_cfg, kernels, top_p_on,
+                    mesh):
+    """generate with ``kernels.batch_invariant``: each device's rows (a multiple of
+    ``kernels.invariant_group`` images) decoded in groups of that many, by the one-device program
+    (on a data-parallel mesh inside ``shard_map``, so no op sees another device or group)."""
+    segs = _segments(cfg.num_image_tokens - 1, cfg.cls_token_num, kernels.segments)
+    inner = dataclasses.replace(kernels, stack_ffn=False)  # stacked once per call below, not per group
+
+    def local(params, cond, cond_mask, key, ids, scalars):  # one device's rows
+        if kernels.stack_ffn:
+            params = M.stack_ffn(params)
+
+        def group(cond, cond_mask, ids):
+            ex_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+            emb, mask = _embed_rows(params, cfg, cond, cond_mask, use_cfg)
+            return _run(params, cfg, policy, emb, mask, ex_keys, scalars, use_cfg=use_cfg, forced=None,
+                        segments=segs, kernels=inner, top_p_on=top_p_on)[0]
+
+        return _in_groups(group, kernels.invariant_group, cond, cond_mask, ids)
+
+    args = (params, cond, cond_mask, key, example_ids, scalars)
+    if mesh is None:
+        return local(*args)
+    rows, rep = P(S.DATA), P()
+    return jax.shard_map(local, mesh=mesh, in_specs=(rep, rows, rows, rep, rows, rep), out_specs=rows,
+                         check_vma=False)(*args)
+
+
 def _generate_impl(params, cond, cond_mask, key, example_ids, scalars, *, cfg, policy, use_cfg, kernels,
                    top_p_on=True, mesh=None):
+    if kernels.batch_invariant:
+        return _invariant_impl(params, cond, cond_mask, key, example_ids, scalars, cfg=cfg, policy=policy,
+                               use_cfg=use_cfg, kernels=kernels, top_p_on=top_p_on, mesh=mesh)
     ex_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(example_ids)
     emb, mask = _embed_rows(params, cfg, cond, cond_mask, use_cfg)
     segs = _segments(cfg.num_image_tokens - 1, cfg.cls_token_num, kernels.segments)
@@ -192,23 +235,46 @@ _generate_jit = jax.jit(_generate_impl, static_argnames=_GENERATE_STATIC)
 # Chosen by KernelConfig.cublas (kernel_config: one GPU from gemm_cublas_min_rows rows).
 CUBLAS_OPTIONS = {"xla_gpu_enable_triton_gemm": False, "xla_disable_hlo_passes": "dot-merger"}
 _generate_jit_cublas = jax.jit(_generate_impl, static_argnames=_GENERATE_STATIC, compiler_options=CUBLAS_OPTIONS)
+# With KernelConfig.batch_invariant each total batch is another compile of the same group program.
+# XLA:GPU's autotuner times candidate GEMM kernels in every compile and may pick another one (another
+# rounding) for the same shape, so it is off, and XLA's deterministic GPU ops on (no effect on CPU).
+INVARIANT_OPTIONS = {"xla_gpu_autotune_level": 0, "xla_gpu_deterministic_ops": True}
+_generate_jit_invariant = jax.jit(_generate_impl, static_argnames=_GENERATE_STATIC, compiler_options=INVARIANT_OPTIONS)
+_generate_jit_invariant_cublas = jax.jit(_generate_impl, static_argnames=_GENERATE_STATIC,
+                                         compiler_options={**CUBLAS_OPTIONS, **INVARIANT_OPTIONS})
 
 
 def generate_program(kernels: KernelConfig):
     """The jitted generate program for a resolved KernelConfig: compiled with CUBLAS_OPTIONS when
-    ``kernels.cublas``, with the default XLA options otherwise. Both give the same tokens up to
-    float rounding of the GEMMs."""
+    ``kernels.cublas``, with the default XLA options otherwise (both give the same tokens up to float
+    rounding of the GEMMs); with INVARIANT_OPTIONS as well when ``kernels.batch_invariant``."""
+    if kernels.batch_invariant:
+        return _generate_jit_invariant_cublas if kernels.cublas else _generate_jit_invariant
     return _generate_jit_cublas if kernels.cublas else _generate_jit
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "policy", "use_cfg", "raw", "kernels"))
-def _score_jit(params, cond, cond_mask, tokens, key, scalars, *, cfg, policy, use_cfg, raw, kernels):
-    emb, mask = _embed_rows(params, cfg, cond, cond_mask, use_cfg)
-    ex_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(tokens.shape[0]))
+def _score_impl(params, cond, cond_mask, tokens, key, scalars, *, cfg, policy, use_cfg, raw, kernels):
     segs = _segments(cfg.num_image_tokens - 1, cfg.cls_token_num, 1)
-    _, logits = _run(params, cfg, policy, emb, mask, ex_keys, scalars, use_cfg=use_cfg, forced=tokens,
-                     segments=segs, raw=raw, kernels=kernels)
-    return logits
+    inner = kernels
+    if kernels.batch_invariant and kernels.stack_ffn:  # stacked once here, not once per group
+        params, inner = M.stack_ffn(params), dataclasses.replace(kernels, stack_ffn=False)
+
+    def rows(cond, cond_mask, tokens, ids):
+        emb, mask = _embed_rows(params, cfg, cond, cond_mask, use_cfg)
+        ex_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+        _, logits = _run(params, cfg, policy, emb, mask, ex_keys, scalars, use_cfg=use_cfg, forced=tokens,
+                         segments=segs, raw=raw, kernels=inner)
+        return logits
+
+    ids = jnp.arange(tokens.shape[0])
+    if kernels.batch_invariant:  # raw rows come back [cond_0, uncond_0, ...] in each group, so in all
+        return _in_groups(rows, kernels.invariant_group, cond, cond_mask, tokens, ids)
+    return rows(cond, cond_mask, tokens, ids)
+
+
+_SCORE_STATIC = ("cfg", "policy", "use_cfg", "raw", "kernels")
+_score_jit = jax.jit(_score_impl, static_argnames=_SCORE_STATIC)
+_score_jit_invariant = jax.jit(_score_impl, static_argnames=_SCORE_STATIC, compiler_options=INVARIANT_OPTIONS)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -324,6 +390,42 @@ def generate_on_mesh(model, cond, mask, key, example_ids, scalars, *, policy, us
     return tokens if bp == b else tokens[:b]
 
 
+def generate_invariant(model, cond, mask, key, example_ids, scalars, *, policy, use_cfg, mesh, options,
+                       top_p_on=True):
+    """Body of ``generate`` with ``options.batch_invariant`` (inputs already validated): the kernels
+    resolved for one group on one device, the batch padded to whole groups on every device (copies
+    of the last image, trimmed after), run, trimmed."""
+    cfg = model.config
+    g = options.invariant_group
+    kc = kernel_config(cfg, policy, g * (2 if use_cfg else 1), model.dtype, base=options)
+    policy = with_kernels(policy, kc, options)
+    params, d = model.params, 1
+    if mesh is not None:
+        if not isinstance(mesh, jax.sharding.Mesh) or set(mesh.axis_names) != {S.DATA, S.MODEL}:
+            raise ConfigError("mesh must be a jax.sharding.Mesh with axes ('data', 'model'): build it with "
+                              "adsa_jax.sharding.make_mesh(data=..., model=...)")
+        if S.axis_size(mesh, S.MODEL) > 1:
+            raise ConfigError(f"batch_invariant runs each device's rows as one device would, so it needs a "
+                              f"data-parallel mesh; this mesh's model axis is {S.axis_size(mesh, S.MODEL)} (tensor "
+                              "parallelism splits the reductions over devices): use a model axis of 1 "
+                              "(--tensor-parallel 1) or leave batch_invariant off")
+        params = S.shard_params(params, cfg, mesh)
+        d = S.axis_size(mesh, S.DATA)
+    b = int(np.shape(cond)[0])
+    if b == 0:
+        raise ConfigError("empty batch")
+    bp = -(-b // (d * g)) * (d * g)  # whole groups on every device
+    cond, mask, ids = (_pad_rows(x, bp) for x in (cond, mask, np.asarray(example_ids, np.int32)))
+    if mesh is not None:
+        rep = S.replicated(mesh)
+        cond, mask, ids = (S.put(x, S.batch_sharding(mesh, x.ndim)) for x in (cond, mask, ids))
+        key = S.put(key, rep)
+        scalars = tuple(S.put(np.asarray(s), rep) for s in scalars)
+    tokens = generate_program(kc)(params, cond, mask, key, ids, scalars, cfg=cfg, policy=policy, use_cfg=use_cfg,
+                                  kernels=kc, top_p_on=top_p_on, mesh=mesh)
+    return tokens if bp == b else tokens[:b]
+
+
 # ----------------------------------------------------------------------------- public API
 
 
@@ -380,7 +482,10 @@ def generate(model: Model, cond, key, *, sampling: SamplingConfig = SamplingConf
     sharded ``P('data')`` (``sharding.tokens_sharding``).
     options: a :class:`~adsa_jax.options.KernelConfig` (kernel choices and tuning; default
     ``KernelConfig()``, every 'auto' resolved for this device and shape by
-    :func:`adsa_jax.options.kernel_config`).
+    :func:`adsa_jax.options.kernel_config`). With ``batch_invariant=True`` an image's tokens do not
+    depend on the batch, its position in it or the data-parallel device count: the batch is padded
+    to whole groups of ``invariant_group`` images per device and decoded group by group (a mesh's
+    model axis must then be 1).
     example_ids: (B,) global image indices for the per-image keys (default 0..B-1).
     """
     model = as_model(model)
@@ -396,9 +501,12 @@ def generate(model: Model, cond, key, *, sampling: SamplingConfig = SamplingConf
         raise ConfigError(f"example_ids must have shape ({b},), got {example_ids.shape}")
     if mesh is None and jax.device_count() > 1 and jax.process_count() == 1:
         mesh = S.make_mesh()  # default: data parallel over every visible device (pass mesh= to choose)
+    scalars = _scalars(sampling)
+    if isinstance(options, KernelConfig) and options.batch_invariant:
+        return generate_invariant(model, cond, mask, key, example_ids, scalars, policy=pol, use_cfg=use_cfg, mesh=mesh,
+                                  options=options, top_p_on=sampling.top_p_on)
     kc = kernel_config(cfg, pol, rows, model.dtype, mesh=mesh, base=options)
     pol = with_kernels(pol, kc, options)
-    scalars = _scalars(sampling)
     if mesh is not None:
         return generate_on_mesh(model, cond, mask, key, example_ids, scalars, policy=pol, use_cfg=use_cfg, mesh=mesh,
                                 kernels=kc, top_p_on=sampling.top_p_on)
@@ -437,7 +545,9 @@ def score(model: Model, cond, tokens, *, sampling: SamplingConfig | None = None,
     from; ``raw_rows=True`` returns every batch row's own logits instead, (2B, N, V) with rows
     [cond_0, uncond_0, ...]. policy: as in :func:`generate` (None: dense). key seeds the
     ``random`` policies (default key 0). options: as in :func:`generate`, except that 'auto' keeps
-    XLA's weight GEMMs and default compiler options (teacher forcing is for fidelity)."""
+    XLA's weight GEMMs and default compiler options (teacher forcing is for fidelity); with
+    ``batch_invariant`` a row's logits do not depend on the batch size (groups as in generate; the
+    random policies' keys still come from the row's index in the call)."""
     model = as_model(model)
     cfg = model.config
     sampling = SamplingConfig(cfg_scale=1.0) if sampling is None else _check_sampling(sampling)
@@ -451,10 +561,17 @@ def score(model: Model, cond, tokens, *, sampling: SamplingConfig | None = None,
     base = dataclasses.replace(base, gemm="xla" if base.gemm == "auto" else base.gemm,
                                cublas=False if base.cublas is None else base.cublas, kth="sort", segments=1)
     use_cfg = sampling.guided
-    rows = tokens.shape[0] * (2 if use_cfg else 1)
+    b = tokens.shape[0]
+    rows = (base.invariant_group if base.batch_invariant else b) * (2 if use_cfg else 1)  # one group's, or all
     kc = kernel_config(cfg, pol, rows, model.dtype, base=base)
     pol = with_kernels(pol, kc, options)
     key = jax.random.key(0) if key is None else key
     guidance = dataclasses.replace(sampling, temperature=1.0, top_k=0, top_p=1.0)  # no filter: logits only
-    return _score_jit(model.params, cond, mask, tokens, key, _scalars(guidance), cfg=cfg, policy=pol,
-                      use_cfg=use_cfg, raw=bool(raw_rows), kernels=kc)
+    if kc.batch_invariant:  # whole groups: copies of the last image, trimmed below
+        g = kc.invariant_group
+        cond, mask, tokens = (_pad_rows(x, -(-b // g) * g) for x in (cond, mask, tokens))
+    program = _score_jit_invariant if kc.batch_invariant else _score_jit
+    out = program(model.params, cond, mask, tokens, key, _scalars(guidance), cfg=cfg, policy=pol, use_cfg=use_cfg,
+                  raw=bool(raw_rows), kernels=kc)
+    n_out = b * (2 if raw_rows and use_cfg else 1)
+    return out if out.shape[0] == n_out else out[:n_out]

@@ -93,6 +93,13 @@ class KernelConfig:
     # GEMM XLA need not merge. H200, GPT-XL 256 px: batch 64 0.609 vs 0.642 s, batch 256 1.467 vs
     # 1.507 s, batch 1 equal; costs one copy of w1|w3 per call (0.6 GiB for GPT-XL bf16). One device only.
     stack_ffn: bool = True
+    # Batch invariance: every call decodes its images in groups of exactly invariant_group (the batch
+    # padded up, each device's rows on a mesh), one group after another, with the kernels resolved
+    # for one group on one device. Each group is then the same program, so an image's tokens depend
+    # only on its seed, its index, the settings and invariant_group, not on the batch, its position
+    # in it or the number of data-parallel devices (docs/reliability.md says what holds where).
+    batch_invariant: bool = False
+    invariant_group: int = 32  # images a group (CFG doubles the rows); the guarantee holds per value
 
     # --- decode_attention (kernels/attention.py); chosen on an H100 by timing the kernel alone over
     # block sizes, warps and stages (benchmarks/step_kernel_time.py times it at these values)
@@ -158,7 +165,9 @@ class KernelConfig:
             val = getattr(self, name)
             if val != "auto" and val not in allowed:
                 raise ConfigError(f"KernelConfig {name} must be 'auto' or one of {', '.join(allowed)}, got {val!r}")
-        for name in ("segments", "block_k", "num_warps", "num_stages", "one_kernel_min_row_heads",
+        if not isinstance(self.batch_invariant, bool):
+            raise ConfigError(f"KernelConfig batch_invariant must be True or False, got {self.batch_invariant!r}")
+        for name in ("segments", "invariant_group", "block_k", "num_warps", "num_stages", "one_kernel_min_row_heads",
                      "one_kernel_max_slots", "gemv_block_n", "gemv_block_k", "gemv_programs", "gemv_num_warps",
                      "gemv_num_stages", "add_norm_chunk", "add_norm_num_warps"):
             val = getattr(self, name)
@@ -214,10 +223,14 @@ def kernel_config(cfg: GPTConfig, policy=None, rows: int = 2, dtype=jnp.bfloat16
     - stack_ffn is kept on one device only (a mesh splits w1 and w3 over its model axis).
     - segments is kept for a policy whose slot c + t holds token t (dense with XLA attention,
       adsa-select), else 1.
+    - batch_invariant: ``rows`` must be one group's rows (``invariant_group`` images, CFG included)
+      and ``mesh`` is ignored: each device runs the one-device program on its own groups.
     """
     kc = KernelConfig() if base is None else base
     if not isinstance(kc, KernelConfig):
         raise ConfigError(f"options must be an adsa_jax.KernelConfig, got {type(kc).__name__}")
+    if kc.batch_invariant:
+        mesh = None
     backend = jax.default_backend() if backend is None else backend
     pallas = pallas_available() if pallas is None else bool(pallas)
     gpu = backend == "gpu"

@@ -115,10 +115,25 @@ def add_kernel_args(p, *, attention="auto", segments=1):
     p.add_argument("--segments", type=int, default=segments,
                    help="static length buckets of the decode scan: dense (XLA attention) and adsa-select read only "
                         "the filled part of the cache; more = faster steps, longer compile (default: %(default)s)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="decode in groups of --invariant-group images (the batch padded to whole groups on every "
+                        "device), so an image's tokens do not depend on the batch size, its position or the number "
+                        "of data-parallel devices (bf16 included; docs/reliability.md)")
+    p.add_argument("--invariant-group", type=int, default=None, metavar="N",
+                   help="images a group with --batch-invariant; the guarantee holds between runs with the same N "
+                        f"(default: {KernelConfig.invariant_group})")
 
 
 def kernels_from_args(a) -> KernelConfig:
-    return KernelConfig(attention=a.attention, gemm=getattr(a, "gemm", "auto"), segments=getattr(a, "segments", 1))
+    invariant, group = bool(getattr(a, "batch_invariant", False)), getattr(a, "invariant_group", None)
+    if group is not None and not invariant:
+        raise ConfigError("--invariant-group sets the group size of --batch-invariant: add --batch-invariant or "
+                          "drop --invariant-group")
+    if group is not None and group < 1:
+        raise ConfigError(f"--invariant-group must be an integer >= 1, got {group}")
+    return KernelConfig(attention=a.attention, gemm=getattr(a, "gemm", "auto"), segments=getattr(a, "segments", 1),
+                        batch_invariant=invariant,
+                        invariant_group=KernelConfig.invariant_group if group is None else group)
 
 
 def add_dtype_arg(p, default="bfloat16"):
