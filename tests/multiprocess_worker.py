@@ -4,7 +4,7 @@ jax.distributed over 127.0.0.1). Run by that test, not by hand:
     python tests/multiprocess_worker.py PHASE PROCESS_ID PORT SHARED OWN C2I VQ TP
 
 PHASE 'npz' runs the resumable --npz sample only (the test kills it mid-run); 'all' resumes it,
-then writes --tokens-out / --out / --out-dir (relative paths: OWN is the working directory, so
+then writes --tokens-out / --out / --out-dir (and bf16 --batch-invariant tokens) (relative paths: OWN is the working directory, so
 anything process 1 wrote would show there), generates through the Python API on a 4-device
 mesh and a 2 x 2 (data x model) mesh, gathered, and records every path this process opened for
 writing (a Python audit hook) in OWN/writes.json.
@@ -20,6 +20,9 @@ SAMPLE = ["--dtype", "float32", "--top-k", "100", "--seed", "3"]
 NPZ_RUN = ["--num-samples", "24", "--batch-size", "4"]  # 6 batches: long enough to be killed mid-run
 IMAGES_RUN = ["--num-samples", "8", "--batch-size", "4"]
 TP_RUN = ["--num-samples", "4", "--batch-size", "4"]
+# bf16 is the same across processes only with --batch-invariant: 1 image per device here, groups of 2
+BF16_RUN = ["--dtype", "bfloat16", "--top-k", "100", "--seed", "3", "--batch-invariant", "--invariant-group", "2",
+            "--num-samples", "8", "--batch-size", "4"]
 TP_CFG = dict(dim=128, n_layer=2, n_head=4, vocab_size=4096, num_classes=10, block_size=36)
 
 
@@ -67,6 +70,7 @@ def main(phase, pid, port, shared, own, c2i, vq, tp):
     run(["sample", *gpt, *IMAGES_RUN, "--tokens-out", "tokens.npy", "--out", "grid.png", "--out-dir", "pngs", *dist])
     run(["sample", "--gpt", tp, *SAMPLE, *TP_RUN, "--data-parallel", "2", "--tensor-parallel", "2",
          "--tokens-out", "tp_tokens.npy", *dist])
+    run(["sample", "--gpt", c2i, *BF16_RUN, "--tokens-out", "bf16_tokens.npy", *dist])
 
     # The Python API: a global mesh over both processes' devices, tokens gathered on every process.
     sampling = adsa_jax.SamplingConfig(top_k=100)

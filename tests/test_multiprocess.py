@@ -1,5 +1,6 @@
 """Two processes of two fake CPU devices each (jax.distributed with a coordinator on 127.0.0.1,
-gloo collectives), against one process on one device, same seed and settings, float32:
+gloo collectives), against one process on one device, same seed and settings, float32 (and bf16
+with --batch-invariant):
 
 - ``sample --npz`` with parts from both hosts, killed mid-run (SIGKILL) and restarted;
 - ``--tokens-out``, the PNG grid (``--out``) and ``--out-dir``, which only process 0 writes;
@@ -152,6 +153,7 @@ def _launch(c2i_dir, vq_dir, tp_dir, tmp_path_factory):
     assert main(["sample", *gpt, *W.IMAGES_RUN, "--tokens-out", str(ref / "tokens.npy"), "--out", str(ref / "grid.png"),
                  "--out-dir", str(ref / "pngs")]) == 0
     assert main(["sample", "--gpt", str(tp_dir), *W.SAMPLE, *W.TP_RUN, "--tokens-out", str(ref / "tp_tokens.npy")]) == 0
+    assert main(["sample", "--gpt", str(c2i_dir), *W.BF16_RUN, "--tokens-out", str(ref / "bf16_tokens.npy")]) == 0
     print(f"references done after {time.monotonic() - t0:.1f} s", file=sys.stderr)
     second.wait()
     print(f"second pair done after {time.monotonic() - t0:.1f} s", file=sys.stderr)
@@ -169,6 +171,14 @@ def test_tokens_out_equals_one_process(run):
     got = np.load(run["root"] / "p0" / "tokens.npy")
     assert got.shape == (8, 64) and got.dtype == np.int32
     np.testing.assert_array_equal(got, np.load(run["ref"] / "tokens.npy"))
+
+
+def test_bf16_batch_invariant_tokens_equal_one_process(run):
+    """bf16 with --batch-invariant: 2 processes x 2 devices (one image per device per batch, padded to
+    a group of 2) give exactly the tokens of one process on one device (two groups per batch)."""
+    got = np.load(run["root"] / "p0" / "bf16_tokens.npy")
+    assert got.shape == (8, 64)
+    np.testing.assert_array_equal(got, np.load(run["ref"] / "bf16_tokens.npy"))
 
 
 def test_png_grid_and_out_dir_equal_one_process(run):
