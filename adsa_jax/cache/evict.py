@@ -189,10 +189,12 @@ class Evict:
             if terms is not None:  # computed by last step's attention kernel (fused_score)
                 dots, sq = terms[0][:, :, c + P:], terms[1][:, :, c + P:]  # (B, H, K+M)
             else:
-                vf = vc[:, :, c + P:].astype(jnp.float32)  # (B, H, K+M, D)
+                # Every slot is scored and the pool and ring sliced from the scores: a slice of V
+                # itself would be materialised (XLA:CPU copies it, a pool of temporaries per step).
+                vf = vc.astype(jnp.float32)  # (B, H, C, D)
                 tot = total.reshape(b, h, 1, -1)  # (B, H, 1, D); 'layer': the vector split into heads
-                dots = jnp.sum(vf * tot, axis=-1)  # (B, H, K+M)
-                sq = jnp.sum(vf * vf, axis=-1)
+                dots = jnp.sum(vf * tot, axis=-1)[:, :, c + P:]  # (B, H, K+M)
+                sq = jnp.sum(vf * vf, axis=-1)[:, :, c + P:]
             if self.granularity == "layer":
                 dots, sq = jnp.sum(dots, axis=1)[:, None], jnp.sum(sq, axis=1)[:, None]  # (B, 1, K+M)
             score = dots / jnp.maximum(jnp.sqrt(sq), EPS)
@@ -223,7 +225,12 @@ class Evict:
         dest_h = jnp.broadcast_to(dest, (b, h)) if dest.shape[1] == 1 else dest  # (B, H)
         bi, hi = jnp.arange(b)[:, None], jnp.arange(h)[None, :]
         kc = kc.at[bi, hi, dest_h].set(k_o, unique_indices=True)
-        vc = vc.at[bi, hi, dest_h].set(v_o[:, :, 0], unique_indices=True)
+        # The moved V carries a data dependence (+ 0 x the new running sum, finite) on every other read
+        # of the old V (o's and the victim's v̂, which XLA may recompute inside later fusions): they are
+        # then ordered before the scatter, and XLA updates V in place instead of copying the whole V
+        # cache each step (XLA:CPU did: adsa_jax.plan measured it). The value is v_o (-0 becomes +0).
+        v_moved = v_o[:, :, 0] + 0.0 * vsum.reshape(b, h, -1)  # (B, H, D)
+        vc = vc.at[bi, hi, dest_h].set(v_moved.astype(vc.dtype), unique_indices=True)
         pos = pos.at[bi[:, :1] if pos.shape[1] == 1 else bi, jnp.arange(pos.shape[1])[None, :], dest].set(
             p_o, unique_indices=True)
         return kc, vc, pos, vsum
