@@ -8,6 +8,22 @@ import pytest
 FIXTURES = Path(__file__).resolve().parent / "data"
 
 
+def pytest_configure(config):
+    """An xdist worker stores the programs it compiles in a persistent compilation cache that the
+    run's workers share: many programs (the fixture models' generate and score programs, used by
+    several modules) would otherwise be compiled by both workers. Set before the first compile
+    (JAX decides once whether to use the cache); a fresh directory for every run, next to the
+    workers' temporary directories; programs that compile in under a second are not stored. A
+    size limit turns on the cache's file lock, so a worker never reads an entry the other is
+    still writing."""
+    if not hasattr(config, "workerinput") or not config.option.basetemp:
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(Path(config.option.basetemp).parent / "jax_cache"))
+    jax.config.update("jax_compilation_cache_max_size", 2**32)
+
+
 def fixture_config(name):
     return json.loads((FIXTURES / "configs.json").read_text())[name]
 
