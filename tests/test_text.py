@@ -145,11 +145,12 @@ def test_cli_errors(tmp_path, t2i_dir, c2i_dir, t2i_ref, tiny_t5, capsys):
     assert "2048" in msg and "64" in msg
 
 
-# Run in a fresh interpreter where `import transformers` fails as if it were not installed (None in
-# sys.modules blocks it); this process and its imports are left as they are.
-NO_TRANSFORMERS = """
+# Run in a fresh interpreter where the t5 extra (transformers, torch) fails to import as if it were
+# not installed (None in sys.modules blocks an import); this process and its imports are left as
+# they are.
+NO_T5_EXTRA = """
 import sys
-sys.modules["transformers"] = None
+sys.modules["transformers"] = sys.modules["torch"] = None
 from adsa_jax.cli import main
 from adsa_jax.text import T5NotInstalledError, encode_prompts
 try:
@@ -157,18 +158,18 @@ try:
 except T5NotInstalledError as e:
     print(e)
 else:
-    sys.exit("encode_prompts ran without transformers")
+    sys.exit("encode_prompts ran without transformers and torch")
 sys.exit(main(["sample", "--gpt", sys.argv[1], "--dtype", "float32", "--prompt", "a car", "--t5", sys.argv[2]]))
 """
 
 
-def test_missing_transformers_message(t2i_dir, tiny_t5):
+def test_missing_t5_extra_message(t2i_dir, tiny_t5):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-c", NO_TRANSFORMERS, str(t2i_dir), str(tiny_t5)], capture_output=True,
+    r = subprocess.run([sys.executable, "-c", NO_T5_EXTRA, str(t2i_dir), str(tiny_t5)], capture_output=True,
                        text=True, timeout=300)
     # the API raises the install hint; the command exits 2 with it as its last line, no traceback
-    assert 'pip install "adsa-jax[t5]"' in r.stdout and "transformers" in r.stdout, r.stdout + r.stderr
+    assert 'pip install "adsa-jax[t5]"' in r.stdout and "import failed" in r.stdout, r.stdout + r.stderr
     assert r.returncode == 2, r.stderr
     assert 'pip install "adsa-jax[t5]"' in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr
