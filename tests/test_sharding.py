@@ -31,7 +31,8 @@ N_DEVICES = 8
 RANDOM_CFG = dict(dim=128, n_layer=2, n_head=4, vocab_size=4096, num_classes=10, block_size=36)
 POLICIES = [("dense", {}), ("adsa-evict", dict(budget=0.75)), ("adsa-select", dict(budget=0.75)),
             ("window", dict(budget=0.75)), ("random", dict(budget=0.75))]
-SAMPLE = ["--num-samples", "10", "--dtype", "float32", "--top-k", "100", "--seed", "3"]
+# 6 images: batches of 4 leave a short last batch, which an --npz run pads to the batch size
+SAMPLE = ["--num-samples", "6", "--dtype", "float32", "--top-k", "100", "--seed", "3"]
 
 
 # ----------------------------------------------------------------------------- the child process
@@ -163,19 +164,19 @@ def _child(c2i_dir, vq_dir, work, report_path):
     def _():
         out = Path(work) / "run" / "samples.npz"
         args = ["sample", "--gpt", c2i_dir, "--vq", vq_dir, "--batch-size", "4", "--npz", str(out), *SAMPLE]
-        assert main(args + ["--max-batches", "2"]) == 0  # "interrupted" after 2 of 3 batches
+        assert main(args + ["--max-batches", "1"]) == 0  # "interrupted" after 1 of 2 batches
         parts = out.with_suffix(".parts")
-        assert not out.exists() and sorted(p.name for p in parts.glob("part-*")) == ["part-00000.npz", "part-00001.npz"]
+        assert not out.exists() and sorted(p.name for p in parts.glob("part-*")) == ["part-00000.npz"]
         stamp = {p.name: p.stat().st_mtime_ns for p in parts.glob("part-*")}
         time.sleep(0.05)
-        assert main(args) == 0  # resumes: batch 3 only, then merges
+        assert main(args) == 0  # resumes: batch 2 only, then merges
         assert all(p.stat().st_mtime_ns == stamp[p.name] for p in parts.glob("part-*") if p.name in stamp)
-        assert len(list(parts.glob("part-*"))) == 3 and out.is_file()
+        assert len(list(parts.glob("part-*"))) == 2 and out.is_file()
         # an uninterrupted run with other batches on the same devices: the same file, bit for bit
         whole = Path(work) / "run" / "whole.npz"
         assert main(["sample", "--gpt", c2i_dir, "--vq", vq_dir, "--batch-size", "8", "--npz", str(whole), *SAMPLE]) == 0
         a, b = np.load(out), np.load(whole)
-        assert a.files == b.files == ["arr_0", "arr_1"] and a["arr_0"].shape == (10, 128, 128, 3)
+        assert a.files == b.files == ["arr_0", "arr_1"] and a["arr_0"].shape == (6, 128, 128, 3)
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
         np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
         # a resume with other settings is refused instead of mixing two runs
@@ -231,7 +232,7 @@ def test_on_8_devices(child, name):
 
 
 def test_resumed_8_device_run_equals_uninterrupted_1_device_run(child, c2i_dir, vq_dir, tmp_path):
-    """The child's run (8 devices, batches of 4, interrupted after 2) against one uninterrupted
+    """The child's run (8 devices, batches of 4, interrupted after 1) against one uninterrupted
     run here (1 device, batches of 3): the same tokens and labels; the same pixels up to the
     VQ decoder's float rounding on another device setup (one grey level on a few pixels)."""
     from adsa_jax.cli import main
@@ -244,11 +245,11 @@ def test_resumed_8_device_run_equals_uninterrupted_1_device_run(child, c2i_dir, 
     run = child["work"] / "run" / "samples.npz"
     np.testing.assert_array_equal(read_parts(run, "tokens"), read_parts(ref, "tokens"))
     got, want = np.load(run), np.load(ref)
-    assert got["arr_0"].shape == (10, 128, 128, 3) and got["arr_0"].dtype == np.uint8
+    assert got["arr_0"].shape == (6, 128, 128, 3) and got["arr_0"].dtype == np.uint8
     diff = np.abs(got["arr_0"].astype(int) - want["arr_0"].astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
     np.testing.assert_array_equal(got["arr_1"], want["arr_1"])
-    np.testing.assert_array_equal(got["arr_1"], np.arange(10) % 10)
+    np.testing.assert_array_equal(got["arr_1"], np.arange(6))
 
 
 def test_tokens_npz_without_tokenizer_and_clear_errors(c2i_dir, tmp_path, capsys):
@@ -258,7 +259,7 @@ def test_tokens_npz_without_tokenizer_and_clear_errors(c2i_dir, tmp_path, capsys
     out = tmp_path / "t.npz"
     assert main(["sample", "--gpt", str(c2i_dir), "--batch-size", "4", "--npz", str(out), *SAMPLE]) == 0
     z = np.load(out)
-    assert z["arr_0"].shape == (10, 64) and z["arr_0"].dtype == np.int32 and (z["arr_1"] == np.arange(10)).all()
+    assert z["arr_0"].shape == (6, 64) and z["arr_0"].dtype == np.int32 and (z["arr_1"] == np.arange(6)).all()
     with pytest.raises(Exception, match="needs 2 devices"):
         make_mesh(data=2)
     assert main(["sample", "--gpt", str(c2i_dir), "--tensor-parallel", "2"]) == 2
