@@ -28,13 +28,14 @@ def fixture_config(name):
     return json.loads((FIXTURES / "configs.json").read_text())[name]
 
 
-@pytest.fixture(scope="session")
+# Package scope: tests/ is one directory (no __init__.py), so these are built once per pytest process.
+@pytest.fixture(scope="package")
 def fixtures_dir():
     assert FIXTURES.is_dir(), f"reference fixtures not found at {FIXTURES}"
     return FIXTURES
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def config_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("configs")
     out = {}
@@ -45,7 +46,7 @@ def config_files(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def c2i_dir(tmp_path_factory, config_files):
     """The c2i fixture converted through the CLI, as a user would."""
     from adsa_jax.cli import main
@@ -56,7 +57,7 @@ def c2i_dir(tmp_path_factory, config_files):
     return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def t2i_dir(tmp_path_factory, config_files):
     from adsa_jax.cli import main
 
@@ -66,26 +67,26 @@ def t2i_dir(tmp_path_factory, config_files):
     return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def c2i(c2i_dir):
     import adsa_jax
 
     return adsa_jax.load(c2i_dir, dtype="float32")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def t2i(t2i_dir):
     import adsa_jax
 
     return adsa_jax.load(t2i_dir, dtype="float32")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def c2i_ref():
     return dict(np.load(FIXTURES / "gpt_c2i_small_ref.npz"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def t2i_ref():
     return dict(np.load(FIXTURES / "gpt_t2i_small_ref.npz"))
 
