@@ -33,9 +33,10 @@ REQUIRED = {
     "peak_gib": (float, True), "memory_cap_gib": (float, True),
 }
 OPTIONAL = {"s_per_call": (float, False), "floor_s": (float, False), "jax": (str, False), "torch": (str, False),
-            "type": (str, False), "period": (int, False)}  # period: only where s > 1
+            "type": (str, False), "period": (int, False),  # period: only where s > 1
+            "invariant_group": (int, False)}  # only for --batch-invariant rows (their own configuration)
 IDENTITY = ("device", "framework", "type", "model", "image_size", "batch", "policy", "budget", "granularity",
-            "memory_cap_gib", "period")
+            "memory_cap_gib", "period", "invariant_group")
 
 H200 = "NVIDIA H200"
 POLICIES = (("dense", None), ("adsa-evict", 0.5), ("window", 0.5), ("adsa-evict", 0.25), ("window", 0.25))
@@ -134,6 +135,8 @@ def rows_from_bench(bench: dict, date: str | None = None, device: str | None = N
                "memory_cap_gib": r.get("memory_cap_gib"), "s_per_call": round(s, 4)}
         if (r.get("period") or 1) > 1:
             row["period"] = int(r["period"])
+        if r.get("batch_invariant"):
+            row["invariant_group"] = int(r["batch_invariant"])
         if r.get("floor_s"):
             row["floor_s"] = round(float(r["floor_s"]), 4)
         if bench.get("jax"):
@@ -160,10 +163,11 @@ def merge(rows: list[dict], new: list[dict]) -> list[dict]:
 
 
 def find(rows, *, device=H200, framework="adsa_jax", model="GPT-XL", image_size=256, batch=64, policy="dense",
-         budget=None, granularity=None, memory_cap_gib=None, period=None):
+         budget=None, granularity=None, memory_cap_gib=None, period=None, invariant_group=None):
     if granularity is None and policy.startswith("adsa"):
         granularity = "head"
-    key = (device, framework, "c2i", model, image_size, batch, policy, budget, granularity, memory_cap_gib, period)
+    key = (device, framework, "c2i", model, image_size, batch, policy, budget, granularity, memory_cap_gib, period,
+           invariant_group)
     return next((r for r in rows if identity(r) == key), None)
 
 
