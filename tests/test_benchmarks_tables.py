@@ -85,6 +85,10 @@ def test_add_bench_rows_replaces_the_same_configuration():
     assert "period" not in s1 and s8["period"] == 8 and mt.identity(s1) != mt.identity(s8)
     assert len(mt.merge([s1], [s8])) == 2 and mt.check_rows([s1, s8])
     assert mt.find([s1, s8], image_size=384, policy="adsa-evict", budget=0.5, period=8) is s8
+    # so is a --batch-invariant row (its group size): it never replaces the plain row
+    (inv,) = mt.rows_from_bench({"device": {"device": mt.H200}, "rows": [dict(ev, batch_invariant=32)]}, date="2026-12-05")
+    assert inv["invariant_group"] == 32 and len(mt.merge([s1], [inv])) == 2 and mt.check_rows([s1, inv])
+    assert mt.find([inv, s1], image_size=384, policy="adsa-evict", budget=0.5) is s1
 
 
 def test_torch_ratio_only_on_one_device_and_day():
