@@ -166,8 +166,9 @@ def find(rows, *, device=H200, framework="adsa_jax", model="GPT-XL", image_size=
          budget=None, granularity=None, memory_cap_gib=None, period=None, invariant_group=None):
     if granularity is None and policy.startswith("adsa"):
         granularity = "head"
-    key = (device, framework, "c2i", model, image_size, batch, policy, budget, granularity, memory_cap_gib, period,
-           invariant_group)
+    key = identity(dict(device=device, framework=framework, model=model, image_size=image_size, batch=batch,
+                        policy=policy, budget=budget, granularity=granularity, memory_cap_gib=memory_cap_gib,
+                        period=period, invariant_group=invariant_group))
     return next((r for r in rows if identity(r) == key), None)
 
 
