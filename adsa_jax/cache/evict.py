@@ -245,12 +245,27 @@ class Evict:
         j = t - P  # ring index of token t (negative while it goes to the prefix)
         ring = c + P + K + jnp.mod(j, R)
         # The s oldest ring tokens leave at j = R, R + s, R + 2s, ...: a real branch (lax.cond on a
-        # scalar), so the other s - 1 steps of a period skip the scoring.
+        # scalar), so the other s - 1 steps of a period skip the scoring. Only the plan (where each
+        # leaving token goes, the new running sum) comes out of the branch: the caches stay outside
+        # it, read-only inside, so no compiler has to copy them into and out of a conditional.
         leave_now = (j >= R) & (jnp.mod(j - R, s) == 0)
+        leave = c + P + K + jnp.mod(j + jnp.arange(s), R)  # (s,) ring slots, oldest first
+        p_l = jnp.take(pos, leave, axis=2)  # (B, G, s)
         with jax.named_scope("evict"):
-            kc, vc, pos, vsum = jax.lax.cond(
-                leave_now, lambda ops: self._leave_ring(*ops, j, layer_index, row_keys), lambda ops: ops,
-                (kc, vc, pos, vsum))
+            dest, p_new, vsum = jax.lax.cond(
+                leave_now, lambda ops: self._leave_plan(*ops, leave, p_l, layer_index, row_keys),
+                lambda ops: (jnp.broadcast_to(leave, p_l.shape), p_l, ops[2]), (vc, pos, vsum))
+            # Every step moves the s tokens to their plan: outside a leaving step the plan writes
+            # each back into its own slot (a no-op costing s slots per row and head).
+            b, h = kc.shape[:2]
+            g = pos.shape[1]
+            dest_h = jnp.broadcast_to(dest, (b, h, s))  # 'layer' (G = 1): the same slots in every head
+            bi, hi = jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None]
+            kc = kc.at[bi, hi, dest_h].set(jnp.take(kc, leave, axis=2), unique_indices=True)
+            vc = vc.at[bi, hi, dest_h].set(jnp.take(vc, leave, axis=2), unique_indices=True)
+            # The s ring slots are free until tokens j .. j + s - 1 fill them.
+            pos = pos.at[:, :, leave].set(jnp.where(leave_now, -1, p_l))
+            pos = pos.at[bi, jnp.arange(g)[None, :, None], dest].set(p_new, unique_indices=True)
         slot = jnp.where(t < P, c + t, ring)
         kc, vc = write_slot(kc, k, slot), write_slot(vc, v, slot)
         pos = jax.lax.dynamic_update_slice_in_dim(
@@ -259,21 +274,21 @@ class Evict:
         out = attend(q, kc, vc, mask, self.attention, config=self.kernels)
         return {**cache, "k": kc, "v": vc, "pos": pos, "vsum": vsum}, out
 
-    def _leave_ring(self, kc, vc, pos, vsum, j, layer_index, row_keys):
-        """The s oldest ring tokens (slots of ring indices j - R .. j - R + s - 1) leave the ring.
+    def _leave_plan(self, vc, pos, vsum, leave, p_l, layer_index, row_keys):
+        """Where the s oldest ring tokens (slots ``leave``, oldest first) go when they leave the ring.
 
         Candidates: the K pool slots in slot order, then the s leaving tokens oldest first. An
         empty pool slot scores +BIG, so ``lax.top_k`` "drops" the free slots first (lowest first)
         and then the highest-score tokens, s in all: the leaving tokens that survive fill the
         dropped pool slots, ascending, oldest first; the others are dropped. Scores are over the
-        valid candidates (the filled pool slots and the s leaving tokens), as at s = 1."""
-        c, P, K, R, s = self.c, self.prefix, self.keep, self.ring, self.period
-        b, h = kc.shape[:2]
+        valid candidates (the filled pool slots and the s leaving tokens), as at s = 1.
+
+        Returns (dest (B, G, s): each leaving token's new slot, its own slot if dropped; its new
+        position there, -1 if dropped; the new running sum (B, G, X))."""
+        c, P, K, s = self.c, self.prefix, self.keep, self.period
+        b = vc.shape[0]
         g = pos.shape[1]
-        leave = c + P + K + jnp.mod(j + jnp.arange(s), R)  # (s,) slots, oldest first
-        k_l = jnp.take(kc, leave, axis=2)  # (B, H, s, D)
-        v_l = jnp.take(vc, leave, axis=2)
-        p_l = jnp.take(pos, leave, axis=2)  # (B, G, s)
+        v_l = jnp.take(vc, leave, axis=2)  # (B, H, s, D)
         cand_v = jnp.concatenate([vc[:, :, c + P: c + P + K], v_l], axis=2)  # (B, H, K+s, D)
         cand_ok = jnp.concatenate([pos[:, :, c + P: c + P + K] >= 0, jnp.ones((b, g, s), bool)], axis=2)  # (B, G, K+s)
         vn = jnp.where(cand_ok[..., None], normalized_v(cand_v, self.granularity), 0.0)  # (B, G, K+s, X)
@@ -295,10 +310,4 @@ class Evict:
         freed = jnp.sort(jnp.where(drop < K, drop, K), axis=-1)  # (B, G, s) dropped pool slots, ascending
         dest_pool = jnp.take_along_axis(freed, jnp.clip(rank, 0, s - 1), axis=-1)
         dest = jnp.where(stay, c + P + dest_pool, leave)  # a dropped token is written back to its own slot
-        dest_h = jnp.broadcast_to(dest, (b, h, s))  # 'layer' (G = 1): the same slots in every head
-        bi, hi = jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None]
-        kc = kc.at[bi, hi, dest_h].set(k_l, unique_indices=True)
-        vc = vc.at[bi, hi, dest_h].set(v_l, unique_indices=True)
-        pos = pos.at[:, :, leave].set(-1)  # the s ring slots are free until tokens j .. j + s - 1 fill them
-        pos = pos.at[bi, jnp.arange(g)[None, :, None], dest].set(jnp.where(stay, p_l, -1), unique_indices=True)
-        return kc, vc, pos, vsum
+        return dest, jnp.where(stay, p_l, -1), vsum
