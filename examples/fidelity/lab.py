@@ -5,6 +5,7 @@
     python examples/fidelity/lab.py train    [--data-dir D] [--run R] [--time-limit S]   # 3 seeds on one GPU, resumable
     python examples/fidelity/lab.py evaluate [--data-dir D] [--run R]   # every policy x budget x seed -> R/eval.json
     python examples/fidelity/lab.py report   [--run R]        # results/summary.json, the README table, plots
+    python examples/fidelity/lab.py export   [--run R] --out O  # one seed's best weights (bf16) + tokenizer -> O
     python examples/fidelity/lab.py smoke    [--work W]       # the whole pipeline on tiny synthetic data, CPU
 
 D defaults to $ADSA_LAB_DATA or ~/.cache/adsa_jax/fidelity (outside the repo: images are never committed);
@@ -73,6 +74,10 @@ def parse(argv):
     q = sub.add_parser("report", help="summary.json, README table, plots")
     common(q)
     q.add_argument("--out", type=Path, default=HERE / "results", help="report directory (default %(default)s)")
+    q = sub.add_parser("export", help="one seed's held-out optimum as an adsa_jax checkpoint (bf16) with the tokenizer")
+    common(q)
+    q.add_argument("--out", type=Path, required=True, help="checkpoint directory to write (must not exist)")
+    q.add_argument("--seed-index", type=int, default=0, help="which of the run's seeds, by position (default %(default)s)")
     q = sub.add_parser("smoke", help="the whole pipeline on tiny synthetic data (CPU, no network)")
     q.add_argument("--work", type=Path, required=True, help="scratch directory for the smoke run")
     return p.parse_args(argv)
@@ -105,6 +110,9 @@ def main(argv=None) -> int:
                               checkpoint=a.checkpoint, log=log)
             sys.stderr.flush()
             os._exit(0)  # results are written; do not wait for compile threads past the time limit
+        elif a.stage == "export":
+            import train
+            train.export(run, a.out, a.data_dir, seed_index=a.seed_index, log=log)
         elif a.stage == "report":
             import report
             report.report(run, a.out, data_dir=a.data_dir, log=log)

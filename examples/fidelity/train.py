@@ -262,5 +262,26 @@ def load_trained(run_dir: Path, which: str = "best"):
     return cfg, params, meta
 
 
+def export(run_dir: Path, out: Path, data_dir: Path, *, seed_index: int = 0, log=print) -> Path:
+    """One seed's held-out optimum as an adsa_jax checkpoint in bf16 (``adsa_jax.load(out)``), with the
+    lab's tokenizer (k-means codebook of 2x2 RGB patches) beside it as ``tokenizer.npz``."""
+    import shutil
+
+    from adsa_jax.checkpoint import save_gpt
+
+    cfg, params, meta = load_trained(run_dir)
+    S = len(meta["seeds"])
+    if not 0 <= seed_index < S:
+        raise SystemExit(f"error: --seed-index {seed_index} is out of range: the run has {S} seed(s)")
+    one = jax.tree.map(lambda x: np.asarray(x[seed_index].astype(jnp.bfloat16)), params)
+    grid = int(round(cfg.block_size ** 0.5))
+    save_gpt(out, one, cfg, image_size=2 * grid, source=f"fidelity lab run {run_dir.name}, seed {meta['seeds'][seed_index]}, "
+             f"step {meta['evaluated_step']}")
+    shutil.copyfile(data_dir / "tokenizer.npz", out / "tokenizer.npz")
+    log(f"export: seed {meta['seeds'][seed_index]} step {meta['evaluated_step']} -> {out} "
+        f"({sum(f.stat().st_size for f in out.rglob('*') if f.is_file()) / 2 ** 20:.1f} MiB)")
+    return out
+
+
 if __name__ == "__main__":
     sys.exit("run through lab.py: python examples/fidelity/lab.py train ...")
