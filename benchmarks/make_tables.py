@@ -389,6 +389,15 @@ def t_targets(rows) -> list[str]:
     text, met = rel_text(ratios, 0.0) if ratios else ("", None)  # a ratio to report, no threshold
     add("25", "adsa_jax / torch.compile images/s, one machine and day (GPT-XL 256 px batch 1, 64, 256; 384 px "
         "batch 64)", text, "reported" if met else "not measured")
+    slow = []  # --batch-invariant against the same configuration without it: a cost, no threshold
+    for pol, bu in (("dense", None), ("adsa-evict", 0.5)):
+        inv = xl(image_size=384, batch=64, policy=pol, budget=bu, invariant_group=32)
+        if inv is not None:
+            slow.append((pol_name(pol, bu), rel(inv, xl(image_size=384, batch=64, policy=pol, budget=bu), "s_per_call")))
+    text = "; ".join(f"{lab} {x_(v)} the time" if isinstance(v, float) else f"{lab}: measured on different days"
+                     for lab, v in slow if v is not None)
+    add("27", "--batch-invariant (groups of 32) against the option off, seconds per call (384 px, batch 64)",
+        text, "reported" if text else "not measured")
     return md_table(["issue", "target (GPT-XL, H200)", "measured", "verdict"], out, 4) + [
         "", "From the rows of the tables above (their dates are marked there); a ratio only of two rows of one day."]
 
