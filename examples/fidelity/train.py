@@ -7,6 +7,7 @@ Orbax checkpoint, so it can be split into pieces of at most 10 minutes (``--time
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -80,7 +81,9 @@ def make_steps(cfg, tx):
     def seed_steps(params, opt_state, tokens, labels, keys, lrs):
         return jax.lax.scan(one, (params, opt_state), (tokens, labels, keys, lrs))
 
-    @jax.jit
+    # params and optimizer state are donated: each chunk updates them in place instead of allocating
+    # a second copy (1.5 GB for three 42M seeds) next to the live one
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
     def train_chunk(params, opt_state, all_tokens, all_labels, idx, keys, lrs):
         """idx (S, n, B) per-seed batches of n steps; keys (S, n); lrs (n,). Returns new state, losses (S, n)."""
         toks, labs = all_tokens[idx], all_labels[idx]  # (S, n, B, N), (S, n, B)
@@ -200,11 +203,15 @@ def train(data_file: Path, run_dir: Path, *, seeds=(0, 1, 2), batch: int = 64, p
         log("train: compiling...")
         a = step
         idx, ks, lrs = chunk_inputs(a, a + chunk, 10 ** 9)
-        out = train_chunk(params, opt_state, tokens, labels, idx, ks, lrs)
+        copy = lambda: jax.tree.map(jnp.copy, (params, opt_state))  # noqa: E731  (the chunk donates its state)
+        out = train_chunk(*copy(), tokens, labels, idx, ks, lrs)
         jax.block_until_ready(out)
         t1 = time.time()
         log(f"train: compiled in {t1 - t0:.1f} s")
-        out = train_chunk(params, opt_state, tokens, labels, idx, ks, lrs)
+        state = copy()
+        jax.block_until_ready(state)
+        t1 = time.time()
+        out = train_chunk(*state, tokens, labels, idx, ks, lrs)
         jax.block_until_ready(out)
         per_step = (time.time() - t1) / chunk
         left = time_limit - (time.time() - t_start) - 60.0  # evaluation and checkpoint reserve
