@@ -62,7 +62,7 @@ def nll_fn(cfg):
     return nll
 
 
-def make_steps(cfg, tx):
+def make_steps(cfg, tx, donate: bool = True):
     nll = nll_fn(cfg)
 
     def loss_fn(params, tokens, labels, key):
@@ -83,7 +83,7 @@ def make_steps(cfg, tx):
 
     # params and optimizer state are donated: each chunk updates them in place instead of allocating
     # a second copy (1.5 GB for three 42M seeds) next to the live one
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    @functools.partial(jax.jit, donate_argnums=(0, 1) if donate else ())
     def train_chunk(params, opt_state, all_tokens, all_labels, idx, keys, lrs):
         """idx (S, n, B) per-seed batches of n steps; keys (S, n); lrs (n,). Returns new state, losses (S, n)."""
         toks, labs = all_tokens[idx], all_labels[idx]  # (S, n, B, N), (S, n, B)
