@@ -83,20 +83,129 @@ def build_policy(cfg, name, gran, budget, extra):
     return adsa_jax.make_policy(cfg, name, budget=budget, **kw)
 
 
+class Inputs:
+    """What the evaluation reads from the data, independent of the weights."""
+
+    def __init__(self, data_dir: Path, images: int, samples: int):
+        z = np.load(data_dir / "tokens.npz")
+        self.z = z
+        self.codebook = lab_data.load_tokenizer(data_dir / "tokenizer.npz")
+        self.repeat_class = int(z["repeat_class"])
+        self.n_cls = self.repeat_class  # real classes 0..n_cls-1
+        self.samples = samples
+        self.ho_t = z["heldout_tokens"].astype(np.int32)[:images]
+        self.ho_l = z["heldout_labels"].astype(np.int32)[:images]
+        self.rp_t = z["repeat_tokens"].astype(np.int32)[:max(1, images // 4)]
+        self.gen_labels = np.concatenate([np.arange(samples) % self.n_cls,
+                                          np.full(REPEAT_SAMPLES, self.repeat_class)]).astype(np.int32)
+        self.n_traj = min(64, samples)  # dense trajectories scored per seed
+        rows_l = np.concatenate([self.ho_l, self.gen_labels[: self.n_traj], np.full(len(self.rp_t), self.repeat_class)])
+        self.rows_l = rows_l.astype(np.int32)
+        nh, nt = len(self.ho_t), self.n_traj
+        self.seg_real, self.seg_traj, self.seg_rep = slice(0, nh), slice(nh, nh + nt), slice(nh + nt, None)
+
+
+class Programs:
+    """The evaluation's programs for one model config, seed count and data. ``start`` compiles them
+    in threads ahead of the weights (while training runs): the metrics programs ahead of time from
+    shapes, the generation by one call with stand-in weights of the same shapes (jit caches it)."""
+
+    def __init__(self, cfg, S: int, inp: Inputs):
+        self.cfg, self.S, self.inp = cfg, S, inp
+        self.labels_j = jnp.asarray(inp.rows_l)
+        self.half = cfg.num_image_tokens // 2
+        self.gen_key = jax.random.key(1234)
+        self.futures = {}
+        self.pool = None
+
+    def gen_fn(self, pol):
+        cfg, inp = self.cfg, self.inp
+
+        # generate is itself a top-level jit (it may carry compiler options), so seeds run one by one
+        def run_seeds(ps, seeds=None):
+            return np.stack([np.asarray(adsa_jax.generate(
+                Model(cfg, jax.tree.map(lambda x: x[s], ps)), jnp.asarray(inp.gen_labels), self.gen_key, policy=pol,
+                **_sampling_kw(adsa_jax.generate, **SAMPLING), **_kernel_kw(adsa_jax.generate)))
+                for s in range(self.S if seeds is None else seeds)])
+        return run_seeds
+
+    def score_fn(self, pol):
+        cfg = self.cfg
+
+        def one(p, toks, labels, ref_lp):
+            logits = adsa_jax.score(Model(cfg, p), labels, toks, policy=pol, **_kernel_kw(adsa_jax.score))
+            lp = jax.nn.log_softmax(logits, -1)  # (B, N, V)
+            nll = -jnp.take_along_axis(lp, toks[..., None], -1)[..., 0]  # (B, N)
+            kl = jnp.sum(jnp.exp(ref_lp) * (ref_lp - lp), -1) if ref_lp is not None else jnp.zeros_like(nll)
+            top1 = (jnp.argmax(lp, -1) == jnp.argmax(ref_lp, -1)) if ref_lp is not None else jnp.ones(nll.shape, bool)
+            hit = jnp.argmax(lp, -1) == toks
+            return nll, kl, top1, hit, lp
+        return one
+
+    def dense_prog(self, dense):
+        one, labels_j = self.score_fn(dense), self.labels_j
+        return jax.jit(lambda ps, ts: jax.vmap(lambda p, t: one(p, t, labels_j, None))(ps, ts))
+
+    def metrics_prog(self, pol):
+        one, labels_j, inp, half = self.score_fn(pol), self.labels_j, self.inp, self.half
+
+        def run_all(ps, ts, ref):
+            nll, kl, top1, hit, _ = jax.vmap(lambda p, t, r: one(p, t, labels_j, r))(ps, ts, ref)
+            return (nll[:, inp.seg_real].mean(-1), kl[:, inp.seg_traj].mean((-1, -2)),
+                    top1[:, inp.seg_traj].mean((-1, -2)), hit[:, inp.seg_rep, half:].mean((-1, -2)))
+        return jax.jit(run_all)
+
+    def shapes(self):
+        """Abstract (stacked bf16 params, score rows, dense log-probs) of this config."""
+        cfg, S = self.cfg, self.S
+        one = jax.eval_shape(lambda k: lab_train.M.init_params(cfg, k, jnp.bfloat16), jax.random.key(0))
+        p16 = jax.tree.map(lambda x: jax.ShapeDtypeStruct((S,) + x.shape, x.dtype), one)
+        B = len(self.inp.rows_l)
+        N, V = cfg.num_image_tokens, cfg.vocab_size
+        return (p16, jax.ShapeDtypeStruct((S, B, N), jnp.int32), jax.ShapeDtypeStruct((S, B, N, V), jnp.float32))
+
+    def compile_metrics(self, pol):
+        return self.metrics_prog(pol).lower(*self.shapes()).compile()
+
+    def start(self, grid: str, workers: int = 8, log=print):
+        """Compile every configuration of ``grid`` in ``workers`` threads; returns at once."""
+        stand_in = jax.jit(jax.vmap(lambda k: lab_train.M.init_params(self.cfg, k, jnp.bfloat16)))(
+            jnp.stack([jax.random.key(0)]))  # one seed of stand-in weights: generation runs per seed
+
+        def warm(name, gran, budget, extra):
+            pol = build_policy(self.cfg, name, gran, budget, extra)
+            self.gen_fn(pol)(stand_in, seeds=1)  # compiles (and runs once) the generation program
+            if name == "dense":
+                return self.dense_prog(pol).lower(*self.shapes()[:2]).compile()
+            return self.compile_metrics(pol)
+
+        self.pool = cf.ThreadPoolExecutor(max_workers=workers)
+        for item in policy_grid(grid):
+            self.futures[row_key(*item)] = self.pool.submit(warm, *item)
+        log(f"evaluate: compiling {len(self.futures)} configurations in {workers} threads ahead of the weights")
+        return self
+
+    def stop(self):
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+
 def evaluate(data_dir: Path, run: Path, *, images: int = 256, samples: int = 100, grid: str = "full",
-             time_limit: float = 560.0, classifier_steps: int = 3000, checkpoint: str = "best", log=print) -> dict:
+             time_limit: float = 560.0, classifier_steps: int = 3000, checkpoint: str = "best",
+             programs: Programs | None = None, log=print) -> dict:
+    """``programs``: from :meth:`Programs.start` (compiled while training ran), or None to compile here."""
     t_start = time.time()
     cfg, params, meta = lab_train.load_trained(run, checkpoint)
     S = len(meta["seeds"])
-    z = np.load(data_dir / "tokens.npz")
-    codebook = lab_data.load_tokenizer(data_dir / "tokenizer.npz")
-    repeat_class = int(z["repeat_class"])
-    n_cls = repeat_class  # real classes 0..n_cls-1
+    inp = programs.inp if programs is not None else Inputs(data_dir, images, samples)
+    if programs is None:
+        programs = Programs(cfg, S, inp)
+    elif programs.cfg != cfg or programs.S != S:
+        raise lab_data.DataError(f"the precompiled programs are for {programs.S} seeds of another config than {run}")
+    z, codebook, samples = inp.z, inp.codebook, inp.samples
     N = cfg.num_image_tokens
     half = N // 2
-    ho_t = z["heldout_tokens"].astype(np.int32)[:images]
-    ho_l = z["heldout_labels"].astype(np.int32)[:images]
-    rp_t = z["repeat_tokens"].astype(np.int32)[:max(1, images // 4)]
+    ho_t, rp_t, gen_labels = inp.ho_t, inp.rp_t, inp.gen_labels
     out_file = run / "eval.json"
     res = json.loads(out_file.read_text()) if out_file.is_file() else {"rows": {}}
     if res["rows"] and res.get("evaluated_step", meta["evaluated_step"]) != meta["evaluated_step"]:
@@ -109,71 +218,39 @@ def evaluate(data_dir: Path, run: Path, *, images: int = 256, samples: int = 100
 
     # --- the judge: trained on the tokenizer's reconstructions of the real training images
     cls_file = run / "classifier.npz"
+    if not cls_file.is_file() and (data_dir / "classifier.npz").is_file():
+        cls_file = data_dir / "classifier.npz"  # a judge trained once on this data, kept beside the tokens
     if cls_file.is_file():
         cparams, cacc = judge.load(cls_file)
     else:
-        tr_mask = z["train_labels"] < repeat_class
+        tr_mask = z["train_labels"] < inp.repeat_class
         tr_tok = z["train_tokens"][tr_mask].astype(np.int64)
         tr_img = lab_data.decode_tokens(tr_tok, codebook)
         ho_img = lab_data.decode_tokens(z["heldout_tokens"].astype(np.int64), codebook)
         log(f"evaluate: training the classifier on {len(tr_img)} real images")
-        cparams, cacc = judge.train(tr_img, z["train_labels"][tr_mask], ho_img, z["heldout_labels"], n_cls, steps=classifier_steps,
-                                    log=log)
+        cparams, cacc = judge.train(tr_img, z["train_labels"][tr_mask], ho_img, z["heldout_labels"], inp.n_cls,
+                                    steps=classifier_steps, log=log)
         judge.save(cls_file, cparams, cacc)
     res["classifier_heldout_accuracy"] = cacc
     _, real_feats = judge.predict(cparams, lab_data.decode_tokens(z["heldout_tokens"].astype(np.int64), codebook))
     log(f"evaluate: classifier held-out accuracy {cacc:.3f}")
 
-    gen_labels = np.concatenate([np.arange(samples) % n_cls, np.full(REPEAT_SAMPLES, repeat_class)]).astype(np.int32)
-    gen_key = jax.random.key(1234)
-    models = params  # (S, ...) stacked fp32 master weights; bf16 like a user would sample
-    p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), models)
-
-    def gen_fn(pol):
-        # generate is itself a top-level jit (it may carry compiler options), so seeds run one by one
-        def run_seeds(ps):
-            return np.stack([np.asarray(adsa_jax.generate(
-                Model(cfg, jax.tree.map(lambda x: x[s], ps)), jnp.asarray(gen_labels), gen_key, policy=pol,
-                **_sampling_kw(adsa_jax.generate, **SAMPLING), **_kernel_kw(adsa_jax.generate))) for s in range(S)])
-        return run_seeds
-
-    def score_fn(pol):
-        def one(p, toks, labels, ref_lp):
-            logits = adsa_jax.score(Model(cfg, p), labels, toks, policy=pol, **_kernel_kw(adsa_jax.score))
-            lp = jax.nn.log_softmax(logits, -1)  # (B, N, V)
-            nll = -jnp.take_along_axis(lp, toks[..., None], -1)[..., 0]  # (B, N)
-            kl = jnp.sum(jnp.exp(ref_lp) * (ref_lp - lp), -1) if ref_lp is not None else jnp.zeros_like(nll)
-            top1 = (jnp.argmax(lp, -1) == jnp.argmax(ref_lp, -1)) if ref_lp is not None else jnp.ones(nll.shape, bool)
-            hit = jnp.argmax(lp, -1) == toks
-            return nll, kl, top1, hit, lp
-        return one
+    p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)  # (S, ...) stacked; bf16 like a user would sample
 
     # dense first: its samples are the trajectories, its log-probs the reference
     dense = build_policy(cfg, "dense", None, None, {})
     t0 = time.time()
-    dense_gen = np.asarray(gen_fn(dense)(p16))  # (S, G, N)
+    dense_gen = np.asarray(programs.gen_fn(dense)(p16))  # (S, G, N)
     log(f"evaluate: dense samples {dense_gen.shape} in {time.time() - t0:.1f} s (compile included)")
-    traj = dense_gen[:, : min(64, samples)]  # (S, T, N) dense trajectories
+    traj = dense_gen[:, : inp.n_traj]  # (S, T, N) dense trajectories
     rows_t = np.stack([np.concatenate([ho_t, traj[s], rp_t]) for s in range(S)])  # (S, B, N)
-    rows_l = np.concatenate([ho_l, gen_labels[: traj.shape[1]], np.full(len(rp_t), repeat_class)]).astype(np.int32)
-    nh, nt = len(ho_t), traj.shape[1]
-    seg_real, seg_traj, seg_rep = slice(0, nh), slice(nh, nh + nt), slice(nh + nt, None)
-    labels_j = jnp.asarray(rows_l)
+    seg_real, seg_rep = inp.seg_real, inp.seg_rep
 
-    dense_one = score_fn(dense)
-    dense_run = jax.jit(lambda ps, ts: jax.vmap(lambda p, t: dense_one(p, t, labels_j, None))(ps, ts))
+    dense_key = row_key("dense", None, None, {})
+    dense_run = programs.futures[dense_key].result() if dense_key in programs.futures else programs.dense_prog(dense)
     d_nll, _, _, d_hit, d_lp = dense_run(p16, jnp.asarray(rows_t))
     d_nll_img = np.asarray(d_nll[:, seg_real].mean(-1))  # (S, nh)
     log(f"evaluate: dense held-out NLL per seed {np.round(d_nll_img.mean(1), 4).tolist()}")
-
-    def metrics_prog(pol):
-        one = score_fn(pol)
-
-        def run_all(ps, ts, ref):
-            nll, kl, top1, hit, _ = jax.vmap(lambda p, t, r: one(p, t, labels_j, r))(ps, ts, ref)
-            return (nll[:, seg_real].mean(-1), kl[:, seg_traj].mean((-1, -2)), top1[:, seg_traj].mean((-1, -2)),
-                    hit[:, seg_rep, half:].mean((-1, -2)))
-        return jax.jit(run_all)
 
     def finish(key, name, gran, budget, extra, pol, m, gen, secs):
         nll_img, kl, top1, mirror_tf = (np.asarray(x, np.float64) for x in m)
@@ -203,7 +280,6 @@ def evaluate(data_dir: Path, run: Path, *, images: int = 256, samples: int = 100
         log(f"evaluate: {key:<40} excess {row['excess_nll']:+.4f} +- {se:.4f} KL {row['kl']:.4f} top1 {row['top1']:.3f} "
             f"acc {acc:.3f} FD {fd:.2f} mirror {mirror:.3f}/{row['mirror_top1']:.3f} ({secs:.1f} s)")
 
-    dense_key = row_key("dense", None, None, {})
     if dense_key not in res["rows"]:
         finish(dense_key, "dense", None, None, {}, dense, (d_nll[:, seg_real].mean(-1), np.zeros(S), np.ones(S),
                                                          d_hit[:, seg_rep, half:].mean((-1, -2))), dense_gen, 0.0)
@@ -225,11 +301,11 @@ def evaluate(data_dir: Path, run: Path, *, images: int = 256, samples: int = 100
 
     def compile_one(item):
         key, name, gran, budget, extra, pol = item
-        m = metrics_prog(pol).lower(p16, ts_j, d_lp).compile()
-        return m, gen_fn(pol)(p16)  # generation compiles and runs here, beside the other threads
+        ahead = programs.futures.get(key)
+        m = ahead.result() if ahead is not None else programs.compile_metrics(pol)
+        return m, programs.gen_fn(pol)(p16)  # generation compiles (unless compiled ahead) and runs here
 
-    log(f"evaluate: compiling {len(todo)} configurations (x2 programs) in threads...")
-    t0 = time.time()
+    log(f"evaluate: {len(todo)} configurations, {sum(k in programs.futures for k, *_ in todo)} compiled ahead")
     ex = cf.ThreadPoolExecutor(max_workers=8)
     futures = [ex.submit(compile_one, it) for it in todo]
     for item, fut in zip(todo, futures):
@@ -247,6 +323,7 @@ def evaluate(data_dir: Path, run: Path, *, images: int = 256, samples: int = 100
         m = m_prog(p16, ts_j, d_lp)
         finish(*item, m, gen, time.time() - t1)
     ex.shutdown(wait=False, cancel_futures=True)  # lab.py exits without joining a thread still compiling
+    programs.stop()
     log(f"evaluate: {len(res['rows'])} rows in {time.time() - t_start:.0f} s")
     res["seconds"] = round(time.time() - t_start, 1)
     out_file.write_text(json.dumps(res, indent=1))

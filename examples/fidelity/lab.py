@@ -4,6 +4,7 @@
     python examples/fidelity/lab.py tokenize [--data-dir D]   # 48x48 RGB -> 24x24 k-means codes, split, diagnostic set
     python examples/fidelity/lab.py train    [--data-dir D] [--run R] [--time-limit S]   # 3 seeds on one GPU, resumable
     python examples/fidelity/lab.py evaluate [--data-dir D] [--run R]   # every policy x budget x seed -> R/eval.json
+    python examples/fidelity/lab.py run      [--data-dir D] [--run R] [--time-limit S]   # train + evaluate, one process
     python examples/fidelity/lab.py report   [--run R]        # results/summary.json, the README table, plots
     python examples/fidelity/lab.py export   [--run R] --out O  # one seed's best weights (bf16) + tokenizer -> O
     python examples/fidelity/lab.py smoke    [--work W]       # the whole pipeline on tiny synthetic data, CPU
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -47,30 +49,44 @@ def parse(argv):
     common(q)
     q.add_argument("--codes", type=int, default=1024, help="k-means codebook size (default %(default)s)")
     q.add_argument("--iters", type=int, default=20, help="k-means iterations (default %(default)s)")
+    def train_args(q, time_limit):
+        q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="model seeds (default %(default)s)")
+        q.add_argument("--batch", type=int, default=64, help="sequences per step and seed (default %(default)s)")
+        q.add_argument("--lr", type=float, default=6e-4, help="peak learning rate (default %(default)s)")
+        q.add_argument("--warmup", type=int, default=300, help="warm-up steps (default %(default)s)")
+        q.add_argument("--steps", type=int, default=0, help="total steps; 0 sizes the run to the time limit on the "
+                       "first call (default %(default)s)")
+        q.add_argument("--dim", type=int, default=512, help="model width (default %(default)s)")
+        q.add_argument("--layers", type=int, default=12, help="layers (default %(default)s)")
+        q.add_argument("--heads", type=int, default=8, help="heads (default %(default)s)")
+        q.add_argument("--eval-every", type=int, default=250, help="held-out NLL every this many steps (default %(default)s)")
+        q.add_argument("--time-limit", type=float, default=time_limit, help="stop (with a checkpoint; resumable) "
+                       "before this many seconds (default %(default)s)")
+
+    def eval_args(q):
+        q.add_argument("--images", type=int, default=256, help="held-out images scored per seed (default %(default)s)")
+        q.add_argument("--samples", type=int, default=100, help="images generated per policy and seed (default %(default)s)")
+        q.add_argument("--classifier-steps", type=int, default=3000, help="the judge's training steps, when neither "
+                       "RUN nor DATA_DIR holds classifier.npz (default %(default)s)")
+        q.add_argument("--grid-spec", default="full", choices=["full", "smoke"], help="which policy grid (default %(default)s)")
+
     q = sub.add_parser("train", help="train the seeds (resumes from the last checkpoint)")
     common(q)
-    q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="model seeds (default %(default)s)")
-    q.add_argument("--batch", type=int, default=64, help="sequences per step and seed (default %(default)s)")
-    q.add_argument("--lr", type=float, default=6e-4, help="peak learning rate (default %(default)s)")
-    q.add_argument("--warmup", type=int, default=300, help="warm-up steps (default %(default)s)")
-    q.add_argument("--steps", type=int, default=0, help="total steps; 0 sizes the run to --time-limit on the "
-                   "first call (default %(default)s)")
-    q.add_argument("--time-limit", type=float, default=540, help="stop (with a checkpoint) before this many "
-                   "seconds (default %(default)s)")
-    q.add_argument("--dim", type=int, default=512, help="model width (default %(default)s)")
-    q.add_argument("--layers", type=int, default=12, help="layers (default %(default)s)")
-    q.add_argument("--heads", type=int, default=8, help="heads (default %(default)s)")
-    q.add_argument("--eval-every", type=int, default=250, help="held-out NLL every this many steps (default %(default)s)")
+    train_args(q, 540)
     q = sub.add_parser("evaluate", help="every policy x budget x seed")
     common(q)
-    q.add_argument("--images", type=int, default=256, help="held-out images scored per seed (default %(default)s)")
-    q.add_argument("--samples", type=int, default=100, help="images generated per policy and seed (default %(default)s)")
-    q.add_argument("--classifier-steps", type=int, default=3000, help="the judge's training steps (default %(default)s)")
+    eval_args(q)
     q.add_argument("--time-limit", type=float, default=560, help="stop (resumable) after this many seconds "
                    "(default %(default)s)")
     q.add_argument("--checkpoint", default="best", choices=["best", "last"], help="the held-out optimum or the "
                    "last step (default %(default)s)")
-    q.add_argument("--grid-spec", default="full", choices=["full", "smoke"], help="which policy grid (default %(default)s)")
+    q = sub.add_parser("run", help="train, then evaluate the held-out optimum, in one process: the evaluation's "
+                       "programs compile while training runs (for a GPU job that keeps no files afterwards)")
+    common(q)
+    train_args(q, 580)
+    eval_args(q)
+    q.add_argument("--eval-seconds", type=float, default=200, help="of --time-limit, kept for the evaluation: "
+                   "training stops early to leave it (default %(default)s)")
     q = sub.add_parser("report", help="summary.json, README table, plots")
     common(q)
     q.add_argument("--out", type=Path, default=HERE / "results", help="report directory (default %(default)s)")
@@ -81,6 +97,11 @@ def parse(argv):
     q = sub.add_parser("smoke", help="the whole pipeline on tiny synthetic data (CPU, no network)")
     q.add_argument("--work", type=Path, required=True, help="scratch directory for the smoke run")
     return p.parse_args(argv)
+
+
+def train_kw(a) -> dict:
+    return dict(seeds=tuple(a.seeds), batch=a.batch, peak_lr=a.lr, warmup=a.warmup, total_steps=a.steps, dim=a.dim,
+                layers=a.layers, heads=a.heads, eval_every=a.eval_every)
 
 
 def main(argv=None) -> int:
@@ -100,14 +121,20 @@ def main(argv=None) -> int:
                 lab_data.tokenize(a.data_dir, a.data_dir, codes=a.codes, iters=a.iters, log=log)
         elif a.stage == "train":
             import train
-            train.train(a.data_dir / "tokens.npz", run, seeds=tuple(a.seeds), batch=a.batch, peak_lr=a.lr,
-                        warmup=a.warmup, total_steps=a.steps, time_limit=a.time_limit, dim=a.dim, layers=a.layers,
-                        heads=a.heads, eval_every=a.eval_every, log=log)
-        elif a.stage == "evaluate":
+            train.train(a.data_dir / "tokens.npz", run, **train_kw(a), time_limit=a.time_limit, log=log)
+        elif a.stage in ("evaluate", "run"):
             import evaluate
+            t0 = time.time()
+            programs = None
+            if a.stage == "run":  # the programs compile in threads while the main thread trains
+                import train
+                cfg = train.data_config(a.data_dir / "tokens.npz", dim=a.dim, layers=a.layers, heads=a.heads)
+                inputs = evaluate.Inputs(a.data_dir, a.images, a.samples)
+                programs = evaluate.Programs(cfg, len(a.seeds), inputs).start(a.grid_spec, log=log)
+                train.train(a.data_dir / "tokens.npz", run, **train_kw(a), time_limit=a.time_limit - a.eval_seconds - (time.time() - t0), log=log)
             evaluate.evaluate(a.data_dir, run, images=a.images, samples=a.samples, grid=a.grid_spec,
-                              classifier_steps=a.classifier_steps, time_limit=a.time_limit,
-                              checkpoint=a.checkpoint, log=log)
+                              classifier_steps=a.classifier_steps, time_limit=a.time_limit - (time.time() - t0),
+                              checkpoint=getattr(a, "checkpoint", "best"), programs=programs, log=log)
             sys.stderr.flush()
             os._exit(0)  # results are written; do not wait for compile threads past the time limit
         elif a.stage == "export":

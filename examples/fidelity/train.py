@@ -31,6 +31,15 @@ def lab_config(vocab: int, num_classes: int, grid: int, *, dim: int = 512, layer
                      block_size=grid * grid)
 
 
+def data_config(data_file: Path, *, dim: int = 512, layers: int = 12, heads: int = 8) -> GPTConfig:
+    """The lab's GPT config for the tokens in ``data_file`` (grid, vocabulary and classes from the data)."""
+    z = np.load(data_file)
+    grid = int(round(z["train_tokens"].shape[1] ** 0.5))
+    vocab = 1 + int(max(int(z["train_tokens"].max()), int(z["heldout_tokens"].max())))
+    vocab = max(vocab, int(np.load(data_file.parent / "tokenizer.npz")["codebook"].shape[0]))
+    return lab_config(vocab, int(z["repeat_class"]) + 1, grid, dim=dim, layers=layers, heads=heads)
+
+
 def lr_at(step, total, peak, warmup, floor=0.1):
     """Linear warm-up to peak, then cosine to floor * peak at ``total``."""
     step = np.asarray(step, np.float64)
@@ -134,10 +143,7 @@ def train(data_file: Path, run_dir: Path, *, seeds=(0, 1, 2), batch: int = 64, p
     ho_l = z["heldout_labels"].astype(np.int32)[:eval_images]
     rp_t = z["repeat_tokens"].astype(np.int32)[:eval_images]
     repeat_class = int(z["repeat_class"])
-    grid = int(round(tokens.shape[1] ** 0.5))
-    vocab = 1 + int(max(int(z["train_tokens"].max()), int(z["heldout_tokens"].max())))
-    vocab = max(vocab, int(np.load(data_file.parent / "tokenizer.npz")["codebook"].shape[0]))
-    cfg = lab_config(vocab, repeat_class + 1, grid, dim=dim, layers=layers, heads=heads)
+    cfg = data_config(data_file, dim=dim, layers=layers, heads=heads)
     S = len(seeds)
     n = tokens.shape[0]
     tx = make_tx(weight_decay)
@@ -163,7 +169,7 @@ def train(data_file: Path, run_dir: Path, *, seeds=(0, 1, 2), batch: int = 64, p
         log(f"train: resumed at step {step} of {total_steps}")
     nparams = M.count_params(cfg)
     log(f"train: {S} seeds x {nparams / 1e6:.1f}M params ({cfg.n_layer} layers x {cfg.dim}), {n} sequences of "
-        f"{tokens.shape[1]} tokens, vocab {vocab}, {cfg.num_classes} classes, batch {batch} per seed")
+        f"{tokens.shape[1]} tokens, vocab {cfg.vocab_size}, {cfg.num_classes} classes, batch {batch} per seed")
 
     def chunk_inputs(a, b, total):
         idx = np.stack([batch_indices(s, n, batch, range(a, b)) for s in seeds])  # (S, n, B)
