@@ -169,8 +169,10 @@ class Programs:
 
     def start(self, grid: str, workers: int = 8, log=print):
         """Compile every configuration of ``grid`` in ``workers`` threads; returns at once."""
-        stand_in = jax.jit(jax.vmap(lambda k: lab_train.M.init_params(self.cfg, k, jnp.bfloat16)))(
-            jnp.stack([jax.random.key(0)]))  # one seed of stand-in weights: generation runs per seed
+        # one seed of stand-in weights (generation runs per seed), committed to the device as restored
+        # weights are: jit caches committed and uncommitted arguments apart
+        stand_in = jax.device_put(jax.jit(jax.vmap(lambda k: lab_train.M.init_params(self.cfg, k, jnp.bfloat16)))(
+            jnp.stack([jax.random.key(0)])), jax.devices()[0])
 
         def warm(name, gran, budget, extra):
             pol = build_policy(self.cfg, name, gran, budget, extra)
