@@ -33,6 +33,37 @@ def test_smoke_pipeline(tmp_path):
     assert {c["against"] for c in s["head_to_head"]["0.5"]} == {"window|None|0.5|", "random|None|0.5|"}
     # the policies are compared on the held-out optimum that training kept
     assert s["training"]["evaluated_step"] == s["training"]["best_step"] is not None
+    _check_export(tmp_path)
+
+
+def _check_export(work):
+    """`export`: one seed's held-out optimum, bf16, loadable by adsa_jax.load, with the tokenizer."""
+    import jax
+    import numpy as np
+
+    import adsa_jax
+
+    def export(*args):
+        return subprocess.run([sys.executable, str(LAB), "export", "--data-dir", str(work / "data"), "--run",
+                               str(work / "run"), *args], capture_output=True, text=True, timeout=300)
+
+    out = work / "exported"
+    r = export("--out", str(out), "--seed-index", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    model = adsa_jax.load(out, dtype=None)
+    sys.path.insert(0, str(LAB.parent))
+    import train as lab_train
+
+    _, params, meta = lab_train.load_trained(work / "run")
+    want = jax.tree.map(lambda x: np.asarray(x[1].astype(jax.numpy.bfloat16)), params)
+    got = jax.tree.map(np.asarray, model.params)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    assert all(g.dtype == w.dtype and np.array_equal(g, w) for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+    assert np.array_equal(np.load(out / "tokenizer.npz")["codebook"], np.load(work / "data" / "tokenizer.npz")["codebook"])
+    for args, msg in (([ "--out", str(out)], "exported"), (["--out", str(work / "other"), "--seed-index", "2"],
+                                                          "--seed-index 2 is out of range")):
+        r = export(*args)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
 def test_fetch_without_tarballs_says_how(tmp_path):

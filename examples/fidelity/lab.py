@@ -24,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the lab's own modules (data, train, evaluate, report) sit beside this file
 
 import data as lab_data  # noqa: E402
+from adsa_jax.config import ConfigError  # noqa: E402
 
 
 def default_data_dir() -> Path:
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
         elif a.stage == "report":
             import report
             report.report(run, a.out, data_dir=a.data_dir, log=log)
-    except lab_data.DataError as e:
+    except (lab_data.DataError, ConfigError) as e:
         log(f"error: {e}")
         return 2
     return 0

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from adsa_jax import model as M
-from adsa_jax.config import GPTConfig
+from adsa_jax.config import ConfigError, GPTConfig
 
 CLASS_DROPOUT = 0.1
 
@@ -280,12 +280,13 @@ def export(run_dir: Path, out: Path, data_dir: Path, *, seed_index: int = 0, log
     lab's tokenizer (k-means codebook of 2x2 RGB patches) beside it as ``tokenizer.npz``."""
     import shutil
 
-    from adsa_jax.checkpoint import save_gpt
+    from adsa_jax.checkpoint import check_output_dir, save_gpt
 
+    check_output_dir(Path(out).absolute())  # a clear error before anything loads
     cfg, params, meta = load_trained(run_dir)
     S = len(meta["seeds"])
     if not 0 <= seed_index < S:
-        raise SystemExit(f"error: --seed-index {seed_index} is out of range: the run has {S} seed(s)")
+        raise ConfigError(f"--seed-index {seed_index} is out of range: {run_dir} has {S} seed(s), 0 to {S - 1}")
     one = jax.tree.map(lambda x: np.asarray(x[seed_index].astype(jnp.bfloat16)), params)
     grid = int(round(cfg.block_size ** 0.5))
     save_gpt(out, one, cfg, image_size=2 * grid, source=f"fidelity lab run {run_dir.name}, seed {meta['seeds'][seed_index]}, "
