@@ -14,6 +14,7 @@ configurations already there (resume).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import inspect
 import json
 import sys
@@ -155,6 +156,7 @@ class Programs:
                     top1[:, inp.seg_traj].mean((-1, -2)), hit[:, inp.seg_rep, half:].mean((-1, -2)))
         return jax.jit(run_all)
 
+    @functools.cached_property
     def shapes(self):
         """Abstract (stacked bf16 params, score rows, dense log-probs) of this config."""
         cfg, S = self.cfg, self.S
@@ -165,7 +167,7 @@ class Programs:
         return (p16, jax.ShapeDtypeStruct((S, B, N), jnp.int32), jax.ShapeDtypeStruct((S, B, N, V), jnp.float32))
 
     def compile_metrics(self, pol):
-        return self.metrics_prog(pol).lower(*self.shapes()).compile()
+        return self.metrics_prog(pol).lower(*self.shapes).compile()
 
     def start(self, grid: str, workers: int = 8, log=print):
         """Compile every configuration of ``grid`` in ``workers`` threads; returns at once."""
@@ -178,7 +180,7 @@ class Programs:
             pol = build_policy(self.cfg, name, gran, budget, extra)
             self.gen_fn(pol)(stand_in, seeds=1)  # compiles (and runs once) the generation program
             if name == "dense":
-                return self.dense_prog(pol).lower(*self.shapes()[:2]).compile()
+                return self.dense_prog(pol).lower(*self.shapes[:2]).compile()
             return self.compile_metrics(pol)
 
         self.pool = cf.ThreadPoolExecutor(max_workers=workers)
