@@ -119,16 +119,22 @@ class Programs:
         self.futures = {}
         self.pool = None
 
-    def gen_fn(self, pol):
-        cfg, inp = self.cfg, self.inp
+    def gen_prog(self, pol):
+        """Seeds side by side: (S, ...) stacked bf16 params, labels (G,), key -> (S, G, N) tokens."""
+        cfg = self.cfg
 
-        # generate is itself a top-level jit (it may carry compiler options), so seeds run one by one
-        def run_seeds(ps, seeds=None):
-            return np.stack([np.asarray(adsa_jax.generate(
-                Model(cfg, jax.tree.map(lambda x: x[s], ps)), jnp.asarray(inp.gen_labels), self.gen_key, policy=pol,
-                **_sampling_kw(adsa_jax.generate, **SAMPLING), **_kernel_kw(adsa_jax.generate)))
-                for s in range(self.S if seeds is None else seeds)])
-        return run_seeds
+        def run_seeds(ps, labels, key):
+            return jax.vmap(lambda p: adsa_jax.generate(
+                Model(cfg, p), labels, key, policy=pol, **_sampling_kw(adsa_jax.generate, **SAMPLING),
+                **_kernel_kw(adsa_jax.generate)))(ps)
+        return jax.jit(run_seeds)
+
+    def compile_gen(self, pol):
+        labels = jax.ShapeDtypeStruct(self.inp.gen_labels.shape, jnp.int32)
+        return self.gen_prog(pol).lower(self.shapes[0], labels, self.gen_key).compile()
+
+    def generate(self, compiled, p16):
+        return np.asarray(compiled(p16, jnp.asarray(self.inp.gen_labels), self.gen_key))  # (S, G, N)
 
     def score_fn(self, pol):
         cfg = self.cfg
@@ -169,23 +175,18 @@ class Programs:
     def compile_metrics(self, pol):
         return self.metrics_prog(pol).lower(*self.shapes).compile()
 
+    def compile(self, name, gran, budget, extra):
+        """(generation, metrics) compiled ahead of time from shapes: no device work, no weights."""
+        pol = build_policy(self.cfg, name, gran, budget, extra)
+        if name == "dense":
+            return self.compile_gen(pol), self.dense_prog(pol).lower(*self.shapes[:2]).compile()
+        return self.compile_gen(pol), self.compile_metrics(pol)
+
     def start(self, grid: str, workers: int = 8, log=print):
         """Compile every configuration of ``grid`` in ``workers`` threads; returns at once."""
-        # one seed of stand-in weights (generation runs per seed), committed to the device as restored
-        # weights are: jit caches committed and uncommitted arguments apart
-        stand_in = jax.device_put(jax.jit(jax.vmap(lambda k: lab_train.M.init_params(self.cfg, k, jnp.bfloat16)))(
-            jnp.stack([jax.random.key(0)])), jax.devices()[0])
-
-        def warm(name, gran, budget, extra):
-            pol = build_policy(self.cfg, name, gran, budget, extra)
-            self.gen_fn(pol)(stand_in, seeds=1)  # compiles (and runs once) the generation program
-            if name == "dense":
-                return self.dense_prog(pol).lower(*self.shapes[:2]).compile()
-            return self.compile_metrics(pol)
-
         self.pool = cf.ThreadPoolExecutor(max_workers=workers)
         for item in policy_grid(grid):
-            self.futures[row_key(*item)] = self.pool.submit(warm, *item)
+            self.futures[row_key(*item)] = self.pool.submit(self.compile, *item)
         log(f"evaluate: compiling {len(self.futures)} configurations in {workers} threads ahead of the weights")
         return self
 
@@ -243,15 +244,16 @@ def evaluate(data_dir: Path, run: Path, *, images: int = 256, samples: int = 100
 
     # dense first: its samples are the trajectories, its log-probs the reference
     dense = build_policy(cfg, "dense", None, None, {})
+    dense_key = row_key("dense", None, None, {})
     t0 = time.time()
-    dense_gen = np.asarray(programs.gen_fn(dense)(p16))  # (S, G, N)
+    ahead = programs.futures.get(dense_key)
+    dense_gen_prog, dense_run = ahead.result() if ahead is not None else programs.compile("dense", None, None, {})
+    dense_gen = programs.generate(dense_gen_prog, p16)  # (S, G, N)
     log(f"evaluate: dense samples {dense_gen.shape} in {time.time() - t0:.1f} s (compile included)")
     traj = dense_gen[:, : inp.n_traj]  # (S, T, N) dense trajectories
     rows_t = np.stack([np.concatenate([ho_t, traj[s], rp_t]) for s in range(S)])  # (S, B, N)
     seg_real, seg_rep = inp.seg_real, inp.seg_rep
 
-    dense_key = row_key("dense", None, None, {})
-    dense_run = programs.futures[dense_key].result() if dense_key in programs.futures else programs.dense_prog(dense)
     d_nll, _, _, d_hit, d_lp = dense_run(p16, jnp.asarray(rows_t))
     d_nll_img = np.asarray(d_nll[:, seg_real].mean(-1))  # (S, nh)
     log(f"evaluate: dense held-out NLL per seed {np.round(d_nll_img.mean(1), 4).tolist()}")
@@ -304,10 +306,9 @@ def evaluate(data_dir: Path, run: Path, *, images: int = 256, samples: int = 100
     ts_j = jnp.asarray(rows_t)
 
     def compile_one(item):
-        key, name, gran, budget, extra, pol = item
+        key, name, gran, budget, extra, _ = item
         ahead = programs.futures.get(key)
-        m = ahead.result() if ahead is not None else programs.compile_metrics(pol)
-        return m, programs.gen_fn(pol)(p16)  # generation compiles (unless compiled ahead) and runs here
+        return ahead.result() if ahead is not None else programs.compile(name, gran, budget, extra)
 
     log(f"evaluate: {len(todo)} configurations, {sum(k in programs.futures for k, *_ in todo)} compiled ahead")
     ex = cf.ThreadPoolExecutor(max_workers=8)
@@ -318,13 +319,14 @@ def evaluate(data_dir: Path, run: Path, *, images: int = 256, samples: int = 100
             res["stopped_early"] = True
             break
         try:
-            m_prog, gen = fut.result()
+            gen_prog, m_prog = fut.result()
         except Exception as e:  # a policy that cannot build its program is reported, not fatal
             log(f"evaluate: {item[0]} failed to compile: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
             res.setdefault("skipped", {})[item[0]] = f"{type(e).__name__}: {e}"[:500]
             continue
         t1 = time.time()
         m = m_prog(p16, ts_j, d_lp)
+        gen = programs.generate(gen_prog, p16)
         finish(*item, m, gen, time.time() - t1)
     ex.shutdown(wait=False, cancel_futures=True)  # lab.py exits without joining a thread still compiling
     programs.stop()
