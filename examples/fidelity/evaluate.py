@@ -108,8 +108,7 @@ class Inputs:
 
 class Programs:
     """The evaluation's programs for one model config, seed count and data. ``start`` compiles them
-    in threads ahead of the weights (while training runs): the metrics programs ahead of time from
-    shapes, the generation by one call with stand-in weights of the same shapes (jit caches it)."""
+    ahead of time from shapes, in threads, before the weights exist (while training runs)."""
 
     def __init__(self, cfg, S: int, inp: Inputs):
         self.cfg, self.S, self.inp = cfg, S, inp
