@@ -131,9 +131,10 @@ def main(argv=None) -> int:
                 import train
                 cfg = train.data_config(a.data_dir / "tokens.npz", dim=a.dim, layers=a.layers, heads=a.heads)
                 inputs = evaluate.Inputs(a.data_dir, a.images, a.samples)
-                programs = evaluate.Programs(cfg, len(a.seeds), inputs).start(a.grid_spec, log=log)
+                programs = evaluate.Programs(cfg, len(a.seeds), inputs)
                 left = a.time_limit - a.eval_seconds - (time.time() - t0)
-                train.train(a.data_dir / "tokens.npz", run, **train_kw(a), time_limit=left, log=log)
+                train.train(a.data_dir / "tokens.npz", run, **train_kw(a), time_limit=left, log=log,
+                            on_compiled=lambda: programs.start(a.grid_spec, log=log))
             evaluate.evaluate(a.data_dir, run, images=a.images, samples=a.samples, grid=a.grid_spec,
                               classifier_steps=a.classifier_steps, time_limit=a.time_limit - (time.time() - t0),
                               checkpoint=getattr(a, "checkpoint", "best"), programs=programs, log=log)

@@ -80,9 +80,10 @@ def run(work: Path, log=print) -> dict:
                           pins=pins, pixels=32, log=log)
     # as `lab.py run`: the evaluation's programs compile in threads while training runs
     cfg = train.data_config(data_dir / "tokens.npz", dim=32, layers=2, heads=2)
-    programs = evaluate.Programs(cfg, 2, evaluate.Inputs(data_dir, 8, 4)).start("smoke", workers=2, log=log)
+    programs = evaluate.Programs(cfg, 2, evaluate.Inputs(data_dir, 8, 4))
     train.train(data_dir / "tokens.npz", run_dir, seeds=(0, 1), batch=4, total_steps=10, chunk=5, warmup=2,
-                eval_every=5, eval_images=8, dim=32, layers=2, heads=2, log=log)
+                eval_every=5, eval_images=8, dim=32, layers=2, heads=2, log=log,
+                on_compiled=lambda: programs.start("smoke", workers=2, log=log))
     evaluate.evaluate(data_dir, run_dir, images=8, samples=4, grid="smoke", classifier_steps=20, programs=programs,
                       log=log)
     return report.report(run_dir, work / "results", data_dir=data_dir, dataset="synthetic smoke stand-in", log=log)

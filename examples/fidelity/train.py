@@ -130,9 +130,12 @@ def _ckpt_state(params, opt_state, step, total):
 def train(data_file: Path, run_dir: Path, *, seeds=(0, 1, 2), batch: int = 64, peak_lr: float = 6e-4,
           warmup: int = 300, weight_decay: float = 0.05, total_steps: int = 0, step_seconds: float = 0.0,
           time_limit: float = 540.0, chunk: int = 50, eval_every: int = 250, eval_images: int = 512,
-          dim: int = 512, layers: int = 12, heads: int = 8, log=print) -> dict:
+          dim: int = 512, layers: int = 12, heads: int = 8, on_compiled=None, log=print) -> dict:
     """Train (or resume) len(seeds) models side by side. total_steps 0: sized from the measured step
-    time so that training ends inside ``time_limit`` (then fixed and stored for every resume)."""
+    time so that training ends inside ``time_limit`` (then fixed and stored for every resume).
+    ``on_compiled()``: called once the training program has compiled and run its first chunk (``lab.py
+    run`` starts compiling the evaluation then: threads tracing programs beside this one's compile
+    held the Python lock and delayed the first step by about a minute on the H200)."""
     import orbax.checkpoint as ocp
 
     t_start = time.time()
@@ -241,6 +244,9 @@ def train(data_file: Path, run_dir: Path, *, seeds=(0, 1, 2), batch: int = 64, p
                               "seconds": round(time.time() - t_start, 1)})
         log(f"train: step {step}/{total_steps} (epoch {step / epoch:.1f}) loss {np.round(losses.mean(axis=1), 4).tolist()} "
             f"{(time.time() - t0) / chunk * 1000:.0f} ms/step")
+        if on_compiled is not None:
+            on_compiled()
+            on_compiled = None
         if step % eval_every == 0 or step >= total_steps:
             evaluate(step)
             save()
