@@ -1,0 +1,75 @@
+"""Where a generate call's GPU time goes (GPU): `python3 benchmarks/generate_profile.py [MODEL:PX:BATCH:POLICY[:BUDGET[:GRAN]] ...]`.
+
+Random weights, bf16, CFG 4, top-k 2000, default kernel settings (as `adsa-jax bench`). One call is
+compiled, run once to warm up, then traced; its GPU kernels are summed by kind (weight GEMMs,
+attention and cache kernels, sampling, other XLA fusions) and the rest of the span between the
+first kernel's start and the last one's end is idle GPU time (launch gaps). Writes
+$OUT/generate_profile.json and prints one line per configuration.
+"""
+import json
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.getcwd())
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from gpu_trace import gpu_kernel_times  # noqa: E402
+
+import adsa_jax  # noqa: E402
+from adsa_jax.config import named_config  # noqa: E402
+from adsa_jax.generate import Model  # noqa: E402
+from adsa_jax.model import init_params  # noqa: E402
+
+OUT = os.environ.get("OUT", "/tmp/out")
+KINDS = (("gemm", r"gemm|xmma|nvjet|cutlass|cublas|\bdot"), ("attention", r"adsa|attention|pallas|mosaic|evict"),
+         ("sampling", r"sort|topk|top_k|kth|cub|radix|argmax|threefry|rng|random"))
+
+
+def kind(name: str) -> str:
+    return next((k for k, pat in KINDS if re.search(pat, name, re.I)), "other")
+
+
+def profile(spec: str) -> dict:
+    model, px, batch, pol, *rest = spec.split(":")
+    cfg = named_config(model, image_size=int(px))
+    budget = float(rest[0]) if rest else None
+    gran = rest[1] if len(rest) > 1 else "head"
+    policy = adsa_jax.make_policy(cfg, pol, **({} if pol == "dense" else {"budget": budget, "granularity": gran}))
+    m = Model(cfg, init_params(cfg, jax.random.key(0), jnp.bfloat16))
+    labels = jnp.arange(int(batch), dtype=jnp.int32) % cfg.num_classes
+    run = lambda: jax.block_until_ready(adsa_jax.generate(m, labels, jax.random.key(1), policy=policy))  # noqa: E731
+    t0 = time.time()
+    run()
+    compile_s = time.time() - t0
+    t0 = time.time()
+    run()
+    call_s = time.time() - t0
+    agg, cnt, span = gpu_kernel_times(run)
+    by = {}
+    for name, us in agg.items():
+        by[kind(name)] = by.get(kind(name), 0.0) + us / 1e6
+    busy = sum(by.values())
+    row = {"spec": spec, "device": jax.devices()[0].device_kind, "jax": jax.__version__, "compile_s": compile_s,
+           "call_s": call_s, "span_s": span / 1e6, "kernels_s": by, "idle_s": span / 1e6 - busy,
+           "launches": sum(cnt.values()), "top": {k: v / 1e6 for k, v in agg.most_common(12)}}
+    shares = " ".join(f"{k} {100 * v / max(span / 1e6, 1e-9):.0f}%" for k, v in sorted(by.items()))
+    print(f"{spec}: call {call_s:.3f} s, traced span {span / 1e6:.3f} s: {shares}, idle "
+          f"{100 * row['idle_s'] / max(span / 1e6, 1e-9):.0f}% ({row['launches']} kernels)", flush=True)
+    return row
+
+
+def main(specs):
+    os.makedirs(OUT, exist_ok=True)
+    rows = []
+    for spec in specs:
+        rows.append(profile(spec))
+        with open(os.path.join(OUT, "generate_profile.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["GPT-XL:256:64:dense", "GPT-XL:384:64:adsa-evict:0.5:head", "GPT-XL:384:64:adsa-evict:0.5:layer"])
