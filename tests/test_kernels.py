@@ -150,11 +150,48 @@ def test_kernel_lowers_for_gpu(c2i):
     assert "adsa_small_matmul" in lowered("adsa-evict", params=bf16, gemm="pallas", budget=0.5)
     assert "adsa_decode_attention" in lowered("adsa-evict", budget=0.5, granularity="layer")
     assert "adsa_evict_step" in lowered("adsa-evict-all", budget=0.5)  # P = 0 and a ring of one
-    text = lowered("adsa-evict", budget=0.5, period=3)  # period s > 1: XLA bookkeeping around the attention kernel
-    assert "adsa_decode_attention" in text and "adsa_evict_step" not in text
+    for gran in ("head", "layer"):  # period s > 1: the moves in XLA, the step as the window's kernel
+        text = lowered("adsa-evict", budget=0.5, period=3, granularity=gran)
+        assert "adsa_evict_step" in text and "adsa_decode_attention" not in text
     off = {"evict_one_kernel": False, "dense_one_kernel": False}
+    assert "adsa_decode_attention" in lowered("adsa-evict", budget=0.5, period=3, switches=off)
     for name, kw in (("dense", {}), ("adsa-evict", {"budget": 0.5})):
         assert "adsa_decode_attention" in lowered(name, switches=off, **kw)
+
+
+def _period_layer(policy, rows=3, heads=2, head_dim=8):
+    """One layer's decode outputs (N-1, B, H, D) and final positions for fixed random q, k, v."""
+    c, N = policy.c, policy.n
+    rng = np.random.default_rng(7)
+    q, k, v = (jnp.asarray(rng.normal(size=(N - 1, rows, heads, head_dim)), jnp.float32) for _ in range(3))
+    kc, vc = (jnp.asarray(rng.normal(size=(rows, c, heads, head_dim)), jnp.float32) for _ in range(2))
+    ex_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(jnp.arange(rows))
+
+    @jax.jit
+    def run():
+        cache = policy.prefill(policy.init(rows, heads, head_dim, jnp.float32), kc, vc)
+
+        def body(cache, t):
+            keys = jax.vmap(lambda kk: jax.random.fold_in(kk, t + 1))(ex_keys)
+            return policy.decode(cache, q[t], k[t], v[t], t, jnp.ones((rows, c), bool), layer_index=0, row_keys=keys)
+        cache, out = jax.lax.scan(body, cache, jnp.arange(N - 1))
+        return out, cache["pos"]
+    return tuple(np.asarray(x) for x in run())
+
+
+@pytest.mark.parametrize("name,kw", [("adsa-evict", dict(period=3)), ("adsa-evict", dict(period=4, granularity="layer")),
+                                     ("random", dict(period=3)), ("adsa-evict-all", dict(period=4))])
+def test_period_step_kernel_matches_xla(name, kw):
+    """Period s > 1 on the kernel path (XLA moves every s steps, then evict_step's window form over
+    the whole cache) evicts the same tokens as the XLA path (equal final positions) and attends
+    within float rounding, at both granularities."""
+    pol = make_policy(adsa_jax.GPTConfig(dim=64, n_layer=1, n_head=2, vocab_size=64, num_classes=10, block_size=64),
+                      name, budget=0.5, **kw)
+    kern = on_kernels(pol)
+    assert kern.period_kernel(3, 2) and not on_kernels(pol, evict_one_kernel=False).period_kernel(3, 2)
+    (want, want_pos), (got, got_pos) = _period_layer(pol), _period_layer(kern)
+    np.testing.assert_array_equal(got_pos, want_pos)
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
 
 
 def test_attention_choice_errors(c2i):

@@ -110,8 +110,8 @@ class Evict:
         the kernel path, per-head scores (or none: window), ``kernels.evict_one_kernel`` (on by
         default) and :meth:`adsa_jax.options.KernelConfig.one_kernel_fits`. Otherwise the bookkeeping runs in
         XLA around the attention kernel."""
-        # The kernel implements period 1 only; at s > 1 the bookkeeping (an s-token top_k every s
-        # steps) runs in XLA and only the attention uses the Pallas kernel.
+        # The kernel scores and moves at period 1 only; at s > 1 the moves (an s-token top_k every s
+        # steps) run in XLA and the step itself is the kernel's window form (period_kernel).
         if self.attention == "xla" or self.granularity != "head" or self.chooser != "similarity" or self.period != 1:
             return False
         return self.kernels.evict_one_kernel and self.kernels.one_kernel_fits(rows, heads, self.slots)
@@ -123,7 +123,7 @@ class Evict:
         if ("victim" in cache) if K else self.one_kernel(*q.shape[:2]):
             return self._decode_one_kernel(cache, q, k, v, t, cond_mask, qkv, rope)
         if self.period > 1:
-            return self._decode_period(cache, q, k, v, t, cond_mask, layer_index, row_keys)
+            return self._decode_period(cache, q, k, v, t, cond_mask, layer_index, row_keys, qkv, rope)
         ring0 = c + P + K
         ring = ring0 + jnp.mod(t - P, M)
         if K > 0:
@@ -147,6 +147,13 @@ class Evict:
         out, dots, sq = attend(q, kc, vc, mask, self.attention, config=self.kernels,
                                score_vec=total.reshape(b, h, d))  # 'layer': the vector split into heads
         return {**new, "dots": dots, "sq": sq}, out
+
+    def period_kernel(self, rows: int, heads: int) -> bool:
+        """Whether a period s > 1 step runs as evict_step's window form over the whole cache (write,
+        attention) after the XLA moves (every s steps), either granularity: the kernel path,
+        ``kernels.evict_one_kernel`` and :meth:`adsa_jax.options.KernelConfig.one_kernel_fits`."""
+        return (self.period > 1 and self.attention != "xla" and self.kernels.evict_one_kernel
+                and self.kernels.one_kernel_fits(rows, heads, self.slots))
 
     def _decode_one_kernel(self, cache, q, k, v, t, cond_mask, qkv=None, rope=None):
         c, P, K, M = self.c, self.prefix, self.keep, self.local
@@ -237,8 +244,9 @@ class Evict:
 
     # ------------------------------------------------------------------------- period s > 1
 
-    def _decode_period(self, cache, q, k, v, t, cond_mask, layer_index, row_keys):
-        """A decode step at period s > 1 (XLA bookkeeping; the attention may be the Pallas kernel)."""
+    def _decode_period(self, cache, q, k, v, t, cond_mask, layer_index, row_keys, qkv=None, rope=None):
+        """A decode step at period s > 1: the moves in XLA, then the write and the attention in XLA,
+        the attention kernel, or (:meth:`period_kernel`) one evict_step kernel."""
         c, P, K = self.c, self.prefix, self.keep
         R, s = self.ring, self.period
         kc, vc, pos, vsum = cache["k"], cache["v"], cache["pos"], cache["vsum"]
@@ -267,6 +275,17 @@ class Evict:
             pos = pos.at[:, :, leave].set(jnp.where(leave_now, -1, p_l))
             pos = pos.at[bi, jnp.arange(g)[None, :, None], dest].set(p_new, unique_indices=True)
         slot = jnp.where(t < P, c + t, ring)
+        if self.period_kernel(*q.shape[:2]):
+            # Between leaving steps nothing is scored: the step is the window's kernel (write the new
+            # token at its free slot, attend over the filled slots), pool included. 'layer' keeps one
+            # row of positions: every head gets it, and writes the same position at the same slot.
+            b, h = kc.shape[:2]
+            zero = jnp.int32(0)
+            res = evict_step(q, k, v, kc, vc, jnp.broadcast_to(pos, (b, h, pos.shape[2])),
+                             cond_slot_mask(cond_mask, self.slots)[:, 0], (slot, zero, zero, zero, zero, zero, c + t),
+                             c=c, prefix=P, keep=0, qkv=qkv, rope=rope, eps=EPS, config=self.kernels,
+                             interpret=self.attention == "pallas-interpret")
+            return {**cache, "k": res[1], "v": res[2], "pos": res[3][:, : pos.shape[1]], "vsum": vsum}, res[0]
         kc, vc = write_slot(kc, k, slot), write_slot(vc, v, slot)
         pos = jax.lax.dynamic_update_slice_in_dim(
             pos, jnp.full(pos.shape[:2] + (1,), c + t, jnp.int32), slot, axis=2)
