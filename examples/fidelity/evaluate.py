@@ -181,11 +181,13 @@ class Programs:
             return self.compile_gen(pol), self.dense_prog(pol).lower(*self.shapes[:2]).compile()
         return self.compile_gen(pol), self.compile_metrics(pol)
 
-    def start(self, grid: str, workers: int = 8, log=print):
-        """Compile every configuration of ``grid`` in ``workers`` threads; returns at once."""
+    def start(self, grid: str, workers: int = 8, skip=(), log=print):
+        """Compile every configuration of ``grid`` but those keyed in ``skip`` in ``workers`` threads;
+        returns at once."""
         self.pool = cf.ThreadPoolExecutor(max_workers=workers)
         for item in policy_grid(grid):
-            self.futures[row_key(*item)] = self.pool.submit(self.compile, *item)
+            if row_key(*item) not in skip:
+                self.futures[row_key(*item)] = self.pool.submit(self.compile, *item)
         log(f"evaluate: compiling {len(self.futures)} configurations in {workers} threads ahead of the weights")
         return self
 
@@ -199,12 +201,27 @@ def evaluate(data_dir: Path, run: Path, *, images: int = 256, samples: int = 100
              programs: Programs | None = None, log=print) -> dict:
     """``programs``: from :meth:`Programs.start` (compiled while training ran), or None to compile here."""
     t_start = time.time()
+    if not (run / "model.json").is_file():
+        raise lab_data.DataError(f"{run} holds no trained model (no model.json): train it first "
+                                 f"(lab.py train --run {run})")
+    if programs is None:  # compile from the run's config while the weights load and the judge works
+        meta = json.loads((run / "model.json").read_text())
+        done = json.loads((run / "eval.json").read_text())["rows"] if (run / "eval.json").is_file() else {}
+        programs = Programs(lab_train.GPTConfig.from_dict(meta["config"]), len(meta["seeds"]),
+                            Inputs(data_dir, images, samples))
+        programs.start(grid, skip=set(done) - {row_key("dense", None, None, {})}, log=log)
+    try:
+        return _evaluate(data_dir, run, programs, t_start, grid=grid, time_limit=time_limit,
+                         classifier_steps=classifier_steps, checkpoint=checkpoint, log=log)
+    finally:
+        programs.stop()  # a compile still queued is dropped (an error, or the time limit)
+
+
+def _evaluate(data_dir, run, programs, t_start, *, grid, time_limit, classifier_steps, checkpoint, log):
     cfg, params, meta = lab_train.load_trained(run, checkpoint)
     S = len(meta["seeds"])
-    inp = programs.inp if programs is not None else Inputs(data_dir, images, samples)
-    if programs is None:
-        programs = Programs(cfg, S, inp)
-    elif programs.cfg != cfg or programs.S != S:
+    inp = programs.inp
+    if programs.cfg != cfg or programs.S != S:
         raise lab_data.DataError(f"the precompiled programs are for {programs.S} seeds of another config than {run}")
     z, codebook, samples = inp.z, inp.codebook, inp.samples
     N = cfg.num_image_tokens
