@@ -80,16 +80,20 @@ def _assert_kernel_matches_xla(c2i, c2i_ref, pol, tokens=True, **switches):
     ("window", {"budget": 0.5}, False, False), ("adsa-select", {"budget": 0.5}, False, False),
     ("adsa-evict", {"budget": 0.75, "granularity": "layer"}, False, False),
     ("adsa-evict", {"prefix": 4, "keep": 12, "local": 1}, True, False),  # a ring of one: the new token is a candidate
-    ("adsa-evict-all", {"budget": 0.5}, True, False)])  # no prefix either
+    ("adsa-evict-all", {"budget": 0.5}, True, False),  # no prefix either
+    ("adsa-evict", {"budget": 0.5, "period": 3, "granularity": "layer"}, True, False)])  # the window's kernel
 def test_kernel_in_generation_matches_xla(c2i, c2i_ref, name, kw, one_kernel, tokens):
     """Logits within 1e-4 (and identical greedy tokens). dense, adsa-evict and window run either as
     one kernel per layer step (evict_step) or, with the switches off (and always for layer
-    granularity and adsa-select), as the attention kernel with the bookkeeping in XLA."""
+    granularity and adsa-select), as the attention kernel with the bookkeeping in XLA. At period
+    s > 1 the step is the window's kernel after the XLA moves (q and k rotated in the kernel)."""
     pol = make_policy(c2i.config, name, **kw)
     rows, heads = 2 * len(c2i_ref["labels"]), c2i.config.n_head
     switches = dict(evict_one_kernel=one_kernel, dense_one_kernel=one_kernel)  # force the path either way
     if hasattr(pol, "one_kernel"):
-        assert on_kernels(pol, **switches).one_kernel(rows, heads) == one_kernel
+        kern = on_kernels(pol, **switches)
+        assert (kern.period_kernel(rows, heads) if getattr(pol, "period", 1) > 1 else kern.one_kernel(rows, heads)) \
+            == one_kernel
     toks = _assert_kernel_matches_xla(c2i, c2i_ref, pol, tokens, **switches)
     if name == "dense" and tokens:
         np.testing.assert_array_equal(np.asarray(toks), c2i_ref["greedy_cfg_tokens"])
