@@ -13,6 +13,11 @@ from adsa_jax.generate import with_kernels
 from adsa_jax.kernels import decode_attention
 from adsa_jax.options import GEMV_ROWS, KernelConfig, SamplingConfig, kernel_config
 
+try:  # tests/ may or may not be a package
+    from .layer_decode import layer_decode
+except ImportError:  # pragma: no cover
+    from layer_decode import layer_decode
+
 # The kernels in the Pallas interpreter, nothing left to resolve (KernelConfig is a static jit
 # argument, so each config compiles its own program: no test sees another's trace).
 INTERPRET = KernelConfig(attention="pallas-interpret", gemm="xla", kth="sort", cublas=False)
@@ -163,26 +168,6 @@ def test_kernel_lowers_for_gpu(c2i):
         assert "adsa_decode_attention" in lowered(name, switches=off, **kw)
 
 
-def _period_layer(policy, rows=3, heads=2, head_dim=8):
-    """One layer's decode outputs (N-1, B, H, D) and final positions for fixed random q, k, v."""
-    c, N = policy.c, policy.n
-    rng = np.random.default_rng(7)
-    q, k, v = (jnp.asarray(rng.normal(size=(N - 1, rows, heads, head_dim)), jnp.float32) for _ in range(3))
-    kc, vc = (jnp.asarray(rng.normal(size=(rows, c, heads, head_dim)), jnp.float32) for _ in range(2))
-    ex_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(jnp.arange(rows))
-
-    @jax.jit
-    def run():
-        cache = policy.prefill(policy.init(rows, heads, head_dim, jnp.float32), kc, vc)
-
-        def body(cache, t):
-            keys = jax.vmap(lambda kk: jax.random.fold_in(kk, t + 1))(ex_keys)
-            return policy.decode(cache, q[t], k[t], v[t], t, jnp.ones((rows, c), bool), layer_index=0, row_keys=keys)
-        cache, out = jax.lax.scan(body, cache, jnp.arange(N - 1))
-        return out, cache["pos"]
-    return tuple(np.asarray(x) for x in run())
-
-
 @pytest.mark.parametrize("name,kw", [("adsa-evict", dict(period=3)), ("adsa-evict", dict(period=4, granularity="layer")),
                                      ("random", dict(period=3)), ("adsa-evict-all", dict(period=4))])
 def test_period_step_kernel_matches_xla(name, kw):
@@ -193,7 +178,7 @@ def test_period_step_kernel_matches_xla(name, kw):
                       name, budget=0.5, **kw)
     kern = on_kernels(pol)
     assert kern.period_kernel(3, 2) and not on_kernels(pol, evict_one_kernel=False).period_kernel(3, 2)
-    (want, want_pos), (got, got_pos) = _period_layer(pol), _period_layer(kern)
+    (want, want_pos), (got, got_pos) = layer_decode(pol), layer_decode(kern)
     np.testing.assert_array_equal(got_pos, want_pos)
     np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
 

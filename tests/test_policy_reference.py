@@ -35,8 +35,10 @@ import pytest
 
 try:  # tests/ may or may not be a package
     from . import np_reference as R
+    from .layer_decode import layer_decode
 except ImportError:  # pragma: no cover
     import np_reference as R
+    from layer_decode import layer_decode
 
 M = importlib.import_module("adsa_jax.model")
 G = importlib.import_module("adsa_jax.generate")  # `adsa_jax.generate` the attribute is the function
@@ -658,25 +660,9 @@ LAB_VARIANTS = [("adsa-evict", dict(period=3)), ("adsa-evict-all", {}),
                 ("random-uniform", {}), ("h2o", dict(granularity="layer"))]
 
 
-@functools.lru_cache(maxsize=None)
-def _layer_outputs(policy, rows=3, heads=2, head_dim=8):
+def _layer_outputs(policy):
     """One layer's decode outputs (N-1, B, H, D) for fixed random condition and q, k, v."""
-    c, N = policy.c, policy.n
-    rng = np.random.default_rng(7)
-    q, k, v = (jnp.asarray(rng.normal(size=(N - 1, rows, heads, head_dim)), jnp.float32) for _ in range(3))
-    kc, vc = (jnp.asarray(rng.normal(size=(rows, c, heads, head_dim)), jnp.float32) for _ in range(2))
-    ex_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(jnp.arange(rows))
-
-    @jax.jit
-    def run():
-        cache = policy.prefill(policy.init(rows, heads, head_dim, jnp.float32), kc, vc)
-
-        def body(cache, t):
-            keys = jax.vmap(lambda kk: jax.random.fold_in(kk, t + 1))(ex_keys)
-            return policy.decode(cache, q[t], k[t], v[t], t, jnp.ones((rows, c), bool), layer_index=0, row_keys=keys)
-        return jax.lax.scan(body, cache, jnp.arange(N - 1))[1]
-
-    return np.asarray(run())
+    return layer_decode(policy)[0]
 
 
 @pytest.mark.parametrize("name,kw", LAB_VARIANTS)
