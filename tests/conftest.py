@@ -112,6 +112,7 @@ SLOW_CASES = {
     "test_kernel_in_generation_matches_xla[adsa-evict-all-kw9-True-False]",
     "test_kernel_small_blocks_match_xla[adsa-evict]",
     "test_kernel_in_generation_matches_xla[adsa-evict-kw10-True-False]",
+    "test_kernel_in_generation_matches_xla[adsa-evict-kw11-True-False]",
 }
 
 

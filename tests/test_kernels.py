@@ -86,19 +86,20 @@ def _assert_kernel_matches_xla(c2i, c2i_ref, pol, tokens=True, **switches):
     ("adsa-evict", {"budget": 0.75, "granularity": "layer"}, False, False),
     ("adsa-evict", {"prefix": 4, "keep": 12, "local": 1}, True, False),  # a ring of one: the new token is a candidate
     ("adsa-evict-all", {"budget": 0.5}, True, False),  # no prefix either
-    ("adsa-evict", {"budget": 0.5, "period": 3, "granularity": "layer"}, True, False)])  # the window's kernel
+    ("adsa-evict", {"budget": 0.5, "period": 3, "granularity": "layer"}, True, False),  # the window's kernel
+    ("adsa-evict", {"budget": 0.75, "granularity": "layer"}, True, False)])  # the same, returning score terms
 def test_kernel_in_generation_matches_xla(c2i, c2i_ref, name, kw, one_kernel, tokens):
     """Logits within 1e-4 (and identical greedy tokens). dense, adsa-evict and window run either as
     one kernel per layer step (evict_step) or, with the switches off (and always for layer
     granularity and adsa-select), as the attention kernel with the bookkeeping in XLA. At period
-    s > 1 the step is the window's kernel after the XLA moves (q and k rotated in the kernel)."""
+    s > 1 and at layer granularity the step is the window's kernel after the XLA moves (q and k
+    rotated in the kernel)."""
     pol = make_policy(c2i.config, name, **kw)
     rows, heads = 2 * len(c2i_ref["labels"]), c2i.config.n_head
     switches = dict(evict_one_kernel=one_kernel, dense_one_kernel=one_kernel)  # force the path either way
     if hasattr(pol, "one_kernel"):
         kern = on_kernels(pol, **switches)
-        assert (kern.period_kernel(rows, heads) if getattr(pol, "period", 1) > 1 else kern.one_kernel(rows, heads)) \
-            == one_kernel
+        assert getattr(kern, "kernel_step", kern.one_kernel)(rows, heads) == one_kernel
     toks = _assert_kernel_matches_xla(c2i, c2i_ref, pol, tokens, **switches)
     if name == "dense" and tokens:
         np.testing.assert_array_equal(np.asarray(toks), c2i_ref["greedy_cfg_tokens"])
@@ -157,27 +158,32 @@ def test_kernel_lowers_for_gpu(c2i):
     text = lowered("dense", params=bf16, gemm="pallas")  # the decode GEMMs on the GEMV kernel
     assert text.count("adsa_small_matmul") >= 4 and "adsa_evict_step" in text and "adsa_add_norm" in text
     assert "adsa_small_matmul" in lowered("adsa-evict", params=bf16, gemm="pallas", budget=0.5)
-    assert "adsa_decode_attention" in lowered("adsa-evict", budget=0.5, granularity="layer")
+    text = lowered("adsa-evict", budget=0.5, granularity="layer")  # the move in XLA, then the window's kernel
+    assert "adsa_evict_step" in text and "adsa_decode_attention" not in text
     assert "adsa_evict_step" in lowered("adsa-evict-all", budget=0.5)  # P = 0 and a ring of one
     for gran in ("head", "layer"):  # period s > 1: the moves in XLA, the step as the window's kernel
         text = lowered("adsa-evict", budget=0.5, period=3, granularity=gran)
         assert "adsa_evict_step" in text and "adsa_decode_attention" not in text
     off = {"evict_one_kernel": False, "dense_one_kernel": False}
-    assert "adsa_decode_attention" in lowered("adsa-evict", budget=0.5, period=3, switches=off)
+    for kw in ({"period": 3}, {"granularity": "layer"}):
+        assert "adsa_decode_attention" in lowered("adsa-evict", budget=0.5, switches=off, **kw)
     for name, kw in (("dense", {}), ("adsa-evict", {"budget": 0.5})):
         assert "adsa_decode_attention" in lowered(name, switches=off, **kw)
 
 
 @pytest.mark.parametrize("name,kw", [("adsa-evict", dict(period=3)), ("adsa-evict", dict(period=4, granularity="layer")),
-                                     ("random", dict(period=3)), ("adsa-evict-all", dict(period=4))])
-def test_period_step_kernel_matches_xla(name, kw):
-    """Period s > 1 on the kernel path (XLA moves every s steps, then evict_step's window form over
-    the whole cache) evicts the same tokens as the XLA path (equal final positions) and attends
-    within float rounding, at both granularities."""
+                                     ("random", dict(period=3)), ("adsa-evict-all", dict(period=4)),
+                                     ("adsa-evict", dict(granularity="layer")),
+                                     ("adsa-evict", dict(granularity="layer", prefix=4, keep=12, local=1))])
+def test_window_step_kernel_matches_xla(name, kw):
+    """The moves in XLA, then evict_step's window form over the whole cache (period s > 1, and layer
+    granularity, whose score terms for next step the kernel returns) evict the same tokens as the
+    XLA path (equal final positions) and attend within float rounding. A ring of one slot: next
+    step's candidate is the token just written."""
     pol = make_policy(adsa_jax.GPTConfig(dim=64, n_layer=1, n_head=2, vocab_size=64, num_classes=10, block_size=64),
-                      name, budget=0.5, **kw)
+                      name, **({} if "keep" in kw else {"budget": 0.5}), **kw)
     kern = on_kernels(pol)
-    assert kern.period_kernel(3, 2) and not on_kernels(pol, evict_one_kernel=False).period_kernel(3, 2)
+    assert kern.kernel_step(3, 2) and not on_kernels(pol, evict_one_kernel=False).kernel_step(3, 2)
     (want, want_pos), (got, got_pos) = layer_decode(pol), layer_decode(kern)
     np.testing.assert_array_equal(got_pos, want_pos)
     np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)

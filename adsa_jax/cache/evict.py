@@ -111,7 +111,7 @@ class Evict:
         default) and :meth:`adsa_jax.options.KernelConfig.one_kernel_fits`. Otherwise the bookkeeping runs in
         XLA around the attention kernel."""
         # The kernel scores and moves at period 1 only; at s > 1 the moves (an s-token top_k every s
-        # steps) run in XLA and the step itself is the kernel's window form (period_kernel).
+        # steps) run in XLA and the step itself is the kernel's window form (window_kernel).
         if self.attention == "xla" or self.granularity != "head" or self.chooser != "similarity" or self.period != 1:
             return False
         return self.kernels.evict_one_kernel and self.kernels.one_kernel_fits(rows, heads, self.slots)
@@ -131,6 +131,9 @@ class Evict:
                 terms = (cache["dots"], cache["sq"]) if self.fused_score else None
                 kc, vc, pos, vsum = self._to_pool(kc, vc, pos, vsum, t, ring, layer_index, row_keys, terms)
         slot = jnp.where(t < P, c + t, ring)
+        if self.fused_score and self.window_kernel(*q.shape[:2]):
+            return self._decode_scored_window({**cache, "k": kc, "v": vc, "pos": pos, "vsum": vsum}, q, k, v, t, slot,
+                                              cond_mask, qkv, rope)
         kc, vc = write_slot(kc, k, slot), write_slot(vc, v, slot)
         pos = jax.lax.dynamic_update_slice_in_dim(
             pos, jnp.full(pos.shape[:2] + (1,), c + t, jnp.int32), slot, axis=2)
@@ -148,12 +151,40 @@ class Evict:
                                score_vec=total.reshape(b, h, d))  # 'layer': the vector split into heads
         return {**new, "dots": dots, "sq": sq}, out
 
-    def period_kernel(self, rows: int, heads: int) -> bool:
-        """Whether a period s > 1 step runs as evict_step's window form over the whole cache (write,
-        attention) after the XLA moves (every s steps), either granularity: the kernel path,
-        ``kernels.evict_one_kernel`` and :meth:`adsa_jax.options.KernelConfig.one_kernel_fits`."""
-        return (self.period > 1 and self.attention != "xla" and self.kernels.evict_one_kernel
+    def window_kernel(self, rows: int, heads: int) -> bool:
+        """Whether a step whose moves run in XLA (period s > 1, or layer granularity) then writes and
+        attends as evict_step's window form over the whole cache (at layer granularity also
+        returning next step's score terms): the kernel path, ``kernels.evict_one_kernel`` and
+        :meth:`adsa_jax.options.KernelConfig.one_kernel_fits`."""
+        return (self.attention != "xla" and self.kernels.evict_one_kernel
                 and self.kernels.one_kernel_fits(rows, heads, self.slots))
+
+    def kernel_step(self, rows: int, heads: int) -> bool:
+        """Whether the step's write and attention run inside evict_step (:meth:`one_kernel`, or the
+        window form after the XLA moves), not as XLA around the attention kernel."""
+        return self.one_kernel(rows, heads) or ((self.period > 1 or self.fused_score)
+                                                and self.window_kernel(rows, heads))
+
+    def _decode_scored_window(self, cache, q, k, v, t, slot, cond_mask, qkv, rope):
+        """A period-1 step of the XLA bookkeeping (layer granularity) after its move into the pool:
+        evict_step's window form writes the new token at ``slot``, attends, and returns the score
+        terms of next step's candidates from the same read of V (as the attention kernel's
+        fused_score does). 'layer' keeps one row of positions: every head gets it."""
+        c, P, M = self.c, self.prefix, self.local
+        kc, vc, pos = cache["k"], cache["v"], cache["pos"]
+        b, h, _, d = vc.shape
+        # next step's total: v̂ of the token the ring hands over then (the new token itself when the
+        # ring has one slot), as the XLA path reads it after the write
+        ring_next = c + P + self.keep + jnp.mod(t + 1 - P, M)
+        v_next = jnp.where(ring_next == slot, v[:, :, None].astype(vc.dtype),
+                           jax.lax.dynamic_slice_in_dim(vc, ring_next, 1, axis=2))  # (B, H, 1, D)
+        total = cache["vsum"] + normalized_v(v_next, self.granularity)[:, :, 0]  # (B, G, X)
+        zero = jnp.int32(0)
+        res = evict_step(q, k, v, kc, vc, jnp.broadcast_to(pos, (b, h, pos.shape[2])),
+                         cond_slot_mask(cond_mask, self.slots)[:, 0], (slot, zero, zero, zero, zero, zero, c + t),
+                         c=c, prefix=P, keep=0, qkv=qkv, rope=rope, score_vec=total.reshape(b, h, d), eps=EPS,
+                         config=self.kernels, interpret=self.attention == "pallas-interpret")
+        return {**cache, "k": res[1], "v": res[2], "pos": res[3][:, : pos.shape[1]], "dots": res[4], "sq": res[5]}, res[0]
 
     def _decode_one_kernel(self, cache, q, k, v, t, cond_mask, qkv=None, rope=None):
         c, P, K, M = self.c, self.prefix, self.keep, self.local
@@ -246,7 +277,7 @@ class Evict:
 
     def _decode_period(self, cache, q, k, v, t, cond_mask, layer_index, row_keys, qkv=None, rope=None):
         """A decode step at period s > 1: the moves in XLA, then the write and the attention in XLA,
-        the attention kernel, or (:meth:`period_kernel`) one evict_step kernel."""
+        the attention kernel, or (:meth:`window_kernel`) one evict_step kernel."""
         c, P, K = self.c, self.prefix, self.keep
         R, s = self.ring, self.period
         kc, vc, pos, vsum = cache["k"], cache["v"], cache["pos"], cache["vsum"]
@@ -275,7 +306,7 @@ class Evict:
             pos = pos.at[:, :, leave].set(jnp.where(leave_now, -1, p_l))
             pos = pos.at[bi, jnp.arange(g)[None, :, None], dest].set(p_new, unique_indices=True)
         slot = jnp.where(t < P, c + t, ring)
-        if self.period_kernel(*q.shape[:2]):
+        if self.window_kernel(*q.shape[:2]):
             # Between leaving steps nothing is scored: the step is the window's kernel (write the new
             # token at its free slot, attend over the filled slots), pool included. 'layer' keeps one
             # row of positions: every head gets it, and writes the same position at the same slot.

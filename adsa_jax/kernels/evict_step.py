@@ -23,7 +23,7 @@ from .common import pl, plgpu
 # all three 105.2 against 78.6; dense 256 px batch 64 59.6 against 46.4 with logits and PV, batch 1
 # 3.9 against 3.3). The layout conversions into the dot's operands cost more than the products.
 def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref,
-                  pos_ref, cok_ref, *rest, block_k, slots, c, P, K, scale, eps, rope):
+                  pos_ref, cok_ref, *rest, block_k, slots, c, P, K, scale, eps, rope, score=False):
     # One program = one (row, head): the whole adsa-evict (or window, K = 0) step of a layer.
     # Scalars: ws = slot of the new token, ring = ring slot of the token o leaving the window,
     # mv = o moves to the pool this step, full = the pool is full, free = the lowest free pool
@@ -36,15 +36,22 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
     # updated in place (aliased).
     # pos_ref None: the dense cache, whose filled slots are exactly those <= ws.
     # rope: q and k_new come before RoPE, and rope_ref holds this position's (cos, sin) pairs (D,).
+    # score (window form, K = 0): sv_ref (D,) a score vector in; dots_ref, sq_ref (S,) out,
+    # v_i . sv and v_i . v_i of every slot after this step's write (the XLA bookkeeping's score terms
+    # for next step, from this step's read of V).
     dense = pos_ref is None
     if K:
         vs_ref, vic_ref, nm_ref, *rest = rest
     if rope:
         rope_ref, *rest = rest
+    if score:
+        sv_ref, *rest = rest
     if K:
         o_ref, ko_ref, vo_ref, po_ref, vso_ref, vico_ref, nmo_ref = rest
     elif dense:
         o_ref, ko_ref, vo_ref = rest
+    elif score:
+        o_ref, ko_ref, vo_ref, po_ref, dots_ref, sq_ref = rest
     else:
         o_ref, ko_ref, vo_ref, po_ref = rest
     ws, ring, new_pos = ws_ref[()], ring_ref[()], np_ref[()]
@@ -102,6 +109,8 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
     # where the loaded block still holds it, by the same reduction as every other slot (equal V,
     # equal score: the first-maximum tie rule needs that), and counts it as slot dest.
     f32 = jnp.float32
+    if score:
+        svec = sv_ref[...]
     lg_new = jnp.sum(k_new.astype(f32) * q)
     if K:
         lg_o = jnp.sum(k_o.astype(f32) * q)
@@ -144,6 +153,9 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
             sc = jnp.where(cand, vt / nrm, -2e30)
             better = (sc > best) | ((sc == best) & (eff < at))  # ties: the lowest slot
             best, at = jnp.where(better, sc, best), jnp.where(better, eff, at)
+        if score:  # slot ws still holds the overwritten token here: its terms are stored after the loop
+            plgpu.store(dots_ref.at[pl.ds(start, block_k)], jnp.sum(v * svec[None, :], axis=1), mask=inb & (idx != ws))
+            plgpu.store(sq_ref.at[pl.ds(start, block_k)], jnp.sum(v * v, axis=1), mask=inb & (idx != ws))
         acc = acc * corr + jnp.sum(pr[:, None] * v, axis=0)
         return acc, m_new, l * corr + jnp.sum(pr), best, at
 
@@ -154,6 +166,10 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
     plgpu.store(vo_ref.at[pl.ds(ws, 1), :], v_new[None, :])
     if not dense:
         plgpu.store(po_ref.at[pl.ds(ws, 1)], jnp.full((1,), new_pos, jnp.int32))
+    if score:
+        v_w = v_new.astype(f32)
+        plgpu.store(dots_ref.at[pl.ds(ws, 1)], jnp.full((1,), jnp.sum(v_w * svec), f32))
+        plgpu.store(sq_ref.at[pl.ds(ws, 1)], jnp.full((1,), jnp.sum(v_w * v_w), f32))
     if K:
         ok_move = (jnp.arange(1) == 0) & apply
         dslot = jnp.maximum(dest, 0)
@@ -173,7 +189,8 @@ def _dense_kernel(*refs, **kw):
 
 
 def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: int, keep: int, vsum=None,
-               victim=None, vnorm=None, qkv=None, rope=None, eps: float = 1e-6, config: KernelConfig = KernelConfig(),
+               victim=None, vnorm=None, qkv=None, rope=None, score_vec=None, eps: float = 1e-6,
+               config: KernelConfig = KernelConfig(),
                block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                interpret: bool = False):
     """One adsa-evict (``keep`` > 0, head granularity) or window (``keep`` = 0) decode step of a
@@ -194,8 +211,12 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     position's (cos, sin) table row, q and k in qkv are before RoPE: the kernel applies it when
     ``config.rope_in_kernel`` is set, otherwise one XLA fusion does before the call. Block and warps:
     ``config.evict_tile(B * H)`` unless given here.
+    score_vec (B, H, D) float32 (keep = 0 with pos only): also return ``dots = v_i . score_vec`` and
+    ``sq = v_i . v_i`` (B, H, S) float32 of every slot after this step's write, from the same read
+    of V (the terms :meth:`adsa_jax.cache.evict.Evict.decode` scores next step's candidates with at
+    layer granularity; as :func:`adsa_jax.kernels.decode_attention`'s).
     Returns (out (B, H, D), k, v, pos) (no pos when pos is None) and, with keep > 0, (vsum, next
-    step's victim, vnorm) after them.
+    step's victim, vnorm) after them; with score_vec, (dots, sq) after them.
     """
     if qkv is not None:
         b, _, h, d = qkv.shape
@@ -214,8 +235,11 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     dense = pos is None
     if dense and K:
         raise ValueError("evict_step on a dense cache (pos=None) takes keep=0")
+    score = score_vec is not None
+    if score and (dense or K):
+        raise ValueError("evict_step: score_vec= goes with the window form (keep=0, pos given)")
     kern = functools.partial(_dense_kernel if dense else _evict_kernel, block_k=block_k, slots=s, c=c, P=prefix,
-                             K=K, scale=1.0 / math.sqrt(d), eps=eps, rope=rope is not None)
+                             K=K, scale=1.0 / math.sqrt(d), eps=eps, rope=rope is not None, score=score)
     sc = pl.BlockSpec((), lambda i, j: ())
     vec = pl.BlockSpec((None, None, d), lambda i, j: (i, j, 0))
     cache = pl.BlockSpec((None, None, s, d), lambda i, j: (i, j, 0, 0))
@@ -244,6 +268,11 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     if rope is not None:  # (D,) = (cos_0, sin_0, cos_1, sin_1, ...), the same for every program
         in_specs.append(pl.BlockSpec((d,), lambda i, j: (0,)))
         args.append(rope.astype(jnp.float32).reshape(d))
+    if score:
+        in_specs.append(vec)
+        args.append(score_vec.astype(jnp.float32))
+        out_specs += [per_slot, per_slot]
+        out_shape += [jax.ShapeDtypeStruct((b, h, s), jnp.float32)] * 2
     return pl.pallas_call(
         kern, grid=(b, h), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps,
