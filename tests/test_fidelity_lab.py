@@ -34,6 +34,7 @@ def test_smoke_pipeline(tmp_path):
     # the policies are compared on the held-out optimum that training kept
     assert s["training"]["evaluated_step"] == s["training"]["best_step"] is not None
     _check_export(tmp_path)
+    _check_damaged_run_files(tmp_path)
 
 
 def _check_export(work):
@@ -64,6 +65,26 @@ def _check_export(work):
                                                           "--seed-index 2 is out of range")):
         r = export(*args)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def _check_damaged_run_files(work):
+    """A run's JSON files are read as untrusted: a damaged one is named in one line, before any
+    compile (evaluate) or plot (report), and nothing is written over it."""
+    run = work / "run"
+
+    def lab(*args):
+        return subprocess.run([sys.executable, str(LAB), *args, "--data-dir", str(work / "data"), "--run", str(run)],
+                              capture_output=True, text=True, timeout=300)
+
+    (run / "eval.json").write_text('{"rows": {"dense|None|None|"')  # cut short
+    for args in (["evaluate"], ["report", "--out", str(work / "report2")]):
+        r = lab(*args)
+        assert r.returncode == 2 and "eval.json cannot be read as JSON" in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert (run / "eval.json").read_text() == '{"rows": {"dense|None|None|"'
+    (run / "model.json").write_text("[1, 2]")
+    r = lab("evaluate")
+    assert r.returncode == 2 and "model.json is not what the lab writes" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_fetch_without_tarballs_says_how(tmp_path):

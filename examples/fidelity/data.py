@@ -34,6 +34,25 @@ class DataError(RuntimeError):
     """A data problem with the fix in the message (printed as one line by lab.py)."""
 
 
+def read_json(path: Path, keys=(), default=None):
+    """A JSON object the lab wrote (a run's model.json, eval.json, train_log.json), checked: a file
+    that is not JSON, not an object or lacks one of ``keys`` raises DataError naming it. A missing
+    file gives ``default`` when one is given."""
+    path = Path(path)
+    if default is not None and not path.is_file():
+        return default
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{path} cannot be read as JSON ({type(e).__name__}): move it away and rerun the stage "
+                        f"that writes it") from None
+    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+    if not isinstance(obj, dict) or missing:
+        raise DataError(f"{path} is not what the lab writes (no {missing[0] if missing else 'object'!r}): move it "
+                        f"away and rerun the stage that writes it")
+    return obj
+
+
 def lock(pins: dict | None = None) -> dict:
     """The pinned packages: data.lock.json, or ``pins`` (the smoke run's synthetic stand-ins)."""
     return pins if pins is not None else json.loads(LOCK.read_text())

@@ -205,8 +205,8 @@ def evaluate(data_dir: Path, run: Path, *, images: int = 256, samples: int = 100
         raise lab_data.DataError(f"{run} holds no trained model (no model.json): train it first "
                                  f"(lab.py train --run {run})")
     if programs is None:  # compile from the run's config while the weights load and the judge works
-        meta = json.loads((run / "model.json").read_text())
-        done = json.loads((run / "eval.json").read_text())["rows"] if (run / "eval.json").is_file() else {}
+        meta = lab_data.read_json(run / "model.json", ("config", "seeds"))
+        done = lab_data.read_json(run / "eval.json", ("rows",), default={"rows": {}})["rows"]
         programs = Programs(lab_train.GPTConfig.from_dict(meta["config"]), len(meta["seeds"]),
                             Inputs(data_dir, images, samples))
         programs.start(grid, skip=set(done) - {row_key("dense", None, None, {})}, log=log)
@@ -228,7 +228,7 @@ def _evaluate(data_dir, run, programs, t_start, *, grid, time_limit, classifier_
     half = N // 2
     ho_t, rp_t, gen_labels = inp.ho_t, inp.rp_t, inp.gen_labels
     out_file = run / "eval.json"
-    res = json.loads(out_file.read_text()) if out_file.is_file() else {"rows": {}}
+    res = lab_data.read_json(out_file, ("rows",), default={"rows": {}})
     if res["rows"] and res.get("evaluated_step", meta["evaluated_step"]) != meta["evaluated_step"]:
         raise lab_data.DataError(f"{out_file} holds rows of the step {res.get('evaluated_step')} checkpoint, not of "
                                  f"step {meta['evaluated_step']}: move it away to evaluate this one")

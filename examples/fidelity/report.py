@@ -190,7 +190,7 @@ def plots(summ: dict, out: Path, run: Path | None, codebook=None):
     fig.savefig(out / "excess_nll.png", dpi=110)
     plt.close(fig)
     if run is not None and (run / "train_log.json").is_file():
-        log = json.loads((run / "train_log.json").read_text())
+        log = lab_data.read_json(run / "train_log.json", ("train", "eval"))
         fig, ax = plt.subplots(figsize=(7, 4))
         tr = log["train"]
         for s in range(len(tr[0]["loss"])):
@@ -235,10 +235,10 @@ def _sample_grid(summ, out, run, codebook, budget, tag):
 
 def report(run: Path, out: Path, *, data_dir: Path | None = None, dataset: str = "emoji-datasource 16.0.0 "
            "(twitter + google), 24x24 k-means tokens", log=print) -> dict:
-    ev = json.loads((run / "eval.json").read_text())
-    meta = json.loads((run / "model.json").read_text())
+    ev = lab_data.read_json(run / "eval.json", ("rows", "model", "seeds"))
+    meta = lab_data.read_json(run / "model.json", ("config",))
     summ = summary(ev, meta, dataset)
-    tlog = json.loads((run / "train_log.json").read_text()) if (run / "train_log.json").is_file() else None
+    tlog = lab_data.read_json(run / "train_log.json", ("eval",), default={}) or None
     summ["model"]["convergence"] = convergence(tlog)
     if not summ["model"]["convergence"]["flattened"]:
         log("report: held-out NLL has NOT flattened: these rows check the pipeline; they are not evidence")

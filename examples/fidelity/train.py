@@ -21,6 +21,8 @@ import optax
 from adsa_jax import model as M
 from adsa_jax.config import ConfigError, GPTConfig
 
+import data as lab_data
+
 CLASS_DROPOUT = 0.1
 
 
@@ -153,7 +155,7 @@ def train(data_file: Path, run_dir: Path, *, seeds=(0, 1, 2), batch: int = 64, p
     run_dir = run_dir.absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     log_file = run_dir / "train_log.json"
-    hist = json.loads(log_file.read_text()) if log_file.is_file() else {"train": [], "eval": []}
+    hist = lab_data.read_json(log_file, ("train", "eval"), default={"train": [], "eval": []})
 
     init = jax.jit(jax.vmap(lambda k: M.init_params(cfg, k, jnp.float32)))
     keys = jnp.stack([jax.random.key(s) for s in seeds])
@@ -268,7 +270,7 @@ def load_trained(run_dir: Path, which: str = "best"):
     import orbax.checkpoint as ocp
 
     run_dir = run_dir.absolute()
-    meta = json.loads((run_dir / "model.json").read_text())
+    meta = lab_data.read_json(run_dir / "model.json", ("config", "seeds"))
     cfg = GPTConfig.from_dict(meta["config"])
     sub = "best" if which == "best" and (run_dir / "best").is_dir() else "ckpt"
     mngr = ocp.CheckpointManager(run_dir / sub)
