@@ -320,7 +320,26 @@ class ShardedPolicy:
     def prefill(self, cache, k, v):
         return self.inner.prefill(cache, k, v)
 
-    def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None, qkv=None, rope=None):
+    @property
+    def begin_step(self):
+        """The inner policy's ``begin_step`` on each device's rows and heads, like ``decode``; absent
+        (``hasattr`` False) when the inner policy has none."""
+        if not hasattr(self.inner, "begin_step"):
+            raise AttributeError("begin_step")
+        return self._begin_step
+
+    def _begin_step(self, caches, t, row_keys=None, first_layer=0):
+        inner, mesh = self.inner, self.mesh
+        specs = [S.cache_specs(cache, mesh, inner) for cache in caches]
+        keys = () if row_keys is None else (row_keys,)
+
+        def f(caches, t, *keys):
+            return inner.begin_step(caches, t, *keys, first_layer=first_layer)
+        return jax.shard_map(f, mesh=mesh, in_specs=(specs, P()) + (P(S.DATA),) * len(keys), out_specs=specs,
+                             check_vma=False)(caches, t, *keys)
+
+    def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None, qkv=None, rope=None,
+               planned=False):
         mesh = self.mesh
         split = S.heads_split(cache, self.inner)
         cspec = S.cache_specs(cache, mesh, self.inner)
@@ -334,7 +353,7 @@ class ShardedPolicy:
                  if x is not None]
 
         def f(cache, q, k, v, t, cond_mask, *opt):
-            kw = {name: x for x, (_, _, name) in zip(opt, extra)}
+            kw = {name: x for x, (_, _, name) in zip(opt, extra)} | ({"planned": True} if planned else {})
             return inner.decode(cache, q, k, v, t, cond_mask, layer_index=layer_index, span=span, **kw)
 
         args = (cache, q, k, v, t, cond_mask) + tuple(x for x, _, _ in extra)

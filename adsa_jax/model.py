@@ -261,6 +261,11 @@ def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, ro
     rot2 = jnp.broadcast_to(rot, (2,) + rot.shape)  # (2, D/2, 2): the same position for q and k
     takes_qkv = getattr(policy, "takes_qkv", False)
     layers = params["layers"]
+    # A policy with ``begin_step`` does the step's work that spans layers first (adsa-evict's period:
+    # one branch for every layer's moves), then each layer's decode(..., planned=True).
+    planned = hasattr(policy, "begin_step")
+    if planned:
+        caches = policy.begin_step(list(caches), t, row_keys)
 
     def residual_norm(x, y, w, k_axes, norm_w):  # (x + y @ w, its RMSNorm by norm_w), both (B, 1, E)
         kdim = math.prod(w.shape[:k_axes])
@@ -279,7 +284,7 @@ def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, ro
                 qkv = project(matmul, h[:, 0], layer["wqkv"])  # (B, 3, H, D)
             qk = apply_rope(qkv[:, :2], rot2)  # (B, 2, H, D)
             q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]
-            kw = {"qkv": qkv, "rope": rot} if takes_qkv else {}
+            kw = ({"qkv": qkv, "rope": rot} if takes_qkv else {}) | ({"planned": True} if planned else {})
             cache, o = policy.decode(cache, q, k, v, t, cond_mask, layer_index=li, row_keys=row_keys, span=span,
                                      **kw)
             new.append(cache)

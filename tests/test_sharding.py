@@ -30,7 +30,12 @@ N_DEVICES = 8
 # the last bit (a batch-shape-dependent rounding): see the note in the report of issue 6.
 RANDOM_CFG = dict(dim=128, n_layer=2, n_head=4, vocab_size=4096, num_classes=10, block_size=36)
 POLICIES = [("dense", {}), ("adsa-evict", dict(budget=0.75)), ("adsa-select", dict(budget=0.75)),
-            ("window", dict(budget=0.75)), ("random", dict(budget=0.75))]
+            ("window", dict(budget=0.75)), ("random", dict(budget=0.75)),
+            ("adsa-evict", dict(budget=0.75, period=3, granularity="layer"))]  # begin_step, one branch for all layers
+
+
+def case_name(pol, kw):
+    return "same_tokens_" + pol + "".join(f"_{k}{v}" for k, v in kw.items() if k != "budget")
 # 6 images: batches of 4 leave a short last batch, which an --npz run pads to the batch size
 SAMPLE = ["--num-samples", "6", "--dtype", "float32", "--top-k", "100", "--seed", "3"]
 
@@ -84,7 +89,7 @@ def _child(c2i_dir, vq_dir, work, report_path):
         assert all(t == jax.sharding.AxisType.Auto for t in tp.axis_types)
 
     for pol, kw in POLICIES:
-        @check(f"same_tokens_{pol}")
+        @check(case_name(pol, kw))
         def _(pol=pol, kw=kw):
             policy, sampling = adsa_jax.make_policy(cfg, pol, **kw), adsa_jax.SamplingConfig(top_k=100)
             ref = np.asarray(adsa_jax.generate(model, labels, key, sampling=sampling, policy=policy))
@@ -219,7 +224,7 @@ def child(c2i_dir, vq_dir, tmp_path_factory):
     return {**res, "work": Path(res["work"])}
 
 
-CHECKS = ["meshes", *[f"same_tokens_{p}" for p, _ in POLICIES], "data_parallel_has_no_collectives",
+CHECKS = ["meshes", *[case_name(p, kw) for p, kw in POLICIES], "data_parallel_has_no_collectives",
           "non_divisible_batch_padded_and_trimmed", "params_resharded_only_when_off_the_mesh", "restore_onto_mesh",
           "resume"]
 

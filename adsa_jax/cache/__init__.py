@@ -9,7 +9,10 @@ functions over one layer's cache, a dict pytree:
 
 A policy whose class sets ``takes_qkv = True`` is also passed ``qkv=`` (B, 3, H, D), the same
 q, k, v in one array but before RoPE, and ``rope=`` (D/2, 2), the position's RoPE row, which
-its Pallas step kernel reads in place (no copies). A class with ``full_cache = True`` keeps
+its Pallas step kernel reads in place (no copies). A policy with ``begin_step(caches, t, row_keys)
+-> caches`` gets every layer's cache once per step before the layers run, then ``decode(...,
+planned=True)``: work that can share one branch across layers (adsa-evict's period s > 1).
+A class with ``full_cache = True`` keeps
 image token t in slot c + t, so a decode scan segment need read only the slots it can have filled.
 
 Cache arrays use the layout ``k, v: (B, H, S, D)`` (:mod:`.layout`). Keys are cached after

@@ -116,14 +116,17 @@ class Evict:
             return False
         return self.kernels.evict_one_kernel and self.kernels.one_kernel_fits(rows, heads, self.slots)
 
-    def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None, qkv=None, rope=None):
+    def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None, qkv=None, rope=None,
+               planned=False):
+        """One layer's step t. ``planned``: :meth:`begin_step` already moved this step's leaving
+        tokens (period s > 1; the model does that for all layers at once)."""
         c, P, K, M = self.c, self.prefix, self.keep, self.local
         kc, vc, pos, vsum = cache["k"], cache["v"], cache["pos"], cache["vsum"]
         # init() chose the path for the whole call (a device of a mesh sees fewer rows than init).
         if ("victim" in cache) if K else self.one_kernel(*q.shape[:2]):
             return self._decode_one_kernel(cache, q, k, v, t, cond_mask, qkv, rope)
         if self.period > 1:
-            return self._decode_period(cache, q, k, v, t, cond_mask, layer_index, row_keys, qkv, rope)
+            return self._decode_period(cache, q, k, v, t, cond_mask, layer_index, row_keys, qkv, rope, planned)
         ring0 = c + P + K
         ring = ring0 + jnp.mod(t - P, M)
         if K > 0:
@@ -275,36 +278,64 @@ class Evict:
 
     # ------------------------------------------------------------------------- period s > 1
 
-    def _decode_period(self, cache, q, k, v, t, cond_mask, layer_index, row_keys, qkv=None, rope=None):
-        """A decode step at period s > 1: the moves in XLA, then the write and the attention in XLA,
-        the attention kernel, or (:meth:`window_kernel`) one evict_step kernel."""
+    def begin_step(self, caches, t, row_keys=None, first_layer: int = 0):
+        """Before step t's layers run: every layer's move of the s oldest ring tokens (period s > 1),
+        planned for all layers ``caches`` (a list, layer ``first_layer`` first) under one
+        ``lax.cond``; the caches unchanged at period 1. The model calls it once per step, then each
+        layer's ``decode(..., planned=True)``.
+
+        The s tokens leave at j = R, R + s, R + 2s, ... (j = t - P): a real branch, so the other
+        s - 1 steps of a period skip the scoring. XLA:GPU runs a conditional by copying its
+        predicate to the host and waiting for the stream to drain, so one branch per layer and step
+        (36 for GPT-XL) would stall the GPU 36 times a step; one per step for every layer does not.
+        Only the plans (where each leaving token goes, the new running sums) come out of the
+        branch: the caches stay outside it, read-only inside, so no compiler copies them in or out."""
+        if self.period == 1:
+            return caches
         c, P, K = self.c, self.prefix, self.keep
         R, s = self.ring, self.period
-        kc, vc, pos, vsum = cache["k"], cache["v"], cache["pos"], cache["vsum"]
         j = t - P  # ring index of token t (negative while it goes to the prefix)
-        ring = c + P + K + jnp.mod(j, R)
-        # The s oldest ring tokens leave at j = R, R + s, R + 2s, ...: a real branch (lax.cond on a
-        # scalar), so the other s - 1 steps of a period skip the scoring. Only the plan (where each
-        # leaving token goes, the new running sum) comes out of the branch: the caches stay outside
-        # it, read-only inside, so no compiler has to copy them into and out of a conditional.
         leave_now = (j >= R) & (jnp.mod(j - R, s) == 0)
         leave = c + P + K + jnp.mod(j + jnp.arange(s), R)  # (s,) ring slots, oldest first
-        p_l = jnp.take(pos, leave, axis=2)  # (B, G, s)
+        p_ls = [jnp.take(cache["pos"], leave, axis=2) for cache in caches]  # (B, G, s) per layer
+        ops = [(cache["v"], cache["pos"], cache["vsum"]) for cache in caches]
+
+        def plan(ops):
+            return [self._leave_plan(vc, pos, vsum, leave, p_l, first_layer + i, row_keys)
+                    for i, ((vc, pos, vsum), p_l) in enumerate(zip(ops, p_ls))]
+
+        def stay(ops):  # each token written back into its own slot
+            return [(jnp.broadcast_to(leave, p_l.shape), p_l, vsum) for (_, _, vsum), p_l in zip(ops, p_ls)]
+
         with jax.named_scope("evict"):
-            dest, p_new, vsum = jax.lax.cond(
-                leave_now, lambda ops: self._leave_plan(*ops, leave, p_l, layer_index, row_keys),
-                lambda ops: (jnp.broadcast_to(leave, p_l.shape), p_l, ops[2]), (vc, pos, vsum))
-            # Every step moves the s tokens to their plan: outside a leaving step the plan writes
-            # each back into its own slot (a no-op costing s slots per row and head).
-            b, h = kc.shape[:2]
-            g = pos.shape[1]
-            dest_h = jnp.broadcast_to(dest, (b, h, s))  # 'layer' (G = 1): the same slots in every head
-            bi, hi = jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None]
-            kc = kc.at[bi, hi, dest_h].set(jnp.take(kc, leave, axis=2), unique_indices=True)
-            vc = vc.at[bi, hi, dest_h].set(jnp.take(vc, leave, axis=2), unique_indices=True)
-            # The s ring slots are free until tokens j .. j + s - 1 fill them.
-            pos = pos.at[:, :, leave].set(jnp.where(leave_now, -1, p_l))
-            pos = pos.at[bi, jnp.arange(g)[None, :, None], dest].set(p_new, unique_indices=True)
+            plans = jax.lax.cond(leave_now, plan, stay, ops)
+            return [self._move(cache, leave, leave_now, p_l, *pl) for cache, p_l, pl in zip(caches, p_ls, plans)]
+
+    def _move(self, cache, leave, leave_now, p_l, dest, p_new, vsum):
+        """Move the s leaving tokens to their plan's slots (every step: outside a leaving step the
+        plan writes each back into its own slot, a no-op costing s slots per row and head)."""
+        kc, vc, pos = cache["k"], cache["v"], cache["pos"]
+        b, h = kc.shape[:2]
+        g, s = pos.shape[1], self.period
+        dest_h = jnp.broadcast_to(dest, (b, h, s))  # 'layer' (G = 1): the same slots in every head
+        bi, hi = jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None]
+        kc = kc.at[bi, hi, dest_h].set(jnp.take(kc, leave, axis=2), unique_indices=True)
+        vc = vc.at[bi, hi, dest_h].set(jnp.take(vc, leave, axis=2), unique_indices=True)
+        # The s ring slots are free until tokens j .. j + s - 1 fill them.
+        pos = pos.at[:, :, leave].set(jnp.where(leave_now, -1, p_l))
+        pos = pos.at[bi, jnp.arange(g)[None, :, None], dest].set(p_new, unique_indices=True)
+        return {**cache, "k": kc, "v": vc, "pos": pos, "vsum": vsum}
+
+    def _decode_period(self, cache, q, k, v, t, cond_mask, layer_index, row_keys, qkv=None, rope=None,
+                       planned=False):
+        """A decode step at period s > 1: the moves (:meth:`begin_step`, here unless ``planned``),
+        then the write and the attention in XLA, the attention kernel, or (:meth:`window_kernel`)
+        one evict_step kernel."""
+        if not planned:
+            cache = self.begin_step([cache], t, row_keys, first_layer=layer_index)[0]
+        c, P, K = self.c, self.prefix, self.keep
+        kc, vc, pos, vsum = cache["k"], cache["v"], cache["pos"], cache["vsum"]
+        ring = c + P + K + jnp.mod(t - P, self.ring)
         slot = jnp.where(t < P, c + t, ring)
         if self.window_kernel(*q.shape[:2]):
             # Between leaving steps nothing is scored: the step is the window's kernel (write the new
