@@ -85,6 +85,13 @@ def _check_damaged_run_files(work):
     (run / "model.json").write_text("[1, 2]")
     r = lab("evaluate")
     assert r.returncode == 2 and "model.json is not what the lab writes" in r.stderr and "Traceback" not in r.stderr
+    # `judge` trains the classifier once into the data directory, where evaluate finds it
+    cls = work / "data" / "classifier.npz"
+    assert not cls.exists()
+    r = lab("judge", "--classifier-steps", "3")
+    assert r.returncode == 0 and cls.is_file() and "judge: held-out accuracy" in r.stderr, r.stderr[-2000:]
+    r = lab("judge")
+    assert r.returncode == 0 and "exists" in r.stderr
 
 
 def test_fetch_without_tarballs_says_how(tmp_path):

@@ -244,14 +244,7 @@ def _evaluate(data_dir, run, programs, t_start, *, grid, time_limit, classifier_
     if cls_file.is_file():
         cparams, cacc = judge.load(cls_file)
     else:
-        tr_mask = z["train_labels"] < inp.repeat_class
-        tr_tok = z["train_tokens"][tr_mask].astype(np.int64)
-        tr_img = lab_data.decode_tokens(tr_tok, codebook)
-        ho_img = lab_data.decode_tokens(z["heldout_tokens"].astype(np.int64), codebook)
-        log(f"evaluate: training the classifier on {len(tr_img)} real images")
-        cparams, cacc = judge.train(tr_img, z["train_labels"][tr_mask], ho_img, z["heldout_labels"], inp.n_cls,
-                                    steps=classifier_steps, log=log)
-        judge.save(cls_file, cparams, cacc)
+        cparams, cacc = train_judge(z, codebook, cls_file, steps=classifier_steps, log=log)
     res["classifier_heldout_accuracy"] = cacc
     _, real_feats = judge.predict(cparams, lab_data.decode_tokens(z["heldout_tokens"].astype(np.int64), codebook))
     log(f"evaluate: classifier held-out accuracy {cacc:.3f}")
@@ -350,6 +343,21 @@ def _evaluate(data_dir, run, programs, t_start, *, grid, time_limit, classifier_
     res["seconds"] = round(time.time() - t_start, 1)
     out_file.write_text(json.dumps(res, indent=1))
     return res
+
+
+def train_judge(z, codebook, out: Path, *, steps: int = 3000, log=print):
+    """Train the judge on the tokenizer's reconstructions of the real training images (the repeat
+    class left out), save it to ``out``; returns (params, held-out accuracy)."""
+    repeat_class = int(z["repeat_class"])
+    tr_mask = z["train_labels"] < repeat_class
+    tr_img = lab_data.decode_tokens(z["train_tokens"][tr_mask].astype(np.int64), codebook)
+    ho_img = lab_data.decode_tokens(z["heldout_tokens"].astype(np.int64), codebook)
+    log(f"judge: training the classifier on {len(tr_img)} real images, {steps} steps")
+    params, acc = judge.train(tr_img, z["train_labels"][tr_mask], ho_img, z["heldout_labels"], repeat_class,
+                              steps=steps, log=log)
+    judge.save(out, params, acc)
+    log(f"judge: held-out accuracy {acc:.3f} -> {out}")
+    return params, acc
 
 
 def _sizes(pol):

@@ -2,6 +2,7 @@
 
     python examples/fidelity/lab.py fetch    [--data-dir D]   # npm pack the pinned emoji tarballs (hash-checked)
     python examples/fidelity/lab.py tokenize [--data-dir D]   # 48x48 RGB -> 24x24 k-means codes, split, diagnostic set
+    python examples/fidelity/lab.py judge    [--data-dir D]   # the classifier of generated images -> D/classifier.npz
     python examples/fidelity/lab.py train    [--data-dir D] [--run R] [--time-limit S]   # 3 seeds on one GPU, resumable
     python examples/fidelity/lab.py evaluate [--data-dir D] [--run R]   # every policy x budget x seed -> R/eval.json
     python examples/fidelity/lab.py run      [--data-dir D] [--run R] [--time-limit S]   # train + evaluate, one process
@@ -71,6 +72,10 @@ def parse(argv):
                        "RUN nor DATA_DIR holds classifier.npz (default %(default)s)")
         q.add_argument("--grid-spec", default="full", choices=["full", "smoke"], help="which policy grid (default %(default)s)")
 
+    q = sub.add_parser("judge", help="train the classifier of generated images once, into DATA_DIR/classifier.npz "
+                       "(evaluate trains it otherwise)")
+    common(q)
+    q.add_argument("--classifier-steps", type=int, default=3000, help="training steps (default %(default)s)")
     q = sub.add_parser("train", help="train the seeds (resumes from the last checkpoint)")
     common(q)
     train_args(q, 540)
@@ -120,6 +125,19 @@ def main(argv=None) -> int:
                 log(f"tokenize: {a.data_dir / 'tokens.npz'} exists (delete it to redo)")
             else:
                 lab_data.tokenize(a.data_dir, a.data_dir, codes=a.codes, iters=a.iters, log=log)
+        elif a.stage == "judge":
+            import evaluate
+            out = a.data_dir / "classifier.npz"
+            if out.is_file():
+                log(f"judge: {out} exists (move it away to train another)")
+            else:
+                tokens = a.data_dir / "tokens.npz"
+                if not tokens.is_file():
+                    raise lab_data.DataError(f"{tokens} is missing: run `lab.py tokenize --data-dir {a.data_dir}` first")
+                import numpy as np
+
+                evaluate.train_judge(np.load(tokens), lab_data.load_tokenizer(a.data_dir / "tokenizer.npz"), out,
+                                     steps=a.classifier_steps, log=log)
         elif a.stage == "train":
             import train
             train.train(a.data_dir / "tokens.npz", run, **train_kw(a), time_limit=a.time_limit, log=log)
