@@ -168,13 +168,29 @@ class Evict:
         return self.one_kernel(rows, heads) or ((self.period > 1 or self.fused_score)
                                                 and self.window_kernel(rows, heads))
 
+    def _window_step(self, cache, q, k, v, t, slot, cond_mask, qkv, rope, score_vec=None):
+        """evict_step's window form over the whole cache, after the XLA moves: write the new token at
+        ``slot``, attend over the filled slots (pool included); with ``score_vec`` also next step's
+        score terms ``dots`` and ``sq`` from the same read of V. 'layer' keeps one row of positions:
+        every head gets it, and writes the same position at the same slot."""
+        kc, vc, pos = cache["k"], cache["v"], cache["pos"]
+        b, h, _, d = vc.shape
+        zero = jnp.int32(0)
+        res = evict_step(q, k, v, kc, vc, jnp.broadcast_to(pos, (b, h, pos.shape[2])),
+                         cond_slot_mask(cond_mask, self.slots)[:, 0], (slot, zero, zero, zero, zero, zero, self.c + t),
+                         c=self.c, prefix=self.prefix, keep=0, qkv=qkv, rope=rope, score_vec=score_vec, eps=EPS,
+                         config=self.kernels, interpret=self.attention == "pallas-interpret")
+        new = {**cache, "k": res[1], "v": res[2], "pos": res[3][:, : pos.shape[1]]}
+        if score_vec is not None:
+            new.update(dots=res[4], sq=res[5])
+        return new, res[0]
+
     def _decode_scored_window(self, cache, q, k, v, t, slot, cond_mask, qkv, rope):
         """A period-1 step of the XLA bookkeeping (layer granularity) after its move into the pool:
-        evict_step's window form writes the new token at ``slot``, attends, and returns the score
-        terms of next step's candidates from the same read of V (as the attention kernel's
-        fused_score does). 'layer' keeps one row of positions: every head gets it."""
+        :meth:`_window_step` with the score vector of next step's candidates (as the attention
+        kernel's fused_score computes them)."""
         c, P, M = self.c, self.prefix, self.local
-        kc, vc, pos = cache["k"], cache["v"], cache["pos"]
+        vc = cache["v"]
         b, h, _, d = vc.shape
         # next step's total: v̂ of the token the ring hands over then (the new token itself when the
         # ring has one slot), as the XLA path reads it after the write
@@ -182,12 +198,7 @@ class Evict:
         v_next = jnp.where(ring_next == slot, v[:, :, None].astype(vc.dtype),
                            jax.lax.dynamic_slice_in_dim(vc, ring_next, 1, axis=2))  # (B, H, 1, D)
         total = cache["vsum"] + normalized_v(v_next, self.granularity)[:, :, 0]  # (B, G, X)
-        zero = jnp.int32(0)
-        res = evict_step(q, k, v, kc, vc, jnp.broadcast_to(pos, (b, h, pos.shape[2])),
-                         cond_slot_mask(cond_mask, self.slots)[:, 0], (slot, zero, zero, zero, zero, zero, c + t),
-                         c=c, prefix=P, keep=0, qkv=qkv, rope=rope, score_vec=total.reshape(b, h, d), eps=EPS,
-                         config=self.kernels, interpret=self.attention == "pallas-interpret")
-        return {**cache, "k": res[1], "v": res[2], "pos": res[3][:, : pos.shape[1]], "dots": res[4], "sq": res[5]}, res[0]
+        return self._window_step(cache, q, k, v, t, slot, cond_mask, qkv, rope, score_vec=total.reshape(b, h, d))
 
     def _decode_one_kernel(self, cache, q, k, v, t, cond_mask, qkv=None, rope=None):
         c, P, K, M = self.c, self.prefix, self.keep, self.local
@@ -337,17 +348,8 @@ class Evict:
         kc, vc, pos, vsum = cache["k"], cache["v"], cache["pos"], cache["vsum"]
         ring = c + P + K + jnp.mod(t - P, self.ring)
         slot = jnp.where(t < P, c + t, ring)
-        if self.window_kernel(*q.shape[:2]):
-            # Between leaving steps nothing is scored: the step is the window's kernel (write the new
-            # token at its free slot, attend over the filled slots), pool included. 'layer' keeps one
-            # row of positions: every head gets it, and writes the same position at the same slot.
-            b, h = kc.shape[:2]
-            zero = jnp.int32(0)
-            res = evict_step(q, k, v, kc, vc, jnp.broadcast_to(pos, (b, h, pos.shape[2])),
-                             cond_slot_mask(cond_mask, self.slots)[:, 0], (slot, zero, zero, zero, zero, zero, c + t),
-                             c=c, prefix=P, keep=0, qkv=qkv, rope=rope, eps=EPS, config=self.kernels,
-                             interpret=self.attention == "pallas-interpret")
-            return {**cache, "k": res[1], "v": res[2], "pos": res[3][:, : pos.shape[1]], "vsum": vsum}, res[0]
+        if self.window_kernel(*q.shape[:2]):  # between leaving steps nothing is scored: the window's kernel
+            return self._window_step(cache, q, k, v, t, slot, cond_mask, qkv, rope)
         kc, vc = write_slot(kc, k, slot), write_slot(vc, v, slot)
         pos = jax.lax.dynamic_update_slice_in_dim(
             pos, jnp.full(pos.shape[:2] + (1,), c + t, jnp.int32), slot, axis=2)
