@@ -100,3 +100,26 @@ def test_fetch_without_tarballs_says_how(tmp_path):
     assert r.returncode == 2
     assert "emoji-datasource-16.0.0.tgz is missing" in r.stderr and "by hand" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_convergence_uses_a_longer_schedule():
+    """A cosine schedule still falls at its end; a longer run of the same seeds that overfit and never
+    got 1 % lower shows the shorter run is at the optimum. Without it, or when it got lower, it is not."""
+    sys.path.insert(0, str(LAB.parent))
+    import report
+
+    log = {"eval": [{"step": s, "heldout_nll": [v, v + 0.01]} for s, v in ((250, 1.2), (500, 0.85), (750, 0.70),
+                                                                          (1000, 0.66))]}
+    alone = report.convergence(log)
+    assert not alone["flattened"] and abs(alone["relative_fall"][0] - (0.70 - 0.66) / 0.70) < 1e-12
+    longer = {"best_step": 1000, "best_heldout_nll": [0.67, 0.68], "overfit": True}
+    assert report.convergence(log, longer)["flattened"]
+    assert not report.convergence(log, {**longer, "overfit": False})["flattened"]  # still improving: unknown
+    lower = report.convergence(log, {**longer, "best_heldout_nll": [0.64, 0.68]})  # 3 % lower on seed 0
+    assert not lower["flattened"] and lower["longer_gain"][0] > 0.01
+    try:
+        report.convergence(log, {**longer, "best_heldout_nll": [0.67]})
+    except report.lab_data.DataError as e:
+        assert "same seeds" in str(e)
+    else:
+        raise AssertionError("a longer run with other seeds was accepted")

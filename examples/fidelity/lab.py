@@ -96,6 +96,8 @@ def parse(argv):
     q = sub.add_parser("report", help="summary.json, README table, plots")
     common(q)
     q.add_argument("--out", type=Path, default=HERE / "results", help="report directory (default %(default)s)")
+    q.add_argument("--longer-run", type=Path, help="summary.json of a longer schedule's run (same seeds): when it "
+                   "overfit and got no lower, this run counts as converged though its cosine tail still falls")
     q = sub.add_parser("export", help="one seed's held-out optimum as an adsa_jax checkpoint (bf16) with the tokenizer")
     common(q)
     q.add_argument("--out", type=Path, required=True, help="checkpoint directory to write (must not exist)")
@@ -163,7 +165,7 @@ def main(argv=None) -> int:
             train.export(run, a.out, a.data_dir, seed_index=a.seed_index, log=log)
         elif a.stage == "report":
             import report
-            report.report(run, a.out, data_dir=a.data_dir, log=log)
+            report.report(run, a.out, data_dir=a.data_dir, longer=a.longer_run, log=log)
     except (lab_data.DataError, ConfigError) as e:
         log(f"error: {e}")
         return 2

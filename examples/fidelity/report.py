@@ -39,9 +39,14 @@ def summary(ev: dict, train_meta: dict, dataset: str) -> dict:
             "rows": rows}
 
 
-def convergence(train_log: dict | None) -> dict:
+def convergence(train_log: dict | None, longer: dict | None = None) -> dict:
     """Whether held-out NLL has flattened: its relative fall over the last quarter of the evaluated
-    steps is under 1 % for every seed. Policy comparisons on a model that has not are not evidence."""
+    steps is under 1 % for every seed. Policy comparisons on a model that has not are not evidence.
+
+    A cosine schedule keeps the loss falling until its last step, so a run on the schedule that ends
+    at the held-out optimum never looks flat by that test. `longer` (the convergence block of a longer
+    schedule's summary, the same seeds) settles it: when that run overfit, and its lowest held-out NLL
+    is no lower (by 1 %) than this run's last on any seed, more training cannot help this model."""
     ev = (train_log or {}).get("eval") or []
     if len(ev) < 3:
         return {"flattened": False, "reason": f"{len(ev)} held-out evaluations (need 3 or more)"}
@@ -54,9 +59,20 @@ def convergence(train_log: dict | None) -> dict:
     # that memorises its training set: say so, with where the optimum was
     best = min(ev, key=lambda e: float(np.mean(e["heldout_nll"])))
     rise = [(b - a) / a for a, b in zip(best["heldout_nll"], last["heldout_nll"])]
-    return {"flattened": bool(max(fall) < 0.01), "relative_fall": fall, "from_step": cut["step"],
-            "to_step": last["step"], "heldout_nll": last["heldout_nll"], "best_step": best["step"],
-            "best_heldout_nll": best["heldout_nll"], "overfit": bool(min(rise) > 0.01), "rise_since_best": rise}
+    conv = {"flattened": bool(max(fall) < 0.01), "criterion": "last-quarter fall under 1 %", "relative_fall": fall,
+            "from_step": cut["step"], "to_step": last["step"], "heldout_nll": last["heldout_nll"],
+            "best_step": best["step"], "best_heldout_nll": best["heldout_nll"], "overfit": bool(min(rise) > 0.01),
+            "rise_since_best": rise}
+    if longer is not None and not conv["flattened"]:
+        lb = longer.get("best_heldout_nll") or []
+        if len(lb) != len(last["heldout_nll"]):
+            raise lab_data.DataError(f"report: --longer-run has {len(lb)} seeds' held-out NLL, this run "
+                              f"{len(last['heldout_nll'])}: give the summary.json of a longer run of the same seeds")
+        gain = [(x - y) / x for x, y in zip(last["heldout_nll"], lb)]  # > 0: the longer run got lower
+        conv.update(flattened=bool(longer.get("overfit")) and max(gain) < 0.01,
+                    criterion="a longer schedule overfit and never got 1 % lower", longer_best_step=longer.get("best_step"),
+                    longer_best_heldout_nll=lb, longer_gain=gain)
+    return conv
 
 
 def paired(run: Path | None, a: dict, b: dict) -> tuple[float, float, bool]:
@@ -234,12 +250,22 @@ def _sample_grid(summ, out, run, codebook, budget, tag):
 
 
 def report(run: Path, out: Path, *, data_dir: Path | None = None, dataset: str = "emoji-datasource 16.0.0 "
-           "(twitter + google), 24x24 k-means tokens", log=print) -> dict:
+           "(twitter + google), 24x24 k-means tokens", longer: Path | None = None, log=print) -> dict:
     ev = lab_data.read_json(run / "eval.json", ("rows", "model", "seeds"))
     meta = lab_data.read_json(run / "model.json", ("config",))
     summ = summary(ev, meta, dataset)
     tlog = lab_data.read_json(run / "train_log.json", ("eval",), default={}) or None
-    summ["model"]["convergence"] = convergence(tlog)
+    longer_conv = None
+    if longer is not None:
+        try:
+            longer_conv = lab_data.read_json(longer, ("model",))["model"].get("convergence")
+        except lab_data.DataError as e:
+            raise lab_data.DataError(f"--longer-run: {longer} is not a summary.json written by `lab.py report` "
+                                     f"({str(e).split(' (')[0]})") from None
+        if not longer_conv or "best_heldout_nll" not in longer_conv:
+            raise lab_data.DataError(f"report: {longer} has no held-out curve (model.convergence): give a summary.json "
+                              "that `lab.py report` wrote for a run with a training log")
+    summ["model"]["convergence"] = convergence(tlog, longer_conv)
     if not summ["model"]["convergence"]["flattened"]:
         log("report: held-out NLL has NOT flattened: these rows check the pipeline; they are not evidence")
     conv = summ["model"]["convergence"]
