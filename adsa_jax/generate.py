@@ -148,12 +148,12 @@ def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg,
         caches = shard(caches)
     tok0, out0 = pick(0, logits0, True, forced[:, 0] if forced is not None else None)
 
-    def body(carry, i, span):
+    def body(carry, i, span, leave=None):
         tok, caches = carry
         fed = jnp.repeat(tok, 2, axis=0) if use_cfg else tok
         keys = row_keys(i + 1) if needs_keys else None  # only the random policy draws per step
         logits, caches = M.decode_step(params, cfg, policy, caches, fed, i, cond_mask, keys, span, matmul=matmul,
-                                       add_norm=add_norm)
+                                       add_norm=add_norm, leave=leave)
         caches = shard(caches)
         guided = (cfg_interval < 0) | (i <= cfg_interval)  # LlamaGen: off for good once i > cfg_interval
         nxt = forced[:, i + 1] if forced is not None else None
@@ -161,15 +161,54 @@ def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg,
             tok, out = pick(i + 1, logits, guided, nxt)
         return (tok, caches), (tok, out)
 
+    def blocks(carry, x, n, inner, span):
+        """n blocks of 1 + inner steps from step x, each block's first step a leaving one: one scan
+        over the blocks, a scan of the inner steps in each. Returns (carry, per-step outputs)."""
+        def block(carry, i):
+            carry, y0 = body(carry, i, span, leave=True)
+            if not inner:
+                return carry, jax.tree.map(lambda a: a[None], y0)
+            carry, ys = jax.lax.scan(functools.partial(body, span=span, leave=False), carry,
+                                     i + 1 + jnp.arange(inner))
+            return carry, jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), y0, ys)
+        if n == 1:
+            return block(carry, jnp.int32(x))
+        carry, ys = jax.lax.scan(block, carry, x + (1 + inner) * jnp.arange(n))
+        return carry, jax.tree.map(lambda a: a.reshape((n * (1 + inner),) + a.shape[2:]), ys)  # (n*(1+inner), ...)
+
+    sched = getattr(policy, "leave_schedule", None) if kernels.period_blocks else None
     carry = (tok0, caches)
     toks, outs = [tok0[:, None]], [out0[:, None]] if forced is not None else []
     for a, b, span in segments:
-        carry, (t_seg, o_seg) = jax.lax.scan(functools.partial(body, span=span), carry, jnp.arange(a, b))
-        toks.append(t_seg.T)
-        if forced is not None:
-            outs.append(o_seg.transpose(1, 0, 2))
+        for piece in ([("plain", a, b)] if sched is None else _period_pieces(a, b, *sched)):
+            if piece[0] == "plain":
+                carry, (t_seg, o_seg) = jax.lax.scan(functools.partial(body, span=span, leave=None if sched is None
+                                                                       else False), carry, jnp.arange(*piece[1:]))
+            else:
+                carry, (t_seg, o_seg) = blocks(carry, *piece[1:], span)
+            toks.append(t_seg.T)
+            if forced is not None:
+                outs.append(o_seg.transpose(1, 0, 2))
     tokens = jnp.concatenate(toks, axis=1)
     return tokens, (jnp.concatenate(outs, axis=1) if forced is not None else None)
+
+
+def _period_pieces(a: int, b: int, first: int, s: int):
+    """Decode steps [a, b) for a policy whose tokens leave at steps first, first + s, ...: a list of
+    ("plain", x, y) (steps x..y-1, none leaving) and ("blocks", x, n, inner) (n blocks of 1 + inner
+    steps from x, each led by a leaving step), in order. Static, so the scan needs no branch."""
+    out, x = [], a
+    nxt = first if x <= first else first + -(-(x - first) // s) * s  # the first leaving step >= x
+    if nxt > x:
+        out.append(("plain", x, min(b, nxt)))
+        x = min(b, nxt)
+    if x < b and (b - x) // s:
+        n = (b - x) // s
+        out.append(("blocks", x, n, s - 1))
+        x += n * s
+    if x < b:
+        out.append(("blocks", x, 1, b - x - 1))
+    return out
 
 
 def _in_groups(fn, group: int, *xs):
@@ -328,13 +367,15 @@ class ShardedPolicy:
             raise AttributeError("begin_step")
         return self._begin_step
 
-    def _begin_step(self, caches, t, row_keys=None, first_layer=0):
+    def _begin_step(self, caches, t, row_keys=None, first_layer=0, leave=None):
         inner, mesh = self.inner, self.mesh
+        if leave is False:  # not a leaving step: nothing to do, nothing to shard
+            return caches
         specs = [S.cache_specs(cache, mesh, inner) for cache in caches]
         keys = () if row_keys is None else (row_keys,)
 
         def f(caches, t, *keys):
-            return inner.begin_step(caches, t, *keys, first_layer=first_layer)
+            return inner.begin_step(caches, t, *keys, first_layer=first_layer, leave=leave)
         return jax.shard_map(f, mesh=mesh, in_specs=(specs, P()) + (P(S.DATA),) * len(keys), out_specs=specs,
                              check_vma=False)(caches, t, *keys)
 

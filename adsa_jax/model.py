@@ -239,7 +239,7 @@ def prefill(params, cfg: GPTConfig, policy, caches, cond_emb, cond_mask):
 
 
 def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, row_keys, span, matmul=None,
-                add_norm=None):
+                add_norm=None, leave=None):
     """One image token per row through every layer.
 
     tokens (B,) int32 = image token t; t is a traced scalar (0-based image index);
@@ -255,6 +255,8 @@ def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, ro
     -> (x + h @ w, the RMSNorm of that) for the two GEMMs a residual add and a norm follow, wo and
     w2 (:func:`adsa_jax.kernels.matmul_add_norm`); the same arithmetic as without it, the float32
     partials summed in another order.
+    leave (static): for a policy with ``leave_schedule``, whether step t is one whose tokens leave
+    (None: the policy branches on t itself).
     """
     x = params["tok_embeddings"][tokens][:, None, :]  # (B, 1, E)
     rot = rope_rows(cfg, cfg.cls_token_num + t)  # (D/2, 2)
@@ -265,7 +267,7 @@ def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, ro
     # one branch for every layer's moves), then each layer's decode(..., planned=True).
     planned = hasattr(policy, "begin_step")
     if planned:
-        caches = policy.begin_step(list(caches), t, row_keys)
+        caches = policy.begin_step(list(caches), t, row_keys, **({} if leave is None else {"leave": leave}))
 
     def residual_norm(x, y, w, k_axes, norm_w):  # (x + y @ w, its RMSNorm by norm_w), both (B, 1, E)
         kdim = math.prod(w.shape[:k_axes])

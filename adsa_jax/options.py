@@ -112,6 +112,10 @@ class KernelConfig:
     # and 2.715 vs 2.970 s at 384 px; dense 0.730 vs 0.864 s at 256 px and 2.184 vs 2.752 s at 384 px.
     dense_one_kernel: bool = True
     evict_one_kernel: bool = True
+    # Period s > 1: the decode scan is cut into blocks of s steps whose first step is the leaving one
+    # (a static schedule), so no step branches. Off: one lax.cond a step, which XLA:GPU runs by
+    # copying its predicate to the host and waiting for the stream to drain.
+    period_blocks: bool = True
     # One program per (row, head) loops over the cache's blocks: with few programs and a long cache
     # that loop is the step's latency, where the other path splits the slots over programs. With 256
     # slots a block over 8 warps one kernel is faster at batch 1 over every cache measured (dense

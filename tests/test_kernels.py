@@ -164,7 +164,10 @@ def test_kernel_lowers_for_gpu(c2i):
     for gran in ("head", "layer"):  # period s > 1: the moves in XLA, the step as the window's kernel
         text = lowered("adsa-evict", budget=0.5, period=3, granularity=gran)
         assert "adsa_evict_step" in text and "adsa_decode_attention" not in text
-        # one branch per step for every layer's moves (XLA:GPU waits for the stream at each branch)
+        # the leaving steps scheduled statically: no branch (XLA:GPU waits for the stream at each one)
+        assert text.count("stablehlo.case") == 0
+        # without the schedule, one branch per step for every layer's moves
+        text = lowered("adsa-evict", budget=0.5, period=3, granularity=gran, switches={"period_blocks": False})
         assert c2i.config.n_layer > 1 and text.count("stablehlo.case") == 1
     off = {"evict_one_kernel": False, "dense_one_kernel": False}
     for kw in ({"period": 3}, {"granularity": "layer"}):

@@ -171,3 +171,23 @@ def test_a_new_policy_plugs_in(c2i, c2i_ref):
     b = adsa_jax.score(c2i, c2i_ref["labels"], c2i_ref["tokens"], policy=window)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert isinstance(make_policy(cfg, "dense"), Dense)
+
+
+@pytest.mark.parametrize("name,kw", [("adsa-evict", dict(period=3)), ("adsa-evict", dict(period=4, granularity="layer")),
+                                     ("random", dict(period=3))])
+def test_period_blocks_equal_the_branch(name, kw):
+    """Period s > 1: the decode cut into blocks of s steps led by the leaving step (no branch) gives
+    exactly the tokens and logits of one lax.cond a step, whole or in length segments."""
+    model = Model(CFG16, init_params(CFG16, jax.random.key(3), jnp.float32))
+    pol = make_policy(CFG16, name, prefix=5, keep=7, local=6, **kw)
+    labels = jnp.arange(3) % CFG16.num_classes
+    samp = SamplingConfig(top_k=0)
+    off = dataclasses.replace(XLA_KERNELS, period_blocks=False)
+    want = adsa_jax.generate(model, labels, jax.random.key(1), sampling=samp, policy=pol, options=off)
+    for segments in (1, 3):
+        on = dataclasses.replace(XLA_KERNELS, segments=segments)
+        got = adsa_jax.generate(model, labels, jax.random.key(1), sampling=samp, policy=pol, options=on)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    ref = adsa_jax.score(model, labels, want, policy=pol, options=off, key=jax.random.key(2))
+    got = adsa_jax.score(model, labels, want, policy=pol, options=XLA_KERNELS, key=jax.random.key(2))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))

@@ -15,6 +15,7 @@ attends to at least the M most recent tokens (M to M + s - 1 of them in the ring
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -289,7 +290,14 @@ class Evict:
 
     # ------------------------------------------------------------------------- period s > 1
 
-    def begin_step(self, caches, t, row_keys=None, first_layer: int = 0):
+    @property
+    def leave_schedule(self):
+        """(the first step t whose begin_step moves tokens, the period s), or None at period 1: the
+        s oldest ring tokens leave at t = P + R, P + R + s, ... A caller that knows t statically
+        passes ``leave=`` to :meth:`begin_step` and needs no branch."""
+        return None if self.period == 1 else (self.prefix + self.ring, self.period)
+
+    def begin_step(self, caches, t, row_keys=None, first_layer: int = 0, leave: bool | None = None):
         """Before step t's layers run: every layer's move of the s oldest ring tokens (period s > 1),
         planned for all layers ``caches`` (a list, layer ``first_layer`` first) under one
         ``lax.cond``; the caches unchanged at period 1. The model calls it once per step, then each
@@ -300,9 +308,14 @@ class Evict:
         predicate to the host and waiting for the stream to drain, so one branch per layer and step
         (36 for GPT-XL) would stall the GPU 36 times a step; one per step for every layer does not.
         Only the plans (where each leaving token goes, the new running sums) come out of the
-        branch: the caches stay outside it, read-only inside, so no compiler copies them in or out."""
-        if self.period == 1:
+        branch: the caches stay outside it, read-only inside, so no compiler copies them in or out.
+
+        ``leave`` (static; from :attr:`leave_schedule`): None branches on t as above; False: t is
+        not a leaving step, nothing to do; True: plan without a branch, then keep the plan only if
+        t is a leaving step (a select: any step is still correct, only slower)."""
+        if self.period == 1 or leave is False:
             return caches
+        static_leave = leave
         c, P, K = self.c, self.prefix, self.keep
         R, s = self.ring, self.period
         j = t - P  # ring index of token t (negative while it goes to the prefix)
@@ -319,7 +332,11 @@ class Evict:
             return [(jnp.broadcast_to(leave, p_l.shape), p_l, vsum) for (_, _, vsum), p_l in zip(ops, p_ls)]
 
         with jax.named_scope("evict"):
-            plans = jax.lax.cond(leave_now, plan, stay, ops)
+            if static_leave:
+                plans = [jax.tree.map(functools.partial(jnp.where, leave_now), a, b)
+                         for a, b in zip(plan(ops), stay(ops))]
+            else:
+                plans = jax.lax.cond(leave_now, plan, stay, ops)
             return [self._move(cache, leave, leave_now, p_l, *pl) for cache, p_l, pl in zip(caches, p_ls, plans)]
 
     def _move(self, cache, leave, leave_now, p_l, dest, p_new, vsum):
