@@ -1,4 +1,4 @@
-"""Where a generate call's GPU time goes (GPU): `python3 benchmarks/generate_profile.py [MODEL:PX:BATCH:POLICY[:BUDGET[:GRAN]] ...]`.
+"""Where a generate call's GPU time goes (GPU): `python3 benchmarks/generate_profile.py [MODEL:PX:BATCH:POLICY[:BUDGET[:GRAN[:PERIOD]]] ...]`.
 
 Random weights, bf16, CFG 4, top-k 2000, default kernel settings (as `adsa-jax bench`). One call is
 compiled, run once to warm up, then traced; its GPU kernels are summed by kind (weight GEMMs,
@@ -38,7 +38,11 @@ def profile(spec: str) -> dict:
     cfg = named_config(model, image_size=int(px))
     budget = float(rest[0]) if rest else None
     gran = rest[1] if len(rest) > 1 else "head"
-    policy = adsa_jax.make_policy(cfg, pol, **({} if pol == "dense" else {"budget": budget, "granularity": gran}))
+    period = {"period": int(rest[2])} if len(rest) > 2 else {}
+    if len(rest) > 3:
+        sys.exit(f"generate_profile.py: {spec!r} has more than MODEL:PX:BATCH:POLICY[:BUDGET[:GRAN[:PERIOD]]]")
+    policy = adsa_jax.make_policy(cfg, pol, **({} if pol == "dense" else {"budget": budget, "granularity": gran,
+                                                                             **period}))
     m = Model(cfg, init_params(cfg, jax.random.key(0), jnp.bfloat16))
     labels = jnp.arange(int(batch), dtype=jnp.int32) % cfg.num_classes
     run = lambda: jax.block_until_ready(adsa_jax.generate(m, labels, jax.random.key(1), policy=policy))  # noqa: E731

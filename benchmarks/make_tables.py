@@ -264,10 +264,29 @@ def t_floor(rows) -> list[str]:
     return md_table(["model", "px", "batch"] + [pol_name(*p) for p in POLICIES], lines) + ["", d.note(H200)]
 
 
+def t_period(rows) -> list[str]:
+    """adsa-evict's granularity and eviction period beside the window, GPT-XL 384 px, budget 0.5."""
+    cols = [("head", None), ("head", 8), ("layer", None), ("layer", 8)]
+    got = {b: [find(rows, image_size=384, batch=b, policy="adsa-evict", budget=0.5, granularity=g, period=s)
+               for g, s in cols] + [find(rows, image_size=384, batch=b, policy="window", budget=0.5)]
+           for b in (64, 256)}
+    d = Dates([r for v in got.values() for r in v])
+
+    def cell(r):
+        if r is None:
+            return "not measured"
+        fl = f" ({x_(r['s_per_call'] / r['floor_s'])})" if r.get("floor_s") and r.get("s_per_call") else ""
+        return f"{r['s_per_call']:.3f}{fl}{d.mark(r)}" if r.get("s_per_call") else "not measured"
+    lines = [["GPT-XL", "384", str(b)] + [cell(r) for r in v] for b, v in got.items()]
+    head = ["adsa-evict 0.5 head", "head s=8", "layer", "layer s=8", "window 0.5"]
+    return md_table(["model", "px", "batch"] + head, lines) + ["", d.note(H200)]
+
+
 def t_torch(rows) -> list[str]:
-    """PyTorch LlamaGen beside adsa_jax dense: a ratio only where both ran on one device on one day."""
+    """PyTorch LlamaGen beside adsa_jax dense, GPT-XL (the configurations the targets name; results.json
+    keeps the others): a ratio only where both ran on one device on one day."""
     order = ("GPT-B", "GPT-L", "GPT-XL", "GPT-XXL", "GPT-XXXL")
-    torch = [r for r in rows if r["framework"].startswith("torch")]
+    torch = [r for r in rows if r["framework"].startswith("torch") and r["model"] == "GPT-XL"]
     configs = sorted({(r["device"], r["model"], r["image_size"], r["batch"]) for r in torch},
                      key=lambda c: (c[0], order.index(c[1]) if c[1] in order else 9, c[1], c[2], c[3]))
     lines = []
@@ -409,6 +428,7 @@ TABLES = {
     "throughput-bl": lambda rows: t_throughput(rows, ("GPT-B", "GPT-L")),
     "memory": t_memory,
     "floor": t_floor,
+    "period": t_period,
     "targets": t_targets,
     "torch": t_torch,
 }
