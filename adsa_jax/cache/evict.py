@@ -386,16 +386,23 @@ class Evict:
         Returns (dest (B, G, s): each leaving token's new slot, its own slot if dropped; its new
         position there, -1 if dropped; the new running sum (B, G, X))."""
         c, P, K, s = self.c, self.prefix, self.keep, self.period
-        b = vc.shape[0]
+        b, h = vc.shape[:2]
         g = pos.shape[1]
         v_l = jnp.take(vc, leave, axis=2)  # (B, H, s, D)
-        cand_v = jnp.concatenate([vc[:, :, c + P: c + P + K], v_l], axis=2)  # (B, H, K+s, D)
         cand_ok = jnp.concatenate([pos[:, :, c + P: c + P + K] >= 0, jnp.ones((b, g, s), bool)], axis=2)  # (B, G, K+s)
-        vn = jnp.where(cand_ok[..., None], normalized_v(cand_v, self.granularity), 0.0)  # (B, G, K+s, X)
-        total = vsum + jnp.sum(vn[:, :, K:], axis=2)  # (B, G, X): pool + leaving
+        total = vsum + jnp.sum(normalized_v(v_l, self.granularity), axis=2)  # (B, G, X): pool + leaving
         if self.chooser == "similarity":
-            # One multiply-and-sum for every candidate: identical V vectors get identical scores.
-            score = jnp.sum(vn * total[:, :, None, :], axis=-1)  # (B, G, K+s)
+            # v_i . total / |v_i| for every pool and ring slot in one multiply-and-sum over the cache
+            # as it lies (identical V vectors get identical scores; no copy of the pool), the
+            # leaving tokens' scores then taken from the ring's.
+            vf = vc.astype(jnp.float32)  # (B, H, C, D)
+            tot = total.reshape(b, h, 1, -1)  # (B, H, 1, D); 'layer': the vector split into heads
+            dots = jnp.sum(vf * tot, axis=-1)[:, :, c + P:]  # (B, H, K+R)
+            sq = jnp.sum(vf * vf, axis=-1)[:, :, c + P:]
+            if self.granularity == "layer":
+                dots, sq = jnp.sum(dots, axis=1)[:, None], jnp.sum(sq, axis=1)[:, None]  # (B, 1, K+R)
+            every = dots / jnp.maximum(jnp.sqrt(sq), EPS)
+            score = jnp.concatenate([every[:, :, :K], jnp.take(every, leave - (c + P), axis=-1)], axis=-1)  # (B, G, K+s)
         elif self.chooser == "random" and self.draw == "candidates":
             keys = jax.vmap(lambda kk: jax.random.fold_in(kk, layer_index))(row_keys)
             score = jax.vmap(lambda kk: jax.random.uniform(kk, (g, K + s)))(keys)  # (B, G, K+s)
@@ -404,7 +411,14 @@ class Evict:
                               f"{self.chooser!r} / {self.draw!r}")
         _, drop = jax.lax.top_k(jnp.where(cand_ok, score, BIG), s)  # (B, G, s); ties: lower index first
         dropped = jnp.any(drop[..., None] == jnp.arange(K + s), axis=-2)  # (B, G, K+s)
-        vsum = total - jnp.sum(jnp.where(dropped[..., None], vn, 0.0), axis=2)
+        # v̂ of the s dropped candidates, in candidate order (a free pool slot adds 0): gathered, not
+        # normalised over the whole pool
+        drop_sorted = jnp.sort(drop, axis=-1)  # (B, G, s)
+        slot = jnp.where(drop_sorted < K, c + P + drop_sorted, leave[jnp.clip(drop_sorted - K, 0, s - 1)])
+        v_drop = jnp.take_along_axis(vc, jnp.broadcast_to(slot, (b, h, s))[..., None], axis=2)  # (B, H, s, D)
+        ok_drop = jnp.take_along_axis(cand_ok, drop_sorted, axis=-1)  # (B, G, s)
+        vn_drop = jnp.where(ok_drop[..., None], normalized_v(v_drop, self.granularity), 0.0)  # (B, G, s, X)
+        vsum = total - jnp.sum(vn_drop, axis=2)
         stay = ~dropped[:, :, K:]  # (B, G, s) leaving tokens that move to the pool
         rank = jnp.cumsum(stay, axis=-1) - 1  # their order, oldest first
         freed = jnp.sort(jnp.where(drop < K, drop, K), axis=-1)  # (B, G, s) dropped pool slots, ascending
