@@ -181,20 +181,6 @@ def table(res) -> list[str]:
     return lines
 
 
-def compact(res, mesh=(4, 2)) -> list[str]:
-    """BENCHMARKS.md's excerpt: one mesh, dense / adsa-evict 0.5 per HBM size."""
-    cells = res["cells"]
-    lines = [f"| model | px | " + " | ".join(f"{h:g} GiB" for h in HBM) + " |",
-             "| --- | --- | " + " | ".join("---:" for _ in HBM) + " |"]
-    for model in MODELS:
-        for px in SIZES:
-            got = [cells.get(cell_key(model, px, policy, budget, *mesh)) for policy, budget in POLICIES[:2]]
-            vals = (["?"] * len(HBM) if any(c is None for c in got) else ["n/a"] * len(HBM) if "error" in got[0]
-                    else [" / ".join(str(c["largest"][f"{h:g}"]) for c in got) for h in HBM])
-            lines.append(f"| {model} | {px} | " + " | ".join(vals) + " |")
-    return lines
-
-
 def _verified_text(ver) -> str:
     offs = [(k, h, d) for k, v in sorted(ver.items()) for h, d in v.items()]
     same = sum(d == 0 for _, _, d in offs)

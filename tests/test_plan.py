@@ -128,8 +128,8 @@ def test_plan_table_md_is_written_from_its_json():
     assert (root / "plan_table.md").read_text() == pt.markdown(res), \
         "benchmarks/plan_table.md is stale: python benchmarks/plan_table.py --json benchmarks/results/plan_table.json " \
         "--markdown benchmarks/plan_table.md"
-    # BENCHMARKS.md's excerpt (the 4 x 2 mesh) is the same JSON's
-    assert "\n".join(pt.compact(res)) in (root.parent / "BENCHMARKS.md").read_text()
+    # BENCHMARKS.md points to it
+    assert "(benchmarks/plan_table.md)" in (root.parent / "BENCHMARKS.md").read_text()
     cells = [c for c in res["cells"].values() if "error" not in c]
     assert len(cells) == 3 * 2 * 3 * 4 - 6  # GPT-XL's 20 heads do not split 8 ways: 1 x 8 is n/a for it
     for c in cells:  # more memory, a larger batch

@@ -173,21 +173,17 @@ def test_a_new_policy_plugs_in(c2i, c2i_ref):
     assert isinstance(make_policy(cfg, "dense"), Dense)
 
 
-@pytest.mark.parametrize("name,kw", [("adsa-evict", dict(period=3)), ("adsa-evict", dict(period=4, granularity="layer")),
-                                     ("random", dict(period=3))])
-def test_period_blocks_equal_the_branch(name, kw):
+@pytest.mark.parametrize("kw", [dict(period=3), dict(period=4, granularity="layer")])
+def test_period_blocks_equal_the_branch(kw):
     """Period s > 1: the decode cut into blocks of s steps led by the leaving step (no branch) gives
-    exactly the tokens and logits of one lax.cond a step, whole or in length segments."""
+    exactly the tokens of one lax.cond a step, here in length segments that cut the blocks (score()
+    takes the blocks too: the float64 reference tests check it at every period)."""
     model = Model(CFG16, init_params(CFG16, jax.random.key(3), jnp.float32))
-    pol = make_policy(CFG16, name, prefix=5, keep=7, local=6, **kw)
+    pol = make_policy(CFG16, "adsa-evict", prefix=5, keep=7, local=6, **kw)
     labels = jnp.arange(3) % CFG16.num_classes
     samp = SamplingConfig(top_k=0)
     off = dataclasses.replace(XLA_KERNELS, period_blocks=False)
     want = adsa_jax.generate(model, labels, jax.random.key(1), sampling=samp, policy=pol, options=off)
-    for segments in (1, 3):
-        on = dataclasses.replace(XLA_KERNELS, segments=segments)
-        got = adsa_jax.generate(model, labels, jax.random.key(1), sampling=samp, policy=pol, options=on)
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    ref = adsa_jax.score(model, labels, want, policy=pol, options=off, key=jax.random.key(2))
-    got = adsa_jax.score(model, labels, want, policy=pol, options=XLA_KERNELS, key=jax.random.key(2))
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    on = dataclasses.replace(XLA_KERNELS, segments=3)
+    got = adsa_jax.generate(model, labels, jax.random.key(1), sampling=samp, policy=pol, options=on)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
