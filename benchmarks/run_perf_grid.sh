@@ -13,15 +13,18 @@
 #   4  adsa-jax bench, every policy against its floor: GPT-XL 384 px, batch 64 and 256, dense, adsa-evict
 #      (head and layer, period 1 and 8) and window at budgets 0.5 and 0.25 (22 configurations, ~9 min;
 #      needs no LlamaGen checkout)
-# It needs a LlamaGen checkout at third_party/LlamaGen (ignored by git; the docstring of
+#   5  adsa-jax bench --memory-cap 40: the largest batch each policy fits in 40 GiB and its images/s
+#      (dense, adsa-evict 0.5 and 0.25, window 0.5; GPT-XL 384 and 512 px, then GPT-XXL 384 px)
+#   6  the same under the whole device's memory (--memory-cap device)
+# Parts 1 to 3 need a LlamaGen checkout at third_party/LlamaGen (ignored by git; the docstring of
 # benchmarks/llamagen_torch.py says how to get it); a device run carries that path.
 #
 # Writes under $OUT (default ./out): perf_adsa_jax.json (the JSON of adsa-jax bench --json),
 # perf_torch_eager.json, perf_torch_compile_1.json, perf_torch_compile_2.json (results.json rows),
-# perf_policies.json (part 4)
+# perf_policies.json (part 4), perf_cap_40.json and perf_cap_40_xxl.json (part 5),
+# perf_cap_device.json and perf_cap_device_xxl.json (part 6)
 # and a log per command. Then, in the repository:
-#   for f in perf_adsa_jax perf_torch_eager perf_torch_compile_1 perf_torch_compile_2 perf_policies; do
-#     python benchmarks/make_tables.py --add OUTDIR/$f.json; done
+#   for f in OUTDIR/perf_*.json; do python benchmarks/make_tables.py --add "$f"; done
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -29,11 +32,11 @@ OUT=${OUT:-out}
 mkdir -p "$OUT"
 PART=${1:-}
 case "$PART" in
-  1|2|3|4) ;;
-  *) echo "usage: bash benchmarks/run_perf_grid.sh PART (1, 2, 3 or 4; see the header)" >&2; exit 2 ;;
+  1|2|3|4|5|6) ;;
+  *) echo "usage: bash benchmarks/run_perf_grid.sh PART (1 to 6; see the header)" >&2; exit 2 ;;
 esac
 LLAMAGEN=third_party/LlamaGen
-if [ "$PART" != 4 ] && [ ! -f "$LLAMAGEN/autoregressive/models/generate.py" ]; then
+if [ "$PART" -le 3 ] && [ ! -f "$LLAMAGEN/autoregressive/models/generate.py" ]; then
   echo "run_perf_grid.sh: error: no LlamaGen checkout at $LLAMAGEN (see benchmarks/llamagen_torch.py)" >&2
   exit 2
 fi
@@ -65,5 +68,17 @@ case "$PART" in
     --granularity head,layer --period 1,8 --iters 3 --compile-workers 3 --json "$OUT/perf_policies.json" \
     > "$OUT/perf_policies.log" 2>&1
   echo "rc $?"; grep -E "GPT-XL|share|rror" "$OUT/perf_policies.log" | tail -n 30
+  ;;
+5|6)
+  cap=$([ "$PART" = 5 ] && echo 40 || echo device)
+  cap_part() {  # tag, timeout s, model, sizes
+    echo "== $1: adsa-jax bench --memory-cap $cap, $3 at $4 px"
+    timeout "$2" python3 -c 'import sys; from adsa_jax.cli import main; sys.exit(main(sys.argv[1:]))' bench \
+      --model "$3" --image-size "$4" --memory-cap "$cap" --policies dense,adsa-evict,window --budgets 0.5,0.25 \
+      --iters 3 --compile-workers 3 --json "$OUT/$1.json" > "$OUT/$1.log" 2>&1
+    echo "rc $?"; grep -E "GPT-|rror" "$OUT/$1.log" | tail -n 20
+  }
+  cap_part "perf_cap_$cap" 380 GPT-XL 384,512
+  cap_part "perf_cap_${cap}_xxl" 190 GPT-XXL 384
   ;;
 esac
