@@ -218,6 +218,25 @@ class Evict:
             new.update(vsum=res[4], victim=res[5], vnorm=res[6])
         return new, res[0]
 
+    def _pool_ring_scores(self, vc, total, terms=None):
+        """v_i . total / |v_i| (B, G, K + ring) for every pool and ring slot, from V as it lies.
+
+        Every slot is scored and the pool and ring sliced from the scores: a slice of V itself
+        would be materialised (XLA:CPU copies it, a pool of temporaries per step). ``terms``: the
+        (dots, sq) last step's attention kernel computed (fused_score) instead."""
+        start = self.c + self.prefix
+        if terms is not None:
+            dots, sq = terms[0][:, :, start:], terms[1][:, :, start:]  # (B, H, K+R)
+        else:
+            b, h = vc.shape[:2]
+            vf = vc.astype(jnp.float32)  # (B, H, C, D)
+            tot = total.reshape(b, h, 1, -1)  # (B, H, 1, D); 'layer': the vector split into heads
+            dots = jnp.sum(vf * tot, axis=-1)[:, :, start:]  # (B, H, K+R)
+            sq = jnp.sum(vf * vf, axis=-1)[:, :, start:]
+        if self.granularity == "layer":
+            dots, sq = jnp.sum(dots, axis=1)[:, None], jnp.sum(sq, axis=1)[:, None]  # (B, 1, K+R)
+        return dots / jnp.maximum(jnp.sqrt(sq), EPS)
+
     def _to_pool(self, kc, vc, pos, vsum, t, ring, layer_index, row_keys, terms=None):
         """Move the token about to be overwritten in the ring into the pool (or drop it).
 
@@ -239,18 +258,7 @@ class Evict:
             # Score the contiguous slots [pool | ring] in place (o sits in the ring, after the pool,
             # so first-max order is pool then o) with one multiply-and-sum: identical V vectors get
             # bit-identical scores (tie rule), and nothing is concatenated or copied.
-            if terms is not None:  # computed by last step's attention kernel (fused_score)
-                dots, sq = terms[0][:, :, c + P:], terms[1][:, :, c + P:]  # (B, H, K+M)
-            else:
-                # Every slot is scored and the pool and ring sliced from the scores: a slice of V
-                # itself would be materialised (XLA:CPU copies it, a pool of temporaries per step).
-                vf = vc.astype(jnp.float32)  # (B, H, C, D)
-                tot = total.reshape(b, h, 1, -1)  # (B, H, 1, D); 'layer': the vector split into heads
-                dots = jnp.sum(vf * tot, axis=-1)[:, :, c + P:]  # (B, H, K+M)
-                sq = jnp.sum(vf * vf, axis=-1)[:, :, c + P:]
-            if self.granularity == "layer":
-                dots, sq = jnp.sum(dots, axis=1)[:, None], jnp.sum(sq, axis=1)[:, None]  # (B, 1, K+M)
-            score = dots / jnp.maximum(jnp.sqrt(sq), EPS)
+            score = self._pool_ring_scores(vc, total, terms)  # (B, G, K+M)
             cand = (jnp.arange(K + M) < K) | (jnp.arange(K + M) == ring - (c + P))
             victim = jnp.argmax(jnp.where(cand, score, -BIG), axis=-1)  # (B, G) first max
             victim = jnp.minimum(victim, K)  # o's ring position -> K
@@ -395,13 +403,7 @@ class Evict:
             # v_i . total / |v_i| for every pool and ring slot in one multiply-and-sum over the cache
             # as it lies (identical V vectors get identical scores; no copy of the pool), the
             # leaving tokens' scores then taken from the ring's.
-            vf = vc.astype(jnp.float32)  # (B, H, C, D)
-            tot = total.reshape(b, h, 1, -1)  # (B, H, 1, D); 'layer': the vector split into heads
-            dots = jnp.sum(vf * tot, axis=-1)[:, :, c + P:]  # (B, H, K+R)
-            sq = jnp.sum(vf * vf, axis=-1)[:, :, c + P:]
-            if self.granularity == "layer":
-                dots, sq = jnp.sum(dots, axis=1)[:, None], jnp.sum(sq, axis=1)[:, None]  # (B, 1, K+R)
-            every = dots / jnp.maximum(jnp.sqrt(sq), EPS)
+            every = self._pool_ring_scores(vc, total)  # (B, G, K+R)
             score = jnp.concatenate([every[:, :, :K], jnp.take(every, leave - (c + P), axis=-1)], axis=-1)  # (B, G, K+s)
         elif self.chooser == "random" and self.draw == "candidates":
             keys = jax.vmap(lambda kk: jax.random.fold_in(kk, layer_index))(row_keys)
