@@ -106,3 +106,22 @@ def test_equal_memory_target_pairs_the_rows_of_one_cap():
                  img_per_s=16.0, s_per_image=1 / 16)
     line = next(x for x in mt.t_targets([dense, evict]) if "memory cap" in x)
     assert "1.60x at 384 px, 40 GiB | met" in line
+
+
+def test_a_new_cap_search_replaces_the_old_one_and_fills_the_cap_table():
+    old = _row(batch=184, memory_cap_gib=40.0, img_per_s=46.8, s_per_image=1 / 46.8)
+    new = _row(batch=191, memory_cap_gib=40.0, img_per_s=45.7, s_per_image=1 / 45.7, date="2026-12-04")
+    evict = _row(batch=369, memory_cap_gib=40.0, policy="adsa-evict", budget=0.5, granularity="head",
+                 img_per_s=43.6, s_per_image=1 / 43.6, date="2026-12-04")
+    merged = mt.merge([old], [new, evict])
+    assert [r["batch"] for r in merged] == [191, 369]
+    table = "\n".join(mt.t_cap(merged))
+    assert "| GPT-XL | 384 | 40 | 191: 45.7 | 369: 43.6, 0.95x | not measured |" in table
+
+
+def test_layer_target_names_the_period_that_meets_it():
+    head = _row(batch=64, policy="adsa-evict", budget=0.5, granularity="head", s_per_image=2.0)
+    layer = _row(batch=64, policy="adsa-evict", budget=0.5, granularity="layer", s_per_image=2.7)
+    layer8 = _row(batch=64, policy="adsa-evict", budget=0.5, granularity="layer", period=8, s_per_image=2.1)
+    line = next(x for x in mt.t_targets([head, layer, layer8]) if "layer granularity" in x)
+    assert "1.35x at period 1; 1.05x at period 8 | met at period 8 only" in line
