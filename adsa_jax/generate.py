@@ -148,12 +148,12 @@ def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg,
         caches = shard(caches)
     tok0, out0 = pick(0, logits0, True, forced[:, 0] if forced is not None else None)
 
-    def body(carry, i, span, leave=None):
+    def body(carry, i, span, leave=None, before_leave=False):
         tok, caches = carry
         fed = jnp.repeat(tok, 2, axis=0) if use_cfg else tok
         keys = row_keys(i + 1) if needs_keys else None  # only the random policy draws per step
         logits, caches = M.decode_step(params, cfg, policy, caches, fed, i, cond_mask, keys, span, matmul=matmul,
-                                       add_norm=add_norm, leave=leave)
+                                       add_norm=add_norm, leave=leave, before_leave=before_leave)
         caches = shard(caches)
         guided = (cfg_interval < 0) | (i <= cfg_interval)  # LlamaGen: off for good once i > cfg_interval
         nxt = forced[:, i + 1] if forced is not None else None
@@ -161,15 +161,31 @@ def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg,
             tok, out = pick(i + 1, logits, guided, nxt)
         return (tok, caches), (tok, out)
 
+    def steps(carry, x, n, span, pre):
+        """n steps from step x (traced or not), none leaving: one scan; with ``pre`` (static) the
+        step after them leaves, so the last runs apart, preparing its scores (before_leave).
+        Returns (carry, per-step outputs)."""
+        plain = functools.partial(body, span=span, leave=False if sched else None)
+        if not pre:
+            return jax.lax.scan(plain, carry, x + jnp.arange(n))
+        parts = []
+        if n > 1:
+            carry, ys = jax.lax.scan(plain, carry, x + jnp.arange(n - 1))
+            parts.append(ys)
+        carry, y1 = body(carry, x + n - 1, span, leave=False, before_leave=True)
+        parts.append(jax.tree.map(lambda a: a[None], y1))
+        return carry, jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
+
     def blocks(carry, x, n, inner, span):
         """n blocks of 1 + inner steps from step x, each block's first step a leaving one: one scan
-        over the blocks, a scan of the inner steps in each. Returns (carry, per-step outputs)."""
+        over the blocks, a scan of the inner steps in each (a full block's last step prepares the
+        next block's scores). Returns (carry, per-step outputs)."""
+        pre = prepares and inner == sched[1] - 1  # a full block: the step after it leaves
         def block(carry, i):
             carry, y0 = body(carry, i, span, leave=True)
             if not inner:
                 return carry, jax.tree.map(lambda a: a[None], y0)
-            carry, ys = jax.lax.scan(functools.partial(body, span=span, leave=False), carry,
-                                     i + 1 + jnp.arange(inner))
+            carry, ys = steps(carry, i + 1, inner, span, pre)
             return carry, jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), y0, ys)
         if n == 1:
             return block(carry, jnp.int32(x))
@@ -177,13 +193,17 @@ def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg,
         return carry, jax.tree.map(lambda a: a.reshape((n * (1 + inner),) + a.shape[2:]), ys)  # (n*(1+inner), ...)
 
     sched = getattr(policy, "leave_schedule", None) if kernels.period_blocks else None
+    # whether a step's scores may be prepared on the step before (else before_leave would only add
+    # a traced step variant, and compile time, for nothing)
+    prepares = sched is not None and getattr(policy, "fused_leave_score", False)
     carry = (tok0, caches)
     toks, outs = [tok0[:, None]], [out0[:, None]] if forced is not None else []
     for a, b, span in segments:
         for piece in ([("plain", a, b)] if sched is None else _period_pieces(a, b, *sched)):
             if piece[0] == "plain":
-                carry, (t_seg, o_seg) = jax.lax.scan(functools.partial(body, span=span, leave=None if sched is None
-                                                                       else False), carry, jnp.arange(*piece[1:]))
+                x, y = piece[1:]
+                pre = prepares and y >= sched[0] and (y - sched[0]) % sched[1] == 0  # step y leaves
+                carry, (t_seg, o_seg) = steps(carry, jnp.int32(x), y - x, span, pre)
             else:
                 carry, (t_seg, o_seg) = blocks(carry, *piece[1:], span)
             toks.append(t_seg.T)
@@ -380,7 +400,7 @@ class ShardedPolicy:
                              check_vma=False)(caches, t, *keys)
 
     def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None, qkv=None, rope=None,
-               planned=False):
+               planned=False, before_leave=False):
         mesh = self.mesh
         split = S.heads_split(cache, self.inner)
         cspec = S.cache_specs(cache, mesh, self.inner)
@@ -394,7 +414,8 @@ class ShardedPolicy:
                  if x is not None]
 
         def f(cache, q, k, v, t, cond_mask, *opt):
-            kw = {name: x for x, (_, _, name) in zip(opt, extra)} | ({"planned": True} if planned else {})
+            kw = ({name: x for x, (_, _, name) in zip(opt, extra)} | ({"planned": True} if planned else {})
+                  | ({"before_leave": True} if before_leave else {}))
             return inner.decode(cache, q, k, v, t, cond_mask, layer_index=layer_index, span=span, **kw)
 
         args = (cache, q, k, v, t, cond_mask) + tuple(x for x, _, _ in extra)

@@ -239,7 +239,7 @@ def prefill(params, cfg: GPTConfig, policy, caches, cond_emb, cond_mask):
 
 
 def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, row_keys, span, matmul=None,
-                add_norm=None, leave=None):
+                add_norm=None, leave=None, before_leave=False):
     """One image token per row through every layer.
 
     tokens (B,) int32 = image token t; t is a traced scalar (0-based image index);
@@ -256,7 +256,8 @@ def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, ro
     w2 (:func:`adsa_jax.kernels.matmul_add_norm`); the same arithmetic as without it, the float32
     partials summed in another order.
     leave (static): for a policy with ``leave_schedule``, whether step t is one whose tokens leave
-    (None: the policy branches on t itself).
+    (None: the policy branches on t itself); before_leave (static): whether step t + 1 is one
+    (given with leave=False), so this step may prepare its scores.
     """
     x = params["tok_embeddings"][tokens][:, None, :]  # (B, 1, E)
     rot = rope_rows(cfg, cfg.cls_token_num + t)  # (D/2, 2)
@@ -286,7 +287,8 @@ def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, ro
                 qkv = project(matmul, h[:, 0], layer["wqkv"])  # (B, 3, H, D)
             qk = apply_rope(qkv[:, :2], rot2)  # (B, 2, H, D)
             q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]
-            kw = ({"qkv": qkv, "rope": rot} if takes_qkv else {}) | ({"planned": True} if planned else {})
+            kw = (({"qkv": qkv, "rope": rot} if takes_qkv else {}) | ({"planned": True} if planned else {})
+                  | ({"before_leave": True} if planned and before_leave else {}))
             cache, o = policy.decode(cache, q, k, v, t, cond_mask, layer_index=li, row_keys=row_keys, span=span,
                                      **kw)
             new.append(cache)

@@ -118,6 +118,11 @@ class KernelConfig:
     # budget 0.5, s = 8: 2.18 vs 2.48 s per head, 2.29 vs 2.56 s per layer; the step is traced more
     # often (a leaving and a plain step, per piece), so it compiles longer (36 vs 25 s, 3 compiles at once).
     period_blocks: bool = True
+    # With period_blocks, on the kernel path: the step before a leaving step computes that step's
+    # candidate scores (v_i . total, |v_i|^2) in its kernel, as it reads V, instead of the leaving
+    # step reading every layer's V again in XLA (0.08 s a call per head, 0.12 s per layer in the
+    # profile, H200 384 px batch 64, s = 8). Not yet timed end to end.
+    leave_score_in_kernel: bool = True
     # One program per (row, head) loops over the cache's blocks: with few programs and a long cache
     # that loop is the step's latency, where the other path splits the slots over programs. With 256
     # slots a block over 8 warps one kernel is faster at batch 1 over every cache measured (dense

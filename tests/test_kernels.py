@@ -11,6 +11,7 @@ from adsa_jax.config import ConfigError
 from adsa_jax.cache import attend, make_policy
 from adsa_jax.generate import with_kernels
 from adsa_jax.kernels import decode_attention
+from adsa_jax.model import init_params
 from adsa_jax.options import GEMV_ROWS, KernelConfig, SamplingConfig, kernel_config
 
 try:  # tests/ may or may not be a package
@@ -576,3 +577,24 @@ def test_gemm_choice(c2i):
         KernelConfig(gemm="cublas")
     with pytest.raises(ConfigError, match="gemm must be"):
         adsa_jax.generate(c2i, np.array([1]), jax.random.key(0), options=KernelConfig(gemm="fast"))
+
+
+@pytest.mark.parametrize("gran,kw,segments", [("head", dict(prefix=5, keep=7, local=6, period=3), 3),
+                                              ("layer", dict(prefix=4, keep=9, local=1, period=4), 1)])
+def test_leave_score_in_kernel_gives_the_xla_tokens(gran, kw, segments):
+    """Period s > 1 on the static schedule: the step before each leaving step scores the leaving
+    step's candidates in its kernel (the cache carries the terms) and generation gives the tokens
+    of the XLA path, also with length segments that cut the blocks. local = 1: the step before
+    writes one of the leaving tokens itself."""
+    cfg = adsa_jax.GPTConfig(dim=64, n_layer=2, n_head=2, vocab_size=64, num_classes=5, block_size=36)
+    model = adsa_jax.Model(cfg, init_params(cfg, jax.random.key(3), jnp.float32))
+    pol = make_policy(cfg, "adsa-evict", granularity=gran, **kw)
+    kern = on_kernels(pol, segments=segments)
+    assert kern.fused_leave_score and "dots" in kern.init(6, 2, 32, jnp.float32)
+    assert "dots" not in on_kernels(pol, leave_score_in_kernel=False).init(6, 2, 32, jnp.float32)
+
+    def run(kernels):
+        return np.asarray(adsa_jax.generate(model, jnp.arange(3) % 5, jax.random.key(1), policy=pol, options=kernels,
+                                            sampling=SamplingConfig(top_k=0)))
+    want = run(KernelConfig(attention="xla", gemm="xla", kth="sort", cublas=False))
+    np.testing.assert_array_equal(run(kern.kernels), want)

@@ -87,6 +87,15 @@ class Evict:
         only: at s > 1 the candidates are scored every s steps, in XLA."""
         return self.attention != "xla" and self.chooser == "similarity" and self.keep > 0 and self.period == 1
 
+    @property
+    def fused_leave_score(self) -> bool:
+        """Period s > 1 on the kernel path with the static leave schedule
+        (``kernels.period_blocks``): the step before a leaving step (``decode(..., before_leave=True)``)
+        computes the leaving step's score terms in its kernel, from its own read of V, so the leaving
+        step reads no V to score (``kernels.leave_score_in_kernel``)."""
+        return (self.period > 1 and self.chooser == "similarity" and self.keep > 0 and self.attention != "xla"
+                and self.kernels.period_blocks and self.kernels.leave_score_in_kernel)
+
     def init(self, batch, heads, head_dim, dtype):
         g, x = (heads, head_dim) if self.granularity == "head" else (1, heads * head_dim)
         z = jnp.zeros((batch, heads, self.slots, head_dim), dtype)
@@ -95,7 +104,8 @@ class Evict:
         if self.keep and self.one_kernel(batch, heads):  # the kernel's: next step's victim slot, and
             cache["victim"] = jnp.zeros((batch, heads), jnp.int32)  # max(|v_i|, eps) of every slot
             cache["vnorm"] = jnp.ones((batch, heads, self.slots), jnp.float32)
-        elif self.fused_score:  # v_i . total and v_i . v_i of every slot (the kernel's output), next step's
+        elif self.fused_score or (self.fused_leave_score and self.window_kernel(batch, heads)):
+            # v_i . total and v_i . v_i of every slot (the kernel's output): next step's score terms
             zs = jnp.zeros((batch, heads, self.slots), jnp.float32)
             cache.update(dots=zs, sq=zs)
         return cache
@@ -118,16 +128,19 @@ class Evict:
         return self.kernels.evict_one_kernel and self.kernels.one_kernel_fits(rows, heads, self.slots)
 
     def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None, qkv=None, rope=None,
-               planned=False):
+               planned=False, before_leave=False):
         """One layer's step t. ``planned``: :meth:`begin_step` already moved this step's leaving
-        tokens (period s > 1; the model does that for all layers at once)."""
+        tokens (period s > 1; the model does that for all layers at once). ``before_leave`` (static):
+        step t + 1 is a leaving step whose :meth:`begin_step` gets ``leave=True``; with
+        :attr:`fused_leave_score` this step's kernel computes that step's score terms."""
         c, P, K, M = self.c, self.prefix, self.keep, self.local
         kc, vc, pos, vsum = cache["k"], cache["v"], cache["pos"], cache["vsum"]
         # init() chose the path for the whole call (a device of a mesh sees fewer rows than init).
         if ("victim" in cache) if K else self.one_kernel(*q.shape[:2]):
             return self._decode_one_kernel(cache, q, k, v, t, cond_mask, qkv, rope)
         if self.period > 1:
-            return self._decode_period(cache, q, k, v, t, cond_mask, layer_index, row_keys, qkv, rope, planned)
+            return self._decode_period(cache, q, k, v, t, cond_mask, layer_index, row_keys, qkv, rope, planned,
+                                       before_leave)
         ring0 = c + P + K
         ring = ring0 + jnp.mod(t - P, M)
         if K > 0:
@@ -331,10 +344,13 @@ class Evict:
         leave = c + P + K + jnp.mod(j + jnp.arange(s), R)  # (s,) ring slots, oldest first
         p_ls = [jnp.take(cache["pos"], leave, axis=2) for cache in caches]  # (B, G, s) per layer
         ops = [(cache["v"], cache["pos"], cache["vsum"]) for cache in caches]
+        # The score terms the step before computed (fused_leave_score), on the static schedule only:
+        # a branch does not know whether the last step had a leaving step after it.
+        terms = [(cache["dots"], cache["sq"]) if static_leave and "dots" in cache else None for cache in caches]
 
         def plan(ops):
-            return [self._leave_plan(vc, pos, vsum, leave, p_l, first_layer + i, row_keys)
-                    for i, ((vc, pos, vsum), p_l) in enumerate(zip(ops, p_ls))]
+            return [self._leave_plan(vc, pos, vsum, leave, p_l, first_layer + i, row_keys, tm)
+                    for i, ((vc, pos, vsum), p_l, tm) in enumerate(zip(ops, p_ls, terms))]
 
         def stay(ops):  # each token written back into its own slot
             return [(jnp.broadcast_to(leave, p_l.shape), p_l, vsum) for (_, _, vsum), p_l in zip(ops, p_ls)]
@@ -363,7 +379,7 @@ class Evict:
         return {**cache, "k": kc, "v": vc, "pos": pos, "vsum": vsum}
 
     def _decode_period(self, cache, q, k, v, t, cond_mask, layer_index, row_keys, qkv=None, rope=None,
-                       planned=False):
+                       planned=False, before_leave=False):
         """A decode step at period s > 1: the moves (:meth:`begin_step`, here unless ``planned``),
         then the write and the attention in XLA, the attention kernel, or (:meth:`window_kernel`)
         one evict_step kernel."""
@@ -374,6 +390,9 @@ class Evict:
         ring = c + P + K + jnp.mod(t - P, self.ring)
         slot = jnp.where(t < P, c + t, ring)
         if self.window_kernel(*q.shape[:2]):  # between leaving steps nothing is scored: the window's kernel
+            if before_leave and "dots" in cache:  # ... but the step before one scores its candidates
+                return self._window_step(cache, q, k, v, t, slot, cond_mask, qkv, rope,
+                                         score_vec=self._leaving_total(cache, v, t + 1, slot))
             return self._window_step(cache, q, k, v, t, slot, cond_mask, qkv, rope)
         kc, vc = write_slot(kc, k, slot), write_slot(vc, v, slot)
         pos = jax.lax.dynamic_update_slice_in_dim(
@@ -382,7 +401,19 @@ class Evict:
         out = attend(q, kc, vc, mask, self.attention, config=self.kernels)
         return {**cache, "k": kc, "v": vc, "pos": pos, "vsum": vsum}, out
 
-    def _leave_plan(self, vc, pos, vsum, leave, p_l, layer_index, row_keys):
+    def _leaving_total(self, cache, v_new, t_leave, slot):
+        """The score vector of leaving step ``t_leave``'s candidates, as :meth:`begin_step` computes it
+        then (running sum + v̂ of the s leaving tokens), on the step before, whose new token ``v_new``
+        goes to ``slot`` (a leaving slot only with a ring of s slots). (B, H, D); 'layer': split into heads."""
+        c, P, K, s = self.c, self.prefix, self.keep, self.period
+        vc = cache["v"]
+        b, h, _, d = vc.shape
+        leave = c + P + K + jnp.mod(t_leave - P + jnp.arange(s), self.ring)  # (s,) ring slots, oldest first
+        v_l = jnp.take(vc, leave, axis=2)  # (B, H, s, D)
+        v_l = jnp.where((leave == slot)[:, None], v_new[:, :, None].astype(vc.dtype), v_l)
+        return (cache["vsum"] + jnp.sum(normalized_v(v_l, self.granularity), axis=2)).reshape(b, h, d)
+
+    def _leave_plan(self, vc, pos, vsum, leave, p_l, layer_index, row_keys, terms=None):
         """Where the s oldest ring tokens (slots ``leave``, oldest first) go when they leave the ring.
 
         Candidates: the K pool slots in slot order, then the s leaving tokens oldest first. An
@@ -403,7 +434,7 @@ class Evict:
             # v_i . total / |v_i| for every pool and ring slot in one multiply-and-sum over the cache
             # as it lies (identical V vectors get identical scores; no copy of the pool), the
             # leaving tokens' scores then taken from the ring's.
-            every = self._pool_ring_scores(vc, total)  # (B, G, K+R)
+            every = self._pool_ring_scores(vc, total, terms)  # (B, G, K+R)
             score = jnp.concatenate([every[:, :, :K], jnp.take(every, leave - (c + P), axis=-1)], axis=-1)  # (B, G, K+s)
         elif self.chooser == "random" and self.draw == "candidates":
             keys = jax.vmap(lambda kk: jax.random.fold_in(kk, layer_index))(row_keys)
