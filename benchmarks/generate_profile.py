@@ -3,10 +3,15 @@
 Random weights, bf16, CFG 4, top-k 2000, default kernel settings (as `adsa-jax bench`). One call is
 compiled, run once to warm up, then traced; its GPU kernels are summed by kind (weight GEMMs,
 attention and cache kernels, sampling, other XLA fusions) and the rest of the span between the
-first kernel's start and the last one's end is idle GPU time (launch gaps). Writes
-$OUT/generate_profile.json and prints one line per configuration.
+first kernel's start and the last one's end is idle GPU time (launch gaps). Each row also keeps the
+30 longest kernels with their launches, and the compiled program's copies of 1 MiB or more
+(`copies`: result shape and how many copy instructions make it; an in-place update XLA cannot prove
+safe shows up there as a copy of the whole cache). Writes $OUT/generate_profile.json and prints one
+line per configuration.
 """
+import collections
 import json
+import math
 import os
 import re
 import sys
@@ -20,6 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 from gpu_trace import gpu_kernel_times  # noqa: E402
 
 import adsa_jax  # noqa: E402
+from adsa_jax.bench import compile_one  # noqa: E402
 from adsa_jax.config import named_config  # noqa: E402
 from adsa_jax.generate import Model  # noqa: E402
 from adsa_jax.model import init_params  # noqa: E402
@@ -31,6 +37,21 @@ KINDS = (("gemm", r"gemm|xmma|nvjet|cutlass|cublas|\bdot"), ("attention", r"adsa
 
 def kind(name: str) -> str:
     return next((k for k, pat in KINDS if re.search(pat, name, re.I)), "other")
+
+
+BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+         "f64": 8, "s64": 8, "u64": 8}
+COPY = re.compile(r"= ([a-z0-9]+)\[([0-9,]*)\][^ ]* copy(?:-start)?\(")
+
+
+def big_copies(hlo_text: str, least=1 << 20) -> dict:
+    """{"dtype[shape]": copy instructions} for the copies of ``least`` bytes or more in optimized HLO."""
+    out = collections.Counter()
+    for dt, dims in COPY.findall(hlo_text):
+        shape = [int(x) for x in dims.split(",") if x]
+        if BYTES.get(dt, 4) * math.prod(shape) >= least:
+            out[f"{dt}[{dims}]"] += 1
+    return dict(out.most_common())
 
 
 def profile(spec: str) -> dict:
@@ -46,6 +67,7 @@ def profile(spec: str) -> dict:
     m = Model(cfg, init_params(cfg, jax.random.key(0), jnp.bfloat16))
     labels = jnp.arange(int(batch), dtype=jnp.int32) % cfg.num_classes
     run = lambda: jax.block_until_ready(adsa_jax.generate(m, labels, jax.random.key(1), policy=policy))  # noqa: E731
+    copies = big_copies(compile_one(m, int(batch), policy)["compiled"].as_text())  # as bench compiles it
     t0 = time.time()
     run()
     compile_s = time.time() - t0
@@ -59,10 +81,12 @@ def profile(spec: str) -> dict:
     busy = sum(by.values())
     row = {"spec": spec, "device": jax.devices()[0].device_kind, "jax": jax.__version__, "compile_s": compile_s,
            "call_s": call_s, "span_s": span / 1e6, "kernels_s": by, "idle_s": span / 1e6 - busy,
-           "launches": sum(cnt.values()), "top": {k: v / 1e6 for k, v in agg.most_common(12)}}
+           "launches": sum(cnt.values()), "top": {k: [v / 1e6, cnt[k]] for k, v in agg.most_common(30)},
+           "copies": copies}
     shares = " ".join(f"{k} {100 * v / max(span / 1e6, 1e-9):.0f}%" for k, v in sorted(by.items()))
     print(f"{spec}: call {call_s:.3f} s, traced span {span / 1e6:.3f} s: {shares}, idle "
-          f"{100 * row['idle_s'] / max(span / 1e6, 1e-9):.0f}% ({row['launches']} kernels)", flush=True)
+          f"{100 * row['idle_s'] / max(span / 1e6, 1e-9):.0f}% ({row['launches']} kernels); copies >= 1 MiB: "
+          f"{copies or 'none'}", flush=True)
     return row
 
 
