@@ -366,7 +366,10 @@ class Evict:
     def _move(self, cache, leave, leave_now, p_l, dest, p_new, vsum):
         """Move the s leaving tokens to their plan's slots (every step: outside a leaving step the
         plan writes each back into its own slot, a no-op costing s slots per row and head)."""
-        kc, vc, pos = cache["k"], cache["v"], cache["pos"]
+        # Every read of the old cache (the scores, the dropped tokens' V in the running sum) is made
+        # an input of the writes below, so XLA can update the cache in place without copying it first.
+        kc, vc, pos, dest, p_new, vsum = jax.lax.optimization_barrier(
+            (cache["k"], cache["v"], cache["pos"], dest, p_new, vsum))
         b, h = kc.shape[:2]
         g, s = pos.shape[1], self.period
         dest_h = jnp.broadcast_to(dest, (b, h, s))  # 'layer' (G = 1): the same slots in every head
