@@ -598,3 +598,24 @@ def test_leave_score_in_kernel_gives_the_xla_tokens(gran, kw, segments):
                                             sampling=SamplingConfig(top_k=0)))
     want = run(KernelConfig(attention="xla", gemm="xla", kth="sort", cublas=False))
     np.testing.assert_array_equal(run(kern.kernels), want)
+
+
+def test_leaving_step_ignores_score_terms_no_kernel_computed():
+    """A cache that carries score terms (init saw enough rows for the window's kernel) but whose
+    rows here do not run that kernel (a device of a mesh sees fewer): the leaving step scores V
+    in XLA, never the carried terms."""
+    cfg = adsa_jax.GPTConfig(dim=64, n_layer=1, n_head=2, vocab_size=64, num_classes=5, block_size=36)
+    pol = on_kernels(make_policy(cfg, "adsa-evict", prefix=2, keep=4, local=3, period=2),
+                     one_kernel_min_row_heads=8, one_kernel_max_slots=1)
+    assert pol.fused_leave_score and "dots" in pol.init(4, 2, 8, jnp.float32)  # 4 rows x 2 heads: the kernel
+    rng = np.random.default_rng(0)
+    cache = pol.init(2, 2, 8, jnp.float32)  # ... 2 rows: not
+    cache = {**cache, "v": jnp.asarray(rng.normal(size=cache["v"].shape), jnp.float32),
+             "pos": jnp.broadcast_to(jnp.arange(pol.slots, dtype=jnp.int32), cache["pos"].shape)}
+    t = pol.leave_schedule[0]  # the first leaving step
+    assert "dots" not in cache
+    want = pol.begin_step([cache], t, leave=True)[0]
+    terms = jnp.full(cache["pos"].shape, 7.0, jnp.float32)  # (B, H, S) as the kernel would write them
+    got = pol.begin_step([{**cache, "dots": terms, "sq": terms}], t, leave=True)[0]
+    for key in ("k", "v", "pos", "vsum"):
+        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))

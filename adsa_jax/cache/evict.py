@@ -344,9 +344,11 @@ class Evict:
         leave = c + P + K + jnp.mod(j + jnp.arange(s), R)  # (s,) ring slots, oldest first
         p_ls = [jnp.take(cache["pos"], leave, axis=2) for cache in caches]  # (B, G, s) per layer
         ops = [(cache["v"], cache["pos"], cache["vsum"]) for cache in caches]
-        # The score terms the step before computed (fused_leave_score), on the static schedule only:
-        # a branch does not know whether the last step had a leaving step after it.
-        terms = [(cache["dots"], cache["sq"]) if static_leave and "dots" in cache else None for cache in caches]
+        # The score terms the step before computed (fused_leave_score), on the static schedule only
+        # (a branch does not know whether the last step had a leaving step after it), and only where
+        # that step ran the window's kernel (its rows here: a device of a mesh sees fewer than init).
+        terms = [(cache["dots"], cache["sq"]) if static_leave and "dots" in cache
+                 and self.window_kernel(*cache["v"].shape[:2]) else None for cache in caches]
 
         def plan(ops):
             return [self._leave_plan(vc, pos, vsum, leave, p_l, first_layer + i, row_keys, tm)
