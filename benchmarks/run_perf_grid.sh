@@ -4,26 +4,27 @@
 # `adsa-jax bench`, then LlamaGen's own `generate` (benchmarks/llamagen_torch.py), eager and
 # torch.compile, at 256 px batch 1, 64, 256 and 384 px batch 64, right after on the same machine.
 #
-# Usage: bash benchmarks/run_perf_grid.sh PART, for PART = 1, 2, 3 one after another on one machine;
+# Usage: bash benchmarks/run_perf_grid.sh PART [MODEL:PX], PARTs one after another on one machine;
 # each part ends within 10 minutes on one H200 (a timeout guards every command, and every script
 # rewrites its JSON after each row, so a part cut short keeps what it measured):
 #   1  adsa-jax bench (~2.5 min), then llamagen_torch.py eager (~4.5 min: a call is 10-25 s)
 #   2  llamagen_torch.py torch.compile at 256 px batch 1 and 64 (a fresh compile each, minutes)
 #   3  llamagen_torch.py torch.compile at 256 px batch 256 and 384 px batch 64
-#   4  adsa-jax bench, every policy against its floor: GPT-XL 384 px, batch 64 and 256, dense, adsa-evict
-#      (head and layer, period 1 and 8) and window at budgets 0.5 and 0.25 (22 configurations, ~9 min;
-#      needs no LlamaGen checkout)
+#   4  adsa-jax bench, every policy against its floor: GPT-XL 384 px batch 64, dense, adsa-evict (head and
+#      layer, period 1 and 8) and window at budgets 0.5 and 0.25 (11 configurations, ~5 min; needs no
+#      LlamaGen checkout)
+#   7  the same at batch 256
 #   5  adsa-jax bench --memory-cap 40: the largest batch each policy fits in 40 GiB and its images/s
-#      (dense, adsa-evict 0.5 and 0.25, window 0.5; GPT-XL 384 and 512 px, then GPT-XXL 384 px)
+#      (dense, adsa-evict 0.5 and 0.25, window 0.5 and 0.25) for MODEL:PX, one of GPT-XL:384 (the
+#      default), GPT-XL:512, GPT-XXL:384: one call each (a search compiles a policy 4 times)
 #   6  the same under the whole device's memory (--memory-cap device)
 # Parts 1 to 3 need a LlamaGen checkout at third_party/LlamaGen (ignored by git; the docstring of
 # benchmarks/llamagen_torch.py says how to get it); a device run carries that path.
 #
 # Writes under $OUT (default ./out): perf_adsa_jax.json (the JSON of adsa-jax bench --json),
 # perf_torch_eager.json, perf_torch_compile_1.json, perf_torch_compile_2.json (results.json rows),
-# perf_policies.json (part 4), perf_cap_40.json and perf_cap_40_xxl.json (part 5),
-# perf_cap_device.json and perf_cap_device_xxl.json (part 6)
-# and a log per command. Then, in the repository:
+# perf_policies_64.json and perf_policies_256.json (parts 4 and 7), perf_cap_40_MODEL_PX.json (part 5),
+# perf_cap_device_MODEL_PX.json (part 6), and a log per command. Then, in the repository:
 #   for f in OUTDIR/perf_*.json; do python benchmarks/make_tables.py --add "$f"; done
 set -u
 cd "$(dirname "$0")/.."
@@ -32,8 +33,13 @@ OUT=${OUT:-out}
 mkdir -p "$OUT"
 PART=${1:-}
 case "$PART" in
-  1|2|3|4|5|6) ;;
-  *) echo "usage: bash benchmarks/run_perf_grid.sh PART (1 to 6; see the header)" >&2; exit 2 ;;
+  1|2|3|4|5|6|7) ;;
+  *) echo "usage: bash benchmarks/run_perf_grid.sh PART [MODEL:PX] (PART 1 to 7; see the header)" >&2; exit 2 ;;
+esac
+CONFIG=${2:-GPT-XL:384}
+case "$CONFIG" in
+  GPT-XL:384|GPT-XL:512|GPT-XXL:384) ;;
+  *) echo "run_perf_grid.sh: error: MODEL:PX must be GPT-XL:384, GPT-XL:512 or GPT-XXL:384, got $CONFIG" >&2; exit 2 ;;
 esac
 LLAMAGEN=third_party/LlamaGen
 if [ "$PART" -le 3 ] && [ ! -f "$LLAMAGEN/autoregressive/models/generate.py" ]; then
@@ -61,24 +67,23 @@ case "$PART" in
   ;;
 2) torch_part perf_torch_compile_1 570 GPT-XL:256:1,GPT-XL:256:64 compile ;;
 3) torch_part perf_torch_compile_2 570 GPT-XL:256:256,GPT-XL:384:64 compile ;;
-4)
-  echo "== perf_policies: adsa-jax bench, policies against their floors"
+4|7)
+  b=$([ "$PART" = 4 ] && echo 64 || echo 256)
+  echo "== perf_policies_$b: adsa-jax bench, policies against their floors at batch $b"
   timeout 570 python3 -c 'import sys; from adsa_jax.cli import main; sys.exit(main(sys.argv[1:]))' bench \
-    --model GPT-XL --image-size 384 --batch 64,256 --policies dense,adsa-evict,window --budgets 0.5,0.25 \
-    --granularity head,layer --period 1,8 --iters 3 --compile-workers 3 --json "$OUT/perf_policies.json" \
-    > "$OUT/perf_policies.log" 2>&1
-  echo "rc $?"; grep -E "GPT-XL|share|rror" "$OUT/perf_policies.log" | tail -n 30
+    --model GPT-XL --image-size 384 --batch "$b" --policies dense,adsa-evict,window --budgets 0.5,0.25 \
+    --granularity head,layer --period 1,8 --iters 3 --compile-workers 3 --json "$OUT/perf_policies_$b.json" \
+    > "$OUT/perf_policies_$b.log" 2>&1
+  echo "rc $?"; grep -E "GPT-XL|share|rror" "$OUT/perf_policies_$b.log" | tail -n 30
   ;;
 5|6)
   cap=$([ "$PART" = 5 ] && echo 40 || echo device)
-  cap_part() {  # tag, timeout s, model, sizes
-    echo "== $1: adsa-jax bench --memory-cap $cap, $3 at $4 px"
-    timeout "$2" python3 -c 'import sys; from adsa_jax.cli import main; sys.exit(main(sys.argv[1:]))' bench \
-      --model "$3" --image-size "$4" --memory-cap "$cap" --policies dense,adsa-evict,window --budgets 0.5,0.25 \
-      --iters 3 --compile-workers 3 --json "$OUT/$1.json" > "$OUT/$1.log" 2>&1
-    echo "rc $?"; grep -E "GPT-|rror" "$OUT/$1.log" | tail -n 20
-  }
-  cap_part "perf_cap_$cap" 380 GPT-XL 384,512
-  cap_part "perf_cap_${cap}_xxl" 190 GPT-XXL 384
+  model=${CONFIG%%:*} px=${CONFIG##*:}
+  tag="perf_cap_${cap}_${model}_${px}"
+  echo "== $tag: adsa-jax bench --memory-cap $cap, $model at $px px"
+  timeout 570 python3 -c 'import sys; from adsa_jax.cli import main; sys.exit(main(sys.argv[1:]))' bench \
+    --model "$model" --image-size "$px" --memory-cap "$cap" --policies dense,adsa-evict,window --budgets 0.5,0.25 \
+    --iters 3 --compile-workers 3 --json "$OUT/$tag.json" > "$OUT/$tag.log" 2>&1
+  echo "rc $?"; grep -E "GPT-|rror" "$OUT/$tag.log" | tail -n 20
   ;;
 esac
