@@ -351,8 +351,7 @@ class Evict:
                  and self.window_kernel(*cache["v"].shape[:2]) else None for cache in caches]
 
         def plan(ops):
-            return [self._leave_plan(vc, pos, vsum, leave, p_l, first_layer + i, row_keys, tm)
-                    for i, ((vc, pos, vsum), p_l, tm) in enumerate(zip(ops, p_ls, terms))]
+            return self._leave_plans(ops, leave, p_ls, first_layer, row_keys, terms)
 
         def stay(ops):  # each token written back into its own slot
             return [(jnp.broadcast_to(leave, p_l.shape), p_l, vsum) for (_, _, vsum), p_l in zip(ops, p_ls)]
@@ -418,19 +417,50 @@ class Evict:
         v_l = jnp.where((leave == slot)[:, None], v_new[:, :, None].astype(vc.dtype), v_l)
         return (cache["vsum"] + jnp.sum(normalized_v(v_l, self.granularity), axis=2)).reshape(b, h, d)
 
-    def _leave_plan(self, vc, pos, vsum, leave, p_l, layer_index, row_keys, terms=None):
-        """Where the s oldest ring tokens (slots ``leave``, oldest first) go when they leave the ring.
+    def _leave_plans(self, layers, leave, p_ls, first_layer, row_keys, terms):
+        """Where the s oldest ring tokens (slots ``leave``, oldest first) go when they leave the ring,
+        for every layer of ``layers`` ((v, pos, vsum) each).
 
         Candidates: the K pool slots in slot order, then the s leaving tokens oldest first. An
         empty pool slot scores +BIG, so ``lax.top_k`` "drops" the free slots first (lowest first)
         and then the highest-score tokens, s in all: the leaving tokens that survive fill the
         dropped pool slots, ascending, oldest first; the others are dropped. Scores are over the
-        valid candidates (the filled pool slots and the s leaving tokens), as at s = 1.
+        valid candidates (the filled pool slots and the s leaving tokens), as at s = 1. The scores
+        and running sums read each layer's V; the choice in between works on small arrays, so it
+        runs once for all layers stacked (a few kernels a step, not a few per layer).
 
-        Returns (dest (B, G, s): each leaving token's new slot, its own slot if dropped; its new
-        position there, -1 if dropped; the new running sum (B, G, X))."""
+        Returns per layer (dest (B, G, s): each leaving token's new slot, its own slot if dropped;
+        its new position there, -1 if dropped; the new running sum (B, G, X))."""
         c, P, K, s = self.c, self.prefix, self.keep, self.period
-        b, h = vc.shape[:2]
+        cands = [self._leave_candidates(vc, pos, vsum, leave, first_layer + i, row_keys, tm)
+                 for i, ((vc, pos, vsum), tm) in enumerate(zip(layers, terms))]
+        cand_ok = jnp.stack([x[0] for x in cands])  # (L, B, G, K+s)
+        score = jnp.stack([x[1] for x in cands])
+        _, drop = jax.lax.top_k(jnp.where(cand_ok, score, BIG), s)  # (L, B, G, s); ties: lower index first
+        dropped = jnp.any(drop[..., None] == jnp.arange(K + s), axis=-2)  # (L, B, G, K+s)
+        drop_sorted = jnp.sort(drop, axis=-1)  # (L, B, G, s)
+        slot = jnp.where(drop_sorted < K, c + P + drop_sorted, leave[jnp.clip(drop_sorted - K, 0, s - 1)])
+        ok_drop = jnp.take_along_axis(cand_ok, drop_sorted, axis=-1)  # (L, B, G, s)
+        stay = ~dropped[..., K:]  # (L, B, G, s) leaving tokens that move to the pool
+        rank = jnp.cumsum(stay, axis=-1) - 1  # their order, oldest first
+        freed = jnp.sort(jnp.where(drop < K, drop, K), axis=-1)  # (L, B, G, s) dropped pool slots, ascending
+        dest_pool = jnp.take_along_axis(freed, jnp.clip(rank, 0, s - 1), axis=-1)
+        dest = jnp.where(stay, c + P + dest_pool, leave)  # a dropped token is written back to its own slot
+        out = []
+        for i, ((vc, _, _), (_, _, total), p_l) in enumerate(zip(layers, cands, p_ls)):
+            # v̂ of the s dropped candidates, in candidate order (a free pool slot adds 0): gathered,
+            # not normalised over the whole pool
+            b, h = vc.shape[:2]
+            v_drop = jnp.take_along_axis(vc, jnp.broadcast_to(slot[i], (b, h, s))[..., None], axis=2)  # (B, H, s, D)
+            vn_drop = jnp.where(ok_drop[i][..., None], normalized_v(v_drop, self.granularity), 0.0)  # (B, G, s, X)
+            out.append((dest[i], jnp.where(stay[i], p_l, -1), total - jnp.sum(vn_drop, axis=2)))
+        return out
+
+    def _leave_candidates(self, vc, pos, vsum, leave, layer_index, row_keys, terms=None):
+        """One layer's candidates at a leaving step: (valid (B, G, K+s), score (B, G, K+s), the
+        running sum with the leaving tokens (B, G, X))."""
+        c, P, K, s = self.c, self.prefix, self.keep, self.period
+        b = vc.shape[0]
         g = pos.shape[1]
         v_l = jnp.take(vc, leave, axis=2)  # (B, H, s, D)
         cand_ok = jnp.concatenate([pos[:, :, c + P: c + P + K] >= 0, jnp.ones((b, g, s), bool)], axis=2)  # (B, G, K+s)
@@ -447,19 +477,4 @@ class Evict:
         else:
             raise ConfigError(f"period {s} > 1 needs chooser 'similarity' or draw 'candidates', got "
                               f"{self.chooser!r} / {self.draw!r}")
-        _, drop = jax.lax.top_k(jnp.where(cand_ok, score, BIG), s)  # (B, G, s); ties: lower index first
-        dropped = jnp.any(drop[..., None] == jnp.arange(K + s), axis=-2)  # (B, G, K+s)
-        # v̂ of the s dropped candidates, in candidate order (a free pool slot adds 0): gathered, not
-        # normalised over the whole pool
-        drop_sorted = jnp.sort(drop, axis=-1)  # (B, G, s)
-        slot = jnp.where(drop_sorted < K, c + P + drop_sorted, leave[jnp.clip(drop_sorted - K, 0, s - 1)])
-        v_drop = jnp.take_along_axis(vc, jnp.broadcast_to(slot, (b, h, s))[..., None], axis=2)  # (B, H, s, D)
-        ok_drop = jnp.take_along_axis(cand_ok, drop_sorted, axis=-1)  # (B, G, s)
-        vn_drop = jnp.where(ok_drop[..., None], normalized_v(v_drop, self.granularity), 0.0)  # (B, G, s, X)
-        vsum = total - jnp.sum(vn_drop, axis=2)
-        stay = ~dropped[:, :, K:]  # (B, G, s) leaving tokens that move to the pool
-        rank = jnp.cumsum(stay, axis=-1) - 1  # their order, oldest first
-        freed = jnp.sort(jnp.where(drop < K, drop, K), axis=-1)  # (B, G, s) dropped pool slots, ascending
-        dest_pool = jnp.take_along_axis(freed, jnp.clip(rank, 0, s - 1), axis=-1)
-        dest = jnp.where(stay, c + P + dest_pool, leave)  # a dropped token is written back to its own slot
-        return dest, jnp.where(stay, p_l, -1), vsum
+        return cand_ok, score, total
