@@ -190,11 +190,11 @@ class Evict:
         kc, vc, pos = cache["k"], cache["v"], cache["pos"]
         b, h, _, d = vc.shape
         zero = jnp.int32(0)
-        res = evict_step(q, k, v, kc, vc, jnp.broadcast_to(pos, (b, h, pos.shape[2])),
+        res = evict_step(q, k, v, kc, vc, pos,
                          cond_slot_mask(cond_mask, self.slots)[:, 0], (slot, zero, zero, zero, zero, zero, self.c + t),
                          c=self.c, prefix=self.prefix, keep=0, qkv=qkv, rope=rope, score_vec=score_vec, eps=EPS,
                          config=self.kernels, interpret=self.attention == "pallas-interpret")
-        new = {**cache, "k": res[1], "v": res[2], "pos": res[3][:, : pos.shape[1]]}
+        new = {**cache, "k": res[1], "v": res[2], "pos": res[3]}
         if score_vec is not None:
             new.update(dots=res[4], sq=res[5])
         return new, res[0]

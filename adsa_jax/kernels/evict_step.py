@@ -198,7 +198,8 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     (evicting the highest-score candidate), update the running sum, attend, and compute next
     step's victim from the same read of V. The cache is updated in place.
 
-    q, k_new, v_new (B, H, D); k, v (B, H, S, D); pos (B, H, S) int32 (-1 = empty), or None for
+    q, k_new, v_new (B, H, D); k, v (B, H, S, D); pos (B, H, S) int32 (-1 = empty), (B, 1, S) for
+    positions every head shares (``keep`` = 0: layer granularity's window form), or None for
     the dense cache (``keep`` = 0, slots <= ws are the filled ones, only they are read);
     cond_ok (B, S) bool (condition slots of padded captions off); scalars: int32
     (ws, ring, moving, full, free, ring_next, new_pos), see :meth:`adsa_jax.cache.evict.Evict.decode`;
@@ -244,16 +245,22 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     vec = pl.BlockSpec((None, None, d), lambda i, j: (i, j, 0))
     cache = pl.BlockSpec((None, None, s, d), lambda i, j: (i, j, 0, 0))
     per_slot = pl.BlockSpec((None, None, s), lambda i, j: (i, j, 0))
+    # pos (B, 1, S) (layer granularity, the window form): every head's program reads and writes the
+    # row's one copy; they write the same position to the same slot, and no program reads that slot.
+    shared_pos = not dense and pos.shape[1] == 1 and h > 1
+    if shared_pos and K:
+        raise ValueError("evict_step: one row of positions for all heads goes with the window form (keep=0)")
+    pos_spec = pl.BlockSpec((None, None, s), lambda i, j: (i, 0, 0)) if shared_pos else per_slot
     if qkv is None:
         vecs, new = [vec] * 3, [q, k_new.astype(k.dtype), v_new.astype(v.dtype)]
     else:  # the same (B, 3, H, D) buffer three times, each spec picking q, k or v of (row, head)
         vecs = [pl.BlockSpec((None, None, None, d), lambda i, j, w=w: (i, w, j, 0)) for w in range(3)]
         new = [qkv.astype(k.dtype)] * 3
-    in_specs = [sc] * 7 + vecs + [cache, cache] + ([] if dense else [per_slot])
+    in_specs = [sc] * 7 + vecs + [cache, cache] + ([] if dense else [pos_spec])
     in_specs.append(pl.BlockSpec((None, s), lambda i, j: (i, 0)))
     args = [jnp.asarray(x, jnp.int32) for x in scalars] + new + [k, v]
     args += ([] if dense else [pos]) + [cond_ok.astype(jnp.int8)]
-    out_specs = [vec, cache, cache] + ([] if dense else [per_slot])
+    out_specs = [vec, cache, cache] + ([] if dense else [pos_spec])
     out_shape = [jax.ShapeDtypeStruct((b, h, d), v.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype)] + ([] if dense else [jax.ShapeDtypeStruct(pos.shape, jnp.int32)])
     aliases = {10: 1, 11: 2} if dense else {10: 1, 11: 2, 12: 3}  # k, v (, pos) are updated in place
