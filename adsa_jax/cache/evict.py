@@ -187,10 +187,8 @@ class Evict:
         ``slot``, attend over the filled slots (pool included); with ``score_vec`` also next step's
         score terms ``dots`` and ``sq`` from the same read of V. 'layer' keeps one row of positions:
         every head gets it, and writes the same position at the same slot."""
-        kc, vc, pos = cache["k"], cache["v"], cache["pos"]
-        b, h, _, d = vc.shape
         zero = jnp.int32(0)
-        res = evict_step(q, k, v, kc, vc, pos,
+        res = evict_step(q, k, v, cache["k"], cache["v"], cache["pos"],
                          cond_slot_mask(cond_mask, self.slots)[:, 0], (slot, zero, zero, zero, zero, zero, self.c + t),
                          c=self.c, prefix=self.prefix, keep=0, qkv=qkv, rope=rope, score_vec=score_vec, eps=EPS,
                          config=self.kernels, interpret=self.attention == "pallas-interpret")
@@ -337,11 +335,10 @@ class Evict:
         if self.period == 1 or leave is False:
             return caches
         static_leave = leave
-        c, P, K = self.c, self.prefix, self.keep
-        R, s = self.ring, self.period
+        P, R, s = self.prefix, self.ring, self.period
         j = t - P  # ring index of token t (negative while it goes to the prefix)
         leave_now = (j >= R) & (jnp.mod(j - R, s) == 0)
-        leave = c + P + K + jnp.mod(j + jnp.arange(s), R)  # (s,) ring slots, oldest first
+        leave = self._leave_slots(t)
         p_ls = [jnp.take(cache["pos"], leave, axis=2) for cache in caches]  # (B, G, s) per layer
         ops = [(cache["v"], cache["pos"], cache["vsum"]) for cache in caches]
         # The score terms the step before computed (fused_leave_score), on the static schedule only
@@ -405,17 +402,24 @@ class Evict:
         out = attend(q, kc, vc, mask, self.attention, config=self.kernels)
         return {**cache, "k": kc, "v": vc, "pos": pos, "vsum": vsum}, out
 
+    def _leave_slots(self, t):
+        """(s,) the ring slots of the s tokens that leave at step t, oldest first."""
+        return self.c + self.prefix + self.keep + jnp.mod(t - self.prefix + jnp.arange(self.period), self.ring)
+
+    def _with_leaving(self, vsum, v_l):
+        """The running sum with the leaving tokens' v̂ (v_l (B, H, s, D)): (B, G, X)."""
+        return vsum + jnp.sum(normalized_v(v_l, self.granularity), axis=2)
+
     def _leaving_total(self, cache, v_new, t_leave, slot):
         """The score vector of leaving step ``t_leave``'s candidates, as :meth:`begin_step` computes it
         then (running sum + v̂ of the s leaving tokens), on the step before, whose new token ``v_new``
         goes to ``slot`` (a leaving slot only with a ring of s slots). (B, H, D); 'layer': split into heads."""
-        c, P, K, s = self.c, self.prefix, self.keep, self.period
         vc = cache["v"]
         b, h, _, d = vc.shape
-        leave = c + P + K + jnp.mod(t_leave - P + jnp.arange(s), self.ring)  # (s,) ring slots, oldest first
+        leave = self._leave_slots(t_leave)
         v_l = jnp.take(vc, leave, axis=2)  # (B, H, s, D)
         v_l = jnp.where((leave == slot)[:, None], v_new[:, :, None].astype(vc.dtype), v_l)
-        return (cache["vsum"] + jnp.sum(normalized_v(v_l, self.granularity), axis=2)).reshape(b, h, d)
+        return self._with_leaving(cache["vsum"], v_l).reshape(b, h, d)
 
     def _leave_plans(self, layers, leave, p_ls, first_layer, row_keys, terms):
         """Where the s oldest ring tokens (slots ``leave``, oldest first) go when they leave the ring,
@@ -464,7 +468,7 @@ class Evict:
         g = pos.shape[1]
         v_l = jnp.take(vc, leave, axis=2)  # (B, H, s, D)
         cand_ok = jnp.concatenate([pos[:, :, c + P: c + P + K] >= 0, jnp.ones((b, g, s), bool)], axis=2)  # (B, G, K+s)
-        total = vsum + jnp.sum(normalized_v(v_l, self.granularity), axis=2)  # (B, G, X): pool + leaving
+        total = self._with_leaving(vsum, v_l)  # (B, G, X): pool + leaving
         if self.chooser == "similarity":
             # v_i . total / |v_i| for every pool and ring slot in one multiply-and-sum over the cache
             # as it lies (identical V vectors get identical scores; no copy of the pool), the
