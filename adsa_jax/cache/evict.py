@@ -365,11 +365,18 @@ class Evict:
         """Move the s leaving tokens to their plan's slots (every step: outside a leaving step the
         plan writes each back into its own slot, a no-op costing s slots per row and head)."""
         # Every read of the old cache (the scores, the dropped tokens' V in the running sum) is made
-        # an input of the writes below, so XLA can update the cache in place without copying it first.
-        kc, vc, pos, dest, p_new, vsum = jax.lax.optimization_barrier(
-            (cache["k"], cache["v"], cache["pos"], dest, p_new, vsum))
+        # an input of the writes below, so XLA can update the cache in place without copying it first
+        # (it copied all of K and V at every leaving step before). At 'layer' (G = 1) the leaving
+        # tokens' positions go through the barrier too: XLA fused their read into the positions'
+        # scatter and copied the positions first; at 'head' it fuses them without a copy.
+        g, s = cache["pos"].shape[1], self.period
+        if g == 1:
+            kc, vc, pos, p_l, dest, p_new, vsum = jax.lax.optimization_barrier(
+                (cache["k"], cache["v"], cache["pos"], p_l, dest, p_new, vsum))
+        else:
+            kc, vc, pos, dest, p_new, vsum = jax.lax.optimization_barrier(
+                (cache["k"], cache["v"], cache["pos"], dest, p_new, vsum))
         b, h = kc.shape[:2]
-        g, s = pos.shape[1], self.period
         dest_h = jnp.broadcast_to(dest, (b, h, s))  # 'layer' (G = 1): the same slots in every head
         bi, hi = jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None]
         kc = kc.at[bi, hi, dest_h].set(jnp.take(kc, leave, axis=2), unique_indices=True)
