@@ -193,6 +193,51 @@ def test_window_step_kernel_matches_xla(name, kw):
     (want, want_pos), (got, got_pos) = layer_decode(pol), layer_decode(kern)
     np.testing.assert_array_equal(got_pos, want_pos)
     np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
+    # blocks of 4 slots: the filled slots as two ranges (prefix and pool, ring) with a gap between
+    (got, got_pos) = layer_decode(on_kernels(pol, evict_tiers=((0, 4, 1),)))
+    np.testing.assert_array_equal(got_pos, want_pos)
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name,kw", [("adsa-evict", {}), ("adsa-evict", dict(granularity="layer", period=3)),
+                                     ("adsa-evict", dict(period=4)), ("random-uniform", {}), ("window", {}),
+                                     ("adsa-evict-all", dict(period=2)), ("line", {})])
+def test_filled_ranges_hold_every_token(name, kw):
+    """The kernels read only Evict.filled(t): after every step each slot holding a token lies in it,
+    and at period 1 it is exactly as many slots as the step attends (what the roofline counts)."""
+    cfg = adsa_jax.GPTConfig(dim=64, n_layer=1, n_head=2, vocab_size=64, num_classes=10, block_size=64)
+    pol = make_policy(cfg, name, budget=0.5, **kw)
+    rows, heads, d, c = 2, 2, 8, pol.c
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(pol.n - 1, rows, heads, d)), jnp.float32) for _ in range(3))
+    keys = jax.random.split(jax.random.key(1), rows)
+
+    def body(cache, t):
+        cache, _ = pol.decode(cache, q[t], k[t], v[t], t, jnp.ones((rows, c), bool), row_keys=keys)
+        return cache, (cache["pos"] >= 0, *pol.filled(t))
+    cache = pol.prefill(pol.init(rows, heads, d, jnp.float32), *(jnp.ones((rows, c, heads, d)),) * 2)
+    _, (held, a, lo, hi) = jax.lax.scan(body, cache, jnp.arange(pol.n - 1))
+    idx = np.arange(pol.slots)
+    inside = (idx < np.asarray(a)[:, None]) | ((idx >= np.asarray(lo)[:, None]) & (idx < np.asarray(hi)[:, None]))
+    held = np.asarray(held).any(axis=(1, 2))  # (steps, slots): a token in any row or head
+    assert held.any(axis=0).all() and not (held & ~inside).any()
+    if pol.period == 1:
+        np.testing.assert_array_equal(inside.sum(axis=1), [pol.attended(t) for t in range(pol.n - 1)])
+
+
+@pytest.mark.parametrize("name,kw", [("adsa-evict", dict(budget=0.5)), ("window", dict(budget=0.5)),
+                                     ("adsa-evict", dict(prefix=4, keep=12, local=1)),
+                                     ("adsa-evict-all", dict(budget=0.5))])
+def test_one_kernel_step_in_small_blocks_matches_xla(name, kw):
+    """The one-kernel step (moves, victim search and attention in evict_step) over blocks of 4
+    slots, so it reads the filled slots as two ranges: the XLA path's tokens and outputs."""
+    pol = make_policy(adsa_jax.GPTConfig(dim=64, n_layer=1, n_head=2, vocab_size=64, num_classes=10, block_size=64),
+                      name, **kw)
+    kern = on_kernels(pol, evict_tiers=((0, 4, 1),))
+    assert kern.one_kernel(3, 2)
+    (want, want_pos), (got, got_pos) = layer_decode(pol), layer_decode(kern)
+    np.testing.assert_array_equal(got_pos, want_pos)
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
 
 
 def test_attention_choice_errors(c2i):

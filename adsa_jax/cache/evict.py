@@ -170,7 +170,7 @@ class Evict:
 
     def window_kernel(self, rows: int, heads: int) -> bool:
         """Whether a step whose moves run in XLA (period s > 1, or layer granularity) then writes and
-        attends as evict_step's window form over the whole cache (at layer granularity also
+        attends as evict_step's window form over the filled slots (at layer granularity also
         returning next step's score terms): the kernel path, ``kernels.evict_one_kernel`` and
         :meth:`adsa_jax.options.KernelConfig.one_kernel_fits`."""
         return (self.attention != "xla" and self.kernels.evict_one_kernel
@@ -182,16 +182,29 @@ class Evict:
         return self.one_kernel(rows, heads) or ((self.period > 1 or self.fused_score)
                                                 and self.window_kernel(rows, heads))
 
+    def filled(self, t):
+        """(a, lo, hi): after step t's writes every slot that holds a token is in [0, a) or [lo, hi),
+        the ring's slots (int32 scalars; the kernels read only those). The cache fills in slot order:
+        the condition and prefix first, then the ring, and only tokens that left the ring enter
+        the pool, its lowest free slot first (period s: the free slots score +BIG, lowest first);
+        by step t at most t + 1 - P - M have left it (j + 1 - M at j = t - P, with equality at a
+        leaving step of period s, whose ring is M + s - 1)."""
+        c, P, K = self.c, self.prefix, self.keep
+        pool = jnp.clip(t + 1 - P - self.local, 0, K)
+        ring = jnp.clip(t + 1 - P, 0, self.ring)
+        return c + jnp.minimum(t + 1, P) + pool, jnp.int32(c + P + K), c + P + K + ring
+
     def _window_step(self, cache, q, k, v, t, slot, cond_mask, qkv, rope, score_vec=None):
-        """evict_step's window form over the whole cache, after the XLA moves: write the new token at
+        """evict_step's window form over the filled slots (:meth:`filled`), after the XLA moves: write the new token at
         ``slot``, attend over the filled slots (pool included); with ``score_vec`` also next step's
         score terms ``dots`` and ``sq`` from the same read of V. 'layer' keeps one row of positions:
         every head gets it, and writes the same position at the same slot."""
         zero = jnp.int32(0)
         res = evict_step(q, k, v, cache["k"], cache["v"], cache["pos"],
                          cond_slot_mask(cond_mask, self.slots)[:, 0], (slot, zero, zero, zero, zero, zero, self.c + t),
-                         c=self.c, prefix=self.prefix, keep=0, qkv=qkv, rope=rope, score_vec=score_vec, eps=EPS,
-                         config=self.kernels, interpret=self.attention == "pallas-interpret")
+                         c=self.c, prefix=self.prefix, keep=0, qkv=qkv, rope=rope, score_vec=score_vec,
+                         terms=None if score_vec is None else (cache["dots"], cache["sq"]), filled=self.filled(t),
+                         eps=EPS, config=self.kernels, interpret=self.attention == "pallas-interpret")
         new = {**cache, "k": res[1], "v": res[2], "pos": res[3]}
         if score_vec is not None:
             new.update(dots=res[4], sq=res[5])
@@ -222,7 +235,7 @@ class Evict:
         cond_ok = cond_slot_mask(cond_mask, self.slots)[:, 0]  # (B, C)
         res = evict_step(q, k, v, cache["k"], cache["v"], cache["pos"], cond_ok, scalars, c=c, prefix=P, keep=K,
                          vsum=cache["vsum"] if K else None, victim=cache.get("victim"), vnorm=cache.get("vnorm"),
-                         qkv=qkv, rope=rope, eps=EPS, config=self.kernels,
+                         qkv=qkv, rope=rope, filled=self.filled(t), eps=EPS, config=self.kernels,
                          interpret=self.attention == "pallas-interpret")
         new = {**cache, "k": res[1], "v": res[2], "pos": res[3]}
         if K:

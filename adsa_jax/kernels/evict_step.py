@@ -22,12 +22,15 @@ from .common import pl, plgpu
 # layer step at adsa-evict 384 px batch 64), all three (commit a49be2e: score 88.4,
 # all three 105.2 against 78.6; dense 256 px batch 64 59.6 against 46.4 with logits and PV, batch 1
 # 3.9 against 3.3). The layout conversions into the dot's operands cost more than the products.
-def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref,
-                  pos_ref, cok_ref, *rest, block_k, slots, c, P, K, scale, eps, rope, score=False):
+def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, a_ref, blo_ref, bhi_ref, q_ref, kn_ref,
+                  vn_ref, k_ref, v_ref, pos_ref, cok_ref, *rest, block_k, slots, c, P, K, scale, eps, rope, score=False):
     # One program = one (row, head): the whole adsa-evict (or window, K = 0) step of a layer.
     # Scalars: ws = slot of the new token, ring = ring slot of the token o leaving the window,
     # mv = o moves to the pool this step, full = the pool is full, free = the lowest free pool
-    # position, rn = next step's ring slot, np = the new token's position; vic = this step's
+    # position, rn = next step's ring slot, np = the new token's position; a, blo, bhi: the slots
+    # that can hold a token, [0, a) and [blo, bhi) (the cache fills its prefix, pool and ring in
+    # slot order): only those are read, as the roofline floor counts (the dense cache: [0, ws]).
+    # Every filled slot and this step's writes lie in them. vic = this step's
     # victim slot, found by last step's program while it read V (the first maximum of
     # v_i . total / |v_i| over the pool slots in order, then the ring slot), so no pass over the
     # scores precedes the attention. |v_i| (max(|v_i|, eps)) is cached per slot when the token is
@@ -36,16 +39,17 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
     # updated in place (aliased).
     # pos_ref None: the dense cache, whose filled slots are exactly those <= ws.
     # rope: q and k_new come before RoPE, and rope_ref holds this position's (cos, sin) pairs (D,).
-    # score (window form, K = 0): sv_ref (D,) a score vector in; dots_ref, sq_ref (S,) out,
-    # v_i . sv and v_i . v_i of every slot after this step's write (the XLA bookkeeping's score terms
-    # for next step, from this step's read of V).
+    # score (window form, K = 0): sv_ref (D,) a score vector in; dots_ref, sq_ref (S,) out (aliased to
+    # the two inputs after sv_ref), v_i . sv and v_i . v_i of every slot read, after this step's write
+    # (the XLA bookkeeping's score terms for next step, from this step's read of V); a slot not read
+    # keeps its input terms.
     dense = pos_ref is None
     if K:
         vs_ref, vic_ref, nm_ref, *rest = rest
     if rope:
         rope_ref, *rest = rest
     if score:
-        sv_ref, *rest = rest
+        sv_ref, _, _, *rest = rest  # then the old terms, only aliased
     if K:
         o_ref, ko_ref, vo_ref, po_ref, vso_ref, vico_ref, nmo_ref = rest
     elif dense:
@@ -69,7 +73,16 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
     q = (rotated(q_ref) if rope else q_ref[...]).astype(jnp.float32) * scale  # (D,)
     k_new, v_new = (rotated(kn_ref) if rope else kn_ref[...]), vn_ref[...]  # (D,) in the cache dtype
     lanes = jnp.arange(block_k)
-    n_blocks = ws // block_k + 1 if dense else -(-slots // block_k)  # dense: up to the new token only
+    if dense:  # up to the new token only
+        n_a, a_end, b_lo, b_hi = ws // block_k + 1, ws + 1, 0, 0
+    else:
+        a_end, b_lo, b_hi = a_ref[()], blo_ref[()], bhi_ref[()]
+        # A gap under one block between the two ranges: read one range across it (its empty slots are
+        # masked as before), not two partial blocks.
+        one = b_lo - a_end < block_k
+        a_end, b_hi = jnp.where(one, jnp.maximum(b_hi, a_end), a_end), jnp.where(one, b_lo, b_hi)
+        n_a = (a_end + block_k - 1) // block_k
+    n_blocks = n_a + (b_hi - b_lo + block_k - 1) // block_k
 
     def row(ref, slot):  # one cache row (D,) at a traced slot
         return jnp.sum(plgpu.load(ref.at[pl.ds(slot, 1), :]), axis=0)
@@ -122,9 +135,10 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
 
     def body(j, carry):
         acc, m, l, best, at = carry
-        start = j * block_k
+        in_b = j >= n_a  # a block of the second range
+        start = jnp.where(in_b, b_lo + (j - n_a) * block_k, j * block_k)
         idx = start + lanes
-        inb = (idx <= ws) if dense else (idx < slots)
+        inb = idx < jnp.where(in_b, b_hi, a_end)
         k = plgpu.load(k_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0).astype(f32)
         v_raw = plgpu.load(v_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0)  # cache dtype
         v = v_raw.astype(f32)
@@ -184,12 +198,13 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
 
 
 def _dense_kernel(*refs, **kw):
-    # evict_step's kernel on a dense cache: no pos ref (12 inputs before cond_ok).
-    return _evict_kernel(*refs[:12], None, *refs[12:], **kw)
+    # evict_step's kernel on a dense cache: no pos ref (15 inputs before cond_ok).
+    return _evict_kernel(*refs[:15], None, *refs[15:], **kw)
 
 
 def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: int, keep: int, vsum=None,
-               victim=None, vnorm=None, qkv=None, rope=None, score_vec=None, eps: float = 1e-6,
+               victim=None, vnorm=None, qkv=None, rope=None, score_vec=None, terms=None, filled=None,
+               eps: float = 1e-6,
                config: KernelConfig = KernelConfig(),
                block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                interpret: bool = False):
@@ -203,6 +218,9 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     the dense cache (``keep`` = 0, slots <= ws are the filled ones, only they are read);
     cond_ok (B, S) bool (condition slots of padded captions off); scalars: int32
     (ws, ring, moving, full, free, ring_next, new_pos), see :meth:`adsa_jax.cache.evict.Evict.decode`;
+    filled: int32 (a, lo, hi), the slots that can hold a token after this step's writes are in
+    [0, a) and [lo, hi), and only they are read (:meth:`adsa_jax.cache.evict.Evict.filled`; default
+    every slot; the dense cache reads [0, ws]);
     keep > 0: vsum (B, H, D) f32, victim (B, H) int32, this step's victim slot (from the
     last step; any value before the pool is full), and vnorm (B, H, S) f32, max(|v_i|, eps) of
     every filled slot (written by this kernel with each token, like k and v).
@@ -215,7 +233,8 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     score_vec (B, H, D) float32 (keep = 0 with pos only): also return ``dots = v_i . score_vec`` and
     ``sq = v_i . v_i`` (B, H, S) float32 of every slot after this step's write, from the same read
     of V (the terms :meth:`adsa_jax.cache.evict.Evict.decode` scores next step's candidates with at
-    layer granularity; as :func:`adsa_jax.kernels.decode_attention`'s).
+    layer granularity; as :func:`adsa_jax.kernels.decode_attention`'s). terms: the (dots, sq) to
+    update in place (a slot not read keeps its terms; default zeros).
     Returns (out (B, H, D), k, v, pos) (no pos when pos is None) and, with keep > 0, (vsum, next
     step's victim, vnorm) after them; with score_vec, (dots, sq) after them.
     """
@@ -256,14 +275,17 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     else:  # the same (B, 3, H, D) buffer three times, each spec picking q, k or v of (row, head)
         vecs = [pl.BlockSpec((None, None, None, d), lambda i, j, w=w: (i, w, j, 0)) for w in range(3)]
         new = [qkv.astype(k.dtype)] * 3
-    in_specs = [sc] * 7 + vecs + [cache, cache] + ([] if dense else [pos_spec])
+    if len(scalars) != 7:
+        raise ValueError(f"evict_step: scalars are (ws, ring, moving, full, free, ring_next, new_pos), got {len(scalars)}")
+    filled = (s, s, s) if filled is None else filled  # [0, S) and nothing more: every slot
+    in_specs = [sc] * 10 + vecs + [cache, cache] + ([] if dense else [pos_spec])
     in_specs.append(pl.BlockSpec((None, s), lambda i, j: (i, 0)))
-    args = [jnp.asarray(x, jnp.int32) for x in scalars] + new + [k, v]
+    args = [jnp.asarray(x, jnp.int32) for x in (*scalars, *filled)] + new + [k, v]
     args += ([] if dense else [pos]) + [cond_ok.astype(jnp.int8)]
     out_specs = [vec, cache, cache] + ([] if dense else [pos_spec])
     out_shape = [jax.ShapeDtypeStruct((b, h, d), v.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype)] + ([] if dense else [jax.ShapeDtypeStruct(pos.shape, jnp.int32)])
-    aliases = {10: 1, 11: 2} if dense else {10: 1, 11: 2, 12: 3}  # k, v (, pos) are updated in place
+    aliases = {13: 1, 14: 2} if dense else {13: 1, 14: 2, 15: 3}  # k, v (, pos) are updated in place
     if K:
         one = pl.BlockSpec((None, None), lambda i, j: (i, j))
         in_specs += [vec, one, per_slot]
@@ -271,13 +293,15 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
         out_specs += [vec, one, per_slot]
         out_shape += [jax.ShapeDtypeStruct((b, h, d), jnp.float32), jax.ShapeDtypeStruct((b, h), jnp.int32),
                       jax.ShapeDtypeStruct((b, h, s), jnp.float32)]
-        aliases.update({14: 4, 15: 5, 16: 6})  # vsum, victim, vnorm
+        aliases.update({17: 4, 18: 5, 19: 6})  # vsum, victim, vnorm
     if rope is not None:  # (D,) = (cos_0, sin_0, cos_1, sin_1, ...), the same for every program
         in_specs.append(pl.BlockSpec((d,), lambda i, j: (0,)))
         args.append(rope.astype(jnp.float32).reshape(d))
     if score:
-        in_specs.append(vec)
-        args.append(score_vec.astype(jnp.float32))
+        dots, sq = (jnp.zeros((b, h, s), jnp.float32),) * 2 if terms is None else terms
+        in_specs += [vec, per_slot, per_slot]
+        args += [score_vec.astype(jnp.float32), dots.astype(jnp.float32), sq.astype(jnp.float32)]
+        aliases.update({len(args) - 2: len(out_specs), len(args) - 1: len(out_specs) + 1})
         out_specs += [per_slot, per_slot]
         out_shape += [jax.ShapeDtypeStruct((b, h, s), jnp.float32)] * 2
     return pl.pallas_call(
