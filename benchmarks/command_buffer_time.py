@@ -1,0 +1,53 @@
+"""Seconds per generate call under XLA:GPU's command-buffer settings (CUDA graphs) (GPU):
+`python3 benchmarks/command_buffer_time.py [MODEL:PX:BATCH:POLICY[:BUDGET] ...]`.
+
+A decode step of GPT-XL launches about 300 kernels (benchmarks/compiled_kernels.json); at batch 1
+each is a few microseconds of work, so launch cost decides the step. XLA can replay a step's
+kernels as a CUDA graph; which kinds of thunk it captures is the flag `xla_gpu_enable_command_buffer`.
+Each setting runs `adsa-jax bench` in a process of its own (XLA reads XLA_FLAGS once), random
+weights, bf16, CFG 4, top-k 2000. Writes $OUT/command_buffer_time.json: one row per setting and
+configuration with its seconds per call (the bench's median) and the setting's XLA_FLAGS.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+OUT = os.environ.get("OUT", "/tmp/out")
+# name -> the flags added to XLA_FLAGS ('default': none, whatever this XLA does by default)
+SETTINGS = {
+    "default": "",
+    "off": "--xla_gpu_enable_command_buffer=",
+    "with-while": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL",
+}
+SPECS = ["GPT-XL:256:1:dense", "GPT-XL:256:64:dense", "GPT-XL:384:64:window:0.5"]
+
+
+def bench(spec: str, flags: str) -> dict:
+    model, px, batch, policy, *budget = spec.split(":")
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [sys.executable, "-m", "adsa_jax.cli", "bench", "--model", model, "--image-size", px, "--batch", batch,
+               "--policies", policy, "--no-roofline", "--json", f.name] + (["--budgets", budget[0]] if budget else [])
+        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        if r.returncode:
+            return {"error": (r.stderr or r.stdout).strip().splitlines()[-1:]}
+        rows = json.load(open(f.name))["rows"]
+    return {"s_per_call": rows[0]["s_per_call"], "images_per_s": rows[0]["images_per_s"]}
+
+
+def main(specs):
+    os.makedirs(OUT, exist_ok=True)
+    rows = []
+    for spec in specs:
+        for name, flags in SETTINGS.items():
+            row = {"spec": spec, "setting": name, "xla_flags": flags, **bench(spec, flags)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            with open(os.path.join(OUT, "command_buffer_time.json"), "w") as f:
+                json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or SPECS)
