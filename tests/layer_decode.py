@@ -7,12 +7,15 @@ import numpy as np
 
 
 @functools.lru_cache(maxsize=None)
-def layer_decode(policy, rows=3, heads=2, head_dim=8):
+def layer_decode(policy, rows=3, heads=2, head_dim=8, repeat=None):
     """(outputs (N-1, B, H, D), final cache positions or None (dense)) of one layer's decode for
-    fixed random condition and q, k, v; each step gets per-row keys (the random policies)."""
+    fixed random condition and q, k, v; each step gets per-row keys (the random policies).
+    repeat: step t's v is step t % repeat's (identical V vectors: exact ties in the scores)."""
     c, N = policy.c, policy.n
     rng = np.random.default_rng(7)
     q, k, v = (jnp.asarray(rng.normal(size=(N - 1, rows, heads, head_dim)), jnp.float32) for _ in range(3))
+    if repeat:
+        v = v[jnp.arange(N - 1) % repeat]
     kc, vc = (jnp.asarray(rng.normal(size=(rows, c, heads, head_dim)), jnp.float32) for _ in range(2))
     ex_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(jnp.arange(rows))
 

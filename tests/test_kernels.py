@@ -240,6 +240,24 @@ def test_one_kernel_step_in_small_blocks_matches_xla(name, kw):
     np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
 
 
+@pytest.mark.parametrize("name,kw", [("adsa-evict", {}), ("adsa-evict", dict(granularity="layer")),
+                                     ("adsa-evict", dict(granularity="layer", prefix=4, keep=12, local=1)),
+                                     ("adsa-evict", dict(granularity="layer", period=3))])
+def test_kernels_break_ties_as_xla(name, kw):
+    """Every step's v one of three vectors, so candidates tie exactly: the kernel paths score equal V
+    vectors equally (the moved token and, with a ring of one slot, the new one included) and evict
+    the XLA path's tokens."""
+    pol = make_policy(adsa_jax.GPTConfig(dim=64, n_layer=1, n_head=2, vocab_size=64, num_classes=10, block_size=64),
+                      name, **({} if "keep" in kw else {"budget": 0.5}), **kw)
+    want, want_pos = layer_decode(pol, head_dim=64, repeat=3)
+    # layer granularity at period 1 also with the move in XLA, then the window's kernel
+    for kern in (on_kernels(pol), on_kernels(pol, layer_move_in_kernel=False)):
+        assert kern.kernel_step(3, 2)
+        got, got_pos = layer_decode(kern, head_dim=64, repeat=3)
+        np.testing.assert_array_equal(got_pos, want_pos)
+        np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
+
+
 def test_attention_choice_errors(c2i):
     cfg = c2i.config
     pol = make_policy(cfg, "dense")

@@ -26,6 +26,14 @@ from ..config import ConfigError
 from .layout import BIG, EPS, attend, cond_slot_mask, normalized_v, write_slot
 
 
+def _layer_norms(v):
+    """v (B, H, N, D) -> (B, N) float32, max(|v|, eps) of each of the row's N layer vectors (as
+    normalized_v computes it)."""
+    b, h, n, d = v.shape
+    vf = v.astype(jnp.float32).transpose(0, 2, 1, 3).reshape(b, n, h * d)  # (B, N, H*D)
+    return jnp.maximum(jnp.sqrt(jnp.sum(vf * vf, axis=-1)), EPS)
+
+
 @dataclasses.dataclass(frozen=True)
 class Evict:
     """adsa-evict / adsa-evict-all / window / line / random / random-uniform: a fixed
@@ -141,6 +149,8 @@ class Evict:
         if self.period > 1:
             return self._decode_period(cache, q, k, v, t, cond_mask, layer_index, row_keys, qkv, rope, planned,
                                        before_leave)
+        if K > 0 and self.layer_kernel(*q.shape[:2]):
+            return self._decode_layer_kernel(cache, q, k, v, t, cond_mask, qkv, rope)
         ring0 = c + P + K
         ring = ring0 + jnp.mod(t - P, M)
         if K > 0:
@@ -176,6 +186,13 @@ class Evict:
         return (self.attention != "xla" and self.kernels.evict_one_kernel
                 and self.kernels.one_kernel_fits(rows, heads, self.slots))
 
+    def layer_kernel(self, rows: int, heads: int) -> bool:
+        """Whether a layer-granularity step at period 1 moves o and updates the running sum in
+        evict_step (``kernels.layer_move_in_kernel``), XLA choosing the victim from the score terms
+        the last step's kernel returned (:meth:`_decode_layer_kernel`)."""
+        return (self.granularity == "layer" and self.fused_score and self.kernels.layer_move_in_kernel
+                and self.window_kernel(rows, heads))
+
     def kernel_step(self, rows: int, heads: int) -> bool:
         """Whether the step's write and attention run inside evict_step (:meth:`one_kernel`, or the
         window form after the XLA moves), not as XLA around the attention kernel."""
@@ -204,6 +221,7 @@ class Evict:
                          cond_slot_mask(cond_mask, self.slots)[:, 0], (slot, zero, zero, zero, zero, zero, self.c + t),
                          c=self.c, prefix=self.prefix, keep=0, qkv=qkv, rope=rope, score_vec=score_vec,
                          terms=None if score_vec is None else (cache["dots"], cache["sq"]), filled=self.filled(t),
+                         next_new=self.ring == 1,
                          eps=EPS, config=self.kernels, interpret=self.attention == "pallas-interpret")
         new = {**cache, "k": res[1], "v": res[2], "pos": res[3]}
         if score_vec is not None:
@@ -224,6 +242,42 @@ class Evict:
                            jax.lax.dynamic_slice_in_dim(vc, ring_next, 1, axis=2))  # (B, H, 1, D)
         total = cache["vsum"] + normalized_v(v_next, self.granularity)[:, :, 0]  # (B, G, X)
         return self._window_step(cache, q, k, v, t, slot, cond_mask, qkv, rope, score_vec=total.reshape(b, h, d))
+
+    def _decode_layer_kernel(self, cache, q, k, v, t, cond_mask, qkv, rope):
+        """A layer-granularity step at period 1 (:meth:`layer_kernel`): XLA chooses each row's victim
+        as :meth:`_to_pool` does, from the terms the last step's kernel returned (then the
+        first maximum over the pool and o), and the layer-vector norms of o, the victim and next
+        step's leaving token; one evict_step then moves o, updates the running sum, writes, attends
+        and returns next step's terms."""
+        c, P, K, M = self.c, self.prefix, self.keep, self.local
+        vc = cache["v"]
+        b, h, _, d = vc.shape
+        ring0 = c + P + K
+        ring = ring0 + jnp.mod(t - P, M)
+        ring_next = ring0 + jnp.mod(t + 1 - P, M)
+        slot = jnp.where(t < P, c + t, ring)
+        n_moved = t - P - M  # tokens that moved to the pool before the one leaving the window now
+        with jax.named_scope("evict"):
+            score = self._pool_ring_scores(vc, None, (cache["dots"], cache["sq"]))  # (B, 1, K+M)
+            cand = (jnp.arange(K + M) < K) | (jnp.arange(K + M) == ring - (c + P))
+            first = jnp.argmax(jnp.where(cand, score, -BIG), axis=-1)  # (B, 1) first max: K or more is o
+            ev = jnp.broadcast_to((c + P + jnp.minimum(first, K - 1))[:, :, None, None], (b, h, 1, 1))
+            v_next = jnp.where(ring_next == slot, v[:, :, None].astype(vc.dtype),
+                               jax.lax.dynamic_slice_in_dim(vc, ring_next, 1, axis=2))  # (B, H, 1, D)
+            v_o = jax.lax.dynamic_slice_in_dim(vc, ring, 1, axis=2)  # (B, H, 1, D)
+            # max(|v|, eps) of each layer vector as normalized_v computes it, in one reduction; a
+            # fourth lane (o again) for the kernel's 4-lane load
+            norms = _layer_norms(jnp.concatenate([v_o, jnp.take_along_axis(vc, ev, axis=2), v_next, v_o], axis=2))
+        scalars = (slot, ring, t - P >= M, n_moved >= K, jnp.clip(n_moved, 0, K - 1), ring_next, c + t)
+        res = evict_step(q, k, v, cache["k"], vc, cache["pos"], cond_slot_mask(cond_mask, self.slots)[:, 0], scalars,
+                         c=c, prefix=P, keep=K, vsum=cache["vsum"].reshape(b, h, d),
+                         victim=first[:, 0], qkv=qkv, rope=rope,
+                         terms=(cache["dots"], cache["sq"]), filled=self.filled(t), layer_norms=norms,
+                         next_new=M == 1, eps=EPS,
+                         config=self.kernels, interpret=self.attention == "pallas-interpret")
+        new = {**cache, "k": res[1], "v": res[2], "pos": res[3], "vsum": res[4].reshape(b, 1, h * d),
+               "dots": res[5], "sq": res[6]}
+        return new, res[0]
 
     def _decode_one_kernel(self, cache, q, k, v, t, cond_mask, qkv=None, rope=None):
         c, P, K, M = self.c, self.prefix, self.keep, self.local

@@ -23,7 +23,8 @@ from .common import pl, plgpu
 # all three 105.2 against 78.6; dense 256 px batch 64 59.6 against 46.4 with logits and PV, batch 1
 # 3.9 against 3.3). The layout conversions into the dot's operands cost more than the products.
 def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, a_ref, blo_ref, bhi_ref, q_ref, kn_ref,
-                  vn_ref, k_ref, v_ref, pos_ref, cok_ref, *rest, block_k, slots, c, P, K, scale, eps, rope, score=False):
+                  vn_ref, k_ref, v_ref, pos_ref, cok_ref, *rest, block_k, slots, c, P, K, scale, eps, rope, score=False,
+                  layer=False, next_new=False):
     # One program = one (row, head): the whole adsa-evict (or window, K = 0) step of a layer.
     # Scalars: ws = slot of the new token, ring = ring slot of the token o leaving the window,
     # mv = o moves to the pool this step, full = the pool is full, free = the lowest free pool
@@ -43,6 +44,13 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
     # the two inputs after sv_ref), v_i . sv and v_i . v_i of every slot read, after this step's write
     # (the XLA bookkeeping's score terms for next step, from this step's read of V); a slot not read
     # keeps its input terms.
+    # layer (K > 0, layer granularity): the row's victim (vic: 0..K-1 a pool position, K or more o
+    # itself) and the layer vector's max(|v|, eps) of o, of the victim and of next step's leaving
+    # token (nm, 4 lanes, the last unused) come from XLA, which chose the victim from the score
+    # terms; vs is this head's slice of
+    # the row's running sum. The step moves o, updates vs and returns next step's score terms
+    # (dots, sq as the window form's, against vs + v_next / |v_next|) instead of searching a victim.
+    # next_new (score or layer): a ring of one slot, whose new token is next step's candidate.
     dense = pos_ref is None
     if K:
         vs_ref, vic_ref, nm_ref, *rest = rest
@@ -50,7 +58,11 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         rope_ref, *rest = rest
     if score:
         sv_ref, _, _, *rest = rest  # then the old terms, only aliased
-    if K:
+    if layer:
+        _, _, *rest = rest  # the old terms, only aliased
+    if layer:
+        o_ref, ko_ref, vo_ref, po_ref, vso_ref, dots_ref, sq_ref = rest
+    elif K:
         o_ref, ko_ref, vo_ref, po_ref, vso_ref, vico_ref, nmo_ref = rest
     elif dense:
         o_ref, ko_ref, vo_ref = rest
@@ -98,12 +110,20 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         moving, full = mv_ref[()] != 0, full_ref[()] != 0
         k_o, v_o = row(k_ref, ring), row(v_ref, ring)
         p_o = jnp.sum(plgpu.load(pos_ref.at[pl.ds(ring, 1)]))
-        n_o, n_new = jnp.sum(plgpu.load(nm_ref.at[pl.ds(ring, 1)])), norm(v_new)  # cached |v_o|; the new token's
-        at = vic_ref[()]
-        victim = jnp.where(at == ring, K, at - (c + P))  # 0..K-1 a pool position, K = o itself
-        vn_o = v_o.astype(jnp.float32) / n_o  # the cached |v|: as unit(v_o), without its reduction
+        if layer:
+            victim = jnp.minimum(vic_ref[()], K)
+        else:
+            at = vic_ref[()]
+            victim = jnp.where(at == ring, K, at - (c + P))  # 0..K-1 a pool position, K = o itself
         ev = c + P + jnp.minimum(victim, K - 1)
-        vn_ev = jnp.where(victim == K, vn_o, row(v_ref, ev).astype(jnp.float32) / jnp.sum(plgpu.load(nm_ref.at[pl.ds(ev, 1)])))
+        if layer:
+            norms = plgpu.load(nm_ref.at[pl.ds(0, 4)])  # (4,)
+            n_o, n_ev, n_next = (jnp.sum(jnp.where(jnp.arange(4) == i, norms, 0.0)) for i in range(3))
+        else:  # the cached |v| of o and of the victim; the new token's
+            n_o, n_new = jnp.sum(plgpu.load(nm_ref.at[pl.ds(ring, 1)])), norm(v_new)
+            n_ev = jnp.sum(plgpu.load(nm_ref.at[pl.ds(ev, 1)]))
+        vn_o = v_o.astype(jnp.float32) / n_o  # the cached |v|: as unit(v_o), without its reduction
+        vn_ev = jnp.where(victim == K, vn_o, row(v_ref, ev).astype(jnp.float32) / n_ev)
         total = vs_ref[...] + vn_o
         vsum = jnp.where(moving, jnp.where(full, total - vn_ev, total), vs_ref[...])
         target = jnp.where(full, victim, free_ref[()])
@@ -111,7 +131,8 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         dest = jnp.where(apply, c + P + target, -1)  # -1: o is dropped or nothing moves
         rn = rn_ref[()]  # next step's candidates: the pool slots and this ring slot
         v_next = jnp.where(rn == ws, v_new, row(v_ref, rn))
-        tvec = vsum + unit(v_next)  # next step's total: its candidates are this cache's pool + ring
+        # next step's total: its candidates are this cache's pool + ring
+        tvec = vsum + (v_next.astype(jnp.float32) / n_next if layer else unit(v_next))
         new_is_cand = slots - (c + P + K) == 1  # a ring of one slot: next step's candidate is the new token
     else:
         dest = jnp.int32(-1)
@@ -122,8 +143,8 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
     # where the loaded block still holds it, by the same reduction as every other slot (equal V,
     # equal score: the first-maximum tie rule needs that), and counts it as slot dest.
     f32 = jnp.float32
-    if score:
-        svec = sv_ref[...]
+    if score or layer:
+        svec = tvec if layer else sv_ref[...]
     lg_new = jnp.sum(k_new.astype(f32) * q)
     if K:
         lg_o = jnp.sum(k_o.astype(f32) * q)
@@ -149,7 +170,7 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         m_new = jnp.maximum(m, jnp.max(logit))
         corr = jnp.exp(m - m_new)
         pr = jnp.where(ok, jnp.exp(logit - m_new), 0.0)
-        if K:  # next step's victim: a running first maximum per lane (no cross-warp reduction
+        if K and not layer:  # next step's victim: a running first maximum per lane (no cross-warp reduction
             # per block); lane l holds the best of slots l, l + block_k, ... (lowest slot on ties)
             nrm = plgpu.load(nm_ref.at[pl.ds(start, block_k)], mask=inb, other=1.0)
             cand = inb & (idx >= c + P) & ((idx < c + P + K) | (idx == rn))
@@ -167,9 +188,18 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
             sc = jnp.where(cand, vt / nrm, -2e30)
             better = (sc > best) | ((sc == best) & (eff < at))  # ties: the lowest slot
             best, at = jnp.where(better, sc, best), jnp.where(better, eff, at)
-        if score:  # slot ws still holds the overwritten token here: its terms are stored after the loop
-            plgpu.store(dots_ref.at[pl.ds(start, block_k)], jnp.sum(v * svec[None, :], axis=1), mask=inb & (idx != ws))
-            plgpu.store(sq_ref.at[pl.ds(start, block_k)], jnp.sum(v * v, axis=1), mask=inb & (idx != ws))
+        if score or layer:  # every slot's terms after this step's writes, by one reduction (equal V,
+            # equal terms: the first-maximum tie rule): o's V patched in at dest (layer), and with
+            # a ring of one slot the new token's at ws (next step's candidate); otherwise slot ws
+            # still holds the overwritten token, and the new token's terms follow the loop
+            vt = v
+            if layer:
+                vt = jnp.where((idx == dest)[:, None], v_o.astype(f32)[None, :], vt)
+            if next_new:
+                vt = jnp.where((idx == ws)[:, None], v_new.astype(f32)[None, :], vt)
+            keep = inb if next_new else inb & (idx != ws)
+            plgpu.store(dots_ref.at[pl.ds(start, block_k)], jnp.sum(vt * svec[None, :], axis=1), mask=keep)
+            plgpu.store(sq_ref.at[pl.ds(start, block_k)], jnp.sum(vt * vt, axis=1), mask=keep)
         acc = acc * corr + jnp.sum(pr[:, None] * v, axis=0)
         return acc, m_new, l * corr + jnp.sum(pr), best, at
 
@@ -180,7 +210,7 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
     plgpu.store(vo_ref.at[pl.ds(ws, 1), :], v_new[None, :])
     if not dense:
         plgpu.store(po_ref.at[pl.ds(ws, 1)], jnp.full((1,), new_pos, jnp.int32))
-    if score:
+    if (score or layer) and not next_new:
         v_w = v_new.astype(f32)
         plgpu.store(dots_ref.at[pl.ds(ws, 1)], jnp.full((1,), jnp.sum(v_w * svec), f32))
         plgpu.store(sq_ref.at[pl.ds(ws, 1)], jnp.full((1,), jnp.sum(v_w * v_w), f32))
@@ -190,9 +220,10 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         plgpu.store(ko_ref.at[pl.ds(dslot, 1), :], k_o[None, :], mask=ok_move[:, None])
         plgpu.store(vo_ref.at[pl.ds(dslot, 1), :], v_o[None, :], mask=ok_move[:, None])
         plgpu.store(po_ref.at[pl.ds(dslot, 1)], jnp.full((1,), p_o, jnp.int32), mask=ok_move)
+        vso_ref[...] = vsum
+    if K and not layer:
         plgpu.store(nmo_ref.at[pl.ds(ws, 1)], jnp.full((1,), n_new, jnp.float32))
         plgpu.store(nmo_ref.at[pl.ds(dslot, 1)], jnp.full((1,), n_o, jnp.float32), mask=ok_move)
-        vso_ref[...] = vsum
         # The first maximum over all slots: the lowest slot among the lanes holding the maximum.
         vico_ref[...] = jnp.min(jnp.where(best == jnp.max(best), at, slots))
 
@@ -204,7 +235,7 @@ def _dense_kernel(*refs, **kw):
 
 def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: int, keep: int, vsum=None,
                victim=None, vnorm=None, qkv=None, rope=None, score_vec=None, terms=None, filled=None,
-               eps: float = 1e-6,
+               layer_norms=None, next_new: bool = False, eps: float = 1e-6,
                config: KernelConfig = KernelConfig(),
                block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                interpret: bool = False):
@@ -235,8 +266,18 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     of V (the terms :meth:`adsa_jax.cache.evict.Evict.decode` scores next step's candidates with at
     layer granularity; as :func:`adsa_jax.kernels.decode_attention`'s). terms: the (dots, sq) to
     update in place (a slot not read keeps its terms; default zeros).
+    layer_norms (B, 4) float32 (keep > 0, layer granularity: pos (B, 1, S)): each row's
+    layer-vector max(|v|, eps) of o (the token leaving the ring), of this step's victim and of next
+    step's leaving token, then an unused lane. The victim (B,) comes from XLA (0..K-1 a pool
+    position, K or more the token o itself),
+    vsum (B, H, D) is the row's (B, 1, H * D) running sum split into heads, vnorm is not used,
+    and ``terms`` (dots, sq) are required: the step returns next step's score terms (as with
+    score_vec, against vsum + v_next / |v_next|) instead of a victim. next_new (with score_vec or
+    layer_norms): the ring has one slot, so the new token is next step's candidate (its terms
+    are computed with every other slot's, the tie rule needs equal terms for equal V).
     Returns (out (B, H, D), k, v, pos) (no pos when pos is None) and, with keep > 0, (vsum, next
-    step's victim, vnorm) after them; with score_vec, (dots, sq) after them.
+    step's victim, vnorm) after them (layer_norms: (vsum, dots, sq)); with score_vec, (dots, sq)
+    after them.
     """
     if qkv is not None:
         b, _, h, d = qkv.shape
@@ -258,17 +299,23 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     score = score_vec is not None
     if score and (dense or K):
         raise ValueError("evict_step: score_vec= goes with the window form (keep=0, pos given)")
+    layer = layer_norms is not None
+    if layer and (not K or terms is None or pos.shape[1] != 1):
+        raise ValueError("evict_step: layer_norms= goes with keep > 0, one row of positions and terms=")
     kern = functools.partial(_dense_kernel if dense else _evict_kernel, block_k=block_k, slots=s, c=c, P=prefix,
-                             K=K, scale=1.0 / math.sqrt(d), eps=eps, rope=rope is not None, score=score)
+                             K=K, scale=1.0 / math.sqrt(d), eps=eps, rope=rope is not None, score=score, layer=layer,
+                             next_new=next_new and (score or layer))
     sc = pl.BlockSpec((), lambda i, j: ())
     vec = pl.BlockSpec((None, None, d), lambda i, j: (i, j, 0))
     cache = pl.BlockSpec((None, None, s, d), lambda i, j: (i, j, 0, 0))
     per_slot = pl.BlockSpec((None, None, s), lambda i, j: (i, j, 0))
-    # pos (B, 1, S) (layer granularity, the window form): every head's program reads and writes the
-    # row's one copy; they write the same position to the same slot, and no program reads that slot.
+    # pos (B, 1, S) (layer granularity): every head's program reads and writes the row's one copy;
+    # they write the same positions to the same slots (the new token's, and o's at the row's dest),
+    # and no program reads those slots.
     shared_pos = not dense and pos.shape[1] == 1 and h > 1
-    if shared_pos and K:
-        raise ValueError("evict_step: one row of positions for all heads goes with the window form (keep=0)")
+    if shared_pos and K and not layer:
+        raise ValueError("evict_step: one row of positions for all heads goes with the window form (keep=0) "
+                         "or layer_norms=")
     pos_spec = pl.BlockSpec((None, None, s), lambda i, j: (i, 0, 0)) if shared_pos else per_slot
     if qkv is None:
         vecs, new = [vec] * 3, [q, k_new.astype(k.dtype), v_new.astype(v.dtype)]
@@ -286,8 +333,14 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     out_shape = [jax.ShapeDtypeStruct((b, h, d), v.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype)] + ([] if dense else [jax.ShapeDtypeStruct(pos.shape, jnp.int32)])
     aliases = {13: 1, 14: 2} if dense else {13: 1, 14: 2, 15: 3}  # k, v (, pos) are updated in place
-    if K:
-        one = pl.BlockSpec((None, None), lambda i, j: (i, j))
+    one = pl.BlockSpec((None, None), lambda i, j: (i, j))
+    if layer:
+        in_specs += [vec, pl.BlockSpec((None,), lambda i, j: (i,)), pl.BlockSpec((None, 4), lambda i, j: (i, 0))]
+        args += [vsum.astype(jnp.float32), victim.astype(jnp.int32), layer_norms.astype(jnp.float32)]
+        out_specs.append(vec)
+        out_shape.append(jax.ShapeDtypeStruct((b, h, d), jnp.float32))
+        aliases[17] = 4  # vsum
+    elif K:
         in_specs += [vec, one, per_slot]
         args += [vsum.astype(jnp.float32), victim.astype(jnp.int32), vnorm.astype(jnp.float32)]
         out_specs += [vec, one, per_slot]
@@ -297,10 +350,10 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     if rope is not None:  # (D,) = (cos_0, sin_0, cos_1, sin_1, ...), the same for every program
         in_specs.append(pl.BlockSpec((d,), lambda i, j: (0,)))
         args.append(rope.astype(jnp.float32).reshape(d))
-    if score:
+    if score or layer:
         dots, sq = (jnp.zeros((b, h, s), jnp.float32),) * 2 if terms is None else terms
-        in_specs += [vec, per_slot, per_slot]
-        args += [score_vec.astype(jnp.float32), dots.astype(jnp.float32), sq.astype(jnp.float32)]
+        in_specs += ([vec] if score else []) + [per_slot, per_slot]
+        args += ([score_vec.astype(jnp.float32)] if score else []) + [dots.astype(jnp.float32), sq.astype(jnp.float32)]
         aliases.update({len(args) - 2: len(out_specs), len(args) - 1: len(out_specs) + 1})
         out_specs += [per_slot, per_slot]
         out_shape += [jax.ShapeDtypeStruct((b, h, s), jnp.float32)] * 2
