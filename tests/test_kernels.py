@@ -242,7 +242,8 @@ def test_one_kernel_step_in_small_blocks_matches_xla(name, kw):
 
 @pytest.mark.parametrize("name,kw", [("adsa-evict", {}), ("adsa-evict", dict(granularity="layer")),
                                      ("adsa-evict", dict(granularity="layer", prefix=4, keep=12, local=1)),
-                                     ("adsa-evict", dict(granularity="layer", period=3))])
+                                     ("adsa-evict", dict(granularity="layer", period=3)),
+                                     ("adsa-evict", dict(prefix=4, keep=12, local=1, period=3))])
 def test_kernels_break_ties_as_xla(name, kw):
     """Every step's v one of three vectors, so candidates tie exactly: the kernel paths score equal V
     vectors equally (the moved token and, with a ring of one slot, the new one included) and evict

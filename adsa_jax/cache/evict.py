@@ -221,7 +221,7 @@ class Evict:
                          cond_slot_mask(cond_mask, self.slots)[:, 0], (slot, zero, zero, zero, zero, zero, self.c + t),
                          c=self.c, prefix=self.prefix, keep=0, qkv=qkv, rope=rope, score_vec=score_vec,
                          terms=None if score_vec is None else (cache["dots"], cache["sq"]), filled=self.filled(t),
-                         next_new=self.ring == 1,
+                         next_new=self.local == 1,
                          eps=EPS, config=self.kernels, interpret=self.attention == "pallas-interpret")
         new = {**cache, "k": res[1], "v": res[2], "pos": res[3]}
         if score_vec is not None:

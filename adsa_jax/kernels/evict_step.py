@@ -50,7 +50,8 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
     # terms; vs is this head's slice of
     # the row's running sum. The step moves o, updates vs and returns next step's score terms
     # (dots, sq as the window form's, against vs + v_next / |v_next|) instead of searching a victim.
-    # next_new (score or layer): a ring of one slot, whose new token is next step's candidate.
+    # next_new (score or layer): the new token is one of next step's candidates (a ring of one
+    # slot; at period s, a ring of s slots before a leaving step).
     dense = pos_ref is None
     if K:
         vs_ref, vic_ref, nm_ref, *rest = rest
@@ -190,8 +191,8 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
             best, at = jnp.where(better, sc, best), jnp.where(better, eff, at)
         if score or layer:  # every slot's terms after this step's writes, by one reduction (equal V,
             # equal terms: the first-maximum tie rule): o's V patched in at dest (layer), and with
-            # a ring of one slot the new token's at ws (next step's candidate); otherwise slot ws
-            # still holds the overwritten token, and the new token's terms follow the loop
+            # next_new the new token's at ws (next step's candidate); otherwise slot ws still
+            # holds the overwritten token, and the new token's terms follow the loop
             vt = v
             if layer:
                 vt = jnp.where((idx == dest)[:, None], v_o.astype(f32)[None, :], vt)
@@ -273,8 +274,9 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     vsum (B, H, D) is the row's (B, 1, H * D) running sum split into heads, vnorm is not used,
     and ``terms`` (dots, sq) are required: the step returns next step's score terms (as with
     score_vec, against vsum + v_next / |v_next|) instead of a victim. next_new (with score_vec or
-    layer_norms): the ring has one slot, so the new token is next step's candidate (its terms
-    are computed with every other slot's, the tie rule needs equal terms for equal V).
+    layer_norms): the new token is one of next step's candidates (a ring of one slot, or of s
+    slots before a leaving step of period s): its terms are computed with every other slot's,
+    as the tie rule needs equal terms for equal V.
     Returns (out (B, H, D), k, v, pos) (no pos when pos is None) and, with keep > 0, (vsum, next
     step's victim, vnorm) after them (layer_norms: (vsum, dots, sq)); with score_vec, (dots, sq)
     after them.
