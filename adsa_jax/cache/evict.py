@@ -243,6 +243,22 @@ class Evict:
         total = cache["vsum"] + normalized_v(v_next, self.granularity)[:, :, 0]  # (B, G, X)
         return self._window_step(cache, q, k, v, t, slot, cond_mask, qkv, rope, score_vec=total.reshape(b, h, d))
 
+    def _step_scalars(self, t):
+        """evict_step's scalars at step t (period 1): (ws, ring, moving, full, free, ring_next, new_pos)."""
+        c, P, K, M = self.c, self.prefix, self.keep, self.local
+        ring0 = c + P + K
+        ring = ring0 + jnp.mod(t - P, M)
+        n_moved = t - P - M  # tokens that moved to the pool before the one leaving the window now
+        return (jnp.where(t < P, c + t, ring), ring, t - P >= M, n_moved >= K, jnp.clip(n_moved, 0, max(K - 1, 0)),
+                ring0 + jnp.mod(t + 1 - P, M), c + t)
+
+    def _first_max(self, score, ring):
+        """The first maximum of score (B, G, K+M) over the candidates, the pool and o's ring slot
+        ``ring``: (B, G), 0..K-1 a pool position, K or more o itself."""
+        c, P, K, M = self.c, self.prefix, self.keep, self.local
+        cand = (jnp.arange(K + M) < K) | (jnp.arange(K + M) == ring - (c + P))
+        return jnp.argmax(jnp.where(cand, score, -BIG), axis=-1)
+
     def _decode_layer_kernel(self, cache, q, k, v, t, cond_mask, qkv, rope):
         """A layer-granularity step at period 1 (:meth:`layer_kernel`): XLA chooses each row's victim
         as :meth:`_to_pool` does, from the terms the last step's kernel returned (then the
@@ -252,15 +268,10 @@ class Evict:
         c, P, K, M = self.c, self.prefix, self.keep, self.local
         vc = cache["v"]
         b, h, _, d = vc.shape
-        ring0 = c + P + K
-        ring = ring0 + jnp.mod(t - P, M)
-        ring_next = ring0 + jnp.mod(t + 1 - P, M)
-        slot = jnp.where(t < P, c + t, ring)
-        n_moved = t - P - M  # tokens that moved to the pool before the one leaving the window now
+        scalars = self._step_scalars(t)
+        slot, ring, ring_next = scalars[0], scalars[1], scalars[5]
         with jax.named_scope("evict"):
-            score = self._pool_ring_scores(vc, None, (cache["dots"], cache["sq"]))  # (B, 1, K+M)
-            cand = (jnp.arange(K + M) < K) | (jnp.arange(K + M) == ring - (c + P))
-            first = jnp.argmax(jnp.where(cand, score, -BIG), axis=-1)  # (B, 1) first max: K or more is o
+            first = self._first_max(self._pool_ring_scores(vc, None, (cache["dots"], cache["sq"])), ring)  # (B, 1)
             ev = jnp.broadcast_to((c + P + jnp.minimum(first, K - 1))[:, :, None, None], (b, h, 1, 1))
             v_next = jnp.where(ring_next == slot, v[:, :, None].astype(vc.dtype),
                                jax.lax.dynamic_slice_in_dim(vc, ring_next, 1, axis=2))  # (B, H, 1, D)
@@ -268,7 +279,6 @@ class Evict:
             # max(|v|, eps) of each layer vector as normalized_v computes it, in one reduction; a
             # fourth lane (o again) for the kernel's 4-lane load
             norms = _layer_norms(jnp.concatenate([v_o, jnp.take_along_axis(vc, ev, axis=2), v_next, v_o], axis=2))
-        scalars = (slot, ring, t - P >= M, n_moved >= K, jnp.clip(n_moved, 0, K - 1), ring_next, c + t)
         res = evict_step(q, k, v, cache["k"], vc, cache["pos"], cond_slot_mask(cond_mask, self.slots)[:, 0], scalars,
                          c=c, prefix=P, keep=K, vsum=cache["vsum"].reshape(b, h, d),
                          victim=first[:, 0], qkv=qkv, rope=rope,
@@ -280,15 +290,10 @@ class Evict:
         return new, res[0]
 
     def _decode_one_kernel(self, cache, q, k, v, t, cond_mask, qkv=None, rope=None):
-        c, P, K, M = self.c, self.prefix, self.keep, self.local
-        ring0 = c + P + K
-        ring = ring0 + jnp.mod(t - P, M)
-        n_moved = t - P - M  # tokens that moved to the pool before the one leaving the window now
-        scalars = (jnp.where(t < P, c + t, ring), ring, t - P >= M, n_moved >= K, jnp.clip(n_moved, 0, max(K - 1, 0)),
-                   ring0 + jnp.mod(t + 1 - P, M), c + t)
+        c, P, K = self.c, self.prefix, self.keep
         cond_ok = cond_slot_mask(cond_mask, self.slots)[:, 0]  # (B, C)
-        res = evict_step(q, k, v, cache["k"], cache["v"], cache["pos"], cond_ok, scalars, c=c, prefix=P, keep=K,
-                         vsum=cache["vsum"] if K else None, victim=cache.get("victim"), vnorm=cache.get("vnorm"),
+        res = evict_step(q, k, v, cache["k"], cache["v"], cache["pos"], cond_ok, self._step_scalars(t), c=c, prefix=P,
+                         keep=K, vsum=cache["vsum"] if K else None, victim=cache.get("victim"), vnorm=cache.get("vnorm"),
                          qkv=qkv, rope=rope, filled=self.filled(t), eps=EPS, config=self.kernels,
                          interpret=self.attention == "pallas-interpret")
         new = {**cache, "k": res[1], "v": res[2], "pos": res[3]}
@@ -336,10 +341,7 @@ class Evict:
             # Score the contiguous slots [pool | ring] in place (o sits in the ring, after the pool,
             # so first-max order is pool then o) with one multiply-and-sum: identical V vectors get
             # bit-identical scores (tie rule), and nothing is concatenated or copied.
-            score = self._pool_ring_scores(vc, total, terms)  # (B, G, K+M)
-            cand = (jnp.arange(K + M) < K) | (jnp.arange(K + M) == ring - (c + P))
-            victim = jnp.argmax(jnp.where(cand, score, -BIG), axis=-1)  # (B, G) first max
-            victim = jnp.minimum(victim, K)  # o's ring position -> K
+            victim = jnp.minimum(self._first_max(self._pool_ring_scores(vc, total, terms), ring), K)  # (B, G)
         elif self.chooser == "random" and self.draw == "reservoir":
             # Algorithm R: o is the (n_moved + 1)-th token to leave the ring; r < K replaces pool slot r.
             keys = jax.vmap(lambda kk: jax.random.fold_in(kk, layer_index))(row_keys)

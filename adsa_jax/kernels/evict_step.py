@@ -61,7 +61,6 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         sv_ref, _, _, *rest = rest  # then the old terms, only aliased
     if layer:
         _, _, *rest = rest  # the old terms, only aliased
-    if layer:
         o_ref, ko_ref, vo_ref, po_ref, vso_ref, dots_ref, sq_ref = rest
     elif K:
         o_ref, ko_ref, vo_ref, po_ref, vso_ref, vico_ref, nmo_ref = rest
