@@ -392,11 +392,12 @@ class ShardedPolicy:
         if leave is False:  # not a leaving step: nothing to do, nothing to shard
             return caches
         specs = [S.cache_specs(cache, mesh, inner) for cache in caches]
+        out_specs = [S.cache_specs(cache, mesh, inner, extra=getattr(inner, "step_keys", ())) for cache in caches]
         keys = () if row_keys is None else (row_keys,)
 
         def f(caches, t, *keys):
             return inner.begin_step(caches, t, *keys, first_layer=first_layer, leave=leave)
-        return jax.shard_map(f, mesh=mesh, in_specs=(specs, P()) + (P(S.DATA),) * len(keys), out_specs=specs,
+        return jax.shard_map(f, mesh=mesh, in_specs=(specs, P()) + (P(S.DATA),) * len(keys), out_specs=out_specs,
                              check_vma=False)(caches, t, *keys)
 
     def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None, qkv=None, rope=None,
@@ -420,7 +421,8 @@ class ShardedPolicy:
 
         args = (cache, q, k, v, t, cond_mask) + tuple(x for x, _, _ in extra)
         specs = (cspec, hspec, hspec, hspec, P(), rows) + tuple(sp for _, sp, _ in extra)
-        return jax.shard_map(f, mesh=mesh, in_specs=specs, out_specs=(cspec, hspec), check_vma=False)(*args)
+        out = {k: sp for k, sp in cspec.items() if k not in getattr(inner, "step_keys", ())}  # decode drops them
+        return jax.shard_map(f, mesh=mesh, in_specs=specs, out_specs=(out, hspec), check_vma=False)(*args)
 
 
 def constrain_batch(x, mesh):

@@ -47,6 +47,8 @@ RULES = {
     "groups": MODEL,      # ADSA score groups: = heads at granularity 'head', 1 at 'layer' (then replicated)
     "features": None,     # ADSA running-sum width
     "keep": None,         # ADSA selected indices
+    "lanes": None,        # adsa-evict at 'layer': |v|^2 of o, the victim and the next leaving token
+    "layers": None,
     "tokens": None,       # image-token positions of the output
     "image_h": None, "image_w": None, "rgb": None,
 }
@@ -79,6 +81,11 @@ CACHE_AXES = {
     "dots": ("batch", "heads", "slots"),  # ADSA score terms from the Pallas kernel (adsa-evict)
     "sq": ("batch", "heads", "slots"),
     "victim": ("batch", "heads"),  # next step's victim slot (adsa-evict as one kernel)
+    "vnorm": ("batch", "heads", "slots"),  # max(|v_i|, eps) per slot (adsa-evict as one kernel)
+    # adsa-evict at 'layer': every layer's victim, chosen before the layers, and |v|^2 of its layer
+    # vectors (in one step's cache dicts only: Evict.begin_step to Evict.decode)
+    "victims": ("layers", "batch", "groups"),
+    "victims_sq": ("layers", "batch", "lanes"),
     "acc": ("batch", "heads", "slots"),  # h2o: attention accumulated per slot
 }
 
@@ -248,11 +255,13 @@ def heads_split(cache, policy=None) -> bool:
     return g is None or g.shape[1] == cache["k"].shape[1]
 
 
-def cache_specs(cache, mesh, policy=None) -> dict:
+def cache_specs(cache, mesh, policy=None, extra=()) -> dict:
     """PartitionSpec per cache entry: rows on data, heads (and ADSA groups when they are the
-    heads) on model, slots replicated."""
+    heads) on model, slots replicated. ``extra``: entries not yet in ``cache`` (the policy's
+    ``step_keys``, which its begin_step adds)."""
     rules = RULES if heads_split(cache, policy) else {**RULES, "heads": None, "groups": None}
-    return {k: logical_spec(CACHE_AXES[k], rules, shape=v.shape, mesh=mesh) for k, v in cache.items()}
+    return ({k: logical_spec(CACHE_AXES[k], rules, shape=v.shape, mesh=mesh) for k, v in cache.items()}
+            | {k: logical_spec(CACHE_AXES[k], rules, mesh=mesh) for k in extra if k not in cache})
 
 
 def local_rows(x):

@@ -88,7 +88,9 @@ def _assert_kernel_matches_xla(c2i, c2i_ref, pol, tokens=True, **switches):
     ("adsa-evict", {"prefix": 4, "keep": 12, "local": 1}, True, False),  # a ring of one: the new token is a candidate
     ("adsa-evict-all", {"budget": 0.5}, True, False),  # no prefix either
     ("adsa-evict", {"budget": 0.5, "period": 3, "granularity": "layer"}, True, False),  # the window's kernel
-    ("adsa-evict", {"budget": 0.75, "granularity": "layer"}, True, False)])  # the same, returning score terms
+    ("adsa-evict", {"budget": 0.75, "granularity": "layer"}, True, False),  # the same, returning score terms
+    # every layer's victim chosen before the layers (begin_step); a ring of one: the new token's norm
+    ("adsa-evict", {"prefix": 4, "keep": 12, "local": 1, "granularity": "layer"}, True, False)])
 def test_kernel_in_generation_matches_xla(c2i, c2i_ref, name, kw, one_kernel, tokens):
     """Logits within 1e-4 (and identical greedy tokens). dense, adsa-evict and window run either as
     one kernel per layer step (evict_step) or, with the switches off (and always for layer

@@ -99,6 +99,18 @@ def _child(c2i_dir, vq_dir, work, report_path):
                 assert tok.sharding.spec[0] == "data" and tok.shape == ref.shape
                 np.testing.assert_array_equal(np.asarray(tok), ref, err_msg=f"{pol} on {dict(mesh.shape)}")
 
+    @check("pallas_kernels_on_a_mesh")
+    def _():
+        # The step kernels (as a multi-GPU host runs them) on the tensor-parallel mesh: their cache
+        # entries (vnorm, victim; at 'layer' the per-step choice begin_step adds) have specs.
+        opts = adsa_jax.KernelConfig(attention="pallas-interpret")
+        sampling = adsa_jax.SamplingConfig(top_k=100)
+        for gran in ("head", "layer"):
+            policy = adsa_jax.make_policy(cfg, "adsa-evict", budget=0.75, granularity=gran)
+            ref = adsa_jax.generate(model, labels, key, sampling=sampling, policy=policy, options=opts)
+            tok = adsa_jax.generate(tp_model, labels, key, sampling=sampling, policy=policy, options=opts, mesh=tp)
+            np.testing.assert_array_equal(np.asarray(tok), np.asarray(ref), err_msg=gran)
+
     @check("data_parallel_has_no_collectives")
     def _():
         # Each device decodes its own rows: ADSA top-k / argmax / pool scatter stay local (ShardedPolicy).
@@ -224,8 +236,8 @@ def child(c2i_dir, vq_dir, tmp_path_factory):
     return {**res, "work": Path(res["work"])}
 
 
-CHECKS = ["meshes", *[case_name(p, kw) for p, kw in POLICIES], "data_parallel_has_no_collectives",
-          "non_divisible_batch_padded_and_trimmed", "params_resharded_only_when_off_the_mesh", "restore_onto_mesh",
+CHECKS = ["meshes", *[case_name(p, kw) for p, kw in POLICIES], "pallas_kernels_on_a_mesh",
+          "data_parallel_has_no_collectives", "non_divisible_batch_padded_and_trimmed", "params_resharded_only_when_off_the_mesh", "restore_onto_mesh",
           "resume"]
 
 

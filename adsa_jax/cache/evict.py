@@ -26,14 +26,6 @@ from ..config import ConfigError
 from .layout import BIG, EPS, attend, cond_slot_mask, normalized_v, write_slot
 
 
-def _layer_norms(v):
-    """v (B, H, N, D) -> (B, N) float32, max(|v|, eps) of each of the row's N layer vectors (as
-    normalized_v computes it)."""
-    b, h, n, d = v.shape
-    vf = v.astype(jnp.float32).transpose(0, 2, 1, 3).reshape(b, n, h * d)  # (B, N, H*D)
-    return jnp.maximum(jnp.sqrt(jnp.sum(vf * vf, axis=-1)), EPS)
-
-
 @dataclasses.dataclass(frozen=True)
 class Evict:
     """adsa-evict / adsa-evict-all / window / line / random / random-uniform: a fixed
@@ -150,7 +142,8 @@ class Evict:
             return self._decode_period(cache, q, k, v, t, cond_mask, layer_index, row_keys, qkv, rope, planned,
                                        before_leave)
         if K > 0 and self.layer_kernel(*q.shape[:2]):
-            return self._decode_layer_kernel(cache, q, k, v, t, cond_mask, qkv, rope)
+            return self._decode_layer_kernel(cache, q, k, v, t, cond_mask, qkv, rope,
+                                             layer_index if planned and "victims" in cache else None)
         ring0 = c + P + K
         ring = ring0 + jnp.mod(t - P, M)
         if K > 0:
@@ -259,35 +252,86 @@ class Evict:
         cand = (jnp.arange(K + M) < K) | (jnp.arange(K + M) == ring - (c + P))
         return jnp.argmax(jnp.where(cand, score, -BIG), axis=-1)
 
-    def _decode_layer_kernel(self, cache, q, k, v, t, cond_mask, qkv, rope):
+    def _decode_layer_kernel(self, cache, q, k, v, t, cond_mask, qkv, rope, at=None):
         """A layer-granularity step at period 1 (:meth:`layer_kernel`): XLA chooses each row's victim
-        as :meth:`_to_pool` does, from the terms the last step's kernel returned (then the
-        first maximum over the pool and o), and the layer-vector norms of o, the victim and next
-        step's leaving token; one evict_step then moves o, updates the running sum, writes, attends
-        and returns next step's terms."""
+        as :meth:`_to_pool` does, from the terms the last step's kernel returned (then the first
+        maximum over the pool and o), and the layer-vector norms of o, the victim and next step's
+        leaving token (:meth:`_layer_choice`); one evict_step then moves o, updates the running sum,
+        writes, attends and returns next step's terms. ``at``: this layer's row of the choice
+        :meth:`begin_step` made for every layer (``cache['victims']``, ``cache['victims_sq']``), which
+        the kernel reads in place: no per-layer slice."""
         c, P, K, M = self.c, self.prefix, self.keep, self.local
         vc = cache["v"]
         b, h, _, d = vc.shape
-        scalars = self._step_scalars(t)
-        slot, ring, ring_next = scalars[0], scalars[1], scalars[5]
-        with jax.named_scope("evict"):
-            first = self._first_max(self._pool_ring_scores(vc, None, (cache["dots"], cache["sq"])), ring)  # (B, 1)
-            ev = jnp.broadcast_to((c + P + jnp.minimum(first, K - 1))[:, :, None, None], (b, h, 1, 1))
-            v_next = jnp.where(ring_next == slot, v[:, :, None].astype(vc.dtype),
-                               jax.lax.dynamic_slice_in_dim(vc, ring_next, 1, axis=2))  # (B, H, 1, D)
-            v_o = jax.lax.dynamic_slice_in_dim(vc, ring, 1, axis=2)  # (B, H, 1, D)
-            # max(|v|, eps) of each layer vector as normalized_v computes it, in one reduction; a
-            # fourth lane (o again) for the kernel's 4-lane load
-            norms = _layer_norms(jnp.concatenate([v_o, jnp.take_along_axis(vc, ev, axis=2), v_next, v_o], axis=2))
-        res = evict_step(q, k, v, cache["k"], vc, cache["pos"], cond_slot_mask(cond_mask, self.slots)[:, 0], scalars,
-                         c=c, prefix=P, keep=K, vsum=cache["vsum"].reshape(b, h, d),
-                         victim=first[:, 0], qkv=qkv, rope=rope,
-                         terms=(cache["dots"], cache["sq"]), filled=self.filled(t), layer_norms=norms,
+        if at is None or "victims_sq" not in cache:
+            with jax.named_scope("evict"):
+                first, sq = self._layer_choice([cache], t, v, None if at is None else cache["victims"][at])
+            at = 0
+        else:
+            first, sq = cache["victims"], cache["victims_sq"]
+        res = evict_step(q, k, v, cache["k"], vc, cache["pos"], cond_slot_mask(cond_mask, self.slots)[:, 0],
+                         self._step_scalars(t), c=c, prefix=P, keep=K, vsum=cache["vsum"].reshape(b, h, d),
+                         victim=first[..., 0], qkv=qkv, rope=rope,
+                         terms=(cache["dots"], cache["sq"]), filled=self.filled(t), layer_sq=sq, layer_index=at,
                          next_new=M == 1, eps=EPS,
                          config=self.kernels, interpret=self.attention == "pallas-interpret")
-        new = {**cache, "k": res[1], "v": res[2], "pos": res[3], "vsum": res[4].reshape(b, 1, h * d),
-               "dots": res[5], "sq": res[6]}
+        new = {key: x for key, x in cache.items() if key not in ("victims", "victims_sq")}
+        new.update(k=res[1], v=res[2], pos=res[3], vsum=res[4].reshape(b, 1, h * d), dots=res[5], sq=res[6])
         return new, res[0]
+
+    def _layer_choice(self, caches, t, v_new=None, first=None):
+        """Step t's choice for every layer ``caches`` at layer granularity, period 1: (first (L, B, 1),
+        sq (L, B, 4)). first: the first maximum (:meth:`_first_max`) of the score terms in each
+        cache (given: one layer's (B, 1), not recomputed). sq: |v|^2 of the layer vectors of o (the
+        token leaving the ring), the victim, next step's leaving token and o again (the kernel's
+        4-lane load; it takes max(|v|, eps) as normalized_v does). With a ring of one slot next
+        step's leaving token is the new token, whose V (B, H, D) is ``v_new`` (one layer); without
+        it sq is None. Stacked over layers, each is one XLA reduction for all L layers, not one
+        kernel per layer."""
+        c, P, K, M = self.c, self.prefix, self.keep, self.local
+        _, ring, _, _, _, ring_next, _ = self._step_scalars(t)
+        b, h = caches[0]["v"].shape[:2]
+        if first is None:
+            terms = tuple(jnp.stack([cache[n] for cache in caches]) for n in ("dots", "sq"))  # (L, B, H, S) each
+            n, _, _, s = terms[0].shape
+            score = self._pool_ring_scores(None, None, tuple(x.reshape(n * b, h, s) for x in terms))  # (L*B, 1, X)
+            first = self._first_max(score, ring).reshape(n, b, 1)
+        else:
+            first = first[None]
+        if M == 1 and v_new is None:
+            return first, None
+        slot = jnp.where(t < P, c + t, ring)
+        vecs = []
+        for cache, f in zip(caches, first):
+            vc = cache["v"]
+            ev = jnp.broadcast_to((c + P + jnp.minimum(f, K - 1))[:, :, None, None], (b, h, 1, 1))
+            v_next = jax.lax.dynamic_slice_in_dim(vc, ring_next, 1, axis=2)  # (B, H, 1, D)
+            if M == 1:  # ring_next == slot once the prefix is full
+                v_next = jnp.where(ring_next == slot, v_new[:, :, None].astype(vc.dtype), v_next)
+            v_o = jax.lax.dynamic_slice_in_dim(vc, ring, 1, axis=2)
+            vecs.append(jnp.stack([x.reshape(b, -1) for x in (v_o, jnp.take_along_axis(vc, ev, axis=2), v_next, v_o)],
+                                  axis=1))  # (B, 4, H*D)
+        vf = jnp.stack(vecs).astype(jnp.float32)  # (L, B, 4, H*D)
+        return first, jnp.sum(vf * vf, axis=-1)
+
+    @property
+    def step_keys(self) -> tuple:
+        """The entries :meth:`begin_step` adds to every layer's cache dict for that step's decode,
+        which drops them (:attr:`layer_choice`)."""
+        if not self.layer_choice:
+            return ()
+        return ("victims", "victims_sq") if self.local > 1 else ("victims",)
+
+    @property
+    def layer_choice(self) -> bool:
+        """Whether :meth:`begin_step` at period 1 makes every layer's choice (:meth:`_layer_choice`)
+        for :meth:`_decode_layer_kernel`: layer granularity on the kernel path as configured (each
+        layer's step still checks :meth:`layer_kernel` for its rows; an unused choice is dead code).
+        The choice travels in each layer's cache dict (``victims`` (L, B, 1), with a ring of more
+        than one slot ``victims_sq`` (L, B, 4), the same arrays for every layer) from begin_step to
+        the layer's decode, which drops it."""
+        return (self.period == 1 and self.fused_score and self.granularity == "layer"
+                and self.kernels.layer_move_in_kernel and self.kernels.evict_one_kernel)
 
     def _decode_one_kernel(self, cache, q, k, v, t, cond_mask, qkv=None, rope=None):
         c, P, K = self.c, self.prefix, self.keep
@@ -388,8 +432,9 @@ class Evict:
     def begin_step(self, caches, t, row_keys=None, first_layer: int = 0, leave: bool | None = None):
         """Before step t's layers run: every layer's move of the s oldest ring tokens (period s > 1),
         planned for all layers ``caches`` (a list, layer ``first_layer`` first) under one
-        ``lax.cond``; the caches unchanged at period 1. The model calls it once per step, then each
-        layer's ``decode(..., planned=True)``.
+        ``lax.cond``. At period 1 only layer granularity on the kernel path does work here: every
+        layer's victim (:attr:`layer_choice`). The model calls it once per step, then each layer's
+        ``decode(..., planned=True)``.
 
         The s tokens leave at j = R, R + s, R + 2s, ... (j = t - P): a real branch, so the other
         s - 1 steps of a period skip the scoring. XLA:GPU runs a conditional by copying its
@@ -401,7 +446,16 @@ class Evict:
         ``leave`` (static; from :attr:`leave_schedule`): None branches on t as above; False: t is
         not a leaving step, nothing to do; True: plan without a branch, then keep the plan only if
         t is a leaving step (a select: any step is still correct, only slower)."""
-        if self.period == 1 or leave is False:
+        if self.period == 1:
+            if not (self.layer_choice and caches):
+                return caches
+            with jax.named_scope("evict"):
+                first, sq = self._layer_choice(caches, t)
+            # Rows first_layer + i: decode's layer_index indexes them.
+            pad = [(first_layer, 0)] + [(0, 0)] * (first.ndim - 1)
+            choice = dict(zip(self.step_keys, (jnp.pad(first, pad), None if sq is None else jnp.pad(sq, pad))))
+            return [{**cache, **choice} for cache in caches]
+        if leave is False:
             return caches
         static_leave = leave
         P, R, s = self.prefix, self.ring, self.period

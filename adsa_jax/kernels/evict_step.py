@@ -117,7 +117,8 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
             victim = jnp.where(at == ring, K, at - (c + P))  # 0..K-1 a pool position, K = o itself
         ev = c + P + jnp.minimum(victim, K - 1)
         if layer:
-            norms = plgpu.load(nm_ref.at[pl.ds(0, 4)])  # (4,)
+            # max(|v|, eps) here: as an XLA epilogue the sqrt cost a kernel launch per layer
+            norms = jnp.maximum(jnp.sqrt(plgpu.load(nm_ref.at[pl.ds(0, 4)])), eps)  # (4,)
             n_o, n_ev, n_next = (jnp.sum(jnp.where(jnp.arange(4) == i, norms, 0.0)) for i in range(3))
         else:  # the cached |v| of o and of the victim; the new token's
             n_o, n_new = jnp.sum(plgpu.load(nm_ref.at[pl.ds(ring, 1)])), norm(v_new)
@@ -235,7 +236,7 @@ def _dense_kernel(*refs, **kw):
 
 def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: int, keep: int, vsum=None,
                victim=None, vnorm=None, qkv=None, rope=None, score_vec=None, terms=None, filled=None,
-               layer_norms=None, next_new: bool = False, eps: float = 1e-6,
+               layer_sq=None, layer_index: int = 0, next_new: bool = False, eps: float = 1e-6,
                config: KernelConfig = KernelConfig(),
                block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                interpret: bool = False):
@@ -266,18 +267,19 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     of V (the terms :meth:`adsa_jax.cache.evict.Evict.decode` scores next step's candidates with at
     layer granularity; as :func:`adsa_jax.kernels.decode_attention`'s). terms: the (dots, sq) to
     update in place (a slot not read keeps its terms; default zeros).
-    layer_norms (B, 4) float32 (keep > 0, layer granularity: pos (B, 1, S)): each row's
-    layer-vector max(|v|, eps) of o (the token leaving the ring), of this step's victim and of next
+    layer_sq (B, 4) float32 (keep > 0, layer granularity: pos (B, 1, S)): each row's
+    layer-vector |v|^2 of o (the token leaving the ring), of this step's victim and of next
     step's leaving token, then an unused lane. The victim (B,) comes from XLA (0..K-1 a pool
-    position, K or more the token o itself),
+    position, K or more the token o itself). Or both stacked over layers, (L, B) and (L, B, 4),
+    read at row ``layer_index`` (static) in place: one XLA choice for every layer, no slices.
     vsum (B, H, D) is the row's (B, 1, H * D) running sum split into heads, vnorm is not used,
     and ``terms`` (dots, sq) are required: the step returns next step's score terms (as with
     score_vec, against vsum + v_next / |v_next|) instead of a victim. next_new (with score_vec or
-    layer_norms): the new token is one of next step's candidates (a ring of one slot, or of s
+    layer_sq): the new token is one of next step's candidates (a ring of one slot, or of s
     slots before a leaving step of period s): its terms are computed with every other slot's,
     as the tie rule needs equal terms for equal V.
     Returns (out (B, H, D), k, v, pos) (no pos when pos is None) and, with keep > 0, (vsum, next
-    step's victim, vnorm) after them (layer_norms: (vsum, dots, sq)); with score_vec, (dots, sq)
+    step's victim, vnorm) after them (layer_sq: (vsum, dots, sq)); with score_vec, (dots, sq)
     after them.
     """
     if qkv is not None:
@@ -300,9 +302,9 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     score = score_vec is not None
     if score and (dense or K):
         raise ValueError("evict_step: score_vec= goes with the window form (keep=0, pos given)")
-    layer = layer_norms is not None
+    layer = layer_sq is not None
     if layer and (not K or terms is None or pos.shape[1] != 1):
-        raise ValueError("evict_step: layer_norms= goes with keep > 0, one row of positions and terms=")
+        raise ValueError("evict_step: layer_sq= goes with keep > 0, one row of positions and terms=")
     kern = functools.partial(_dense_kernel if dense else _evict_kernel, block_k=block_k, slots=s, c=c, P=prefix,
                              K=K, scale=1.0 / math.sqrt(d), eps=eps, rope=rope is not None, score=score, layer=layer,
                              next_new=next_new and (score or layer))
@@ -316,7 +318,7 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     shared_pos = not dense and pos.shape[1] == 1 and h > 1
     if shared_pos and K and not layer:
         raise ValueError("evict_step: one row of positions for all heads goes with the window form (keep=0) "
-                         "or layer_norms=")
+                         "or layer_sq=")
     pos_spec = pl.BlockSpec((None, None, s), lambda i, j: (i, 0, 0)) if shared_pos else per_slot
     if qkv is None:
         vecs, new = [vec] * 3, [q, k_new.astype(k.dtype), v_new.astype(v.dtype)]
@@ -336,8 +338,11 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     aliases = {13: 1, 14: 2} if dense else {13: 1, 14: 2, 15: 3}  # k, v (, pos) are updated in place
     one = pl.BlockSpec((None, None), lambda i, j: (i, j))
     if layer:
-        in_specs += [vec, pl.BlockSpec((None,), lambda i, j: (i,)), pl.BlockSpec((None, 4), lambda i, j: (i, 0))]
-        args += [vsum.astype(jnp.float32), victim.astype(jnp.int32), layer_norms.astype(jnp.float32)]
+        if victim.ndim == 1:  # one layer's choice, not a stack of them
+            victim, layer_sq, layer_index = victim[None], layer_sq[None], 0
+        in_specs += [vec, pl.BlockSpec((None, None), lambda i, j: (layer_index, i)),
+                     pl.BlockSpec((None, None, 4), lambda i, j: (layer_index, i, 0))]
+        args += [vsum.astype(jnp.float32), victim.astype(jnp.int32), layer_sq.astype(jnp.float32)]
         out_specs.append(vec)
         out_shape.append(jax.ShapeDtypeStruct((b, h, d), jnp.float32))
         aliases[17] = 4  # vsum
