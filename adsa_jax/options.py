@@ -123,12 +123,13 @@ class KernelConfig:
     # step reading every layer's V again in XLA (0.08 s a call per head, 0.12 s per layer in the
     # profile, H200 384 px batch 64, s = 8). Not yet timed end to end.
     leave_score_in_kernel: bool = True
-    # Layer granularity at period 1 on the kernel path: XLA picks each row's victim from last step's
-    # score terms (summed over heads) and the three layer-vector norms the move needs, and evict_step
-    # moves o, updates the running sum and returns next step's terms (off: XLA moves o and updates
-    # the sum, three scatters and about six fusions a layer, then the window's kernel). Compiled for
-    # the H200 (benchmarks/compiled_kernels.py), GPT-XL 384 px batch 64: 449 kernels a step, not 631
-    # (head: 302). Not yet timed.
+    # Layer granularity at period 1 on the kernel path: before the layers, XLA picks every layer's
+    # victims from last step's score terms (summed over heads) and the three layer-vector norms the
+    # moves need (one reduction each for all layers), and each layer's evict_step moves o, updates
+    # the running sum and returns next step's terms (off: XLA moves o and updates the sum, three
+    # scatters and about six fusions a layer, then the window's kernel). Compiled for the H200
+    # (benchmarks/compiled_kernels.py), GPT-XL 384 px batch 64: 306 kernels a step, not 631 (head:
+    # 302). Not yet timed.
     layer_move_in_kernel: bool = True
     # One program per (row, head) loops over the cache's blocks: with few programs and a long cache
     # that loop is the step's latency, where the other path splits the slots over programs. With 256
