@@ -108,6 +108,17 @@ def test_kernel_in_generation_matches_xla(c2i, c2i_ref, name, kw, one_kernel, to
         np.testing.assert_array_equal(np.asarray(toks), c2i_ref["greedy_cfg_tokens"])
 
 
+def test_layer_choice_unused_where_the_kernel_does_not_fit(c2i, c2i_ref):
+    """Layer granularity on the kernel path: begin_step chooses every layer's victim for a step
+    kernel that, for these rows and slots, does not run (one_kernel_fits is False); each layer's
+    step drops the choice and runs the XLA moves around the attention kernel."""
+    pol = make_policy(c2i.config, "adsa-evict", budget=0.75, granularity="layer")
+    switches = dict(one_kernel_min_row_heads=10**6, one_kernel_max_slots=1)
+    kern = on_kernels(pol, **switches)
+    assert kern.layer_choice and not kern.kernel_step(2 * len(c2i_ref["labels"]), c2i.config.n_head)
+    _assert_kernel_matches_xla(c2i, c2i_ref, pol, tokens=False, **switches)
+
+
 @pytest.mark.parametrize("name,kw", [("dense", {}), ("adsa-evict", {"budget": 0.5}), ("window", {"budget": 0.5})])
 def test_rope_before_the_kernel_matches_xla(c2i, c2i_ref, name, kw):
     """rope_in_kernel=False: XLA rotates q and k before the step kernel (by default the kernel

@@ -134,6 +134,9 @@ class Evict:
         step t + 1 is a leaving step whose :meth:`begin_step` gets ``leave=True``; with
         :attr:`fused_leave_score` this step's kernel computes that step's score terms."""
         c, P, K, M = self.c, self.prefix, self.keep, self.local
+        # begin_step's choice for this step (step_keys) never goes back into the cache
+        choice = {key: cache[key] for key in self.step_keys if key in cache}
+        cache = {key: x for key, x in cache.items() if key not in choice}
         kc, vc, pos, vsum = cache["k"], cache["v"], cache["pos"], cache["vsum"]
         # init() chose the path for the whole call (a device of a mesh sees fewer rows than init).
         if ("victim" in cache) if K else self.one_kernel(*q.shape[:2]):
@@ -143,7 +146,7 @@ class Evict:
                                        before_leave)
         if K > 0 and self.layer_kernel(*q.shape[:2]):
             return self._decode_layer_kernel(cache, q, k, v, t, cond_mask, qkv, rope,
-                                             layer_index if planned and "victims" in cache else None)
+                                             (layer_index, choice) if planned and choice else None)
         ring0 = c + P + K
         ring = ring0 + jnp.mod(t - P, M)
         if K > 0:
@@ -252,31 +255,32 @@ class Evict:
         cand = (jnp.arange(K + M) < K) | (jnp.arange(K + M) == ring - (c + P))
         return jnp.argmax(jnp.where(cand, score, -BIG), axis=-1)
 
-    def _decode_layer_kernel(self, cache, q, k, v, t, cond_mask, qkv, rope, at=None):
+    def _decode_layer_kernel(self, cache, q, k, v, t, cond_mask, qkv, rope, chosen=None):
         """A layer-granularity step at period 1 (:meth:`layer_kernel`): XLA chooses each row's victim
         as :meth:`_to_pool` does, from the terms the last step's kernel returned (then the first
         maximum over the pool and o), and the layer-vector norms of o, the victim and next step's
         leaving token (:meth:`_layer_choice`); one evict_step then moves o, updates the running sum,
-        writes, attends and returns next step's terms. ``at``: this layer's row of the choice
-        :meth:`begin_step` made for every layer (``cache['victims']``, ``cache['victims_sq']``), which
-        the kernel reads in place: no per-layer slice."""
+        writes, attends and returns next step's terms. ``chosen``: (this layer's row, the choice
+        :meth:`begin_step` made for every layer: ``victims`` and ``victims_sq``), which the kernel
+        reads in place: no per-layer slice."""
         c, P, K, M = self.c, self.prefix, self.keep, self.local
         vc = cache["v"]
         b, h, _, d = vc.shape
-        if at is None or "victims_sq" not in cache:
-            with jax.named_scope("evict"):
-                first, sq = self._layer_choice([cache], t, v, None if at is None else cache["victims"][at])
-            at = 0
+        at, choice = chosen or (0, {})
+        if "victims_sq" in choice:
+            first, sq = choice["victims"], choice["victims_sq"]
         else:
-            first, sq = cache["victims"], cache["victims_sq"]
+            with jax.named_scope("evict"):
+                first, sq = self._layer_choice([cache], t, v, choice["victims"][at] if choice else None)
+            at = 0
         res = evict_step(q, k, v, cache["k"], vc, cache["pos"], cond_slot_mask(cond_mask, self.slots)[:, 0],
                          self._step_scalars(t), c=c, prefix=P, keep=K, vsum=cache["vsum"].reshape(b, h, d),
                          victim=first[..., 0], qkv=qkv, rope=rope,
                          terms=(cache["dots"], cache["sq"]), filled=self.filled(t), layer_sq=sq, layer_index=at,
                          next_new=M == 1, eps=EPS,
                          config=self.kernels, interpret=self.attention == "pallas-interpret")
-        new = {key: x for key, x in cache.items() if key not in ("victims", "victims_sq")}
-        new.update(k=res[1], v=res[2], pos=res[3], vsum=res[4].reshape(b, 1, h * d), dots=res[5], sq=res[6])
+        new = {**cache, "k": res[1], "v": res[2], "pos": res[3], "vsum": res[4].reshape(b, 1, h * d),
+               "dots": res[5], "sq": res[6]}
         return new, res[0]
 
     def _layer_choice(self, caches, t, v_new=None, first=None):
