@@ -584,6 +584,10 @@ def generate(model: Model, cond, key, *, sampling: SamplingConfig = SamplingConf
         raise ConfigError(f"example_ids must have shape ({b},), got {example_ids.shape}")
     if mesh is None and jax.device_count() > 1 and jax.process_count() == 1:
         mesh = S.make_mesh()  # default: data parallel over every visible device (pass mesh= to choose)
+        if isinstance(options, KernelConfig) and options.gemm not in ("auto", "xla"):
+            raise ConfigError(f"gemm={options.gemm!r} runs on one device, and with no mesh given generate "
+                              f"spreads the batch over all {jax.device_count()} devices: make one visible "
+                              "(CUDA_VISIBLE_DEVICES=0) or use gemm='auto'")
     scalars = _scalars(sampling)
     if isinstance(options, KernelConfig) and options.batch_invariant:
         return generate_invariant(model, cond, mask, key, example_ids, scalars, policy=pol, use_cfg=use_cfg, mesh=mesh,

@@ -16,11 +16,18 @@ def test_generate_uses_all_devices_by_default(c2i_dir):
         sampling = adsa_jax.SamplingConfig(top_k=50)
         auto = adsa_jax.generate(m, labels, jax.random.key(3), sampling=sampling)
         explicit = adsa_jax.generate(m, labels, jax.random.key(3), sampling=sampling, mesh=make_mesh(data=4))
+        try:  # a one-device kernel, asked for by name: refused before any compile, saying why
+            adsa_jax.generate(m, labels, jax.random.key(3), options=adsa_jax.KernelConfig(gemm="pallas-interpret"))
+            refused = ""
+        except adsa_jax.config.ConfigError as e:
+            refused = str(e)
         print(json.dumps({{"n": jax.device_count(), "devices": len(auto.sharding.device_set),
-                           "same": bool((np.asarray(auto) == np.asarray(explicit)).all())}}))
+                           "same": bool((np.asarray(auto) == np.asarray(explicit)).all()), "refused": refused}}))
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
+    refused = out.pop("refused")
     assert out == {"n": 4, "devices": 4, "same": True}
+    assert "all 4 devices" in refused and "CUDA_VISIBLE_DEVICES" in refused, refused
