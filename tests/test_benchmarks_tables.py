@@ -106,9 +106,9 @@ def test_equal_memory_target_pairs_the_rows_of_one_cap():
                  img_per_s=16.0, s_per_image=1 / 16)
     line = next(x for x in mt.t_targets([dense, evict]) if "memory cap" in x)
     assert "1.60x at 384 px, 40 GiB | met" in line
-X
-    line = next(x for x in mt.t_targets([dict(dense, floor_s=4.0), dict(evict, floor_s=5.0)]) if "memory cap" in x)
-    assert "1.60x at 384 px, 40 GiB (at both batches' floors: 1.60x at 384 px, 40 GiB) | met" in line
+    # with the rows' floors: the same two batches at their floors, (200 / 6.25) / (100 / 4) = 1.28x
+    line = next(x for x in mt.t_targets([dict(dense, floor_s=4.0), dict(evict, floor_s=6.25)]) if "memory cap" in x)
+    assert "1.60x at 384 px, 40 GiB (at both batches' floors: 1.28x at 384 px, 40 GiB) | met" in line
 
 
 def test_a_new_cap_search_replaces_the_old_one_and_fills_the_cap_table():
