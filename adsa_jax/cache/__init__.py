@@ -11,7 +11,9 @@ A policy whose class sets ``takes_qkv = True`` is also passed ``qkv=`` (B, 3, H,
 q, k, v in one array but before RoPE, and ``rope=`` (D/2, 2), the position's RoPE row, which
 its Pallas step kernel reads in place (no copies). A policy with ``begin_step(caches, t, row_keys)
 -> caches`` gets every layer's cache once per step before the layers run, then ``decode(...,
-planned=True)``: work that can share one branch across layers (adsa-evict's period s > 1). With
+planned=True)``: work that can share one branch or one kernel across layers (adsa-evict's period
+s > 1; at layer granularity on the kernel path, every layer's victim). What it adds to the dicts
+for that step (the policy's ``step_keys``) the step's decode drops. With
 a static schedule (``leave_schedule``) the step before a leaving one is ``decode(...,
 before_leave=True)``, so it may prepare that step's work. A class with ``full_cache = True`` keeps
 image token t in slot c + t, so a decode scan segment need read only the slots it can have filled.
