@@ -1,13 +1,15 @@
 """Where a generate call's GPU time goes (GPU): `python3 benchmarks/generate_profile.py [MODEL:PX:BATCH:POLICY[:BUDGET[:GRAN[:PERIOD]]] ...]`.
 
-Random weights, bf16, CFG 4, top-k 2000, default kernel settings (as `adsa-jax bench`). One call is
-compiled, run once to warm up, then traced; its GPU kernels are summed by kind (weight GEMMs,
-attention and cache kernels, sampling, other XLA fusions) and the rest of the span between the
-first kernel's start and the last one's end is idle GPU time (launch gaps). Each row also keeps the
-30 longest kernels with their launches, and the compiled program's copies of 1 MiB or more
-(`copies`: result shape and how many copy instructions make it; an in-place update XLA cannot prove
-safe shows up there as a copy of the whole cache). Writes $OUT/generate_profile.json and prints one
-line per configuration.
+Random weights, bf16, CFG 4, top-k 2000, default kernel settings (as `adsa-jax bench`, whose
+compile_one makes the program). One call is compiled, run once to warm up, then traced; its GPU
+kernels are summed by kind (weight GEMMs, attention and cache kernels, sampling, other XLA fusions)
+and the rest of the span between the first kernel's start and the last one's end is idle GPU time
+(launch gaps). Each row also keeps the 30 longest kernels as [seconds, launches, source]: for an
+XLA kernel, the JAX code that made it (the instruction's op_name in the optimized HLO, whose name
+the kernel bears, e.g. "evict/..." under jax.named_scope("evict")) and its opcode and shape; and the
+program's copies of 1 MiB or more (`copies`: result shape and how many copy instructions make it;
+an in-place update XLA cannot prove safe shows up there as a copy of the whole cache). Writes
+$OUT/generate_profile.json and prints one line per configuration.
 """
 import collections
 import json
@@ -54,6 +56,20 @@ def big_copies(hlo_text: str, least=1 << 20) -> dict:
     return dict(out.most_common())
 
 
+INSTR = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (\S+) ([a-z\-]+)\(.*?op_name="([^"]*)"', re.M)
+SCOPE = re.compile(r"^jit\([^)]*\)/|while/body/|closed_call/|jit\(([^)]*)\)/")
+
+
+def hlo_sources(hlo_text: str) -> dict:
+    """{kernel name: "op_name scope | opcode shape"} for the instructions of optimized HLO: XLA:GPU
+    names a kernel after its instruction, '.' written '_' (fusion.12 -> fusion_12)."""
+    out = {}
+    for name, shape, op, op_name in INSTR.findall(hlo_text):
+        scope = SCOPE.sub(lambda m: f"{m.group(1)}/" if m.group(1) else "", op_name)
+        out[name.replace(".", "_")] = f"{scope} | {op} {shape.split('{')[0][:60]}"
+    return out
+
+
 def profile(spec: str) -> dict:
     model, px, batch, pol, *rest = spec.split(":")
     cfg = named_config(model, image_size=int(px))
@@ -65,12 +81,13 @@ def profile(spec: str) -> dict:
     policy = adsa_jax.make_policy(cfg, pol, **({} if pol == "dense" else {"budget": budget, "granularity": gran,
                                                                              **period}))
     m = Model(cfg, init_params(cfg, jax.random.key(0), jnp.bfloat16))
-    labels = jnp.arange(int(batch), dtype=jnp.int32) % cfg.num_classes
-    run = lambda: jax.block_until_ready(adsa_jax.generate(m, labels, jax.random.key(1), policy=policy))  # noqa: E731
-    copies = big_copies(compile_one(m, int(batch), policy)["compiled"].as_text())  # as bench compiles it
-    t0 = time.time()
+    prep = compile_one(m, int(batch), policy)  # the program bench times, compiled once
+    hlo = prep["compiled"].as_text()
+    copies, sources = big_copies(hlo), hlo_sources(hlo)
+    cond, mask, ids, scalars = prep["args"]
+    run = lambda: prep["compiled"](m.params, cond, mask, jax.random.key(1), ids, scalars).block_until_ready()  # noqa: E731
+    compile_s = prep["row"]["compile_s"]
     run()
-    compile_s = time.time() - t0
     t0 = time.time()
     run()
     call_s = time.time() - t0
@@ -81,7 +98,7 @@ def profile(spec: str) -> dict:
     busy = sum(by.values())
     row = {"spec": spec, "device": jax.devices()[0].device_kind, "jax": jax.__version__, "compile_s": compile_s,
            "call_s": call_s, "span_s": span / 1e6, "kernels_s": by, "idle_s": span / 1e6 - busy,
-           "launches": sum(cnt.values()), "top": {k: [v / 1e6, cnt[k]] for k, v in agg.most_common(30)},
+           "launches": sum(cnt.values()), "top": {k: [v / 1e6, cnt[k], sources.get(k)] for k, v in agg.most_common(30)},
            "copies": copies}
     shares = " ".join(f"{k} {100 * v / max(span / 1e6, 1e-9):.0f}%" for k, v in sorted(by.items()))
     print(f"{spec}: call {call_s:.3f} s, traced span {span / 1e6:.3f} s: {shares}, idle "
