@@ -126,7 +126,8 @@ class KernelConfig:
     # Layer granularity at period 1 on the kernel path: before the layers, XLA picks every layer's
     # victims from last step's score terms (summed over heads) and the three layer-vector norms the
     # moves need (one reduction each for all layers), and each layer's evict_step moves o, updates
-    # the running sum and returns next step's terms (off: XLA moves o and updates the sum, three
+    # the running sum and returns next step's terms, a slot's |v|^2 written once with its token
+    # rather than recomputed every step (off: XLA moves o and updates the sum, three
     # scatters and about six fusions a layer, then the window's kernel). Compiled for the H200
     # (benchmarks/compiled_kernels.py), GPT-XL 384 px batch 64: 306 kernels a step, not 631 (head:
     # 302). Not yet timed.

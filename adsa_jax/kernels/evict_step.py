@@ -49,7 +49,9 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
     # token (nm, 4 lanes, the last unused) come from XLA, which chose the victim from the score
     # terms; vs is this head's slice of
     # the row's running sum. The step moves o, updates vs and returns next step's score terms
-    # (dots, sq as the window form's, against vs + v_next / |v_next|) instead of searching a victim.
+    # (dots, sq as the window form's, against vs + v_next / |v_next|) instead of searching a victim;
+    # a slot's sq (|v|^2) is written with its token (the new one at ws, o's own at dest), not
+    # recomputed every step: one reduction per slot fewer.
     # next_new (score or layer): the new token is one of next step's candidates (a ring of one
     # slot; at period s, a ring of s slots before a leaving step).
     dense = pos_ref is None
@@ -60,7 +62,7 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
     if score:
         sv_ref, _, _, *rest = rest  # then the old terms, only aliased
     if layer:
-        _, _, *rest = rest  # the old terms, only aliased
+        _, sq_in, *rest = rest  # the old terms (aliased); o's |v|^2 is read from them
         o_ref, ko_ref, vo_ref, po_ref, vso_ref, dots_ref, sq_ref = rest
     elif K:
         o_ref, ko_ref, vo_ref, po_ref, vso_ref, vico_ref, nmo_ref = rest
@@ -112,6 +114,7 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         p_o = jnp.sum(plgpu.load(pos_ref.at[pl.ds(ring, 1)]))
         if layer:
             victim = jnp.minimum(vic_ref[()], K)
+            sq_o = jnp.sum(plgpu.load(sq_in.at[pl.ds(ring, 1)]))  # o's |v|^2, moving with it
         else:
             at = vic_ref[()]
             victim = jnp.where(at == ring, K, at - (c + P))  # 0..K-1 a pool position, K = o itself
@@ -200,7 +203,8 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
                 vt = jnp.where((idx == ws)[:, None], v_new.astype(f32)[None, :], vt)
             keep = inb if next_new else inb & (idx != ws)
             plgpu.store(dots_ref.at[pl.ds(start, block_k)], jnp.sum(vt * svec[None, :], axis=1), mask=keep)
-            plgpu.store(sq_ref.at[pl.ds(start, block_k)], jnp.sum(vt * vt, axis=1), mask=keep)
+            if not layer:  # layer: a slot's |v|^2 is written with its token (below), never recomputed
+                plgpu.store(sq_ref.at[pl.ds(start, block_k)], jnp.sum(vt * vt, axis=1), mask=keep)
         acc = acc * corr + jnp.sum(pr[:, None] * v, axis=0)
         return acc, m_new, l * corr + jnp.sum(pr), best, at
 
@@ -211,9 +215,10 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
     plgpu.store(vo_ref.at[pl.ds(ws, 1), :], v_new[None, :])
     if not dense:
         plgpu.store(po_ref.at[pl.ds(ws, 1)], jnp.full((1,), new_pos, jnp.int32))
+    v_w = v_new.astype(f32)
     if (score or layer) and not next_new:
-        v_w = v_new.astype(f32)
         plgpu.store(dots_ref.at[pl.ds(ws, 1)], jnp.full((1,), jnp.sum(v_w * svec), f32))
+    if (score and not next_new) or layer:
         plgpu.store(sq_ref.at[pl.ds(ws, 1)], jnp.full((1,), jnp.sum(v_w * v_w), f32))
     if K:
         ok_move = (jnp.arange(1) == 0) & apply
@@ -222,6 +227,8 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         plgpu.store(vo_ref.at[pl.ds(dslot, 1), :], v_o[None, :], mask=ok_move[:, None])
         plgpu.store(po_ref.at[pl.ds(dslot, 1)], jnp.full((1,), p_o, jnp.int32), mask=ok_move)
         vso_ref[...] = vsum
+        if layer:
+            plgpu.store(sq_ref.at[pl.ds(dslot, 1)], jnp.full((1,), sq_o, f32), mask=ok_move)
     if K and not layer:
         plgpu.store(nmo_ref.at[pl.ds(ws, 1)], jnp.full((1,), n_new, jnp.float32))
         plgpu.store(nmo_ref.at[pl.ds(dslot, 1)], jnp.full((1,), n_o, jnp.float32), mask=ok_move)
