@@ -88,7 +88,7 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
     k_new, v_new = (rotated(kn_ref) if rope else kn_ref[...]), vn_ref[...]  # (D,) in the cache dtype
     lanes = jnp.arange(block_k)
     # One condition slot (c2i's class token) is read on its own, before the loop: a sparse cache of
-    # 1 + 32m slots (c2i at budget 0.5 or 0.25) then loops over whole blocks of image slots once full,
+    # 1 + 32m slots (c2i at 0.5: 129, 289, 513 slots) then loops over whole blocks of image slots once full,
     # not over one more block holding a single slot. Loop iterations per call, GPT-XL at 32-slot
     # blocks: 256 px 0.5 -16 %, 0.25 -31 %; 384 px 0.5 -7 %; 512 px 0.25 -11 %. Not yet timed.
     first = 1 if c == 1 and not dense else 0
