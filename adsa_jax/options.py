@@ -121,16 +121,17 @@ class KernelConfig:
     # With period_blocks, on the kernel path: the step before a leaving step computes that step's
     # candidate scores (v_i . total, |v_i|^2) in its kernel, as it reads V, instead of the leaving
     # step reading every layer's V again in XLA (0.08 s a call per head, 0.12 s per layer in the
-    # profile, H200 384 px batch 64, s = 8). Not yet timed end to end.
+    # profile, H200 384 px batch 64, s = 8). With the changes after it, head at s = 8 took 1.762 s
+    # (2.259 before), layer 1.705 (2.136), 2026-12-05.
     leave_score_in_kernel: bool = True
     # Layer granularity at period 1 on the kernel path: before the layers, XLA picks every layer's
     # victims from last step's score terms (summed over heads) and the three layer-vector norms the
     # moves need (one reduction each for all layers), and each layer's evict_step moves o, updates
     # the running sum and returns next step's terms, a slot's |v|^2 written once with its token
     # rather than recomputed every step (off: XLA moves o and updates the sum, three
-    # scatters and about six fusions a layer, then the window's kernel). Compiled for the H200
-    # (benchmarks/compiled_kernels.py), GPT-XL 384 px batch 64: 306 kernels a step, not 631 (head:
-    # 302). Not yet timed.
+    # scatters and about six fusions a layer, then the window's kernel). H200, GPT-XL 384 px batch 64,
+    # budget 0.5: 306 kernels a step, not 631 (head: 302); 1.940 s a call against head's 1.745 (2.745
+    # before, 2026-12-04); the excess is the XLA choice (0.18 s, benchmarks/generate_profile.json).
     layer_move_in_kernel: bool = True
     # One program per (row, head) loops over the cache's blocks: with few programs and a long cache
     # that loop is the step's latency, where the other path splits the slots over programs. With 256
