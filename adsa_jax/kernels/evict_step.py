@@ -45,10 +45,10 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
     # (the XLA bookkeeping's score terms for next step, from this step's read of V); a slot not read
     # keeps its input terms.
     # layer (K > 0, layer granularity): the row's victim (vic: 0..K-1 a pool position, K or more o
-    # itself) and the layer vector's max(|v|, eps) of o, of the victim and of next step's leaving
-    # token (nm, 4 lanes, the last unused) come from XLA, which chose the victim from the score
-    # terms; vs is this head's slice of
-    # the row's running sum. The step moves o, updates vs and returns next step's score terms
+    # itself) and the layer vector's |v|^2 of o, of the victim and of next step's leaving token (nm,
+    # 4 lanes, the last unused; the kernel takes max(|v|, eps)) come from XLA, which chose the victim
+    # from the score terms; vs is this head's slice of the row's running sum. The step moves o,
+    # updates vs and returns next step's score terms
     # (dots, sq as the window form's, against vs + v_next / |v_next|) instead of searching a victim;
     # a slot's sq (|v|^2) is written with its token (the new one at ws, o's own at dest), not
     # recomputed every step: one reduction per slot fewer.
