@@ -126,12 +126,12 @@ class KernelConfig:
     leave_score_in_kernel: bool = True
     # Layer granularity at period 1 on the kernel path: before the layers, XLA picks every layer's
     # victims from last step's score terms (summed over heads) and the three layer-vector norms the
-    # moves need (one reduction each for all layers), and each layer's evict_step moves o, updates
+    # moves need (from the terms' |v|^2: one reduction for all layers), and each layer's evict_step moves o, updates
     # the running sum and returns next step's terms, a slot's |v|^2 written once with its token
     # rather than recomputed every step (off: XLA moves o and updates the sum, three
     # scatters and about six fusions a layer, then the window's kernel). H200, GPT-XL 384 px batch 64,
-    # budget 0.5: 306 kernels a step, not 631 (head: 302); 1.940 s a call against head's 1.745 (2.745
-    # before, 2026-12-04); the excess is the XLA choice (0.18 s, benchmarks/generate_profile.json).
+    # budget 0.5: 1.879 s a call against head's 1.741 (2026-12-05; 2.745 on 2026-12-04, 1.940 with
+    # the norms read from V); off: 631 kernels a step.
     layer_move_in_kernel: bool = True
     # One program per (row, head) loops over the cache's blocks: with few programs and a long cache
     # that loop is the step's latency, where the other path splits the slots over programs. With 256

@@ -288,35 +288,33 @@ class Evict:
         sq (L, B, 4)). first: the first maximum (:meth:`_first_max`) of the score terms in each
         cache (given: one layer's (B, 1), not recomputed). sq: |v|^2 of the layer vectors of o (the
         token leaving the ring), the victim, next step's leaving token and o again (the kernel's
-        4-lane load; it takes max(|v|, eps) as normalized_v does). With a ring of one slot next
-        step's leaving token is the new token, whose V (B, H, D) is ``v_new`` (one layer); without
-        it sq is None. Stacked over layers, each is one XLA reduction for all L layers, not one
-        kernel per layer."""
+        4-lane load; it takes max(|v|, eps) as normalized_v does), read from the terms' per-head
+        |v|^2 (the kernel writes a slot's with its token): no V is read here. With a ring of one
+        slot next step's leaving token is the new token, whose V (B, H, D) is ``v_new`` (one
+        layer); without it sq is None. Stacked over layers, each is one XLA reduction for all L
+        layers, not one kernel per layer."""
         c, P, K, M = self.c, self.prefix, self.keep, self.local
         _, ring, _, _, _, ring_next, _ = self._step_scalars(t)
-        b, h = caches[0]["v"].shape[:2]
+        # Stacked, then summed over heads: one reduction for all L layers (summed first, each layer's
+        # would be a kernel of its own; copied into one array first, it measured slower on the H200).
+        dots, sq = (jnp.sum(jnp.stack([cache[n] for cache in caches]), axis=2) for n in ("dots", "sq"))  # (L, B, S)
+        n, b, s = sq.shape  # sq: each slot's layer-vector |v|^2
         if first is None:
-            terms = tuple(jnp.stack([cache[n] for cache in caches]) for n in ("dots", "sq"))  # (L, B, H, S) each
-            n, _, _, s = terms[0].shape
-            score = self._pool_ring_scores(None, None, tuple(x.reshape(n * b, h, s) for x in terms))  # (L*B, 1, X)
-            first = self._first_max(score, ring).reshape(n, b, 1)
+            terms = (dots.reshape(n * b, 1, s), sq.reshape(n * b, 1, s))  # heads summed
+            first = self._first_max(self._pool_ring_scores(None, None, terms), ring).reshape(n, b, 1)
         else:
             first = first[None]
         if M == 1 and v_new is None:
             return first, None
-        slot = jnp.where(t < P, c + t, ring)
-        vecs = []
-        for cache, f in zip(caches, first):
-            vc = cache["v"]
-            ev = jnp.broadcast_to((c + P + jnp.minimum(f, K - 1))[:, :, None, None], (b, h, 1, 1))
-            v_next = jax.lax.dynamic_slice_in_dim(vc, ring_next, 1, axis=2)  # (B, H, 1, D)
-            if M == 1:  # ring_next == slot once the prefix is full
-                v_next = jnp.where(ring_next == slot, v_new[:, :, None].astype(vc.dtype), v_next)
-            v_o = jax.lax.dynamic_slice_in_dim(vc, ring, 1, axis=2)
-            vecs.append(jnp.stack([x.reshape(b, -1) for x in (v_o, jnp.take_along_axis(vc, ev, axis=2), v_next, v_o)],
-                                  axis=1))  # (B, 4, H*D)
-        vf = jnp.stack(vecs).astype(jnp.float32)  # (L, B, 4, H*D)
-        return first, jnp.sum(vf * vf, axis=-1)
+        at = jnp.concatenate([jnp.full_like(first, ring), c + P + jnp.minimum(first, K - 1),
+                              jnp.full_like(first, ring_next), jnp.full_like(first, ring)], axis=-1)  # (L, B, 4)
+        lanes = jnp.take_along_axis(sq, at, axis=-1)
+        if M == 1:  # ring_next == slot once the prefix is full: next step's leaving token is the new one
+            vn = v_new.astype(caches[0]["v"].dtype).astype(jnp.float32)  # as the cache stores it
+            new_sq = jnp.sum(vn * vn, axis=(1, 2))  # (B,)
+            lanes = lanes.at[:, :, 2].set(jnp.where(ring_next == jnp.where(t < P, c + t, ring), new_sq,
+                                                    lanes[:, :, 2]))
+        return first, lanes
 
     @property
     def step_keys(self) -> tuple:
