@@ -10,7 +10,19 @@ ROW_KEYS = {"policy", "granularity", "budget", "excess_nll", "excess_nll_se", "s
             "class_acc", "feature_fd", "mirror_acc", "kv_bytes_per_image"}
 
 
-def test_smoke_pipeline(tmp_path):
+def _lab(capsys, *args):
+    """lab.py's main in this process, as its command line runs it: (exit code, stderr). The stages
+    the checks below run fail before any compile or are small; a process each would cost more
+    than they do (Python and JAX start-up)."""
+    sys.path.insert(0, str(LAB.parent))
+    import lab
+
+    capsys.readouterr()
+    code = lab.main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def test_smoke_pipeline(tmp_path, capsys):
     r = subprocess.run([sys.executable, str(LAB), "smoke", "--work", str(tmp_path)], capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -33,11 +45,11 @@ def test_smoke_pipeline(tmp_path):
     assert {c["against"] for c in s["head_to_head"]["0.5"]} == {"window|None|0.5|", "random|None|0.5|"}
     # the policies are compared on the held-out optimum that training kept
     assert s["training"]["evaluated_step"] == s["training"]["best_step"] is not None
-    _check_export(tmp_path)
-    _check_damaged_run_files(tmp_path)
+    _check_export(tmp_path, capsys)
+    _check_damaged_run_files(tmp_path, capsys)
 
 
-def _check_export(work):
+def _check_export(work, capsys):
     """`export`: one seed's held-out optimum, bf16, loadable by adsa_jax.load, with the tokenizer."""
     import jax
     import numpy as np
@@ -45,12 +57,11 @@ def _check_export(work):
     import adsa_jax
 
     def export(*args):
-        return subprocess.run([sys.executable, str(LAB), "export", "--data-dir", str(work / "data"), "--run",
-                               str(work / "run"), *args], capture_output=True, text=True, timeout=300)
+        return _lab(capsys, "export", "--data-dir", work / "data", "--run", work / "run", *args)
 
     out = work / "exported"
-    r = export("--out", str(out), "--seed-index", "1")
-    assert r.returncode == 0, r.stderr[-3000:]
+    code, err = export("--out", str(out), "--seed-index", "1")
+    assert code == 0, err[-3000:]
     model = adsa_jax.load(out, dtype=None)
     sys.path.insert(0, str(LAB.parent))
     import train as lab_train
@@ -63,43 +74,39 @@ def _check_export(work):
     assert np.array_equal(np.load(out / "tokenizer.npz")["codebook"], np.load(work / "data" / "tokenizer.npz")["codebook"])
     for args, msg in (([ "--out", str(out)], "exported"), (["--out", str(work / "other"), "--seed-index", "2"],
                                                           "--seed-index 2 is out of range")):
-        r = export(*args)
-        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+        code, err = export(*args)
+        assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, err[-2000:]
 
 
-def _check_damaged_run_files(work):
+def _check_damaged_run_files(work, capsys):
     """A run's JSON files are read as untrusted: a damaged one is named in one line, before any
     compile (evaluate) or plot (report), and nothing is written over it."""
     run = work / "run"
 
     def lab(*args):
-        return subprocess.run([sys.executable, str(LAB), *args, "--data-dir", str(work / "data"), "--run", str(run)],
-                              capture_output=True, text=True, timeout=300)
+        return _lab(capsys, *args, "--data-dir", work / "data", "--run", run)
 
     (run / "eval.json").write_text('{"rows": {"dense|None|None|"')  # cut short
     for args in (["evaluate"], ["report", "--out", str(work / "report2")]):
-        r = lab(*args)
-        assert r.returncode == 2 and "eval.json cannot be read as JSON" in r.stderr, r.stderr[-2000:]
-        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+        code, err = lab(*args)
+        assert code == 2 and "eval.json cannot be read as JSON" in err and len(err.strip().splitlines()) == 1, err
     assert (run / "eval.json").read_text() == '{"rows": {"dense|None|None|"'
     (run / "model.json").write_text("[1, 2]")
-    r = lab("evaluate")
-    assert r.returncode == 2 and "model.json is not what the lab writes" in r.stderr and "Traceback" not in r.stderr
+    code, err = lab("evaluate")
+    assert code == 2 and "model.json is not what the lab writes" in err, err
     # `judge` trains the classifier once into the data directory, where evaluate finds it
     cls = work / "data" / "classifier.npz"
     assert not cls.exists()
-    r = lab("judge", "--classifier-steps", "3")
-    assert r.returncode == 0 and cls.is_file() and "judge: held-out accuracy" in r.stderr, r.stderr[-2000:]
-    r = lab("judge")
-    assert r.returncode == 0 and "exists" in r.stderr
+    code, err = lab("judge", "--classifier-steps", "3")
+    assert code == 0 and cls.is_file() and "judge: held-out accuracy" in err, err[-2000:]
+    code, err = lab("judge")
+    assert code == 0 and "exists" in err
 
 
-def test_fetch_without_tarballs_says_how(tmp_path):
-    r = subprocess.run([sys.executable, str(LAB), "tokenize", "--data-dir", str(tmp_path)], capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 2
-    assert "emoji-datasource-16.0.0.tgz is missing" in r.stderr and "by hand" in r.stderr
-    assert "Traceback" not in r.stderr
+def test_fetch_without_tarballs_says_how(tmp_path, capsys):
+    code, err = _lab(capsys, "tokenize", "--data-dir", tmp_path)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "emoji-datasource-16.0.0.tgz is missing" in err and "by hand" in err
 
 
 def test_convergence_uses_a_longer_schedule():

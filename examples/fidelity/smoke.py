@@ -84,6 +84,6 @@ def run(work: Path, log=print) -> dict:
     train.train(data_dir / "tokens.npz", run_dir, seeds=(0, 1), batch=4, total_steps=10, chunk=5, warmup=2,
                 eval_every=5, eval_images=8, dim=32, layers=2, heads=2, log=log,
                 on_compiled=lambda: programs.start("smoke", workers=2, log=log))
-    evaluate.evaluate(data_dir, run_dir, images=8, samples=4, grid="smoke", classifier_steps=20, programs=programs,
+    evaluate.evaluate(data_dir, run_dir, images=8, samples=4, grid="smoke", classifier_steps=5, programs=programs,
                       log=log)
     return report.report(run_dir, work / "results", data_dir=data_dir, dataset="synthetic smoke stand-in", log=log)
