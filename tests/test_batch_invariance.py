@@ -99,7 +99,8 @@ def child(c2i_dir, tmp_path_factory):
     """Batch 16 on 8 devices, by policy: one child process a policy."""
     def launch(name):
         out = tmp_path_factory.mktemp("invariance")
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+        env = dict(os.environ, JAX_PLATFORMS="cpu",  # the run's XLA_FLAGS (conftest) and the device count
+                   XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
         r = subprocess.run([sys.executable, __file__, str(c2i_dir), str(out), name], env=env, capture_output=True,
                            text=True, timeout=600)
         report = out / "report.json"

@@ -24,7 +24,8 @@ def test_generate_uses_all_devices_by_default(c2i_dir):
         print(json.dumps({{"n": jax.device_count(), "devices": len(auto.sharding.device_set),
                            "same": bool((np.asarray(auto) == np.asarray(explicit)).all()), "refused": refused}}))
     """)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",  # the run's XLA_FLAGS (conftest) and the device count
+               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])

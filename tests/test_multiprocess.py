@@ -45,7 +45,8 @@ class Pair:
     def __init__(self, phase, root: Path, dirs):
         self.root = root
         port = _free_port()
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+        env = dict(os.environ, JAX_PLATFORMS="cpu",  # the run's XLA_FLAGS (conftest) and the device count
+                   XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2")
         self.logs = [root / f"{phase}.p{i}.stderr" for i in range(2)]
         self.procs = []
         for i in range(2):

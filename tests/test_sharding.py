@@ -227,7 +227,8 @@ def child(c2i_dir, vq_dir, tmp_path_factory):
     def launch():
         work = tmp_path_factory.mktemp("sharding")
         report = work / "report.json"
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={N_DEVICES}", JAX_PLATFORMS="cpu")
+        env = dict(os.environ, JAX_PLATFORMS="cpu",  # the run's XLA_FLAGS (conftest) and the device count
+                   XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={N_DEVICES}")
         r = subprocess.run([sys.executable, __file__, str(c2i_dir), str(vq_dir), str(work), str(report)], env=env,
                            capture_output=True, text=True, timeout=900)
         assert report.is_file(), f"child failed before reporting (rc {r.returncode}):\n{r.stderr[-4000:]}"
