@@ -10,7 +10,7 @@ FIXTURES = Path(__file__).resolve().parent / "data"
 
 # The suite compiles hundreds of programs for tiny models on a 2-core CI machine, where LLVM's
 # optimisation of the CPU code costs more than it saves: at level 1 the suite takes 15% less CPU
-# time and every result equals the default's (level 0 changes float results: a near-tie greedy
+# time and every test passes as at the default level (level 0 changes float results: a near-tie greedy
 # token of t2i flips). Set before JAX starts its backend; the child processes the tests launch
 # append their own flags to it.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=1").strip()
