@@ -18,6 +18,8 @@
 #      (dense, adsa-evict 0.5 and 0.25, window 0.5 and 0.25) for MODEL:PX, one of GPT-XL:384 (the
 #      default), GPT-XL:512, GPT-XXL:384: one call each (a search compiles a policy 4 times)
 #   6  the same under the whole device's memory (--memory-cap device)
+#   9  adsa-evict head against layer at period 1, budget 0.5, GPT-XL 384 px batch 256 (~3 min): layer's
+#      time relative to head's at the large batch
 #   8  benchmarks/command_buffer_time.py: dense 256 px batch 1 and 64, window 384 px batch 64 under
 #      XLA's command-buffer (CUDA graph) settings, one process each (~4 min)
 # Parts 1 to 3 need a LlamaGen checkout at third_party/LlamaGen (ignored by git; the docstring of
@@ -26,7 +28,7 @@
 # Writes under $OUT (default ./out): perf_adsa_jax.json (the JSON of adsa-jax bench --json),
 # perf_torch_eager.json, perf_torch_compile_1.json, perf_torch_compile_2.json (results.json rows),
 # perf_policies_64.json and perf_policies_256.json (parts 4 and 7), perf_cap_40_MODEL_PX.json (part 5),
-# perf_cap_device_MODEL_PX.json (part 6), command_buffer_time.json (part 8; not a results.json row:
+# perf_cap_device_MODEL_PX.json (part 6), perf_granularity_256.json (part 9), command_buffer_time.json (part 8; not a results.json row:
 # read it), and a log per command. Then, in the repository:
 #   for f in OUTDIR/perf_*.json; do python benchmarks/make_tables.py --add "$f"; done
 set -u
@@ -36,8 +38,8 @@ OUT=${OUT:-out}
 mkdir -p "$OUT"
 PART=${1:-}
 case "$PART" in
-  1|2|3|4|5|6|7|8) ;;
-  *) echo "usage: bash benchmarks/run_perf_grid.sh PART [MODEL:PX] (PART 1 to 8; see the header)" >&2; exit 2 ;;
+  1|2|3|4|5|6|7|8|9) ;;
+  *) echo "usage: bash benchmarks/run_perf_grid.sh PART [MODEL:PX] (PART 1 to 9; see the header)" >&2; exit 2 ;;
 esac
 CONFIG=${2:-GPT-XL:384}
 case "$CONFIG" in
@@ -88,6 +90,13 @@ case "$PART" in
     --model "$model" --image-size "$px" --memory-cap "$cap" --policies dense,adsa-evict,window --budgets 0.5,0.25 \
     --iters 3 --compile-workers 3 --json "$OUT/$tag.json" > "$OUT/$tag.log" 2>&1
   echo "rc $?"; grep -E "GPT-|rror" "$OUT/$tag.log" | tail -n 20
+  ;;
+9)
+  echo "== perf_granularity_256: adsa-evict head and layer at batch 256"
+  timeout 300 python3 -c 'import sys; from adsa_jax.cli import main; sys.exit(main(sys.argv[1:]))' bench \
+    --model GPT-XL --image-size 384 --batch 256 --policies adsa-evict --budgets 0.5 --granularity head,layer \
+    --period 1 --iters 3 --compile-workers 2 --json "$OUT/perf_granularity_256.json" > "$OUT/perf_granularity_256.log" 2>&1
+  echo "rc $?"; grep -E "GPT-XL|rror" "$OUT/perf_granularity_256.log" | tail -n 4
   ;;
 8)
   echo "== command_buffer_time: XLA command-buffer settings"
