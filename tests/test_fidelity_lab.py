@@ -1,5 +1,6 @@
 """The fidelity lab's whole pipeline (fetch, tokenize, train, evaluate, report) on synthetic stand-in
 tarballs, on the CPU: the report's schema, and dense's excess NLL exactly 0 (it is its own reference)."""
+import importlib
 import json
 import subprocess
 import sys
@@ -10,15 +11,19 @@ ROW_KEYS = {"policy", "granularity", "budget", "excess_nll", "excess_nll_se", "s
             "class_acc", "feature_fd", "mirror_acc", "kv_bytes_per_image"}
 
 
+def _lab_module(name):
+    """One of the lab's modules (lab, train, report), which import each other from their directory."""
+    if str(LAB.parent) not in sys.path:
+        sys.path.insert(0, str(LAB.parent))
+    return importlib.import_module(name)
+
+
 def _lab(capsys, *args):
     """lab.py's main in this process, as its command line runs it: (exit code, stderr). The stages
     the checks below run fail before any compile or are small; a process each would cost more
     than they do (Python and JAX start-up)."""
-    sys.path.insert(0, str(LAB.parent))
-    import lab
-
     capsys.readouterr()
-    code = lab.main([str(a) for a in args])
+    code = _lab_module("lab").main([str(a) for a in args])
     return code, capsys.readouterr().err
 
 
@@ -63,10 +68,7 @@ def _check_export(work, capsys):
     code, err = export("--out", str(out), "--seed-index", "1")
     assert code == 0, err[-3000:]
     model = adsa_jax.load(out, dtype=None)
-    sys.path.insert(0, str(LAB.parent))
-    import train as lab_train
-
-    _, params, meta = lab_train.load_trained(work / "run")
+    _, params, meta = _lab_module("train").load_trained(work / "run")
     want = jax.tree.map(lambda x: np.asarray(x[1].astype(jax.numpy.bfloat16)), params)
     got = jax.tree.map(np.asarray, model.params)
     assert jax.tree.structure(got) == jax.tree.structure(want)
@@ -112,9 +114,7 @@ def test_fetch_without_tarballs_says_how(tmp_path, capsys):
 def test_convergence_uses_a_longer_schedule():
     """A cosine schedule still falls at its end; a longer run of the same seeds that overfit and never
     got 1 % lower shows the shorter run is at the optimum. Without it, or when it got lower, it is not."""
-    sys.path.insert(0, str(LAB.parent))
-    import report
-
+    report = _lab_module("report")
     log = {"eval": [{"step": s, "heldout_nll": [v, v + 0.01]} for s, v in ((250, 1.2), (500, 0.85), (750, 0.70),
                                                                           (1000, 0.66))]}
     alone = report.convergence(log)
