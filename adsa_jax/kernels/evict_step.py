@@ -170,7 +170,7 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         w_c, corr_c = jnp.where(ok_c, jnp.exp(lg_c - m_c), 0.0), jnp.exp(m0 - m_c)
         acc0, l0, m0 = acc0 * corr_c + w_c * row(v_ref, 0).astype(f32), l0 * corr_c + w_c, m_c
 
-    def body(j, carry):
+    def body(j, carry, scoring=True):
         acc, m, l, best, at = carry
         in_b = j >= n_a  # a block of the second range
         start = jnp.where(in_b, b_lo + (j - n_a) * block_k, first + j * block_k)
@@ -186,7 +186,7 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         m_new = jnp.maximum(m, jnp.max(logit))
         corr = jnp.exp(m - m_new)
         pr = jnp.where(ok, jnp.exp(logit - m_new), 0.0)
-        if K and not layer:  # next step's victim: a running first maximum per lane (no cross-warp reduction
+        if K and not layer and scoring:  # next step's victim: a running first maximum per lane (no cross-warp reduction
             # per block); lane l holds the best of slots l, l + block_k, ... (lowest slot on ties)
             nrm = plgpu.load(nm_ref.at[pl.ds(start, block_k)], mask=inb, other=1.0)
             cand = inb & (idx >= c + P) & ((idx < c + P + K) | (idx == rn))
@@ -204,7 +204,7 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
             sc = jnp.where(cand, vt / nrm, -2e30)
             better = (sc > best) | ((sc == best) & (eff < at))  # ties: the lowest slot
             best, at = jnp.where(better, sc, best), jnp.where(better, eff, at)
-        if score or layer:  # every slot's terms after this step's writes, by one reduction (equal V,
+        if (score or layer) and scoring:  # every slot's terms after this step's writes, by one reduction (equal V,
             # equal terms: the first-maximum tie rule): o's V patched in at dest (layer), and with
             # next_new the new token's at ws (next step's candidate); otherwise slot ws still
             # holds the overwritten token, and the new token's terms follow the loop
@@ -221,7 +221,16 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         return acc, m_new, l * corr + jnp.sum(pr), best, at
 
     init = (acc0, m0, l0, jnp.full((block_k,), -3e38, f32), jnp.full((block_k,), slots, jnp.int32))
-    acc, m, l, best, at = jax.lax.fori_loop(0, n_blocks, body, init)
+    if K:
+        # Next step's victim (head) or score terms (layer) are read only if the pool is full then:
+        # n_moved >= K - 1 now, i.e. o moves and the free position is K - 1 (free is clipped there).
+        # Until then the loop skips the score: half of a call's steps, a third of its scored slots.
+        # The victim then is `slots` and the terms keep their old values, which no step reads.
+        n_sc = jnp.where(moving & (free_ref[()] == K - 1), n_blocks, 0)
+        carry = jax.lax.fori_loop(0, n_blocks - n_sc, functools.partial(body, scoring=False), init)
+        acc, m, l, best, at = jax.lax.fori_loop(n_blocks - n_sc, n_blocks, body, carry)
+    else:
+        acc, m, l, best, at = jax.lax.fori_loop(0, n_blocks, body, init)
     o_ref[...] = (acc / l).astype(o_ref.dtype)
     plgpu.store(ko_ref.at[pl.ds(ws, 1), :], k_new[None, :])
     plgpu.store(vo_ref.at[pl.ds(ws, 1), :], v_new[None, :])
