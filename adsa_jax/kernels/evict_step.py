@@ -222,6 +222,20 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
 
     init = (acc0, m0, l0, jnp.full((block_k,), -3e38, f32), jnp.full((block_k,), slots, jnp.int32))
     if K:
+        # o's move to its pool slot dest and the new running sum are stored before the loop, not
+        # after it: what the loop reads at dest is masked out of the attention and of the
+        # candidates (or patched with o's), so the order does not matter, even across warps, and
+        # o's K, V and norms need no registers through the loop.
+        ok_move = (jnp.arange(1) == 0) & apply
+        dslot = jnp.maximum(dest, 0)
+        plgpu.store(ko_ref.at[pl.ds(dslot, 1), :], k_o[None, :], mask=ok_move[:, None])
+        plgpu.store(vo_ref.at[pl.ds(dslot, 1), :], v_o[None, :], mask=ok_move[:, None])
+        plgpu.store(po_ref.at[pl.ds(dslot, 1)], jnp.full((1,), p_o, jnp.int32), mask=ok_move)
+        vso_ref[...] = vsum
+        if layer:
+            plgpu.store(sq_ref.at[pl.ds(dslot, 1)], jnp.full((1,), sq_o, f32), mask=ok_move)
+        else:
+            plgpu.store(nmo_ref.at[pl.ds(dslot, 1)], jnp.full((1,), n_o, jnp.float32), mask=ok_move)
         # Next step's victim (head) or score terms (layer) are read only if the pool is full then:
         # n_moved >= K - 1 now, i.e. o moves and the free position is K - 1 (free is clipped there).
         # Until then the loop skips the score: half of a call's steps, a third of its scored slots.
@@ -241,18 +255,8 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         plgpu.store(dots_ref.at[pl.ds(ws, 1)], jnp.full((1,), jnp.sum(v_w * svec), f32))
     if (score and not next_new) or layer:
         plgpu.store(sq_ref.at[pl.ds(ws, 1)], jnp.full((1,), jnp.sum(v_w * v_w), f32))
-    if K:
-        ok_move = (jnp.arange(1) == 0) & apply
-        dslot = jnp.maximum(dest, 0)
-        plgpu.store(ko_ref.at[pl.ds(dslot, 1), :], k_o[None, :], mask=ok_move[:, None])
-        plgpu.store(vo_ref.at[pl.ds(dslot, 1), :], v_o[None, :], mask=ok_move[:, None])
-        plgpu.store(po_ref.at[pl.ds(dslot, 1)], jnp.full((1,), p_o, jnp.int32), mask=ok_move)
-        vso_ref[...] = vsum
-        if layer:
-            plgpu.store(sq_ref.at[pl.ds(dslot, 1)], jnp.full((1,), sq_o, f32), mask=ok_move)
     if K and not layer:
         plgpu.store(nmo_ref.at[pl.ds(ws, 1)], jnp.full((1,), n_new, jnp.float32))
-        plgpu.store(nmo_ref.at[pl.ds(dslot, 1)], jnp.full((1,), n_o, jnp.float32), mask=ok_move)
         # The first maximum over all slots: the lowest slot among the lanes holding the maximum.
         vico_ref[...] = jnp.min(jnp.where(best == jnp.max(best), at, slots))
 
