@@ -161,11 +161,12 @@ def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg,
             tok, out = pick(i + 1, logits, guided, nxt)
         return (tok, caches), (tok, out)
 
-    def steps(carry, x, n, span, pre):
+    def steps(carry, x, n, span, pre, leave=None):
         """n steps from step x (traced or not), none leaving: one scan; with ``pre`` (static) the
         step after them leaves, so the last runs apart, preparing its scores (before_leave).
-        Returns (carry, per-step outputs)."""
-        plain = functools.partial(body, span=span, leave=False if sched else None)
+        ``leave`` (static): False for steps before the policy's first_choice. Returns (carry,
+        per-step outputs)."""
+        plain = functools.partial(body, span=span, leave=False if sched else leave)
         if not pre:
             return jax.lax.scan(plain, carry, x + jnp.arange(n))
         parts = []
@@ -196,14 +197,24 @@ def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg,
     # whether a step's scores may be prepared on the step before (else before_leave would only add
     # a traced step variant, and compile time, for nothing)
     prepares = sched is not None and getattr(policy, "fused_leave_score", False)
+    # At period 1, the steps before the policy's first choice (adsa-evict at layer granularity: the
+    # first eviction) run as a scan of their own, told statically that nothing reads the choice.
+    first = getattr(policy, "first_choice", None) if sched is None else None
     carry = (tok0, caches)
     toks, outs = [tok0[:, None]], [out0[:, None]] if forced is not None else []
     for a, b, span in segments:
-        for piece in ([("plain", a, b)] if sched is None else _period_pieces(a, b, *sched)):
+        if sched is not None:
+            pieces = _period_pieces(a, b, *sched)
+        elif first is not None and a < first:
+            pieces = [("plain", a, min(b, first))] + ([("plain", first, b)] if first < b else [])
+        else:
+            pieces = [("plain", a, b)]
+        for piece in pieces:
             if piece[0] == "plain":
                 x, y = piece[1:]
                 pre = prepares and y >= sched[0] and (y - sched[0]) % sched[1] == 0  # step y leaves
-                carry, (t_seg, o_seg) = steps(carry, jnp.int32(x), y - x, span, pre)
+                carry, (t_seg, o_seg) = steps(carry, jnp.int32(x), y - x, span, pre,
+                                              leave=False if first is not None and y <= first else None)
             else:
                 carry, (t_seg, o_seg) = blocks(carry, *piece[1:], span)
             toks.append(t_seg.T)
@@ -389,7 +400,7 @@ class ShardedPolicy:
 
     def _begin_step(self, caches, t, row_keys=None, first_layer=0, leave=None):
         inner, mesh = self.inner, self.mesh
-        if leave is False:  # not a leaving step: nothing to do, nothing to shard
+        if leave is False and getattr(inner, "first_choice", None) is None:  # not a leaving step: nothing to do
             return caches
         specs = [S.cache_specs(cache, mesh, inner) for cache in caches]
         out_specs = [S.cache_specs(cache, mesh, inner, extra=getattr(inner, "step_keys", ())) for cache in caches]

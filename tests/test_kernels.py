@@ -697,3 +697,33 @@ def test_leaving_step_ignores_score_terms_no_kernel_computed():
     got = pol.begin_step([{**cache, "dots": terms, "sq": terms}], t, leave=True)[0]
     for key in ("k", "v", "pos", "vsum"):
         np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
+
+
+@pytest.mark.parametrize("kw,segments", [(dict(prefix=4, keep=9, local=3), 3), (dict(prefix=3, keep=8, local=1), 2)])
+def test_first_choice_scan_gives_the_xla_tokens(kw, segments):
+    """Layer granularity at period 1 on the kernel path: the steps before the first eviction run as
+    a scan of their own that skips every layer's choice (first_choice = P + M + K), and generation
+    gives the XLA path's tokens, also when length segments cut the call (here one segment ends
+    before the first eviction, another spans it). Off, the call is one scan fewer."""
+    cfg = adsa_jax.GPTConfig(dim=64, n_layer=2, n_head=2, vocab_size=64, num_classes=5, block_size=36)
+    model = adsa_jax.Model(cfg, init_params(cfg, jax.random.key(3), jnp.float32))
+    pol = make_policy(cfg, "adsa-evict", granularity="layer", **kw)
+    kern = on_kernels(pol, segments=segments)
+    assert kern.first_choice == pol.prefix + pol.local + pol.keep
+    assert on_kernels(pol, first_choice_scan=False).first_choice is None
+
+    def run(kernels):
+        return np.asarray(adsa_jax.generate(model, jnp.arange(3) % 5, jax.random.key(1), policy=pol, options=kernels,
+                                            sampling=SamplingConfig(top_k=0)))
+    want = run(KernelConfig(attention="xla", gemm="xla", kth="sort", cublas=False))
+    np.testing.assert_array_equal(run(kern.kernels), want)
+
+    def scans(**sw):
+        from adsa_jax.generate import _generate_jit, _scalars, prepare_condition
+        kc = dataclasses.replace(INTERPRET, segments=segments, **sw)
+        cond, mask = prepare_condition(cfg, np.arange(3) % 5)
+        jaxpr = _generate_jit.trace(model.params, cond, mask, jax.random.key(1), jnp.arange(3),
+                                    _scalars(SamplingConfig(top_k=0)), cfg=cfg, policy=with_kernels(pol, kc),
+                                    use_cfg=True, kernels=kc, top_p_on=False).jaxpr
+        return sum(eqn.primitive.name == "scan" for eqn in jaxpr.eqns)  # the decode scans
+    assert scans() == scans(first_choice_scan=False) + 1

@@ -283,7 +283,7 @@ class Evict:
                "dots": res[5], "sq": res[6]}
         return new, res[0]
 
-    def _layer_choice(self, caches, t, v_new=None, first=None):
+    def _layer_choice(self, caches, t, v_new=None, first=None, choose=True):
         """Step t's choice for every layer ``caches`` at layer granularity, period 1: (first (L, B, 1),
         sq (L, B, 4)). first: the first maximum (:meth:`_first_max`) of the score terms in each
         cache (given: one layer's (B, 1), not recomputed). sq: |v|^2 of the layer vectors of o (the
@@ -292,23 +292,29 @@ class Evict:
         |v|^2 (the kernel writes a slot's with its token): no V is read here. With a ring of one
         slot next step's leaving token is the new token, whose V (B, H, D) is ``v_new`` (one
         layer); without it sq is None. Stacked over layers, each is one XLA reduction for all L
-        layers, not one kernel per layer."""
+        layers, not one kernel per layer. ``choose`` False (before the first eviction): first is a
+        placeholder (zeros), the terms are not read, and sq's lanes of o and of next step's
+        leaving token are still exact (o's move and the running sum read them)."""
         c, P, K, M = self.c, self.prefix, self.keep, self.local
         _, ring, _, _, _, ring_next, _ = self._step_scalars(t)
         # Stacked, then summed over heads: one reduction for all L layers (summed first, each layer's
         # would be a kernel of its own; copied into one array first, it measured slower on the H200).
-        dots, sq = (jnp.sum(jnp.stack([cache[n] for cache in caches]), axis=2) for n in ("dots", "sq"))  # (L, B, S)
-        n, b, s = sq.shape  # sq: each slot's layer-vector |v|^2
-        if first is None:
-            terms = (dots.reshape(n * b, 1, s), sq.reshape(n * b, 1, s))  # heads summed
-            first = self._first_max(self._pool_ring_scores(None, None, terms), ring).reshape(n, b, 1)
-        else:
+        sq_h = jnp.stack([cache["sq"] for cache in caches])  # (L, B, H, S): per head
+        n, b, h, s = sq_h.shape
+        if first is not None:
             first = first[None]
+        elif choose:
+            dots = jnp.sum(jnp.stack([cache["dots"] for cache in caches]), axis=2)  # (L, B, S)
+            terms = (dots.reshape(n * b, 1, s), jnp.sum(sq_h, axis=2).reshape(n * b, 1, s))  # heads summed
+            first = self._first_max(self._pool_ring_scores(None, None, terms), ring).reshape(n, b, 1)
+        else:  # no move evicts yet: a placeholder victim, the norms of o and next step's token still read
+            first = jnp.zeros((n, b, 1), jnp.int32)
         if M == 1 and v_new is None:
             return first, None
         at = jnp.concatenate([jnp.full_like(first, ring), c + P + jnp.minimum(first, K - 1),
                               jnp.full_like(first, ring_next), jnp.full_like(first, ring)], axis=-1)  # (L, B, 4)
-        lanes = jnp.take_along_axis(sq, at, axis=-1)
+        # the four slots' |v|^2 summed over heads (gathered first: no sum over every slot)
+        lanes = jnp.sum(jnp.take_along_axis(sq_h, jnp.broadcast_to(at[:, :, None], (n, b, h, 4)), axis=-1), axis=2)
         if M == 1:  # ring_next == slot once the prefix is full: next step's leaving token is the new one
             vn = v_new.astype(caches[0]["v"].dtype).astype(jnp.float32)  # as the cache stores it
             new_sq = jnp.sum(vn * vn, axis=(1, 2))  # (B,)
@@ -431,6 +437,14 @@ class Evict:
         passes ``leave=`` to :meth:`begin_step` and needs no branch."""
         return None if self.period == 1 else (self.prefix + self.ring, self.period)
 
+    @property
+    def first_choice(self):
+        """At period 1 with :attr:`layer_choice`: the first step whose move evicts (P + M + K), the
+        first whose :meth:`begin_step` choice is read (``kernels.first_choice_scan``); otherwise None. A caller that knows t
+        statically passes ``leave=False`` before it, and begin_step skips the choice."""
+        on = self.period == 1 and self.layer_choice and self.kernels.first_choice_scan
+        return self.prefix + self.local + self.keep if on else None
+
     def begin_step(self, caches, t, row_keys=None, first_layer: int = 0, leave: bool | None = None):
         """Before step t's layers run: every layer's move of the s oldest ring tokens (period s > 1),
         planned for all layers ``caches`` (a list, layer ``first_layer`` first) under one
@@ -447,12 +461,13 @@ class Evict:
 
         ``leave`` (static; from :attr:`leave_schedule`): None branches on t as above; False: t is
         not a leaving step, nothing to do; True: plan without a branch, then keep the plan only if
-        t is a leaving step (a select: any step is still correct, only slower)."""
+        t is a leaving step (a select: any step is still correct, only slower). At period 1,
+        ``leave=False`` says t is before :attr:`first_choice`: the victims are a placeholder."""
         if self.period == 1:
             if not (self.layer_choice and caches):
                 return caches
-            with jax.named_scope("evict"):
-                first, sq = self._layer_choice(caches, t)
+            with jax.named_scope("evict"):  # before first_choice (leave False) no move evicts
+                first, sq = self._layer_choice(caches, t, choose=leave is not False)
             # Rows first_layer + i: decode's layer_index indexes them.
             pad = [(first_layer, 0)] + [(0, 0)] * (first.ndim - 1)
             choice = dict(zip(self.step_keys, (jnp.pad(first, pad), None if sq is None else jnp.pad(sq, pad))))
