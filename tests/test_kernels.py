@@ -178,6 +178,7 @@ def test_kernel_lowers_for_gpu(c2i):
     for gran in ("head", "layer"):  # period s > 1: the moves in XLA, the step as the window's kernel
         text = lowered("adsa-evict", budget=0.5, period=3, granularity=gran)
         assert "adsa_evict_step" in text and "adsa_decode_attention" not in text
+        assert "adsa_top_indices" in text  # the leaving step's top_k without a sort
         # the leaving steps scheduled statically: no branch (XLA:GPU waits for the stream at each one)
         assert text.count("stablehlo.case") == 0
         # without the schedule, one branch per step for every layer's moves
@@ -523,6 +524,22 @@ def test_small_matmul_falls_back_where_it_does_not_apply():
     assert not _uses_pallas(lambda a, b: kernels.small_matmul(a, b, config=off, interpret=True), x, w)
     tiled = KernelConfig(gemv_tiles={(256, 128): (32, 64, 2)})
     assert "grid=(4, 2)" in str(jax.make_jaxpr(lambda a, b: kernels.small_matmul(a, b, config=tiled, interpret=True))(x, w))
+
+
+@pytest.mark.parametrize("shape,s", [((3, 4, 224), 8), ((5, 17), 3), ((2, 3, 40), 16), ((7, 9), 9), ((33, 5), 1)])
+def test_top_indices_matches_top_k(shape, s):
+    """lax.top_k's indices in its order (descending, equal values by lower index, -0.0 below
+    +0.0, NaN above +inf), with many exact ties, rows that are not a multiple of a program's
+    and widths that are not powers of two."""
+    from adsa_jax.kernels import top_indices
+
+    x = np.random.default_rng(s).normal(size=shape).astype(np.float32).reshape(-1)
+    for start, step, val in ((0, 5, 1.0), (1, 7, 0.0), (2, 11, -0.0), (3, 13, 3e38), (4, 17, np.inf), (6, 19, np.nan)):
+        x[start::step] = val
+    x = jnp.asarray(x.reshape(shape))
+    np.testing.assert_array_equal(np.asarray(top_indices(x, s, interpret=True)), np.asarray(jax.lax.top_k(x, s)[1]))
+    with pytest.raises(ValueError, match="s must be in"):
+        top_indices(x, shape[-1] + 1, interpret=True)
 
 
 def test_kth_largest_matches_sort():

@@ -20,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ..kernels import evict_step
+from ..kernels import evict_step, top_indices
 from ..options import XLA_KERNELS, KernelConfig
 from ..config import ConfigError
 from .layout import BIG, EPS, attend, cond_slot_mask, normalized_v, write_slot
@@ -587,7 +587,11 @@ class Evict:
                  for i, ((vc, pos, vsum), tm) in enumerate(zip(layers, terms))]
         cand_ok = jnp.stack([x[0] for x in cands])  # (L, B, G, K+s)
         score = jnp.stack([x[1] for x in cands])
-        _, drop = jax.lax.top_k(jnp.where(cand_ok, score, BIG), s)  # (L, B, G, s); ties: lower index first
+        ranked = jnp.where(cand_ok, score, BIG)
+        if self.attention == "xla":
+            _, drop = jax.lax.top_k(ranked, s)  # (L, B, G, s); ties: lower index first
+        else:  # the same indices without XLA's sort of every (layer, row, head)'s candidates
+            drop = top_indices(ranked, s, interpret=self.attention == "pallas-interpret")
         dropped = jnp.any(drop[..., None] == jnp.arange(K + s), axis=-2)  # (L, B, G, K+s)
         drop_sorted = jnp.sort(drop, axis=-1)  # (L, B, G, s)
         slot = jnp.where(drop_sorted < K, c + P + drop_sorted, leave[jnp.clip(drop_sorted - K, 0, s - 1)])

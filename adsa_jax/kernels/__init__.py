@@ -5,6 +5,8 @@
   optionally with ADSA's score terms.
 - :mod:`.evict_step` :func:`evict_step`, a whole ``dense`` / ``window`` / ``adsa-evict`` layer step.
 - :mod:`.kth`        :func:`kth_largest`, top-k's threshold without a sort.
+- :mod:`.top_indices` :func:`top_indices`, ``lax.top_k``'s indices without a sort (adsa-evict's
+  leaving step at period s > 1).
 - :mod:`.gemv`       :func:`small_matmul`, the decode step's weight GEMMs at 1-16 rows.
 - :mod:`.add_norm`   :func:`matmul_add_norm`, a GEMV's partial sum + residual add + RMSNorm.
 
@@ -17,6 +19,7 @@ from .common import available
 from .evict_step import evict_step
 from .gemv import gemv_partials, gemv_tiling, small_matmul
 from .kth import kth_largest
+from .top_indices import top_indices
 
-__all__ = ["decode_attention", "evict_step", "kth_largest", "small_matmul", "gemv_partials", "gemv_tiling",
-           "add_rms_norm", "matmul_add_norm", "available"]
+__all__ = ["decode_attention", "evict_step", "kth_largest", "top_indices", "small_matmul", "gemv_partials",
+           "gemv_tiling", "add_rms_norm", "matmul_add_norm", "available"]
