@@ -20,6 +20,8 @@
 #   6  the same under the whole device's memory (--memory-cap device)
 #   9  adsa-evict head against layer at period 1, budget 0.5, GPT-XL 384 px batch 256 (~3 min): layer's
 #      time relative to head's at the large batch
+#  10  benchmarks/generate_profile.py: where a call's GPU time goes for adsa-evict (head and layer, period 1
+#      and 8) and window, GPT-XL 384 px batch 64, budget 0.5 (~4 min): the step kernels, the choice, the leaving step
 #   8  benchmarks/command_buffer_time.py: dense 256 px batch 1 and 64, window 384 px batch 64 under
 #      XLA's command-buffer (CUDA graph) settings, one process each (~4 min)
 # Parts 1 to 3 need a LlamaGen checkout at third_party/LlamaGen (ignored by git; the docstring of
@@ -28,8 +30,8 @@
 # Writes under $OUT (default ./out): perf_adsa_jax.json (the JSON of adsa-jax bench --json),
 # perf_torch_eager.json, perf_torch_compile_1.json, perf_torch_compile_2.json (results.json rows),
 # perf_policies_64.json and perf_policies_256.json (parts 4 and 7), perf_cap_40_MODEL_PX.json (part 5),
-# perf_cap_device_MODEL_PX.json (part 6), perf_granularity_256.json (part 9), command_buffer_time.json (part 8; not a results.json row:
-# read it), and a log per command. Then, in the repository:
+# perf_cap_device_MODEL_PX.json (part 6), perf_granularity_256.json (part 9), command_buffer_time.json (part 8) and
+# generate_profile.json (part 10) (not results.json rows: read them), and a log per command. Then, in the repository:
 #   for f in OUTDIR/perf_*.json; do python benchmarks/make_tables.py --add "$f"; done
 set -u
 cd "$(dirname "$0")/.."
@@ -38,8 +40,8 @@ OUT=${OUT:-out}
 mkdir -p "$OUT"
 PART=${1:-}
 case "$PART" in
-  1|2|3|4|5|6|7|8|9) ;;
-  *) echo "usage: bash benchmarks/run_perf_grid.sh PART [MODEL:PX] (PART 1 to 9; see the header)" >&2; exit 2 ;;
+  1|2|3|4|5|6|7|8|9|10) ;;
+  *) echo "usage: bash benchmarks/run_perf_grid.sh PART [MODEL:PX] (PART 1 to 10; see the header)" >&2; exit 2 ;;
 esac
 CONFIG=${2:-GPT-XL:384}
 case "$CONFIG" in
@@ -97,6 +99,13 @@ case "$PART" in
     --model GPT-XL --image-size 384 --batch 256 --policies adsa-evict --budgets 0.5 --granularity head,layer \
     --period 1 --iters 3 --compile-workers 2 --json "$OUT/perf_granularity_256.json" > "$OUT/perf_granularity_256.log" 2>&1
   echo "rc $?"; grep -E "GPT-XL|rror" "$OUT/perf_granularity_256.log" | tail -n 4
+  ;;
+10)
+  echo "== generate_profile: adsa-evict (head, layer; period 1, 8) and window, 384 px batch 64, 0.5"
+  OUT="$OUT" timeout 570 python3 benchmarks/generate_profile.py GPT-XL:384:64:adsa-evict:0.5:head \
+    GPT-XL:384:64:adsa-evict:0.5:head:8 GPT-XL:384:64:adsa-evict:0.5:layer GPT-XL:384:64:adsa-evict:0.5:layer:8 \
+    GPT-XL:384:64:window:0.5 > "$OUT/generate_profile.log" 2>&1
+  echo "rc $?"; tail -n 8 "$OUT/generate_profile.log"
   ;;
 8)
   echo "== command_buffer_time: XLA command-buffer settings"
