@@ -312,7 +312,9 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     as the tie rule needs equal terms for equal V.
     Returns (out (B, H, D), k, v, pos) (no pos when pos is None) and, with keep > 0, (vsum, next
     step's victim, vnorm) after them (layer_sq: (vsum, dots, sq)); with score_vec, (dots, sq)
-    after them.
+    after them. With keep > 0 next step's victim (or the layer form's dots) is computed only if
+    the pool is full then (moving with free = K - 1): before, the victim is S and the dots keep
+    their input values, which no step reads.
     """
     if qkv is not None:
         b, _, h, d = qkv.shape
