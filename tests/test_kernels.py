@@ -526,7 +526,8 @@ def test_small_matmul_falls_back_where_it_does_not_apply():
     assert "grid=(4, 2)" in str(jax.make_jaxpr(lambda a, b: kernels.small_matmul(a, b, config=tiled, interpret=True))(x, w))
 
 
-@pytest.mark.parametrize("shape,s", [((3, 4, 224), 8), ((5, 17), 3), ((2, 3, 40), 16), ((7, 9), 9), ((33, 5), 1)])
+@pytest.mark.parametrize("shape,s", [((3, 4, 224), 8), ((5, 17), 3), ((2, 3, 40), 16), ((7, 9), 9), ((33, 5), 1),
+                                     ((3, 700), 5)])  # wider rows: fewer a program
 def test_top_indices_matches_top_k(shape, s):
     """lax.top_k's indices in its order (descending, equal values by lower index, -0.0 below
     +0.0, NaN above +inf), with many exact ties, rows that are not a multiple of a program's
