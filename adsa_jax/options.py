@@ -124,6 +124,10 @@ class KernelConfig:
     # profile, H200 384 px batch 64, s = 8). With the changes after it, head at s = 8 took 1.762 s
     # (2.259 before), layer 1.705 (2.136), 2026-12-05.
     leave_score_in_kernel: bool = True
+    # On the kernel path, a leaving step's lax.top_k (XLA compiles it as a sort of every candidate:
+    # 92,160 rows of 224 at GPT-XL 384 px batch 64 per head) as kernels.top_indices, the same indices.
+    # Compiled for the H200 (96 registers a thread, no spills), not yet timed.
+    leave_top_in_kernel: bool = True
     # Layer granularity at period 1 on the kernel path: before the layers, XLA picks every layer's
     # victims from last step's score terms (summed over heads) and the three layer-vector norms the
     # moves need (from the terms' |v|^2: one reduction for all layers), and each layer's evict_step moves o, updates

@@ -179,6 +179,8 @@ def test_kernel_lowers_for_gpu(c2i):
         text = lowered("adsa-evict", budget=0.5, period=3, granularity=gran)
         assert "adsa_evict_step" in text and "adsa_decode_attention" not in text
         assert "adsa_top_indices" in text  # the leaving step's top_k without a sort
+        assert "adsa_top_indices" not in lowered("adsa-evict", budget=0.5, period=3, granularity=gran,
+                                                 switches={"leave_top_in_kernel": False})
         # the leaving steps scheduled statically: no branch (XLA:GPU waits for the stream at each one)
         assert text.count("stablehlo.case") == 0
         # without the schedule, one branch per step for every layer's moves

@@ -588,7 +588,7 @@ class Evict:
         cand_ok = jnp.stack([x[0] for x in cands])  # (L, B, G, K+s)
         score = jnp.stack([x[1] for x in cands])
         ranked = jnp.where(cand_ok, score, BIG)
-        if self.attention == "xla":
+        if self.attention == "xla" or not self.kernels.leave_top_in_kernel:
             _, drop = jax.lax.top_k(ranked, s)  # (L, B, G, s); ties: lower index first
         else:  # the same indices without XLA's sort of every (layer, row, head)'s candidates
             drop = top_indices(ranked, s, interpret=self.attention == "pallas-interpret")
