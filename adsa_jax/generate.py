@@ -205,16 +205,15 @@ def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg,
     for a, b, span in segments:
         if sched is not None:
             pieces = _period_pieces(a, b, *sched)
-        elif first is not None and a < first:
-            pieces = [("plain", a, min(b, first))] + ([("plain", first, b)] if first < b else [])
+        elif first is not None and a < first:  # ("plain", x, y, leave): leave False before the first choice
+            pieces = [("plain", a, min(b, first), False)] + ([("plain", first, b, None)] if first < b else [])
         else:
             pieces = [("plain", a, b)]
         for piece in pieces:
             if piece[0] == "plain":
-                x, y = piece[1:]
+                x, y = piece[1:3]
                 pre = prepares and y >= sched[0] and (y - sched[0]) % sched[1] == 0  # step y leaves
-                carry, (t_seg, o_seg) = steps(carry, jnp.int32(x), y - x, span, pre,
-                                              leave=False if first is not None and y <= first else None)
+                carry, (t_seg, o_seg) = steps(carry, jnp.int32(x), y - x, span, pre, *piece[3:])
             else:
                 carry, (t_seg, o_seg) = blocks(carry, *piece[1:], span)
             toks.append(t_seg.T)

@@ -439,9 +439,10 @@ class Evict:
 
     @property
     def first_choice(self):
-        """At period 1 with :attr:`layer_choice`: the first step whose move evicts (P + M + K), the
-        first whose :meth:`begin_step` choice is read (``kernels.first_choice_scan``); otherwise None. A caller that knows t
-        statically passes ``leave=False`` before it, and begin_step skips the choice."""
+        """At period 1 with :attr:`layer_choice` and ``kernels.first_choice_scan``: the first step
+        whose move evicts (P + M + K), the first whose :meth:`begin_step` choice is read; otherwise
+        None. A caller that knows t statically passes ``leave=False`` before it, and begin_step
+        skips the choice."""
         on = self.period == 1 and self.layer_choice and self.kernels.first_choice_scan
         return self.prefix + self.local + self.keep if on else None
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -45,9 +46,7 @@ def top_indices(x, s: int, *, rows_per_program: int | None = None, num_warps: in
     *lead, n = x.shape
     if not 1 <= s <= n:
         raise ValueError(f"top_indices: s must be in [1, {n}], got {s}")
-    rows = 1
-    for d in lead:
-        rows *= d
+    rows = math.prod(lead)
     np_, sp = 1 << max(n - 1, 1).bit_length(), 1 << max(s - 1, 1).bit_length()  # Triton blocks: powers of two
     r = rows_per_program or max(1, min(16, 4096 // np_))
     rows_p = -(-rows // r) * r
