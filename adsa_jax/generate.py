@@ -164,7 +164,8 @@ def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg,
     def steps(carry, x, n, span, pre, leave=None):
         """n steps from step x (traced or not), none leaving: one scan; with ``pre`` (static) the
         step after them leaves, so the last runs apart, preparing its scores (before_leave).
-        ``leave`` (static): False for steps before the policy's first_choice. Returns (carry,
+        ``leave`` (static): at period 1, False for steps before the policy's first_choice, True from
+        it (None: the policy decides per step). Returns (carry,
         per-step outputs)."""
         plain = functools.partial(body, span=span, leave=False if sched else leave)
         if not pre:
@@ -197,16 +198,18 @@ def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg,
     # whether a step's scores may be prepared on the step before (else before_leave would only add
     # a traced step variant, and compile time, for nothing)
     prepares = sched is not None and getattr(policy, "fused_leave_score", False)
-    # At period 1, the steps before the policy's first choice (adsa-evict at layer granularity: the
-    # first eviction) run as a scan of their own, told statically that nothing reads the choice.
-    first = getattr(policy, "first_choice", None) if sched is None else None
+    # At period 1, the steps before the policy's first choice (adsa-evict on the kernel path: the
+    # step before the pool fills) run as a scan of their own, told statically that no step chooses
+    # (leave False), and the steps from it as another, told that every step does (leave True).
+    first = policy.first_choice(rows, cfg.n_head) if sched is None and hasattr(policy, "first_choice") else None
     carry = (tok0, caches)
     toks, outs = [tok0[:, None]], [out0[:, None]] if forced is not None else []
     for a, b, span in segments:
         if sched is not None:
             pieces = _period_pieces(a, b, *sched)
-        elif first is not None and a < first:  # ("plain", x, y, leave): leave False before the first choice
-            pieces = [("plain", a, min(b, first), False)] + ([("plain", first, b, None)] if first < b else [])
+        elif first is not None:  # ("plain", x, y, leave): leave False before the first choice, True from it
+            pieces = ([("plain", a, min(b, first), False)] if a < first else []) + (
+                [("plain", max(a, first), b, True)] if first < b else [])
         else:
             pieces = [("plain", a, b)]
         for piece in pieces:
@@ -399,7 +402,7 @@ class ShardedPolicy:
 
     def _begin_step(self, caches, t, row_keys=None, first_layer=0, leave=None):
         inner, mesh = self.inner, self.mesh
-        if leave is False and getattr(inner, "first_choice", None) is None:  # not a leaving step: nothing to do
+        if leave is False and inner.period > 1:  # not a leaving step: nothing to do
             return caches
         specs = [S.cache_specs(cache, mesh, inner) for cache in caches]
         out_specs = [S.cache_specs(cache, mesh, inner, extra=getattr(inner, "step_keys", ())) for cache in caches]
@@ -411,7 +414,7 @@ class ShardedPolicy:
                              check_vma=False)(caches, t, *keys)
 
     def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None, qkv=None, rope=None,
-               planned=False, before_leave=False):
+               planned=False, before_leave=False, leave=None):
         mesh = self.mesh
         split = S.heads_split(cache, self.inner)
         cspec = S.cache_specs(cache, mesh, self.inner)
@@ -426,7 +429,7 @@ class ShardedPolicy:
 
         def f(cache, q, k, v, t, cond_mask, *opt):
             kw = ({name: x for x, (_, _, name) in zip(opt, extra)} | ({"planned": True} if planned else {})
-                  | ({"before_leave": True} if before_leave else {}))
+                  | ({"before_leave": True} if before_leave else {}) | ({} if leave is None else {"leave": leave}))
             return inner.decode(cache, q, k, v, t, cond_mask, layer_index=layer_index, span=span, **kw)
 
         args = (cache, q, k, v, t, cond_mask) + tuple(x for x, _, _ in extra)

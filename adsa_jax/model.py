@@ -256,7 +256,9 @@ def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, ro
     w2 (:func:`adsa_jax.kernels.matmul_add_norm`); the same arithmetic as without it, the float32
     partials summed in another order.
     leave (static): for a policy with ``leave_schedule``, whether step t is one whose tokens leave
-    (None: the policy branches on t itself); before_leave (static): whether step t + 1 is one
+    (None: the policy branches on t itself); for one with ``first_choice`` (period 1), whether t is
+    at or after it (False: before; None: the policy decides per step); it goes to the policy's
+    begin_step and decode. before_leave (static): whether step t + 1 is one whose tokens leave
     (given with leave=False), so this step may prepare its scores.
     """
     x = params["tok_embeddings"][tokens][:, None, :]  # (B, 1, E)
@@ -288,7 +290,8 @@ def decode_step(params, cfg: GPTConfig, policy, caches, tokens, t, cond_mask, ro
             qk = apply_rope(qkv[:, :2], rot2)  # (B, 2, H, D)
             q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]
             kw = (({"qkv": qkv, "rope": rot} if takes_qkv else {}) | ({"planned": True} if planned else {})
-                  | ({"before_leave": True} if planned and before_leave else {}))
+                  | ({"before_leave": True} if planned and before_leave else {})
+                  | ({"leave": leave} if planned and leave is not None else {}))
             cache, o = policy.decode(cache, q, k, v, t, cond_mask, layer_index=li, row_keys=row_keys, span=span,
                                      **kw)
             new.append(cache)

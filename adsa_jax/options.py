@@ -137,10 +137,14 @@ class KernelConfig:
     # budget 0.5: 1.879 s a call against head's 1.741 (2026-12-05; 2.745 on 2026-12-04, 1.940 with
     # the norms read from V); off: 631 kernels a step.
     layer_move_in_kernel: bool = True
-    # With layer_move_in_kernel: the steps before the first eviction (P + M + K, half a call's steps
-    # at 0.5) are a decode scan of their own that skips that choice (nothing reads it yet). The step
-    # is compiled twice: GPT-XL 384 px for the H200 target, 28 s against 17 without a GPU. Not yet
-    # timed on a GPU (the XLA choice was 0.18 s of a 1.94 s call, 384 px batch 64, 2026-12-05).
+    # Period 1 on the kernel path (head's one kernel, or layer with layer_move_in_kernel): the steps
+    # before the first choice (P + M + K - 1, the step before the pool fills: half a call's steps at
+    # 0.5) are a decode scan of their own, and the steps from it another. Before, layer skips its
+    # XLA choice (nothing reads it yet) and the step kernel is compiled without the victim score:
+    # for the H200, head 96 registers a thread (13 warps an SM -> 21; window: 80), layer 119 (156
+    # with both loops). The step is compiled twice: GPT-XL 384 px for the H200 target without a GPU,
+    # layer 28 s against 17. Not yet timed on a GPU (the XLA choice was 0.18 s of a 1.94 s call,
+    # 384 px batch 64, 2026-12-05).
     first_choice_scan: bool = True
     # One program per (row, head) loops over the cache's blocks: with few programs and a long cache
     # that loop is the step's latency, where the other path splits the slots over programs. With 256

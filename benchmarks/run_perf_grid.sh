@@ -23,7 +23,7 @@
 #  10  benchmarks/generate_profile.py: where a call's GPU time goes for adsa-evict (head and layer, period 1
 #      and 8) and window, GPT-XL 384 px batch 64, budget 0.5 (~4 min): the step kernels, the choice, the leaving step
 #  11  benchmarks/kernel_switch_time.py: adsa-evict with a KernelConfig switch on and off in one process, 384 px
-#      batch 64, 0.5: layer's first_choice_scan, period 8's leave_top_in_kernel per head (~5 min)
+#      batch 64, 0.5: first_choice_scan per head and per layer, period 8's leave_top_in_kernel per head (~7 min)
 #   8  benchmarks/command_buffer_time.py: dense 256 px batch 1 and 64, window 384 px batch 64 under
 #      XLA's command-buffer (CUDA graph) settings, one process each (~4 min)
 # Parts 1 to 3 need a LlamaGen checkout at third_party/LlamaGen (ignored by git; the docstring of

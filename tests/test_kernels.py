@@ -637,9 +637,14 @@ def test_small_row_gemms_in_generation(c2i, c2i_ref, name, kw, attention, add_no
                                  sampling=adsa_jax.SamplingConfig(top_k=1), policy=pol, options=opts)
 
     step = str(jax.make_jaxpr(lambda p: run(p, "pallas-interpret"))(c2i.params))
-    # qkv, wo, w1|w3 (stacked), w2 per layer (and two add_rms_norm) and the head, and the one-kernel step per layer
+    # qkv, wo, w1|w3 (stacked), w2 per layer (and two add_rms_norm) and the head, and the one-kernel step per layer,
+    # in each decode scan: adsa-evict's one kernel has two (before its first choice and from it)
     cfg = c2i.config
-    assert step.count("pallas_call") == (4 + 2 * add_norm + (attention != "xla")) * cfg.n_layer + 1
+    first = with_kernels(pol, dataclasses.replace(INTERPRET, attention=attention)).first_choice(
+        2 * len(labels), cfg.n_head) if name == "adsa-evict" else None
+    assert (first is not None) == (attention != "xla" and name == "adsa-evict")
+    scans = 1 if first is None else 2
+    assert step.count("pallas_call") == scans * ((4 + 2 * add_norm + (attention != "xla")) * cfg.n_layer + 1)
     toks = run(c2i.params, "pallas-interpret")
     want = run(c2i.params, "xla")
     np.testing.assert_array_equal(np.asarray(toks), np.asarray(want))
@@ -719,19 +724,22 @@ def test_leaving_step_ignores_score_terms_no_kernel_computed():
         np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
 
 
-@pytest.mark.parametrize("kw,segments", [(dict(prefix=4, keep=9, local=3), 3)])
-def test_first_choice_scan_gives_the_xla_tokens(kw, segments):
-    """Layer granularity at period 1 on the kernel path: the steps before the first eviction run as
-    a scan of their own that skips every layer's choice (first_choice = P + M + K), and generation
-    gives the XLA path's tokens, also when length segments cut the call (here one segment ends
-    before the first eviction, another spans it). Off, the call is one scan fewer. (A ring of one
-    slot, whose choice a layer completes itself: test_kernel_in_generation_matches_xla.)"""
+@pytest.mark.parametrize("gran,segments", [("head", 3), ("layer", 3)])
+def test_first_choice_scan_gives_the_xla_tokens(gran, segments):
+    """Period 1 on the kernel path: the steps before the first choice (first_choice = P + M + K - 1,
+    the step before the pool fills) run as a scan of their own whose step kernel has no victim
+    score (and, at layer granularity, that skips every layer's choice), the steps from it as
+    another whose kernel always scores; generation gives the XLA path's tokens, also when length
+    segments cut the call (here one segment ends before the first choice, another spans it). Off,
+    the call is one scan fewer. (A ring of one slot: test_kernel_in_generation_matches_xla.)"""
     cfg = adsa_jax.GPTConfig(dim=64, n_layer=2, n_head=2, vocab_size=64, num_classes=5, block_size=36)
     model = adsa_jax.Model(cfg, init_params(cfg, jax.random.key(3), jnp.float32))
-    pol = make_policy(cfg, "adsa-evict", granularity="layer", **kw)
-    kern = on_kernels(pol, segments=segments)
-    assert kern.first_choice == pol.prefix + pol.local + pol.keep
-    assert on_kernels(pol, first_choice_scan=False).first_choice is None
+    pol = make_policy(cfg, "adsa-evict", granularity=gran, prefix=4, keep=9, local=3)
+    sw = dict(segments=segments, one_kernel_min_row_heads=8, one_kernel_max_slots=1)  # head: one kernel from 4 rows x 2 heads
+    kern = on_kernels(pol, **sw)
+    assert kern.first_choice(6, 2) == pol.prefix + pol.local + pol.keep - 1
+    assert on_kernels(pol, **sw, first_choice_scan=False).first_choice(6, 2) is None
+    assert on_kernels(pol, **sw).first_choice(2, 2) is (None if gran == "head" else kern.first_choice(6, 2))
 
     def run(kernels):
         return np.asarray(adsa_jax.generate(model, jnp.arange(3) % 5, jax.random.key(1), policy=pol, options=kernels,
@@ -739,9 +747,9 @@ def test_first_choice_scan_gives_the_xla_tokens(kw, segments):
     want = run(KernelConfig(attention="xla", gemm="xla", kth="sort", cublas=False))
     np.testing.assert_array_equal(run(kern.kernels), want)
 
-    def scans(**sw):
+    def scans(**more):
         from adsa_jax.generate import _generate_jit, _scalars, prepare_condition
-        kc = dataclasses.replace(INTERPRET, segments=segments, **sw)
+        kc = dataclasses.replace(INTERPRET, **sw, **more)
         cond, mask = prepare_condition(cfg, np.arange(3) % 5)
         jaxpr = _generate_jit.trace(model.params, cond, mask, jax.random.key(1), jnp.arange(3),
                                     _scalars(SamplingConfig(top_k=0)), cfg=cfg, policy=with_kernels(pol, kc),

@@ -128,25 +128,29 @@ class Evict:
         return self.kernels.evict_one_kernel and self.kernels.one_kernel_fits(rows, heads, self.slots)
 
     def decode(self, cache, q, k, v, t, cond_mask, *, layer_index=0, row_keys=None, span=None, qkv=None, rope=None,
-               planned=False, before_leave=False):
+               planned=False, before_leave=False, leave=None):
         """One layer's step t. ``planned``: :meth:`begin_step` already moved this step's leaving
         tokens (period s > 1; the model does that for all layers at once). ``before_leave`` (static):
         step t + 1 is a leaving step whose :meth:`begin_step` gets ``leave=True``; with
-        :attr:`fused_leave_score` this step's kernel computes that step's score terms."""
+        :attr:`fused_leave_score` this step's kernel computes that step's score terms. ``leave``
+        (static, period 1 with :meth:`first_choice`): t is before it (False) or at or after it
+        (True), and the step kernel is compiled with only the loop that step needs; None: the
+        kernel decides per step."""
         c, P, K, M = self.c, self.prefix, self.keep, self.local
         # begin_step's choice for this step (step_keys) never goes back into the cache
         choice = {key: cache[key] for key in self.step_keys if key in cache}
         cache = {key: x for key, x in cache.items() if key not in choice}
         kc, vc, pos, vsum = cache["k"], cache["v"], cache["pos"], cache["vsum"]
         # init() chose the path for the whole call (a device of a mesh sees fewer rows than init).
+        scoring = leave if self.period == 1 else None  # given at period 1 only with first_choice
         if ("victim" in cache) if K else self.one_kernel(*q.shape[:2]):
-            return self._decode_one_kernel(cache, q, k, v, t, cond_mask, qkv, rope)
+            return self._decode_one_kernel(cache, q, k, v, t, cond_mask, qkv, rope, scoring)
         if self.period > 1:
             return self._decode_period(cache, q, k, v, t, cond_mask, layer_index, row_keys, qkv, rope, planned,
                                        before_leave)
         if K > 0 and self.layer_kernel(*q.shape[:2]):
             return self._decode_layer_kernel(cache, q, k, v, t, cond_mask, qkv, rope,
-                                             (layer_index, choice) if planned and choice else None)
+                                             (layer_index, choice) if planned and choice else None, scoring)
         ring0 = c + P + K
         ring = ring0 + jnp.mod(t - P, M)
         if K > 0:
@@ -255,14 +259,14 @@ class Evict:
         cand = (jnp.arange(K + M) < K) | (jnp.arange(K + M) == ring - (c + P))
         return jnp.argmax(jnp.where(cand, score, -BIG), axis=-1)
 
-    def _decode_layer_kernel(self, cache, q, k, v, t, cond_mask, qkv, rope, chosen=None):
+    def _decode_layer_kernel(self, cache, q, k, v, t, cond_mask, qkv, rope, chosen=None, scoring=None):
         """A layer-granularity step at period 1 (:meth:`layer_kernel`): XLA chooses each row's victim
         as :meth:`_to_pool` does, from the terms the last step's kernel returned (then the first
         maximum over the pool and o), and the layer-vector norms of o, the victim and next step's
         leaving token (:meth:`_layer_choice`); one evict_step then moves o, updates the running sum,
         writes, attends and returns next step's terms. ``chosen``: (this layer's row, the choice
         :meth:`begin_step` made for every layer: ``victims`` and ``victims_sq``), which the kernel
-        reads in place: no per-layer slice."""
+        reads in place: no per-layer slice. ``scoring`` (static): evict_step's."""
         c, P, K, M = self.c, self.prefix, self.keep, self.local
         vc = cache["v"]
         b, h, _, d = vc.shape
@@ -277,7 +281,7 @@ class Evict:
                          self._step_scalars(t), c=c, prefix=P, keep=K, vsum=cache["vsum"].reshape(b, h, d),
                          victim=first[..., 0], qkv=qkv, rope=rope,
                          terms=(cache["dots"], cache["sq"]), filled=self.filled(t), layer_sq=sq, layer_index=at,
-                         next_new=M == 1, eps=EPS,
+                         next_new=M == 1, scoring=scoring, eps=EPS,
                          config=self.kernels, interpret=self.attention == "pallas-interpret")
         new = {**cache, "k": res[1], "v": res[2], "pos": res[3], "vsum": res[4].reshape(b, 1, h * d),
                "dots": res[5], "sq": res[6]}
@@ -341,12 +345,12 @@ class Evict:
         return (self.period == 1 and self.fused_score and self.granularity == "layer"
                 and self.kernels.layer_move_in_kernel and self.kernels.evict_one_kernel)
 
-    def _decode_one_kernel(self, cache, q, k, v, t, cond_mask, qkv=None, rope=None):
+    def _decode_one_kernel(self, cache, q, k, v, t, cond_mask, qkv=None, rope=None, scoring=None):
         c, P, K = self.c, self.prefix, self.keep
         cond_ok = cond_slot_mask(cond_mask, self.slots)[:, 0]  # (B, C)
         res = evict_step(q, k, v, cache["k"], cache["v"], cache["pos"], cond_ok, self._step_scalars(t), c=c, prefix=P,
                          keep=K, vsum=cache["vsum"] if K else None, victim=cache.get("victim"), vnorm=cache.get("vnorm"),
-                         qkv=qkv, rope=rope, filled=self.filled(t), eps=EPS, config=self.kernels,
+                         qkv=qkv, rope=rope, filled=self.filled(t), scoring=scoring, eps=EPS, config=self.kernels,
                          interpret=self.attention == "pallas-interpret")
         new = {**cache, "k": res[1], "v": res[2], "pos": res[3]}
         if K:
@@ -437,14 +441,19 @@ class Evict:
         passes ``leave=`` to :meth:`begin_step` and needs no branch."""
         return None if self.period == 1 else (self.prefix + self.ring, self.period)
 
-    @property
-    def first_choice(self):
-        """At period 1 with :attr:`layer_choice` and ``kernels.first_choice_scan``: the first step
-        whose move evicts (P + M + K), the first whose :meth:`begin_step` choice is read; otherwise
-        None. A caller that knows t statically passes ``leave=False`` before it, and begin_step
-        skips the choice."""
-        on = self.period == 1 and self.layer_choice and self.kernels.first_choice_scan
-        return self.prefix + self.local + self.keep if on else None
+    def first_choice(self, rows: int, heads: int):
+        """With ``kernels.first_choice_scan`` at period 1 on the kernel path (:attr:`layer_choice`,
+        or for ``rows`` x ``heads`` head granularity's one kernel, :meth:`one_kernel`, as
+        :meth:`init` decides it): the first step that chooses, P + M + K - 1, the step
+        before the pool fills, whose kernel scores next step's candidates (the first eviction is
+        at P + M + K); otherwise None. A caller that knows t statically passes ``leave=False``
+        before it and ``leave=True`` from it to :meth:`begin_step` (False: it skips the layers'
+        choice) and to :meth:`decode` (the step kernel is compiled with one loop, without the score
+        or with it: head 96 or 149 registers a thread for the H200, against 149 with both; layer
+        119 or 156)."""
+        on = (self.period == 1 and self.keep > 0 and (self.layer_choice or self.one_kernel(rows, heads))
+              and self.kernels.first_choice_scan)
+        return self.prefix + self.local + self.keep - 1 if on else None
 
     def begin_step(self, caches, t, row_keys=None, first_layer: int = 0, leave: bool | None = None):
         """Before step t's layers run: every layer's move of the s oldest ring tokens (period s > 1),
@@ -463,7 +472,7 @@ class Evict:
         ``leave`` (static; from :attr:`leave_schedule`): None branches on t as above; False: t is
         not a leaving step, nothing to do; True: plan without a branch, then keep the plan only if
         t is a leaving step (a select: any step is still correct, only slower). At period 1,
-        ``leave=False`` says t is before :attr:`first_choice`: the victims are a placeholder."""
+        ``leave=False`` says t is before :meth:`first_choice`: the victims are a placeholder."""
         if self.period == 1:
             if not (self.layer_choice and caches):
                 return caches
