@@ -33,8 +33,11 @@ from adsa_jax.generate import Model  # noqa: E402
 from adsa_jax.model import init_params  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp/out")
-KINDS = (("gemm", r"gemm|xmma|nvjet|cutlass|cublas|\bdot"), ("attention", r"adsa|attention|pallas|mosaic|evict"),
-         ("sampling", r"sort|topk|top_k|kth|cub|radix|argmax|threefry|rng|random"))
+# First match wins: our Pallas kernels are all named adsa_*, so the GEMV (small_matmul, batch 1-8) and
+# top-k (kth) kernels are matched before "adsa", and the residual add + RMSNorm kernel is "other".
+KINDS = (("gemm", r"gemm|xmma|nvjet|cutlass|cublas|small_matmul|\bdot"), ("other", r"add_norm"),
+         ("sampling", r"sort|topk|top_k|kth|\bcub|radix|argmax|threefry|rng|random"),
+         ("attention", r"adsa|attention|pallas|mosaic|evict"))
 
 
 def kind(name: str) -> str:

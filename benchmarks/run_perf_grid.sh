@@ -24,6 +24,8 @@
 #      and 8) and window, GPT-XL 384 px batch 64, budget 0.5 (~4 min): the step kernels, the choice, the leaving step
 #  11  benchmarks/kernel_switch_time.py: adsa-evict with a KernelConfig switch on and off in one process, 384 px
 #      batch 64, 0.5: first_choice_scan per head and per layer, period 8's leave_top_in_kernel per head (~7 min)
+#  12  benchmarks/generate_profile.py for dense at 256 px, batch 1, 64 and 256 (~2 min): GEMMs, attention, sampling
+#      and launch gaps of each call, into $OUT/dense/generate_profile.json
 #   8  benchmarks/command_buffer_time.py: dense 256 px batch 1 and 64, window 384 px batch 64 under
 #      XLA's command-buffer (CUDA graph) settings, one process each (~4 min)
 # Parts 1 to 3 need a LlamaGen checkout at third_party/LlamaGen (ignored by git; the docstring of
@@ -33,8 +35,8 @@
 # perf_torch_eager.json, perf_torch_compile_1.json, perf_torch_compile_2.json (results.json rows),
 # perf_policies_64.json and perf_policies_256.json (parts 4 and 7), perf_cap_40_MODEL_PX.json (part 5),
 # perf_cap_device_MODEL_PX.json (part 6), perf_granularity_256.json (part 9), command_buffer_time.json (part 8),
-# generate_profile.json (part 10) and kernel_switch_time.json (part 11) (not results.json rows: read them), and a
-# log per command. Then, in the repository:
+# generate_profile.json (part 10), dense/generate_profile.json (part 12) and kernel_switch_time.json (part 11)
+# (not results.json rows: read them), and a log per command. Then, in the repository:
 #   for f in OUTDIR/perf_*.json; do python benchmarks/make_tables.py --add "$f"; done
 set -u
 cd "$(dirname "$0")/.."
@@ -43,8 +45,8 @@ OUT=${OUT:-out}
 mkdir -p "$OUT"
 PART=${1:-}
 case "$PART" in
-  1|2|3|4|5|6|7|8|9|10|11) ;;
-  *) echo "usage: bash benchmarks/run_perf_grid.sh PART [MODEL:PX] (PART 1 to 11; see the header)" >&2; exit 2 ;;
+  1|2|3|4|5|6|7|8|9|10|11|12) ;;
+  *) echo "usage: bash benchmarks/run_perf_grid.sh PART [MODEL:PX] (PART 1 to 12; see the header)" >&2; exit 2 ;;
 esac
 CONFIG=${2:-GPT-XL:384}
 case "$CONFIG" in
@@ -114,6 +116,13 @@ case "$PART" in
   echo "== kernel_switch_time: KernelConfig switches on and off, 384 px batch 64, 0.5"
   OUT="$OUT" timeout 570 python3 benchmarks/kernel_switch_time.py > "$OUT/kernel_switch_time.log" 2>&1
   echo "rc $?"; grep -E "a call|rror" "$OUT/kernel_switch_time.log"
+  ;;
+12)
+  echo "== generate_profile: dense, 256 px batch 1, 64, 256"
+  mkdir -p "$OUT/dense"
+  OUT="$OUT/dense" timeout 570 python3 benchmarks/generate_profile.py GPT-XL:256:1:dense GPT-XL:256:64:dense \
+    GPT-XL:256:256:dense > "$OUT/dense/generate_profile.log" 2>&1
+  echo "rc $?"; tail -n 4 "$OUT/dense/generate_profile.log"
   ;;
 8)
   echo "== command_buffer_time: XLA command-buffer settings"
