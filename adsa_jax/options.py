@@ -146,6 +146,11 @@ class KernelConfig:
     # layer 28 s against 17. Not yet timed on a GPU (the XLA choice was 0.18 s of a 1.94 s call,
     # 384 px batch 64, 2026-12-05).
     first_choice_scan: bool = True
+    # Layer granularity, period 1: every layer's choice (the head sums of the score terms, the first
+    # maximum, the four norm lanes) as one Pallas kernel, a program per (row, layer) reading each
+    # layer's terms in place, instead of XLA fusions over their 36-way stack (0.18 s of a 1.94 s call,
+    # 384 px batch 64, 2026-12-05: 319 us a step). Compiled for the H200, not yet timed.
+    layer_choice_in_kernel: bool = True
     # One program per (row, head) loops over the cache's blocks: with few programs and a long cache
     # that loop is the step's latency, where the other path splits the slots over programs. With 256
     # slots a block over 8 warps one kernel is faster at batch 1 over every cache measured (dense

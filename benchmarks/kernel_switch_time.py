@@ -5,8 +5,9 @@ A switch's effect measured against itself on the same device and day: each confi
 compiled with the switch on and with it off (random weights, bf16, CFG 4, top-k 2000, as `adsa-jax
 bench`), then the two programs are called in turns, 1 warm-up and --iters (default 5) timed calls
 each, and their medians compared. Default cases: GPT-XL 384 px batch 64, budget 0.5, adsa-evict per
-head and at layer granularity with `first_choice_scan`, and at period 8 per head with
-`leave_top_in_kernel` (three cases, ~7 min on an H200).
+head and at layer granularity with `first_choice_scan`, at layer granularity with
+`layer_choice_in_kernel`, and at period 8 per head with `leave_top_in_kernel` (four cases, ~9 min
+on an H200; pass fewer to split them over two commands).
 Writes $OUT/kernel_switch_time.json (a row per case: both medians, their ratio, both compile
 times) and prints one line per case.
 """
@@ -32,6 +33,7 @@ from adsa_jax.options import KernelConfig  # noqa: E402
 OUT = os.environ.get("OUT", "/tmp/out")
 CASES = ["GPT-XL:384:64:adsa-evict:0.5:head:1:first_choice_scan",
          "GPT-XL:384:64:adsa-evict:0.5:layer:1:first_choice_scan",
+         "GPT-XL:384:64:adsa-evict:0.5:layer:1:layer_choice_in_kernel",
          "GPT-XL:384:64:adsa-evict:0.5:head:8:leave_top_in_kernel"]
 
 

@@ -23,7 +23,8 @@
 #  10  benchmarks/generate_profile.py: where a call's GPU time goes for adsa-evict (head and layer, period 1
 #      and 8) and window, GPT-XL 384 px batch 64, budget 0.5 (~4 min): the step kernels, the choice, the leaving step
 #  11  benchmarks/kernel_switch_time.py: adsa-evict with a KernelConfig switch on and off in one process, 384 px
-#      batch 64, 0.5: first_choice_scan per head and per layer, period 8's leave_top_in_kernel per head (~7 min)
+#      batch 64, 0.5: first_choice_scan per head and per layer (~5 min); 13: layer's layer_choice_in_kernel and
+#      period 8's leave_top_in_kernel per head (~5 min)
 #  12  benchmarks/generate_profile.py for dense at 256 px, batch 1, 64 and 256 (~2 min): GEMMs, attention, sampling
 #      and launch gaps of each call, into $OUT/dense/generate_profile.json
 #   8  benchmarks/command_buffer_time.py: dense 256 px batch 1 and 64, window 384 px batch 64 under
@@ -35,8 +36,9 @@
 # perf_torch_eager.json, perf_torch_compile_1.json, perf_torch_compile_2.json (results.json rows),
 # perf_policies_64.json and perf_policies_256.json (parts 4 and 7), perf_cap_40_MODEL_PX.json (part 5),
 # perf_cap_device_MODEL_PX.json (part 6), perf_granularity_256.json (part 9), command_buffer_time.json (part 8),
-# generate_profile.json (part 10), dense/generate_profile.json (part 12) and kernel_switch_time.json (part 11)
-# (not results.json rows: read them), and a log per command. Then, in the repository:
+# generate_profile.json (part 10), dense/generate_profile.json (part 12) and switch_11/ and switch_13/
+# kernel_switch_time.json (parts 11, 13) (not results.json rows: read them), and a log per command. Then, in
+# the repository:
 #   for f in OUTDIR/perf_*.json; do python benchmarks/make_tables.py --add "$f"; done
 set -u
 cd "$(dirname "$0")/.."
@@ -45,8 +47,8 @@ OUT=${OUT:-out}
 mkdir -p "$OUT"
 PART=${1:-}
 case "$PART" in
-  1|2|3|4|5|6|7|8|9|10|11|12) ;;
-  *) echo "usage: bash benchmarks/run_perf_grid.sh PART [MODEL:PX] (PART 1 to 12; see the header)" >&2; exit 2 ;;
+  1|2|3|4|5|6|7|8|9|10|11|12|13) ;;
+  *) echo "usage: bash benchmarks/run_perf_grid.sh PART [MODEL:PX] (PART 1 to 13; see the header)" >&2; exit 2 ;;
 esac
 CONFIG=${2:-GPT-XL:384}
 case "$CONFIG" in
@@ -112,10 +114,16 @@ case "$PART" in
     GPT-XL:384:64:window:0.5 > "$OUT/generate_profile.log" 2>&1
   echo "rc $?"; tail -n 8 "$OUT/generate_profile.log"
   ;;
-11)
+11|13)
   echo "== kernel_switch_time: KernelConfig switches on and off, 384 px batch 64, 0.5"
-  OUT="$OUT" timeout 570 python3 benchmarks/kernel_switch_time.py > "$OUT/kernel_switch_time.log" 2>&1
-  echo "rc $?"; grep -E "a call|rror" "$OUT/kernel_switch_time.log"
+  if [ "$PART" = 11 ]; then
+    cases="GPT-XL:384:64:adsa-evict:0.5:head:1:first_choice_scan GPT-XL:384:64:adsa-evict:0.5:layer:1:first_choice_scan"
+  else
+    cases="GPT-XL:384:64:adsa-evict:0.5:layer:1:layer_choice_in_kernel GPT-XL:384:64:adsa-evict:0.5:head:8:leave_top_in_kernel"
+  fi
+  mkdir -p "$OUT/switch_$PART"
+  OUT="$OUT/switch_$PART" timeout 570 python3 benchmarks/kernel_switch_time.py $cases > "$OUT/switch_$PART/kernel_switch_time.log" 2>&1
+  echo "rc $?"; grep -E "a call|rror" "$OUT/switch_$PART/kernel_switch_time.log"
   ;;
 12)
   echo "== generate_profile: dense, 256 px batch 1, 64, 256"

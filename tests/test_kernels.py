@@ -756,3 +756,32 @@ def test_first_choice_scan_gives_the_xla_tokens(gran, segments):
                                     use_cfg=True, kernels=kc, top_p_on=False).jaxpr
         return sum(eqn.primitive.name == "scan" for eqn in jaxpr.eqns)  # the decode scans
     assert scans() == scans(first_choice_scan=False) + 1
+
+
+@pytest.mark.parametrize("local", [3, 1])
+def test_layer_choice_kernel_equals_xla(local):
+    """kernels.layer_choice (interpreted) against Evict._layer_choice's XLA form on every layer's
+    terms: the same first maxima (ties included: equal scores by the lowest candidate; o's ring
+    slot after the pool) and the same four norm lanes, bit for bit, at steps that put o and next
+    step's leaving token in each ring slot, also with no choice (choose=False) and, with a ring
+    of one, the new token's lane."""
+    cfg = adsa_jax.GPTConfig(dim=64, n_layer=3, n_head=4, vocab_size=64, num_classes=5, block_size=36)
+    pol = make_policy(cfg, "adsa-evict", granularity="layer", prefix=3, keep=6, local=local)
+    on, off = on_kernels(pol), on_kernels(pol, layer_choice_in_kernel=False)
+    rng = np.random.default_rng(0)
+    b, h, d, s = 5, 4, 16, pol.slots
+
+    def terms():  # few distinct values: ties between candidates, and between a pool slot and o
+        return jnp.asarray(rng.integers(0, 4, size=(b, h, s)) * 0.25 + 0.5, jnp.float32)
+    caches = [{"sq": terms(), "dots": terms() - 1.0, "v": jnp.zeros((b, h, s, d), jnp.float32)} for _ in range(3)]
+    v_new = jnp.asarray(rng.normal(size=(b, h, d)), jnp.float32)
+    seen = set()
+    for t in range(pol.prefix, pol.prefix + 2 * local + 2):
+        for choose in (True, False):
+            got, want = (p._layer_choice(caches, jnp.int32(t), v_new, choose=choose) for p in (on, off))
+            np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+            np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+            seen.update(np.asarray(want[0]).ravel().tolist() if choose else [])
+    assert len(seen) > 2 and min(seen) < pol.keep <= max(seen) < pol.keep + local  # pool slots and o itself
+    assert str(jax.make_jaxpr(lambda c: on._layer_choice(c, jnp.int32(5), v_new))(caches)).count("pallas_call") == 1
+    assert "pallas_call" not in str(jax.make_jaxpr(lambda c: off._layer_choice(c, jnp.int32(5), v_new))(caches))

@@ -20,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ..kernels import evict_step, top_indices
+from ..kernels import evict_step, layer_choice, top_indices
 from ..options import XLA_KERNELS, KernelConfig
 from ..config import ConfigError
 from .layout import BIG, EPS, attend, cond_slot_mask, normalized_v, write_slot
@@ -295,12 +295,19 @@ class Evict:
         4-lane load; it takes max(|v|, eps) as normalized_v does), read from the terms' per-head
         |v|^2 (the kernel writes a slot's with its token): no V is read here. With a ring of one
         slot next step's leaving token is the new token, whose V (B, H, D) is ``v_new`` (one
-        layer); without it sq is None. Stacked over layers, each is one XLA reduction for all L
-        layers, not one kernel per layer. ``choose`` False (before the first eviction): first is a
-        placeholder (zeros), the terms are not read, and sq's lanes of o and of next step's
-        leaving token are still exact (o's move and the running sum read them)."""
+        layer); without it sq is None. With ``kernels.layer_choice_in_kernel`` on the kernel path
+        one :func:`adsa_jax.kernels.layer_choice` for all L layers; otherwise stacked over layers,
+        each an XLA reduction for all L layers, not one kernel per layer. ``choose`` False (before
+        the first choice): first is a placeholder (zeros), the dots are not read, and sq's lanes of
+        o and of next step's leaving token are still exact (o's move and the running sum read them)."""
         c, P, K, M = self.c, self.prefix, self.keep, self.local
         _, ring, _, _, _, ring_next, _ = self._step_scalars(t)
+        if first is None and self.attention != "xla" and self.kernels.layer_choice_in_kernel:
+            first, lanes = layer_choice([cache["sq"] for cache in caches],
+                                        [cache["dots"] for cache in caches] if choose else None, ring, ring_next,
+                                        start=c + P, keep=K, local=M, eps=EPS, big=BIG,
+                                        interpret=self.attention == "pallas-interpret")
+            return self._new_token_lane(first, lanes, t, v_new, caches[0]["v"].dtype)
         # Stacked, then summed over heads: one reduction for all L layers (summed first, each layer's
         # would be a kernel of its own; copied into one array first, it measured slower on the H200).
         sq_h = jnp.stack([cache["sq"] for cache in caches])  # (L, B, H, S): per head
@@ -319,12 +326,22 @@ class Evict:
                               jnp.full_like(first, ring_next), jnp.full_like(first, ring)], axis=-1)  # (L, B, 4)
         # the four slots' |v|^2 summed over heads (gathered first: no sum over every slot)
         lanes = jnp.sum(jnp.take_along_axis(sq_h, jnp.broadcast_to(at[:, :, None], (n, b, h, 4)), axis=-1), axis=2)
-        if M == 1:  # ring_next == slot once the prefix is full: next step's leaving token is the new one
-            vn = v_new.astype(caches[0]["v"].dtype).astype(jnp.float32)  # as the cache stores it
-            new_sq = jnp.sum(vn * vn, axis=(1, 2))  # (B,)
-            lanes = lanes.at[:, :, 2].set(jnp.where(ring_next == jnp.where(t < P, c + t, ring), new_sq,
-                                                    lanes[:, :, 2]))
-        return first, lanes
+        return self._new_token_lane(first, lanes, t, v_new, caches[0]["v"].dtype)
+
+    def _new_token_lane(self, first, lanes, t, v_new, dtype):
+        """(first, lanes) of :meth:`_layer_choice`, with a ring of one slot the new token's |v|^2
+        in lane 2 (next step's leaving token; ``v_new`` (B, H, D)), or lanes None without v_new."""
+        c, P, M = self.c, self.prefix, self.local
+        if M > 1:
+            return first, lanes
+        if v_new is None:
+            return first, None
+        _, ring, _, _, _, ring_next, _ = self._step_scalars(t)
+        # ring_next == slot once the prefix is full: next step's leaving token is the new one
+        vn = v_new.astype(dtype).astype(jnp.float32)  # as the cache stores it
+        new_sq = jnp.sum(vn * vn, axis=(1, 2))  # (B,)
+        return first, lanes.at[:, :, 2].set(jnp.where(ring_next == jnp.where(t < P, c + t, ring), new_sq,
+                                                      lanes[:, :, 2]))
 
     @property
     def step_keys(self) -> tuple:

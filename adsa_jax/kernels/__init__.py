@@ -4,6 +4,8 @@
 - :mod:`.attention`  :func:`decode_attention`, one query per row and head over a cache (every policy),
   optionally with ADSA's score terms.
 - :mod:`.evict_step` :func:`evict_step`, a whole ``dense`` / ``window`` / ``adsa-evict`` layer step.
+- :mod:`.layer_choice` :func:`layer_choice`, adsa-evict's per-layer victims (layer granularity)
+  for every layer of a step.
 - :mod:`.kth`        :func:`kth_largest`, top-k's threshold without a sort.
 - :mod:`.top_indices` :func:`top_indices`, ``lax.top_k``'s indices without a sort (adsa-evict's
   leaving step at period s > 1).
@@ -19,7 +21,8 @@ from .common import available
 from .evict_step import evict_step
 from .gemv import gemv_partials, gemv_tiling, small_matmul
 from .kth import kth_largest
+from .layer_choice import layer_choice
 from .top_indices import top_indices
 
-__all__ = ["decode_attention", "evict_step", "kth_largest", "top_indices", "small_matmul", "gemv_partials",
+__all__ = ["decode_attention", "evict_step", "layer_choice", "kth_largest", "top_indices", "small_matmul", "gemv_partials",
            "gemv_tiling", "add_rms_norm", "matmul_add_norm", "available"]
