@@ -2,6 +2,7 @@
 import dataclasses
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -631,20 +632,16 @@ def test_small_row_gemms_in_generation(c2i, c2i_ref, name, kw, attention, add_no
     pol = make_policy(c2i.config, name, **kw)
     labels = c2i_ref["labels"]
 
-    def run(p, gemm):  # the fixture model's 192-wide layers tile by 64
-        opts = KernelConfig(gemm=gemm, attention=attention, add_norm=add_norm, gemv_block_n=64, gemv_block_k=64)
+    def run(p, gemm):  # the fixture model's 192-wide layers tile by 64; one decode scan (compile time)
+        opts = KernelConfig(gemm=gemm, attention=attention, add_norm=add_norm, gemv_block_n=64, gemv_block_k=64,
+                            first_choice_scan=False)
         return adsa_jax.generate(adsa_jax.Model(c2i.config, p), labels, jax.random.key(1),
                                  sampling=adsa_jax.SamplingConfig(top_k=1), policy=pol, options=opts)
 
     step = str(jax.make_jaxpr(lambda p: run(p, "pallas-interpret"))(c2i.params))
-    # qkv, wo, w1|w3 (stacked), w2 per layer (and two add_rms_norm) and the head, and the one-kernel step per layer,
-    # in each decode scan: adsa-evict's one kernel has two (before its first choice and from it)
+    # qkv, wo, w1|w3 (stacked), w2 per layer (and two add_rms_norm) and the head, and the one-kernel step per layer
     cfg = c2i.config
-    first = with_kernels(pol, dataclasses.replace(INTERPRET, attention=attention)).first_choice(
-        2 * len(labels), cfg.n_head) if name == "adsa-evict" else None
-    assert (first is not None) == (attention != "xla" and name == "adsa-evict")
-    scans = 1 if first is None else 2
-    assert step.count("pallas_call") == scans * ((4 + 2 * add_norm + (attention != "xla")) * cfg.n_layer + 1)
+    assert step.count("pallas_call") == (4 + 2 * add_norm + (attention != "xla")) * cfg.n_layer + 1
     toks = run(c2i.params, "pallas-interpret")
     want = run(c2i.params, "xla")
     np.testing.assert_array_equal(np.asarray(toks), np.asarray(want))
@@ -739,7 +736,7 @@ def test_first_choice_scan_gives_the_xla_tokens(gran, segments):
     kern = on_kernels(pol, **sw)
     assert kern.first_choice(6, 2) == pol.prefix + pol.local + pol.keep - 1
     assert on_kernels(pol, **sw, first_choice_scan=False).first_choice(6, 2) is None
-    assert on_kernels(pol, **sw).first_choice(2, 2) is (None if gran == "head" else kern.first_choice(6, 2))
+    assert on_kernels(pol, **sw).first_choice(2, 2) is None  # 2 rows x 2 heads: no step kernel
 
     def run(kernels):
         return np.asarray(adsa_jax.generate(model, jnp.arange(3) % 5, jax.random.key(1), policy=pol, options=kernels,
@@ -748,14 +745,28 @@ def test_first_choice_scan_gives_the_xla_tokens(gran, segments):
     np.testing.assert_array_equal(run(kern.kernels), want)
 
     def scans(**more):
+        """(the decode scans, the loops in each distinct step kernel's program)."""
         from adsa_jax.generate import _generate_jit, _scalars, prepare_condition
         kc = dataclasses.replace(INTERPRET, **sw, **more)
         cond, mask = prepare_condition(cfg, np.arange(3) % 5)
         jaxpr = _generate_jit.trace(model.params, cond, mask, jax.random.key(1), jnp.arange(3),
                                     _scalars(SamplingConfig(top_k=0)), cfg=cfg, policy=with_kernels(pol, kc),
                                     use_cfg=True, kernels=kc, top_p_on=False).jaxpr
-        return sum(eqn.primitive.name == "scan" for eqn in jaxpr.eqns)  # the decode scans
-    assert scans() == scans(first_choice_scan=False) + 1
+        kernels = set()
+
+        def walk(jp):
+            for eqn in jp.eqns:
+                if eqn.primitive.name == "pallas_call" and eqn.params["name"] == "adsa_evict_step":
+                    kernels.add(str(eqn.params["jaxpr"]))
+                for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                    walk(sub)
+        walk(jaxpr)
+        return (sum(eqn.primitive.name == "scan" for eqn in jaxpr.eqns),
+                sorted(k.count(" while[") for k in kernels))
+    n_on, loops_on = scans()
+    n_off, loops_off = scans(first_choice_scan=False)
+    # on: one scan more, and each step kernel compiled with one loop (without the score, or with it)
+    assert n_on == n_off + 1 and loops_off == [2] and loops_on == [1, 1]
 
 
 @pytest.mark.parametrize("local", [3, 1])
@@ -776,7 +787,7 @@ def test_layer_choice_kernel_equals_xla(local):
     caches = [{"sq": terms(), "dots": terms() - 1.0, "v": jnp.zeros((b, h, s, d), jnp.float32)} for _ in range(3)]
     v_new = jnp.asarray(rng.normal(size=(b, h, d)), jnp.float32)
     seen = set()
-    for t in range(pol.prefix, pol.prefix + 2 * local + 2):
+    for t in range(pol.prefix + 2 * local + 2):  # from the prefix steps (t < P) on
         for choose in (True, False):
             got, want = (p._layer_choice(caches, jnp.int32(t), v_new, choose=choose) for p in (on, off))
             np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))

@@ -142,7 +142,8 @@ class Evict:
         cache = {key: x for key, x in cache.items() if key not in choice}
         kc, vc, pos, vsum = cache["k"], cache["v"], cache["pos"], cache["vsum"]
         # init() chose the path for the whole call (a device of a mesh sees fewer rows than init).
-        scoring = leave if self.period == 1 else None  # given at period 1 only with first_choice
+        # leave at period 1 comes only from a caller that split the call at first_choice
+        scoring = leave if self.period == 1 and self.kernels.first_choice_scan else None
         if ("victim" in cache) if K else self.one_kernel(*q.shape[:2]):
             return self._decode_one_kernel(cache, q, k, v, t, cond_mask, qkv, rope, scoring)
         if self.period > 1:
@@ -303,6 +304,8 @@ class Evict:
         c, P, K, M = self.c, self.prefix, self.keep, self.local
         _, ring, _, _, _, ring_next, _ = self._step_scalars(t)
         if first is None and self.attention != "xla" and self.kernels.layer_choice_in_kernel:
+            if M == 1 and v_new is None and not choose:  # nothing to read: a placeholder victim, no lanes
+                return jnp.zeros((len(caches), caches[0]["sq"].shape[0], 1), jnp.int32), None
             first, lanes = layer_choice([cache["sq"] for cache in caches],
                                         [cache["dots"] for cache in caches] if choose else None, ring, ring_next,
                                         start=c + P, keep=K, local=M, eps=EPS, big=BIG,
@@ -329,8 +332,9 @@ class Evict:
         return self._new_token_lane(first, lanes, t, v_new, caches[0]["v"].dtype)
 
     def _new_token_lane(self, first, lanes, t, v_new, dtype):
-        """(first, lanes) of :meth:`_layer_choice`, with a ring of one slot the new token's |v|^2
-        in lane 2 (next step's leaving token; ``v_new`` (B, H, D)), or lanes None without v_new."""
+        """(first, lanes) of :meth:`_layer_choice`. With a ring of one slot, lane 2 (next step's
+        leaving token) is the new token's |v|^2 from ``v_new`` (B, H, D), or lanes are None without
+        v_new; with a longer ring they are returned as they are."""
         c, P, M = self.c, self.prefix, self.local
         if M > 1:
             return first, lanes
@@ -468,8 +472,8 @@ class Evict:
         choice) and to :meth:`decode` (the step kernel is compiled with one loop, without the score
         or with it: head 96 or 149 registers a thread for the H200, against 149 with both; layer
         119 or 156)."""
-        on = (self.period == 1 and self.keep > 0 and (self.layer_choice or self.one_kernel(rows, heads))
-              and self.kernels.first_choice_scan)
+        on = (self.period == 1 and self.keep > 0 and self.kernels.first_choice_scan
+              and ((self.layer_choice and self.layer_kernel(rows, heads)) or self.one_kernel(rows, heads)))
         return self.prefix + self.local + self.keep - 1 if on else None
 
     def begin_step(self, caches, t, row_keys=None, first_layer: int = 0, leave: bool | None = None):
@@ -493,7 +497,9 @@ class Evict:
         if self.period == 1:
             if not (self.layer_choice and caches):
                 return caches
-            with jax.named_scope("evict"):  # before first_choice (leave False) no move evicts
+            # before first_choice (leave False) no move evicts; at it (P + M + K - 1) the choice is
+            # made from terms no kernel scored yet and unused: the pool fills only at the next step
+            with jax.named_scope("evict"):
                 first, sq = self._layer_choice(caches, t, choose=leave is not False)
             # Rows first_layer + i: decode's layer_index indexes them.
             pad = [(first_layer, 0)] + [(0, 0)] * (first.ndim - 1)

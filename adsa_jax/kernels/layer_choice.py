@@ -20,7 +20,9 @@ def _choice_kernel(ring_ref, rn_ref, *refs, n_layers, heads, start, K, M, width,
     dots = refs[n_layers:2 * n_layers] if choose else None
     first_ref, lanes_ref = refs[-2:]
     layer = pl.program_id(1)
-    lo = start + layer * 0  # traced: the masked block may reach past the cache's last slot
+    # A traced start: the masked block may reach past the cache's last slot, which a static start
+    # fails at trace time (interpret mode pads the read instead).
+    lo = start + layer * 0
     ring, rn = ring_ref[()] - start, rn_ref[()] - start  # candidate positions: K pool slots, then the ring
     idx = jnp.arange(width)
     ok = idx < K + M
@@ -62,7 +64,10 @@ def layer_choice(sq, dots, ring, ring_next, *, start: int, keep: int, local: int
     Candidates are the K pool slots from ``start`` (c + P) and the ring slot ``ring``; a
     candidate's score is the head sum of dots over max(sqrt(head sum of sq), eps), and the choice
     its first maximum (0..K-1 a pool position, K or more o itself), as
-    :meth:`adsa_jax.cache.evict.Evict._layer_choice` computes it. ``dots`` None: no choice (a
+    :meth:`adsa_jax.cache.evict.Evict._layer_choice` computes it in XLA. The heads are summed in
+    head order from zero: the XLA form's result on a CPU bit for bit; XLA on a GPU may sum in
+    another order, and a near tie may then fall to the other candidate. A NaN score never wins
+    (argmax would take it): the choice is then o. ``dots`` None: no choice (a
     placeholder 0). Returns (first (L, B, 1) int32, lanes (L, B, 4) float32): the head-summed |v|^2
     at o's ring slot, the victim's slot, next step's ring slot ``ring_next`` and o's again."""
     n, (b, h, s) = len(sq), sq[0].shape
