@@ -66,8 +66,8 @@ def layer_choice(sq, dots, ring, ring_next, *, start: int, keep: int, local: int
     its first maximum (0..K-1 a pool position, K or more o itself), as
     :meth:`adsa_jax.cache.evict.Evict._layer_choice` computes it in XLA. The heads are summed in
     head order from zero: the XLA form's result on a CPU bit for bit; XLA on a GPU may sum in
-    another order, and a near tie may then fall to the other candidate. A NaN score never wins
-    (argmax would take it): the choice is then o. ``dots`` None: no choice (a
+    another order, and a near tie may then fall to the other candidate. A NaN score (a NaN in V)
+    is not chosen, where argmax would choose it. ``dots`` None: no choice (a
     placeholder 0). Returns (first (L, B, 1) int32, lanes (L, B, 4) float32): the head-summed |v|^2
     at o's ring slot, the victim's slot, next step's ring slot ``ring_next`` and o's again."""
     n, (b, h, s) = len(sq), sq[0].shape
