@@ -520,6 +520,36 @@ class BatchSearch:
                 "compiled": {str(b): (int(p) if np.isfinite(p) else None) for b, p in sorted(known.items())}}
 
 
+def peak_hint_key(name: str, image_size: int, item: dict) -> str:
+    """The key of one configuration in a peak-hints file: MODEL:PX:POLICY:BUDGET:GRANULARITY:PERIOD."""
+    return f"{name}:{image_size}:{item['policy'].name}:{item['budget']}:{item['granularity']}:{item['period']}"
+
+
+def load_peak_hints(path) -> dict:
+    """{key (:func:`peak_hint_key`): {batch: compiled peak bytes}} from a JSON file whose ``peaks``
+    maps each key to {batch: bytes} (``benchmarks/cap_peaks.py`` writes one). A missing or malformed
+    file is a ConfigError naming it."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"--peak-hints {path}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:
+        raise ConfigError(f"--peak-hints {path}: not JSON ({e})") from None
+    peaks = doc.get("peaks") if isinstance(doc, dict) else None
+    if not isinstance(peaks, dict):
+        raise ConfigError(f"--peak-hints {path}: expected an object with 'peaks': {{key: {{batch: bytes}}}}")
+    out = {}
+    for key, table in peaks.items():
+        try:
+            out[str(key)] = {int(b): int(p) for b, p in table.items()}
+        except (AttributeError, TypeError, ValueError):
+            raise ConfigError(f"--peak-hints {path}: peaks[{key!r}] must map batches to bytes (integers)") from None
+        if any(b < 1 or p < 0 for b, p in out[str(key)].items()):
+            raise ConfigError(f"--peak-hints {path}: peaks[{key!r}] has a batch below 1 or negative bytes")
+    return out
+
+
 def _is_oom(e: Exception) -> bool:
     text = f"{type(e).__name__}: {e}"
     return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
@@ -531,7 +561,7 @@ def _peak_in_use(device) -> int | None:
 
 
 def cap_search(model: Model, items, caps, *, start=8, align=1, max_batch=4096, workers=1, iters=3, warmup=1,
-               device=None, compile=None, log=print):
+               device=None, compile=None, log=print, hints=None):
     """For each item (a configuration without a batch: ``policy``, optional ``options`` and
     ``sampling``) and each cap ``(GiB, bytes)``: the largest batch whose compiled peak fits the cap
     (:class:`BatchSearch`), timed (:func:`time_one`). The searches of all items and caps advance
@@ -542,9 +572,15 @@ def cap_search(model: Model, items, caps, *, start=8, align=1, max_batch=4096, w
     ``search`` (:meth:`BatchSearch.summary`) and, where the device reports it, ``peak_bytes_run``:
     the device's peak bytes in use during the timed calls (None when an earlier call had set a
     higher peak, which the runtime cannot reset). An item whose compile fails, or for which no batch
-    fits, yields a row with ``error``. compile: a stand-in for :func:`compile_one` (tests)."""
+    fits, yields a row with ``error``. compile: a stand-in for :func:`compile_one` (tests).
+    hints: None, or per item None or {batch: compiled peak bytes} from an earlier compile for this
+    device (:func:`load_peak_hints`): the search starts from them as if compiled, so it needs no
+    compile where they bracket a cap; a hinted batch compiled to be run takes its own peak, and
+    the search goes on if that no longer fits. The row's ``search`` lists the batches still hinted."""
     dev = jax.devices()[0]
-    known = [dict() for _ in items]  # per item: batch -> compiled peak bytes
+    hints = list(hints or [None] * len(items))
+    known = [dict(h or {}) for h in hints]  # per item: batch -> compiled peak bytes
+    hinted = [set(h or ()) for h in hints]  # per item: batches whose peak is a hint, not compiled here
     keep = [dict() for _ in items]  # per item: batch -> prepared executable, for batches that fit a cap
     failed = {}  # item index -> error text
     searches = {(i, cap): BatchSearch(cap[1], start=start, align=align, max_batch=max_batch)
@@ -564,14 +600,16 @@ def cap_search(model: Model, items, caps, *, start=8, align=1, max_batch=4096, w
                     failed[i] = f"batch {b}: {type(prepared).__name__}: {prepared}"[:400]
                     continue
                 peak = prepared["row"]["peak_bytes_compiled"]
-                if b in known[i]:  # compiled again to be run (its peak is known)
+                if b in known[i] and b not in hinted[i]:  # compiled again to be run (its peak is known)
                     keep[i][b] = prepared
                     continue
                 if peak is None:
                     raise ConfigError("this backend reports no compiled memory (memory_analysis); a memory cap "
                                       "needs it")
+                note = f" (hint {known[i][b] / GIB:.3f})" if b in hinted[i] else ""
+                hinted[i].discard(b)
                 known[i][b] = peak
-                log(f"  {items[i]['policy'].name} batch {b}: compiled peak {peak / GIB:.3f} GiB")
+                log(f"  {items[i]['policy'].name} batch {b}: compiled peak {peak / GIB:.3f} GiB{note}")
                 if any(peak <= cap[1] for cap in caps):
                     keep[i][b] = prepared
                 prepared = None
@@ -605,7 +643,8 @@ def cap_search(model: Model, items, caps, *, start=8, align=1, max_batch=4096, w
             break
     for (i, cap), s in searches.items():
         lo, _ = s.bracket(known[i])
-        base = {"memory_cap_gib": cap[0], "cap_bytes": cap[1], "search": s.summary(known[i])}
+        base = {"memory_cap_gib": cap[0], "cap_bytes": cap[1],
+                "search": {**s.summary(known[i]), "hinted": sorted(hinted[i])}}
         if i in failed:
             row = {"error": failed[i], "policy": items[i]["policy"].name, "batch": None}
         elif lo == 0:
@@ -645,11 +684,13 @@ def run_memory_cap(models=None, image_sizes=None, policies=("dense",), budgets=(
                    dtype="bfloat16", iters=3, warmup=1, sampling: SamplingConfig = SamplingConfig(), json_path=None,
                    measure=True, log=print, compile_workers=1, checkpoint=None, model_type=None,
                    options: KernelConfig | None = None, start=8, align=1, max_batch=4096, granularities=("head",),
-                   periods=(1,)):
+                   periods=(1,), peak_hints=None):
     """Throughput at equal memory: for each model x policy x budget x cap (GiB or 'device'), the
     largest batch that fits the cap (:func:`cap_search`) and its speed. Models, image sizes,
-    checkpoint and model type as :func:`run`; rows as :func:`run`'s plus ``memory_cap_gib``."""
+    checkpoint and model type as :func:`run`; rows as :func:`run`'s plus ``memory_cap_gib``.
+    peak_hints: None, or a file (:func:`load_peak_hints`) whose compiled peaks start each search."""
     specs = bench_models(models, image_sizes, checkpoint=checkpoint, model_type=model_type)
+    hints = load_peak_hints(peak_hints) if peak_hints is not None else {}
 
     def items_for(cfg):
         return [dict(it, options=options, sampling=sampling)
@@ -668,8 +709,13 @@ def run_memory_cap(models=None, image_sizes=None, policies=("dense",), budgets=(
     for spec in specs:
         model = spec.build(dtype)
         items = items_for(model.config)
+        found = [hints.get(peak_hint_key(spec.name, spec.image_size, it)) for it in items]
+        if hints:
+            log(f"{spec.name} {spec.image_size} px: peak hints for {sum(h is not None for h in found)} of "
+                f"{len(items)} configurations")
         for i, cap, r in cap_search(model, items, resolved, start=start, align=align, max_batch=max_batch,
-                                    workers=compile_workers, iters=iters, warmup=warmup, device=device, log=log):
+                                    workers=compile_workers, iters=iters, warmup=warmup, device=device, log=log,
+                                    hints=found):
             r.update(name=spec.name, source=spec.source, image_size=spec.image_size, budget=items[i]["budget"],
                      granularity=items[i]["granularity"], period=items[i]["period"])
             if "error" in r:

@@ -16,8 +16,10 @@
 #   7  the same at batch 256
 #   5  adsa-jax bench --memory-cap 40: the largest batch each policy fits in 40 GiB and its images/s
 #      (dense, adsa-evict 0.5 and 0.25, window 0.5 and 0.25) for MODEL:PX, one of GPT-XL:384 (the
-#      default), GPT-XL:512, GPT-XXL:384: one call each (a search compiles a policy 4 times)
-#   6  the same under the whole device's memory (--memory-cap device)
+#      default), GPT-XL:512, GPT-XXL:384: one call each. The searches start from the peaks in
+#      benchmarks/cap_peaks_h200.json (benchmarks/cap_peaks.py compiles them without a GPU), so the GPU
+#      compiles about one batch a policy; without that file a search compiles a policy 4 times or more
+#   6  the same under the whole device's memory (--memory-cap device, XLA_PYTHON_CLIENT_MEM_FRACTION=0.95)
 #   9  adsa-evict head against layer at period 1, budget 0.5, GPT-XL 384 px batch 256 (~3 min): layer's
 #      time relative to head's at the large batch
 #  10  benchmarks/generate_profile.py: where a call's GPU time goes for adsa-evict (head and layer, period 1
@@ -94,10 +96,13 @@ case "$PART" in
   cap=$([ "$PART" = 5 ] && echo 40 || echo device)
   model=${CONFIG%%:*} px=${CONFIG##*:}
   tag="perf_cap_${cap}_${model}_${px}"
+  hints=()
+  [ -f benchmarks/cap_peaks_h200.json ] && hints=(--peak-hints benchmarks/cap_peaks_h200.json)
   echo "== $tag: adsa-jax bench --memory-cap $cap, $model at $px px"
-  timeout 570 python3 -c 'import sys; from adsa_jax.cli import main; sys.exit(main(sys.argv[1:]))' bench \
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 570 python3 -c \
+    'import sys; from adsa_jax.cli import main; sys.exit(main(sys.argv[1:]))' bench \
     --model "$model" --image-size "$px" --memory-cap "$cap" --policies dense,adsa-evict,window --budgets 0.5,0.25 \
-    --iters 3 --compile-workers 3 --json "$OUT/$tag.json" > "$OUT/$tag.log" 2>&1
+    --iters 3 --compile-workers 3 ${hints[@]+"${hints[@]}"} --json "$OUT/$tag.json" > "$OUT/$tag.log" 2>&1
   echo "rc $?"; grep -E "GPT-|rror" "$OUT/$tag.log" | tail -n 20
   ;;
 9)

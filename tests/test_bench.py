@@ -288,6 +288,11 @@ def test_cli_bench_errors(c2i_dir, tmp_path, capsys):
     assert "period must be an integer >= 1" in capsys.readouterr().err
     assert main(["bench", "--checkpoint", str(c2i_dir), "--period", "x"]) == 2
     assert "--period" in capsys.readouterr().err
+    assert main(["bench", "--checkpoint", str(c2i_dir), "--peak-hints", str(missing)]) == 2
+    assert "--peak-hints goes with --memory-cap" in capsys.readouterr().err
+    assert main(["bench", "--checkpoint", str(c2i_dir), "--memory-cap", "1", "--peak-hints", str(missing)]) == 2
+    err = capsys.readouterr().err  # before any compile or timing
+    assert "--peak-hints" in err and "cannot read it" in err and err.count("\n") == 1
 
 
 def test_policy_items_sweeps_granularity_and_period_where_they_apply():
@@ -424,6 +429,46 @@ def test_cap_search_out_of_memory_when_run_searches_below(c2i, compiled_window):
         w["fail"].clear()
     assert r["batch"] == 3 and r["search"]["smallest_over"] == 4 and r["search"]["compiled"]["4"] is None
     assert w["runs"] == [4, 3]
+
+
+def test_cap_search_from_peak_hints(c2i, compiled_window):
+    """Hints (peaks compiled earlier for the device) start the search: right ones bracket the cap, so
+    only the chosen batch is compiled, to be run, and the batch above stays hinted; a wrong one (a
+    batch said to fit that does not) is replaced by its compiled peak and the search goes on below."""
+    w = compiled_window
+    p2, p4, p5, p8 = w["peak"](2), w["peak"](4), w["peak"](5), w["peak"](8)
+    cap, compiled = (p4 + p5) // 2, []
+
+    def counting(model, batch, policy, **kw):
+        compiled.append(batch)
+        return w["compile"](model, batch, policy, **kw)
+    w2 = dict(w, compile=counting)
+    r = _search(c2i, w2, cap, align=1, start=1, hints=[{4: p4, 5: p5, 8: p8}])
+    assert r["batch"] == 4 and compiled == [4] and set(w["runs"]) == {4}
+    assert r["search"]["hinted"] == [5, 8] and (r["search"]["largest_fitting"], r["search"]["smallest_over"]) == (4, 5)
+    compiled.clear()
+    r = _search(c2i, w2, cap, align=1, start=1, hints=[{2: p2, 5: p4, 8: p8}])  # batch 5 does not fit
+    assert r["batch"] == 4 and {4, 5} <= set(compiled) and r["search"]["compiled"]["5"] == p5
+    assert r["search"]["hinted"] == [2, 8] and set(w["runs"]) == {4}
+
+
+def test_load_peak_hints(tmp_path, c2i):
+    from adsa_jax.bench import load_peak_hints, peak_hint_key, policy_items
+
+    item = policy_items(c2i.config, ["adsa-evict"], [0.5])[0]
+    key = peak_hint_key("GPT-XL", 384, item)
+    assert key == "GPT-XL:384:adsa-evict:0.5:head:1"
+    f = tmp_path / "peaks.json"
+    f.write_text(json.dumps({"peaks": {key: {"369": 42939229689, "370": 43073799426}}}))
+    assert load_peak_hints(f) == {key: {369: 42939229689, 370: 43073799426}}
+    for text, msg in (("{", "not JSON"), ("[]", "expected an object with 'peaks'"),
+                      (json.dumps({"peaks": {key: {"x": 1}}}), "must map batches to bytes"),
+                      (json.dumps({"peaks": {key: {"0": 1}}}), "batch below 1")):
+        f.write_text(text)
+        with pytest.raises(ConfigError, match=msg):
+            load_peak_hints(f)
+    with pytest.raises(ConfigError, match="cannot read it"):
+        load_peak_hints(tmp_path / "missing.json")
 
 
 def test_cap_search_nothing_fits(c2i, compiled_window):

@@ -1,6 +1,7 @@
 """``adsa-jax bench``: speed, memory and roofline of generate over models, sizes, policies and batches."""
 from __future__ import annotations
 
+from ..config import ConfigError
 from .common import (add_dtype_arg, add_kernel_args, add_sampling_args, kernels_from_args, log, parser,
                      sampling_from_args, split_list)
 
@@ -40,6 +41,9 @@ def add_parser(sub):
                    "(default: %(default)s)")
     p.add_argument("--batch-step", type=int, default=1, help="with --memory-cap: the batches tried are multiples of "
                    "this (default: %(default)s)")
+    p.add_argument("--peak-hints", default=None, metavar="FILE", help="with --memory-cap: compiled peaks from an "
+                   "earlier compile for this device (benchmarks/cap_peaks.py writes them without a GPU), where each "
+                   "search starts; the chosen batches are still compiled and checked here (default: none)")
     p.add_argument("--no-roofline", action="store_true", help="skip measuring bandwidth and matmul rate")
     p.add_argument("--json", default=None, help="write the rows (and device, versions) as JSON (default: none)")
     p.set_defaults(run=run)
@@ -49,6 +53,8 @@ def run(a):
     from ..bench import format_rows, format_shares, run as sweep, selection_shares
 
     sizes = split_list(a.image_size, "--image-size", int) if a.image_size else None
+    if a.peak_hints is not None and a.memory_cap is None:
+        raise ConfigError("--peak-hints goes with --memory-cap (it starts the batch searches); add --memory-cap GIB")
     if a.memory_cap is not None:
         from ..bench import format_cap_rows, run_memory_cap
 
@@ -61,7 +67,7 @@ def run(a):
                                  options=kernels_from_args(a), compile_workers=a.compile_workers,
                                  max_batch=a.max_batch, align=a.batch_step,
                                  granularities=split_list(a.granularity, "--granularity"),
-                                 periods=split_list(a.period, "--period", int))
+                                 periods=split_list(a.period, "--period", int), peak_hints=a.peak_hints)
         print(format_cap_rows(rows))
         return rows
     _, rows = sweep(models=split_list(a.model, "--model") if a.model else None, image_sizes=sizes,
