@@ -6,6 +6,8 @@ the batches it times (and checks their peaks) instead of searching.
     python3 benchmarks/cap_peaks.py [--configs GPT-XL:384,GPT-XL:512,GPT-XXL:384]
         [--policies dense,adsa-evict,window] [--budgets 0.5,0.25] [--caps 40,133]
         [--workers 2] [--out benchmarks/cap_peaks_h200.json]
+    python3 benchmarks/cap_peaks.py --table   (no compile: the file's largest batches as markdown,
+        into benchmarks/cap_peaks_h200.md)
 
 Needs jax's CUDA plugin, as benchmarks/compiled_kernels.py (whose compile it uses: its docstring says
 how). The caps are GiB: 40, and 133 for the whole H200 as `run_perf_grid.sh 6` gives it (its
@@ -37,6 +39,33 @@ def peak_of(spec: str, target: str) -> int:
     return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
 
 
+def largest(peaks: dict, cap_bytes: int):
+    """The largest batch of {batch: bytes} whose peak fits, if the next batch is known not to."""
+    fits = [int(b) for b, p in peaks.items() if p <= cap_bytes]
+    over = [int(b) for b, p in peaks.items() if p > cap_bytes]
+    lo = max(fits, default=0)
+    return lo if lo and any(b == lo + 1 for b in over) else None
+
+
+def table(doc: dict) -> str:
+    """Markdown: per configuration and cap, the largest batch each policy fits (compiled, not run)."""
+    caps = doc["caps_gib"]
+    keys = list(doc["peaks"])
+    configs = list(dict.fromkeys(":".join(k.split(":")[:2]) for k in keys))
+    pols = list(dict.fromkeys(":".join(k.split(":")[2:4]) for k in keys))
+    head = [f"{p.split(':')[0]} {p.split(':')[1]}".replace(" None", "") for p in pols]
+    lines = ["| model | px | cap GiB | " + " | ".join(head) + " |", "| --- | --- | --- |" + " ---: |" * len(pols)]
+    for config in configs:
+        for cap in caps:
+            cells = []
+            for p in pols:
+                key = next((k for k in keys if k.startswith(f"{config}:{p}:")), None)
+                b = largest(doc["peaks"][key], int(cap * GIB)) if key else None
+                cells.append(str(b) if b else "-")
+            lines.append(f"| {config.replace(':', ' | ')} | {cap:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="GPT-XL:384,GPT-XL:512,GPT-XXL:384")
@@ -46,7 +75,18 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=2, help="compiles at once (threads)")
     ap.add_argument("--target", default=os.path.join(HERE, "h200_target.txtpb"))
     ap.add_argument("--out", default=os.path.join(HERE, "cap_peaks_h200.json"))
+    ap.add_argument("--table", action="store_true", help="write --out's table as markdown beside it; no compile")
     a = ap.parse_args(argv)
+    if a.table:
+        with open(a.out) as f:
+            doc = json.load(f)
+        md = os.path.splitext(a.out)[0] + ".md"
+        with open(md, "w") as f:
+            f.write(f"Largest batch under each memory cap, compiled for the H200 target without a GPU (jax "
+                    f"{doc['jax']}, {doc['date']}; `python3 benchmarks/cap_peaks.py`, then `--table`); not run, "
+                    "not timed (`bench --memory-cap` times them: BENCHMARKS.md).\n\n" + table(doc))
+        print(open(md).read())
+        return
     target = open(a.target).read()
     caps = [float(c) for c in a.caps.split(",")]
     doc = {"target": os.path.basename(a.target), "jax": jax.__version__, "date": datetime.date.today().isoformat(),
