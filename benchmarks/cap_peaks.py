@@ -103,7 +103,7 @@ def main(argv=None):
             key = peak_hint_key(name, int(px), item)
             known = {int(b): p for b, p in doc["peaks"].get(key, {}).items()}
             searches = [BatchSearch(int(c * GIB)) for c in caps]
-            tail = "" if item["budget"] is None else f":{item['budget']}:{item['granularity']}:{item['period']}"
+            tail = "" if item["budget"] is None else f":{item['budget']}:{item['granularity'] or 'head'}:{item['period']}"
             while True:
                 want = sorted({b for s in searches for b in s.candidates(known)})
                 if not want:
