@@ -170,6 +170,11 @@ class KernelConfig:
     # - below: 256 / 8, where each program's loop is the step's latency. Batch 1 (40) 0.278 s against
     #   0.303 at 64 / 2. Triton pipeline stages (2, 3) change nothing.
     evict_tiers: tuple = ((1024, 32, 1), (512, 64, 2), (256, 128, 4), (0, 256, 8))
+    # The always-scoring step kernel of first_choice_scan's second piece (head's victim search,
+    # layer's score terms) over a tile of its own: (slots a block, warps); None: evict_tiers'. For
+    # the H200 target, head at 384 px batch 64: 16 slots over 1 warp 96 registers a thread (twice the
+    # blocks), against 149 at 32 over 1; 32 over 2 warps 127. Not yet timed (kernel_switch_time.py).
+    score_tile: tuple | None = None
 
     # --- small_matmul (kernels/gemv.py): the decode GEMMs at 1-16 rows as a split-K GEMV. H200:
     # GPT-XL 256 px batch 1 0.313 vs 0.343 s (XLA), batch 8 0.335 vs 0.354; of warps, stages,
@@ -217,6 +222,11 @@ class KernelConfig:
                 or tiers[-1][0] != 0):
             raise ConfigError("KernelConfig evict_tiers must be (least row-heads, block, warps) triples, least "
                               f"row-heads strictly decreasing down to 0, got {tiers!r}")
+        st = self.score_tile
+        if st is not None and (not isinstance(st, tuple) or len(st) != 2
+                               or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in st)):
+            raise ConfigError(f"KernelConfig score_tile must be None or (slots a block, warps), integers >= 1, "
+                              f"got {st!r}")
         if isinstance(self.gemv_tiles, dict):  # accept a dict for convenience; stored hashable
             object.__setattr__(self, "gemv_tiles", tuple(sorted(self.gemv_tiles.items())))
 

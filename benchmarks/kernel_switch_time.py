@@ -1,6 +1,9 @@
 """Seconds per generate call with a KernelConfig switch on and off, in one process (GPU):
 `python3 benchmarks/kernel_switch_time.py [MODEL:PX:BATCH:POLICY:BUDGET:GRAN:PERIOD:SWITCH ...]`.
 
+SWITCH is a True/False field of KernelConfig (on: True, off: False), or FIELD=VALUE for any other
+field, VALUE a Python literal (on: that value, off: the default), e.g. `score_tile=(16,1)`.
+
 A switch's effect measured against itself on the same device and day: each configuration is
 compiled with the switch on and with it off (random weights, bf16, CFG 4, top-k 2000, as `adsa-jax
 bench`), then the two programs are called in turns, 1 warm-up and --iters (default 5) timed calls
@@ -12,6 +15,7 @@ Writes $OUT/kernel_switch_time.json (a row per case: both medians, their ratio, 
 times) and prints one line per case.
 """
 import argparse
+import ast
 import dataclasses
 import json
 import os
@@ -42,9 +46,24 @@ def parse(case: str):
     if len(parts) != 8:
         raise SystemExit(f"kernel_switch_time.py: {case!r} is not MODEL:PX:BATCH:POLICY:BUDGET:GRAN:PERIOD:SWITCH")
     model, px, batch, policy, budget, gran, period, switch = parts
+    return model, int(px), int(batch), policy, float(budget), gran, int(period), switch
+
+
+def settings(switch: str) -> tuple[dict, dict]:
+    """(KernelConfig fields on, fields off) for a SWITCH (the module docstring)."""
+    fields = {f.name for f in dataclasses.fields(KernelConfig)}
+    if "=" in switch:
+        name, text = switch.split("=", 1)
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise SystemExit(f"kernel_switch_time.py: {text!r} in {switch!r} is not a Python literal") from None
+        if name not in fields:
+            raise SystemExit(f"kernel_switch_time.py: {name!r} is not a KernelConfig field")
+        return {name: value}, {}
     if not isinstance(getattr(KernelConfig(), switch, None), bool):
         raise SystemExit(f"kernel_switch_time.py: {switch!r} is not a KernelConfig switch (a True/False field)")
-    return model, int(px), int(batch), policy, float(budget), gran, int(period), switch
+    return {switch: True}, {switch: False}
 
 
 def main(argv=None):
@@ -53,6 +72,8 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=5)
     args = ap.parse_args(argv)
     cases = [parse(c) for c in args.cases]
+    for c in cases:
+        settings(c[-1])  # a bad switch fails before any compile
     os.makedirs(OUT, exist_ok=True)
     rows = []
     for case, (name, px, batch, pol, budget, gran, period, switch) in zip(args.cases, cases):
@@ -60,10 +81,9 @@ def main(argv=None):
         model = Model(cfg, init_params(cfg, jax.random.key(0), jnp.bfloat16))
         policy = adsa_jax.make_policy(cfg, pol, budget=budget, granularity=gran, period=period)
         prepared = {}
-        for value in (True, False):
-            print(f"{case}: compiling with {switch}={value}", flush=True)
-            prepared[value] = compile_one(model, batch, policy, options=dataclasses.replace(KernelConfig(),
-                                                                                         **{switch: value}))
+        for value, fields in zip((True, False), settings(switch)):
+            print(f"{case}: compiling {'on' if value else 'off'} ({fields or 'the default'})", flush=True)
+            prepared[value] = compile_one(model, batch, policy, options=dataclasses.replace(KernelConfig(), **fields))
         times = {True: [], False: []}
         for i in range(1 + args.iters):  # the two programs in turns: drift hits both alike
             for value, prep in prepared.items():

@@ -25,8 +25,8 @@
 #  10  benchmarks/generate_profile.py: where a call's GPU time goes for adsa-evict (head and layer, period 1
 #      and 8) and window, GPT-XL 384 px batch 64, budget 0.5 (~4 min): the step kernels, the choice, the leaving step
 #  11  benchmarks/kernel_switch_time.py: adsa-evict with a KernelConfig switch on and off in one process, 384 px
-#      batch 64, 0.5: first_choice_scan per head and per layer (~5 min); 13: layer's layer_choice_in_kernel and
-#      period 8's leave_top_in_kernel per head (~5 min)
+#      batch 64, 0.5: first_choice_scan per head and per layer (~5 min); 13: layer's layer_choice_in_kernel,
+#      period 8's leave_top_in_kernel per head, and head's scoring kernel over 16-slot blocks (score_tile) (~6 min)
 #  12  benchmarks/generate_profile.py for dense at 256 px, batch 1, 64 and 256 (~2 min): GEMMs, attention, sampling
 #      and launch gaps of each call, into $OUT/dense/generate_profile.json
 #   8  benchmarks/command_buffer_time.py: dense 256 px batch 1 and 64, window 384 px batch 64 under
@@ -125,6 +125,7 @@ case "$PART" in
     cases="GPT-XL:384:64:adsa-evict:0.5:head:1:first_choice_scan GPT-XL:384:64:adsa-evict:0.5:layer:1:first_choice_scan"
   else
     cases="GPT-XL:384:64:adsa-evict:0.5:layer:1:layer_choice_in_kernel GPT-XL:384:64:adsa-evict:0.5:head:8:leave_top_in_kernel"
+    cases="$cases GPT-XL:384:64:adsa-evict:0.5:head:1:score_tile=(16,1)"
   fi
   mkdir -p "$OUT/switch_$PART"
   OUT="$OUT/switch_$PART" timeout 570 python3 benchmarks/kernel_switch_time.py $cases > "$OUT/switch_$PART/kernel_switch_time.log" 2>&1

@@ -438,6 +438,49 @@ def test_evict_step_victim_ties_lowest_slot(victim_in, want):
     assert int(res[5][0, 0]) == want
 
 
+def test_evict_step_static_scoring_and_its_tile():
+    """scoring=True (every step scores) gives the per-step kernel's outputs and victim at a step
+    that scores, also over score_tile's own blocks (traced: that block and warps, the default tile
+    without scoring=True); scoring=False at a step before the pool fills, the same outputs and the
+    placeholder victim S."""
+    from adsa_jax.kernels import evict_step
+
+    b, h, d, c, P, K, M = 2, 2, 16, 1, 2, 12, 3
+    s = c + P + K + M
+    rng = np.random.default_rng(1)
+    k, v = (jnp.asarray(rng.normal(size=(b, h, s, d)), jnp.float32) for _ in range(2))
+    vnorm = jnp.maximum(jnp.linalg.norm(v, axis=-1), 1e-6)
+    pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, h, s))
+    vsum = jnp.asarray(rng.normal(size=(b, h, d)), jnp.float32)
+    q, kn, vn = (jnp.asarray(rng.normal(size=(b, h, d)), jnp.float32) for _ in range(3))
+
+    def step(t, **kw):
+        ws, n_moved = c + P + K + (t - P) % M, t - P - M
+        scalars = (ws, ws, int(n_moved >= 0), int(n_moved >= K), min(max(n_moved, 0), K - 1),
+                   c + P + K + (t + 1 - P) % M, c + t)
+        return evict_step(q, kn, vn, k, v, pos, jnp.ones((b, s), bool), scalars, c=c, prefix=P, keep=K, vsum=vsum,
+                          victim=jnp.full((b, h), 5, jnp.int32), vnorm=vnorm, interpret=True, **kw)
+    t_sc, t_plain = P + M + K + 3, P + M + K - 3  # a step that scores, one before the step before the pool fills
+    tile = KernelConfig(score_tile=(4, 2))
+    for t, scoring, config in ((t_sc, True, KernelConfig()), (t_sc, True, tile), (t_plain, False, tile)):
+        want, got = step(t), step(t, scoring=scoring, config=config)
+        for w, g in zip(want, got):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-6, rtol=0)
+        np.testing.assert_array_equal(np.asarray(got[5]), np.asarray(want[5]))  # next step's victim
+    assert (np.asarray(got[5]) == s).all() and (np.asarray(step(t_sc)[5]) < s).all()
+
+    def params(**kw):
+        jaxpr = jax.make_jaxpr(lambda q: step(t_sc, **kw))(q)
+        eqn = next(e for e in jaxpr.jaxpr.eqns if e.primitive.name == "pallas_call")
+        return str(eqn.params["jaxpr"]), str(eqn.params["compiler_params"])
+    body, cp = params(scoring=True, config=tile)
+    assert "iota[dimension=0 dtype=int32 shape=(4,)" in body and "num_warps=2," in cp
+    for kw in (dict(config=tile), dict(scoring=False, config=tile)):
+        assert "iota[dimension=0 dtype=int32 shape=(4,)" not in params(**kw)[0]
+    with pytest.raises(ConfigError, match="score_tile must be None or"):
+        KernelConfig(score_tile=(16,))
+
+
 @pytest.mark.parametrize("keep", [0, 5])
 @pytest.mark.parametrize("rope_in_kernel", [None, False, True])
 def test_evict_step_reads_stacked_qkv(keep, rope_in_kernel):

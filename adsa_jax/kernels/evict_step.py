@@ -299,7 +299,8 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     q, k and v into arrays of their own before the call. With ``rope`` (D/2, 2) float32, this
     position's (cos, sin) table row, q and k in qkv are before RoPE: the kernel applies it when
     ``config.rope_in_kernel`` is set, otherwise one XLA fusion does before the call. Block and warps:
-    ``config.evict_tile(B * H)`` unless given here.
+    ``config.evict_tile(B * H)`` (``config.score_tile`` where set, with scoring=True and keep > 0)
+    unless given here.
     score_vec (B, H, D) float32 (keep = 0 with pos only): also return ``dots = v_i . score_vec`` and
     ``sq = v_i . v_i`` (B, H, S) float32 of every slot after this step's write, from the same read
     of V (the terms :meth:`adsa_jax.cache.evict.Evict.decode` scores next step's candidates with at
@@ -320,7 +321,9 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     step's victim, vnorm) after them (layer_sq: (vsum, dots, sq)); with score_vec, (dots, sq)
     after them. With keep > 0 next step's victim (or the layer form's dots) is computed only if
     the pool is full then (moving with free = K - 1): before, the victim is S and the dots keep
-    their input values, which no step reads.
+    their input values, which no step reads. ``scoring`` (static, keep > 0): None decides that per
+    step; False or True says it for every step of the call (a caller that knows), and the kernel
+    compiles only that loop.
     """
     if qkv is not None:
         b, _, h, d = qkv.shape
@@ -333,7 +336,7 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
         qkv = jnp.concatenate([apply_rope(qkv[:, :2], rot2), qkv[:, 2:]], axis=1)  # (B, 3, H, D), q and k rotated
         rope = None
     s = k.shape[2]
-    tiling = config.evict_tile(b * h)
+    tiling = config.score_tile if scoring is True and keep and config.score_tile else config.evict_tile(b * h)
     block_k, num_warps = block_k or tiling[0], num_warps or tiling[1]
     K = keep
     dense = pos is None
