@@ -126,7 +126,7 @@ class KernelConfig:
     leave_score_in_kernel: bool = True
     # On the kernel path, a leaving step's lax.top_k (XLA compiles it as a sort of every candidate:
     # 92,160 rows of 224 at GPT-XL 384 px batch 64 per head) as kernels.top_indices, the same indices.
-    # Compiled for the H200 (96 registers a thread, no spills), not yet timed.
+    # H100, GPT-XL 384 px batch 64, period 8 per head: 2.089 s a call against 2.128 off (2026-12-05).
     leave_top_in_kernel: bool = True
     # Layer granularity at period 1 on the kernel path: before the layers, XLA picks every layer's
     # victims from last step's score terms (summed over heads) and the three layer-vector norms the
@@ -143,13 +143,13 @@ class KernelConfig:
     # XLA choice (nothing reads it yet) and the step kernel is compiled without the victim score:
     # for the H200, head 96 registers a thread (13 warps an SM -> 21; window: 80), layer 119 (156
     # with both loops). The step is compiled twice: GPT-XL 384 px for the H200 target without a GPU,
-    # layer 28 s against 17. Not yet timed on a GPU (the XLA choice was 0.18 s of a 1.94 s call,
-    # 384 px batch 64, 2026-12-05).
+    # layer 28 s against 17. H100, GPT-XL 384 px batch 64, 0.5: head 2.020 s a call against 2.071
+    # off, layer 2.060 against 2.126 (2026-12-05).
     first_choice_scan: bool = True
     # Layer granularity, period 1: every layer's choice (the head sums of the score terms, the first
     # maximum, the four norm lanes) as one Pallas kernel, a program per (row, layer) reading each
     # layer's terms in place, instead of XLA fusions over their 36-way stack (0.18 s of a 1.94 s call,
-    # 384 px batch 64, 2026-12-05: 319 us a step). Compiled for the H200, not yet timed.
+    # 384 px batch 64, 2026-12-05: 319 us a step). H100, the same: 2.055 s a call against 2.100 off.
     layer_choice_in_kernel: bool = True
     # One program per (row, head) loops over the cache's blocks: with few programs and a long cache
     # that loop is the step's latency, where the other path splits the slots over programs. With 256
@@ -173,7 +173,8 @@ class KernelConfig:
     # The always-scoring step kernel of first_choice_scan's second piece (head's victim search,
     # layer's score terms) over a tile of its own: (slots a block, warps); None: evict_tiers'. For
     # the H200 target, head at 384 px batch 64: 16 slots over 1 warp 96 registers a thread (twice the
-    # blocks), against 149 at 32 over 1; 32 over 2 warps 127. Not yet timed (kernel_switch_time.py).
+    # blocks), against 149 at 32 over 1; 32 over 2 warps 127. Slower on an H100 (2026-12-05): (16, 1)
+    # 2.149 s a call against 2.018 without.
     score_tile: tuple | None = None
 
     # --- small_matmul (kernels/gemv.py): the decode GEMMs at 1-16 rows as a split-K GEMV. H200:
