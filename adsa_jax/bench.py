@@ -91,6 +91,16 @@ def roofline(cfg: GPTConfig, policy, rows: int, batch: int, dtype, device: dict)
             "bytes_per_call": bytes_total, "flops_per_call": flops}
 
 
+def compiled_peak_bytes(compiled) -> int | None:
+    """A compiled program's peak device memory from its memory analysis: arguments + outputs +
+    temporaries - the outputs aliased to arguments; None where the backend reports none."""
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return None
+    return (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+            - getattr(mem, "alias_size_in_bytes", 0))
+
+
 def compile_one(model: Model, batch: int, policy, *, sampling: SamplingConfig = SamplingConfig(), seed=0,
                 options: KernelConfig | None = None) -> dict:
     """Lower and compile one configuration; returns the executable, its arguments and the row
@@ -127,11 +137,7 @@ def compile_one(model: Model, batch: int, policy, *, sampling: SamplingConfig = 
                                          top_p_on=sampling.top_p_on)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    peak = None
-    if mem is not None:
-        peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-                - getattr(mem, "alias_size_in_bytes", 0))
+    peak = compiled_peak_bytes(compiled)
     row = {
         "type": cfg.model_type, "layers": cfg.n_layer, "dim": cfg.dim, "grid": cfg.grid, "batch": batch, "cfg": use_cfg,
         "policy": policy.name, "prefix": getattr(policy, "prefix", None), "keep": getattr(policy, "keep", None),

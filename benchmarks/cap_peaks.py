@@ -29,14 +29,12 @@ sys.path.insert(0, HERE)
 import compiled_kernels as ck  # noqa: E402  (sets JAX_PLATFORMS=cpu before jax starts)
 import jax  # noqa: E402
 
-from adsa_jax.bench import GIB, BatchSearch, peak_hint_key, policy_items  # noqa: E402
+from adsa_jax.bench import GIB, BatchSearch, compiled_peak_bytes, peak_hint_key, policy_items  # noqa: E402
 from adsa_jax.config import named_config  # noqa: E402
 
 
 def peak_of(spec: str, target: str) -> int:
-    compiled, _, _ = ck.compile_for_target(spec, target)
-    m = compiled.memory_analysis()
-    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    return compiled_peak_bytes(ck.compile_for_target(spec, target)[0])  # as bench's searches count it
 
 
 def largest(peaks: dict, cap_bytes: int):

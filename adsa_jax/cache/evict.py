@@ -472,8 +472,9 @@ class Evict:
         choice) and to :meth:`decode` (the step kernel is compiled with one loop, without the score
         or with it: head 96 or 149 registers a thread for the H200, against 149 with both; layer
         119 or 156)."""
-        on = (self.period == 1 and self.keep > 0 and self.kernels.first_choice_scan
-              and ((self.layer_choice and self.layer_kernel(rows, heads)) or self.one_kernel(rows, heads)))
+        # layer_kernel (period 1, the kernel path) implies layer_choice; one_kernel is head's
+        on = (self.keep > 0 and self.kernels.first_choice_scan
+              and (self.layer_kernel(rows, heads) or self.one_kernel(rows, heads)))
         return self.prefix + self.local + self.keep - 1 if on else None
 
     def begin_step(self, caches, t, row_keys=None, first_layer: int = 0, leave: bool | None = None):
