@@ -2,8 +2,9 @@
 `python3 benchmarks/command_buffer_time.py [MODEL:PX:BATCH:POLICY[:BUDGET] ...]`.
 
 A decode step of GPT-XL launches about 300 kernels (benchmarks/compiled_kernels.json); at batch 1
-each is a few microseconds of work, so launch cost decides the step. XLA can replay a step's
-kernels as a CUDA graph; which kinds of thunk it captures is the flag `xla_gpu_enable_command_buffer`.
+each is a few microseconds of work. A profile shows no idle time between them (an H100, 2026-12-05),
+but each launch still has its latency; XLA can replay a step's kernels as a CUDA graph, and which
+kinds of thunk it captures is the flag `xla_gpu_enable_command_buffer`. This measures whether that pays.
 Each setting runs `adsa-jax bench` in a process of its own (XLA reads XLA_FLAGS once), random
 weights, bf16, CFG 4, top-k 2000. Writes $OUT/command_buffer_time.json: one row per setting and
 configuration with its seconds per call (the bench's median) and the setting's XLA_FLAGS.
@@ -20,7 +21,12 @@ SETTINGS = {
     "default": "",
     "off": "--xla_gpu_enable_command_buffer=",
     "with-while": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL",
+    # the decode loop unrolled into one graph (its trip count is static): batch 1 only, where a
+    # step is about 1 ms of small kernels
+    "while-unrolled": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
+                      " --xla_gpu_command_buffer_unroll_loops=true",
 }
+ONLY_BATCH_1 = {"while-unrolled"}
 SPECS = ["GPT-XL:256:1:dense", "GPT-XL:256:64:dense", "GPT-XL:384:64:window:0.5"]
 
 
@@ -42,6 +48,8 @@ def main(specs):
     rows = []
     for spec in specs:
         for name, flags in SETTINGS.items():
+            if name in ONLY_BATCH_1 and spec.split(":")[2] != "1":
+                continue
             row = {"spec": spec, "setting": name, "xla_flags": flags, **bench(spec, flags)}
             print(json.dumps(row), flush=True)
             rows.append(row)
