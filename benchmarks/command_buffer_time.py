@@ -7,7 +7,8 @@ but each launch still has its latency; XLA can replay a step's kernels as a CUDA
 kinds of thunk it captures is the flag `xla_gpu_enable_command_buffer`. This measures whether that pays.
 Each setting runs `adsa-jax bench` in a process of its own (XLA reads XLA_FLAGS once), random
 weights, bf16, CFG 4, top-k 2000. Writes $OUT/command_buffer_time.json: one row per setting and
-configuration with its seconds per call (the bench's median) and the setting's XLA_FLAGS.
+configuration with its seconds per call (the bench's median), the setting's XLA_FLAGS, the device,
+JAX version and date. benchmarks/command_buffer_time.json holds the latest run.
 """
 import json
 import os
@@ -39,8 +40,9 @@ def bench(spec: str, flags: str) -> dict:
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         if r.returncode:
             return {"error": (r.stderr or r.stdout).strip().splitlines()[-1:]}
-        rows = json.load(open(f.name))["rows"]
-    return {"s_per_call": rows[0]["s_per_call"], "images_per_s": rows[0]["images_per_s"]}
+        out = json.load(open(f.name))
+    return {"device": out.get("device"), "jax": out.get("jax"), "date": out.get("date"), "s_per_call": out["rows"][0]["s_per_call"],
+            "images_per_s": out["rows"][0]["images_per_s"]}
 
 
 def main(specs):

@@ -178,6 +178,11 @@ def same_day(*rows) -> bool:
     return all(r is not None for r in rows) and len({(r["device"], r["date"]) for r in rows}) == 1
 
 
+def short_device(device: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'H100'."""
+    return next((w for w in device.split() if w[:1] in "ABHLT" and any(c.isdigit() for c in w)), device)
+
+
 def ips(x: float) -> str:
     return f"{x:.1f}" if x >= 10 else f"{x:.2f}" if x >= 0.1 else f"{x:.3f}"
 
@@ -284,40 +289,42 @@ def t_period(rows) -> list[str]:
     return md_table(["model", "px", "batch"] + head, lines) + ["", d.note(H200)]
 
 
-def capped(rows, model, px, cap, policy, budget):
+def capped(rows, model, px, cap, policy, budget, device=H200):
     """The row a memory-cap search found for one policy (its batch is the largest that fits the cap)."""
-    return next((r for r in rows if r["framework"] == "adsa_jax" and r["device"] == H200 and r["model"] == model
+    return next((r for r in rows if r["framework"] == "adsa_jax" and r["device"] == device and r["model"] == model
                  and r.get("type", "c2i") == "c2i" and r["image_size"] == px and r["memory_cap_gib"] == cap
                  and r["policy"] == policy and r["budget"] == budget
                  and r["granularity"] == ("head" if policy.startswith("adsa") else None)), None)
 
 
 def t_cap(rows) -> list[str]:
-    """The largest batch each policy fits under a memory cap, and its images/s (against dense: one day)."""
+    """The largest batch each policy fits under a memory cap, and its images/s (against dense: one day),
+    on each device measured (the H200 first)."""
     order = ("GPT-B", "GPT-L", "GPT-XL", "GPT-XXL", "GPT-XXXL")
-    keys = sorted({(r["model"], r["image_size"], r["memory_cap_gib"]) for r in rows
-                   if r["memory_cap_gib"] is not None and r["framework"] == "adsa_jax" and r["device"] == H200},
-                  key=lambda k: (order.index(k[0]) if k[0] in order else 9, k[0], k[1], k[2]))
-    got = {k: [capped(rows, *k, p, bu) for p, bu in POLICIES] for k in keys}
+    keys = sorted({(r["model"], r["image_size"], r["memory_cap_gib"], r["device"]) for r in rows
+                   if r["memory_cap_gib"] is not None and r["framework"] == "adsa_jax"},
+                  key=lambda k: (order.index(k[0]) if k[0] in order else 9, k[0], k[1], k[2], k[3] != H200, k[3]))
+    got = {k: [capped(rows, *k[:3], p, bu, device=k[3]) for p, bu in POLICIES] for k in keys}
     d = Dates([r for v in got.values() for r in v])
     lines = []
-    for (m, px, cap), v in got.items():
-        line = [m, str(px), f"{cap:g}"]
+    for (m, px, cap, dev), v in got.items():
+        line = [m, str(px), f"{cap:g}", short_device(dev)]
         for r in v:
             if r is None:
                 line.append("not measured")
                 continue
-            ratio = f", {x_(r['img_per_s'] / v[0]['img_per_s'])}" if r is not v[0] and same_day(r, v[0]) else ""
+            ratio = f", {x_(r['img_per_s'] / v[0]['img_per_s'])}" if r is not v[0] and v[0] and same_day(r, v[0]) else ""
             line.append(f"{r['batch']}: {ips(r['img_per_s'])}{ratio}{d.mark(r)}")
         lines.append(line)
     if not lines:
         return ["Not measured."]
-    return md_table(["model", "px", "cap GiB"] + [pol_name(*p) for p in POLICIES], lines) + ["", d.note(H200)]
+    return md_table(["model", "px", "cap GiB", "device"] + [pol_name(*p) for p in POLICIES], lines, text_cols=4) + [
+        "", d.note("Ratios within one device and day")]
 
 
 def t_torch(rows) -> list[str]:
-    """PyTorch LlamaGen beside adsa_jax dense, GPT-XL (the configurations the targets name; results.json
-    keeps the others): a ratio only where both ran on one device on one day."""
+    """PyTorch LlamaGen beside adsa_jax dense, GPT-XL: the configurations adsa_jax ran on the same device
+    and day (results.json keeps the others), with a ratio only for one device and day."""
     order = ("GPT-B", "GPT-L", "GPT-XL", "GPT-XXL", "GPT-XXXL")
     torch = [r for r in rows if r["framework"].startswith("torch") and r["model"] == "GPT-XL"]
     configs = sorted({(r["device"], r["model"], r["image_size"], r["batch"]) for r in torch},
@@ -326,6 +333,8 @@ def t_torch(rows) -> list[str]:
     for dev, m, px, b in configs:
         e, c, j = (find(rows, device=dev, framework=f, model=m, image_size=px, batch=b)
                    for f in ("torch-eager", "torch-compile", "adsa_jax"))
+        if not (same_day(j, e) or same_day(j, c)):
+            continue
         when = "; ".join(sorted({f"{r['device'].removeprefix('NVIDIA ')}, {r['date']}" for r in (e, c) if r}))
 
         def vs(t):
@@ -337,7 +346,7 @@ def t_torch(rows) -> list[str]:
                       ips(j["img_per_s"]) if j and (same_day(j, e) or same_day(j, c)) else "", vs(e), vs(c)])
     head = ["model", "px", "batch", "device, date", "eager images/s", "eager peak GiB", "compile images/s",
             "compile peak GiB", "adsa_jax images/s", "adsa_jax / eager", "adsa_jax / compile"]
-    return md_table(head, lines, 4) + ["", "Empty: not measured (adsa_jax: not on that device that day)."]
+    return md_table(head, lines, 4) + ["", "Empty: not measured."]
 
 
 def t_targets(rows) -> list[str]:

@@ -100,6 +100,13 @@ def test_torch_ratio_only_on_one_device_and_day():
     assert "2.00x at 256 px batch 64 | reported" in "\n".join(mt.t_targets([ours, tc]))
 
 
+def test_torch_rows_without_adsa_jax_that_day_are_left_out():
+    tc = _row(framework="torch-compile", image_size=256, batch=64, img_per_s=60.0, s_per_image=1 / 60)
+    other = _row(image_size=256, batch=64, img_per_s=120.0, s_per_image=1 / 120, date="2026-12-01")
+    assert not [x for x in mt.t_torch([tc, other]) if x.startswith("| GPT-XL |")]
+    assert [x for x in mt.t_torch([tc, dict(other, date=tc["date"])]) if x.startswith("| GPT-XL | 256 | 64 |")]
+
+
 def test_equal_memory_target_pairs_the_rows_of_one_cap():
     dense = _row(batch=100, memory_cap_gib=40.0, img_per_s=10.0, s_per_image=0.1)
     evict = _row(batch=200, memory_cap_gib=40.0, policy="adsa-evict", budget=0.5, granularity="head",
@@ -118,8 +125,11 @@ def test_a_new_cap_search_replaces_the_old_one_and_fills_the_cap_table():
                  img_per_s=43.6, s_per_image=1 / 43.6, date="2026-12-04")
     merged = mt.merge([old], [new, evict])
     assert [r["batch"] for r in merged] == [191, 369]
-    table = "\n".join(mt.t_cap(merged))
-    assert "| GPT-XL | 384 | 40 | 191: 45.7 | 369: 43.6, 0.95x | not measured |" in table
+    # another device's search: its own row, its ratio against its own dense, after the H200's
+    h100 = [dict(r, device="NVIDIA H100 80GB HBM3", img_per_s=r["img_per_s"] / 2) for r in (new, evict)]
+    table = "\n".join(mt.t_cap(h100 + merged))
+    assert "| GPT-XL | 384 | 40 | H200 | 191: 45.7 | 369: 43.6, 0.95x | not measured |" in table
+    assert table.index("| H200 |") < table.index("| H100 | 191: 22.9 | 369: 21.8, 0.95x |")
 
 
 def test_layer_target_names_the_period_that_meets_it():
