@@ -18,7 +18,8 @@
 #      (dense, adsa-evict 0.5 and 0.25, window 0.5 and 0.25) for MODEL:PX, one of GPT-XL:384 (the
 #      default), GPT-XL:512, GPT-XXL:384: one call each. The searches start from the peaks in
 #      benchmarks/cap_peaks_h200.json (benchmarks/cap_peaks.py compiles them without a GPU), so the GPU
-#      compiles about one batch a policy; without that file a search compiles a policy 4 times or more
+#      compiles about one batch a policy (on an H100: GPT-XL:512 ~6 min, GPT-XXL:384 ~4.5); without that
+#      file a search compiles a policy 4 times or more
 #   6  the same under the whole device's memory (--memory-cap device, XLA_PYTHON_CLIENT_MEM_FRACTION=0.95)
 #   9  adsa-evict head against layer at period 1, budget 0.5, GPT-XL 384 px batch 256 (~3 min): layer's
 #      time relative to head's at the large batch
@@ -30,7 +31,7 @@
 #  12  benchmarks/generate_profile.py for dense at 256 px, batch 1, 64 and 256 (~2 min): GEMMs, attention, sampling
 #      and launch gaps of each call, into $OUT/dense/generate_profile.json
 #   8  benchmarks/command_buffer_time.py: dense 256 px batch 1 and 64, window 384 px batch 64 under
-#      XLA's command-buffer (CUDA graph) settings, one process each (~4 min)
+#      XLA's command-buffer (CUDA graph) settings, and batch 1 with the loop unrolled, one process each (~4 min)
 # Parts 1 to 3 need a LlamaGen checkout at third_party/LlamaGen (ignored by git; the docstring of
 # benchmarks/llamagen_torch.py says how to get it); a device run carries that path.
 #
