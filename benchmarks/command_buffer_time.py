@@ -18,14 +18,14 @@ import tempfile
 
 OUT = os.environ.get("OUT", "/tmp/out")
 # name -> the flags added to XLA_FLAGS ('default': none, whatever this XLA does by default)
+WITH_WHILE = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
 SETTINGS = {
     "default": "",
     "off": "--xla_gpu_enable_command_buffer=",
-    "with-while": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL",
+    "with-while": WITH_WHILE,
     # the decode loop unrolled into one graph (its trip count is static): batch 1 only, where a
     # step is about 1 ms of small kernels
-    "while-unrolled": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
-                      " --xla_gpu_command_buffer_unroll_loops=true",
+    "while-unrolled": WITH_WHILE + " --xla_gpu_command_buffer_unroll_loops=true",
 }
 ONLY_BATCH_1 = {"while-unrolled"}
 SPECS = ["GPT-XL:256:1:dense", "GPT-XL:256:64:dense", "GPT-XL:384:64:window:0.5"]
@@ -41,8 +41,9 @@ def bench(spec: str, flags: str) -> dict:
         if r.returncode:
             return {"error": (r.stderr or r.stdout).strip().splitlines()[-1:]}
         out = json.load(open(f.name))
-    return {"device": out.get("device"), "jax": out.get("jax"), "date": out.get("date"), "s_per_call": out["rows"][0]["s_per_call"],
-            "images_per_s": out["rows"][0]["images_per_s"]}
+    row = out["rows"][0]
+    return {"device": out.get("device"), "jax": out.get("jax"), "date": out.get("date"),
+            "s_per_call": row["s_per_call"], "images_per_s": row["images_per_s"]}
 
 
 def main(specs):

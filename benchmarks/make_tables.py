@@ -178,11 +178,6 @@ def same_day(*rows) -> bool:
     return all(r is not None for r in rows) and len({(r["device"], r["date"]) for r in rows}) == 1
 
 
-def short_device(device: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'H100'."""
-    return next((w for w in device.split() if w[:1] in "ABHLT" and any(c.isdigit() for c in w)), device)
-
-
 def ips(x: float) -> str:
     return f"{x:.1f}" if x >= 10 else f"{x:.2f}" if x >= 0.1 else f"{x:.3f}"
 
@@ -308,12 +303,12 @@ def t_cap(rows) -> list[str]:
     d = Dates([r for v in got.values() for r in v])
     lines = []
     for (m, px, cap, dev), v in got.items():
-        line = [m, str(px), f"{cap:g}", short_device(dev)]
+        line = [m, str(px), f"{cap:g}", dev.removeprefix("NVIDIA ")]  # as the torch table names it
         for r in v:
             if r is None:
                 line.append("not measured")
                 continue
-            ratio = f", {x_(r['img_per_s'] / v[0]['img_per_s'])}" if r is not v[0] and v[0] and same_day(r, v[0]) else ""
+            ratio = f", {x_(r['img_per_s'] / v[0]['img_per_s'])}" if r is not v[0] and same_day(r, v[0]) else ""
             line.append(f"{r['batch']}: {ips(r['img_per_s'])}{ratio}{d.mark(r)}")
         lines.append(line)
     if not lines:
@@ -343,7 +338,7 @@ def t_torch(rows) -> list[str]:
         lines.append([m, str(px), str(b), when,
                       ips(e["img_per_s"]) if e else "", f"{e['peak_gib']:g}" if e and e["peak_gib"] else "",
                       ips(c["img_per_s"]) if c else "", f"{c['peak_gib']:g}" if c and c["peak_gib"] else "",
-                      ips(j["img_per_s"]) if j and (same_day(j, e) or same_day(j, c)) else "", vs(e), vs(c)])
+                      ips(j["img_per_s"]), vs(e), vs(c)])
     head = ["model", "px", "batch", "device, date", "eager images/s", "eager peak GiB", "compile images/s",
             "compile peak GiB", "adsa_jax images/s", "adsa_jax / eager", "adsa_jax / compile"]
     return md_table(head, lines, 4) + ["", "Empty: not measured."]

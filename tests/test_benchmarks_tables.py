@@ -129,7 +129,7 @@ def test_a_new_cap_search_replaces_the_old_one_and_fills_the_cap_table():
     h100 = [dict(r, device="NVIDIA H100 80GB HBM3", img_per_s=r["img_per_s"] / 2) for r in (new, evict)]
     table = "\n".join(mt.t_cap(h100 + merged))
     assert "| GPT-XL | 384 | 40 | H200 | 191: 45.7 | 369: 43.6, 0.95x | not measured |" in table
-    assert table.index("| H200 |") < table.index("| H100 | 191: 22.9 | 369: 21.8, 0.95x |")
+    assert table.index("| H200 |") < table.index("| H100 80GB HBM3 | 191: 22.9 | 369: 21.8, 0.95x |")
 
 
 def test_layer_target_names_the_period_that_meets_it():
