@@ -176,6 +176,11 @@ class KernelConfig:
     # blocks), against 149 at 32 over 1; 32 over 2 warps 127. Slower on an H100 (2026-12-05): (16, 1)
     # 2.149 s a call against 2.018 without.
     score_tile: tuple | None = None
+    # adsa-evict's scoring loop (K > 0) scores only the blocks that hold one of next step's
+    # candidates (the pool, slot ws where o is, slot rn), by a branch per block: the prefix's and
+    # the rest of the ring's blocks skip it. The same victim and terms; GPT-XL 384 px at 32-slot
+    # blocks: 1 of 9 blocks skipped at 0.5, 2 of 5 at 0.25. Off until timed on a GPU.
+    score_candidate_blocks: bool = False
 
     # --- small_matmul (kernels/gemv.py): the decode GEMMs at 1-16 rows as a split-K GEMV. H200:
     # GPT-XL 256 px batch 1 0.313 vs 0.343 s (XLA), batch 8 0.335 vs 0.354; of warps, stages,

@@ -12,7 +12,7 @@ head and at layer granularity with `first_choice_scan`, at layer granularity wit
 `layer_choice_in_kernel`, and at period 8 per head with `leave_top_in_kernel` (four cases, ~9 min
 on an H200; pass fewer to split them over two commands).
 Writes $OUT/kernel_switch_time.json (a row per case: both medians, their ratio, both compile
-times) and prints one line per case.
+times, whether the last call's tokens are equal) and prints one line per case.
 """
 import argparse
 import ast
@@ -84,22 +84,25 @@ def main(argv=None):
         for value, fields in zip((True, False), settings(switch)):
             print(f"{case}: compiling {'on' if value else 'off'} ({fields or 'the default'})", flush=True)
             prepared[value] = compile_one(model, batch, policy, options=dataclasses.replace(KernelConfig(), **fields))
-        times = {True: [], False: []}
+        times, tokens = {True: [], False: []}, {}
         for i in range(1 + args.iters):  # the two programs in turns: drift hits both alike
             for value, prep in prepared.items():
                 cond, mask, ids, scalars = prep["args"]
                 t0 = time.perf_counter()
-                prep["compiled"](model.params, cond, mask, jax.random.key(i), ids, scalars).block_until_ready()
+                tokens[value] = prep["compiled"](model.params, cond, mask, jax.random.key(i), ids, scalars)
+                tokens[value].block_until_ready()
                 if i:
                     times[value].append(time.perf_counter() - t0)
+        # A switch that only changes speed leaves every token as it was (the last call's key, both)
+        same = bool((jax.device_get(tokens[True]) == jax.device_get(tokens[False])).all())
         on, off = statistics.median(times[True]), statistics.median(times[False])
         row = {"case": case, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
                "date": time.strftime("%Y-%m-%d"), "switch": switch, "s_per_call_on": on, "s_per_call_off": off,
-               "on_over_off": on / off, "compile_s_on": prepared[True]["row"]["compile_s"],
+               "on_over_off": on / off, "tokens_equal": same, "compile_s_on": prepared[True]["row"]["compile_s"],
                "compile_s_off": prepared[False]["row"]["compile_s"], "times_on": times[True], "times_off": times[False]}
         rows.append(row)
-        print(f"{case}: on {on:.3f} s, off {off:.3f} s a call ({on / off:.3f}x); compile {row['compile_s_on']:.1f} "
-              f"against {row['compile_s_off']:.1f} s", flush=True)
+        print(f"{case}: on {on:.3f} s, off {off:.3f} s a call ({on / off:.3f}x); tokens {'equal' if same else 'DIFFER'}; "
+              f"compile {row['compile_s_on']:.1f} against {row['compile_s_off']:.1f} s", flush=True)
         with open(os.path.join(OUT, "kernel_switch_time.json"), "w") as f:
             json.dump(rows, f, indent=1)
 

@@ -1,5 +1,6 @@
 """The Pallas decode-attention kernel (run by the Pallas interpreter on CPU) against the XLA path."""
 import dataclasses
+import functools
 
 import jax
 import jax.extend.core
@@ -479,6 +480,68 @@ def test_evict_step_static_scoring_and_its_tile():
         assert "iota[dimension=0 dtype=int32 shape=(4,)" not in params(**kw)[0]
     with pytest.raises(ConfigError, match="score_tile must be None or"):
         KernelConfig(score_tile=(16,))
+
+
+def test_evict_step_scores_only_candidate_blocks():
+    """score_candidate_blocks: a scoring step's blocks without a candidate (the prefix's, ring
+    blocks holding neither o at ws nor next step's leaving slot rn) skip the score, and every
+    output (cache, running sum, norms, next step's victim) is bit-equal to scoring every block, at
+    steps that put ws and rn in each ring block and across the ring's wrap; ties between a pool
+    slot and o (equal V) still go to the lowest slot."""
+    from adsa_jax.kernels import evict_step
+
+    b, h, d, c, P, K, M = 2, 2, 16, 1, 5, 6, 9
+    s = c + P + K + M  # prefix 1..5, pool 6..11, ring 12..20: 4-slot blocks from slot 1, five of them
+    rng = np.random.default_rng(2)
+    k, v = (jnp.asarray(rng.normal(size=(b, h, s, d)), jnp.float32) for _ in range(2))
+    q, kn, vn = (jnp.asarray(rng.normal(size=(b, h, d)), jnp.float32) for _ in range(3))
+    pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, h, s))
+
+    @functools.partial(jax.jit, static_argnames="config")
+    def run(vt, vsum, scalars, config=KernelConfig()):
+        vnorm = jnp.maximum(jnp.linalg.norm(vt, axis=-1), 1e-6)
+        return evict_step(q, kn, vn, k, vt, pos, jnp.ones((b, s), bool), scalars, c=c, prefix=P, keep=K, vsum=vsum,
+                          victim=jnp.full((b, h), 7, jnp.int32), vnorm=vnorm, block_k=4, scoring=True,
+                          config=config, interpret=True)
+    skipped = set()
+    for t in (23, 26, 27, 30, 31):  # ws, rn: 12, 13 (the first ring block); 15, 16; 16, 17; 19, 20; 20, 12 (the wrap)
+        ws, rn = c + P + K + (t - P) % M, c + P + K + (t + 1 - P) % M
+        vt = v.at[:, :, 8].set(v[:, :, ws])  # a pool copy of o's V: a tie the first maximum must break
+        vsum = jnp.asarray(rng.normal(size=(b, h, d)), jnp.float32) + 3.0 * vt[:, :, ws]
+        scalars = tuple(jnp.int32(x) for x in (ws, ws, 1, 1, K - 1, rn, c + t))
+        want, got = run(vt, vsum, scalars), run(vt, vsum, scalars, config=KernelConfig(score_candidate_blocks=True))
+        for w, g in zip(want, got):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        assert (np.asarray(got[5]) < s).all()  # a victim was found
+        skipped |= {j for j in range(5) if not (6 <= 1 + 4 * j + 3 and 1 + 4 * j < 12)
+                    and not (1 + 4 * j <= ws < 5 + 4 * j) and not (1 + 4 * j <= rn < 5 + 4 * j)}
+    assert skipped == {0, 3, 4}  # the prefix's block always, and each ring-only block at some step
+
+    def kernel_body(config):
+        jaxpr = jax.make_jaxpr(lambda: evict_step(q, kn, vn, k, v, pos, jnp.ones((b, s), bool), scalars, c=c, prefix=P,
+                                                  keep=K, vsum=vsum, victim=jnp.zeros((b, h), jnp.int32),
+                                                  vnorm=jnp.ones((b, h, s)), scoring=True, config=config,
+                                                  interpret=True))()
+        return str(next(e for e in jaxpr.jaxpr.eqns if e.primitive.name == "pallas_call").params["jaxpr"])
+    assert " cond[" in kernel_body(KernelConfig(score_candidate_blocks=True))  # the branch per block
+    assert " cond[" not in kernel_body(KernelConfig())
+
+
+@pytest.mark.parametrize("gran", ["head", "layer"])
+def test_candidate_blocks_give_the_xla_tokens(gran):
+    """Generation with score_candidate_blocks over 4-slot blocks (the prefix's block and ring
+    blocks skip the score): the XLA path's tokens, per head and at layer granularity."""
+    cfg = adsa_jax.GPTConfig(dim=64, n_layer=2, n_head=2, vocab_size=64, num_classes=5, block_size=36)
+    model = adsa_jax.Model(cfg, init_params(cfg, jax.random.key(3), jnp.float32))
+    pol = make_policy(cfg, "adsa-evict", granularity=gran, prefix=4, keep=5, local=8)
+    kern = on_kernels(pol, one_kernel_min_row_heads=8, one_kernel_max_slots=32, evict_tiers=((0, 4, 1),),
+                      score_candidate_blocks=True)
+
+    def run(kernels):
+        return np.asarray(adsa_jax.generate(model, jnp.arange(3) % 5, jax.random.key(1), policy=pol, options=kernels,
+                                            sampling=SamplingConfig(top_k=0)))
+    want = run(KernelConfig(attention="xla", gemm="xla", kth="sort", cublas=False))
+    np.testing.assert_array_equal(run(kern.kernels), want)
 
 
 @pytest.mark.parametrize("keep", [0, 5])

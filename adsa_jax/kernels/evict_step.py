@@ -24,7 +24,7 @@ from .common import pl, plgpu
 # 3.9 against 3.3). The layout conversions into the dot's operands cost more than the products.
 def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, a_ref, blo_ref, bhi_ref, q_ref, kn_ref,
                   vn_ref, k_ref, v_ref, pos_ref, cok_ref, *rest, block_k, slots, c, P, K, scale, eps, rope, score=False,
-                  layer=False, next_new=False, scoring=None):
+                  layer=False, next_new=False, scoring=None, cands_only=False):
     # One program = one (row, head): the whole adsa-evict (or window, K = 0) step of a layer.
     # Scalars: ws = slot of the new token, ring = ring slot of the token o leaving the window,
     # mv = o moves to the pool this step, full = the pool is full, free = the lowest free pool
@@ -54,6 +54,11 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
     # recomputed every step: one reduction per slot fewer.
     # next_new (score or layer): the new token is one of next step's candidates (a ring of one
     # slot; at period s, a ring of s slots before a leaving step).
+    # cands_only (K > 0): a block scores (head: the victim search; layer: the terms) only if it
+    # holds one of next step's candidates: a pool slot, slot ws (o, scored there) or slot rn. The
+    # prefix's and the rest of the ring's blocks skip the score (at GPT-XL 384 px, 0.25: 2 of 5
+    # blocks); every scored slot is scored as before, so the victim and the candidates' terms are
+    # the same.
     dense = pos_ref is None
     if K:
         vs_ref, vic_ref, nm_ref, *rest = rest
@@ -186,7 +191,23 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         m_new = jnp.maximum(m, jnp.max(logit))
         corr = jnp.exp(m - m_new)
         pr = jnp.where(ok, jnp.exp(logit - m_new), 0.0)
-        if K and not layer and scoring:  # next step's victim: a running first maximum per lane (no cross-warp reduction
+        if K and scoring:
+            best, at = scored(start, idx, inb, v_raw, v, best, at)
+        elif score:  # the window form's terms
+            terms(start, idx, inb, v)
+        acc = acc * corr + jnp.sum(pr[:, None] * v, axis=0)
+        return acc, m_new, l * corr + jnp.sum(pr), best, at
+
+    def scored(start, idx, inb, v_raw, v, best, at):  # the block's score part (K > 0, a scoring loop)
+        if not cands_only:
+            return score_block(start, idx, inb, v_raw, v, best, at)
+        end = start + block_k
+        holds = (((start < c + P + K) & (end > c + P)) | ((ws >= start) & (ws < end))
+                 | ((rn >= start) & (rn < end)))
+        return jax.lax.cond(holds, score_block, lambda *a: a[-2:], start, idx, inb, v_raw, v, best, at)
+
+    def score_block(start, idx, inb, v_raw, v, best, at):
+        if not layer:  # next step's victim: a running first maximum per lane (no cross-warp reduction
             # per block); lane l holds the best of slots l, l + block_k, ... (lowest slot on ties)
             nrm = plgpu.load(nm_ref.at[pl.ds(start, block_k)], mask=inb, other=1.0)
             cand = inb & (idx >= c + P) & ((idx < c + P + K) | (idx == rn))
@@ -204,7 +225,12 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
             sc = jnp.where(cand, vt / nrm, -2e30)
             better = (sc > best) | ((sc == best) & (eff < at))  # ties: the lowest slot
             best, at = jnp.where(better, sc, best), jnp.where(better, eff, at)
-        if (score or layer) and scoring:  # every slot's terms after this step's writes, by one reduction (equal V,
+        else:
+            terms(start, idx, inb, v)
+        return best, at
+
+    def terms(start, idx, inb, v):
+        if score or layer:  # every slot's terms after this step's writes, by one reduction (equal V,
             # equal terms: the first-maximum tie rule): o's V patched in at dest (layer), and with
             # next_new the new token's at ws (next step's candidate); otherwise slot ws still
             # holds the overwritten token, and the new token's terms follow the loop
@@ -217,8 +243,6 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
             plgpu.store(dots_ref.at[pl.ds(start, block_k)], jnp.sum(vt * svec[None, :], axis=1), mask=keep)
             if not layer:  # layer: a slot's |v|^2 is written with its token (below), never recomputed
                 plgpu.store(sq_ref.at[pl.ds(start, block_k)], jnp.sum(vt * vt, axis=1), mask=keep)
-        acc = acc * corr + jnp.sum(pr[:, None] * v, axis=0)
-        return acc, m_new, l * corr + jnp.sum(pr), best, at
 
     init = (acc0, m0, l0, jnp.full((block_k,), -3e38, f32), jnp.full((block_k,), slots, jnp.int32))
     if K:
@@ -350,7 +374,8 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
         raise ValueError("evict_step: layer_sq= goes with keep > 0, one row of positions and terms=")
     kern = functools.partial(_dense_kernel if dense else _evict_kernel, block_k=block_k, slots=s, c=c, P=prefix,
                              K=K, scale=1.0 / math.sqrt(d), eps=eps, rope=rope is not None, score=score, layer=layer,
-                             next_new=next_new and (score or layer), scoring=scoring if K else None)
+                             next_new=next_new and (score or layer), scoring=scoring if K else None,
+                             cands_only=bool(K) and config.score_candidate_blocks)
     sc = pl.BlockSpec((), lambda i, j: ())
     vec = pl.BlockSpec((None, None, d), lambda i, j: (i, j, 0))
     cache = pl.BlockSpec((None, None, s, d), lambda i, j: (i, j, 0, 0))
