@@ -177,6 +177,9 @@ def test_kernel_lowers_for_gpu(c2i):
     text = lowered("adsa-evict", budget=0.5, granularity="layer")  # the move in XLA, then the window's kernel
     assert "adsa_evict_step" in text and "adsa_decode_attention" not in text
     assert "adsa_evict_step" in lowered("adsa-evict-all", budget=0.5)  # P = 0 and a ring of one
+    for gran in ("head", "layer"):  # a branch per block in the scoring loop
+        assert "adsa_evict_step" in lowered("adsa-evict", budget=0.5, granularity=gran,
+                                            switches={"score_candidate_blocks": True})
     for gran in ("head", "layer"):  # period s > 1: the moves in XLA, the step as the window's kernel
         text = lowered("adsa-evict", budget=0.5, period=3, granularity=gran)
         assert "adsa_evict_step" in text and "adsa_decode_attention" not in text
