@@ -28,9 +28,10 @@
 #  11  benchmarks/kernel_switch_time.py: adsa-evict with a KernelConfig switch on and off in one process, 384 px
 #      batch 64, 0.5: first_choice_scan per head and per layer (~5 min); 13: layer's layer_choice_in_kernel,
 #      period 8's leave_top_in_kernel per head, and head's scoring kernel over 16-slot blocks (score_tile) (~6 min);
-#      14: per head, score_candidate_blocks (the score only in blocks that hold a candidate) at 0.25 (where
-#      adsa-evict missed 0.92x window on an H100) and 0.5, and at 0.25 the scoring kernel over 32-slot blocks of
-#      2 warps (score_tile=(32,2), 127 registers against 149) (~5 min)
+#      14: per head, score_blocks (the score only in blocks holding a candidate: 'candidates' by a branch per
+#      block, 'span' from the pool's first block to the last candidate's) at 0.25 (where adsa-evict missed 0.92x
+#      window on an H100) and 0.5, and the scoring kernel over 32-slot blocks of 2 warps (score_tile=(32,2), 127
+#      registers against 149) at 0.25 (~6 min)
 #  12  benchmarks/generate_profile.py for dense at 256 px, batch 1, 64 and 256 (~2 min): GEMMs, attention, sampling
 #      and launch gaps of each call, into $OUT/dense/generate_profile.json
 #   8  benchmarks/command_buffer_time.py: dense 256 px batch 1 and 64, window 384 px batch 64 under
@@ -128,8 +129,8 @@ case "$PART" in
   if [ "$PART" = 11 ]; then
     cases="GPT-XL:384:64:adsa-evict:0.5:head:1:first_choice_scan GPT-XL:384:64:adsa-evict:0.5:layer:1:first_choice_scan"
   elif [ "$PART" = 14 ]; then
-    cases="GPT-XL:384:64:adsa-evict:0.25:head:1:score_candidate_blocks GPT-XL:384:64:adsa-evict:0.5:head:1:score_candidate_blocks"
-    cases="$cases GPT-XL:384:64:adsa-evict:0.25:head:1:score_tile=(32,2)"
+    c25=GPT-XL:384:64:adsa-evict:0.25:head:1 c50=GPT-XL:384:64:adsa-evict:0.5:head:1
+    cases="$c25:score_blocks='candidates' $c25:score_blocks='span' $c50:score_blocks='span' $c25:score_tile=(32,2)"
   else
     cases="GPT-XL:384:64:adsa-evict:0.5:layer:1:layer_choice_in_kernel GPT-XL:384:64:adsa-evict:0.5:head:8:leave_top_in_kernel"
     cases="$cases GPT-XL:384:64:adsa-evict:0.5:head:1:score_tile=(16,1)"

@@ -24,7 +24,7 @@ from .common import pl, plgpu
 # 3.9 against 3.3). The layout conversions into the dot's operands cost more than the products.
 def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, a_ref, blo_ref, bhi_ref, q_ref, kn_ref,
                   vn_ref, k_ref, v_ref, pos_ref, cok_ref, *rest, block_k, slots, c, P, K, scale, eps, rope, score=False,
-                  layer=False, next_new=False, scoring=None, cands_only=False):
+                  layer=False, next_new=False, scoring=None, score_blocks="all"):
     # One program = one (row, head): the whole adsa-evict (or window, K = 0) step of a layer.
     # Scalars: ws = slot of the new token, ring = ring slot of the token o leaving the window,
     # mv = o moves to the pool this step, full = the pool is full, free = the lowest free pool
@@ -54,11 +54,12 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
     # recomputed every step: one reduction per slot fewer.
     # next_new (score or layer): the new token is one of next step's candidates (a ring of one
     # slot; at period s, a ring of s slots before a leaving step).
-    # cands_only (K > 0): a block scores (head: the victim search; layer: the terms) only if it
-    # holds one of next step's candidates: a pool slot, slot ws (o, scored there) or slot rn. The
-    # prefix's and the rest of the ring's blocks skip the score (at GPT-XL 384 px, 0.25: 2 of 5
-    # blocks); every scored slot is scored as before, so the victim and the candidates' terms are
-    # the same.
+    # score_blocks (K > 0), the blocks of a scoring loop that score (head: the victim search; layer:
+    # the terms): 'all'; 'candidates', by a branch per block, those holding one of next step's
+    # candidates (a pool slot, slot ws where o is scored, slot rn): the prefix's and the rest of the
+    # ring's skip it (GPT-XL 384 px, 32-slot blocks, 0.25: 2 of 5 blocks); 'span', without a
+    # branch, the blocks from the pool's first to the last candidate's, the loop cut in three.
+    # Every candidate is scored as before: the same victim and candidates' terms.
     dense = pos_ref is None
     if K:
         vs_ref, vic_ref, nm_ref, *rest = rest
@@ -199,7 +200,7 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         return acc, m_new, l * corr + jnp.sum(pr), best, at
 
     def scored(start, idx, inb, v_raw, v, best, at):  # the block's score part (K > 0, a scoring loop)
-        if not cands_only:
+        if score_blocks != "candidates":
             return score_block(start, idx, inb, v_raw, v, best, at)
         end = start + block_k
         holds = (((start < c + P + K) & (end > c + P)) | ((ws >= start) & (ws < end))
@@ -267,9 +268,20 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         # scoring (static): the caller knows which (False: every step of this program is before the
         # step before the pool fills; True: every one is at or after it), and only that loop is
         # compiled (head: 96 registers without the score, against 149 with both loops).
-        if scoring is None:
+        plain = functools.partial(body, scoring=False)
+        if score_blocks == "span" and scoring is not False:
+            def block_of(slot):  # the loop index of the block holding a slot (of either range)
+                return jnp.where(slot < a_end, (slot - first) // block_k, n_a + (slot - b_lo) // block_k)
+            on = True if scoring else moving & (free_ref[()] == K - 1)
+            lo = jnp.where(on, jnp.minimum(block_of(c + P), n_blocks), n_blocks)
+            last = jnp.maximum(jnp.maximum(block_of(c + P + K - 1), block_of(ws)), block_of(rn))
+            hi = jnp.where(on, jnp.minimum(last + 1, n_blocks), n_blocks)
+            carry = jax.lax.fori_loop(0, lo, plain, init)
+            carry = jax.lax.fori_loop(lo, hi, body, carry)
+            acc, m, l, best, at = jax.lax.fori_loop(hi, n_blocks, plain, carry)
+        elif scoring is None:
             n_sc = jnp.where(moving & (free_ref[()] == K - 1), n_blocks, 0)
-            carry = jax.lax.fori_loop(0, n_blocks - n_sc, functools.partial(body, scoring=False), init)
+            carry = jax.lax.fori_loop(0, n_blocks - n_sc, plain, init)
             acc, m, l, best, at = jax.lax.fori_loop(n_blocks - n_sc, n_blocks, body, carry)
         else:
             acc, m, l, best, at = jax.lax.fori_loop(0, n_blocks, functools.partial(body, scoring=scoring), init)
@@ -375,7 +387,7 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     kern = functools.partial(_dense_kernel if dense else _evict_kernel, block_k=block_k, slots=s, c=c, P=prefix,
                              K=K, scale=1.0 / math.sqrt(d), eps=eps, rope=rope is not None, score=score, layer=layer,
                              next_new=next_new and (score or layer), scoring=scoring if K else None,
-                             cands_only=bool(K) and config.score_candidate_blocks)
+                             score_blocks=config.score_blocks if K else "all")
     sc = pl.BlockSpec((), lambda i, j: ())
     vec = pl.BlockSpec((None, None, d), lambda i, j: (i, j, 0))
     cache = pl.BlockSpec((None, None, s, d), lambda i, j: (i, j, 0, 0))
