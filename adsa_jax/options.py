@@ -23,7 +23,6 @@ from .config import ConfigError, GPTConfig
 
 IMPLS = ("xla", "pallas", "pallas-interpret")  # attention and gemm: the reference, the GPU kernel, its interpreter
 KTH_IMPLS = ("sort", "pallas", "pallas-interpret")
-SCORE_BLOCKS = ("all", "candidates", "span")  # KernelConfig.score_blocks
 # small_matmul loads its rows as a tile of this many (the tensor-core dot's least M), the rest
 # masked: the most rows the GEMV takes. A constant of the kernel, not a knob.
 GEMV_ROWS = 16
@@ -175,14 +174,8 @@ class KernelConfig:
     # layer's score terms) over a tile of its own: (slots a block, warps); None: evict_tiers'. For
     # the H200 target, head at 384 px batch 64: 16 slots over 1 warp 96 registers a thread (twice the
     # blocks), against 149 at 32 over 1; 32 over 2 warps 127. Slower on an H100 (2026-12-05): (16, 1)
-    # 2.149 s a call against 2.018 without.
+    # 2.149 s a call against 2.018 without; (32, 2) at 0.25 1.788 against 1.591.
     score_tile: tuple | None = None
-    # Which blocks of adsa-evict's scoring loop (K > 0) score: 'all'; 'candidates', by a branch per
-    # block, only those holding one of next step's candidates (the pool, slot ws where o is, slot
-    # rn): the prefix's and the rest of the ring's skip it (GPT-XL 384 px, 32-slot blocks: 1 of 9
-    # blocks at 0.5, 2 of 5 at 0.25); 'span', no branch: those from the pool's first block to the
-    # last candidate's (the loop cut in three). The same victim and terms. 'all' until timed on a GPU.
-    score_blocks: str = "all"
 
     # --- small_matmul (kernels/gemv.py): the decode GEMMs at 1-16 rows as a split-K GEMV. H200:
     # GPT-XL 256 px batch 1 0.313 vs 0.343 s (XLA), batch 8 0.335 vs 0.354; of warps, stages,
@@ -230,9 +223,6 @@ class KernelConfig:
                 or tiers[-1][0] != 0):
             raise ConfigError("KernelConfig evict_tiers must be (least row-heads, block, warps) triples, least "
                               f"row-heads strictly decreasing down to 0, got {tiers!r}")
-        if self.score_blocks not in SCORE_BLOCKS:
-            raise ConfigError(f"KernelConfig score_blocks must be one of {', '.join(SCORE_BLOCKS)}, "
-                              f"got {self.score_blocks!r}")
         st = self.score_tile
         if st is not None and (not isinstance(st, tuple) or len(st) != 2
                                or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in st)):

@@ -1,6 +1,5 @@
 """The Pallas decode-attention kernel (run by the Pallas interpreter on CPU) against the XLA path."""
 import dataclasses
-import functools
 
 import jax
 import jax.extend.core
@@ -177,10 +176,6 @@ def test_kernel_lowers_for_gpu(c2i):
     text = lowered("adsa-evict", budget=0.5, granularity="layer")  # the move in XLA, then the window's kernel
     assert "adsa_evict_step" in text and "adsa_decode_attention" not in text
     assert "adsa_evict_step" in lowered("adsa-evict-all", budget=0.5)  # P = 0 and a ring of one
-    for gran in ("head", "layer"):  # a branch per block in the scoring loop, or the loop cut in three
-        for blocks in ("candidates", "span"):
-            assert "adsa_evict_step" in lowered("adsa-evict", budget=0.5, granularity=gran,
-                                                switches={"score_blocks": blocks})
     for gran in ("head", "layer"):  # period s > 1: the moves in XLA, the step as the window's kernel
         text = lowered("adsa-evict", budget=0.5, period=3, granularity=gran)
         assert "adsa_evict_step" in text and "adsa_decode_attention" not in text
@@ -484,81 +479,6 @@ def test_evict_step_static_scoring_and_its_tile():
         assert "iota[dimension=0 dtype=int32 shape=(4,)" not in params(**kw)[0]
     with pytest.raises(ConfigError, match="score_tile must be None or"):
         KernelConfig(score_tile=(16,))
-
-
-def test_evict_step_scores_only_candidate_blocks():
-    """score_blocks: at a scoring step, 'candidates' skips the score in blocks without one of next
-    step's candidates (the prefix's; ring blocks holding neither o at ws nor the leaving slot rn),
-    'span' in blocks before the pool's or after the last candidate's. Every output (cache, running
-    sum, norms, next step's victim) is bit-equal to scoring every block, at steps that put ws and
-    rn in each ring block and across the ring's wrap, with the scoring loop static (scoring=True)
-    or per step (None: also a step before the pool fills); ties between a pool slot and o (equal
-    V) still go to the lowest slot."""
-    from adsa_jax.kernels import evict_step
-
-    b, h, d, c, P, K, M = 2, 2, 16, 1, 5, 6, 9
-    s = c + P + K + M  # prefix 1..5, pool 6..11, ring 12..20: 4-slot blocks from slot 1, five of them
-    rng = np.random.default_rng(2)
-    k, v = (jnp.asarray(rng.normal(size=(b, h, s, d)), jnp.float32) for _ in range(2))
-    q, kn, vn = (jnp.asarray(rng.normal(size=(b, h, d)), jnp.float32) for _ in range(3))
-    pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, h, s))
-
-    @functools.partial(jax.jit, static_argnames=("blocks", "scoring"))
-    def run(vt, vsum, scalars, blocks="all", scoring=True):
-        vnorm = jnp.maximum(jnp.linalg.norm(vt, axis=-1), 1e-6)
-        return evict_step(q, kn, vn, k, vt, pos, jnp.ones((b, s), bool), scalars, c=c, prefix=P, keep=K, vsum=vsum,
-                          victim=jnp.full((b, h), 7, jnp.int32), vnorm=vnorm, block_k=4, scoring=scoring,
-                          config=KernelConfig(score_blocks=blocks), interpret=True)
-    skipped = set()
-    for t in (23, 26, 27, 30, 31):  # ws, rn: 12, 13 (the first ring block); 15, 16; 16, 17; 19, 20; 20, 12 (the wrap)
-        ws, rn = c + P + K + (t - P) % M, c + P + K + (t + 1 - P) % M
-        vt = v.at[:, :, 8].set(v[:, :, ws])  # a pool copy of o's V: a tie the first maximum must break
-        vsum = jnp.asarray(rng.normal(size=(b, h, d)), jnp.float32) + 3.0 * vt[:, :, ws]
-        scalars = tuple(jnp.int32(x) for x in (ws, ws, 1, 1, K - 1, rn, c + t))
-        want = run(vt, vsum, scalars)
-        assert (np.asarray(want[5]) < s).all()  # a victim was found
-        for blocks, scoring in (("candidates", True), ("span", True), ("span", None)):
-            for w, g in zip(want, run(vt, vsum, scalars, blocks, scoring)):
-                np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
-        skipped |= {j for j in range(5) if not (6 <= 1 + 4 * j + 3 and 1 + 4 * j < 12)
-                    and not (1 + 4 * j <= ws < 5 + 4 * j) and not (1 + 4 * j <= rn < 5 + 4 * j)}
-    assert skipped == {0, 3, 4}  # the prefix's block always, and each ring-only block at some step
-    early = tuple(jnp.int32(x) for x in (12, 12, 1, 0, 3, 13, 15))  # o moves to free pool position 3: no score
-    want = run(v, vsum, early, "all", None)
-    assert (np.asarray(want[5]) == s).all()
-    for w, g in zip(want, run(v, vsum, early, "span", None)):
-        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
-
-    def kernel_body(blocks):
-        jaxpr = jax.make_jaxpr(lambda: evict_step(q, kn, vn, k, v, pos, jnp.ones((b, s), bool), scalars, c=c, prefix=P,
-                                                  keep=K, vsum=vsum, victim=jnp.zeros((b, h), jnp.int32),
-                                                  vnorm=jnp.ones((b, h, s)), scoring=True,
-                                                  config=KernelConfig(score_blocks=blocks), interpret=True))()
-        body = str(next(e for e in jaxpr.jaxpr.eqns if e.primitive.name == "pallas_call").params["jaxpr"])
-        return body.count(" cond["), body.count(" while[")
-    # the branch per block; the loop cut in three (no branch); one loop
-    assert kernel_body("candidates") == (1, 1) and kernel_body("span") == (0, 3) and kernel_body("all") == (0, 1)
-    with pytest.raises(ConfigError, match="score_blocks must be one of"):
-        KernelConfig(score_blocks="pool")
-
-
-@pytest.mark.parametrize("gran,blocks,first_scan", [("layer", "candidates", True), ("layer", "span", False)])
-def test_candidate_blocks_give_the_xla_tokens(gran, blocks, first_scan):
-    """Generation with score_blocks over 4-slot blocks (the prefix's block and ring blocks skip
-    the score) at layer granularity, whose step kernel writes the terms XLA chooses from: the XLA
-    path's tokens, with the scoring loop static (first_choice_scan) or chosen per step. (Per head
-    the kernel's outputs are compared bit for bit: test_evict_step_scores_only_candidate_blocks.)"""
-    cfg = adsa_jax.GPTConfig(dim=64, n_layer=2, n_head=2, vocab_size=64, num_classes=5, block_size=36)
-    model = adsa_jax.Model(cfg, init_params(cfg, jax.random.key(3), jnp.float32))
-    pol = make_policy(cfg, "adsa-evict", granularity=gran, prefix=4, keep=5, local=8)
-    kern = on_kernels(pol, one_kernel_min_row_heads=8, one_kernel_max_slots=32, evict_tiers=((0, 4, 1),),
-                      score_blocks=blocks, first_choice_scan=first_scan)
-
-    def run(kernels):
-        return np.asarray(adsa_jax.generate(model, jnp.arange(3) % 5, jax.random.key(1), policy=pol, options=kernels,
-                                            sampling=SamplingConfig(top_k=0)))
-    want = run(KernelConfig(attention="xla", gemm="xla", kth="sort", cublas=False))
-    np.testing.assert_array_equal(run(kern.kernels), want)
 
 
 @pytest.mark.parametrize("keep", [0, 5])

@@ -22,9 +22,13 @@ from .common import pl, plgpu
 # layer step at adsa-evict 384 px batch 64), all three (commit a49be2e: score 88.4,
 # all three 105.2 against 78.6; dense 256 px batch 64 59.6 against 46.4 with logits and PV, batch 1
 # 3.9 against 3.3). The layout conversions into the dot's operands cost more than the products.
+# Measured and removed (commit 14427b1): scoring only the blocks that can hold a candidate (the
+# pool's, slot ws's, slot rn's), by a branch per block or by the loop cut in three, skips up to 2 of 5
+# blocks' scores at 384 px, 0.25, but takes 153-158 registers against 149: H100, 384 px batch 64,
+# head, 0.25 1.597 and 1.593 s a call against 1.592; 0.5 2.024 against 2.018 (2026-12-05).
 def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, a_ref, blo_ref, bhi_ref, q_ref, kn_ref,
                   vn_ref, k_ref, v_ref, pos_ref, cok_ref, *rest, block_k, slots, c, P, K, scale, eps, rope, score=False,
-                  layer=False, next_new=False, scoring=None, score_blocks="all"):
+                  layer=False, next_new=False, scoring=None):
     # One program = one (row, head): the whole adsa-evict (or window, K = 0) step of a layer.
     # Scalars: ws = slot of the new token, ring = ring slot of the token o leaving the window,
     # mv = o moves to the pool this step, full = the pool is full, free = the lowest free pool
@@ -54,12 +58,6 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
     # recomputed every step: one reduction per slot fewer.
     # next_new (score or layer): the new token is one of next step's candidates (a ring of one
     # slot; at period s, a ring of s slots before a leaving step).
-    # score_blocks (K > 0), the blocks of a scoring loop that score (head: the victim search; layer:
-    # the terms): 'all'; 'candidates', by a branch per block, those holding one of next step's
-    # candidates (a pool slot, slot ws where o is scored, slot rn): the prefix's and the rest of the
-    # ring's skip it (GPT-XL 384 px, 32-slot blocks, 0.25: 2 of 5 blocks); 'span', without a
-    # branch, the blocks from the pool's first to the last candidate's, the loop cut in three.
-    # Every candidate is scored as before: the same victim and candidates' terms.
     dense = pos_ref is None
     if K:
         vs_ref, vic_ref, nm_ref, *rest = rest
@@ -192,23 +190,7 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         m_new = jnp.maximum(m, jnp.max(logit))
         corr = jnp.exp(m - m_new)
         pr = jnp.where(ok, jnp.exp(logit - m_new), 0.0)
-        if K and scoring:
-            best, at = scored(start, idx, inb, v_raw, v, best, at)
-        elif score:  # the window form's terms
-            terms(start, idx, inb, v)
-        acc = acc * corr + jnp.sum(pr[:, None] * v, axis=0)
-        return acc, m_new, l * corr + jnp.sum(pr), best, at
-
-    def scored(start, idx, inb, v_raw, v, best, at):  # the block's score part (K > 0, a scoring loop)
-        if score_blocks != "candidates":
-            return score_block(start, idx, inb, v_raw, v, best, at)
-        end = start + block_k
-        holds = (((start < c + P + K) & (end > c + P)) | ((ws >= start) & (ws < end))
-                 | ((rn >= start) & (rn < end)))
-        return jax.lax.cond(holds, score_block, lambda *a: a[-2:], start, idx, inb, v_raw, v, best, at)
-
-    def score_block(start, idx, inb, v_raw, v, best, at):
-        if not layer:  # next step's victim: a running first maximum per lane (no cross-warp reduction
+        if K and not layer and scoring:  # next step's victim: a running first maximum per lane (no cross-warp reduction
             # per block); lane l holds the best of slots l, l + block_k, ... (lowest slot on ties)
             nrm = plgpu.load(nm_ref.at[pl.ds(start, block_k)], mask=inb, other=1.0)
             cand = inb & (idx >= c + P) & ((idx < c + P + K) | (idx == rn))
@@ -226,12 +208,7 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
             sc = jnp.where(cand, vt / nrm, -2e30)
             better = (sc > best) | ((sc == best) & (eff < at))  # ties: the lowest slot
             best, at = jnp.where(better, sc, best), jnp.where(better, eff, at)
-        else:
-            terms(start, idx, inb, v)
-        return best, at
-
-    def terms(start, idx, inb, v):
-        if score or layer:  # every slot's terms after this step's writes, by one reduction (equal V,
+        if (score or layer) and scoring:  # every slot's terms after this step's writes, by one reduction (equal V,
             # equal terms: the first-maximum tie rule): o's V patched in at dest (layer), and with
             # next_new the new token's at ws (next step's candidate); otherwise slot ws still
             # holds the overwritten token, and the new token's terms follow the loop
@@ -244,6 +221,8 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
             plgpu.store(dots_ref.at[pl.ds(start, block_k)], jnp.sum(vt * svec[None, :], axis=1), mask=keep)
             if not layer:  # layer: a slot's |v|^2 is written with its token (below), never recomputed
                 plgpu.store(sq_ref.at[pl.ds(start, block_k)], jnp.sum(vt * vt, axis=1), mask=keep)
+        acc = acc * corr + jnp.sum(pr[:, None] * v, axis=0)
+        return acc, m_new, l * corr + jnp.sum(pr), best, at
 
     init = (acc0, m0, l0, jnp.full((block_k,), -3e38, f32), jnp.full((block_k,), slots, jnp.int32))
     if K:
@@ -268,20 +247,9 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         # scoring (static): the caller knows which (False: every step of this program is before the
         # step before the pool fills; True: every one is at or after it), and only that loop is
         # compiled (head: 96 registers without the score, against 149 with both loops).
-        plain = functools.partial(body, scoring=False)
-        if score_blocks == "span" and scoring is not False:
-            def block_of(slot):  # the loop index of the block holding a slot (of either range)
-                return jnp.where(slot < a_end, (slot - first) // block_k, n_a + (slot - b_lo) // block_k)
-            on = True if scoring else moving & (free_ref[()] == K - 1)
-            lo = jnp.where(on, jnp.minimum(block_of(c + P), n_blocks), n_blocks)
-            last = jnp.maximum(jnp.maximum(block_of(c + P + K - 1), block_of(ws)), block_of(rn))
-            hi = jnp.where(on, jnp.minimum(last + 1, n_blocks), n_blocks)
-            carry = jax.lax.fori_loop(0, lo, plain, init)
-            carry = jax.lax.fori_loop(lo, hi, body, carry)
-            acc, m, l, best, at = jax.lax.fori_loop(hi, n_blocks, plain, carry)
-        elif scoring is None:
+        if scoring is None:
             n_sc = jnp.where(moving & (free_ref[()] == K - 1), n_blocks, 0)
-            carry = jax.lax.fori_loop(0, n_blocks - n_sc, plain, init)
+            carry = jax.lax.fori_loop(0, n_blocks - n_sc, functools.partial(body, scoring=False), init)
             acc, m, l, best, at = jax.lax.fori_loop(n_blocks - n_sc, n_blocks, body, carry)
         else:
             acc, m, l, best, at = jax.lax.fori_loop(0, n_blocks, functools.partial(body, scoring=scoring), init)
@@ -386,8 +354,7 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
         raise ValueError("evict_step: layer_sq= goes with keep > 0, one row of positions and terms=")
     kern = functools.partial(_dense_kernel if dense else _evict_kernel, block_k=block_k, slots=s, c=c, P=prefix,
                              K=K, scale=1.0 / math.sqrt(d), eps=eps, rope=rope is not None, score=score, layer=layer,
-                             next_new=next_new and (score or layer), scoring=scoring if K else None,
-                             score_blocks=config.score_blocks if K else "all")
+                             next_new=next_new and (score or layer), scoring=scoring if K else None)
     sc = pl.BlockSpec((), lambda i, j: ())
     vec = pl.BlockSpec((None, None, d), lambda i, j: (i, j, 0))
     cache = pl.BlockSpec((None, None, s, d), lambda i, j: (i, j, 0, 0))
