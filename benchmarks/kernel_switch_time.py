@@ -93,7 +93,8 @@ def main(argv=None):
                 tokens[value].block_until_ready()
                 if i:
                     times[value].append(time.perf_counter() - t0)
-        # A switch that only changes speed leaves every token as it was (the last call's key, both)
+        # The last call's tokens (one key for both): a switch that keeps every float operation (which
+        # steps score, a split of the scan) keeps them; one that changes a tile changes rounding and may not
         same = bool((jax.device_get(tokens[True]) == jax.device_get(tokens[False])).all())
         on, off = statistics.median(times[True]), statistics.median(times[False])
         row = {"case": case, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
