@@ -32,7 +32,8 @@ REQUIRED = {
     "granularity": (str, True), "img_per_s": (float, False), "s_per_image": (float, False),
     "peak_gib": (float, True), "memory_cap_gib": (float, True),
 }
-OPTIONAL = {"s_per_call": (float, False), "floor_s": (float, False), "jax": (str, False), "torch": (str, False),
+OPTIONAL = {"s_per_call": (float, False), "floor_s": (float, False), "floor_kernel_s": (float, False),
+            "jax": (str, False), "torch": (str, False),
             "type": (str, False), "period": (int, False),  # period: only where s > 1
             "invariant_group": (int, False)}  # only for --batch-invariant rows (their own configuration)
 IDENTITY = ("device", "framework", "type", "model", "image_size", "batch", "policy", "budget", "granularity",
@@ -139,8 +140,9 @@ def rows_from_bench(bench: dict, date: str | None = None, device: str | None = N
             row["period"] = int(r["period"])
         if r.get("batch_invariant"):
             row["invariant_group"] = int(r["batch_invariant"])
-        if r.get("floor_s"):
-            row["floor_s"] = round(float(r["floor_s"]), 4)
+        for key in ("floor_s", "floor_kernel_s"):  # the kernel floor: benches from 2026-12-05 on
+            if r.get(key):
+                row[key] = round(float(r[key]), 4)
         if bench.get("jax"):
             row["jax"] = bench["jax"]
         if r.get("type", "c2i") != "c2i":
@@ -260,9 +262,14 @@ def t_floor(rows) -> list[str]:
     got = {(px, b): [find(rows, image_size=px, batch=b, policy=p, budget=bu) for p, bu in POLICIES]
            for px in (256, 384) for b in (64, 256)}
     d = Dates([r for v in got.values() for r in v])
-    lines = [["GPT-XL", str(px), str(b)] + [x_(r["s_per_call"] / r["floor_s"]) + d.mark(r)
-                                            if r and r.get("floor_s") and r.get("s_per_call") else "no floor" if r else "not measured"
-                                            for r in v] for (px, b), v in got.items()]
+    def cell(r):
+        if not r:
+            return "not measured"
+        if not (r.get("floor_s") and r.get("s_per_call")):
+            return "no floor"
+        kern = f" (k {x_(r['s_per_call'] / r['floor_kernel_s'])})" if r.get("floor_kernel_s") else ""
+        return x_(r["s_per_call"] / r["floor_s"]) + kern + d.mark(r)
+    lines = [["GPT-XL", str(px), str(b)] + [cell(r) for r in v] for (px, b), v in got.items()]
     return md_table(["model", "px", "batch"] + [pol_name(*p) for p in POLICIES], lines) + ["", d.note(H200)]
 
 

@@ -54,6 +54,28 @@ def test_roofline_dense_closed_form(dtype, isz):
     assert fast["floor_flop_s"] == rf["floor_flop_s"] and fast["bytes_per_call"] == rf["bytes_per_call"]
 
 
+@pytest.mark.parametrize("rows", [6, 64])
+def test_roofline_kernel_floor_adds_the_gemms_and_the_attention(rows):
+    """The kernel floor takes the larger of bytes and FLOPs for the weight GEMMs (each step) and the
+    attention on their own. DEVICE's ridge is 10 FLOPs a byte; a bf16 weight GEMM does about `rows`
+    FLOPs a byte, the attention about 1. At 6 rows both are bound by bandwidth and the kernel floor
+    is the bytes' floor; at 64 the GEMMs are bound by the matmul rate and it exceeds both sums."""
+    cfg = fixture_cfg()
+    E, L, H, D, V, F, N, c = 192, 3, 3, 64, 512, 512, 64, 1
+    params = L * (4 * E * E + 3 * E * F) + E * V
+    attended = (N - 1) * c + (N - 1) * N // 2
+    bw, mm = DEVICE["bandwidth"], DEVICE["matmul_flops"]
+    rf = bench.roofline(cfg, make_policy(cfg, "dense"), rows, rows // 2, "bfloat16", DEVICE)
+    gemms = max(params * 2 / bw, 2 * rows * params / mm)
+    attention = max(rows * 2 * L * H * D * 2 * attended / bw, 4 * rows * E * attended * L / mm)
+    assert rf["floor_kernel_s"] == pytest.approx(N * gemms + attention, rel=1e-12)
+    if rows == 6:
+        assert rf["floor_kernel_s"] == pytest.approx(rf["floor_mem_s"], rel=1e-12)
+        assert rf["floor_s"] == rf["floor_mem_s"]
+    else:
+        assert rf["floor_kernel_s"] > 1.05 * max(rf["floor_mem_s"], rf["floor_flop_s"])
+
+
 def test_roofline_window_reads_fewer_kv_bytes():
     cfg = fixture_cfg()
     rows, N, c = 2, 64, 1
@@ -96,6 +118,8 @@ def test_bench_one_row(timed, c2i, name):
     rf = bench.roofline(cfg, policy, 4, 2, jnp.float32, DEVICE)
     assert r["floor_s"] == rf["floor_s"] and r["bytes_per_call"] == rf["bytes_per_call"]
     assert r["achieved_fraction"] == pytest.approx(r["floor_s"] / r["s_per_call"], rel=1e-12)
+    assert r["floor_kernel_s"] == rf["floor_kernel_s"]
+    assert r["achieved_fraction_kernel"] == pytest.approx(r["floor_kernel_s"] / r["s_per_call"], rel=1e-12)
     assert r["compile_s"] > 0
     assert r["peak_bytes_compiled"] is None or r["peak_bytes_compiled"] > r["kv_bytes"]
 
@@ -115,7 +139,7 @@ def test_time_one_without_device_and_compile_only(c2i):
     assert prep["rows"] == 1 and prep["row"]["cfg"] is False
     r = bench.time_one(c2i, prep, iters=1, warmup=0)
     assert len(r["times"]) == 1 and r["s_per_call"] == r["times"][0]
-    assert "floor_s" not in r and "achieved_fraction" not in r
+    assert "floor_s" not in r and "achieved_fraction" not in r and "floor_kernel_s" not in r
     only = bench.bench_one(c2i, 1, make_policy(c2i.config, "dense"), run=False, options=XLA)
     assert only["times"] == [] and math.isnan(only["s_per_call"]) and only["compile_s"] > 0
 

@@ -91,6 +91,18 @@ def test_add_bench_rows_replaces_the_same_configuration():
     assert mt.find([inv, s1], image_size=384, policy="adsa-evict", budget=0.5) is s1
 
 
+def test_floor_table_shows_the_kernel_floor_where_a_bench_recorded_it():
+    bench = {"device": {"device": mt.H200}, "rows": [
+        {"name": "GPT-XL", "image_size": 384, "batch": 256, "policy": "dense", "budget": None, "dtype": "bfloat16",
+         "cfg": True, "s_per_call": 6.0, "floor_s": 4.0, "floor_kernel_s": 5.0}]}
+    (new,) = mt.rows_from_bench(bench, date="2026-12-05")
+    assert new["floor_kernel_s"] == 5.0 and mt.check_rows([new])
+    old = _row(batch=64, s_per_call=3.0, s_per_image=3.0 / 64, img_per_s=64 / 3.0, floor_s=2.0)  # before the field
+    lines = mt.t_floor([new, old])
+    assert next(x for x in lines if x.startswith("| GPT-XL | 384 | 256 |")).split(" | ")[3] == "1.50x (k 1.20x)"
+    assert next(x for x in lines if x.startswith("| GPT-XL | 384 | 64 |")).split(" | ")[3] == "1.50x*"
+
+
 def test_torch_ratio_only_on_one_device_and_day():
     ours = _row(image_size=256, batch=64, img_per_s=120.0, s_per_image=1 / 120)
     tc = _row(framework="torch-compile", image_size=256, batch=64, img_per_s=60.0, s_per_image=1 / 60)
