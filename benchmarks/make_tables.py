@@ -402,7 +402,7 @@ def t_targets(rows) -> list[str]:
     add("5", "adsa-evict 0.5, 384 px, batch 256: peak memory at most 0.6x dense",
         *rel_text([("batch 256", rel(e, dn, "peak_gib"))], 0.6, above=False))
     # issue 25
-    worst, missing = None, False
+    worst, missing, kern = None, False, []
     for b in (64, 256):
         for p, bu in POLICIES:
             r = xl(image_size=384, batch=b, policy=p, budget=bu)
@@ -412,9 +412,12 @@ def t_targets(rows) -> list[str]:
             f = r["s_per_call"] / r["floor_s"]
             if worst is None or f > worst[0]:
                 worst = (f, f"{pol_name(p, bu)}, batch {b}")
+            kern.append(r["s_per_call"] / r["floor_kernel_s"] if r.get("floor_kernel_s") else None)
     if worst:
+        # the kernel floor only where every row recorded it (benches from 2026-12-05 on): shown, not judged
+        k = f"; over the kernel floor, worst {x_(max(kern))}" if kern and None not in kern else ""
         add("25", "384 px, batch 64 and 256: every policy within 1.3x of its floor",
-            f"worst {x_(worst[0])} ({worst[1]})", None if missing and worst[0] <= 1.3 else worst[0] <= 1.3)
+            f"worst {x_(worst[0])} ({worst[1]}){k}", None if missing and worst[0] <= 1.3 else worst[0] <= 1.3)
     head = xl(image_size=384, batch=64, policy="adsa-evict", budget=0.5)
     layer = xl(image_size=384, batch=64, policy="adsa-evict", budget=0.5, granularity="layer")
     layer8 = xl(image_size=384, batch=64, policy="adsa-evict", budget=0.5, granularity="layer", period=8)

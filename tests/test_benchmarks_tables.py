@@ -101,6 +101,14 @@ def test_floor_table_shows_the_kernel_floor_where_a_bench_recorded_it():
     lines = mt.t_floor([new, old])
     assert next(x for x in lines if x.startswith("| GPT-XL | 384 | 256 |")).split(" | ")[3] == "1.50x (k 1.20x)"
     assert next(x for x in lines if x.startswith("| GPT-XL | 384 | 64 |")).split(" | ")[3] == "1.50x*"
+    # issue 25's verdict stays on the call's floor; the kernel floor is shown once every row has it
+    grid = [_row(batch=b, policy=p, budget=bu, granularity="head" if p == "adsa-evict" else None, date="2026-12-05",
+                 s_per_call=2.0 * k, s_per_image=2.0 * k / b, img_per_s=b / (2.0 * k), floor_s=1.0 * k,
+                 floor_kernel_s=1.6 * k) for b in (64, 256) for k, (p, bu) in enumerate(mt.POLICIES, 1)]
+    line = next(x for x in mt.t_targets(grid) if "within 1.3x of its floor" in x)
+    assert "worst 2.00x (dense, batch 64); over the kernel floor, worst 1.25x | **missed**" in line
+    line = next(x for x in mt.t_targets(grid[:-1] + [{k: v for k, v in grid[-1].items() if k != "floor_kernel_s"}]) if "1.3x of its" in x)
+    assert "kernel floor" not in line
 
 
 def test_torch_ratio_only_on_one_device_and_day():
