@@ -369,6 +369,28 @@ def policy_items(cfg: GPTConfig, policies, budgets, granularities=("head",), per
     return out
 
 
+def check_run_args(*, batches=(1,), iters=1, warmup=0, compile_workers=1, json_path=None) -> None:
+    """Raise ConfigError naming the bad argument (and its flag) before a sweep measures or compiles:
+    a batch or count out of range, or a --json path whose folder is missing (found after the timing
+    otherwise, and the rows lost)."""
+    def whole(v):
+        return not isinstance(v, bool) and isinstance(v, (int, np.integer))
+
+    bad = [b for b in batches if not whole(b) or b < 1]
+    if bad:
+        raise ConfigError(f"batch sizes (--batch) must be integers >= 1, got {bad[0]!r}")
+    for name, flag, v, low in (("iters", "--iters", iters, 1), ("warmup", "warmup", warmup, 0),
+                               ("compile_workers", "--compile-workers", compile_workers, 1)):
+        if not whole(v) or v < low:
+            raise ConfigError(f"{name} ({flag}) must be an integer >= {low}, got {v!r}")
+    if json_path is not None:
+        path = Path(json_path)
+        if path.is_dir():
+            raise ConfigError(f"--json {path}: a directory; give a file name, e.g. {path / 'bench.json'}")
+        if not path.parent.is_dir():
+            raise ConfigError(f"--json {path}: folder {path.parent} does not exist; create it or pick another path")
+
+
 def run(models=None, image_sizes=None, batches=(1, 8), policies=("dense",), budgets=(0.5,),
         dtype="bfloat16", iters=3, sampling: SamplingConfig = SamplingConfig(), json_path=None, measure=True, log=print,
         compile_workers=1, warmup=1, checkpoint=None, model_type=None, options: KernelConfig | None = None,
@@ -380,6 +402,7 @@ def run(models=None, image_sizes=None, batches=(1, 8), policies=("dense",), budg
     compile_s is wall time under contention), and are timed one after another once compiled.
     Rows carry the model's ``name`` and ``source`` (the JSON file or checkpoint directory).
     options: the KernelConfig every configuration resolves (default ``KernelConfig()``)."""
+    check_run_args(batches=batches, iters=iters, warmup=warmup, compile_workers=compile_workers, json_path=json_path)
     specs = bench_models(models, image_sizes, checkpoint=checkpoint, model_type=model_type)
 
     def items_for(cfg):
@@ -706,6 +729,7 @@ def run_memory_cap(models=None, image_sizes=None, policies=("dense",), budgets=(
     largest batch that fits the cap (:func:`cap_search`) and its speed. Models, image sizes,
     checkpoint and model type as :func:`run`; rows as :func:`run`'s plus ``memory_cap_gib``.
     peak_hints: None, or a file (:func:`load_peak_hints`) whose compiled peaks start each search."""
+    check_run_args(iters=iters, warmup=warmup, compile_workers=compile_workers, json_path=json_path)
     specs = bench_models(models, image_sizes, checkpoint=checkpoint, model_type=model_type)
     hints = load_peak_hints(peak_hints) if peak_hints is not None else {}
 
