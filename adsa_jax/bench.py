@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .checkpoint import load, read_meta
+from .checks import check_output_file
 from .config import ConfigError, GPTConfig, config_from_arg, grid_for_image_size, is_config_file
 from .cache import PERIOD_POLICIES, kv_bytes, make_policy
 from .generate import Model, _scalars, generate_program, with_kernels
@@ -383,12 +384,7 @@ def check_run_args(*, batches=(1,), iters=1, warmup=0, compile_workers=1, json_p
                                ("compile_workers", "--compile-workers", compile_workers, 1)):
         if not whole(v) or v < low:
             raise ConfigError(f"{name} ({flag}) must be an integer >= {low}, got {v!r}")
-    if json_path is not None:
-        path = Path(json_path)
-        if path.is_dir():
-            raise ConfigError(f"--json {path}: a directory; give a file name, e.g. {path / 'bench.json'}")
-        if not path.parent.is_dir():
-            raise ConfigError(f"--json {path}: folder {path.parent} does not exist; create it or pick another path")
+    check_output_file(json_path, flag="--json")
 
 
 def run(models=None, image_sizes=None, batches=(1, 8), policies=("dense",), budgets=(0.5,),

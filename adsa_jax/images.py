@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checks import check_output_file
 from .config import ConfigError
 
 
@@ -43,17 +44,8 @@ def _check_uint8(images, what="images") -> np.ndarray:
 
 def _writable_file(path) -> Path:
     """Check, before any work is done, that ``path`` can be created; clear errors otherwise."""
-    path = Path(path)
-    parent = path.absolute().parent
-    if not parent.exists():
-        raise ConfigError(f"cannot write {path}: directory {parent} does not exist")
-    if not parent.is_dir():
-        raise ConfigError(f"cannot write {path}: {parent} is not a directory")
-    if path.is_dir():
-        raise ConfigError(f"cannot write {path}: it is a directory; give a file name")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot write {path}: directory {parent} is not writable")
-    return path
+    check_output_file(path)
+    return Path(path)
 
 
 def _save_png(arr: np.ndarray, path: Path):

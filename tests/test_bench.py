@@ -541,15 +541,15 @@ def test_cli_bench_memory_cap(c2i_dir, tmp_path, capsys):
     (["--batch", "2,-3"], "got -3"),
     (["--iters", "0"], "iters (--iters) must be an integer >= 1, got 0"),
     (["--compile-workers", "0"], "(--compile-workers) must be an integer >= 1"),
-    (["--json", "{tmp}/missing/x.json"], "missing does not exist; create it or pick another path"),
-    (["--json", "{tmp}"], "a directory; give a file name"),
+    (["--json", "{tmp}/missing/x.json"], "cannot write --json {tmp}/missing/x.json: {tmp}/missing does not exist"),
+    (["--json", "{tmp}"], "cannot write --json {tmp}: it is a directory; give a file name"),
     (["--memory-cap", "1", "--iters", "0"], "iters (--iters)"),
     (["--memory-cap", "1", "--json", "{tmp}/missing/x.json"], "does not exist"),
 ])
 def test_cli_bench_bad_counts_and_paths_fail_before_any_work(c2i_dir, tmp_path, capsys, args, msg):
     """Checked before the device is measured or anything compiles (no --no-roofline here: the
     measurement would come first otherwise); one line naming the flag."""
-    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    args, msg = [a.replace("{tmp}", str(tmp_path)) for a in args], msg.replace("{tmp}", str(tmp_path))
     assert main(["bench", "--checkpoint", str(c2i_dir), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("adsa-jax bench: error:") and msg in err and err.count("\n") == 1, err

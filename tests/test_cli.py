@@ -3,6 +3,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 
 import adsa_jax
 from adsa_jax.cli import main
@@ -38,6 +39,22 @@ def test_sample_errors(c2i_dir, tmp_path, capsys):
     assert "period applies to adsa-evict" in capsys.readouterr().err
     assert main(["sample", "--gpt", str(c2i_dir), "--tokens-out", str(tmp_path / "no" / "dir" / "t.npy")]) == 2
     assert "cannot write" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", ["plan", "compare", "eval-demo", "sample"])
+def test_output_paths_are_checked_before_any_work(cmd, c2i_dir, tmp_path, capsys):
+    """An output file in a missing folder, or a folder where a file goes, fails at once in one line
+    naming the flag (it used to fail after the work, or with a traceback), and nothing is written."""
+    base = {"plan": ["plan", "--model", "GPT-B", "--batch", "1"], "compare": ["compare", "--gpt", str(c2i_dir)],
+            "eval-demo": ["eval-demo"], "sample": ["sample", "--gpt", str(c2i_dir)]}[cmd]
+    flag = "--tokens-out" if cmd == "sample" else "--json"
+    (tmp_path / "here").mkdir()
+    for path, msg in ((tmp_path / "here", "it is a directory; give a file name"),
+                      (tmp_path / "missing" / "x.json", f"{tmp_path / 'missing'} does not exist")):
+        assert main([*base, flag, str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"adsa-jax {cmd}: error: cannot write {flag} {path}: {msg}\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["here"] and not any((tmp_path / "here").iterdir())
 
 
 def test_compare_table_and_json(c2i_dir, tmp_path, capsys):

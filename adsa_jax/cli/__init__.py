@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     try:
         a.run(a)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, OSError) as e:  # OSError: a file or folder the user named (its name is in e)
         print(f"adsa-jax {a.cmd}: error: {e}", file=sys.stderr)
         return 2
     return 0

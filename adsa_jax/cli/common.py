@@ -3,7 +3,6 @@ turn flags into the library's option objects (SamplingConfig, a policy, KernelCo
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -171,20 +170,6 @@ def default_classes(num_classes):
 def balanced_labels(num_samples, num_classes):
     """Class-balanced labels: image i gets class i % num_classes (as LlamaGen's FID runs on average)."""
     return (np.arange(num_samples) % num_classes).astype(np.int32)
-
-
-def check_writable(path, create=False):
-    """A clear error now if ``path`` cannot be written (create: missing directories are made later)."""
-    if path is None:
-        return
-    parent = Path(path).absolute().parent
-    if create:
-        while not parent.exists() and parent != parent.parent:
-            parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"cannot write {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"cannot write {path}: directory {parent} is not writable")
 
 
 def save_npy(path, arr):

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (add_dtype_arg, add_sampling_args, balanced_labels, default_classes, log, parse_classes, parser,
-                     sampling_from_args, split_list)
+from ..checks import check_output_file
+from .common import (add_dtype_arg, add_sampling_args, balanced_labels, default_classes, log,
+                     parse_classes, parser, sampling_from_args, split_list)
 
 
 def add_parser(sub):
@@ -42,6 +43,7 @@ def run(a):
     from ..fidelity import compare_policies, format_table
 
     check_seed(a.seed)
+    check_output_file(a.json, flag="--json")  # before the generation, not after it
     sampling = sampling_from_args(a)
     model = load(a.gpt, dtype=a.dtype)
     cfg = model.config

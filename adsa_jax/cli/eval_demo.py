@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..checks import check_output_file
 from ..config import ConfigError
 from ..options import IMPLS
 from .common import add_sampling_args, log, parser, sampling_from_args, split_list
@@ -52,6 +53,9 @@ def run(a):
     from ..images import atomic_savez
     from ..options import SamplingConfig
 
+    check_output_file(a.json or None, flag="--json")  # before the generation, not after it
+    if not a.rescore:
+        check_output_file(a.samples, flag="--samples")
     if a.rescore:
         if not a.samples:
             raise ConfigError("--rescore needs --samples: the .npz the --no-classify run wrote")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..checks import check_output_file
 from ..config import ConfigError
 from .common import add_dtype_arg, add_policy_args, log, parser, policy_from_args
 
@@ -47,6 +48,7 @@ def run(a):
     from ..options import SamplingConfig
     from ..plan import GIB, Spec, ensure_devices, format_memory, largest_batch, memory, parse_hbm, parse_mesh
 
+    check_output_file(a.json, flag="--json")  # before the compiles, not after them
     data, model = parse_mesh(a.mesh)
     hbm = parse_hbm(a.hbm)
     if a.batch is None and not a.largest:

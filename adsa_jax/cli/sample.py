@@ -10,7 +10,7 @@ import numpy as np
 
 from ..config import ConfigError
 from .common import (DEMO_CLASSES, LLAMAGEN_SAMPLING, Stopwatch, add_dtype_arg, add_kernel_args, add_policy_args,
-                     add_sampling_args, balanced_labels, check_writable, default_classes, kernels_from_args, log,
+                     add_sampling_args, balanced_labels, default_classes, kernels_from_args, log,
                      parse_classes, parser, policy_from_args, sampling_from_args, save_npy)
 
 
@@ -129,9 +129,6 @@ def run(a):
             if a.num_samples is not None:
                 cond_all = np.resize(cond_all, a.num_samples)
         mask_all, labels = None, cond_all
-    for p in (a.out, a.tokens_out):  # fail before a long run, not after it
-        check_writable(p)
-    check_writable(a.npz, create=True)  # --npz makes its directories (adsa_jax.runs)
     n = cond_all.shape[0]
     policy = policy_from_args(cfg, a)
     bs = a.batch_size or n
