@@ -525,15 +525,31 @@ def generate_invariant(model, cond, mask, key, example_ids, scalars, *, policy, 
 # ----------------------------------------------------------------------------- public API
 
 
-def check_policy(policy):
-    """The policy object of a call (None: dense, built for the model by the caller)."""
+def check_policy(policy, cfg: GPTConfig | None = None):
+    """The policy object of a call (None: dense, built for the model by the caller). With cfg: a
+    policy that records its condition slots and image tokens (``c``, ``n``: the library's) must
+    have been built for this model's, or its sizes (budget, prefix, ring) mean another sequence."""
     if isinstance(policy, str):
         raise ConfigError(f"policy must be a policy object, got the name {policy!r}: build it with "
                           f"adsa_jax.make_policy(model.config, {policy!r}, budget=...)")
     if not all(callable(getattr(policy, m, None)) for m in ("init", "prefill", "decode")):
         raise ConfigError(f"policy must have init, prefill and decode (adsa_jax.make_policy builds one), got "
                           f"{type(policy).__name__}")
+    got = (getattr(policy, "c", None), getattr(policy, "n", None))
+    if cfg is not None and all(isinstance(x, int) for x in got) and got != (cfg.cls_token_num, cfg.num_image_tokens):
+        raise ConfigError(f"policy {getattr(policy, 'name', type(policy).__name__)!r} was built for {got[1]} image "
+                          f"tokens after {got[0]} condition slots, but this model has {cfg.num_image_tokens} after "
+                          f"{cfg.cls_token_num}: build it with adsa_jax.make_policy(model.config, ...)")
     return policy
+
+
+def _check_key(key):
+    """A PRNG key: a typed one (jax.random.key) or a raw uint32 pair (jax.random.PRNGKey)."""
+    dtype = key.dtype if hasattr(key, "dtype") else np.asarray(key).dtype  # a traced key has no value to read
+    if not jnp.issubdtype(dtype, jax.dtypes.prng_key) and (np.shape(key) != (2,) or dtype != np.uint32):
+        raise ConfigError(f"key must be a JAX PRNG key, e.g. jax.random.key(seed), got {type(key).__name__} "
+                          f"of shape {np.shape(key)}")
+    return key
 
 
 def with_kernels(policy, kernels: KernelConfig, requested: KernelConfig | None = None):
@@ -588,7 +604,8 @@ def generate(model: Model, cond, key, *, sampling: SamplingConfig = SamplingConf
     cfg = model.config
     sampling = _check_sampling(sampling)
     cond, mask = prepare_condition(cfg, cond, cond_mask)
-    pol = make_policy(cfg, "dense") if policy is None else check_policy(policy)
+    pol = make_policy(cfg, "dense") if policy is None else check_policy(policy, cfg)
+    _check_key(key)
     b = cond.shape[0]
     use_cfg = sampling.guided
     rows = b * (2 if use_cfg else 1)  # batch rows, CFG's included
@@ -656,7 +673,7 @@ def score(model: Model, cond, tokens, *, sampling: SamplingConfig | None = None,
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.shape[1] == cfg.num_image_tokens - 1:
         tokens = jnp.pad(tokens, ((0, 0), (0, 1)))
-    pol = make_policy(cfg, "dense") if policy is None else check_policy(policy)
+    pol = make_policy(cfg, "dense") if policy is None else check_policy(policy, cfg)
     base = KernelConfig() if options is None else options
     base = dataclasses.replace(base, gemm="xla" if base.gemm == "auto" else base.gemm,
                                cublas=False if base.cublas is None else base.cublas, kth="sort", segments=1)

@@ -175,6 +175,19 @@ def test_bad_generation_inputs(c2i, t2i, t2i_ref):
         adsa_jax.generate(c2i, np.array([0]), k, sampling={"top_k": 5})
     with pytest.raises(ConfigError, match="make_policy"):
         adsa_jax.generate(c2i, np.array([0]), k, policy="adsa-evict")
+    # a policy built for another model's sequence (its budget, prefix and ring mean other sizes)
+    other = adsa_jax.make_policy(adsa_jax.named_config("GPT-B", image_size=256), "adsa-evict", budget=0.5)
+    msg = "built for 256 image tokens after 1 condition slots, but this model has 64 after 1"
+    with pytest.raises(ConfigError, match=msg):
+        adsa_jax.generate(c2i, np.array([0]), k, policy=other)
+    with pytest.raises(ConfigError, match=msg):
+        adsa_jax.score(c2i, np.array([0]), np.zeros((1, 64), np.int32), policy=other)
+    with pytest.raises(ConfigError, match="after 1 condition slots, but this model has 64 after 120"):
+        adsa_jax.generate(t2i, t2i_ref["caption_embs"], k, cond_mask=t2i_ref["emb_masks"],
+                          policy=adsa_jax.make_policy(c2i.config, "window", budget=0.5))
+    for bad in (0, np.zeros(2, np.float32), np.zeros((2, 2), np.uint32)):  # a seed, floats, two keys
+        with pytest.raises(ConfigError, match="key must be a JAX PRNG key, e.g. jax.random.key"):
+            adsa_jax.generate(c2i, np.array([0]), bad)
     with pytest.raises(ConfigError, match="options must be an adsa_jax.KernelConfig"):
         adsa_jax.generate(c2i, np.array([0]), k, options={"attention": "xla"})
     with pytest.raises(ValueError, match="caption features"):
