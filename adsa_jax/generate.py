@@ -637,6 +637,9 @@ def _check_tokens(cfg, tokens, batch):
     n = cfg.num_image_tokens
     if len(shape) != 2 or shape[0] != batch or shape[1] not in (n, n - 1):
         raise ConfigError(f"tokens must have shape ({batch}, {n}) or ({batch}, {n - 1}), got {shape}")
+    dtype = tokens.dtype if hasattr(tokens, "dtype") else t.dtype
+    if not jnp.issubdtype(dtype, jnp.integer):  # as class ids: a float would be cut to an id without a word
+        raise ConfigError(f"image tokens must be integer token ids, got dtype {dtype}")
     if t is not None and t.size and (t.min() < 0 or t.max() >= cfg.vocab_size):
         raise ConfigError(f"image tokens must be in [0, {cfg.vocab_size - 1}], got {t.min()}..{t.max()}")
 

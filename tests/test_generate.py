@@ -200,3 +200,5 @@ def test_bad_generation_inputs(c2i, t2i, t2i_ref):
         adsa_jax.forward(c2i, np.array([0]), np.zeros((1, 10), np.int32))
     with pytest.raises(ValueError, match="image tokens must be in"):
         adsa_jax.forward(c2i, np.array([0]), np.full((1, 64), 512, np.int32))
+    with pytest.raises(ConfigError, match="image tokens must be integer token ids, got dtype float32"):
+        adsa_jax.score(c2i, np.array([0]), np.full((1, 64), 1.5, np.float32))
