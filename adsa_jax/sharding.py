@@ -107,7 +107,9 @@ def make_mesh(data: int | None = None, model: int = 1, devices=None) -> jax.shar
             raise ConfigError(f"{len(devices)} devices cannot be split into a model axis of {model}")
         data = len(devices) // model
     data = int(data)
-    if data < 1 or data * model > len(devices):
+    if data < 1:
+        raise ConfigError(f"the data axis must be >= 1, got {data}")
+    if data * model > len(devices):
         raise ConfigError(f"a {data} x {model} (data x model) mesh needs {data * model} devices; "
                           f"{len(devices)} are visible")
     devices = devices[: data * model]

@@ -185,6 +185,11 @@ def test_bad_generation_inputs(c2i, t2i, t2i_ref):
     with pytest.raises(ConfigError, match="after 1 condition slots, but this model has 64 after 120"):
         adsa_jax.generate(t2i, t2i_ref["caption_embs"], k, cond_mask=t2i_ref["emb_masks"],
                           policy=adsa_jax.make_policy(c2i.config, "window", budget=0.5))
+    one = jax.devices()[:1]
+    for kw, msg in ((dict(data=0), "the data axis must be >= 1, got 0"), (dict(model=0), "axis must be >= 1, got 0"),
+                    (dict(data=2), "a 2 x 1 \\(data x model\\) mesh needs 2 devices; 1 are visible")):
+        with pytest.raises(ConfigError, match=msg):
+            adsa_jax.sharding.make_mesh(devices=one, **kw)
     for bad in (0, np.zeros(2, np.float32), np.zeros((2, 2), np.uint32)):  # a seed, floats, two keys
         with pytest.raises(ConfigError, match="key must be a JAX PRNG key, e.g. jax.random.key"):
             adsa_jax.generate(c2i, np.array([0]), bad)

@@ -132,6 +132,10 @@ def make_policy(cfg: GPTConfig, name: str = "dense", *, budget: float | None = N
         raise ConfigError("local must be >= 1: the current token is always attended")
     if P + K + M > N:
         raise ConfigError(f"prefix {P} + keep {K} + local {M} = {P + K + M} exceeds the {N} image tokens of the sequence")
+    if P + K + M + period - 1 > N:  # the ring grows by s - 1: a cache larger than dense's, that never evicts
+        raise ConfigError(f"period {period}: the cache (prefix {P} + keep {K} + a ring of local {M} + period - 1) would "
+                          f"hold {P + K + M + period - 1} slots, more than the {N} image tokens; use period <= "
+                          f"{N - P - K - M + 1} or a smaller budget")
     if name == "adsa-select":
         return Select(c, N, prefix=P, keep=K, local=M, granularity=granularity)
     if name == "window":
