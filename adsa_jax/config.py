@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from pathlib import Path
 
 
@@ -44,6 +45,22 @@ class GPTConfig:
     def __post_init__(self):
         if self.model_type not in ("c2i", "t2i"):
             raise ConfigError(f"model_type must be 'c2i' or 't2i', got {self.model_type!r}")
+        # Types and ranges first: a JSON config is untrusted, and n_head = 0 would divide by zero below.
+        for name in ("dim", "n_layer", "n_head", "multiple_of", "vocab_size", "cls_token_num", "block_size",
+                     "caption_dim", "num_classes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise ConfigError(f"model config field {name} must be an integer >= 1, got {v!r}")
+
+        def finite(v):
+            return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name in ("norm_eps", "rope_base", "ffn_dim_multiplier"):
+            v = getattr(self, name)
+            if not (v is None and name == "ffn_dim_multiplier") and not (finite(v) and v > 0):
+                raise ConfigError(f"model config field {name} must be a finite number > 0, got {v!r}")
+        if not (finite(self.class_dropout_prob) and 0 <= self.class_dropout_prob <= 1):
+            raise ConfigError(f"model config field class_dropout_prob must be in [0, 1], got {self.class_dropout_prob!r}")
         if self.dim % self.n_head:
             raise ConfigError(f"dim {self.dim} is not divisible by n_head {self.n_head}")
         if self.n_kv_head not in (None, self.n_head):

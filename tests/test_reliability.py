@@ -285,6 +285,28 @@ def test_edited_config_refused(tmp_path, c2i_dir, field, value):
         adsa_jax.load(d)
 
 
+@pytest.mark.parametrize("field,value,msg", [
+    ("n_head", 0, "n_head must be an integer >= 1, got 0"), ("dim", "1280", "dim must be an integer >= 1"),
+    ("block_size", 0, "block_size must be an integer >= 1"), ("n_layer", 2.5, "n_layer must be an integer"),
+    ("vocab_size", True, "vocab_size must be an integer"), ("norm_eps", 0, "norm_eps must be a finite number > 0"),
+    ("rope_base", float("inf"), "rope_base must be a finite number > 0"),
+    ("ffn_dim_multiplier", -1.0, "ffn_dim_multiplier must be a finite number > 0"),
+    ("class_dropout_prob", 1.5, "class_dropout_prob must be in [0, 1]")])
+def test_model_config_fields_are_checked(tmp_path, capsys, field, value, msg):
+    """A JSON model config is untrusted: a field of the wrong type or range is named, in the API and
+    the CLI, before anything is built (n_head = 0 divided by zero)."""
+    from adsa_jax.cli import main
+
+    good = dict(dim=64, n_layer=2, n_head=2, vocab_size=64, num_classes=5, block_size=16)
+    with pytest.raises(ConfigError, match=f"model config field {msg}".replace("[", "\\[").replace("(", "\\(")):
+        adsa_jax.GPTConfig.from_dict({**good, field: value})
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({**good, field: value}))
+    assert main(["bench", "--model", str(path), "--no-roofline"]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1, err
+
+
 def test_checkpoint_without_checksums(tmp_path, c2i_dir):
     """Written before checksums: loads with a warning; an n_head edit (weights of the same
     sizes, which Orbax would reshape) is caught by the stored shapes."""
