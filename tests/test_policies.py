@@ -101,13 +101,12 @@ def test_period_and_the_new_policies_refuse_bad_options():
     with pytest.raises(ValueError, match="h2o's default recent window"):
         make_policy(CFG16, "h2o", budget=0.1)
     assert make_policy(CFG16, "adsa-evict-all", keep=3).slots == 1 + 4
-    # a period whose ring makes the cache larger than dense's (it would never evict): refused; the
-    # largest that fits holds all 256 image tokens (budget 0.5: 128 + a ring grown by s - 1 = 128)
-    with pytest.raises(ValueError, match="period 130: .* 257 slots, more than the 256 image tokens; use period <= 129"):
-        make_policy(CFG16, "adsa-evict", budget=0.5, period=130)
-    assert make_policy(CFG16, "adsa-evict", budget=0.5, period=129).slots == 1 + 256
-    with pytest.raises(ValueError, match="use period <= 1 "):
-        make_policy(CFG16, "random", budget=1.0, period=2)
+    # a period whose ring holds every token the budget evicts (256 tokens, budget 0.5: P 16, K 80, M 32;
+    # from s = 208 the ring of 239 slots never fills in the 238 steps past the prefix): refused
+    with pytest.raises(ValueError, match="period 208: .* none would ever be evicted; use period <= 207"):
+        make_policy(CFG16, "adsa-evict", budget=0.5, period=208)
+    assert make_policy(CFG16, "adsa-evict", budget=0.5, period=207).attended(254) < 1 + 255  # evicts, once
+    assert make_policy(CFG16, "random", budget=1.0, period=300).slots == 1 + 256 + 299  # budget 1: dense at any s
 
 
 def test_every_policy_cache_has_sharding_axes():

@@ -42,6 +42,8 @@ cache so that a step costs O(K·d).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 
 from ..config import ConfigError, GPTConfig
@@ -132,10 +134,6 @@ def make_policy(cfg: GPTConfig, name: str = "dense", *, budget: float | None = N
         raise ConfigError("local must be >= 1: the current token is always attended")
     if P + K + M > N:
         raise ConfigError(f"prefix {P} + keep {K} + local {M} = {P + K + M} exceeds the {N} image tokens of the sequence")
-    if P + K + M + period - 1 > N:  # the ring grows by s - 1: a cache larger than dense's, that never evicts
-        raise ConfigError(f"period {period}: the cache (prefix {P} + keep {K} + a ring of local {M} + period - 1) would "
-                          f"hold {P + K + M + period - 1} slots, more than the {N} image tokens; use period <= "
-                          f"{N - P - K - M + 1} or a smaller budget")
     if name == "adsa-select":
         return Select(c, N, prefix=P, keep=K, local=M, granularity=granularity)
     if name == "window":
@@ -146,8 +144,24 @@ def make_policy(cfg: GPTConfig, name: str = "dense", *, budget: float | None = N
         return H2O(c, N, prefix=P, keep=K, local=M, granularity=granularity)
     chooser = "random" if name in ("random", "random-uniform") else "similarity"
     draw = "reservoir" if name == "random-uniform" else "candidates"
-    return Evict(c, N, prefix=P, keep=K, local=M, granularity=granularity, chooser=chooser, name=name,
-                 period=period, draw=draw)
+    pol = Evict(c, N, prefix=P, keep=K, local=M, granularity=granularity, chooser=chooser, name=name,
+                period=period, draw=draw)
+    return _check_period_evicts(pol)
+
+
+def _check_period_evicts(pol):
+    """Refuse a period whose ring (local + period - 1 slots) holds every token the sizes would evict
+    at period 1: the policy would then never evict (a cache larger than dense's, silently dense).
+    At budget 1 nothing is evicted at any period (every policy equals dense): that stays allowed."""
+    def evicts(s):  # whether the last decode step attends fewer tokens than dense's
+        return pol.n >= 2 and dataclasses.replace(pol, period=s).attended(pol.n - 2) < pol.c + pol.n - 1
+
+    if pol.period > 1 and evicts(1) and not evicts(pol.period):
+        largest = max(s for s in range(1, pol.period) if evicts(s))
+        raise ConfigError(f"period {pol.period}: the ring (local {pol.local} + period - 1 slots) would hold every token "
+                          f"this budget evicts from the {pol.n} image tokens, so none would ever be evicted; use "
+                          f"period <= {largest}")
+    return pol
 
 
 def _sizes(name, N, w, budget, prefix, keep, local):
