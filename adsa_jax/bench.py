@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .checkpoint import load, read_meta
-from .checks import check_output_file
+from .checks import check_count, check_output_file
 from .config import ConfigError, GPTConfig, config_from_arg, grid_for_image_size, is_config_file
 from .cache import PERIOD_POLICIES, kv_bytes, make_policy
 from .generate import Model, _scalars, generate_program, with_kernels
@@ -374,16 +374,11 @@ def check_run_args(*, batches=(1,), iters=1, warmup=0, compile_workers=1, json_p
     """Raise ConfigError naming the bad argument (and its flag) before a sweep measures or compiles:
     a batch or count out of range, or a --json path whose folder is missing (found after the timing
     otherwise, and the rows lost)."""
-    def whole(v):
-        return not isinstance(v, bool) and isinstance(v, (int, np.integer))
-
-    bad = [b for b in batches if not whole(b) or b < 1]
-    if bad:
-        raise ConfigError(f"batch sizes (--batch) must be integers >= 1, got {bad[0]!r}")
-    for name, flag, v, low in (("iters", "--iters", iters, 1), ("warmup", "warmup", warmup, 0),
-                               ("compile_workers", "--compile-workers", compile_workers, 1)):
-        if not whole(v) or v < low:
-            raise ConfigError(f"{name} ({flag}) must be an integer >= {low}, got {v!r}")
+    for b in batches:
+        check_count(b, "batches")
+    check_count(iters, "iters")
+    check_count(warmup, "warmup", minimum=0)
+    check_count(compile_workers, "compile_workers")
     check_output_file(json_path, flag="--json")
 
 

@@ -21,6 +21,7 @@ FLAGS = {
     "seed": "--seed", "budget": "--budget", "prefix": "--prefix", "keep": "--keep", "local": "--local",
     "max_batches": "--max-batches", "num_segments": "--segments", "classes": "--classes",
     "data_parallel": "--data-parallel", "tensor_parallel": "--tensor-parallel",
+    "batches": "--batch", "iters": "--iters", "compile_workers": "--compile-workers",
 }
 
 # jax.random.key keeps the low 32 bits of a seed when 64-bit mode is off (the default): seed 2**32

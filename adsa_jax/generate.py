@@ -525,10 +525,10 @@ def generate_invariant(model, cond, mask, key, example_ids, scalars, *, policy, 
 # ----------------------------------------------------------------------------- public API
 
 
-def check_policy(policy, cfg: GPTConfig | None = None):
-    """The policy object of a call (None: dense, built for the model by the caller). With cfg: a
-    policy that records its condition slots and image tokens (``c``, ``n``: the library's) must
-    have been built for this model's, or its sizes (budget, prefix, ring) mean another sequence."""
+def check_policy(policy, cfg: GPTConfig):
+    """The policy object of a call (None: dense, built for the model by the caller). A policy that
+    records its condition slots and image tokens (``c``, ``n``: the library's) must have been built
+    for this model's, or its sizes (budget, prefix, ring) mean another sequence."""
     if isinstance(policy, str):
         raise ConfigError(f"policy must be a policy object, got the name {policy!r}: build it with "
                           f"adsa_jax.make_policy(model.config, {policy!r}, budget=...)")
@@ -536,7 +536,7 @@ def check_policy(policy, cfg: GPTConfig | None = None):
         raise ConfigError(f"policy must have init, prefill and decode (adsa_jax.make_policy builds one), got "
                           f"{type(policy).__name__}")
     got = (getattr(policy, "c", None), getattr(policy, "n", None))
-    if cfg is not None and all(isinstance(x, int) for x in got) and got != (cfg.cls_token_num, cfg.num_image_tokens):
+    if all(isinstance(x, int) for x in got) and got != (cfg.cls_token_num, cfg.num_image_tokens):
         raise ConfigError(f"policy {getattr(policy, 'name', type(policy).__name__)!r} was built for {got[1]} image "
                           f"tokens after {got[0]} condition slots, but this model has {cfg.num_image_tokens} after "
                           f"{cfg.cls_token_num}: build it with adsa_jax.make_policy(model.config, ...)")
