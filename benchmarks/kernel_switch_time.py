@@ -1,5 +1,6 @@
 """Seconds per generate call with a KernelConfig switch on and off, in one process (GPU):
-`python3 benchmarks/kernel_switch_time.py [MODEL:PX:BATCH:POLICY:BUDGET:GRAN:PERIOD:SWITCH ...]`.
+`python3 benchmarks/kernel_switch_time.py [MODEL:PX:BATCH:POLICY:BUDGET:GRAN:PERIOD:SWITCH ...]`
+(dense: MODEL:PX:BATCH:dense:SWITCH).
 
 SWITCH is a True/False field of KernelConfig (on: True, off: False), or FIELD=VALUE for any other
 field, VALUE a Python literal (on: that value, off: the default), e.g. `score_tile=(16,1)`.
@@ -43,8 +44,12 @@ CASES = ["GPT-XL:384:64:adsa-evict:0.5:head:1:first_choice_scan",
 
 def parse(case: str):
     parts = case.split(":")
+    if len(parts) == 5 and parts[3] == "dense":  # MODEL:PX:BATCH:dense:SWITCH
+        model, px, batch, policy, switch = parts
+        return model, int(px), int(batch), policy, None, None, None, switch
     if len(parts) != 8:
-        raise SystemExit(f"kernel_switch_time.py: {case!r} is not MODEL:PX:BATCH:POLICY:BUDGET:GRAN:PERIOD:SWITCH")
+        raise SystemExit(f"kernel_switch_time.py: {case!r} is not MODEL:PX:BATCH:POLICY:BUDGET:GRAN:PERIOD:SWITCH "
+                         "or MODEL:PX:BATCH:dense:SWITCH")
     model, px, batch, policy, budget, gran, period, switch = parts
     return model, int(px), int(batch), policy, float(budget), gran, int(period), switch
 
@@ -79,7 +84,8 @@ def main(argv=None):
     for case, (name, px, batch, pol, budget, gran, period, switch) in zip(args.cases, cases):
         cfg = named_config(name, image_size=px)
         model = Model(cfg, init_params(cfg, jax.random.key(0), jnp.bfloat16))
-        policy = adsa_jax.make_policy(cfg, pol, budget=budget, granularity=gran, period=period)
+        policy = (adsa_jax.make_policy(cfg, pol) if budget is None
+                  else adsa_jax.make_policy(cfg, pol, budget=budget, granularity=gran, period=period))
         prepared = {}
         for value, fields in zip((True, False), settings(switch)):
             print(f"{case}: compiling {'on' if value else 'off'} ({fields or 'the default'})", flush=True)

@@ -207,3 +207,45 @@ def test_bad_generation_inputs(c2i, t2i, t2i_ref):
         adsa_jax.forward(c2i, np.array([0]), np.full((1, 64), 512, np.int32))
     with pytest.raises(ConfigError, match="image tokens must be integer token ids, got dtype float32"):
         adsa_jax.score(c2i, np.array([0]), np.full((1, 64), 1.5, np.float32))
+
+
+def test_split_k_gemms_equal_one_gemm(c2i, c2i_ref):
+    """KernelConfig.gemm_split_k (XLA's wo and w2 GEMMs as batched GEMMs over K slices, the float32
+    partials summed): the same product up to float rounding, the same greedy tokens and logits
+    within 1e-4 (float32); the program holds the batched GEMMs; on a mesh the option is dropped."""
+    from adsa_jax.generate import _scalars, generate_program, prepare_condition, with_kernels
+    from adsa_jax.model import abstract_params, split_k_matmul
+    from adsa_jax.sharding import make_mesh
+
+    kx, kw = jax.random.split(jax.random.key(0))
+    x, w = jax.random.normal(kx, (5, 96)), jax.random.normal(kw, (96, 40))
+    one = np.asarray(jnp.dot(x, w, precision="highest"))
+    np.testing.assert_allclose(np.asarray(split_k_matmul(x, w, splits=4, max_n=64)), one, rtol=1e-5, atol=1e-5)
+    for splits, max_n in ((5, 64), (4, 40)):  # K not divided by 5; N not below max_n: one dot
+        np.testing.assert_array_equal(np.asarray(split_k_matmul(x, w, splits=splits, max_n=max_n)),
+                                      np.asarray(jnp.dot(x, w)))
+
+    labels, greedy = c2i_ref["labels"], adsa_jax.SamplingConfig(top_k=1, cfg_scale=4.0)
+    split = KernelConfig(gemm_split_k=2)
+    ref = np.asarray(adsa_jax.generate(c2i, labels, jax.random.key(3), sampling=greedy))
+    np.testing.assert_array_equal(np.asarray(adsa_jax.generate(c2i, labels, jax.random.key(3), sampling=greedy,
+                                                               options=split)), ref)
+    np.testing.assert_allclose(np.asarray(adsa_jax.score(c2i, labels, ref, options=split)),
+                               np.asarray(adsa_jax.score(c2i, labels, ref)), atol=1e-4, rtol=0)
+
+    cfg = c2i.config
+
+    def batched_dots(base):
+        kc = kernel_config(cfg, None, 4, jnp.float32, base=base)
+        cond, mask = prepare_condition(cfg, np.arange(2))
+        text = generate_program(kc).trace(
+            abstract_params(cfg, jnp.float32), cond, mask, jax.random.key(0), jnp.arange(2), _scalars(greedy),
+            cfg=cfg, policy=with_kernels(adsa_jax.make_policy(cfg, "dense"), kc), use_cfg=True, kernels=kc,
+            top_p_on=False).lower().as_text()
+        return text.count("batching_dims = [1] x [0], contracting_dims = [2] x [1]")
+
+    # the decode loop's wo and w2 (their N = dim is below 2048) become batched GEMMs over K slices
+    assert batched_dots(split) > batched_dots(KernelConfig())
+    assert kernel_config(cfg, None, 4, base=split, mesh=make_mesh(data=1)).gemm_split_k == 1
+    with pytest.raises(ConfigError, match="gemm_split_k must be an integer >= 1"):
+        KernelConfig(gemm_split_k=0)
