@@ -111,7 +111,7 @@ def split_k_matmul(x, w, *, splits: int, max_n: int):
     m, kdim = x.shape
     n = w.shape[1]
     if splits == 1 or n >= max_n or kdim % splits:
-        return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+        return jnp.dot(x, w)  # as the einsums without matmul: the GEMM writes x's dtype itself
     xs = x.reshape(m, splits, kdim // splits)  # (M, S, K/S): free
     ws = w.reshape(splits, kdim // splits, n)  # (S, K/S, N): free
     part = jnp.einsum("MSK,SKN->SMN", xs, ws, preferred_element_type=jnp.float32)  # (S, M, N) float32

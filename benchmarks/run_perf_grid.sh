@@ -30,8 +30,8 @@
 #      period 8's leave_top_in_kernel per head, and head's scoring kernel over 16-slot blocks (score_tile) (~6 min)
 #  12  benchmarks/generate_profile.py for dense at 256 px, batch 1, 64 and 256 (~2 min): GEMMs, attention, sampling
 #      and launch gaps of each call, into $OUT/dense/generate_profile.json
-#  14  benchmarks/kernel_switch_time.py for KernelConfig.gemm_split_k (XLA's wo and w2 GEMMs over K slices) at 4
-#      (and 8): dense 256 px batch 64 and 256, window and adsa-evict 384 px batch 64 at 0.25 (~5 min)
+#  14  benchmarks/kernel_switch_time.py for KernelConfig.gemm_split_k (XLA's wo and w2 GEMMs over K slices) at 2
+#      and 4: dense 256 px batch 64 (and 256 at 4), window 384 px batch 64 at 0.25 (~4 min)
 #   8  benchmarks/command_buffer_time.py: dense 256 px batch 1 and 64, window 384 px batch 64 under
 #      XLA's command-buffer (CUDA graph) settings, and batch 1 with the loop unrolled, one process each (~4 min)
 # Parts 1 to 3 need a LlamaGen checkout at third_party/LlamaGen (ignored by git; the docstring of
@@ -127,8 +127,8 @@ case "$PART" in
   if [ "$PART" = 11 ]; then
     cases="GPT-XL:384:64:adsa-evict:0.5:head:1:first_choice_scan GPT-XL:384:64:adsa-evict:0.5:layer:1:first_choice_scan"
   elif [ "$PART" = 14 ]; then
-    cases="GPT-XL:256:64:dense:gemm_split_k=4 GPT-XL:256:64:dense:gemm_split_k=8 GPT-XL:256:256:dense:gemm_split_k=4"
-    cases="$cases GPT-XL:384:64:window:0.25:head:1:gemm_split_k=4 GPT-XL:384:64:adsa-evict:0.25:head:1:gemm_split_k=4"
+    cases="GPT-XL:256:64:dense:gemm_split_k=2 GPT-XL:256:64:dense:gemm_split_k=4 GPT-XL:256:256:dense:gemm_split_k=4"
+    cases="$cases GPT-XL:384:64:window:0.25:head:1:gemm_split_k=4"
   else
     cases="GPT-XL:384:64:adsa-evict:0.5:layer:1:layer_choice_in_kernel GPT-XL:384:64:adsa-evict:0.5:head:8:leave_top_in_kernel"
     cases="$cases GPT-XL:384:64:adsa-evict:0.5:head:1:score_tile=(16,1)"
