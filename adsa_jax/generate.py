@@ -115,10 +115,8 @@ def _run(params, cfg, policy, cond_emb, cond_mask, ex_keys, scalars, *, use_cfg,
     shard = shard or (lambda cs: cs)
     interpret = kernels.gemm == "pallas-interpret"
     matmul = None if kernels.gemm == "xla" else functools.partial(small_matmul, config=kernels, interpret=interpret)
-    if matmul is None and kernels.gemm_split_k > 1:
-        matmul = functools.partial(M.split_k_matmul, splits=kernels.gemm_split_k, max_n=kernels.gemm_split_max_n)
     add_norm = (functools.partial(matmul_add_norm, eps=cfg.norm_eps, config=kernels, interpret=interpret)
-                if kernels.gemm != "xla" and kernels.add_norm else None)
+                if matmul is not None and kernels.add_norm else None)
     cfg_scale, cfg_interval, temperature, top_k, top_p = scalars
     rows = cond_emb.shape[0]
     caches = shard([policy.init(rows, cfg.n_head, cfg.head_dim, params["tok_embeddings"].dtype)

@@ -102,22 +102,6 @@ def project(matmul, x, w, k_axes: int = 1):
     return y.reshape((x.shape[0],) + w.shape[k_axes:])  # (B, *out)
 
 
-def split_k_matmul(x, w, *, splits: int, max_n: int):
-    """x (M, K) @ w (K, N) -> (M, N) in x's dtype, for a decode step's XLA GEMMs: a weight with fewer
-    than ``max_n`` columns (wo and w2, N = E) as ``splits`` batched GEMMs over K slices, whose float32
-    partials the consumer's fusion sums. Why: at 128 rows cuBLAS tiles such a GEMM into about ten
-    blocks of a 132-SM GPU and reads its weights at a third of the bandwidth; K slices give it that
-    many times the blocks. Other shapes, and a K that ``splits`` does not divide, are one dot."""
-    m, kdim = x.shape
-    n = w.shape[1]
-    if splits == 1 or n >= max_n or kdim % splits:
-        return jnp.dot(x, w)  # as the einsums without matmul: the GEMM writes x's dtype itself
-    xs = x.reshape(m, splits, kdim // splits)  # (M, S, K/S): free
-    ws = w.reshape(splits, kdim // splits, n)  # (S, K/S, N): free
-    part = jnp.einsum("MSK,SKN->SMN", xs, ws, preferred_element_type=jnp.float32)  # (S, M, N) float32
-    return jnp.sum(part, axis=0).astype(x.dtype)
-
-
 def ffn(layer, x, matmul=None):
     """The SwiGLU FFN of x (B, T, E). Decode (T = 1) with ``matmul`` (see decode_step)."""
     if matmul is not None:  # one token per row (decode): x (B, 1, E)

@@ -194,17 +194,16 @@ class KernelConfig:
     add_norm_chunk: int = 16
     add_norm_num_warps: int = 16
 
-    # --- XLA's decode GEMMs (gemm 'xla'): a weight with fewer than gemm_split_max_n columns (wo and
-    # w2) as gemm_split_k batched GEMMs over K slices, the float32 partials summed by the consumer
-    # (model.split_k_matmul); 1: one GEMM. Off until timed on a GPU (run_perf_grid.sh part 14).
-    gemm_split_k: int = 1
-    gemm_split_max_n: int = 2048
-
     # --- thresholds kernel_config reads to resolve 'auto'
     # Batch rows (CFG included) from which one GPU compiles with CUBLAS_OPTIONS; None: never. At 128+
     # rows XLA's Triton GEMMs split K and write float32 partials the next kernel sums; cuBLAS does not
     # (at 2 rows cuBLAS is slower).
     gemm_cublas_min_rows: int | None = 128
+    # Measured and removed: XLA's wo and w2 GEMMs (N = E, ~10 cuBLAS blocks at 128 rows) as batched
+    # GEMMs over 2 or 4 K slices, the float32 partials summed by the consumer. Slower on an H100
+    # (2026-12-06, kernel_switch_time.json): GPT-XL 256 px batch 64 1.016x and 1.034x, batch 256
+    # 1.047x, window 384 px 0.25 1.034x. cuBLAS adds the residual in its epilogue in place; the
+    # partials need another pass (an add kernel per layer, 2.6 MB of float32 each at 4 slices).
     gemv_max_rows: int = 16  # rows up to which 'auto' runs the weight GEMMs on small_matmul; 0: never
     # Row-heads below which dense keeps XLA attention where the one-kernel step does not fit: at batch
     # 1 the attention kernel's split-combine costs more than it saves (GPT-XL 384 px batch 1 0.857 s
@@ -220,7 +219,7 @@ class KernelConfig:
             raise ConfigError(f"KernelConfig batch_invariant must be True or False, got {self.batch_invariant!r}")
         for name in ("segments", "invariant_group", "block_k", "num_warps", "num_stages", "one_kernel_min_row_heads",
                      "one_kernel_max_slots", "gemv_block_n", "gemv_block_k", "gemv_programs", "gemv_num_warps",
-                     "gemv_num_stages", "add_norm_chunk", "add_norm_num_warps", "gemm_split_k", "gemm_split_max_n"):
+                     "gemv_num_stages", "add_norm_chunk", "add_norm_num_warps"):
             val = getattr(self, name)
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise ConfigError(f"KernelConfig {name} must be an integer >= 1, got {val!r}")
@@ -276,8 +275,7 @@ def kernel_config(cfg: GPTConfig, policy=None, rows: int = 2, dtype=jnp.bfloat16
       keeps XLA's exact GEMMs); XLA elsewhere.
     - kth 'auto': kth_largest on one GPU (on a mesh the sampler stays in XLA, which partitions it).
     - cublas None: on one GPU from gemm_cublas_min_rows rows.
-    - stack_ffn and gemm_split_k are kept on one device only (a mesh splits the weights over its model
-      axis).
+    - stack_ffn is kept on one device only (a mesh splits w1 and w3 over its model axis).
     - segments is kept for a policy whose slot c + t holds token t (dense with XLA attention,
       adsa-select), else 1.
     - batch_invariant: ``rows`` must be one group's rows (``invariant_group`` images, CFG included)
@@ -343,8 +341,7 @@ def kernel_config(cfg: GPTConfig, policy=None, rows: int = 2, dtype=jnp.bfloat16
     full = policy is None or getattr(policy, "full_cache", False)
     segments = kc.segments if full and not (dense and attention != "xla") else 1
     return dataclasses.replace(kc, attention=attention, gemm=gemm, kth=kth, cublas=bool(cublas),
-                               stack_ffn=kc.stack_ffn and mesh is None, segments=segments,
-                               gemm_split_k=kc.gemm_split_k if mesh is None else 1)
+                               stack_ffn=kc.stack_ffn and mesh is None, segments=segments)
 
 
 # The reference: XLA everywhere, nothing left to resolve (a policy's default when none is given).

@@ -30,8 +30,6 @@
 #      period 8's leave_top_in_kernel per head, and head's scoring kernel over 16-slot blocks (score_tile) (~6 min)
 #  12  benchmarks/generate_profile.py for dense at 256 px, batch 1, 64 and 256 (~2 min): GEMMs, attention, sampling
 #      and launch gaps of each call, into $OUT/dense/generate_profile.json
-#  14  benchmarks/kernel_switch_time.py for KernelConfig.gemm_split_k (XLA's wo and w2 GEMMs over K slices) at 2
-#      and 4: dense 256 px batch 64 (and 256 at 4), window 384 px batch 64 at 0.25 (~4 min)
 #   8  benchmarks/command_buffer_time.py: dense 256 px batch 1 and 64, window 384 px batch 64 under
 #      XLA's command-buffer (CUDA graph) settings, and batch 1 with the loop unrolled, one process each (~4 min)
 # Parts 1 to 3 need a LlamaGen checkout at third_party/LlamaGen (ignored by git; the docstring of
@@ -41,8 +39,8 @@
 # perf_torch_eager.json, perf_torch_compile_1.json, perf_torch_compile_2.json (results.json rows),
 # perf_policies_64.json and perf_policies_256.json (parts 4 and 7), perf_cap_40_MODEL_PX.json (part 5),
 # perf_cap_device_MODEL_PX.json (part 6), perf_granularity_256.json (part 9), command_buffer_time.json (part 8),
-# generate_profile.json (part 10), dense/generate_profile.json (part 12) and switch_11/, switch_13/ and
-# switch_14/ kernel_switch_time.json (parts 11, 13, 14) (not results.json rows: read them), and a log per command. Then, in
+# generate_profile.json (part 10), dense/generate_profile.json (part 12) and switch_11/ and switch_13/
+# kernel_switch_time.json (parts 11, 13) (not results.json rows: read them), and a log per command. Then, in
 # the repository:
 #   for f in OUTDIR/perf_*.json; do python benchmarks/make_tables.py --add "$f"; done
 set -u
@@ -52,8 +50,8 @@ OUT=${OUT:-out}
 mkdir -p "$OUT"
 PART=${1:-}
 case "$PART" in
-  1|2|3|4|5|6|7|8|9|10|11|12|13|14) ;;
-  *) echo "usage: bash benchmarks/run_perf_grid.sh PART [MODEL:PX] (PART 1 to 14; see the header)" >&2; exit 2 ;;
+  1|2|3|4|5|6|7|8|9|10|11|12|13) ;;
+  *) echo "usage: bash benchmarks/run_perf_grid.sh PART [MODEL:PX] (PART 1 to 13; see the header)" >&2; exit 2 ;;
 esac
 CONFIG=${2:-GPT-XL:384}
 case "$CONFIG" in
@@ -122,13 +120,10 @@ case "$PART" in
     GPT-XL:384:64:window:0.5 > "$OUT/generate_profile.log" 2>&1
   echo "rc $?"; tail -n 8 "$OUT/generate_profile.log"
   ;;
-11|13|14)
-  echo "== kernel_switch_time: KernelConfig switches on and off"
+11|13)
+  echo "== kernel_switch_time: KernelConfig switches on and off, 384 px batch 64"
   if [ "$PART" = 11 ]; then
     cases="GPT-XL:384:64:adsa-evict:0.5:head:1:first_choice_scan GPT-XL:384:64:adsa-evict:0.5:layer:1:first_choice_scan"
-  elif [ "$PART" = 14 ]; then
-    cases="GPT-XL:256:64:dense:gemm_split_k=2 GPT-XL:256:64:dense:gemm_split_k=4 GPT-XL:256:256:dense:gemm_split_k=4"
-    cases="$cases GPT-XL:384:64:window:0.25:head:1:gemm_split_k=4"
   else
     cases="GPT-XL:384:64:adsa-evict:0.5:layer:1:layer_choice_in_kernel GPT-XL:384:64:adsa-evict:0.5:head:8:leave_top_in_kernel"
     cases="$cases GPT-XL:384:64:adsa-evict:0.5:head:1:score_tile=(16,1)"
