@@ -594,3 +594,28 @@ def test_throughput_at_equal_memory_script(config_files, tmp_path, capsys):
                     assert (c, cap, pol) not in cells
                     cells.add((c, cap, pol))
     assert len(cells) == 3 * 2 * 4
+
+
+def test_kernel_switch_time_reads_its_cases():
+    """benchmarks/kernel_switch_time.py: a case is MODEL:PX:BATCH:POLICY:BUDGET:GRAN:PERIOD:SWITCH or,
+    for dense (no budget), MODEL:PX:BATCH:dense:SWITCH; a switch is a True/False field or FIELD=VALUE;
+    anything else stops the script with its reason before a compile."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_switch_time.py"
+    spec = importlib.util.spec_from_file_location("kernel_switch_time", path)
+    kst = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kst)
+    assert kst.parse("GPT-XL:256:64:dense:stack_ffn") == ("GPT-XL", 256, 64, "dense", None, None, None, "stack_ffn")
+    assert kst.parse("GPT-XL:384:64:adsa-evict:0.5:layer:8:score_tile=(16,1)") == (
+        "GPT-XL", 384, 64, "adsa-evict", 0.5, "layer", 8, "score_tile=(16,1)")
+    assert kst.settings("stack_ffn") == ({"stack_ffn": True}, {"stack_ffn": False})
+    assert kst.settings("score_tile=(16,1)") == ({"score_tile": (16, 1)}, {})
+    for bad in ("GPT-XL:384:64:window:0.5:stack_ffn", "GPT-XL:384:64:window:stack_ffn"):  # only dense omits them
+        with pytest.raises(SystemExit, match="MODEL:PX:BATCH:dense:SWITCH"):
+            kst.parse(bad)
+    for bad, reason in (("block_k", "not a KernelConfig switch"), ("nope=1", "not a KernelConfig field"),
+                        ("score_tile=(16,", "not a Python literal")):
+        with pytest.raises(SystemExit, match=reason):
+            kst.settings(bad)
