@@ -304,7 +304,9 @@ _generate_jit = jax.jit(_generate_impl, static_argnames=_GENERATE_STATIC)
 # The same program with the weight GEMMs on cuBLAS instead of XLA's Triton GEMMs, and XLA's dot
 # merger off (it fuses x @ w1 and x @ w3 into one dot over a concatenation of the two weights,
 # which the Triton GEMM reads in place but cuBLAS needs copied: 18 MB per GPT-XL layer and step).
-# Chosen by KernelConfig.cublas (kernel_config: one GPU from gemm_cublas_min_rows rows).
+# Chosen by KernelConfig.cublas (kernel_config: one GPU from gemm_cublas_min_rows rows). cuBLASLt
+# (XLA's default) or plain cuBLAS pick the same kernels at 128 and 512 rows (H100, 2026-12-06,
+# benchmarks/gemm_time.json): wo 4.9 us (0.67 TB/s) and w2 8.1 us (1.13 TB/s) at 128 rows either way.
 CUBLAS_OPTIONS = {"xla_gpu_enable_triton_gemm": False, "xla_disable_hlo_passes": "dot-merger"}
 _generate_jit_cublas = jax.jit(_generate_impl, static_argnames=_GENERATE_STATIC, compiler_options=CUBLAS_OPTIONS)
 # With KernelConfig.batch_invariant each total batch is another compile of the same group program.

@@ -1,6 +1,8 @@
 """Time GPT-XL's four decode weight GEMMs alone (GPU): `XLA_FLAGS=... python3 benchmarks/gemm_time.py TAG`.
 
 Writes $OUT/gemm_TAG.json, at the rows of batch 1, 64 and 256 with CFG (env GEMM_ROWS=2,128,512).
+benchmarks/gemm_time.json holds two such runs (cuBLASLt, XLA's default, and plain cuBLAS) with the
+dense call's time under each flag set.
 Why: the weight GEMMs are about half of a dense decode step at batch 64 (profiles), so the XLA flags
 that pick their kernels (Triton tiling search, cuBLAS) are compared here, one process per flag set.
 Device time per GEMM comes from a profiler trace (kernel durations only, no launch gaps), over
