@@ -199,11 +199,12 @@ class KernelConfig:
     # rows XLA's Triton GEMMs split K and write float32 partials the next kernel sums; cuBLAS does not
     # (at 2 rows cuBLAS is slower).
     gemm_cublas_min_rows: int | None = 128
-    # Measured and removed: XLA's wo and w2 GEMMs (N = E, ~10 cuBLAS blocks at 128 rows) as batched
-    # GEMMs over 2 or 4 K slices, the float32 partials summed by the consumer. Slower on an H100
-    # (2026-12-06, kernel_switch_time.json): GPT-XL 256 px batch 64 1.016x and 1.034x, batch 256
-    # 1.047x, window 384 px 0.25 1.034x. cuBLAS adds the residual in its epilogue in place; the
-    # partials need another pass (an add kernel per layer, 2.6 MB of float32 each at 4 slices).
+    # Measured and removed: XLA's wo and w2 GEMMs (N = E; at 128 rows cuBLAS reads their weights at
+    # 0.67 and 1.13 TB/s, gemm_time.json) as batched GEMMs over 2 or 4 K slices, the float32 partials
+    # summed by the consumer. Slower on an H100 (2026-12-06, kernel_switch_time.json): GPT-XL 256 px
+    # batch 64 1.016x and 1.034x, batch 256 1.047x, window 384 px 0.25 1.034x. cuBLAS adds the
+    # residual in its epilogue in place; the partials need another pass (an add kernel per layer,
+    # 2.6 MB of float32 each at 4 slices).
     gemv_max_rows: int = 16  # rows up to which 'auto' runs the weight GEMMs on small_matmul; 0: never
     # Row-heads below which dense keeps XLA attention where the one-kernel step does not fit: at batch
     # 1 the attention kernel's split-combine costs more than it saves (GPT-XL 384 px batch 1 0.857 s
