@@ -446,8 +446,8 @@ def device_memory_limit(device=None) -> int | None:
 
 def resolve_memory_caps(caps, device=None) -> list[tuple[float, int]]:
     """``(GiB as reported, bytes)`` for each cap: a number of GiB, or 'device' (all the device's
-    allocator may use, :func:`device_memory_limit`)."""
-    out = []
+    allocator may use, :func:`device_memory_limit`); the same cap twice is refused."""
+    caps, out = list(caps), []
     for c in caps:
         if isinstance(c, str) and c.strip().lower() == "device":
             limit = device_memory_limit(device)
@@ -465,6 +465,12 @@ def resolve_memory_caps(caps, device=None) -> list[tuple[float, int]]:
         out.append((gib, int(gib * GIB)))
     if not out:
         raise ConfigError("no memory cap given (GiB, or 'device')")
+    limits = [b for _, b in out]
+    twice = next((i for i, b in enumerate(limits) if b in limits[:i]), None)
+    if twice is not None:  # the same search run twice ('40,40.0', or 'device' where the device has 40 GiB)
+        first = limits.index(limits[twice])
+        raise ConfigError(f"memory caps {caps[first]!r} and {caps[twice]!r} are the same cap "
+                          f"({out[twice][0]:g} GiB): give each cap once")
     return out
 
 

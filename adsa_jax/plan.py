@@ -268,14 +268,16 @@ def parse_hbm(text: str) -> list[float]:
         if not p:
             continue
         if p in HBM_GIB:
-            out.append(HBM_GIB[p])
-            continue
-        try:
-            v = float(p)
-        except ValueError:
-            raise ConfigError(f"--hbm takes GiB numbers or names ({', '.join(HBM_GIB)}), got {part!r}") from None
-        if not math.isfinite(v) or v <= 0:
-            raise ConfigError(f"--hbm sizes must be positive GiB, got {part!r}")
+            v = HBM_GIB[p]
+        else:
+            try:
+                v = float(p)
+            except ValueError:
+                raise ConfigError(f"--hbm takes GiB numbers or names ({', '.join(HBM_GIB)}), got {part!r}") from None
+            if not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"--hbm sizes must be positive GiB, got {part!r}")
+        if v in out:  # a name and its number, or one size twice: the same row (and search) twice
+            raise ConfigError(f"--hbm lists {v:g} GiB more than once ({part.strip()!r}): give each size once")
         out.append(v)
     if not out:
         raise ConfigError("--hbm needs at least one size")

@@ -545,6 +545,12 @@ def test_cli_bench_memory_cap(c2i_dir, tmp_path, capsys):
     (["--json", "{tmp}"], "cannot write --json {tmp}: it is a directory; give a file name"),
     (["--memory-cap", "1", "--iters", "0"], "iters (--iters)"),
     (["--memory-cap", "1", "--json", "{tmp}/missing/x.json"], "does not exist"),
+    # a sweep's axis given a value twice would repeat its work
+    (["--batch", "2,1,2"], "--batch lists 2 more than once: give each value once"),
+    (["--policies", "dense,window,dense"], "--policies lists 'dense' more than once"),
+    (["--budgets", "0.5,0.50"], "--budgets lists 0.5 more than once"),
+    (["--memory-cap", "1,1"], "--memory-cap lists '1' more than once"),
+    (["--memory-cap", "1,1.0"], "memory caps '1' and '1.0' are the same cap (1 GiB): give each cap once"),
 ])
 def test_cli_bench_bad_counts_and_paths_fail_before_any_work(c2i_dir, tmp_path, capsys, args, msg):
     """Checked before the device is measured or anything compiles (no --no-roofline here: the

@@ -73,6 +73,18 @@ def test_compare_table_and_json(c2i_dir, tmp_path, capsys):
     assert abs(half["kv_vs_dense"] - 33 / 64) < 1e-9 and half["kl_mean"] > 0
 
 
+def test_sweep_axes_refuse_a_value_twice(capsys, tmp_path):
+    """compare's and eval-demo's policies, budgets and seeds: a value given twice is refused in one
+    line before any checkpoint is read (a seed twice would be counted twice in eval-demo's means)."""
+    missing = str(tmp_path / "no_checkpoint")
+    for args, msg in ((["compare", "--gpt", missing, "--policies", "window,dense,window"], "--policies lists 'window'"),
+                      (["compare", "--gpt", missing, "--budgets", "0.5,0.25,0.5"], "--budgets lists 0.5"),
+                      (["eval-demo", "--seeds", "0,1,0"], "--seeds lists 0 more than once: give each value once")):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1, err
+
+
 def test_python_m_convert_entry_point(fixtures_dir, config_files, tmp_path):
     import subprocess
     import sys

@@ -110,6 +110,8 @@ def test_cli_errors_name_the_flag(tmp_path, capsys):
     cfg_file.write_text(json.dumps(TINY))
     for argv, msg in ((["--mesh", "4by2", "--batch", "1"], "--mesh must be DATAxMODEL"),
                       (["--mesh", "1x1", "--hbm", "v9", "--batch", "1"], "--hbm takes GiB numbers or names"),
+                      (["--mesh", "1x1", "--hbm", "v5e,32,16", "--batch", "1"],
+                       "--hbm lists 16 GiB more than once ('16'): give each size once"),
                       (["--mesh", "1x1"], "give --batch N"),
                       (["--mesh", "1x3", "--batch", "1"], "a model axis of 3 must divide the 4 heads")):
         assert main(["plan", "--model", str(cfg_file), *argv]) == 2

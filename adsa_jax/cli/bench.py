@@ -52,31 +52,26 @@ def add_parser(sub):
 def run(a):
     from ..bench import format_rows, format_shares, run as sweep, selection_shares
 
-    sizes = split_list(a.image_size, "--image-size", int) if a.image_size else None
+    def axis(text, flag, cast=str):  # a sweep's axis: each value once
+        return split_list(text, flag, cast, unique=True)
+
+    sizes = axis(a.image_size, "--image-size", int) if a.image_size else None
     if a.peak_hints is not None and a.memory_cap is None:
         raise ConfigError("--peak-hints goes with --memory-cap (it starts the batch searches); add --memory-cap GIB")
+    common = dict(models=axis(a.model, "--model") if a.model else None, image_sizes=sizes, checkpoint=a.checkpoint,
+                  model_type=a.model_type, policies=axis(a.policies, "--policies"),
+                  budgets=axis(a.budgets, "--budgets", float), dtype=a.dtype, iters=a.iters,
+                  sampling=sampling_from_args(a), json_path=a.json, measure=not a.no_roofline, log=log,
+                  options=kernels_from_args(a), compile_workers=a.compile_workers,
+                  granularities=axis(a.granularity, "--granularity"), periods=axis(a.period, "--period", int))
     if a.memory_cap is not None:
         from ..bench import format_cap_rows, run_memory_cap
 
-        _, rows = run_memory_cap(models=split_list(a.model, "--model") if a.model else None, image_sizes=sizes,
-                                 checkpoint=a.checkpoint, model_type=a.model_type,
-                                 policies=split_list(a.policies, "--policies"),
-                                 budgets=split_list(a.budgets, "--budgets", float),
-                                 caps=split_list(a.memory_cap, "--memory-cap"), dtype=a.dtype, iters=a.iters,
-                                 sampling=sampling_from_args(a), json_path=a.json, measure=not a.no_roofline, log=log,
-                                 options=kernels_from_args(a), compile_workers=a.compile_workers,
-                                 max_batch=a.max_batch, align=a.batch_step,
-                                 granularities=split_list(a.granularity, "--granularity"),
-                                 periods=split_list(a.period, "--period", int), peak_hints=a.peak_hints)
+        _, rows = run_memory_cap(caps=axis(a.memory_cap, "--memory-cap"), max_batch=a.max_batch, align=a.batch_step,
+                                 peak_hints=a.peak_hints, **common)
         print(format_cap_rows(rows))
         return rows
-    _, rows = sweep(models=split_list(a.model, "--model") if a.model else None, image_sizes=sizes,
-                    checkpoint=a.checkpoint, model_type=a.model_type, batches=split_list(a.batch, "--batch", int),
-                    policies=split_list(a.policies, "--policies"), budgets=split_list(a.budgets, "--budgets", float),
-                    dtype=a.dtype, iters=a.iters, sampling=sampling_from_args(a), json_path=a.json,
-                    measure=not a.no_roofline, log=log, options=kernels_from_args(a),
-                    compile_workers=a.compile_workers, granularities=split_list(a.granularity, "--granularity"),
-                    periods=split_list(a.period, "--period", int))
+    _, rows = sweep(batches=axis(a.batch, "--batch", int), **common)
     print(format_rows(rows))
     shares = selection_shares(rows)
     if shares:

@@ -143,14 +143,19 @@ def add_dtype_arg(p, default="bfloat16"):
 # ----------------------------------------------------------------------------- inputs and outputs
 
 
-def split_list(text: str, flag: str, cast=str) -> list:
-    """Comma-separated values of a flag (blank items skipped), or a ConfigError naming it."""
+def split_list(text: str, flag: str, cast=str, unique: bool = False) -> list:
+    """Comma-separated values of a flag (blank items skipped), or a ConfigError naming it. unique: a
+    value given twice is refused (a sweep's axis, where it would repeat the work or count a seed twice)."""
     try:
         out = [cast(x.strip()) for x in str(text).split(",") if x.strip()]
     except ValueError:
         raise ConfigError(f"{flag} must be comma-separated {cast.__name__} values, got {text!r}") from None
     if not out:
         raise ConfigError(f"{flag} is empty")
+    if unique:
+        twice = [v for i, v in enumerate(out) if v in out[:i]]
+        if twice:
+            raise ConfigError(f"{flag} lists {twice[0]!r} more than once: give each value once")
     return out
 
 

@@ -44,6 +44,8 @@ def run(a):
 
     check_seed(a.seed)
     check_output_file(a.json, flag="--json")  # before the generation, not after it
+    policies = split_list(a.policies, "--policies", unique=True)  # before the checkpoint is read
+    budgets = split_list(a.budgets, "--budgets", float, unique=True)
     sampling = sampling_from_args(a)
     model = load(a.gpt, dtype=a.dtype)
     cfg = model.config
@@ -53,8 +55,7 @@ def run(a):
     else:
         labels = parse_classes(a.classes or default_classes(cfg.num_classes), cfg.num_classes)
         tokens = None
-    rows = compare_policies(model, labels, tokens=tokens, policies=split_list(a.policies, "--policies"),
-                            budgets=split_list(a.budgets, "--budgets", float), key=jax.random.key(a.seed),
+    rows = compare_policies(model, labels, tokens=tokens, policies=policies, budgets=budgets, key=jax.random.key(a.seed),
                             prefix=a.prefix, local=a.local, granularity=a.granularity, sampling=sampling, log=log)
     print(format_table(rows))
     if a.json:

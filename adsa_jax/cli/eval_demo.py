@@ -72,9 +72,9 @@ def run(a):
         if a.no_classify and not a.samples:
             raise ConfigError("--no-classify needs --samples FILE.npz, to classify the samples later with --rescore")
         sampling = sampling_from_args(a, SamplingConfig(**DEMO_SAMPLING))
-        policies = split_list(a.policies, "--policies")
-        budgets = split_list(a.budgets, "--budgets", float)
-        seeds = split_list(a.seeds, "--seeds", int)
+        policies = split_list(a.policies, "--policies", unique=True)
+        budgets = split_list(a.budgets, "--budgets", float, unique=True)
+        seeds = split_list(a.seeds, "--seeds", int, unique=True)
         data = load_data(a.data)  # before the model: a missing scikit-learn / data file fails fast
         model = load_demo_model(a.gpt)
         samples = {} if a.samples else None
