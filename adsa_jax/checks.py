@@ -36,7 +36,7 @@ def _label(name: str) -> str:
     return f"{name} ({flag})" if flag else name
 
 
-def _real(value, name: str) -> float:
+def check_real(value, name: str) -> float:
     """value as a finite float, or a ConfigError naming it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         try:  # NumPy / JAX scalars and 0-d arrays
@@ -69,21 +69,21 @@ def _integer(value, name: str, expect: str = "an integer") -> int:
 
 def check_sampling_args(temperature, top_k, top_p, cfg_scale=1.0, cfg_interval=-1):
     """The sampling scalars (traced inside jit, so they are checked here, on the host)."""
-    t = _real(temperature, "temperature")
+    t = check_real(temperature, "temperature")
     if t < 0:
         raise ConfigError(f"{_label('temperature')} must be >= 0 (0 samples greedily), got {temperature!r}")
     expect = f"an integer in [0, {INT32_LIMIT - 1}] (0 turns it off)"
     k = _integer(top_k, "top_k", expect)
     if not 0 <= k < INT32_LIMIT:
         raise ConfigError(f"{_label('top_k')} must be {expect}, got {top_k!r}")
-    p = _real(top_p, "top_p")
+    p = check_real(top_p, "top_p")
     if not 0.0 < p <= 1.0:
         raise ConfigError(f"{_label('top_p')} must be in (0, 1] (1 turns it off), got {top_p!r}")
-    s = _real(cfg_scale, "cfg_scale")
+    s = check_real(cfg_scale, "cfg_scale")
     if s < 0:
         raise ConfigError(f"{_label('cfg_scale')} must be a finite number >= 0 (<= 1 turns guidance off), "
                           f"got {cfg_scale!r}")
-    i = _real(cfg_interval, "cfg_interval")
+    i = check_real(cfg_interval, "cfg_interval")
     if i < 0 and i != -1:
         raise ConfigError(f"{_label('cfg_interval')} must be -1 (guide every token) or >= 0, got {cfg_interval!r}")
 
@@ -123,7 +123,7 @@ def check_class_ids(ids, num_classes: int):
 def check_policy_sizes(budget=None, prefix=None, keep=None, local=None):
     """The cache sizes' own ranges (the policy checks the sums against the model's sequence)."""
     if budget is not None:
-        b = _real(budget, "budget")
+        b = check_real(budget, "budget")
         if not 0 < b <= 1:
             raise ConfigError(f"{_label('budget')} must be a fraction in (0, 1] of the image tokens, got {budget!r}")
     for name, v in (("prefix", prefix), ("keep", keep), ("local", local)):

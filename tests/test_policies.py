@@ -80,6 +80,21 @@ def test_every_policy_at_the_lab_budgets(budget, total):
     assert ev.period == 8 and ev.slots == 1 + total + 7  # the ring grows by s - 1 slots
 
 
+def test_budget_and_sizes_of_the_wrong_type_are_refused():
+    """make_policy checks types before any arithmetic (a string budget ended in a bare TypeError, and
+    True was taken as budget 1); a whole float size is its integer."""
+    for bad in (True, "0.5", b"0.5"):
+        with pytest.raises(ValueError, match="budget must be a number, a fraction in \\(0, 1\\]"):
+            make_policy(CFG16, "adsa-evict", budget=bad)
+    with pytest.raises(ValueError, match=r"keep \(--keep\) must be an integer in \[0, "):
+        make_policy(CFG16, "adsa-evict", prefix=16, keep="3", local=32)
+    with pytest.raises(ValueError, match=r"prefix \(--prefix\) must be an integer in \[0, "):
+        make_policy(CFG16, "adsa-evict", prefix=2.5, keep=3, local=32)
+    p = make_policy(CFG16, "adsa-evict", prefix=16.0, keep=np.int64(3), local=32)
+    assert (p.prefix, p.keep, p.local) == (16, 3, 32) and type(p.prefix) is int and type(p.keep) is int
+    assert make_policy(CFG16, "adsa-evict", budget=np.float32(0.5)) == make_policy(CFG16, "adsa-evict", budget=0.5)
+
+
 def test_period_and_the_new_policies_refuse_bad_options():
     with pytest.raises(ValueError, match="period must be an integer >= 1"):
         make_policy(CFG16, "adsa-evict", budget=0.5, period=0)
