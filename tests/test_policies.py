@@ -32,9 +32,9 @@ def test_default_sizes_from_budget():
 @pytest.mark.parametrize("kw,msg", [
     (dict(budget=0.1), "fewer than the default prefix"),
     (dict(budget=0.5, local=200), "exceed the budget"),
-    (dict(prefix=-1, keep=3, local=20), "prefix must be >= 0"),
-    (dict(prefix=2, keep=-3, local=20), "keep must be >= 0"),
-    (dict(prefix=2, keep=3, local=0), "local must be >= 1"),
+    (dict(prefix=-1, keep=3, local=20), r"prefix \(--prefix\) must be an integer in \[0, 2147483647\], got -1"),
+    (dict(prefix=2, keep=-3, local=20), r"keep \(--keep\) must be an integer in \[0, "),
+    (dict(prefix=2, keep=3, local=0), r"local \(--local\) must be an integer in \[1, "),
     (dict(prefix=100, keep=100, local=100), "exceeds the 256 image tokens"),
     (dict(budget=1.5), "fraction in"),
     (dict(budget=0.0), "fraction in"),
