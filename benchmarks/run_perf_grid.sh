@@ -20,7 +20,8 @@
 #      benchmarks/cap_peaks_h200.json (benchmarks/cap_peaks.py compiles them without a GPU), so the GPU
 #      compiles about one batch a policy (on an H100: GPT-XL:512 ~6 min, GPT-XXL:384 ~4.5); without that
 #      file a search compiles a policy 4 times or more
-#   6  the same under the whole device's memory (--memory-cap device, XLA_PYTHON_CLIENT_MEM_FRACTION=0.95)
+#   6  the same under the whole device's memory (--memory-cap device, XLA_PYTHON_CLIENT_MEM_FRACTION=0.95; on an
+#      H100: GPT-XL:384 ~7 min, GPT-XXL:384 ~7.5; GPT-XL:512 may not end within 10 minutes: its JSON keeps each row)
 #   9  adsa-evict head against layer at period 1, budget 0.5, GPT-XL 384 px batch 256 (~3 min): layer's
 #      time relative to head's at the large batch
 #  10  benchmarks/generate_profile.py: where a call's GPU time goes for adsa-evict (head and layer, period 1
