@@ -465,12 +465,11 @@ def resolve_memory_caps(caps, device=None) -> list[tuple[float, int]]:
         out.append((gib, int(gib * GIB)))
     if not out:
         raise ConfigError("no memory cap given (GiB, or 'device')")
-    limits = [b for _, b in out]
-    twice = next((i for i, b in enumerate(limits) if b in limits[:i]), None)
-    if twice is not None:  # the same search run twice ('40,40.0', or 'device' where the device has 40 GiB)
-        first = limits.index(limits[twice])
-        raise ConfigError(f"memory caps {caps[first]!r} and {caps[twice]!r} are the same cap "
-                          f"({out[twice][0]:g} GiB): give each cap once")
+    seen = {}
+    for c, (gib, limit) in zip(caps, out):  # the same search twice: '40,40.0', or 'device' of 40 GiB
+        if limit in seen:
+            raise ConfigError(f"memory caps {seen[limit]!r} and {c!r} are the same cap ({gib:g} GiB): give each cap once")
+        seen[limit] = c
     return out
 
 

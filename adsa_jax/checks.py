@@ -120,15 +120,21 @@ def check_class_ids(ids, num_classes: int):
     return a.astype(np.int32)
 
 
-def check_policy_sizes(budget=None, prefix=None, keep=None, local=None):
-    """The cache sizes' own ranges (the policy checks the sums against the model's sequence)."""
+def check_policy_sizes(budget=None, prefix=None, keep=None, local=None, tokens: int | None = None):
+    """The cache sizes' own types and ranges, as (budget float, prefix, keep, local ints), None kept
+    (the policy checks the sums against the model's sequence; ``tokens``, its length, for the message).
+    A budget of True or '0.5' is refused: no fraction, or a typo for one."""
+    of = f"of the {tokens} image tokens" if tokens is not None else "of the image tokens"
     if budget is not None:
+        if isinstance(budget, (bool, str, bytes)):
+            raise ConfigError(f"{_label('budget')} must be a number, a fraction in (0, 1] {of}, got {budget!r}")
         b = check_real(budget, "budget")
         if not 0 < b <= 1:
-            raise ConfigError(f"{_label('budget')} must be a fraction in (0, 1] of the image tokens, got {budget!r}")
-    for name, v in (("prefix", prefix), ("keep", keep), ("local", local)):
-        if v is not None:
-            check_count(v, name, minimum=1 if name == "local" else 0)
+            raise ConfigError(f"{_label('budget')} must be a fraction in (0, 1] {of}, got {budget!r}")
+        budget = b
+    prefix, keep, local = (v if v is None else check_count(v, name, minimum=1 if name == "local" else 0)
+                           for name, v in (("prefix", prefix), ("keep", keep), ("local", local)))
+    return budget, prefix, keep, local
 
 
 def check_output_file(path, *, create_dirs: bool = False, flag: str | None = None) -> None:

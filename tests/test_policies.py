@@ -84,7 +84,8 @@ def test_budget_and_sizes_of_the_wrong_type_are_refused():
     """make_policy checks types before any arithmetic (a string budget ended in a bare TypeError, and
     True was taken as budget 1); a whole float size is its integer."""
     for bad in (True, "0.5", b"0.5"):
-        with pytest.raises(ValueError, match="budget must be a number, a fraction in \\(0, 1\\]"):
+        with pytest.raises(ValueError,
+                           match=r"budget \(--budget\) must be a number, a fraction in \(0, 1\] of the 256 image tokens"):
             make_policy(CFG16, "adsa-evict", budget=bad)
     with pytest.raises(ValueError, match=r"keep \(--keep\) must be an integer in \[0, "):
         make_policy(CFG16, "adsa-evict", prefix=16, keep="3", local=32)

@@ -46,7 +46,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from ..checks import check_count, check_real
+from ..checks import check_policy_sizes
 from ..config import ConfigError, GPTConfig
 from .dense import Dense
 from .evict import Evict
@@ -120,15 +120,8 @@ def make_policy(cfg: GPTConfig, name: str = "dense", *, budget: float | None = N
         if any(x is not None for x in (budget, prefix, keep, local)):
             raise ConfigError("the dense policy keeps every token: it takes no budget or sizes")
         return Dense(c, N)
-    # integers in range (a float like 16.0 becomes 16); their sums are checked below
-    prefix, keep, local = (v if v is None else check_count(v, nm, minimum=1 if nm == "local" else 0)
-                           for nm, v in (("prefix", prefix), ("keep", keep), ("local", local)))
-    if budget is not None:
-        if isinstance(budget, (bool, str, bytes)):  # True is no fraction; '0.5' is a typo for 0.5
-            raise ConfigError(f"budget must be a number, a fraction in (0, 1] of the {N} image tokens, got {budget!r}")
-        budget = check_real(budget, "budget")
-        if not 0 < budget <= 1:
-            raise ConfigError(f"budget must be a fraction in (0, 1] of the {N} image tokens, got {budget}")
+    # types and ranges (a float size like 16.0 becomes 16); their sums are checked below
+    budget, prefix, keep, local = check_policy_sizes(budget, prefix, keep, local, tokens=N)
     if name == "adsa-evict-all":
         P, K, M = _evict_all_sizes(N, budget, prefix, keep, local)
     elif name == "line":
