@@ -6,6 +6,9 @@
 - ``--add BENCH.json [--date YYYY-MM-DD] [--device NAME]``: turn the rows of ``adsa-jax bench --json``
   into results rows (a row of the same configuration is replaced), then rewrite BENCHMARKS.md; a JSON
   list (``benchmarks/llamagen_torch.py --out``) holds results rows already and is added as it is.
+  A replaced row that rows of its device and day are compared with (PyTorch's beside dense, a
+  ``--batch-invariant`` row beside the option off) stays, marked ``"anchor": true``, for those comparisons
+  only, until they are measured again.
 
 Every number in BENCHMARKS.md comes from results.json through this file. A ratio of two measurements
 is shown only when both were taken on the same device on the same day; otherwise the cell says so.
@@ -35,7 +38,10 @@ REQUIRED = {
 OPTIONAL = {"s_per_call": (float, False), "floor_s": (float, False), "floor_kernel_s": (float, False),
             "jax": (str, False), "torch": (str, False),
             "type": (str, False), "period": (int, False),  # period: only where s > 1
-            "invariant_group": (int, False)}  # only for --batch-invariant rows (their own configuration)
+            "invariant_group": (int, False),  # only for --batch-invariant rows (their own configuration)
+            # a row a newer one replaced, kept because rows of its device and day are compared with it
+            # (PyTorch's beside dense, --batch-invariant beside the option off): see merge
+            "anchor": (bool, False)}
 IDENTITY = ("device", "framework", "type", "model", "image_size", "batch", "policy", "budget", "granularity",
             "memory_cap_gib", "period", "invariant_group")
 
@@ -62,7 +68,8 @@ def check_row(i: int, row: dict) -> None:
                          f"(schema: {', '.join(REQUIRED)}; optional: {', '.join(OPTIONAL)})")
     for k, v in row.items():
         types, nullable = REQUIRED.get(k) or OPTIONAL[k]
-        ok = (v is None and nullable) or (isinstance(v, (int, float)) and not isinstance(v, bool)
+        ok = (v is None and nullable) or (isinstance(v, bool) if types is bool else
+                                          isinstance(v, (int, float)) and not isinstance(v, bool)
                                           if types is float else isinstance(v, types) and not isinstance(v, bool))
         if not ok:
             raise TableError(f"results row {i}: {k}={v!r} is not a{'' if not nullable else ' null or'} "
@@ -83,7 +90,21 @@ def check_row(i: int, row: dict) -> None:
 def identity(row: dict) -> tuple:
     # A memory-cap row is one search's answer: a new search replaces it whatever batch it found.
     capped_row = row.get("memory_cap_gib") is not None
-    return tuple(None if capped_row and k == "batch" else row.get(k, "c2i" if k == "type" else None) for k in IDENTITY)
+    key = tuple(None if capped_row and k == "batch" else row.get(k, "c2i" if k == "type" else None) for k in IDENTITY)
+    return key + (("anchor", row["date"]) if row.get("anchor") else ())
+
+
+def needed_beside(row: dict, rows) -> bool:
+    """Whether a row of ``rows`` other than ``row`` is compared with it on its device and day: a PyTorch
+    row of its configuration (``row`` dense), or its ``--batch-invariant`` variant (``row`` without)."""
+    if row["framework"] != "adsa_jax" or row.get("invariant_group") or row.get("memory_cap_gib") is not None:
+        return False
+    near = [r for r in rows if r is not row and not r.get("anchor") and (r["device"], r["date"], r["model"],
+            r["image_size"], r["batch"]) == (row["device"], row["date"], row["model"], row["image_size"], row["batch"])]
+    return any((r["framework"] != "adsa_jax" and row["policy"] == "dense")
+               or (r.get("invariant_group") and all(r.get(k) == row.get(k) for k in
+                                                    ("type", "policy", "budget", "granularity", "period")))
+               for r in near)
 
 
 def check_rows(rows) -> list[dict]:
@@ -154,26 +175,50 @@ def rows_from_bench(bench: dict, date: str | None = None, device: str | None = N
 def merge(rows: list[dict], new: list[dict]) -> list[dict]:
     """``rows`` with every configuration in ``new`` replaced by (or added as) its new row, in a stable order."""
     fresh = {identity(r): r for r in new}
-    kept = [r for r in rows if identity(r) not in fresh]
+    kept = []
+    for r in rows:
+        n = fresh.get(identity(r))
+        if n is None:
+            kept.append(r)
+        elif n["date"] != r["date"] and needed_beside(r, rows + new):  # a same-day comparison still needs it
+            kept.append(dict(r, anchor=True))
+    # an anchor goes once nothing of its day is compared with it any more, or its configuration's row is of its day
+    current = [r for r in kept if not r.get("anchor")] + list(fresh.values())
+    kept = [r for r in kept if not r.get("anchor") or (needed_beside(r, current) and not same_day(
+        r, find(current, device=r["device"], framework="adsa_jax", model=r["model"], image_size=r["image_size"],
+                batch=r["batch"], policy=r["policy"], budget=r["budget"], granularity=r["granularity"],
+                period=r.get("period"), type=r.get("type", "c2i"))))]
     order = {f: i for i, f in enumerate(FRAMEWORKS)}
     pol = {p: i for i, p in enumerate(("dense", "adsa-evict", "window"))}
     return check_rows(sorted(kept + list(fresh.values()), key=lambda r: (
         order[r["framework"]], r["device"], r.get("type", "c2i"), r["model"], r["image_size"], r["batch"],
         pol.get(r["policy"], 9), r["policy"], -(r["budget"] or 1), r["granularity"] or "",
-        r["memory_cap_gib"] or 0)))
+        r["memory_cap_gib"] or 0, r.get("anchor", False), r["date"])))
 
 
 # ----------------------------------------------------------------------------- lookups and formats
 
 
 def find(rows, *, device=H200, framework="adsa_jax", model="GPT-XL", image_size=256, batch=64, policy="dense",
-         budget=None, granularity=None, memory_cap_gib=None, period=None, invariant_group=None):
+         budget=None, granularity=None, memory_cap_gib=None, period=None, invariant_group=None, type="c2i",
+         anchor_date=None):
+    """The row of one configuration: the current one, or with ``anchor_date`` the anchor of that day."""
     if granularity is None and policy.startswith("adsa"):
         granularity = "head"
     key = identity(dict(device=device, framework=framework, model=model, image_size=image_size, batch=batch,
                         policy=policy, budget=budget, granularity=granularity, memory_cap_gib=memory_cap_gib,
-                        period=period, invariant_group=invariant_group))
+                        period=period, invariant_group=invariant_group, type=type, date=anchor_date,
+                        anchor=anchor_date is not None))
     return next((r for r in rows if identity(r) == key), None)
+
+
+def beside(rows, ref, **config):
+    """The adsa_jax row of ``config`` to compare with ``ref``: the current one if measured on ref's device
+    and day, else the anchor kept from that day (:func:`merge`), else the current one."""
+    row = find(rows, device=ref["device"], **config)
+    if same_day(row, ref):
+        return row
+    return find(rows, device=ref["device"], anchor_date=ref["date"], **config) or row
 
 
 def same_day(*rows) -> bool:
@@ -218,7 +263,7 @@ def pol_name(policy, budget) -> str:
 
 
 def t_versions(rows) -> list[str]:
-    ours = [r for r in rows if r["framework"] == "adsa_jax" and r["device"] == H200]
+    ours = [r for r in rows if r["framework"] == "adsa_jax" and r["device"] == H200 and not r.get("anchor")]
     jax = sorted({r.get("jax", "?") for r in ours})
     dates = sorted({r["date"] for r in ours})
     span = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
@@ -333,8 +378,9 @@ def t_torch(rows) -> list[str]:
                      key=lambda c: (c[0], order.index(c[1]) if c[1] in order else 9, c[1], c[2], c[3]))
     lines = []
     for dev, m, px, b in configs:
-        e, c, j = (find(rows, device=dev, framework=f, model=m, image_size=px, batch=b)
-                   for f in ("torch-eager", "torch-compile", "adsa_jax"))
+        e, c = (find(rows, device=dev, framework=f, model=m, image_size=px, batch=b)
+                for f in ("torch-eager", "torch-compile"))
+        j = beside(rows, c or e, model=m, image_size=px, batch=b)
         if not (same_day(j, e) or same_day(j, c)):
             continue
         when = "; ".join(sorted({f"{r['device'].removeprefix('NVIDIA ')}, {r['date']}" for r in (e, c) if r}))
@@ -452,7 +498,7 @@ def t_targets(rows) -> list[str]:
     ratios = []
     for px, b in ((256, 1), (256, 64), (256, 256), (384, 64)):
         t = find(rows, framework="torch-compile", image_size=px, batch=b)  # on the H200, as the tables
-        j = xl(image_size=px, batch=b)
+        j = beside(rows, t, model="GPT-XL", image_size=px, batch=b) if t else None
         if t is not None and j is not None:
             ratios.append((f"{px} px batch {b}", rel(j, t)))
     text, met = rel_text(ratios, 0.0) if ratios else ("", None)  # a ratio to report, no threshold
@@ -463,7 +509,8 @@ def t_targets(rows) -> list[str]:
         inv = xl(image_size=384, batch=64, policy=pol, budget=bu, invariant_group=32)
         if inv is not None:
             slow.append((f"{pol_name(pol, bu)} {inv['s_per_call']:.3f} s",
-                         rel(inv, xl(image_size=384, batch=64, policy=pol, budget=bu), "s_per_call")))
+                         rel(inv, beside(rows, inv, model="GPT-XL", image_size=384, batch=64, policy=pol, budget=bu),
+                             "s_per_call")))
     text = "; ".join(f"{lab}, {x_(v)} the time" if isinstance(v, float) else f"{lab} (without it: another day)"
                      for lab, v in slow if v is not None)
     add("27", "--batch-invariant (groups of 32) against the option off, seconds per call (384 px, batch 64)",

@@ -127,6 +127,38 @@ def test_torch_rows_without_adsa_jax_that_day_are_left_out():
     assert [x for x in mt.t_torch([tc, dict(other, date=tc["date"])]) if x.startswith("| GPT-XL | 256 | 64 |")]
 
 
+def test_a_replaced_row_stays_as_an_anchor_while_a_same_day_comparison_needs_it():
+    day1 = _row(image_size=256, batch=64, img_per_s=120.0, s_per_image=1 / 120)
+    tc = _row(framework="torch-compile", image_size=256, batch=64, img_per_s=60.0, s_per_image=1 / 60)
+    window = _row(image_size=256, batch=64, policy="window", budget=0.5)  # nothing compares with it
+    day2 = dict(day1, date="2026-12-05", img_per_s=150.0, s_per_image=1 / 150)
+    merged = mt.merge([day1, tc, window], [day2, dict(window, date="2026-12-05")])
+    anchors = [r for r in merged if r.get("anchor")]
+    assert anchors == [dict(day1, anchor=True)] and mt.check_rows(merged)  # the window's old row went
+    # the throughput tables show the new row; PyTorch's table and target still pair with the row of its day
+    assert mt.find(merged, image_size=256, batch=64) is not None
+    assert mt.find(merged, image_size=256, batch=64)["img_per_s"] == 150.0
+    assert next(x for x in mt.t_throughput(merged, ("GPT-XL",)) if x.startswith("| GPT-XL | 256 | 64 |")).split(
+        " | ")[3] == "150.0"
+    assert next(x for x in mt.t_torch(merged) if x.startswith("| GPT-XL | 256 | 64 |")).endswith("| 120.0 |  | 2.00x |")
+    assert "2.00x at 256 px batch 64 | reported" in "\n".join(mt.t_targets(merged))
+    assert "(1 configurations)" in mt.t_versions([r for r in merged if r["framework"] == "adsa_jax"
+                                                  and r["policy"] == "dense"])[0]
+    # PyTorch measured again on the new row's day: the anchor has done its work and goes
+    again = mt.merge(merged, [dict(tc, date="2026-12-05", img_per_s=75.0, s_per_image=1 / 75)])
+    assert not [r for r in again if r.get("anchor")]
+    assert next(x for x in mt.t_torch(again) if x.startswith("| GPT-XL | 256 | 64 |")).endswith("| 150.0 |  | 2.00x |")
+    # a --batch-invariant row keeps the plain row of its day the same way
+    inv = _row(batch=64, invariant_group=32, img_per_s=20.0, s_per_image=1 / 20)
+    plain = _row(batch=64, img_per_s=40.0, s_per_image=1 / 40, s_per_call=1.6)
+    inv["s_per_call"] = 3.2
+    kept = mt.merge([plain, inv], [dict(plain, date="2026-12-05")])
+    assert [r["date"] for r in kept if r.get("anchor")] == ["2026-12-02"]
+    assert "dense 3.200 s, 2.00x the time" in "\n".join(mt.t_targets(kept))
+    with pytest.raises(mt.TableError, match="anchor='yes'"):
+        mt.check_rows([dict(plain, anchor="yes")])
+
+
 def test_equal_memory_target_pairs_the_rows_of_one_cap():
     dense = _row(batch=100, memory_cap_gib=40.0, img_per_s=10.0, s_per_image=0.1)
     evict = _row(batch=200, memory_cap_gib=40.0, policy="adsa-evict", budget=0.5, granularity="head",
