@@ -604,8 +604,10 @@ def cap_search(model: Model, items, caps, *, start=8, align=1, max_batch=4096, w
     together, each round's candidates compiled ``workers`` at a time (:func:`compiled_in_order`);
     nothing runs until every search is over. The chosen batches then run in order of their
     compiled peak; one that runs out of memory on the device counts as not fitting and its search
-    goes on. Yields ``(item index, cap, row)``; the row has ``memory_cap_gib``, ``cap_bytes``,
-    ``search`` (:meth:`BatchSearch.summary`) and, where the device reports it, ``peak_bytes_run``:
+    goes on. Yields ``(item index, cap, row)``, each as soon as its batch is timed (so a caller that
+    saves rows as they come keeps what a run cut short measured), the errors last; the row has
+    ``memory_cap_gib``, ``cap_bytes``, ``search`` (:meth:`BatchSearch.summary`) and, where the
+    device reports it, ``peak_bytes_run``:
     the device's peak bytes in use during the timed calls (None when an earlier call had set a
     higher peak, which the runtime cannot reset). An item whose compile fails, or for which no batch
     fits, yields a row with ``error``. compile: a stand-in for :func:`compile_one` (tests).
@@ -622,6 +624,23 @@ def cap_search(model: Model, items, caps, *, start=8, align=1, max_batch=4096, w
     searches = {(i, cap): BatchSearch(cap[1], start=start, align=align, max_batch=max_batch)
                 for i in range(len(items)) for cap in caps}
     timed = {}  # (item index, batch) -> row
+    done = set()  # (item index, cap) already yielded
+
+    def answer(i, cap):
+        lo, _ = searches[i, cap].bracket(known[i])
+        base = {"memory_cap_gib": cap[0], "cap_bytes": cap[1],
+                "search": {**searches[i, cap].summary(known[i]), "hinted": sorted(hinted[i])}}
+        if i in failed:
+            row = {"error": failed[i], "policy": items[i]["policy"].name, "batch": None}
+        elif lo == 0:
+            smallest = min(known[i], default=None)
+            need = f"batch {smallest} needs {known[i][smallest] / GIB:.2f} GiB compiled" if smallest else "nothing fits"
+            row = {"error": f"no batch fits {cap[0]:g} GiB: {need}", "policy": items[i]["policy"].name, "batch": None}
+        else:
+            row = dict(timed[i, lo])
+        row.update(base)
+        return i, cap, row
+
     while True:
         want = [(i, b) for (i, cap), s in searches.items() if i not in failed for b in s.candidates(known[i])]
         # a search reopened by an out-of-memory run can end on a batch whose executable went: again
@@ -660,6 +679,7 @@ def cap_search(model: Model, items, caps, *, start=8, align=1, max_batch=4096, w
         for i, b in chosen:
             if b == 0 or (i, b) in timed:
                 continue
+            log(f"  {items[i]['policy'].name} batch {b}: timing {warmup} warm-up and {iters} timed call(s) ...")
             before = _peak_in_use(dev)
             try:
                 r = time_one(model, keep[i][b], iters=iters, warmup=warmup, device=device)
@@ -675,22 +695,16 @@ def cap_search(model: Model, items, caps, *, start=8, align=1, max_batch=4096, w
             after = _peak_in_use(dev)
             r["peak_bytes_run"] = after if after is not None and before is not None and after > before else None
             timed[i, b] = r
+            # each cap's answer goes out as soon as its batch is timed, so a run cut short keeps it: a later
+            # out-of-memory run only ever reopens searches whose batch has not run
+            for key in [k for k in searches if k[0] == i and k not in done and searches[k].bracket(known[i])[0] == b]:
+                done.add(key)
+                yield answer(*key)
         if not oom:
             break
-    for (i, cap), s in searches.items():
-        lo, _ = s.bracket(known[i])
-        base = {"memory_cap_gib": cap[0], "cap_bytes": cap[1],
-                "search": {**s.summary(known[i]), "hinted": sorted(hinted[i])}}
-        if i in failed:
-            row = {"error": failed[i], "policy": items[i]["policy"].name, "batch": None}
-        elif lo == 0:
-            smallest = min(known[i], default=None)
-            need = f"batch {smallest} needs {known[i][smallest] / GIB:.2f} GiB compiled" if smallest else "nothing fits"
-            row = {"error": f"no batch fits {cap[0]:g} GiB: {need}", "policy": items[i]["policy"].name, "batch": None}
-        else:
-            row = dict(timed[i, lo])
-        row.update(base)
-        yield i, cap, row
+    for key in searches:
+        if key not in done:
+            yield answer(*key)
 
 
 def format_cap_rows(rows) -> str:

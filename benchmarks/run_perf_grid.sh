@@ -4,7 +4,7 @@
 # `adsa-jax bench`, then LlamaGen's own `generate` (benchmarks/llamagen_torch.py), eager and
 # torch.compile, at 256 px batch 1, 64, 256 and 384 px batch 64, right after on the same machine.
 #
-# Usage: bash benchmarks/run_perf_grid.sh PART [MODEL:PX], PARTs one after another on one machine;
+# Usage: bash benchmarks/run_perf_grid.sh PART [MODEL:PX [POLICIES]], PARTs one after another on one machine;
 # each part ends within 10 minutes on one H200 (a timeout guards every command, and every script
 # rewrites its JSON after each row, so a part cut short keeps what it measured):
 #   1  adsa-jax bench (~2.5 min), then llamagen_torch.py eager (~4.5 min: a call is 10-25 s)
@@ -21,7 +21,10 @@
 #      compiles about one batch a policy (on an H100: GPT-XL:512 ~6 min, GPT-XXL:384 ~4.5); without that
 #      file a search compiles a policy 4 times or more
 #   6  the same under the whole device's memory (--memory-cap device, XLA_PYTHON_CLIENT_MEM_FRACTION=0.95; on an
-#      H100: GPT-XL:384 ~7 min, GPT-XXL:384 ~7.5; GPT-XL:512 may not end within 10 minutes: its JSON keeps each row)
+#      H100: GPT-XL:384 ~7 min, GPT-XXL:384 ~7.5; GPT-XL:512 may not end within 10 minutes: its JSON keeps each row).
+#      On an H200 the batches are twice as large and all five do not end within 10 minutes (GPT-XL:384: a 3-minute
+#      search, then ~8 minutes of calls): give POLICIES, a part of dense,adsa-evict,window, and run two parts,
+#      e.g. `6 GPT-XL:384 dense,window` then `6 GPT-XL:384 adsa-evict` (each ~7 min); parts 5 and 6 take POLICIES
 #   9  adsa-evict head against layer at period 1, budget 0.5, GPT-XL 384 px batch 256 (~3 min): layer's
 #      time relative to head's at the large batch
 #  10  benchmarks/generate_profile.py: where a call's GPU time goes for adsa-evict (head and layer, period 1
@@ -39,7 +42,8 @@
 # Writes under $OUT (default ./out): perf_adsa_jax.json (the JSON of adsa-jax bench --json),
 # perf_torch_eager.json, perf_torch_compile_1.json, perf_torch_compile_2.json (results.json rows),
 # perf_policies_64.json and perf_policies_256.json (parts 4 and 7), perf_cap_40_MODEL_PX.json (part 5),
-# perf_cap_device_MODEL_PX.json (part 6), perf_granularity_256.json (part 9), command_buffer_time.json (part 8),
+# perf_cap_device_MODEL_PX.json (part 6; given POLICIES, both names end in _ and the policies joined by -,
+# e.g. perf_cap_device_GPT-XL_384_dense-window.json), perf_granularity_256.json (part 9), command_buffer_time.json (part 8),
 # generate_profile.json (part 10), dense/generate_profile.json (part 12) and switch_11/ and switch_13/
 # kernel_switch_time.json (parts 11, 13) (not results.json rows: read them), and a log per command. Then, in
 # the repository:
@@ -59,6 +63,16 @@ case "$CONFIG" in
   GPT-XL:384|GPT-XL:512|GPT-XXL:384) ;;
   *) echo "run_perf_grid.sh: error: MODEL:PX must be GPT-XL:384, GPT-XL:512 or GPT-XXL:384, got $CONFIG" >&2; exit 2 ;;
 esac
+POLICIES=${3:-dense,adsa-evict,window}
+case ",$POLICIES," in
+  *,,*) bad=1 ;;
+  *) bad=0; for p in ${POLICIES//,/ }; do case "$p" in dense|adsa-evict|window) ;; *) bad=1 ;; esac; done ;;
+esac
+if [ "$bad" = 1 ] || { [ $# -ge 3 ] && [ "$PART" != 5 ] && [ "$PART" != 6 ]; }; then
+  echo "run_perf_grid.sh: error: POLICIES (parts 5 and 6 only) is a comma list of dense, adsa-evict, window," \
+    "got '$POLICIES' for part $PART" >&2
+  exit 2
+fi
 LLAMAGEN=third_party/LlamaGen
 if [ "$PART" -le 3 ] && [ ! -f "$LLAMAGEN/autoregressive/models/generate.py" ]; then
   echo "run_perf_grid.sh: error: no LlamaGen checkout at $LLAMAGEN (see benchmarks/llamagen_torch.py)" >&2
@@ -98,12 +112,13 @@ case "$PART" in
   cap=$([ "$PART" = 5 ] && echo 40 || echo device)
   model=${CONFIG%%:*} px=${CONFIG##*:}
   tag="perf_cap_${cap}_${model}_${px}"
+  [ "$POLICIES" != dense,adsa-evict,window ] && tag="${tag}_${POLICIES//,/-}"
   hints=()
   [ -f benchmarks/cap_peaks_h200.json ] && hints=(--peak-hints benchmarks/cap_peaks_h200.json)
-  echo "== $tag: adsa-jax bench --memory-cap $cap, $model at $px px"
+  echo "== $tag: adsa-jax bench --memory-cap $cap, $model at $px px, $POLICIES"
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 570 python3 -c \
     'import sys; from adsa_jax.cli import main; sys.exit(main(sys.argv[1:]))' bench \
-    --model "$model" --image-size "$px" --memory-cap "$cap" --policies dense,adsa-evict,window --budgets 0.5,0.25 \
+    --model "$model" --image-size "$px" --memory-cap "$cap" --policies "$POLICIES" --budgets 0.5,0.25 \
     --iters 3 --compile-workers 3 ${hints[@]+"${hints[@]}"} --json "$OUT/$tag.json" > "$OUT/$tag.log" 2>&1
   echo "rc $?"; grep -E "GPT-|rror" "$OUT/$tag.log" | tail -n 20
   ;;

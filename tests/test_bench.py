@@ -496,6 +496,24 @@ def test_load_peak_hints(tmp_path, c2i):
         load_peak_hints(tmp_path / "missing.json")
 
 
+def test_cap_search_yields_each_answer_as_soon_as_it_is_timed(c2i, compiled_window):
+    """Two caps: the smaller one's answer comes out once its batch has run, before the larger batch
+    runs, so a run cut short (a timeout) keeps the rows already measured."""
+    w = compiled_window
+    p2, p3, p4, p5 = (w["peak"](b) for b in (2, 3, 4, 5))
+    assert p2 < p3 < p4 < p5
+    caps = [((p4 + p5) // 2 / 2**30, (p4 + p5) // 2), ((p2 + p3) // 2 / 2**30, (p2 + p3) // 2)]
+    w["runs"].clear()
+    logs = []
+    gen = bench.cap_search(c2i, [w["item"]], caps, iters=1, warmup=0, compile=w["compile"], log=logs.append,
+                           align=1, start=2)
+    i, cap, row = next(gen)
+    assert (i, cap, row["batch"]) == (0, caps[1], 2) and set(w["runs"]) == {2}
+    assert logs[-1] == "  window batch 2: timing 0 warm-up and 1 timed call(s) ..."
+    rest = list(gen)
+    assert [(c, r["batch"]) for _, c, r in rest] == [(caps[0], 4)] and set(w["runs"]) == {2, 4}
+
+
 def test_cap_search_nothing_fits(c2i, compiled_window):
     w = compiled_window
     r = _search(c2i, w, w["peak"](1) - 1, align=1, start=1)
@@ -625,3 +643,21 @@ def test_kernel_switch_time_reads_its_cases():
                         ("score_tile=(16,", "not a Python literal")):
         with pytest.raises(SystemExit, match=reason):
             kst.settings(bad)
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["6", "GPT-XL:384", "dense,foo"], "got 'dense,foo' for part 6"),
+    (["5", "GPT-XL:384", "dense,"], "got 'dense,' for part 5"),
+    (["4", "GPT-XL:384", "dense"], "(parts 5 and 6 only)"),
+    (["6", "GPT-B:256"], "MODEL:PX must be"),
+    (["15"], "PART 1 to 13"),
+])
+def test_run_perf_grid_refuses_bad_arguments_before_any_work(tmp_path, args, msg):
+    """The device script checks its part, model and policies first: one line, exit 2, nothing run."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_perf_grid.sh"
+    p = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, env={"OUT": str(tmp_path / "o"),
+                       "PATH": "/usr/bin:/bin"}, timeout=30)
+    assert p.returncode == 2 and msg in p.stderr and len(p.stderr.strip().splitlines()) == 1 and p.stdout == ""
