@@ -4,15 +4,16 @@ to a file that `bench --memory-cap ... --peak-hints FILE` starts from, so the GP
 the batches it times (and checks their peaks) instead of searching.
 
     python3 benchmarks/cap_peaks.py [--configs GPT-XL:384,GPT-XL:512,GPT-XXL:384]
-        [--policies dense,adsa-evict,window] [--budgets 0.5,0.25] [--caps 40,133]
+        [--policies dense,adsa-evict,window] [--budgets 0.5,0.25] [--caps 40,132.81]
         [--workers 2] [--out benchmarks/cap_peaks_h200.json]
     python3 benchmarks/cap_peaks.py --table   (no compile: the file's largest batches as markdown,
         into benchmarks/cap_peaks_h200.md)
 
 Needs jax's CUDA plugin, as benchmarks/compiled_kernels.py (whose compile it uses: its docstring says
-how). The caps are GiB: 40, and 133 for the whole H200 as `run_perf_grid.sh 6` gives it (its
-allocator limit at XLA_PYTHON_CLIENT_MEM_FRACTION=0.95); a device whose limit differs needs a few
-compiles more there. A program compiled here had the peak the H200 compiled (GPT-XL 384 px batch
+how). The caps are GiB: 40, and 132.81 for the whole H200 as `run_perf_grid.sh 6` gives it (its
+allocator limit at XLA_PYTHON_CLIENT_MEM_FRACTION=0.95, as bench printed it on 2026-12-06; the peaks
+compiled here for it equal the H200's own: 132.658, 132.712 and 132.815 GiB); a device whose limit
+differs needs a few compiles more there. A program compiled here had the peak the H200 compiled (GPT-XL 384 px batch
 191 dense 39.87 GiB; adsa-evict 0.5 fits at 369, not at 370, as measured there); XLA versions may
 differ a little, which is why bench compiles the batch it runs. Rewrites the file after each
 configuration, keeping the others' peaks.
@@ -69,7 +70,7 @@ def main(argv=None):
     ap.add_argument("--configs", default="GPT-XL:384,GPT-XL:512,GPT-XXL:384")
     ap.add_argument("--policies", default="dense,adsa-evict,window")
     ap.add_argument("--budgets", default="0.5,0.25")
-    ap.add_argument("--caps", default="40,133", help="GiB")
+    ap.add_argument("--caps", default="40,132.81", help="GiB")
     ap.add_argument("--workers", type=int, default=2, help="compiles at once (threads)")
     ap.add_argument("--target", default=os.path.join(HERE, "h200_target.txtpb"))
     ap.add_argument("--out", default=os.path.join(HERE, "cap_peaks_h200.json"))

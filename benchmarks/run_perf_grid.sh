@@ -22,9 +22,10 @@
 #      file a search compiles a policy 4 times or more
 #   6  the same under the whole device's memory (--memory-cap device, XLA_PYTHON_CLIENT_MEM_FRACTION=0.95; on an
 #      H100: GPT-XL:384 ~7 min, GPT-XXL:384 ~7.5; GPT-XL:512 may not end within 10 minutes: its JSON keeps each row).
-#      On an H200 the batches are twice as large and all five do not end within 10 minutes (GPT-XL:384: a 3-minute
-#      search, then ~8 minutes of calls): give POLICIES, a part of dense,adsa-evict,window, and run two parts,
-#      e.g. `6 GPT-XL:384 dense,window` then `6 GPT-XL:384 adsa-evict` (each ~7 min); parts 5 and 6 take POLICIES
+#      On an H200 the batches are about 1.8x the H100's and the five do not end within 10 minutes (GPT-XL:384 on
+#      2026-12-06: a 3-minute search, then ~8 minutes of calls, cut off): give POLICIES, a part of
+#      dense,adsa-evict,window, and run two parts, e.g. `6 GPT-XL:384 dense,adsa-evict` then `6 GPT-XL:384 window`
+#      (estimated from the batch-256 rates: ~5 min of calls, then ~3.5). Parts 5 and 6 take POLICIES
 #   9  adsa-evict head against layer at period 1, budget 0.5, GPT-XL 384 px batch 256 (~3 min): layer's
 #      time relative to head's at the large batch
 #  10  benchmarks/generate_profile.py: where a call's GPU time goes for adsa-evict (head and layer, period 1
