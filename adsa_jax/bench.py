@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .checkpoint import load, read_meta
-from .checks import check_count, check_output_file
+from .checks import check_count, check_granularity, check_output_file, check_period
 from .config import ConfigError, GPTConfig, config_from_arg, grid_for_image_size, is_config_file
 from .cache import PERIOD_POLICIES, kv_bytes, make_policy
 from .generate import Model, _scalars, generate_program, with_kernels
@@ -361,12 +361,10 @@ def policy_items(cfg: GPTConfig, policies, budgets, granularities=("head",), per
                 for period in periods if name in PERIOD_POLICIES else [1]:
                     pol = make_policy(cfg, name, budget=budget, granularity=gran or "head", period=period)
                     out.append({"policy": pol, "budget": budget, "granularity": gran, "period": period})
-    bad = [g for g in granularities if g not in ("head", "layer")]  # checked even where no policy uses them
-    if bad:
-        raise ConfigError(f"granularity must be 'head' or 'layer', got {bad[0]!r}")
-    bad = [s for s in periods if isinstance(s, bool) or not isinstance(s, int) or s < 1]
-    if bad:
-        raise ConfigError(f"period must be an integer >= 1 (steps between evictions), got {bad[0]!r}")
+    for g in granularities:  # checked even where no policy uses them
+        check_granularity(g)
+    for s in periods:
+        check_period(s)
     return out
 
 

@@ -22,6 +22,7 @@ FLAGS = {
     "max_batches": "--max-batches", "num_segments": "--segments", "classes": "--classes",
     "data_parallel": "--data-parallel", "tensor_parallel": "--tensor-parallel",
     "batches": "--batch", "iters": "--iters", "compile_workers": "--compile-workers",
+    "granularity": "--granularity", "period": "--period",
 }
 
 # jax.random.key keeps the low 32 bits of a seed when 64-bit mode is off (the default): seed 2**32
@@ -135,6 +136,20 @@ def check_policy_sizes(budget=None, prefix=None, keep=None, local=None, tokens: 
     prefix, keep, local = (v if v is None else check_count(v, name, minimum=1 if name == "local" else 0)
                            for name, v in (("prefix", prefix), ("keep", keep), ("local", local)))
     return budget, prefix, keep, local
+
+
+def check_granularity(granularity) -> str:
+    """'head' or 'layer' (a cache policy's scoring granularity), or a ConfigError naming it."""
+    if granularity not in ("head", "layer"):
+        raise ConfigError(f"{_label('granularity')} must be 'head' or 'layer', got {granularity!r}")
+    return granularity
+
+
+def check_period(period) -> int:
+    """An eviction period s: an integer >= 1 (bool and float refused), or a ConfigError naming it."""
+    if isinstance(period, bool) or not isinstance(period, numbers.Integral) or period < 1:
+        raise ConfigError(f"{_label('period')} must be an integer >= 1 (steps between evictions), got {period!r}")
+    return int(period)
 
 
 def check_output_file(path, *, create_dirs: bool = False, flag: str | None = None) -> None:

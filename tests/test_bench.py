@@ -308,9 +308,9 @@ def test_cli_bench_errors(c2i_dir, tmp_path, capsys):
     assert main(["bench", "--checkpoint", str(c2i_dir), "--policies", "dense,lru"]) == 2  # before any timing
     assert "unknown policy 'lru'" in capsys.readouterr().err
     assert main(["bench", "--checkpoint", str(c2i_dir), "--granularity", "head,row"]) == 2
-    assert "granularity must be 'head' or 'layer', got 'row'" in capsys.readouterr().err
+    assert "granularity (--granularity) must be 'head' or 'layer', got 'row'" in capsys.readouterr().err
     assert main(["bench", "--checkpoint", str(c2i_dir), "--period", "1,0"]) == 2
-    assert "period must be an integer >= 1" in capsys.readouterr().err
+    assert "period (--period) must be an integer >= 1" in capsys.readouterr().err
     assert main(["bench", "--checkpoint", str(c2i_dir), "--period", "x"]) == 2
     assert "--period" in capsys.readouterr().err
     assert main(["bench", "--checkpoint", str(c2i_dir), "--peak-hints", str(missing)]) == 2

@@ -97,10 +97,15 @@ def test_budget_and_sizes_of_the_wrong_type_are_refused():
 
 
 def test_period_and_the_new_policies_refuse_bad_options():
-    with pytest.raises(ValueError, match="period must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"^period \(--period\) must be an integer >= 1 .*got 0$"):
         make_policy(CFG16, "adsa-evict", budget=0.5, period=0)
-    with pytest.raises(ValueError, match="period must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"period \(--period\) must be an integer >= 1 .*got 2.0$"):
         make_policy(CFG16, "adsa-evict", budget=0.5, period=2.0)
+    with pytest.raises(ValueError, match=r"period \(--period\) must be an integer >= 1 .*got True$"):
+        make_policy(CFG16, "adsa-evict", budget=0.5, period=True)
+    # a NumPy integer is an integer: the policy holds it as a Python int (hashable, static under jit)
+    assert make_policy(CFG16, "adsa-evict", budget=0.5, period=np.int64(3)).period == 3
+    assert type(make_policy(CFG16, "adsa-evict", budget=0.5, period=np.int64(3)).period) is int
     for name in ("window", "line", "h2o", "random-uniform", "adsa-select", "dense"):
         with pytest.raises(ValueError, match="period applies to"):
             make_policy(CFG16, name, period=2)

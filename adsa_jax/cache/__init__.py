@@ -46,7 +46,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from ..checks import check_policy_sizes
+from ..checks import check_granularity, check_period, check_policy_sizes
 from ..config import ConfigError, GPTConfig
 from .dense import Dense
 from .evict import Evict
@@ -79,8 +79,7 @@ def default_sizes_of(N: int, w: int, budget: float) -> tuple[int, int, int]:
 
 
 def _check_period(name: str, period) -> int:
-    if isinstance(period, bool) or not isinstance(period, int) or period < 1:
-        raise ConfigError(f"period must be an integer >= 1 (steps between evictions), got {period!r}")
+    period = check_period(period)
     if period != 1 and name not in PERIOD_POLICIES:
         raise ConfigError(f"period applies to {', '.join(PERIOD_POLICIES)}; policy {name!r} takes period=1 only")
     return period
@@ -113,8 +112,7 @@ def make_policy(cfg: GPTConfig, name: str = "dense", *, budget: float | None = N
     c, N, w = cfg.cls_token_num, cfg.num_image_tokens, cfg.grid
     if name not in POLICY_NAMES:
         raise ConfigError(f"unknown policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
-    if granularity not in ("head", "layer"):
-        raise ConfigError(f"granularity must be 'head' or 'layer', got {granularity!r}")
+    check_granularity(granularity)
     period = _check_period(name, period)
     if name == "dense":
         if any(x is not None for x in (budget, prefix, keep, local)):
