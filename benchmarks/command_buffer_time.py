@@ -5,6 +5,9 @@ A decode step of GPT-XL launches about 300 kernels (benchmarks/compiled_kernels.
 each is a few microseconds of work. A profile shows no idle time between them (an H100, 2026-12-05),
 but each launch still has its latency; XLA can replay a step's kernels as a CUDA graph, and which
 kinds of thunk it captures is the flag `xla_gpu_enable_command_buffer`. This measures whether that pays.
+Hopper's programmatic dependent launch (`xla_gpu_enable_pdl`) needs no setting here: compiled for the
+H200 target (jaxlib 0.10.2, 2026-12-06), every kernel of a dense batch-1 step already begins with
+`griddepcontrol.wait`, the Pallas kernels included (XLA inserts it), so that overlap is on by default.
 Each setting runs `adsa-jax bench` in a process of its own (XLA reads XLA_FLAGS once), random
 weights, bf16, CFG 4, top-k 2000. Writes $OUT/command_buffer_time.json: one row per setting and
 configuration with its seconds per call (the bench's median), the setting's XLA_FLAGS, the device,
