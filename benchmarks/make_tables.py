@@ -184,10 +184,9 @@ def merge(rows: list[dict], new: list[dict]) -> list[dict]:
             kept.append(dict(r, anchor=True))
     # an anchor goes once nothing of its day is compared with it any more, or its configuration's row is of its day
     current = [r for r in kept if not r.get("anchor")] + list(fresh.values())
+    by_id = {identity(r): r for r in current}
     kept = [r for r in kept if not r.get("anchor") or (needed_beside(r, current) and not same_day(
-        r, find(current, device=r["device"], framework="adsa_jax", model=r["model"], image_size=r["image_size"],
-                batch=r["batch"], policy=r["policy"], budget=r["budget"], granularity=r["granularity"],
-                period=r.get("period"), type=r.get("type", "c2i"))))]
+        r, by_id.get(identity(dict(r, anchor=False)))))]
     order = {f: i for i, f in enumerate(FRAMEWORKS)}
     pol = {p: i for i, p in enumerate(("dense", "adsa-evict", "window"))}
     return check_rows(sorted(kept + list(fresh.values()), key=lambda r: (
@@ -200,14 +199,13 @@ def merge(rows: list[dict], new: list[dict]) -> list[dict]:
 
 
 def find(rows, *, device=H200, framework="adsa_jax", model="GPT-XL", image_size=256, batch=64, policy="dense",
-         budget=None, granularity=None, memory_cap_gib=None, period=None, invariant_group=None, type="c2i",
-         anchor_date=None):
+         budget=None, granularity=None, memory_cap_gib=None, period=None, invariant_group=None, anchor_date=None):
     """The row of one configuration: the current one, or with ``anchor_date`` the anchor of that day."""
     if granularity is None and policy.startswith("adsa"):
         granularity = "head"
     key = identity(dict(device=device, framework=framework, model=model, image_size=image_size, batch=batch,
                         policy=policy, budget=budget, granularity=granularity, memory_cap_gib=memory_cap_gib,
-                        period=period, invariant_group=invariant_group, type=type, date=anchor_date,
+                        period=period, invariant_group=invariant_group, date=anchor_date,
                         anchor=anchor_date is not None))
     return next((r for r in rows if identity(r) == key), None)
 
