@@ -25,7 +25,7 @@
 #      On an H200 the batches are about 1.8x the H100's and the five do not end within 10 minutes (GPT-XL:384 on
 #      2026-12-06: a 3-minute search, then ~8 minutes of calls, cut off): give POLICIES, a part of
 #      dense,adsa-evict,window, and run two parts, e.g. `6 GPT-XL:384 dense,adsa-evict` then `6 GPT-XL:384 window`
-#      (estimated from the batch-256 rates: ~5 min of calls, then ~3.5). Parts 5 and 6 take POLICIES
+#      (H200, 2026-12-06: 5.3 and 4 min; GPT-XL:512 7.6 and 5.5 min). Parts 5 and 6 take POLICIES
 #   9  adsa-evict head against layer at period 1, budget 0.5, GPT-XL 384 px batch 256 (~3 min): layer's
 #      time relative to head's at the large batch
 #  10  benchmarks/generate_profile.py: where a call's GPU time goes for adsa-evict (head and layer, period 1
