@@ -35,8 +35,10 @@
 #      period 8's leave_top_in_kernel per head, and head's scoring kernel over 16-slot blocks (score_tile) (~6 min)
 #  12  benchmarks/generate_profile.py for dense at 256 px, batch 1, 64 and 256 (~2 min): GEMMs, attention, sampling
 #      and launch gaps of each call, into $OUT/dense/generate_profile.json
-#   8  benchmarks/command_buffer_time.py: dense 256 px batch 1 and 64, window 384 px batch 64 under
+#   8  benchmarks/xla_flag_time.py command-buffer: dense 256 px batch 1 and 64, window 384 px batch 64 under
 #      XLA's command-buffer (CUDA graph) settings, and batch 1 with the loop unrolled, one process each (~4 min)
+#  14  benchmarks/xla_flag_time.py fma: dense 256 px, adsa-evict and window 384 px 0.5, batch 64, with and without
+#      LLVM's FMA contraction (-nvptx-fma-level=1), one process each (~5 min)
 # Parts 1 to 3 need a LlamaGen checkout at third_party/LlamaGen (ignored by git; the docstring of
 # benchmarks/llamagen_torch.py says how to get it); a device run carries that path.
 #
@@ -44,7 +46,7 @@
 # perf_torch_eager.json, perf_torch_compile_1.json, perf_torch_compile_2.json (results.json rows),
 # perf_policies_64.json and perf_policies_256.json (parts 4 and 7), perf_cap_40_MODEL_PX.json (part 5),
 # perf_cap_device_MODEL_PX.json (part 6; given POLICIES, both names end in _ and the policies joined by -,
-# e.g. perf_cap_device_GPT-XL_384_dense-window.json), perf_granularity_256.json (part 9), command_buffer_time.json (part 8),
+# e.g. perf_cap_device_GPT-XL_384_dense-window.json), perf_granularity_256.json (part 9), xla_flag_time_command-buffer.json and xla_flag_time_fma.json (parts 8, 14),
 # generate_profile.json (part 10), dense/generate_profile.json (part 12) and switch_11/ and switch_13/
 # kernel_switch_time.json (parts 11, 13) (not results.json rows: read them), and a log per command. Then, in
 # the repository:
@@ -56,8 +58,8 @@ OUT=${OUT:-out}
 mkdir -p "$OUT"
 PART=${1:-}
 case "$PART" in
-  1|2|3|4|5|6|7|8|9|10|11|12|13) ;;
-  *) echo "usage: bash benchmarks/run_perf_grid.sh PART [MODEL:PX] (PART 1 to 13; see the header)" >&2; exit 2 ;;
+  1|2|3|4|5|6|7|8|9|10|11|12|13|14) ;;
+  *) echo "usage: bash benchmarks/run_perf_grid.sh PART [MODEL:PX] (PART 1 to 14; see the header)" >&2; exit 2 ;;
 esac
 CONFIG=${2:-GPT-XL:384}
 case "$CONFIG" in
@@ -156,9 +158,10 @@ case "$PART" in
     GPT-XL:256:256:dense > "$OUT/dense/generate_profile.log" 2>&1
   echo "rc $?"; tail -n 4 "$OUT/dense/generate_profile.log"
   ;;
-8)
-  echo "== command_buffer_time: XLA command-buffer settings"
-  OUT="$OUT" timeout 570 python3 benchmarks/command_buffer_time.py > "$OUT/command_buffer_time.log" 2>&1
-  echo "rc $?"; cat "$OUT/command_buffer_time.log"
+8|14)
+  g=$([ "$PART" = 8 ] && echo command-buffer || echo fma)
+  echo "== xla_flag_time: XLA flag settings, $g"
+  OUT="$OUT" timeout 570 python3 benchmarks/xla_flag_time.py "$g" > "$OUT/xla_flag_time_$g.log" 2>&1
+  echo "rc $?"; cat "$OUT/xla_flag_time_$g.log"
   ;;
 esac

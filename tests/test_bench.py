@@ -645,12 +645,33 @@ def test_kernel_switch_time_reads_its_cases():
             kst.settings(bad)
 
 
+def test_xla_flag_time_reads_its_group():
+    """benchmarks/xla_flag_time.py: each group's settings start from XLA's default (no flags); the fma
+    group adds only LLVM's contraction option; a missing or unknown group stops the script with the
+    groups it knows, before any bench process starts."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "xla_flag_time.py"
+    spec = importlib.util.spec_from_file_location("xla_flag_time", path)
+    xft = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(xft)
+    settings, specs, only_1 = xft.group("fma")
+    assert settings == {"default": "", "fma": "--xla_backend_extra_options=-nvptx-fma-level=1"}
+    assert "GPT-XL:384:64:adsa-evict:0.5" in specs and not only_1
+    settings, _, only_1 = xft.group("command-buffer")
+    assert settings["default"] == "" and only_1 <= set(settings)
+    for argv, msg in (([], "usage: .*GROUP one of command-buffer, fma"), (["graphs"], "got 'graphs'")):
+        with pytest.raises(SystemExit, match=msg):
+            xft.main(argv)
+
+
 @pytest.mark.parametrize("args, msg", [
     (["6", "GPT-XL:384", "dense,foo"], "got 'dense,foo' for part 6"),
     (["5", "GPT-XL:384", "dense,"], "got 'dense,' for part 5"),
     (["4", "GPT-XL:384", "dense"], "(parts 5 and 6 only)"),
     (["6", "GPT-B:256"], "MODEL:PX must be"),
-    (["15"], "PART 1 to 13"),
+    (["15"], "PART 1 to 14"),
 ])
 def test_run_perf_grid_refuses_bad_arguments_before_any_work(tmp_path, args, msg):
     """The device script checks its part, model and policies first: one line, exit 2, nothing run."""
