@@ -176,6 +176,13 @@ class KernelConfig:
     # blocks), against 149 at 32 over 1; 32 over 2 warps 127. Slower on an H100 (2026-12-05): (16, 1)
     # 2.149 s a call against 2.018 without; (32, 2) at 0.25 1.788 against 1.591.
     score_tile: tuple | None = None
+    # The step kernels (evict_step, decode_attention) widen each bf16 K and V block to float32 by its
+    # bits (kernels.common.widen: the same values) instead of astype. For the H200 target (jaxlib
+    # 0.10.2) the adsa-evict step kernel at 384 px batch 64 goes from 1,440 to 1,376 instructions (its
+    # block loop 899 to 835; the conversion took 195 of them for 128 values a thread), the one without
+    # the score from 1,176 to 1,112, at the same registers (149, 96). Off until timed (run_perf_grid
+    # part 15 times it, and checks the tokens are equal).
+    widen_by_bits: bool = False
 
     # --- small_matmul (kernels/gemv.py): the decode GEMMs at 1-16 rows as a split-K GEMV. H200:
     # GPT-XL 256 px batch 1 0.313 vs 0.343 s (XLA), batch 8 0.335 vs 0.354; of warps, stages,

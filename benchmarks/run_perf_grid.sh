@@ -37,6 +37,8 @@
 #      and launch gaps of each call, into $OUT/dense/generate_profile.json
 #   8  benchmarks/xla_flag_time.py command-buffer: dense 256 px batch 1 and 64, window 384 px batch 64 under
 #      XLA's command-buffer (CUDA graph) settings, and batch 1 with the loop unrolled, one process each (~4 min)
+#  15  benchmarks/kernel_switch_time.py: widen_by_bits (bf16 K and V widened by their bits) on and off, adsa-evict 0.5
+#      per head at 384 px batch 64 and 256, dense at 256 px batch 64 (~6 min), its tokens checked equal
 #  14  benchmarks/xla_flag_time.py fma: dense 256 px, adsa-evict and window 384 px 0.5, batch 64, with and without
 #      LLVM's FMA contraction (-nvptx-fma-level=1), one process each (~5 min)
 # Parts 1 to 3 need a LlamaGen checkout at third_party/LlamaGen (ignored by git; the docstring of
@@ -47,8 +49,8 @@
 # perf_policies_64.json and perf_policies_256.json (parts 4 and 7), perf_cap_40_MODEL_PX.json (part 5),
 # perf_cap_device_MODEL_PX.json (part 6; given POLICIES, both names end in _ and the policies joined by -,
 # e.g. perf_cap_device_GPT-XL_384_dense-window.json), perf_granularity_256.json (part 9), xla_flag_time_command-buffer.json and xla_flag_time_fma.json (parts 8, 14),
-# generate_profile.json (part 10), dense/generate_profile.json (part 12) and switch_11/ and switch_13/
-# kernel_switch_time.json (parts 11, 13) (not results.json rows: read them), and a log per command. Then, in
+# generate_profile.json (part 10), dense/generate_profile.json (part 12) and switch_11/, switch_13/, switch_15/
+# kernel_switch_time.json (parts 11, 13, 15) (not results.json rows: read them), and a log per command. Then, in
 # the repository:
 #   for f in OUTDIR/perf_*.json; do python benchmarks/make_tables.py --add "$f"; done
 set -u
@@ -58,8 +60,8 @@ OUT=${OUT:-out}
 mkdir -p "$OUT"
 PART=${1:-}
 case "$PART" in
-  1|2|3|4|5|6|7|8|9|10|11|12|13|14) ;;
-  *) echo "usage: bash benchmarks/run_perf_grid.sh PART [MODEL:PX] (PART 1 to 14; see the header)" >&2; exit 2 ;;
+  1|2|3|4|5|6|7|8|9|10|11|12|13|14|15) ;;
+  *) echo "usage: bash benchmarks/run_perf_grid.sh PART [MODEL:PX] (PART 1 to 15; see the header)" >&2; exit 2 ;;
 esac
 CONFIG=${2:-GPT-XL:384}
 case "$CONFIG" in
@@ -139,9 +141,12 @@ case "$PART" in
     GPT-XL:384:64:window:0.5 > "$OUT/generate_profile.log" 2>&1
   echo "rc $?"; tail -n 8 "$OUT/generate_profile.log"
   ;;
-11|13)
-  echo "== kernel_switch_time: KernelConfig switches on and off, 384 px batch 64"
-  if [ "$PART" = 11 ]; then
+11|13|15)
+  echo "== kernel_switch_time: KernelConfig switches on and off"
+  if [ "$PART" = 15 ]; then
+    cases="GPT-XL:384:64:adsa-evict:0.5:head:1:widen_by_bits GPT-XL:384:256:adsa-evict:0.5:head:1:widen_by_bits"
+    cases="$cases GPT-XL:256:64:dense:widen_by_bits"
+  elif [ "$PART" = 11 ]; then
     cases="GPT-XL:384:64:adsa-evict:0.5:head:1:first_choice_scan GPT-XL:384:64:adsa-evict:0.5:layer:1:first_choice_scan"
   else
     cases="GPT-XL:384:64:adsa-evict:0.5:layer:1:layer_choice_in_kernel GPT-XL:384:64:adsa-evict:0.5:head:8:leave_top_in_kernel"

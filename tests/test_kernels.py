@@ -839,3 +839,62 @@ def test_layer_choice_kernel_equals_xla(local):
     assert len(seen) > 2 and min(seen) < pol.keep <= max(seen) < pol.keep + local  # pool slots and o itself
     assert str(jax.make_jaxpr(lambda c: on._layer_choice(c, jnp.int32(5), v_new))(caches)).count("pallas_call") == 1
     assert "pallas_call" not in str(jax.make_jaxpr(lambda c: off._layer_choice(c, jnp.int32(5), v_new))(caches))
+
+
+def test_widen_by_bits_is_astype():
+    """kernels.common.widen(by_bits=True): a bf16 array's float32 values by its bits, bit for bit
+    astype's (every bf16 pattern: zeros, subnormals, infinities, NaNs); other dtypes are astype."""
+    from adsa_jax.kernels.common import widen
+
+    every = jax.lax.bitcast_convert_type(jnp.arange(2 ** 16, dtype=jnp.uint32).astype(jnp.uint16), jnp.bfloat16)
+    as_bits = lambda x: np.asarray(jax.lax.bitcast_convert_type(x, jnp.uint32))  # noqa: E731
+    np.testing.assert_array_equal(as_bits(widen(every, True)), as_bits(every.astype(jnp.float32)))
+    x = jnp.asarray([1.5, -2.0], jnp.float16)
+    assert widen(x, True).dtype == jnp.float32 and np.asarray(widen(x, True)).tolist() == [1.5, -2.0]
+
+
+@pytest.mark.parametrize("form", ["adsa-evict", "window-score", "dense", "attention"])
+def test_widen_by_bits_keeps_every_output(form):
+    """KernelConfig.widen_by_bits: the step kernels (bf16 caches) give bit-equal outputs with the
+    switch on and off, and only with it on does the kernel widen by a bitcast."""
+    from adsa_jax.kernels import evict_step
+
+    b, h, d, c, P, K, M = 2, 2, 16, 1, 2, 12, 3
+    s = c + P + K + M
+    rng = np.random.default_rng(3)
+    bf = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.bfloat16)  # noqa: E731
+    k, v = bf(b, h, s, d), bf(b, h, s, d)
+    q, kn, vn = bf(b, h, d), bf(b, h, d), bf(b, h, d)
+    pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, h, s))
+    t = P + M + K + 3  # the pool is full: adsa-evict scores
+    ws, n_moved = c + P + K + (t - P) % M, t - P - M
+    scalars = (ws, ws, 1, int(n_moved >= K), min(n_moved, K - 1), c + P + K + (t + 1 - P) % M, c + t)
+    ok = jnp.ones((b, s), bool)
+
+    def run(on):
+        cfg = KernelConfig(widen_by_bits=on)
+        if form == "adsa-evict":
+            vnorm = jnp.maximum(jnp.linalg.norm(v.astype(jnp.float32), axis=-1), 1e-6)
+            fn = lambda q: evict_step(q, kn, vn, k, v, pos, ok, scalars, c=c, prefix=P, keep=K,  # noqa: E731
+                                      vsum=jnp.ones((b, h, d), jnp.float32),
+                                      victim=jnp.full((b, h), 5, jnp.int32), vnorm=vnorm, block_k=4,
+                                      config=cfg, interpret=True)
+        elif form == "window-score":
+            fn = lambda q: evict_step(q, kn, vn, k, v, pos, ok, scalars, c=c, prefix=P, keep=0,  # noqa: E731
+                                      score_vec=jnp.ones((b, h, d), jnp.float32), block_k=4, config=cfg,
+                                      interpret=True)
+        elif form == "dense":
+            fn = lambda q: evict_step(q, kn, vn, k, v, None, ok, (10, 10, 0, 0, 0, 11, 10), c=c,  # noqa: E731
+                                      prefix=0, keep=0, block_k=4, config=cfg, interpret=True)
+        else:
+            fn = lambda q: decode_attention(q, k, v, jnp.ones((b, 1, s), bool), 13,  # noqa: E731
+                                            score_vec=jnp.ones((b, h, d), jnp.float32), block_k=4, config=cfg,
+                                            interpret=True)
+        jaxpr = jax.make_jaxpr(fn)(q)
+        body = str(next(e for e in jaxpr.jaxpr.eqns if e.primitive.name == "pallas_call").params["jaxpr"])
+        return jax.tree.leaves(fn(q)), "bitcast_convert_type" in body
+
+    (on, bits_on), (off, bits_off) = run(True), run(False)
+    assert bits_on and not bits_off
+    for a, z in zip(on, off):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(z))

@@ -17,10 +17,10 @@ import jax.numpy as jnp
 
 from ..config import NEG_INF
 from ..options import KernelConfig
-from .common import pl, plgpu
+from .common import pl, plgpu, widen
 
 
-def _kernel(nv_ref, q_ref, k_ref, v_ref, m_in_ref, *rest, block_k, split_len, scale, with_score):
+def _kernel(nv_ref, q_ref, k_ref, v_ref, m_in_ref, *rest, block_k, split_len, scale, with_score, by_bits=False):
     # One program = one (row, head, split); refs: q (D,), k/v (S, D), mask (S,) int8, n_valid (),
     # with_score: score vector (D,) in, then per-slot dots and squared norms (S,) out.
     if with_score:
@@ -40,13 +40,13 @@ def _kernel(nv_ref, q_ref, k_ref, v_ref, m_in_ref, *rest, block_k, split_len, sc
         start = lo + j * block_k
         idx = start + lanes
         inb = idx < hi
-        k = plgpu.load(k_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0).astype(jnp.float32)
+        k = widen(plgpu.load(k_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0), by_bits)
         ok = inb & (plgpu.load(m_in_ref.at[pl.ds(start, block_k)], mask=inb, other=0) != 0)
         logit = jnp.where(ok, jnp.sum(k * q[None, :], axis=1), NEG_INF)  # (block_k,)
         m_new = jnp.maximum(m, jnp.max(logit))
         corr = jnp.exp(m - m_new)
         p = jnp.where(ok, jnp.exp(logit - m_new), 0.0)
-        v = plgpu.load(v_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0).astype(jnp.float32)
+        v = widen(plgpu.load(v_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0), by_bits)
         if with_score:  # ADSA's score terms from the V block already loaded: no second read of the cache
             plgpu.store(dots_ref.at[pl.ds(start, block_k)], jnp.sum(v * tvec[None, :], axis=1), mask=inb)
             plgpu.store(sq_ref.at[pl.ds(start, block_k)], jnp.sum(v * v, axis=1), mask=inb)
@@ -92,7 +92,7 @@ def decode_attention(q, k, v, mask, n_valid, *, score_vec=None, config: KernelCo
     splits = splits or _splits(b * h, s, block_k)
     split_len = -(-(-(-s // splits)) // block_k) * block_k  # ceil(S / splits), rounded up to whole blocks
     kern = functools.partial(_kernel, block_k=block_k, split_len=split_len, scale=1.0 / math.sqrt(d),
-                             with_score=with_score)
+                             with_score=with_score, by_bits=config.widen_by_bits)
     per_head = lambda i, j, t: (i, j, 0)  # noqa: E731 - one (row, head) block whatever the split
     in_specs = [
         pl.BlockSpec((), lambda i, j, t: ()),

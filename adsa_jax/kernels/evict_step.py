@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from ..config import NEG_INF
 from ..options import KernelConfig
 from ..rope import apply_rope
-from .common import pl, plgpu
+from .common import pl, plgpu, widen
 
 
 # Its per-block reductions (logits K . q, the victim score V . total, the PV sum) are elementwise
@@ -28,7 +28,7 @@ from .common import pl, plgpu
 # head, 0.25 1.597 and 1.593 s a call against 1.592; 0.5 2.024 against 2.018 (2026-12-05).
 def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, a_ref, blo_ref, bhi_ref, q_ref, kn_ref,
                   vn_ref, k_ref, v_ref, pos_ref, cok_ref, *rest, block_k, slots, c, P, K, scale, eps, rope, score=False,
-                  layer=False, next_new=False, scoring=None):
+                  layer=False, next_new=False, scoring=None, by_bits=False):
     # One program = one (row, head): the whole adsa-evict (or window, K = 0) step of a layer.
     # Scalars: ws = slot of the new token, ring = ring slot of the token o leaving the window,
     # mv = o moves to the pool this step, full = the pool is full, free = the lowest free pool
@@ -180,9 +180,9 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
         start = jnp.where(in_b, b_lo + (j - n_a) * block_k, first + j * block_k)
         idx = start + lanes
         inb = idx < jnp.where(in_b, b_hi, a_end)
-        k = plgpu.load(k_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0).astype(f32)
+        k = widen(plgpu.load(k_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0), by_bits)
         v_raw = plgpu.load(v_ref.at[pl.ds(start, block_k), :], mask=inb[:, None], other=0.0)  # cache dtype
-        v = v_raw.astype(f32)
+        v = widen(v_raw, by_bits)
         ok = inb & (idx != ws) & (idx != dest) & (plgpu.load(cok_ref.at[pl.ds(start, block_k)], mask=inb, other=0) != 0)
         if not dense:
             ok = ok & (plgpu.load(pos_ref.at[pl.ds(start, block_k)], mask=inb, other=-1) >= 0)
@@ -197,7 +197,7 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
             if new_is_cand:  # slot ws holds o (moving to dest) and is next step's candidate (the new
                 # token) at once: patch both into V
                 v_raw = jnp.where((idx == dest)[:, None], v_o[None, :], jnp.where((idx == ws)[:, None], v_new[None, :], v_raw))
-                v = v_raw.astype(f32)
+                v = widen(v_raw, by_bits)
                 nrm = jnp.where(idx == dest, n_o, jnp.where(idx == ws, n_new, nrm))
                 eff = idx
             else:  # o's V and |v| are still in slot ws of the loaded block: score it there, as the
@@ -354,7 +354,8 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
         raise ValueError("evict_step: layer_sq= goes with keep > 0, one row of positions and terms=")
     kern = functools.partial(_dense_kernel if dense else _evict_kernel, block_k=block_k, slots=s, c=c, P=prefix,
                              K=K, scale=1.0 / math.sqrt(d), eps=eps, rope=rope is not None, score=score, layer=layer,
-                             next_new=next_new and (score or layer), scoring=scoring if K else None)
+                             next_new=next_new and (score or layer), scoring=scoring if K else None,
+                             by_bits=config.widen_by_bits)
     sc = pl.BlockSpec((), lambda i, j: ())
     vec = pl.BlockSpec((None, None, d), lambda i, j: (i, j, 0))
     cache = pl.BlockSpec((None, None, s, d), lambda i, j: (i, j, 0, 0))
