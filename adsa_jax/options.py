@@ -178,10 +178,11 @@ class KernelConfig:
     score_tile: tuple | None = None
     # The step kernels (evict_step, decode_attention) widen each bf16 K and V block to float32 by its
     # bits (kernels.common.widen: the same values) instead of astype. For the H200 target (jaxlib
-    # 0.10.2) the adsa-evict step kernel at 384 px batch 64 goes from 1,440 to 1,376 instructions (its
-    # block loop 899 to 835; the conversion took 195 of them for 128 values a thread), the one without
-    # the score from 1,176 to 1,112, at the same registers (149, 96). Off until timed (run_perf_grid
-    # part 15 times it, and checks the tokens are equal).
+    # 0.10.2, SASS read with nvdisasm) the adsa-evict step kernel at 384 px batch 64 goes from 1,440 to
+    # 1,376 instructions, its block loop (32 slots of K and V over one warp) from 899 (FADD 250, FMUL
+    # 208, widening 195 for 128 values a thread, SHFL 74) to 835; the one without the score from 1,176
+    # to 1,112; registers stay 149 and 96 (13 and 21 warps an SM; the window's kernel: 80, 25). Off
+    # until timed (run_perf_grid part 15 times it, and checks the tokens are equal).
     widen_by_bits: bool = False
 
     # --- small_matmul (kernels/gemv.py): the decode GEMMs at 1-16 rows as a split-K GEMV. H200:
