@@ -175,14 +175,10 @@ def rows_from_bench(bench: dict, date: str | None = None, device: str | None = N
 def merge(rows: list[dict], new: list[dict]) -> list[dict]:
     """``rows`` with every configuration in ``new`` replaced by (or added as) its new row, in a stable order."""
     fresh = {identity(r): r for r in new}
-    kept = []
-    for r in rows:
-        n = fresh.get(identity(r))
-        if n is None:
-            kept.append(r)
-        elif n["date"] != r["date"] and needed_beside(r, rows + new):  # a same-day comparison still needs it
-            kept.append(dict(r, anchor=True))
-    # an anchor goes once nothing of its day is compared with it any more, or its configuration's row is of its day
+    # a replaced row of another day becomes an anchor; every anchor then stays only while something of its
+    # day is compared with it, and its configuration's current row is of another day
+    kept = [r if identity(r) not in fresh else dict(r, anchor=True) for r in rows
+            if identity(r) not in fresh or fresh[identity(r)]["date"] != r["date"]]
     current = [r for r in kept if not r.get("anchor")] + list(fresh.values())
     by_id = {identity(r): r for r in current}
     kept = [r for r in kept if not r.get("anchor") or (needed_beside(r, current) and not same_day(
