@@ -72,7 +72,12 @@ def measure_device(size_mb: int = 1024, n: int = 8192, reps: int = 20, trials: i
     ts = times(jax.jit(lambda p, q: p @ q), a, b, calls=trials)
     return {"bandwidth": bw, "copy_bandwidth": copy_bw, "read_bandwidth": read_bw,
             "matmul_flops": 2 * n**3 / min(ts), "matmul_flops_median": 2 * n**3 / statistics.median(ts),
-            "device": str(jax.devices()[0].device_kind)}
+            **device_name()}
+
+
+def device_name() -> dict:
+    """The device entry of a bench JSON when the roofline is not measured: its name only."""
+    return {"device": str(jax.devices()[0].device_kind)}
 
 
 def roofline(cfg: GPTConfig, policy, rows: int, batch: int, dtype, device: dict) -> dict:
@@ -423,7 +428,7 @@ def run(models=None, image_sizes=None, batches=(1, 8), policies=("dense",), budg
             log(format_rows([r]).splitlines()[-1])
             if json_path:
                 with open(json_path, "w") as f:
-                    json.dump({"device": device, "date": datetime.date.today().isoformat(), "jax": jax.__version__,
+                    json.dump({"device": device or device_name(), "date": datetime.date.today().isoformat(), "jax": jax.__version__,
                                "compile_workers": compile_workers,
                                "rows": rows, "selection_shares": selection_shares(rows)}, f, indent=1)
         del model
@@ -773,7 +778,7 @@ def run_memory_cap(models=None, image_sizes=None, policies=("dense",), budgets=(
             log(format_cap_rows([r]).splitlines()[-1])
             if json_path:
                 with open(json_path, "w") as f:
-                    json.dump({"device": device, "date": datetime.date.today().isoformat(), "jax": jax.__version__,
+                    json.dump({"device": device or device_name(), "date": datetime.date.today().isoformat(), "jax": jax.__version__,
                                "memory_caps_gib": [g for g, _ in resolved],
                                "rows": rows}, f, indent=1)
         del model

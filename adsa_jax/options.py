@@ -181,9 +181,11 @@ class KernelConfig:
     # 0.10.2, SASS read with nvdisasm) the adsa-evict step kernel at 384 px batch 64 goes from 1,440 to
     # 1,376 instructions, its block loop (32 slots of K and V over one warp) from 899 (FADD 250, FMUL
     # 208, widening 195 for 128 values a thread, SHFL 74) to 835; the one without the score from 1,176
-    # to 1,112; registers stay 149 and 96 (13 and 21 warps an SM; the window's kernel: 80, 25). Off
-    # until timed (run_perf_grid part 15 times it, and checks the tokens are equal).
-    widen_by_bits: bool = False
+    # to 1,112; registers stay 149 and 96 (13 and 21 warps an SM; the window's kernel: 80, 25). On an
+    # H100 (2026-12-06, run_perf_grid part 15, kernel_switch_time.json; equal tokens): adsa-evict 0.5
+    # 384 px batch 64 1.955 s a call against 1.968 (every timing on below every one off), batch 256
+    # 5.650 against 5.662, dense 256 px batch 64 0.628 against 0.629: small, never slower.
+    widen_by_bits: bool = True
 
     # --- small_matmul (kernels/gemv.py): the decode GEMMs at 1-16 rows as a split-K GEMV. H200:
     # GPT-XL 256 px batch 1 0.313 vs 0.343 s (XLA), batch 8 0.335 vs 0.354; of warps, stages,

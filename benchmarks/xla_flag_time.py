@@ -65,7 +65,7 @@ def bench(spec: str, flags: str) -> dict:
             return {"error": (r.stderr or r.stdout).strip().splitlines()[-1:]}
         out = json.load(open(f.name))
     row = out["rows"][0]
-    return {"device": out.get("device"), "jax": out.get("jax"), "date": out.get("date"),
+    return {"device": (out.get("device") or {}).get("device"), "jax": out.get("jax"), "date": out.get("date"),
             "s_per_call": row["s_per_call"], "images_per_s": row["images_per_s"]}
 
 

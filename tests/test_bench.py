@@ -237,7 +237,7 @@ def test_cli_bench_checkpoint(c2i_dir, tmp_path, capsys):
                  "--budgets", "0.5", "--iters", "1", "--no-roofline", "--dtype", "float32",
                  "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
-    assert doc["device"] is None
+    assert doc["device"] == {"device": jax.devices()[0].device_kind}  # its name only: no roofline
     rows = doc["rows"]
     assert [(r["policy"], r["budget"], r["batch"]) for r in rows] == [
         ("dense", None, 1), ("dense", None, 2), ("window", 0.5, 1), ("window", 0.5, 2)]
@@ -538,6 +538,7 @@ def test_cli_bench_memory_cap(c2i_dir, tmp_path, capsys):
                  "--attention", "xla", "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     (r,) = doc["rows"]
+    assert doc["device"] == {"device": jax.devices()[0].device_kind}
     assert (r["policy"], r["budget"], r["batch"], r["memory_cap_gib"], r["cap_bytes"]) == ("window", 0.5, 2, 1.0, 2**30)
     assert r["search"]["max_batch_reached"] and r["peak_bytes_compiled"] < 2**30 and r["s_per_call"] > 0
     assert "(max batch)" in capsys.readouterr().out
