@@ -21,7 +21,7 @@
 #      compiles about one batch a policy (on an H100: GPT-XL:512 ~6 min, GPT-XXL:384 ~4.5); without that
 #      file a search compiles a policy 4 times or more
 #   6  the same under the whole device's memory (--memory-cap device, XLA_PYTHON_CLIENT_MEM_FRACTION=0.95; on an
-#      H100: GPT-XL:384 ~7 min, GPT-XXL:384 ~7.5; GPT-XL:512 may not end within 10 minutes: its JSON keeps each row).
+#      H100: GPT-XL:384 ~7 min, GPT-XXL:384 ~7.5; GPT-XL:512 in two calls as below, 6.8 and 4.3 min).
 #      On an H200 the batches are about 1.8x the H100's and the five do not end within 10 minutes (GPT-XL:384 on
 #      2026-12-06: a 3-minute search, then ~8 minutes of calls, cut off): give POLICIES, a part of
 #      dense,adsa-evict,window, and run two parts, e.g. `6 GPT-XL:384 dense,adsa-evict` then `6 GPT-XL:384 window`
@@ -41,6 +41,8 @@
 #      per head at 384 px batch 64 and 256, dense at 256 px batch 64 (~6 min), its tokens checked equal
 #  14  benchmarks/xla_flag_time.py fma: dense 256 px, adsa-evict and window 384 px 0.5, batch 64, with and without
 #      LLVM's FMA contraction (-nvptx-fma-level=1), one process each (~5 min)
+#  16  benchmarks/kernel_switch_time.py: score_widens_apart (the score widens V on its own) on and off, adsa-evict
+#      0.5 per head at 384 px batch 64 and 256, per layer at batch 64 (~6 min), its tokens checked equal
 # Parts 1 to 3 need a LlamaGen checkout at third_party/LlamaGen (ignored by git; the docstring of
 # benchmarks/llamagen_torch.py says how to get it); a device run carries that path.
 #
@@ -49,8 +51,8 @@
 # perf_policies_64.json and perf_policies_256.json (parts 4 and 7), perf_cap_40_MODEL_PX.json (part 5),
 # perf_cap_device_MODEL_PX.json (part 6; given POLICIES, both names end in _ and the policies joined by -,
 # e.g. perf_cap_device_GPT-XL_384_dense-window.json), perf_granularity_256.json (part 9), xla_flag_time_command-buffer.json and xla_flag_time_fma.json (parts 8, 14),
-# generate_profile.json (part 10), dense/generate_profile.json (part 12) and switch_11/, switch_13/, switch_15/
-# kernel_switch_time.json (parts 11, 13, 15) (not results.json rows: read them), and a log per command. Then, in
+# generate_profile.json (part 10), dense/generate_profile.json (part 12) and switch_11/, switch_13/, switch_15/,
+# switch_16/ kernel_switch_time.json (parts 11, 13, 15, 16) (not results.json rows: read them), and a log per command. Then, in
 # the repository:
 #   for f in OUTDIR/perf_*.json; do python benchmarks/make_tables.py --add "$f"; done
 set -u
@@ -60,8 +62,8 @@ OUT=${OUT:-out}
 mkdir -p "$OUT"
 PART=${1:-}
 case "$PART" in
-  1|2|3|4|5|6|7|8|9|10|11|12|13|14|15) ;;
-  *) echo "usage: bash benchmarks/run_perf_grid.sh PART [MODEL:PX] (PART 1 to 15; see the header)" >&2; exit 2 ;;
+  1|2|3|4|5|6|7|8|9|10|11|12|13|14|15|16) ;;
+  *) echo "usage: bash benchmarks/run_perf_grid.sh PART [MODEL:PX] (PART 1 to 16; see the header)" >&2; exit 2 ;;
 esac
 CONFIG=${2:-GPT-XL:384}
 case "$CONFIG" in
@@ -141,9 +143,12 @@ case "$PART" in
     GPT-XL:384:64:window:0.5 > "$OUT/generate_profile.log" 2>&1
   echo "rc $?"; tail -n 8 "$OUT/generate_profile.log"
   ;;
-11|13|15)
+11|13|15|16)
   echo "== kernel_switch_time: KernelConfig switches on and off"
-  if [ "$PART" = 15 ]; then
+  if [ "$PART" = 16 ]; then
+    cases="GPT-XL:384:64:adsa-evict:0.5:head:1:score_widens_apart GPT-XL:384:256:adsa-evict:0.5:head:1:score_widens_apart"
+    cases="$cases GPT-XL:384:64:adsa-evict:0.5:layer:1:score_widens_apart"
+  elif [ "$PART" = 15 ]; then
     cases="GPT-XL:384:64:adsa-evict:0.5:head:1:widen_by_bits GPT-XL:384:256:adsa-evict:0.5:head:1:widen_by_bits"
     cases="$cases GPT-XL:256:64:dense:widen_by_bits"
   elif [ "$PART" = 11 ]; then

@@ -672,7 +672,7 @@ def test_xla_flag_time_reads_its_group():
     (["5", "GPT-XL:384", "dense,"], "got 'dense,' for part 5"),
     (["4", "GPT-XL:384", "dense"], "(parts 5 and 6 only)"),
     (["6", "GPT-B:256"], "MODEL:PX must be"),
-    (["16"], "PART 1 to 15"),
+    (["17"], "PART 1 to 16"),
 ])
 def test_run_perf_grid_refuses_bad_arguments_before_any_work(tmp_path, args, msg):
     """The device script checks its part, model and policies first: one line, exit 2, nothing run."""

@@ -28,7 +28,7 @@ from .common import pl, plgpu, widen
 # head, 0.25 1.597 and 1.593 s a call against 1.592; 0.5 2.024 against 2.018 (2026-12-05).
 def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, a_ref, blo_ref, bhi_ref, q_ref, kn_ref,
                   vn_ref, k_ref, v_ref, pos_ref, cok_ref, *rest, block_k, slots, c, P, K, scale, eps, rope, score=False,
-                  layer=False, next_new=False, scoring=None, by_bits=False):
+                  layer=False, next_new=False, scoring=None, by_bits=False, apart=False):
     # One program = one (row, head): the whole adsa-evict (or window, K = 0) step of a layer.
     # Scalars: ws = slot of the new token, ring = ring slot of the token o leaving the window,
     # mv = o moves to the pool this step, full = the pool is full, free = the lowest free pool
@@ -204,7 +204,7 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
                 # candidate at slot dest (the victim's old V there is no candidate)
                 cand = (cand & (idx != dest)) | ((idx == ws) & apply)
                 eff = jnp.where(idx == ws, dest, idx)
-            vt = jnp.sum(v * tvec[None, :], axis=1)
+            vt = jnp.sum((widen(v_raw, not by_bits) if apart else v) * tvec[None, :], axis=1)
             sc = jnp.where(cand, vt / nrm, -2e30)
             better = (sc > best) | ((sc == best) & (eff < at))  # ties: the lowest slot
             best, at = jnp.where(better, sc, best), jnp.where(better, eff, at)
@@ -212,7 +212,7 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
             # equal terms: the first-maximum tie rule): o's V patched in at dest (layer), and with
             # next_new the new token's at ws (next step's candidate); otherwise slot ws still
             # holds the overwritten token, and the new token's terms follow the loop
-            vt = v
+            vt = widen(v_raw, not by_bits) if apart else v
             if layer:
                 vt = jnp.where((idx == dest)[:, None], v_o.astype(f32)[None, :], vt)
             if next_new:
@@ -355,7 +355,7 @@ def evict_step(q, k_new, v_new, k, v, pos, cond_ok, scalars, *, c: int, prefix: 
     kern = functools.partial(_dense_kernel if dense else _evict_kernel, block_k=block_k, slots=s, c=c, P=prefix,
                              K=K, scale=1.0 / math.sqrt(d), eps=eps, rope=rope is not None, score=score, layer=layer,
                              next_new=next_new and (score or layer), scoring=scoring if K else None,
-                             by_bits=config.widen_by_bits)
+                             by_bits=config.widen_by_bits, apart=config.score_widens_apart)
     sc = pl.BlockSpec((), lambda i, j: ())
     vec = pl.BlockSpec((None, None, d), lambda i, j: (i, j, 0))
     cache = pl.BlockSpec((None, None, s, d), lambda i, j: (i, j, 0, 0))
