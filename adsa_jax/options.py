@@ -186,13 +186,13 @@ class KernelConfig:
     # 384 px batch 64 1.955 s a call against 1.968 (every timing on below every one off), batch 256
     # 5.650 against 5.662, dense 256 px batch 64 0.628 against 0.629: small, never slower.
     widen_by_bits: bool = True
-    # The victim score (head) and the score terms (window, layer) widen each bf16 V block on their own,
-    # the other way than the attention (astype against by bits: equal values, two programs the
-    # compiler cannot merge), so the block stays live as bf16 (half the registers) between its two
-    # uses. For the H200 target (jaxlib 0.10.2), 384 px batch 64: the adsa-evict scoring kernel from
-    # 149 registers a thread to 123 (13 to 16 warps an SM; 5 waves of its 10,240 programs at batch 256
-    # against 6) for 1,544 instructions against 1,376; layer's 157 to 144. Off until timed
-    # (run_perf_grid part 16).
+    # The victim score (head granularity) widens each bf16 V block on its own, the other way than the
+    # attention (astype against by bits: equal values, two programs the compiler cannot merge), so
+    # the block stays live as bf16 (half the registers) between its two uses. For the H200 target
+    # (jaxlib 0.10.2), 384 px batch 64: the scoring kernel from 149 registers a thread to 123 (13 to
+    # 16 warps an SM; 5 waves of its 10,240 programs at batch 256 against 6) for 1,544 instructions
+    # against 1,376. Not for the score terms (window form, layer: 157 to 144 registers): there the
+    # interpreter's sums of the two programs differed by ulps. Off until timed (run_perf_grid part 16).
     score_widens_apart: bool = False
 
     # --- small_matmul (kernels/gemv.py): the decode GEMMs at 1-16 rows as a split-K GEMV. H200:

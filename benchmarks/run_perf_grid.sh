@@ -42,7 +42,7 @@
 #  14  benchmarks/xla_flag_time.py fma: dense 256 px, adsa-evict and window 384 px 0.5, batch 64, with and without
 #      LLVM's FMA contraction (-nvptx-fma-level=1), one process each (~5 min)
 #  16  benchmarks/kernel_switch_time.py: score_widens_apart (the score widens V on its own) on and off, adsa-evict
-#      0.5 per head at 384 px batch 64 and 256, per layer at batch 64 (~6 min), its tokens checked equal
+#      per head at 384 px: 0.5 at batch 64 and 256, 0.25 at 64 (~6 min), its tokens checked equal
 # Parts 1 to 3 need a LlamaGen checkout at third_party/LlamaGen (ignored by git; the docstring of
 # benchmarks/llamagen_torch.py says how to get it); a device run carries that path.
 #
@@ -147,7 +147,7 @@ case "$PART" in
   echo "== kernel_switch_time: KernelConfig switches on and off"
   if [ "$PART" = 16 ]; then
     cases="GPT-XL:384:64:adsa-evict:0.5:head:1:score_widens_apart GPT-XL:384:256:adsa-evict:0.5:head:1:score_widens_apart"
-    cases="$cases GPT-XL:384:64:adsa-evict:0.5:layer:1:score_widens_apart"
+    cases="$cases GPT-XL:384:64:adsa-evict:0.25:head:1:score_widens_apart"
   elif [ "$PART" = 15 ]; then
     cases="GPT-XL:384:64:adsa-evict:0.5:head:1:widen_by_bits GPT-XL:384:256:adsa-evict:0.5:head:1:widen_by_bits"
     cases="$cases GPT-XL:256:64:dense:widen_by_bits"

@@ -204,6 +204,7 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
                 # candidate at slot dest (the victim's old V there is no candidate)
                 cand = (cand & (idx != dest)) | ((idx == ws) & apply)
                 eff = jnp.where(idx == ws, dest, idx)
+            # apart: V widened again, the other way, so bf16 V, not float32 V, lives until the attention's use
             vt = jnp.sum((widen(v_raw, not by_bits) if apart else v) * tvec[None, :], axis=1)
             sc = jnp.where(cand, vt / nrm, -2e30)
             better = (sc > best) | ((sc == best) & (eff < at))  # ties: the lowest slot
@@ -212,7 +213,7 @@ def _evict_kernel(ws_ref, ring_ref, mv_ref, full_ref, free_ref, rn_ref, np_ref, 
             # equal terms: the first-maximum tie rule): o's V patched in at dest (layer), and with
             # next_new the new token's at ws (next step's candidate); otherwise slot ws still
             # holds the overwritten token, and the new token's terms follow the loop
-            vt = widen(v_raw, not by_bits) if apart else v
+            vt = v
             if layer:
                 vt = jnp.where((idx == dest)[:, None], v_o.astype(f32)[None, :], vt)
             if next_new:
