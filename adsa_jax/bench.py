@@ -428,8 +428,8 @@ def run(models=None, image_sizes=None, batches=(1, 8), policies=("dense",), budg
             log(format_rows([r]).splitlines()[-1])
             if json_path:
                 with open(json_path, "w") as f:
-                    json.dump({"device": device or device_name(), "date": datetime.date.today().isoformat(), "jax": jax.__version__,
-                               "compile_workers": compile_workers,
+                    json.dump({"device": device or device_name(), "date": datetime.date.today().isoformat(),
+                               "jax": jax.__version__, "compile_workers": compile_workers,
                                "rows": rows, "selection_shares": selection_shares(rows)}, f, indent=1)
         del model
     return device, rows
@@ -778,8 +778,8 @@ def run_memory_cap(models=None, image_sizes=None, policies=("dense",), budgets=(
             log(format_cap_rows([r]).splitlines()[-1])
             if json_path:
                 with open(json_path, "w") as f:
-                    json.dump({"device": device or device_name(), "date": datetime.date.today().isoformat(), "jax": jax.__version__,
-                               "memory_caps_gib": [g for g, _ in resolved],
+                    json.dump({"device": device or device_name(), "date": datetime.date.today().isoformat(),
+                               "jax": jax.__version__, "memory_caps_gib": [g for g, _ in resolved],
                                "rows": rows}, f, indent=1)
         del model
     return device, rows
