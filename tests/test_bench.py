@@ -1,7 +1,9 @@
 """The benchmark harness (adsa_jax.bench) and ``adsa-jax bench``, on the fixture models."""
+import importlib.util
 import json
 import math
 import statistics
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +22,14 @@ from conftest import fixture_config
 # Made-up device rates: the roofline is arithmetic on them.
 DEVICE = {"bandwidth": 1e11, "matmul_flops": 1e12, "device": "test"}
 XLA = KernelConfig(attention="xla")  # the reference attention: every device measures the same thing
+
+
+def benchmark_script(name: str):
+    """benchmarks/NAME.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def fixture_cfg():
@@ -524,13 +534,7 @@ def test_cap_search_nothing_fits(c2i, compiled_window):
 def test_cli_bench_memory_cap(c2i_dir, tmp_path, capsys):
     """--memory-cap through the CLI: a cap far above the fixture model's needs stops at --max-batch;
     the JSON rows carry the cap and become results rows (make_tables --add)."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("make_tables", Path(__file__).resolve().parents[1] / "benchmarks"
-                                                  / "make_tables.py")
-    make_tables = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_tables)
+    make_tables = benchmark_script("make_tables")
 
     out = tmp_path / "cap.json"
     assert main(["bench", "--checkpoint", str(c2i_dir), "--image-size", "128", "--policies", "window",
@@ -584,13 +588,7 @@ def test_cli_bench_bad_counts_and_paths_fail_before_any_work(c2i_dir, tmp_path, 
 def test_throughput_at_equal_memory_script(config_files, tmp_path, capsys):
     """benchmarks/throughput_at_equal_memory.py on the fixture config: one row per policy and cap,
     in the JSON that make_tables --add reads; bad arguments fail in one line before any work."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput_at_equal_memory.py"
-    spec = importlib.util.spec_from_file_location("throughput_at_equal_memory", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = benchmark_script("throughput_at_equal_memory")
     out = tmp_path / "eq.json"
     tiny = f"{config_files['gpt_c2i_small']}:128"
     assert script.main(["--configs", tiny, "--policies", "window:0.5", "--caps", "1", "--max-batch", "2", "--start",
@@ -625,13 +623,7 @@ def test_kernel_switch_time_reads_its_cases():
     """benchmarks/kernel_switch_time.py: a case is MODEL:PX:BATCH:POLICY:BUDGET:GRAN:PERIOD:SWITCH or,
     for dense (no budget), MODEL:PX:BATCH:dense:SWITCH; a switch is a True/False field or FIELD=VALUE;
     anything else stops the script with its reason before a compile."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_switch_time.py"
-    spec = importlib.util.spec_from_file_location("kernel_switch_time", path)
-    kst = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kst)
+    kst = benchmark_script("kernel_switch_time")
     assert kst.parse("GPT-XL:256:64:dense:stack_ffn") == ("GPT-XL", 256, 64, "dense", None, None, None, "stack_ffn")
     assert kst.parse("GPT-XL:384:64:adsa-evict:0.5:layer:8:score_tile=(16,1)") == (
         "GPT-XL", 384, 64, "adsa-evict", 0.5, "layer", 8, "score_tile=(16,1)")
@@ -650,13 +642,7 @@ def test_xla_flag_time_reads_its_group():
     """benchmarks/xla_flag_time.py: each group's settings start from XLA's default (no flags); the fma
     group adds only LLVM's contraction option; a missing or unknown group stops the script with the
     groups it knows, before any bench process starts."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "xla_flag_time.py"
-    spec = importlib.util.spec_from_file_location("xla_flag_time", path)
-    xft = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(xft)
+    xft = benchmark_script("xla_flag_time")
     settings, specs, only_1 = xft.group("fma")
     assert settings == {"default": "", "fma": "--xla_backend_extra_options=-nvptx-fma-level=1"}
     assert "GPT-XL:384:64:adsa-evict:0.5" in specs and not only_1
@@ -677,7 +663,6 @@ def test_xla_flag_time_reads_its_group():
 def test_run_perf_grid_refuses_bad_arguments_before_any_work(tmp_path, args, msg):
     """The device script checks its part, model and policies first: one line, exit 2, nothing run."""
     import subprocess
-    from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_perf_grid.sh"
     p = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, env={"OUT": str(tmp_path / "o"),
